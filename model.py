@@ -1,0 +1,613 @@
+"""
+The nanolab model: one GPT with selectable blocks, plus everything that touches its weights.
+
+    arch='gpt2'   learned positions, LayerNorm, GELU MLP, tied embeddings   (GPT-2, Radford et al. 2019)
+    arch='llama'  RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases   (Touvron et al. 2023)
+
+Also here, because every script needs them exactly once:
+  1) device / dtype selection and the autocast context
+  2) a KV cache for incremental decoding of a batch of prompts of different lengths
+  3) parameter, FLOP and MFU counts
+  4) Hugging Face import (`GPT.from_pretrained`) and export (`model.save_pretrained`)
+  5) atomic checkpoint save/load, and `load_model`, the one function that opens any model source
+
+Quick check (CPU, random weights):
+    python -c "from model import *; m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64)); print(m.num_params())"
+"""
+import glob
+import json
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+ARCHS = ('gpt2', 'llama')
+
+# -----------------------------------------------------------------------------
+# 1) device and dtype: chosen once here, used by every script
+
+def resolve_device(device='auto'):
+    """'auto' picks cuda, then mps, then cpu. An explicit device that is not there is an error."""
+    if device == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        if hasattr(torch.backends, 'mps') and torch.backends.mps.is_available():
+            return 'mps'
+        return 'cpu'
+    kind = device.split(':')[0]
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device='{device}' but CUDA is not available here; use --device=cpu (or --device=auto)")
+    if kind == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
+        raise ValueError(f"device='{device}' but MPS is not available here; use --device=cpu (or --device=auto)")
+    if kind not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+def resolve_dtype(dtype, device):
+    """'auto' = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU and MPS.
+    subtle: bf16 is ~8x slower than fp32 on our 2-core dev CPU (SPEC: measured), so CPU stays fp32."""
+    kind = device.split(':')[0]
+    if dtype == 'auto':
+        if kind == 'cuda':
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
+    if table[dtype] is torch.bfloat16 and kind == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise ValueError("dtype='bfloat16' but this GPU does not support it; use --dtype=float16")
+    if table[dtype] is torch.float16 and kind == 'cpu':
+        raise ValueError("dtype='float16' is not supported for CPU compute; use --dtype=float32 (or bfloat16)")
+    return table[dtype]
+
+def autocast_ctx(device, dtype):
+    """Mixed precision for the forward pass; a no-op in fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.split(':')[0], dtype=dtype)
+
+# -----------------------------------------------------------------------------
+# the model
+
+@dataclass
+class GPTConfig:
+    arch: str = 'gpt2'           # 'gpt2' | 'llama'
+    block_size: int = 1024       # max context length (tokens)
+    vocab_size: int = 50304      # GPT-2's 50257 padded up to a multiple of 64 for speed (nanoGPT)
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0           # key/value heads for grouped-query attention; 0 = n_head (plain multi-head)
+    n_embd: int = 768
+    ffn_hidden: int = 0          # MLP width; 0 = 4*n_embd (gpt2) or 8/3*n_embd rounded up to 64 (llama)
+    dropout: float = 0.0
+    bias: bool = True            # biases in Linear and LayerNorm (gpt2 only; llama has none)
+    tie_embeddings: bool = True  # share the token embedding with the output head
+    rope_theta: float = 10000.0  # RoPE base (llama)
+    norm_eps: float = 1e-5       # LayerNorm / RMSNorm epsilon
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch '{self.arch}'; use one of {ARCHS}")
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.arch == 'llama':
+            if self.bias:
+                self.bias = False  # Llama blocks have no biases by definition
+            if (self.n_embd // self.n_head) % 2 != 0:
+                raise ValueError("llama needs an even head size for RoPE; change n_embd or n_head")
+        elif self.n_kv_head != self.n_head:
+            raise ValueError("grouped-query attention (n_kv_head < n_head) needs arch='llama'")
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 4 * self.n_embd if self.arch == 'gpt2' else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019). Computed in fp32, as Llama does, for stability."""
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(config):
+    """cos/sin tables for rotary embeddings (Su et al. 2021), (block_size, head_size) each.
+    We use the 'rotate half' layout of the Hugging Face Llama code, so its weights load unpermuted."""
+    hs = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
+    t = torch.arange(config.block_size, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)              # (T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)       # (T, hs)
+    return emb.cos(), emb.sin()
+
+def apply_rope(x, cos, sin):
+    """x: (B, nh, T, hs); cos/sin: (B, 1, T, hs), already gathered at each token's position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every layer, kept between forward calls so each new token costs O(T), not O(T^2).
+
+    Prompts of different lengths share one batch by LEFT padding: row b starts with pad[b] filler
+    slots that no query may attend to, and its positions count from its first real token. All rows
+    then append tokens in lockstep, so one `length` describes the whole cache.
+    """
+    def __init__(self, config, batch_size, max_len, device, dtype, pad=None):
+        if max_len > config.block_size:
+            raise ValueError(f"KV cache of {max_len} tokens exceeds block_size={config.block_size}; "
+                             "generate fewer tokens or shorten the prompt")
+        shape = (batch_size, config.n_kv_head, max_len, config.head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        self.max_len = max_len
+        self.length = 0  # slots filled so far (same for every row)
+
+    def select(self, rows):
+        """Keep only these batch rows (beam search reorders; a server drops finished requests)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        self.pad = self.pad[rows]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.hs = config.n_head, config.n_kv_head, config.head_size
+        # q, k, v in one matmul: n_head query heads, n_kv_head key and value heads
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.hs, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.arch = config.arch
+
+    def forward(self, x, rope, mask, cache, layer, need_weights=False):
+        B, T, C = x.size()  # batch, time, channels
+        q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], dim=2)
+        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)     # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:  # write this step's keys/values, then attend over everything so far
+            t0 = cache.length
+            cache.k[layer][:, :, t0:t0 + T] = k
+            cache.v[layer][:, :, t0:t0 + T] = v
+            k, v = cache.k[layer][:, :, :t0 + T], cache.v[layer][:, :, :t0 + T]  # (B, nkv, S, hs)
+        gqa = self.n_kv_head != self.n_head
+        if need_weights:  # the explicit path, for attention heatmaps
+            if gqa:
+                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hs)       # (B, nh, T, S)
+            S = k.size(2)
+            allowed = mask if mask is not None else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            att = F.softmax(att.masked_fill(~allowed, float('-inf')).float(), dim=-1).to(q.dtype)
+            y = att @ v
+        else:  # flash attention on GPU, fused kernels on CPU
+            # subtle: is_causal aligns the mask top-left, so it is only right when T == S (forward() builds
+            # an explicit mask whenever a chunk of several tokens is appended to a non-empty cache)
+            att = None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y)), att
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.arch == 'llama'
+        # llama: gate and up projections in one matmul (SwiGLU, Shazeer 2020); gpt2: one GELU layer
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.ffn_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        else:
+            x = F.gelu(self.c_fc(x), approximate='tanh')  # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(x))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        norm = (lambda: RMSNorm(config.n_embd, config.norm_eps)) if config.arch == 'llama' else \
+               (lambda: nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias))
+        self.ln_1, self.attn, self.ln_2, self.mlp = norm(), CausalSelfAttention(config), norm(), MLP(config)
+
+    def forward(self, x, rope, mask, cache, layer, need_weights=False):
+        a, att = self.attn(self.ln_1(x), rope, mask, cache, layer, need_weights)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, att
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=RMSNorm(config.n_embd, config.norm_eps) if config.arch == 'llama'
+                 else nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
+        ))
+        if config.arch == 'gpt2':
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            cos, sin = rope_tables(config)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
+        # init: N(0, 0.02), residual projections scaled down by depth (GPT-2 paper)
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, cache=None, last_only=False, need_weights=False):
+        """idx (B, T) token ids -> (logits, loss).
+        targets: (B, T) next-token ids, -1 = ignored (prompt tokens in SFT, padding).
+        cache: a KVCache to read and extend (incremental decoding); positions continue from cache.length.
+        last_only: compute logits for the last position only (generation: saves a (T, vocab) matmul).
+        need_weights: also return the attention weights of every layer, as (logits, loss, [(B, nh, T, S)])."""
+        B, T = idx.size()
+        t0 = cache.length if cache is not None else 0
+        if t0 + T > self.config.block_size:
+            raise ValueError(f"sequence of {t0 + T} tokens exceeds block_size={self.config.block_size}; "
+                             "crop the input to the last block_size tokens")
+        # 1) positions: row b's first real token is position 0, whatever its left padding
+        pos = torch.arange(t0, t0 + T, device=idx.device).unsqueeze(0)  # (1, T)
+        mask = None
+        if cache is not None:
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"KV cache is full ({cache.max_len} slots); allocate a larger one")
+            pos = (pos - cache.pad.unsqueeze(1)).clamp(min=0)  # (B, T)
+            # 2) attention mask, only where SDPA's own causal masks are not enough:
+            # padding, or a chunk appended to a non-empty cache
+            if bool(cache.pad.any()) or (t0 > 0 and T > 1):
+                S = t0 + T
+                q_at = torch.arange(t0, S, device=idx.device).view(1, T, 1)
+                k_at = torch.arange(S, device=idx.device).view(1, 1, S)
+                mask = (k_at <= q_at) & (k_at >= cache.pad.view(B, 1, 1))
+                mask = mask | (k_at == q_at)  # subtle: a pad query must see something, or softmax gives NaN
+                mask = mask.unsqueeze(1)      # (B, 1, T, S)
+        # 3) embeddings
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.arch == 'gpt2':
+            x = x + self.transformer.wpe(pos)
+        else:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B or 1, T, hs)
+            rope = (cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))  # (B, 1, T, hs)
+        x = self.transformer.drop(x)
+        # 4) the blocks
+        atts = []
+        for layer, block in enumerate(self.transformer.h):
+            x, att = block(x, rope, mask, cache, layer, need_weights)
+            atts.append(att)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        # 5) logits and loss
+        if last_only:
+            x = x[:, [-1], :]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return (logits, loss, atts) if need_weights else (logits, loss)
+
+    @torch.no_grad()
+    def attention_maps(self, idx):
+        """Attention weights of every layer for one forward pass: a list of (B, n_head, T, T) tensors."""
+        return self(idx, need_weights=True)[2]
+
+    # -------------------------------------------------------------------------
+    # 3) counting
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; tied weights count once. non_embedding drops the token and position tables
+        (the convention of Kaplan et al. 2020), unless the output head is separate, which is kept."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if self.config.arch == 'gpt2':
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token (forward + backward = 3x forward): 6N for the matmuls
+        plus 12*L*C*T for attention (PaLM paper, appendix B). T defaults to block_size."""
+        cfg = self.config
+        T = T or cfg.block_size
+        N = self.num_params(non_embedding=False) - (0 if cfg.arch == 'llama' else self.transformer.wpe.weight.numel())
+        return 6 * N + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, tokens_per_sec, peak_flops, T=None):
+        """Model FLOPs utilization: achieved training FLOP/s as a fraction of the peak the caller gives
+        (e.g. 989e12 for an H100's bf16 dense, ~163e9 for our 2-core dev CPU in fp32, measured)."""
+        return self.flops_per_token(T) * tokens_per_sec / peak_flops
+
+    # -------------------------------------------------------------------------
+    # 4) Hugging Face import and export
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dtype=torch.float32):
+        """A GPT built from a Hugging Face GPT-2 or Llama checkpoint: a local directory
+        (config.json + safetensors/bin) or, when online, a hub name such as 'gpt2'."""
+        path = _hf_local_dir(name_or_dir)
+        hf = json.load(open(os.path.join(path, 'config.json')))
+        config = config_from_hf(hf)
+        sd = _read_hf_weights(path)
+        model = cls(config)
+        model.load_state_dict(state_dict_from_hf(sd, config), strict=True)
+        return model.to(dtype)
+
+    def save_pretrained(self, out_dir, tokenizer=None):
+        """Write a Hugging Face directory that transformers.AutoModelForCausalLM.from_pretrained loads
+        with the same logits, plus tokenizer files for BPE tokenizers (so AutoTokenizer works too)."""
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        hf_config = config_to_hf(self.config, eot=getattr(tokenizer, 'eot', None))
+        hf_config['torch_dtype'] = hf_config['dtype'] = str(next(self.parameters()).dtype).replace('torch.', '')
+        sd = {k: v.contiguous() for k, v in state_dict_to_hf(self.state_dict(), self.config).items()}
+        save_file(sd, os.path.join(out_dir, 'model.safetensors.tmp'), metadata={'format': 'pt'})
+        os.replace(os.path.join(out_dir, 'model.safetensors.tmp'), os.path.join(out_dir, 'model.safetensors'))
+        _write_json(os.path.join(out_dir, 'config.json'), hf_config)
+        if tokenizer is not None and tokenizer.kind != 'char':
+            from tokenizer import save_hf_tokenizer_files
+            save_hf_tokenizer_files(tokenizer, out_dir)
+
+# -----------------------------------------------------------------------------
+# Hugging Face name mapping. Ours: transformer.{wte,wpe,h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj},ln_f}, lm_head.
+
+def config_from_hf(hf):
+    mt = hf.get('model_type')
+    if mt == 'gpt2':
+        if hf.get('activation_function', 'gelu_new') not in ('gelu_new', 'gelu_pytorch_tanh'):
+            raise ValueError(f"unsupported GPT-2 activation '{hf['activation_function']}'; only gelu_new is implemented")
+        return GPTConfig(arch='gpt2', block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                         n_head=hf['n_head'], n_embd=hf['n_embd'], ffn_hidden=hf.get('n_inner') or 0, bias=True,
+                         tie_embeddings=hf.get('tie_word_embeddings', True), norm_eps=hf.get('layer_norm_epsilon', 1e-5))
+    if mt == 'llama':
+        if hf.get('attention_bias') or hf.get('mlp_bias'):
+            raise ValueError("Llama checkpoints with attention_bias/mlp_bias are not supported")
+        rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+        if rope.get('rope_type', rope.get('type', 'default')) != 'default':
+            raise ValueError(f"RoPE scaling '{rope.get('rope_type', rope.get('type'))}' is not supported; only plain RoPE")
+        head_dim = hf.get('head_dim') or hf['hidden_size'] // hf['num_attention_heads']
+        if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
+            raise ValueError("Llama checkpoints with head_dim * num_heads != hidden_size are not supported")
+        return GPTConfig(arch='llama', block_size=hf.get('max_position_embeddings', 2048), vocab_size=hf['vocab_size'],
+                         n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
+                         n_kv_head=hf.get('num_key_value_heads') or hf['num_attention_heads'], n_embd=hf['hidden_size'],
+                         ffn_hidden=hf['intermediate_size'], bias=False, tie_embeddings=hf.get('tie_word_embeddings', False),
+                         rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)), norm_eps=hf.get('rms_norm_eps', 1e-6))
+    raise ValueError(f"unsupported Hugging Face model_type '{mt}'; nanolab reads gpt2 and llama checkpoints")
+
+def config_to_hf(c, eot=None):
+    eot = eot if eot is not None and eot < c.vocab_size else None
+    if c.arch == 'gpt2':
+        return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=c.vocab_size, n_positions=c.block_size,
+                    n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=c.ffn_hidden, activation_function='gelu_new',
+                    layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0,
+                    attn_pdrop=0.0, bos_token_id=eot, eos_token_id=eot)
+    return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=c.vocab_size, hidden_size=c.n_embd,
+                intermediate_size=c.ffn_hidden, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                num_key_value_heads=c.n_kv_head, head_dim=c.head_size, max_position_embeddings=c.block_size,
+                rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                rope_parameters={'rope_type': 'default', 'rope_theta': c.rope_theta}, hidden_act='silu',
+                tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False, bos_token_id=eot, eos_token_id=eot)
+
+def _hf_names(c):
+    """(our name, HF name or list of HF names concatenated along dim 0, transpose?) for every tensor."""
+    rows = [('transformer.wte.weight', 'transformer.wte.weight' if c.arch == 'gpt2' else 'model.embed_tokens.weight', False)]
+    for i in range(c.n_layer):
+        o = f'transformer.h.{i}.'
+        if c.arch == 'gpt2':  # GPT-2 stores its linears as Conv1D: (in, out), the transpose of nn.Linear
+            h = f'transformer.h.{i}.'
+            for name, t in [('ln_1.weight', 0), ('ln_1.bias', 0), ('attn.c_attn.weight', 1), ('attn.c_attn.bias', 0),
+                            ('attn.c_proj.weight', 1), ('attn.c_proj.bias', 0), ('ln_2.weight', 0), ('ln_2.bias', 0),
+                            ('mlp.c_fc.weight', 1), ('mlp.c_fc.bias', 0), ('mlp.c_proj.weight', 1), ('mlp.c_proj.bias', 0)]:
+                rows.append((o + name, h + name, bool(t)))
+        else:
+            h = f'model.layers.{i}.'
+            rows += [(o + 'ln_1.weight', h + 'input_layernorm.weight', False),
+                     (o + 'attn.c_attn.weight', [h + 'self_attn.q_proj.weight', h + 'self_attn.k_proj.weight',
+                                                 h + 'self_attn.v_proj.weight'], False),
+                     (o + 'attn.c_proj.weight', h + 'self_attn.o_proj.weight', False),
+                     (o + 'ln_2.weight', h + 'post_attention_layernorm.weight', False),
+                     (o + 'mlp.c_fc.weight', [h + 'mlp.gate_proj.weight', h + 'mlp.up_proj.weight'], False),
+                     (o + 'mlp.c_proj.weight', h + 'mlp.down_proj.weight', False)]
+    if c.arch == 'gpt2':
+        rows += [('transformer.wpe.weight', 'transformer.wpe.weight', False), ('transformer.ln_f.weight', 'transformer.ln_f.weight', False),
+                 ('transformer.ln_f.bias', 'transformer.ln_f.bias', False)]
+    else:
+        rows += [('transformer.ln_f.weight', 'model.norm.weight', False)]
+    if not c.tie_embeddings:
+        rows.append(('lm_head.weight', 'lm_head.weight', False))
+    return rows
+
+def state_dict_from_hf(hf_sd, c):
+    if c.arch == 'gpt2' and not any(k.startswith('transformer.') for k in hf_sd):
+        hf_sd = {'transformer.' + k if not k.startswith('lm_head') else k: v for k, v in hf_sd.items()}  # hub 'gpt2' omits the prefix
+    sd = {}
+    for ours, theirs, transpose in _hf_names(c):
+        names = theirs if isinstance(theirs, list) else [theirs]
+        missing = [n for n in names if n not in hf_sd]
+        if missing:
+            raise ValueError(f"Hugging Face checkpoint lacks tensor(s) {missing}; it does not match its config.json")
+        w = torch.cat([hf_sd[n] for n in names], dim=0)
+        sd[ours] = w.t() if transpose else w
+    if c.tie_embeddings:
+        sd['lm_head.weight'] = sd['transformer.wte.weight']
+    return sd
+
+def state_dict_to_hf(sd, c):
+    hf = {}
+    for ours, theirs, transpose in _hf_names(c):
+        if ours not in sd:  # gpt2 with bias=False: HF GPT-2 always has biases, so write zeros
+            if not ours.endswith('.bias'):
+                raise KeyError(ours)
+            w = torch.zeros(sd[ours[:-4] + 'weight'].shape[0])  # Linear (out, in) and LayerNorm (C,) alike
+        else:
+            w = sd[ours].t() if transpose else sd[ours]
+        if isinstance(theirs, list):  # split a fused matrix back into HF's separate projections
+            if ours.endswith('c_attn.weight'):
+                hs = c.head_size
+                sizes = [c.n_head * hs, c.n_kv_head * hs, c.n_kv_head * hs]
+            else:
+                sizes = [c.ffn_hidden, c.ffn_hidden]
+            for n, part in zip(theirs, w.split(sizes, dim=0)):
+                hf[n] = part.clone()
+        else:
+            hf[theirs] = w.clone()
+    return hf
+
+def _hf_local_dir(name_or_dir):
+    """A local HF directory as is; otherwise download a hub snapshot (needs the network)."""
+    if os.path.isdir(name_or_dir):
+        if not os.path.exists(os.path.join(name_or_dir, 'config.json')):
+            raise ValueError(f"{name_or_dir} has no config.json, so it is not a Hugging Face model directory")
+        return name_or_dir
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name_or_dir, allow_patterns=['*.json', '*.safetensors', '*.txt', '*.model', 'pytorch_model*.bin'])
+    except Exception as e:
+        raise ValueError(f"'{name_or_dir}' is not a local directory and could not be fetched from the Hugging Face hub "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass a local directory "
+                         "(config.json + weights, e.g. written by save_pretrained), or go online.") from None
+
+def _read_hf_weights(path):
+    files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
+    if files:
+        from safetensors.torch import load_file
+        sd = {}
+        for f in files:
+            sd.update(load_file(f))
+        return sd
+    files = sorted(glob.glob(os.path.join(path, 'pytorch_model*.bin')))
+    if files:
+        sd = {}
+        for f in files:
+            sd.update(torch.load(f, map_location='cpu', weights_only=True))
+        return sd
+    raise ValueError(f"{path} has a config.json but no *.safetensors or pytorch_model*.bin weights")
+
+# -----------------------------------------------------------------------------
+# 5) checkpoints and model sources
+
+def _write_json(path, obj):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+def save_checkpoint(ckpt, path):
+    """Atomically write a checkpoint dict: a crash mid-write leaves the previous file intact.
+    Holds at least 'model_args' and 'model' (the uncompiled model's state dict, no '_orig_mod.' keys)."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    if any(k.startswith('_orig_mod.') for k in ckpt['model']):
+        raise ValueError("refusing to save a compiled model's state dict; save the uncompiled raw_model instead")
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+def load_checkpoint(path, map_location='cpu'):
+    """Read a checkpoint we wrote, with errors that say what is wrong and what to do."""
+    if os.path.isdir(path):
+        path = os.path.join(path, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise ValueError(f"no checkpoint at {path}; train one first (python train.py) or point init_from at "
+                         "an out_dir that holds ckpt.pt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         "retrain, or restore it from a backup") from None
+    if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
+        raise ValueError(f"{path} is not a nanolab checkpoint (it has no 'model_args'/'model' entries)")
+    return ckpt
+
+def model_from_checkpoint(ckpt, path='checkpoint'):
+    """Build the GPT that a checkpoint describes and load its weights, naming any mismatch."""
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = set(ckpt['model_args']) - known
+    if unknown:
+        raise ValueError(f"{path} has model args {sorted(unknown)} that this version of model.py does not know")
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    sd = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs config {tuple(expected[k].shape)}"
+              for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or extra or shapes:
+        raise ValueError(f"weights in {path} do not match its model args: " +
+                         '; '.join(filter(None, [missing and f"missing {missing[:4]}", extra and f"unexpected {extra[:4]}",
+                                                 shapes and ', '.join(shapes[:4])])))
+    model.load_state_dict(sd)
+    return model
+
+def load_model(source, device='cpu', dtype=torch.float32):
+    """The one function that opens any model source, with its tokenizer (None if the source has none):
+      - an out_dir holding ckpt.pt, or a .pt file, that nanolab wrote
+      - a Hugging Face directory (config.json + safetensors/bin) of GPT-2 or Llama weights
+      - a hub name such as 'gpt2' (needs the network)
+    Returns (model in eval mode, tokenizer, checkpoint dict or {} for HF sources)."""
+    import tokenizer as tok_lib
+    is_ckpt = source.endswith('.pt') or (os.path.isdir(source) and os.path.exists(os.path.join(source, 'ckpt.pt')))
+    if is_ckpt:
+        ckpt = load_checkpoint(source)
+        model = model_from_checkpoint(ckpt, source)
+        tok = tok_lib.from_spec(ckpt['tokenizer']) if ckpt.get('tokenizer') else None
+    elif os.path.isdir(source) and not os.path.exists(os.path.join(source, 'config.json')):
+        raise ValueError(f"{source} is a directory but holds neither ckpt.pt (a nanolab run) nor config.json "
+                         "(a Hugging Face model); check the path, or train a model into it first")
+    elif not os.path.isdir(source) and (source.startswith(('.', '/', '~')) or source.startswith('out')):
+        raise ValueError(f"model source '{source}' does not exist; give an out_dir with ckpt.pt, a .pt file, "
+                         "a Hugging Face directory, or a hub name like 'gpt2'")
+    else:
+        path = _hf_local_dir(source)
+        model, ckpt = GPT.from_pretrained(path), {}
+        tok = tok_lib.HFTokenizer(path) if any(os.path.exists(os.path.join(path, f)) for f in
+                                               ('tokenizer.json', 'vocab.json')) else None
+    model.to(device=device, dtype=dtype).eval()
+    return model, tok, ckpt
