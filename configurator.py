@@ -1,0 +1,174 @@
+"""
+Strict configuration for every nanolab script: nanoGPT's configurator.py, with checks.
+A script keeps its hyperparameters as commented module-level globals, then calls
+    config = configure(globals(), choices={'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+and runs as `python train.py [configs/x.py ...] [--key=value ...]` or `python train.py --help`.
+
+The rules are STYLE.md "Configuration": files apply first, in order, then flags, whatever
+their order; an unknown key is an error that suggests the closest ones; a value must have its
+default's type (an int for a float is fine); `choices` restricts string options. Every failure
+is SystemExit('config error: ...'): one message, exit code 1, no traceback.
+"""
+import ast
+import difflib
+import os
+import sys
+import traceback
+
+CONFIG_TYPES = (int, float, bool, str, type(None), tuple, list)  # not modules, functions, classes
+
+
+def _fail(msg):
+    # SystemExit(str) prints the message to stderr and exits 1, without a traceback
+    raise SystemExit(f'config error: {msg}')
+
+
+def _unknown(key, keys, source):
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ''
+    _fail(f"unknown key '{key}' (from {source}).{hint} Run with --help to list all keys.")
+
+
+def _parse(key, raw, default, source):
+    """Turn the text of a flag into a Python value, guided by the default's type."""
+    if isinstance(default, str):  # no quotes needed (--init_from=resume); strip any given
+        try:
+            value = ast.literal_eval(raw)
+        except Exception:
+            value = None
+        return value if isinstance(value, str) else raw
+    if isinstance(default, bool) and raw.lower() in ('true', 'false'):
+        return raw.lower() == 'true'
+    try:
+        return ast.literal_eval(raw)
+    except Exception:  # literal_eval raises ValueError, SyntaxError, TypeError, ...
+        want = f'''a Python literal (quote a string: --{key}="'{raw}'")''' if default is None \
+            else type(default).__name__
+        _fail(f"cannot read {key}={raw!r} (from {source}) as {want}")
+
+
+def _check(key, value, default, source):
+    """Return value converted to the default's type, or fail if the types disagree."""
+    if default is None:  # None means "not set": any literal goes
+        return value
+    # subtle: bool is a subclass of int, so compare bools first (--compile=1, --max_iters=True)
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, int):
+        return float(value)  # --learning_rate=1 means 1.0
+    elif isinstance(default, int) and isinstance(value, float):
+        hint = f'; write {int(value)}' if value.is_integer() else ''  # 1e4 -> 10000
+        _fail(f"{key}: expected int, got float {value!r} (from {source}){hint}")
+    elif isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(default)(value)  # (0.9, 0.95) and [0.9, 0.95] both work
+    elif type(value) is type(default):
+        return value
+    _fail(f"{key}: expected {type(default).__name__} (default {default!r}), "
+          f"got {type(value).__name__} {value!r} (from {source})")
+
+
+def _comments(path):
+    """name -> comment, from the script's top-level lines `name = value  # comment`."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            src = f.read()
+        tree = ast.parse(src)
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    lines, comments = src.splitlines(), {}
+    for node in tree.body:  # ast, not a regex on '#', so `start = '#'` is read right
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            # subtle: end_col_offset counts UTF-8 bytes, not characters
+            rest = lines[node.end_lineno - 1].encode()[node.end_col_offset:].decode().strip()
+            if rest.startswith('#'):
+                comments.setdefault(node.targets[0].id, rest[1:].strip())  # first one: the block
+    return comments
+
+
+def _help(g, defaults, choices):
+    comments = _comments(g['__file__']) if g.get('__file__') else {}
+    script = os.path.basename(g.get('__file__') or 'script.py')
+    print(f'usage: python {script} [configs/file.py ...] [--key=value ...]')
+    print('config files apply first, in order, then flags. keys, defaults and comments:')
+    width = max((len(f'{k} = {v!r}') for k, v in defaults.items()), default=0)
+    for k, v in defaults.items():
+        line = f'  {f"{k} = {v!r}":<{width}}'
+        if comments.get(k):
+            line += f'  # {comments[k]}'
+        if choices.get(k):
+            line += f"  (one of: {', '.join(map(repr, choices[k]))})"
+        print(line.rstrip())
+
+
+def configure(g, argv=None, choices=None, verbose=True):
+    """Apply config files and --key=value flags to the globals g; return the resolved config."""
+    argv = sys.argv[1:] if argv is None else argv
+    choices = choices or {}
+    defaults = {k: v for k, v in g.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)}
+    if '--help' in argv or '-h' in argv:
+        _help(g, defaults, choices)
+        raise SystemExit(0)
+
+    # 1) sort the command line into files and flags; files apply first whatever the order
+    files, flags = [], []
+    for arg in argv:
+        if arg.startswith('--'):
+            key, eq, raw = arg[2:].partition('=')  # first '=' only: --start=a=b gives 'a=b'
+            flags.append((key, raw if eq else None, arg))
+        elif arg.endswith('.py'):
+            files.append(arg)
+        else:
+            _fail(f"unexpected argument '{arg}': pass config files (configs/x.py) or --key=value")
+
+    config, applied = dict(defaults), {}  # applied: key -> source, in the order first set
+
+    def assign(key, value, source):
+        value = _check(key, value, defaults[key], source)
+        if value != config[key] or type(value) is not type(config[key]):
+            config[key] = value
+            applied[key] = source
+
+    # 2) config files: plain Python, exec'd in a namespace that holds the current config
+    for path in files:
+        if not os.path.isfile(path):
+            _fail(f'config file not found: {path}')
+        ns = dict(config)
+        try:
+            with open(path) as f:
+                exec(compile(f.read(), path, 'exec'), ns)
+        except Exception as e:  # say which line of the config file failed, without a traceback
+            lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path]
+            line, msg = (e.lineno, e.msg) if isinstance(e, SyntaxError) else ((lines or ['?'])[-1], e)
+            _fail(f'{path} line {line}: {type(e).__name__}: {msg}')
+        for key, value in ns.items():
+            if key.startswith('_') or (key not in defaults and not isinstance(value, CONFIG_TYPES)):
+                continue  # __builtins__, `import math`, helper functions: not settings
+            if key not in defaults:
+                _unknown(key, defaults, path)
+            if value is not config[key]:  # only what the file (re)assigned
+                assign(key, value, path)
+
+    # 3) flags, last one wins
+    for key, raw, arg in flags:
+        if key not in defaults:
+            _unknown(key, defaults, arg)
+        if raw is None:  # bare --flag switches a bool on
+            if not isinstance(defaults[key], bool):
+                _fail(f'--{key} needs a value: --{key}=VALUE (default {defaults[key]!r})')
+            raw = 'True'
+        assign(key, _parse(key, raw, defaults[key], arg), f'--{key}')
+
+    # 4) fixed-value string options, checked on the final values so a file can't sneak one in
+    for key, allowed in choices.items():
+        if key not in config:  # a bug in the calling script
+            _fail(f"choices names '{key}', which is not a config key")
+        if allowed is not None and config[key] not in allowed:
+            source = applied.get(key, 'the default')
+            _fail(f"{key}={config[key]!r} (from {source}) is not one of {', '.join(map(repr, allowed))}")
+
+    g.update({k: config[k] for k in applied})
+    if verbose:
+        for key, source in applied.items():
+            print(f'{key} = {config[key]!r}  (from {source})')
+    return config

@@ -1,0 +1,169 @@
+"""
+Tests for configurator.py: the strict rules of STYLE.md "Configuration".
+
+    python -m pytest -q tests/test_configurator.py
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # don't depend on conftest.py for the import
+from configurator import configure
+
+CHOICES = {'init_from': None, 'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+
+# a stand-in for a script's hyperparameter block; also written out for the subprocess tests
+SCRIPT = textwrap.dedent("""\
+    import os
+    # -----------------------------------------------------------------------------
+    out_dir = 'out'          # where checkpoints go
+    max_iters = 5000         # total optimizer steps
+    learning_rate = 6e-4     # peak LR
+    compile = True           # torch.compile the model
+    init_from = 'scratch'    # 'scratch' | 'resume' | model source
+    dtype = 'auto'           # 'auto' | 'float32' | 'bfloat16' | 'float16'
+    start = '#'              # prompt; the '#' in the string is not a comment
+    betas = (0.9, 0.95)      # AdamW betas
+    n_kv_head = None         # None = n_head
+    # -----------------------------------------------------------------------------
+    from configurator import configure
+    config = configure(globals(), choices={CHOICES!r})
+    print('RESULT', max_iters, learning_rate, compile)
+    """).replace('{CHOICES!r}', repr(CHOICES))
+
+
+def fake_globals():
+    g = {'__name__': '__main__', '_private': 1, 'os': os, 'configure': configure}
+    exec(SCRIPT.split('from configurator')[0], g)  # run only the hyperparameter block
+    return g
+
+
+def apply(argv, g=None):
+    g = fake_globals() if g is None else g
+    return g, configure(g, argv, choices=CHOICES, verbose=False)
+
+
+def error(argv):
+    """The message of the SystemExit that configure raises for argv."""
+    with pytest.raises(SystemExit) as e:
+        apply(argv)
+    msg = str(e.value.code)
+    assert msg.startswith('config error: '), msg
+    return msg
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_defaults_and_keys():
+    g, config = apply([])
+    assert config == {'out_dir': 'out', 'max_iters': 5000, 'learning_rate': 6e-4, 'compile': True,
+                      'init_from': 'scratch', 'dtype': 'auto', 'start': '#', 'betas': (0.9, 0.95),
+                      'n_kv_head': None}  # no modules, functions, or _private names
+
+
+def test_flags_types_and_returned_dict(capsys):
+    g = fake_globals()
+    config = configure(g, ['--max_iters=100', '--learning_rate=1', '--compile=false', '--out_dir=runs/a',
+                           "--init_from='resume'", '--betas=[0.8, 0.9]', '--n_kv_head=2'], choices=CHOICES)
+    assert config['max_iters'] == 100 and config['out_dir'] == 'runs/a' and config['init_from'] == 'resume'
+    assert config['learning_rate'] == 1.0 and isinstance(config['learning_rate'], float)  # int ok for float
+    assert config['compile'] is False and config['betas'] == (0.8, 0.9) and config['n_kv_head'] == 2
+    assert config == {k: g[k] for k in config}  # the returned dict is the final globals
+    out = capsys.readouterr().out
+    assert 'max_iters = 100  (from --max_iters)' in out and 'dtype' not in out  # only overrides print
+
+
+@pytest.mark.parametrize('argv, want', [(['--compile=False'], False), (['--compile=false'], False),
+                                        (['--compile=TRUE'], True), (['--compile=False', '--compile'], True)])
+def test_booleans(argv, want):
+    assert apply(argv)[1]['compile'] is want
+
+
+def test_split_on_first_equals():
+    assert apply(['--start=a=b=c'])[1]['start'] == 'a=b=c'
+
+
+def test_files_before_flags_whatever_the_order(tmp_path):
+    a = write(tmp_path, 'a.py', """\
+        # what it trains
+        import math
+        from math import sqrt                          # imported helpers are not settings
+        max_iters = 10
+        learning_rate = learning_rate * math.sqrt(4)   # reads the default
+        _scratch = 3                                   # private helpers are allowed
+        """)
+    b = write(tmp_path, 'b.py', 'max_iters = 20\ndtype = "float32"\n')
+    config = apply(['--max_iters=7', a, b])[1]  # the flag comes first yet wins; b wins over a
+    assert config['max_iters'] == 7 and config['dtype'] == 'float32'
+    assert config['learning_rate'] == pytest.approx(1.2e-3)
+
+
+def test_typo_in_flag_suggests_nearest():
+    msg = error(['--learning_rat=1e-3'])
+    assert "'learning_rat'" in msg and 'learning_rate' in msg and '--learning_rat' in msg and '--help' in msg
+
+
+def test_typo_in_config_file_suggests_nearest(tmp_path):
+    path = write(tmp_path, 'typo.py', 'max_iter = 100\n')
+    msg = error([path])
+    assert "'max_iter'" in msg and 'max_iters' in msg and path in msg
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--max_iters=abc'], ['max_iters', 'abc', 'int']),
+    (['--n_kv_head=abc'], ['n_kv_head', "'abc'", 'Python literal', 'quote']),
+    (['--zzz=1'], ['zzz', '--help']),
+    (['--max_iters=True'], ['max_iters', 'int', 'bool']),  # bool is not an int
+    (['--learning_rate=True'], ['learning_rate', 'float', 'bool']),  # nor a float
+    (['--compile=1'], ['compile', 'bool', 'int']),
+    (['--compile=yes'], ['compile', 'yes']),
+    (['--learning_rate=fast'], ['learning_rate', 'float']),
+    (['--max_iters=1e4'], ['max_iters', 'float', '10000']),  # suggests the integer form
+    (['--max_iters=2.5'], ['max_iters', 'float']),
+    (['--max_iters'], ['--max_iters=VALUE']),  # bare flag only for bools
+    (['--betas=0.9'], ['betas', 'tuple']),
+    (['max_iters=10'], ['max_iters=10', '--key=value']),  # forgot the dashes
+    (['--dtype=fp8'], ['dtype', 'fp8', "'bfloat16'", '--dtype']),
+])
+def test_bad_flags(argv, words):
+    msg = error(argv)
+    for w in words:
+        assert w in msg, (w, msg)
+    assert '\n' not in msg.strip() and 'Traceback' not in msg
+
+
+def test_bad_config_files(tmp_path):
+    assert "'fp8'" in error([write(tmp_path, 'c.py', 'dtype = "fp8"\n')])  # choices hold for files too
+    assert 'max_iters' in error([write(tmp_path, 'd.py', 'max_iters = 1e4\n')])
+    assert 'compile' in error([write(tmp_path, 'e.py', 'compile = 0\n')])
+    msg = error([write(tmp_path, 'f.py', 'x = (\n')])
+    assert 'f.py line 1' in msg and 'SyntaxError' in msg
+    msg = error([write(tmp_path, 'g.py', 'max_iters = 3\nout_dir = foo\n')])
+    assert 'g.py line 2' in msg and 'NameError' in msg
+    missing = str(tmp_path / 'nope.py')
+    assert missing in error([missing])
+
+
+def test_subprocess_error_and_help(tmp_path):
+    script = write(tmp_path, 'script.py', SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    run = lambda *args: subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                                       env=env, cwd=tmp_path, timeout=60)
+    r = run('--learning_rat=1')
+    assert r.returncode != 0 and 'Traceback' not in r.stderr and r.stdout == ''
+    assert r.stderr.startswith('config error: ') and 'learning_rate' in r.stderr
+    r = run('--help')
+    assert r.returncode == 0, r.stderr
+    assert 'total optimizer steps' in r.stdout and "max_iters = 5000" in r.stdout
+    assert "start = '#'" in r.stdout and 'not a comment' in r.stdout
+    assert "one of: 'auto'" in r.stdout and 'RESULT' not in r.stdout  # exits before the script goes on
+    r = run('--max_iters=3', '--compile')
+    assert r.returncode == 0 and 'RESULT 3 0.0006 True' in r.stdout and 'max_iters = 3  (from --max_iters)' in r.stdout
