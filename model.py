@@ -329,11 +329,24 @@ class GPT(nn.Module):
         # 5) logits and loss
         if last_only:
             x = x[:, [-1], :]
-        logits = self.lm_head(x)
+        logits = self._head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return (logits, loss, atts) if need_weights else (logits, loss)
+
+    def _head(self, x):
+        """The output projection. subtle: in CPU inference we multiply by a cached (in, out) copy of the
+        head's weight, because MKL's matrix-vector product on this vocab-sized, cache-cold matrix is
+        1.4-2.4x faster in that layout (measured at batch 1 and 8), worth 10-18% of a decode step.
+        The copy is rebuilt whenever the weight changes (an optimizer step bumps its _version)."""
+        w = self.lm_head.weight
+        if x.device.type != 'cpu' or torch.is_grad_enabled() or type(self.lm_head) is not nn.Linear:
+            return self.lm_head(x)
+        key = (w.data_ptr(), w._version, w.dtype)
+        if getattr(self, '_head_key', None) != key:
+            self._head_t, self._head_key = w.detach().t().contiguous(), key
+        return x @ self._head_t
 
     @torch.no_grad()
     def attention_maps(self, idx):

@@ -1,0 +1,194 @@
+"""model.py against its references: Hugging Face transformers (logits, both directions), the no-cache
+forward (KV cache, padding), and hand counts. Tiny random models, CPU, a few seconds."""
+import os
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import (GPT, GPTConfig, KVCache, load_checkpoint, load_model, model_from_checkpoint,
+                   resolve_device, resolve_dtype, save_checkpoint)
+
+transformers = pytest.importorskip('transformers')
+transformers.logging.set_verbosity_error()
+
+
+def tiny(arch='gpt2', **kw):
+    kw = dict(dict(arch=arch, n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=96), **kw)
+    return GPT(GPTConfig(**kw)).eval()
+
+
+def hf_tiny(arch, tie):
+    torch.manual_seed(0)
+    if arch == 'gpt2':
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96, n_positions=32,
+                                      tie_word_embeddings=tie, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+        hf = transformers.GPT2LMHeadModel(cfg)
+    else:  # grouped-query attention: 4 query heads share 2 key/value heads
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, vocab_size=96, max_position_embeddings=32,
+                                       tie_word_embeddings=tie, rope_theta=5e5, rms_norm_eps=1e-5)
+        hf = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # random norms and biases too, so a mis-mapped one cannot hide behind ones/zeros
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return hf.eval()
+
+
+@pytest.mark.parametrize('arch,tie', [('gpt2', True), ('gpt2', False), ('llama', True), ('llama', False)])
+def test_hf_parity_both_directions(arch, tie, tmp_path):
+    x = torch.randint(0, 96, (2, 17))
+    hf = hf_tiny(arch, tie)
+    hf.save_pretrained(tmp_path / 'hf')
+    ours = GPT.from_pretrained(str(tmp_path / 'hf')).eval()
+    assert ours.config.tie_embeddings == tie
+    assert (ours.config.n_kv_head == 2) == (arch == 'llama')
+    with torch.no_grad():
+        ref = hf(x).logits
+        got, _ = ours(x)
+    assert (ref - got).abs().max().item() <= 1e-4
+    # and back: our export loads in transformers with the same logits
+    ours.save_pretrained(str(tmp_path / 'ours'))
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
+    with torch.no_grad():
+        assert (hf2(x).logits - got).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'llama'])
+def test_scratch_model_exports_to_hf(arch, tmp_path):
+    # a model we trained (here: random) with our own choices (bias=False gpt2, untied llama) survives export
+    torch.manual_seed(1)
+    m = tiny(arch, bias=False, n_kv_head=2 if arch == 'llama' else 0, tie_embeddings=arch == 'gpt2')
+    m.save_pretrained(str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 96, (3, 20))
+    with torch.no_grad():
+        assert (hf(x).logits - m(x)[0]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'llama'])
+def test_kv_cache_matches_full_forward(arch):
+    torch.manual_seed(0)
+    m = tiny(arch, n_kv_head=2 if arch == 'llama' else 0)
+    x = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        full, _ = m(x)
+        cache = KVCache(m.config, 2, 24, 'cpu', torch.float32)
+        parts = [m(x[:, :9], cache=cache)[0], m(x[:, 9:10], cache=cache)[0], m(x[:, 10:], cache=cache)[0]]
+    assert cache.length == 20
+    assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'llama'])
+def test_left_padded_rows_equal_unpadded(arch):
+    # prompts of different lengths in one batch: each row must give exactly what it gives alone
+    torch.manual_seed(0)
+    m = tiny(arch, n_kv_head=2 if arch == 'llama' else 0)
+    a, b = torch.randint(0, 96, (1, 12)), torch.randint(0, 96, (1, 7))
+    batch = torch.zeros(2, 12, dtype=torch.long)
+    batch[0], batch[1, 5:] = a[0], b[0]
+    nxt = torch.randint(0, 96, (2, 3))
+    with torch.no_grad():
+        cache = KVCache(m.config, 2, 16, 'cpu', torch.float32, pad=torch.tensor([0, 5]))
+        lp, _ = m(batch, cache=cache)
+        ls, _ = m(nxt, cache=cache)
+        ref_a, _ = m(torch.cat([a, nxt[:1]], 1))
+        ref_b, _ = m(torch.cat([b, nxt[1:]], 1))
+    assert torch.isfinite(lp).all()  # pad queries must not produce NaN
+    assert (lp[0] - ref_a[0, :12]).abs().max() < 1e-5 and (ls[0] - ref_a[0, 12:]).abs().max() < 1e-5
+    assert (lp[1, 5:] - ref_b[0, :7]).abs().max() < 1e-5 and (ls[1] - ref_b[0, 7:]).abs().max() < 1e-5
+
+
+def test_attention_weights_path():
+    torch.manual_seed(0)
+    m = tiny('llama', n_kv_head=2)
+    x = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        logits, _, atts = m(x, need_weights=True)
+        ref, _ = m(x)
+    assert (logits - ref).abs().max() < 1e-5  # the explicit path computes the same function as SDPA
+    assert len(atts) == 2 and atts[0].shape == (2, 4, 10, 10)
+    assert torch.allclose(atts[0].sum(-1), torch.ones(2, 4, 10))
+    assert atts[1].triu(1).abs().max() == 0  # causal: nothing attends to the future
+
+
+def test_counts_against_hf_and_by_hand():
+    hf = hf_tiny('gpt2', True)
+    m = tiny('gpt2')
+    assert m.num_params(non_embedding=False) == hf.num_parameters()
+    assert m.num_params() == hf.num_parameters() - 96 * 64 - 32 * 64  # minus token and position tables
+    N = m.num_params(non_embedding=False) - 32 * 64
+    assert m.flops_per_token(T=32) == 6 * N + 12 * 2 * 64 * 32
+    assert m.estimate_mfu(tokens_per_sec=1000, peak_flops=1e12, T=32) == pytest.approx(m.flops_per_token(32) * 1000 / 1e12)
+    llama = tiny('llama', n_kv_head=2, tie_embeddings=False, ffn_hidden=96)
+    assert llama.num_params(non_embedding=False) == hf_tiny('llama', False).num_parameters()
+    assert llama.num_params(non_embedding=False) - llama.num_params() == 96 * 64  # untied head is kept
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    m = tiny('llama', n_kv_head=2)
+    path = str(tmp_path / 'run' / 'ckpt.pt')
+    save_checkpoint({'model_args': asdict(m.config), 'model': m.state_dict(), 'iter_num': 7}, path)
+    assert os.listdir(tmp_path / 'run') == ['ckpt.pt']  # no temp file left behind
+    m2 = model_from_checkpoint(load_checkpoint(str(tmp_path / 'run')))
+    x = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(m(x)[0], m2.eval()(x)[0])
+    # a failed save leaves the previous checkpoint intact
+    with pytest.raises(Exception):
+        save_checkpoint({'model_args': asdict(m.config), 'model': m.state_dict(), 'bad': lambda: 0}, path)
+    assert load_checkpoint(path)['iter_num'] == 7
+    # compiled-model keys are refused on save
+    with pytest.raises(ValueError, match='uncompiled'):
+        save_checkpoint({'model_args': {}, 'model': {'_orig_mod.x': torch.zeros(1)}}, str(tmp_path / 'c.pt'))
+    # missing, corrupt, mismatched
+    with pytest.raises(ValueError, match='no checkpoint'):
+        load_checkpoint(str(tmp_path / 'nowhere'))
+    (tmp_path / 'bad.pt').write_bytes(open(path, 'rb').read()[:1000])
+    with pytest.raises(ValueError, match='corrupt or truncated'):
+        load_checkpoint(str(tmp_path / 'bad.pt'))
+    ckpt = load_checkpoint(path)
+    ckpt['model_args']['n_embd'] = 128
+    with pytest.raises(ValueError, match='do not match'):
+        model_from_checkpoint(ckpt)
+    ckpt = load_checkpoint(path)
+    del ckpt['model']['transformer.ln_f.weight']
+    with pytest.raises(ValueError, match='ln_f'):
+        model_from_checkpoint(ckpt)
+
+
+def test_load_model_sources(tmp_path):
+    m = tiny('gpt2')
+    save_checkpoint({'model_args': asdict(m.config), 'model': m.state_dict()}, str(tmp_path / 'out' / 'ckpt.pt'))
+    m.save_pretrained(str(tmp_path / 'hf'))
+    x = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        ref = m(x)[0]
+        for src in ['out', 'out/ckpt.pt', 'hf']:
+            got, tok, _ = load_model(str(tmp_path / src))
+            assert not got.training and torch.allclose(got(x)[0], ref, atol=1e-5)
+    with pytest.raises(ValueError, match='does not exist'):
+        load_model(str(tmp_path / 'out-typo'))
+    os.makedirs(tmp_path / 'empty')
+    with pytest.raises(ValueError, match='neither ckpt.pt'):
+        load_model(str(tmp_path / 'empty'))
+
+
+def test_bad_config_and_device():
+    with pytest.raises(ValueError, match='arch'):
+        GPTConfig(arch='mamba')
+    with pytest.raises(ValueError, match='n_kv_head'):
+        GPTConfig(arch='llama', n_head=4, n_kv_head=3, n_embd=64)
+    with pytest.raises(ValueError, match='llama'):
+        GPTConfig(arch='gpt2', n_head=4, n_kv_head=2, n_embd=64)
+    m = tiny('gpt2')
+    with pytest.raises(ValueError, match='block_size'):
+        m(torch.zeros(1, 33, dtype=torch.long))
+    assert resolve_device('cpu') == 'cpu' and resolve_dtype('auto', 'cpu') == torch.float32
+    with pytest.raises(ValueError, match='dtype'):
+        resolve_dtype('fp8', 'cpu')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='CUDA is not available'):
+            resolve_device('cuda')
