@@ -85,7 +85,7 @@ class GPTConfig:
     ffn_hidden: int = 0          # MLP width; 0 = 4*n_embd (gpt2) or 8/3*n_embd rounded up to 64 (llama)
     dropout: float = 0.0
     bias: bool = True            # biases in Linear and LayerNorm (gpt2 only; llama has none)
-    tie_embeddings: bool = True  # share the token embedding with the output head
+    tie_embeddings: bool = None  # share the token embedding with the output head; None = arch default (gpt2 yes, llama no)
     rope_theta: float = 10000.0  # RoPE base (llama)
     norm_eps: float = 1e-5       # LayerNorm / RMSNorm epsilon
 
@@ -94,6 +94,8 @@ class GPTConfig:
             raise ValueError(f"unknown arch '{self.arch}'; use one of {ARCHS}")
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
+        if self.tie_embeddings is None:  # GPT-2 ties them (Press & Wolf 2017); Llama keeps a separate head
+            self.tie_embeddings = self.arch == 'gpt2'
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head != 0:
