@@ -1,0 +1,129 @@
+"""
+Benchmarks that print figures (speed targets live here, never in timed tests).
+
+    python bench.py                                   # decode benchmarks, CPU, ~6 minutes on 2 cores
+    python bench.py --models=llama_56m --batch_sizes=1 --repeats=1   # a quick look
+    python bench.py --device=cuda --dtype=bfloat16    # on a GPU
+
+decode: tokens/s of greedy decoding with the KV cache (sample.generate) for a GPT-2-124M-shaped and
+a Llama-shaped model with random weights, side by side with Hugging Face `generate` on identical
+weights (written with save_pretrained), at each batch size; the speed-up over no-cache generation
+at `nocache_tokens` new tokens; and time to first token for a `ttft_prompt`-token prompt.
+Ours and theirs run interleaved, best of `repeats`, so both see the same machine state.
+"""
+import os
+import tempfile
+import time
+
+import torch
+
+from model import GPT, GPTConfig, resolve_device, resolve_dtype
+from sample import generate
+
+# -----------------------------------------------------------------------------
+which = 'decode'              # 'decode'
+models = 'gpt2_124m,llama_56m'  # comma list of the shapes below
+batch_sizes = '1,8'           # comma list of batch sizes for the decode comparison
+new_tokens = 64               # tokens generated per decode measurement
+prompt_len = 16               # prompt tokens per row for the decode measurement
+nocache_tokens = 256          # new tokens for the cache vs no-cache comparison (batch 1)
+ttft_prompt = 256             # prompt length for time to first token (batch 1)
+repeats = 2                   # best of this many runs, ours and Hugging Face interleaved
+hf = True                     # also time Hugging Face generate on identical weights
+device = 'cpu'                # 'cpu' | 'cuda' | 'auto'
+dtype = 'float32'             # 'auto' | 'float32' | 'bfloat16' | 'float16'
+seed = 1337                   # weights and prompts
+# -----------------------------------------------------------------------------
+from configurator import configure
+config = configure(globals(), choices={'which': ('decode',), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+
+SHAPES = {  # the sizes SPEC.md measured Hugging Face at, so figures compare
+    'gpt2_124m': dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    'llama_56m': dict(arch='llama', n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=1024, vocab_size=32000),
+}
+device = resolve_device(device)
+ptdtype = resolve_dtype(dtype, device)
+
+
+def timed(fn):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def best_of(fns):
+    """Run each function `repeats` times, interleaved; return each one's best time."""
+    best = [float('inf')] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], timed(fn))
+    return best
+
+
+def hf_generate(hf_model, x, n):
+    with torch.inference_mode():
+        # min_new_tokens: random weights may emit the eos id; both sides must produce exactly n tokens
+        return hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+
+
+def bench_decode(name):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**SHAPES[name])).to(device=device, dtype=ptdtype).eval()
+    print(f"\n{name}: {model.num_params(non_embedding=False) / 1e6:.1f}M parameters, {device}, {ptdtype}")
+    hf_model = None
+    if hf:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=ptdtype).to(device).eval()
+    V = model.config.vocab_size
+    rows = []
+    # 1) decode tokens/s at each batch size (greedy, no stop token so every row makes new_tokens)
+    for B in [int(b) for b in batch_sizes.split(',')]:
+        x = torch.randint(0, V, (B, prompt_len), device=device)
+        ours = lambda: generate(model, x.tolist(), new_tokens, temperature=0.0, stop_tokens=())
+        fns = [ours] + ([lambda: hf_generate(hf_model, x, new_tokens)] if hf_model else [])
+        t = best_of(fns)
+        tps = [B * new_tokens / s for s in t]
+        row = f"decode B={B}: ours {tps[0]:.1f} tok/s"
+        if hf_model:
+            row += f", HF generate {tps[1]:.1f} tok/s, ratio {tps[0] / tps[1]:.2f}x"
+        print(row)
+        rows.append((name, f'decode tok/s, batch {B}', tps[0], tps[1] if hf_model else None))
+    # 2) KV cache vs recomputing the whole context every step
+    x = torch.randint(0, V, (1, prompt_len), device=device).tolist()
+    t_cache, t_nocache = best_of([lambda: generate(model, x, nocache_tokens, temperature=0.0, stop_tokens=()),
+                                  lambda: generate(model, x, nocache_tokens, temperature=0.0, stop_tokens=(),
+                                                   use_cache=False)])
+    print(f"{nocache_tokens} new tokens, batch 1: cache {t_cache:.2f} s, no cache {t_nocache:.2f} s, "
+          f"speed-up {t_nocache / t_cache:.1f}x")
+    rows.append((name, f'speed-up over no cache, {nocache_tokens} tokens', t_nocache / t_cache, None))
+    # 3) time to first token: the prefill of a long prompt plus one sampled token
+    x = torch.randint(0, V, (1, ttft_prompt), device=device)
+    fns = [lambda: generate(model, x.tolist(), 1, temperature=0.0, stop_tokens=())]
+    if hf_model:
+        fns.append(lambda: hf_generate(hf_model, x, 1))
+    t = best_of(fns)
+    print(f"time to first token, {ttft_prompt}-token prompt: ours {t[0] * 1e3:.0f} ms" +
+          (f", HF {t[1] * 1e3:.0f} ms" if hf_model else ''))
+    rows.append((name, f'time to first token (ms), {ttft_prompt}-token prompt', t[0] * 1e3, t[1] * 1e3 if hf_model else None))
+    return rows
+
+
+if __name__ == '__main__':
+    torch.manual_seed(seed)
+    rows = []
+    for name in models.split(','):
+        if name not in SHAPES:
+            raise SystemExit(f"error: unknown model shape '{name}'; use one of {', '.join(SHAPES)}")
+        rows += bench_decode(name)
+    print(f"\n| model | measure | nanolab | Hugging Face | ratio |\n|---|---|---|---|---|")
+    for name, what, ours, theirs in rows:
+        ratio = f"{ours / theirs:.2f}x" if theirs and 'ms' not in what else (f"{theirs / ours:.2f}x faster" if theirs else '')
+        print(f"| {name} | {what} | {ours:.1f} | {'' if theirs is None else f'{theirs:.1f}'} | {ratio} |")
