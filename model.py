@@ -576,7 +576,7 @@ def load_checkpoint(path, map_location='cpu'):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e).split('. ')[0][:160]}); "
                          "retrain, or restore it from a backup") from None
     if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
         raise ValueError(f"{path} is not a nanolab checkpoint (it has no 'model_args'/'model' entries)")
