@@ -4,24 +4,31 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
     python bench.py                                   # decode benchmarks, CPU, ~6 minutes on 2 cores
     python bench.py --models=llama_56m --batch_sizes=1 --repeats=1   # a quick look
     python bench.py --device=cuda --dtype=bfloat16    # on a GPU
+    python bench.py --which=train                     # training steps, CPU default and baby GPT, ~6 minutes
+    python bench.py --which=train --train_models=cpu_default --compile_modes=False   # ~10 s
 
 decode: tokens/s of greedy decoding with the KV cache (sample.generate) for a GPT-2-124M-shaped and
 a Llama-shaped model with random weights, side by side with Hugging Face `generate` on identical
 weights (written with save_pretrained), at each batch size; the speed-up over no-cache generation
 at `nocache_tokens` new tokens; and time to first token for a `ttft_prompt`-token prompt.
 Ours and theirs run interleaved, best of `repeats`, so both see the same machine state.
+
+train: ms/iter, tokens/s and MFU of train.py's training step (forward, backward, clip, fused AdamW) on
+random tokens, for the CPU default config (configs/shakespeare_char.py's 4x4x128 model, block 64, batch 12)
+and nanoGPT's baby GPT (6x6x384, block 256, batch 64, dropout 0.2), with torch.compile off and on.
+MFU divides by 163 GFLOP/s on CPU (fp32 matmul 2048^2 on 2 cores, SPEC.md) or 989 TFLOP/s on CUDA.
 """
-import os
 import tempfile
 import time
 
 import torch
 
-from model import GPT, GPTConfig, resolve_device, resolve_dtype
+from common import configure_optimizer
+from model import GPT, GPTConfig, autocast_ctx, resolve_device, resolve_dtype
 from sample import generate
 
 # -----------------------------------------------------------------------------
-which = 'decode'              # 'decode'
+which = 'decode'              # 'decode' | 'train'
 models = 'gpt2_124m,llama_56m'  # comma list of the shapes below
 batch_sizes = '1,8'           # comma list of batch sizes for the decode comparison
 new_tokens = 64               # tokens generated per decode measurement
@@ -33,9 +40,11 @@ hf = True                     # also time Hugging Face generate on identical wei
 device = 'cpu'                # 'cpu' | 'cuda' | 'auto'
 dtype = 'float32'             # 'auto' | 'float32' | 'bfloat16' | 'float16'
 seed = 1337                   # weights and prompts
+train_models = 'cpu_default,baby_gpt'  # train: comma list of TRAIN_SHAPES
+compile_modes = 'False,True'  # train: time the step without and with torch.compile
 # -----------------------------------------------------------------------------
 from configurator import configure
-config = configure(globals(), choices={'which': ('decode',), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+config = configure(globals(), choices={'which': ('decode', 'train'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
 
 SHAPES = {  # the sizes SPEC.md measured Hugging Face at, so figures compare
     'gpt2_124m': dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
@@ -116,14 +125,71 @@ def bench_decode(name):
     return rows
 
 
-if __name__ == '__main__':
+# -----------------------------------------------------------------------------
+# training step
+
+TRAIN_SHAPES = {  # model, batch and timed steps (after `warmup` untimed ones)
+    'cpu_default': dict(model=dict(arch='gpt2', n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False),
+                        batch_size=12, warmup=10, iters=100),
+    'baby_gpt': dict(model=dict(arch='gpt2', n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False,
+                                dropout=0.2), batch_size=64, warmup=1, iters=3),
+}
+
+
+def bench_train(name):
+    """train.py's step: forward and backward, gradient norm and clipping at 1.0, fused AdamW."""
+    shape = TRAIN_SHAPES[name]
+    B, T = shape['batch_size'], shape['model']['block_size']
+    peak = 989e12 if device.startswith('cuda') else 163e9
+    rows = []
+    for comp in [m.strip() == 'True' for m in compile_modes.split(',')]:
+        torch.manual_seed(seed)
+        raw_model = GPT(GPTConfig(**shape['model'])).to(device)
+        model = torch.compile(raw_model) if comp else raw_model
+        optimizer = configure_optimizer(raw_model, 0.1, 1e-3, (0.9, 0.99), device.split(':')[0])
+        ctx = autocast_ctx(device, ptdtype)
+        x, y = (torch.randint(0, shape['model']['vocab_size'], (B, T), device=device) for _ in range(2))
+
+        def step():
+            with ctx:
+                loss = model(x, y)[1]
+            loss.backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters()])
+            if not device.startswith('cpu') or norm > 1.0:  # as train.py: CPU skips multiplying by 1
+                torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), 1.0, norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        t_first = timed(step)  # with compile: the compilation
+        for _ in range(shape['warmup'] - 1):
+            step()
+        times = sorted(timed(step) for _ in range(shape['iters']))
+        dt = times[len(times) // 2]  # the median step
+        mfu = raw_model.estimate_mfu(B * T / dt, peak, T=T)
+        print(f"{name} ({raw_model.num_params() / 1e6:.2f}M, batch {B}x{T}), compile={comp}: {dt * 1e3:.1f} ms/iter, "
+              f"{B * T / dt:,.0f} tok/s, MFU {mfu * 100:.1f}%" + (f" (first step, compiling: {t_first:.1f} s)" if comp else ''))
+        rows.append((name, comp, dt * 1e3, B * T / dt, mfu * 100))
+    return rows
+
+
+if __name__ == '__main__' and which == 'train':
+    torch.manual_seed(seed)
+    rows = []
+    for name in train_models.split(','):
+        if name not in TRAIN_SHAPES:
+            raise SystemExit(f"error: unknown training shape '{name}'; use one of {', '.join(TRAIN_SHAPES)}")
+        rows += bench_train(name)
+    print("\n| model | compile | ms/iter | tokens/s | MFU |\n|---|---|---|---|---|")
+    for name, comp, ms, tps, mfu in rows:
+        print(f"| {name} | {comp} | {ms:.1f} | {tps:,.0f} | {mfu:.1f}% |")
+
+elif __name__ == '__main__':
     torch.manual_seed(seed)
     rows = []
     for name in models.split(','):
         if name not in SHAPES:
             raise SystemExit(f"error: unknown model shape '{name}'; use one of {', '.join(SHAPES)}")
         rows += bench_decode(name)
-    print(f"\n| model | measure | nanolab | Hugging Face | ratio |\n|---|---|---|---|---|")
+    print("\n| model | measure | nanolab | Hugging Face | ratio |\n|---|---|---|---|---|")
     for name, what, ours, theirs in rows:
         ratio = f"{ours / theirs:.2f}x" if theirs and 'ms' not in what else (f"{theirs / ours:.2f}x faster" if theirs else '')
         print(f"| {name} | {what} | {ours:.1f} | {'' if theirs is None else f'{theirs:.1f}'} | {ratio} |")

@@ -1,0 +1,37 @@
+# GPT-2 small (124M) reproduction on OpenWebText, nanoGPT's recipe: 12 layers x 768, context 1024,
+# ~0.5M tokens per iteration (12 x 1024 x 40 micro-batches), 600k iterations = ~300B tokens.
+# Hardware: several GPUs with DDP; GPU; not measured here. Expected (nanoGPT's figure, 8x A100 40GB,
+# ~4 days): val loss ~2.85. The data is not bundled and cannot be fetched offline: download OpenWebText
+# (Gokaslan & Cohen 2019, ~54 GB of text) and tokenize it with GPT-2's BPE:
+#   python data.py text --input=openwebtext/ --out_name=openwebtext --tokenizer=gpt2
+#   torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py
+# gradient_accumulation_steps counts over all processes: 8 GPUs do 5 micro-steps each.
+
+out_dir = 'out-gpt2-124m'
+eval_interval = 1000
+eval_iters = 200
+log_interval = 10
+
+dataset = 'openwebtext'
+gradient_accumulation_steps = 5 * 8
+batch_size = 12
+block_size = 1024
+
+arch = 'gpt2'
+n_layer = 12
+n_head = 12
+n_embd = 768
+vocab_size = 50304  # GPT-2's 50257 (+4 chat tokens) padded to a multiple of 64 for faster matmuls
+dropout = 0.0
+bias = False
+
+learning_rate = 6e-4
+max_iters = 600000
+lr_decay_iters = 600000
+min_lr = 6e-5
+beta2 = 0.95
+warmup_iters = 2000
+weight_decay = 0.1
+
+device = 'auto'
+compile = True

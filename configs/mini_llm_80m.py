@@ -1,0 +1,40 @@
+# A mini LLM: Llama-style, 16 layers x 384 (deep and thin, as MobileLLM argues for small models), 6 query
+# heads sharing 2 key-value heads (GQA), RoPE, SwiGLU 1920 wide, untied embeddings over GPT-2's vocabulary
+# padded to 50304: 80.3M parameters (41.7M outside the embeddings; counted with model.py).
+# Data: TinyStories in GPT-2 tokens, made with data.py's text pipeline (the named `tinystories` set uses
+# our own 4096-token BPE instead):
+#   python data.py text --input=TinyStories-train.txt --out_name=tinystories_gpt2 --doc_split=paragraph
+#   python train.py configs/mini_llm_80m.py
+# Hardware: one GPU (bf16, ~131k tokens per iteration); GPU; not measured here, so no loss is promised.
+# Several GPUs: torchrun --standalone --nproc_per_node=8 train.py configs/mini_llm_80m.py
+
+out_dir = 'out-mini-llm-80m'
+eval_interval = 1000
+eval_iters = 100
+log_interval = 10
+
+dataset = 'tinystories_gpt2'
+gradient_accumulation_steps = 8
+batch_size = 16
+block_size = 1024
+
+arch = 'llama'
+n_layer = 16
+n_head = 6
+n_kv_head = 2
+n_embd = 384
+ffn_hidden = 1920
+vocab_size = 50304  # GPT-2's 50257 (+4 chat tokens) padded to a multiple of 64 for faster matmuls
+tie_embeddings = False
+dropout = 0.0
+
+learning_rate = 6e-4
+max_iters = 30000
+lr_decay_iters = 30000
+min_lr = 6e-5
+beta2 = 0.95
+warmup_iters = 1000
+weight_decay = 0.1
+
+device = 'auto'
+compile = True

@@ -1,0 +1,285 @@
+"""train.py and common.py against their references: an uninterrupted run (exact resume after SIGINT and
+SIGKILL), one process with twice the accumulation (DDP over gloo), torch.optim.AdamW set up by hand, hand
+values of the LR schedule. Tiny models and data the tests write themselves; CPU, about half a minute."""
+import ast
+import json
+import math
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common import configure_optimizer, get_lr, read_metrics
+from configurator import configure
+from model import GPT, GPTConfig, load_checkpoint, load_model, save_checkpoint
+
+TRAIN = os.path.join(ROOT, 'train.py')
+CHARS = 'abcdefghijklmnop'  # a 16-token char vocabulary
+TINY = ['--device=cpu', '--dataset=tiny', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16',
+        '--batch_size=4', '--eval_iters=2', '--eval_interval=10', '--log_interval=1', '--warmup_iters=5',
+        '--learning_rate=3e-3', '--min_lr=3e-4', '--compile=False']
+
+
+def make_dataset(data_dir, name='tiny', n_train=20000, n_val=4000):
+    """A char dataset as data.py writes it: a Markov chain (next = 3*prev + 0 or 1, mod 16), so loss can fall."""
+    rng = np.random.default_rng(0)
+    ids = np.zeros(n_train + n_val, dtype=np.uint16)
+    for i in range(1, len(ids)):
+        ids[i] = (3 * ids[i - 1] + rng.integers(0, 2)) % len(CHARS)
+    folder = os.path.join(data_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    ids[:n_train].tofile(os.path.join(folder, 'train.bin'))
+    ids[n_train:].tofile(os.path.join(folder, 'val.bin'))
+    meta = {'name': name, 'tokenizer': {'kind': 'char', 'chars': CHARS}, 'vocab_size': len(CHARS), 'dtype': 'uint16',
+            'train_tokens': n_train, 'val_tokens': n_val}
+    with open(os.path.join(folder, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp('data'))
+    make_dataset(d)
+    return d
+
+
+def train(*args):
+    """Run train.py in this process (no interpreter start-up), as `python train.py args`."""
+    argv = sys.argv
+    sys.argv = [TRAIN, *args]
+    try:
+        runpy.run_path(TRAIN, run_name='__main__')
+    finally:
+        sys.argv = argv
+
+
+def train_subprocess(*args, launcher=()):
+    return subprocess.Popen([sys.executable, *launcher, TRAIN, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def curve(out_dir):
+    """What must repeat exactly: every log row's loss/lr/grad norm and every eval's losses, by iteration."""
+    rows = read_metrics(os.path.join(out_dir, 'metrics.jsonl'))
+    return [(r['iter'], r['loss'], r['lr'], r['grad_norm']) if 'loss' in r else (r['iter'], r['train_loss'], r['val_loss'])
+            for r in rows]
+
+# -----------------------------------------------------------------------------
+# common.py
+
+
+def test_get_lr_schedules_against_hand_values():
+    lr = lambda it, s: get_lr(it, warmup_iters=10, lr_decay_iters=110, learning_rate=1.0, min_lr=0.1, schedule=s)
+    for s in ('cosine', 'linear', 'constant'):  # 1) warmup is the same for all: (it+1)/(warmup+1)
+        assert lr(0, s) == pytest.approx(1 / 11) and lr(9, s) == pytest.approx(10 / 11) and lr(10, s) == 1.0
+    # 2) decay: a quarter of the way, cosine is 0.1 + 0.9 * (1 + cos(pi/4)) / 2, linear 0.1 + 0.9 * 0.75
+    assert lr(35, 'cosine') == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+    assert lr(35, 'linear') == pytest.approx(0.775)
+    assert lr(60, 'cosine') == pytest.approx(0.55) and lr(60, 'linear') == pytest.approx(0.55)
+    # 3) the floor, and constant stays at the peak
+    assert lr(110, 'cosine') == lr(5000, 'cosine') == lr(110, 'linear') == 0.1
+    assert lr(5000, 'constant') == 1.0
+    with pytest.raises(ValueError, match='schedule'):
+        lr(50, 'exponential')
+
+
+def test_configure_optimizer_decay_groups_and_step_match_adamw():
+    torch.manual_seed(0)
+    L = 2
+    model = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=32, block_size=16, vocab_size=16))
+    opt = configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), 'cpu')
+    decay, no_decay = opt.param_groups
+    # by hand: tied wte + wpe + 4 matrices per block decay; 2 LayerNorms (w, b) + 4 biases per block + ln_f don't
+    assert (len(decay['params']), len(no_decay['params'])) == (2 + 4 * L, 8 * L + 2)
+    assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
+    assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.num_params(non_embedding=False)
+    # one step equals torch.optim.AdamW given the same groups by hand
+    ref = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=32, block_size=16, vocab_size=16))
+    ref.load_state_dict(model.state_dict())
+    named = dict(ref.named_parameters())
+    ref_opt = torch.optim.AdamW([{'params': [p for n, p in named.items() if p.dim() >= 2], 'weight_decay': 0.1},
+                                 {'params': [p for n, p in named.items() if p.dim() < 2], 'weight_decay': 0.0}],
+                                lr=1e-2, betas=(0.9, 0.95))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(0, 16, (4, 16))
+    for m, o in ((model, opt), (ref, ref_opt)):
+        m(x, x)[1].backward()
+        o.step()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):  # fused vs per-tensor kernel: rounding only
+        assert not torch.equal(p, before[n]), n
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=n)
+    # inference (model.py's cached CPU head) sees the updated weights, step after step
+    model.eval()
+    for _ in range(2):
+        with torch.no_grad():
+            cached = model(x)[0]
+        assert torch.equal(cached, model(x)[0])  # with grad: the plain lm_head
+        model(x, x)[1].backward()
+        opt.step()
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=16))
+    opt = configure_optimizer(model, 0.0, 3e-3, (0.9, 0.99), 'cpu')
+    x, y = torch.randint(0, 16, (4, 16)), torch.randint(0, 16, (4, 16))  # random: only memorizing helps
+    for it in range(300):
+        for g in opt.param_groups:
+            g['lr'] = get_lr(it, 10, 300, 3e-3, 3e-4)
+        loss = model(x, y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < 0.1:
+            break
+    assert loss.item() < 0.1, f'loss {loss.item():.3f} after {it + 1} steps'
+
+# -----------------------------------------------------------------------------
+# train.py outputs
+
+
+def test_run_writes_metrics_checkpoints_curve_and_card(data_dir, tmp_path):
+    out = str(tmp_path / 'out')
+    train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=20', '--lr_decay_iters=20')
+    rows = read_metrics(os.path.join(out, 'metrics.jsonl'))
+    logs, evals = [r for r in rows if 'loss' in r], [r for r in rows if 'val_loss' in r]
+    assert [r['iter'] for r in logs] == list(range(20)) and [r['iter'] for r in evals] == [0, 10, 20]
+    for r in logs:
+        assert {'iter', 'loss', 'lr', 'grad_norm', 'tokens_per_sec', 'ms_per_iter', 'mfu'} <= set(r)
+        assert r['lr'] == get_lr(r['iter'], 5, 20, 3e-3, 3e-4)
+        assert r['tokens_per_sec'] > 0 and 0 < r['mfu'] < 1
+    for r in evals:
+        assert {'iter', 'train_loss', 'val_loss', 'val_ppl'} <= set(r) and r['val_ppl'] == pytest.approx(math.exp(r['val_loss']))
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.3  # it learned something
+    # checkpoints: weights_only-loadable, with every RNG state; best.pt from the best eval
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    assert ckpt['iter_num'] == 20 and ckpt['tokenizer'] == {'kind': 'char', 'chars': CHARS}
+    assert {'python', 'numpy', 'torch', 'sampler'} <= set(ckpt['rng'])
+    assert ckpt['best_val_loss'] == min(r['val_loss'] for r in evals)
+    assert load_checkpoint(os.path.join(out, 'best.pt'))['iter_num'] == 20
+    model, tok, _ = load_model(out)
+    assert tok.decode(tok.encode('abc')) == 'abc' and model.config.vocab_size == 16
+    # config.json is the resolved config; the curve is valid SVG with both series; the model card
+    cfg = json.load(open(os.path.join(out, 'config.json')))
+    assert set(cfg) == set(train_defaults())  # the settings, and nothing else
+    assert cfg['vocab_size'] == 16 and cfg['n_kv_head'] == 2 and cfg['max_iters'] == 20
+    svg = ET.parse(os.path.join(out, 'loss.svg')).getroot()
+    assert svg.tag.endswith('svg') and len(svg.findall('{http://www.w3.org/2000/svg}polyline')) == 2
+    card = open(os.path.join(out, 'README.md')).read()
+    assert 'val loss' in card and 'tiny' in card and '## Evaluations' in card
+
+
+def test_exact_resume_after_ctrl_c_and_sigkill(data_dir, tmp_path):
+    args = [*TINY, f'--data_dir={data_dir}', '--max_iters=300', '--lr_decay_iters=300', '--dropout=0.1']
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    train(*args, f'--out_dir={a}')  # the reference: never stopped
+    ckpt = os.path.join(b, 'ckpt.pt')
+
+    def wait_for_checkpoint(proc, after_iter=0):
+        """Poll until ckpt.pt holds an iteration past after_iter; return that iteration."""
+        seen = None
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            if os.path.exists(ckpt) and os.path.getmtime(ckpt) != seen:
+                seen = os.path.getmtime(ckpt)
+                if load_checkpoint(ckpt)['iter_num'] > after_iter:
+                    return
+            time.sleep(0.005)
+
+    # 1) Ctrl-C after the first checkpoint: the step finishes, ckpt.pt is written, exit status 0
+    proc = train_subprocess(*args, f'--out_dir={b}')
+    wait_for_checkpoint(proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and 'SIGINT' in out, out
+    stopped = load_checkpoint(ckpt)['iter_num']
+    assert 10 <= stopped < 300
+    # 2) resume, then SIGKILL (no chance to clean up) after its next checkpoint
+    proc = train_subprocess(*args, f'--out_dir={b}', '--init_from=resume')
+    wait_for_checkpoint(proc, after_iter=stopped)
+    proc.kill()
+    proc.wait()
+    killed = load_checkpoint(ckpt)['iter_num']
+    assert stopped < killed < 300, 'the run was not killed mid-way'
+    # 3) resume to the end, from the saved config alone: the same losses, learning rates and gradient norms,
+    # bit for bit, and no iteration logged twice
+    train(f'--out_dir={b}', '--init_from=resume')
+    assert curve(b) == curve(a)
+
+
+def test_ddp_two_processes_match_one_with_twice_the_accumulation(data_dir, tmp_path):
+    args = [*TINY, f'--data_dir={data_dir}', '--max_iters=8', '--lr_decay_iters=8', '--gradient_accumulation_steps=4']
+    proc = train_subprocess(*args, f'--out_dir={tmp_path / "ddp"}',
+                            launcher=('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    train(*args, f'--out_dir={tmp_path / "one"}')  # meanwhile: 1 process x 4 micro-steps
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert '2 processes' in out and out.count('step 8:') == 1  # only rank 0 prints
+    ddp, one = curve(tmp_path / 'ddp'), curve(tmp_path / 'one')
+    assert [r[0] for r in ddp] == [r[0] for r in one]
+    for r, s in zip(ddp, one):
+        assert r[1:] == pytest.approx(s[1:], rel=1e-5, abs=1e-6), (r, s)
+
+# -----------------------------------------------------------------------------
+# errors: a message that names the problem and the fix, exit status 1, no traceback
+
+
+def error_of(*args):
+    with pytest.raises(SystemExit) as e:
+        train(*args)
+    assert str(e.value.code).startswith('error: '), e.value.code
+    return str(e.value.code)
+
+
+def test_errors(data_dir, tmp_path):
+    out = f'--out_dir={tmp_path / "out"}'
+    msg = error_of(*TINY, f'--data_dir={data_dir}', '--dataset=no_such_set', out)
+    assert 'no dataset at' in msg and 'python data.py' in msg
+    msg = error_of(*TINY, f'--data_dir={data_dir}', '--batch_size=2000', '--block_size=16', out)
+    assert 'fewer than one batch needs' in msg and '20,000 tokens' in msg and '32,001' in msg
+    msg = error_of(*TINY, f'--data_dir={data_dir}', '--dtype=float16', out)
+    assert 'float16' in msg and 'CPU' in msg
+    # a model source whose vocabulary is smaller than the data's
+    src = str(tmp_path / 'small_vocab')
+    small = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=8))
+    save_checkpoint({'model_args': small.config.__dict__, 'model': small.state_dict()}, os.path.join(src, 'ckpt.pt'))
+    msg = error_of(*TINY, f'--data_dir={data_dir}', f'--init_from={src}', out)
+    assert 'vocabulary mismatch' in msg and '8 tokens' in msg and 'uses 16' in msg
+    msg = error_of(*TINY, f'--data_dir={data_dir}', '--init_from=resume', out)
+    assert 'no checkpoint' in msg
+    assert not os.path.exists(tmp_path / 'out' / 'metrics.jsonl')  # nothing was started
+
+# -----------------------------------------------------------------------------
+# recipes
+
+
+def train_defaults():
+    """train.py's settings block, read without running it."""
+    src = open(TRAIN).read()
+    banners = [i + 1 for i, line in enumerate(src.splitlines()) if line.startswith('# ----')][:2]
+    return {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(src).body
+            if isinstance(n, ast.Assign) and banners[0] < n.lineno < banners[1]}
+
+
+def test_recipes_are_valid_and_the_default_is_shakespeare_char():
+    defaults = train_defaults()
+    for name in ('shakespeare_char', 'shakespeare_char_gpu', 'shakespeare_llama', 'tinystories_15m',
+                 'mini_llm_80m', 'gpt2_124m'):  # SPEC.md's pretraining recipes
+        path = os.path.join(ROOT, 'configs', f'{name}.py')
+        header = open(path).read().split('\n\n')[0]  # what, hardware, time, expected loss, command
+        assert header.startswith('#') and 'loss' in header and 'train.py configs/' in header, name
+        configure(dict(defaults, __file__=TRAIN), argv=[path], verbose=False)  # unknown keys, wrong types
+    # `python train.py` with no arguments trains exactly configs/shakespeare_char.py
+    ns = {}
+    exec(open(os.path.join(ROOT, 'configs', 'shakespeare_char.py')).read(), ns)
+    assert {k: v for k, v in ns.items() if k in defaults} == {k: defaults[k] for k in ns if k in defaults}

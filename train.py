@@ -1,0 +1,382 @@
+"""
+Pretrain a GPT (gpt2 or llama blocks) on a tokenized dataset from data.py. nanoGPT's train.py, plus
+exact resume, metrics and a model card.
+
+    python train.py                                    # CPU default: char-level Shakespeare (prepared if missing)
+    python train.py configs/shakespeare_char_gpu.py    # one GPU: nanoGPT's baby GPT, val loss ~1.47
+    torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py    # several GPUs (DDP)
+    python train.py --init_from=resume --out_dir=out-shakespeare-char         # go on from out_dir/ckpt.pt, exactly
+    python train.py --init_from=path/to/hf_llama --dataset=mine --learning_rate=3e-5   # continued pretraining
+    python train.py --help                             # every setting, with its default
+
+Writes to out_dir:
+  ckpt.pt        the last state (weights, optimizer, iteration, RNG and sampler states): written at each eval,
+                 on Ctrl-C and at the end; `--init_from=resume` continues from it
+  best.pt        the same, from the eval with the lowest val loss so far (sample or fine-tune from it)
+  config.json    the resolved config; metrics.jsonl (one row per log step and per eval); loss.svg; README.md
+
+Exact resume: the data sampler draws batch offsets from its own torch.Generator, whose state goes into the
+checkpoint with every other RNG state, so a run that is killed and resumed logs the same losses, bit for bit
+on CPU, as one that never stopped (tests/test_train.py). Under DDP, every rank draws the same offsets for an
+iteration and takes its share, so N processes x accumulation k train on exactly the batches 1 process x N*k does.
+"""
+import json
+import math
+import os
+import signal
+import shutil
+import time
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data as datasets
+from common import (MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg, set_rng_states,
+                    write_model_card)
+from model import (GPT, GPTConfig, autocast_ctx, load_checkpoint, load_model, model_from_checkpoint, resolve_device,
+                   resolve_dtype, save_checkpoint)
+
+# -----------------------------------------------------------------------------
+# defaults: the CPU run of configs/shakespeare_char.py (see that file for the measured figures)
+# I/O
+out_dir = 'out-shakespeare-char'  # checkpoints, metrics, loss curve and model card go here
+eval_interval = 250           # evaluate, and write ckpt.pt, every this many iterations (and at the end)
+log_interval = 10             # print and log a metrics row every this many iterations
+eval_iters = 20               # batches per split for each loss estimate
+eval_only = False             # evaluate once and exit
+always_save_checkpoint = True # write ckpt.pt at every eval; False: only at the end and on Ctrl-C (best.pt either way)
+init_from = 'scratch'         # 'scratch' | 'resume' (out_dir/ckpt.pt) | a model source: out_dir, .pt, HF dir, hub name
+# wandb logging (imported only when on)
+wandb_log = False             # log to Weights & Biases
+wandb_project = 'nanolab'     # wandb project
+wandb_run_name = 'run'        # wandb run name
+# data
+dataset = 'shakespeare_char'  # data_dir/<dataset>/ from data.py; named datasets are prepared when missing
+data_dir = 'data'             # where datasets live
+gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all DDP processes together
+batch_size = 12               # sequences per micro-batch (per process)
+block_size = 64               # tokens per sequence (context length)
+# model (scratch only: resume takes them from the checkpoint, a model source from itself)
+arch = 'gpt2'                 # 'gpt2' | 'llama'
+n_layer = 4                   # transformer blocks
+n_head = 4                    # attention (query) heads
+n_kv_head = 0                 # key/value heads (llama GQA); 0 = n_head
+n_embd = 128                  # embedding width
+ffn_hidden = 0                # MLP width; 0 = 4*n_embd (gpt2), 8/3*n_embd rounded up to 64 (llama)
+vocab_size = 0                # model vocabulary; 0 = the dataset's (set e.g. 50304 to pad GPT-2's for speed)
+dropout = 0.0                 # dropout rate; 0 for pretraining, 0.1+ for small data
+bias = False                  # biases in Linear and LayerNorm (gpt2; nanoGPT: False is a bit better and faster)
+tie_embeddings = None         # share the token embedding with the output head; None = the arch's way (gpt2 yes, llama no)
+# AdamW optimizer
+learning_rate = 3e-3          # peak learning rate
+max_iters = 1500              # total optimizer steps
+weight_decay = 0.1            # on >=2-D weights only
+beta1 = 0.9                   # AdamW beta1
+beta2 = 0.99                  # AdamW beta2 (0.99 for small batches, 0.95 for big runs)
+grad_clip = 1.0               # clip the global gradient norm at this value; 0 = off
+# learning-rate schedule
+lr_schedule = 'cosine'        # 'cosine' | 'linear' | 'constant'
+warmup_iters = 100            # linear warmup steps
+lr_decay_iters = 1500         # decay ends here (~max_iters, Chinchilla)
+min_lr = 3e-4                 # floor after decay (~learning_rate/10)
+# system
+device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+dtype = 'auto'                # 'auto' (bf16 on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
+compile = False               # torch.compile the model (faster steps after a compile of ~1 min)
+backend = 'auto'              # DDP backend: 'auto' (nccl on GPU, gloo on CPU) | 'nccl' | 'gloo'
+seed = 1337                   # model init, data order and dropout
+peak_flops = 0.0              # FLOP/s that MFU divides by; 0 = auto: 989e12 on CUDA (H100 bf16 dense), 163e9 on CPU (measured, SPEC.md)
+# -----------------------------------------------------------------------------
+from configurator import configure
+import common, model as model_module  # subtle: not `from ... import ARCHS`: configure() takes any tuple global for a setting
+CHOICES = {'arch': model_module.ARCHS, 'lr_schedule': common.LR_SCHEDULES, 'backend': ('auto', 'nccl', 'gloo'),
+           'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+config = configure(globals(), choices=CHOICES)
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name in config]  # settings that are model args
+
+def fail(msg):
+    """Bad input: one line that names the problem and the fix, exit status 1, no traceback."""
+    raise SystemExit(f'error: {msg}')
+
+# DDP: torchrun sets RANK; each process drives one device and the gradients are averaged across them
+ddp = int(os.environ.get('RANK', -1)) != -1
+rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+master_process = rank == 0  # only it prints and writes files
+
+# resume = the run's saved config, then this command line on top (so `--max_iters=...` extends a run);
+# the model args always come from the checkpoint
+ckpt = None
+if init_from == 'resume':
+    try:
+        ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    except ValueError as e:
+        fail(e)
+    saved = {k: v for k, v in ckpt['config'].items() if k in config}  # keys this train.py still has
+    config = configure({**config, **saved, '__file__': __file__}, choices=CHOICES, verbose=False)
+    globals().update(config)
+    for k in MODEL_KEYS:
+        if k != 'block_size' and globals()[k] != ckpt['model_args'][k]:
+            if master_process:
+                print(f"resume: {k} = {ckpt['model_args'][k]!r} from the checkpoint (not {globals()[k]!r})")
+            globals()[k] = ckpt['model_args'][k]
+
+try:
+    # 1) device and dtype, checked: asking for what this machine lacks is an error, not a silent fallback
+    device = resolve_device(device)
+    if ddp and device == 'cuda':
+        device = f'cuda:{local_rank}'
+    device_type = device.split(':')[0]
+    ptdtype = resolve_dtype(dtype, device)
+    if device_type == 'cuda':
+        torch.set_float32_matmul_precision('high')  # TF32 for fp32 matmuls on Ampere and later (nanoGPT does too)
+    # 2) the dataset: rank 0 prepares a named one that is missing (data.py), then everyone reads meta.json
+    folder = os.path.join(data_dir, dataset)
+    if master_process and dataset in datasets.DATASETS and not os.path.exists(os.path.join(folder, 'meta.json')):
+        datasets.prepare(dataset, data_dir=data_dir)
+    if ddp:
+        if device_type == 'cuda':
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
+        dist.barrier()  # the other ranks wait for rank 0's data preparation
+    meta = datasets.load_meta(folder)
+except ValueError as e:
+    fail(e)
+if 'train_tokens' not in meta:
+    fail(f"{folder} is a fine-tuning dataset (JSONL), not a token stream; train on it with finetune.py or dpo.py")
+if gradient_accumulation_steps % world_size:
+    fail(f'gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes')
+accum = gradient_accumulation_steps // world_size  # micro-steps per process: the global batch never changes
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+
+# 3) the model: from scratch, resumed, or any model source (continued pretraining)
+iter_num, best_val_loss, tok_spec, origin = 0, float('inf'), meta['tokenizer'], init_from
+try:
+    if init_from == 'scratch':
+        vocab_size = vocab_size or meta['vocab_size']
+        torch.manual_seed(seed)  # subtle: the same weights on every rank (DDP also broadcasts rank 0's)
+        raw_model = GPT(GPTConfig(**{k: globals()[k] for k in MODEL_KEYS}))
+    elif init_from == 'resume':
+        raw_model = model_from_checkpoint(ckpt, os.path.join(out_dir, 'ckpt.pt'))
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+        tok_spec, origin = ckpt.get('tokenizer') or tok_spec, ckpt.get('origin', 'scratch')
+    else:
+        raw_model, tok, _ = load_model(init_from)
+        if tok is not None:
+            tok_spec = tok.spec()
+            if tok_spec != meta['tokenizer'] and master_process:
+                print(f"note: {init_from}'s tokenizer ({tok.kind}) is not the one {folder} was made with "
+                      f"({meta['tokenizer'].get('kind')}); make sure their token ids mean the same")
+except ValueError as e:
+    fail(e)
+model_args = asdict(raw_model.config)
+if model_args['vocab_size'] < meta['vocab_size']:
+    fail(f"vocabulary mismatch: the model ({'init_from=' + init_from if init_from != 'scratch' else 'vocab_size'}) has "
+         f"{model_args['vocab_size']} tokens but dataset {folder} uses {meta['vocab_size']}; prepare the data with the "
+         "model's tokenizer, or train from scratch")
+if block_size > model_args['block_size']:
+    fail(f"block_size={block_size} is longer than the model's context ({model_args['block_size']}); lower block_size")
+for split in ('train', 'val'):
+    if meta[f'{split}_tokens'] < batch_size * block_size + 1:
+        fail(f"the {split} split of {folder} has {meta[f'{split}_tokens']:,} tokens, fewer than one batch needs "
+             f"(batch_size*block_size+1 = {batch_size * block_size + 1:,}); lower batch_size or block_size, or add data")
+globals().update({k: model_args[k] for k in MODEL_KEYS if k != 'block_size'})  # the config shows the real model
+config.update({k: globals()[k] for k in config})
+raw_model.to(device).train()
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+    print(f"{raw_model.num_params() / 1e6:.2f}M parameters (non-embedding), {tokens_per_iter:,} tokens per iteration, "
+          f"{device}, {str(ptdtype).replace('torch.', '')}" + (f', {world_size} processes' if ddp else ''))
+
+# 4) optimizer, fp16 gradient scaler, random state, compile, DDP
+optimizer = configure_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))  # a no-op unless fp16
+sampler = torch.Generator().manual_seed(seed)  # draws the training batches' offsets (the same on every rank)
+elapsed0 = 0.0  # training seconds before this process started (resume)
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if 'scaler' in ckpt:
+        scaler.load_state_dict(ckpt['scaler'])
+    set_rng_states(ckpt['rng'], sampler)  # exact resume: data order, dropout, everything
+    elapsed0 = ckpt.get('elapsed', 0.0)
+if ckpt is None or rank > 0:  # dropout: a different stream on each rank (rank 0 resumes its saved one)
+    torch.manual_seed(seed + rank + iter_num)
+ckpt = None  # free the memory
+model = torch.compile(raw_model) if compile else raw_model
+train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False) if ddp else model
+ctx = autocast_ctx(device, ptdtype)
+
+# poor man's data loader (nanoGPT)
+def get_batch(split, n, generator, share=slice(None)):
+    """Rows `share` of n random (x, y) rows of block_size tokens, y shifted by one; offsets from `generator`."""
+    # re-open the memmap every batch to avoid a memory leak (nanoGPT; https://stackoverflow.com/q/45132940)
+    tokens = np.memmap(os.path.join(folder, f'{split}.bin'), dtype=meta['dtype'], mode='r')
+    ix = torch.randint(len(tokens) - block_size, (n,), generator=generator)[share].tolist()
+    xy = torch.from_numpy(np.stack([tokens[i:i + block_size + 1] for i in ix]).astype(np.int64))  # (n, T+1)
+    if device_type == 'cuda':  # pinned memory lets the copy to the GPU run asynchronously
+        xy = xy.pin_memory().to(device, non_blocking=True)
+    else:
+        xy = xy.to(device)
+    return xy[:, :-1], xy[:, 1:]  # inputs (n, T), next-token targets (n, T)
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches per split. The batches come from a generator re-seeded each time,
+    so every eval (and every run) scores the same text, and evals draw nothing from the training RNGs."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        gen = torch.Generator().manual_seed(1234)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, batch_size, gen)
+            with ctx:
+                losses[k] = model(X, Y)[1].item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+def elapsed():
+    return elapsed0 + time.time() - start_time
+
+def save(name, also_best=False):
+    """Atomically write the state at the top of iteration iter_num to out_dir/name; copy it to best.pt too."""
+    path = os.path.join(out_dir, name)
+    save_checkpoint(checkpoint_dict(raw_model, optimizer, model_args, iter_num, best_val_loss, config, tok_spec,
+                                    sampler=sampler, scaler=scaler, elapsed=elapsed(), origin=origin), path)
+    if also_best:
+        shutil.copyfile(path, os.path.join(out_dir, 'best.pt.tmp'))
+        os.replace(os.path.join(out_dir, 'best.pt.tmp'), os.path.join(out_dir, 'best.pt'))
+
+def update_card(last_eval=None):
+    stats = {'iterations': iter_num, 'tokens seen': iter_num * tokens_per_iter}
+    if last_eval:
+        stats.update({'train loss': last_eval['train_loss'], 'val loss': last_eval['val_loss'],
+                      'val perplexity': last_eval['val_ppl'], 'best val loss': best_val_loss})
+    stats['training time (s)'] = round(elapsed(), 1)
+    how = (f"A {model_args['arch']} language model trained with nanolab's train.py, "
+           f"{'from scratch' if origin == 'scratch' else 'continued from ' + origin}, on {dataset}.")
+    info = {'dataset': f'{dataset} ({folder})', 'tokenizer': (tok_spec or {}).get('kind', '?'),
+            'train tokens': meta['train_tokens'], 'val tokens': meta['val_tokens']}
+    write_model_card(out_dir, os.path.basename(os.path.abspath(out_dir)), how, model_args,
+                     raw_model.num_params(non_embedding=False), info, stats,
+                     command=f'python train.py --init_from=resume --out_dir={out_dir}   # train on')
+
+# Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once.
+# subtle: a flag, not KeyboardInterrupt mid-step, so the checkpoint never holds a half-applied update
+stop = []
+def request_stop(signum, frame):
+    if stop:
+        raise KeyboardInterrupt
+    stop.append(signum)
+    if master_process:
+        print(f'\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint (again to abort)')
+old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+# logging
+start_time = time.time()
+if master_process:  # a resumed run drops the rows it will log again
+    metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), resume_iter=iter_num if init_from == 'resume' else None)
+    update_card()
+if wandb_log and master_process:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume='allow')
+peak = peak_flops or (989e12 if device_type == 'cuda' else 163e9)  # per device
+
+# training loop
+saved_at, stopping, last_eval = None, False, None
+t0, window_time, window_iters = time.time(), 0.0, 0
+while True:
+
+    # determine and set the learning rate for this iteration
+    lr = get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule)
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    # evaluate the loss on train/val sets and write checkpoints
+    if master_process and (iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only):
+        losses = estimate_loss()
+        improved = losses['val'] < best_val_loss
+        best_val_loss = min(best_val_loss, losses['val'])
+        row = dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], val_ppl=math.exp(losses['val']),
+                   lr=lr, time=round(elapsed(), 2))
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (ppl {row['val_ppl']:.2f})")
+        metrics.log(**row)
+        if wandb_log:
+            wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
+        if iter_num > 0 and not eval_only:
+            if always_save_checkpoint or iter_num >= max_iters:
+                save('ckpt.pt', also_best=improved)
+                saved_at = iter_num
+            elif improved:
+                save('best.pt')
+        plot_loss_svg(metrics.path, os.path.join(out_dir, 'loss.svg'), title=f'{out_dir}: {dataset}')
+        update_card(row)
+        last_eval = row
+        t0 = time.time()  # evals don't count in ms/iter
+    if iter_num >= max_iters or eval_only or stopping:
+        break
+
+    # forward backward update, with gradient accumulation. Every rank draws the offsets of all
+    # gradient_accumulation_steps * batch_size rows of this iteration and takes its own share, so
+    # the data does not depend on the number of processes
+    X, Y = get_batch('train', gradient_accumulation_steps * batch_size, sampler,
+                     slice(rank * accum * batch_size, (rank + 1) * accum * batch_size))
+    loss_sum = 0.0
+    for micro_step in range(accum):
+        if ddp:  # sync gradients on the last micro-step only (what model.no_sync() toggles)
+            train_model.require_backward_grad_sync = (micro_step == accum - 1)
+        rows = slice(micro_step * batch_size, (micro_step + 1) * batch_size)
+        with ctx:
+            _, loss = train_model(X[rows], Y[rows])
+            loss = loss / accum  # so the gradients add up to those of the mean loss
+        loss_sum = loss_sum + loss.detach()
+        scaler.scale(loss).backward()  # fp16: scaled up so small gradients don't underflow
+    scaler.unscale_(optimizer)  # clip and report the true gradient norm
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
+    # subtle: on CPU, skip the multiply by 1 that clipping a small gradient costs (0.5 ms of a 45 ms step,
+    # measured); on a GPU, asking whether grad_norm > grad_clip would stall it, so always multiply
+    if grad_clip > 0 and (device_type != 'cpu' or grad_norm > grad_clip):
+        torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), grad_clip, grad_norm)
+    scaler.step(optimizer)  # fp16: skips the step if the gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients' memory now
+
+    # timing and logging
+    t1 = time.time()
+    window_time, window_iters, t0 = window_time + t1 - t0, window_iters + 1, t1
+    stopping = bool(stop) and not ddp  # DDP: the ranks agree on it at log steps, below
+    if iter_num % log_interval == 0:
+        if ddp:  # the mean loss over all ranks; and stop together, or the others would wait forever
+            flags = torch.stack([loss_sum, torch.tensor(float(bool(stop)), device=device)])
+            dist.all_reduce(flags)
+            loss_sum, stopping = flags[0] / world_size, flags[1].item() > 0
+        if master_process:
+            lossf, gnorm, dt = loss_sum.item(), grad_norm.item(), window_time / window_iters  # .item(): a GPU sync
+            mfu = raw_model.estimate_mfu(tokens_per_iter / world_size / dt, peak, T=block_size)
+            print(f'iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {gnorm:.3f}, {dt * 1000:.2f} ms/iter, '
+                  f'{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%')
+            metrics.log(iter=iter_num, loss=lossf, lr=lr, grad_norm=gnorm, tokens_per_sec=tokens_per_iter / dt,
+                        ms_per_iter=dt * 1000, mfu=mfu, time=round(elapsed(), 2))
+            if wandb_log:
+                wandb.log({'iter': iter_num, 'loss': lossf, 'lr': lr, 'grad_norm': gnorm, 'mfu': mfu})
+        window_time, window_iters = 0.0, 0
+    iter_num += 1
+
+# the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
+if master_process:
+    if stopping and saved_at != iter_num:
+        save('ckpt.pt')
+        print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
+    metrics.close()
+    update_card(last_eval)
+    if wandb_log:
+        wandb.finish()
+if ddp:
+    dist.destroy_process_group()
+for s, h in old_handlers.items():  # leave the caller's Ctrl-C handling as it was
+    signal.signal(s, h)
