@@ -1,0 +1,13 @@
+# DPO on the tasks suite's preference pairs (tasks.py: concise and correct beats filler or wrong), from the SFT
+# model of configs/sft_tasks.py: the last step of the post-training demonstration. CPU (2 cores): ~? min; held-out
+# reward accuracy 50% at step 0 -> ?%, win rate over the SFT model ? (tasks.rule_score, 200 held-out prompts), kl ?.
+#   python train.py configs/tasks_base.py && python finetune.py configs/sft_tasks.py && python dpo.py configs/dpo_tasks.py
+# These are dpo.py's defaults, written out so the recipe reads on its own.
+out_dir = 'out-dpo-tasks'
+init_from = 'out-sft-tasks'   # sft_tasks' out_dir
+dataset = 'tasks'             # data/tasks/pref_{train,val}.jsonl (prepared if missing)
+win_rate_prompts = 200        # held-out prompts, judged by tasks.rule_score
+beta = 0.1
+learning_rate = 5e-5
+max_iters = 150
+lr_decay_iters = 150

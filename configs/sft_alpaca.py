@@ -1,0 +1,22 @@
+# SFT, all weights, on Alpaca (data.py alpaca; offline: the 999-row alpaca_en_demo.json stand-in) from the
+# TinyStories model of configs/tinystories_15m.py, whose BPE has the chat template's special tokens. A 15M model
+# learns Alpaca's format, not its knowledge: read val loss, not exact match (off here). Hardware: one GPU; the
+# 2-core CPU runs it at ~? s/iter (checked: it starts and trains; val loss ? -> ? in ? iters).
+#   python train.py configs/tinystories_15m.py && python finetune.py configs/sft_alpaca.py
+#   python sample.py --init_from=out-sft-alpaca --chat=True
+out_dir = 'out-sft-alpaca'
+init_from = 'out-tinystories-15m'  # any model source with a BPE tokenizer: --init_from=gpt2 (online) works too
+dataset = 'alpaca'            # prepared from the mirror or the network on first use
+block_size = 512              # Alpaca rows are ~150 tokens (median), up to ~800: longer ones are truncated
+batch_size = 8
+gradient_accumulation_steps = 2
+learning_rate = 3e-4
+min_lr = 3e-5
+max_iters = 300
+lr_decay_iters = 300
+warmup_iters = 20
+eval_interval = 50
+eval_iters = 10
+log_interval = 10
+em_rows = 0                   # exact match means little on open-ended answers
+em_normalize = 'strip'

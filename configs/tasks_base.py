@@ -1,0 +1,13 @@
+# The base model of the post-training demonstration (README "Post-training"): a 4-layer char-level GPT pretrained
+# on Shakespeare, over a vocabulary that also spells the tasks suite (data.py tasks_base). CPU (2 cores): ~? min,
+# val loss ~?. Then: python finetune.py configs/sft_tasks.py
+out_dir = 'out-tasks-base'
+dataset = 'tasks_base'
+block_size = 128              # the SFT conversations are up to ~75 chars
+batch_size = 12
+n_layer = 4
+n_head = 4
+n_embd = 128
+max_iters = 2000
+lr_decay_iters = 2000
+eval_interval = 250

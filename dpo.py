@@ -1,0 +1,418 @@
+"""
+Align a fine-tuned model with preference pairs: DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023), against a
+frozen reference: a copy of the starting (SFT) model, or with LoRA the same model with its adapter switched off.
+
+    python dpo.py                                      # CPU default = configs/dpo_tasks.py, after `python finetune.py configs/sft_tasks.py`
+    python dpo.py configs/dpo_demo.py                  # CPU: hh-rlhf pairs after SFT on Alpaca
+    python dpo.py --init_from=out-sft --dataset=hh_rlhf --device=cuda --batch_size=32   # one GPU (bf16 auto)
+    python dpo.py --lora_r=8 --out_dir=out-dpo-lora     # LoRA: the reference is the same model, adapter off
+    python dpo.py --init_from=resume --out_dir=out-dpo-tasks   # go on from out_dir/ckpt.pt, exactly
+    python dpo.py --help                               # every setting, with its default
+
+Data: data_dir/<dataset>/pref_{train,val}.jsonl (the tasks suite, whose {train,val}.jsonl are SFT rows) or
+{train,val}.jsonl (`python data.py hh_rlhf|dpo_pairs`), prepared when missing; or any file that
+formats.read_preferences reads: {prompt, chosen, rejected} JSONL, hh-rlhf transcripts, ShareGPT pairs.
+Writes to out_dir: ckpt.pt (the policy, LoRA merged in, so load_model reads it like any run; plus what exact resume
+needs: optimizer, LoRA weights, a checksum of the reference, which resume rebuilds from init_from); metrics.jsonl
+(log rows: loss and the statistics below; eval rows: val_loss and the same on held-out pairs, plus on the tasks
+suite win_rate: how often tasks.rule_score prefers the policy's greedy answer to the reference's, ties half);
+config.json, loss.svg and README.md (the model card).
+
+The math, per pair (x = prompt, y_w = chosen, y_l = rejected), with log-probabilities summed over the
+response tokens only (the prompt and the padding are masked out):
+    h       = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
+    sigmoid = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)    DPO; eps = label_smoothing (cDPO)
+    ipo     = (h - 1 / (2 * beta)) ** 2                                            IPO, on the same summed log-probs
+              (subtle: trl averages the log-probs over response tokens for IPO; we keep the paper's sums)
+Logged with trl's names: rewards/chosen = beta * (log pi(y_w) - log ref(y_w)) and rewards/rejected likewise,
+rewards/margins = their difference, rewards/accuracies = share of pairs with rewards/chosen > rewards/rejected,
+where a tie counts half (trl counts it 0, which reads 0% at step 0, where every reward is exactly 0), logps/*
+the policy's summed log-probs, and kl = mean(log pi(y_w) - log ref(y_w)) on the chosen responses.
+
+Sequences: prompt = render_chat(prompt messages, add_generation_prompt=True); response = the tokens that
+render_chat adds for the assistant's answer (its content and end-of-turn token), exactly as SFT saw them.
+Truncation to block_size + 1 tokens: 1) the prompt loses tokens from the left (its oldest turns) until it fits
+next to the longer response, but keeps at least half the budget; 2) each response is cut from the right to what
+is left. Pairs whose two responses become identical are skipped and counted; so are the pairs formats.py skips.
+Dropout is off throughout (trl's disable_dropout), so policy and reference agree exactly at step 0.
+"""
+import copy
+import functools
+import json
+import os
+import signal
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+from formats import read_preferences
+
+# -----------------------------------------------------------------------------
+# defaults: the CPU run of configs/dpo_tasks.py (see that file for the measured figures)
+# I/O
+out_dir = 'out-dpo-tasks'     # checkpoint, metrics, loss curve and model card go here
+init_from = 'out-sft-tasks'   # the policy's start and the reference: a model source (out_dir, .pt, HF dir, hub name) | 'resume'
+eval_interval = 50            # evaluate on held-out pairs, and write ckpt.pt, every this many iterations (and at the end)
+log_interval = 10             # print and log a metrics row every this many iterations
+eval_pairs = 200              # held-out pairs per eval; 0 = all
+eval_only = False             # evaluate once and exit
+# data
+dataset = 'tasks'             # data_dir/<dataset>/ (`python data.py tasks|hh_rlhf|dpo_pairs`; named sets are prepared when missing)
+data_dir = 'data'             # where datasets live
+train_file = ''               # training pairs; '' = pref_train.jsonl in the dataset folder if it has one (tasks), else train.jsonl; a path with a '/' = any preference file
+val_file = ''                 # held-out pairs, the same way (pref_val.jsonl, else val.jsonl)
+batch_size = 16               # pairs per micro-batch (each forward sees 2*batch_size rows: chosen, then rejected)
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
+block_size = 0                # max tokens per sequence (prompt + response); 0 = the model's context
+# DPO
+loss_type = 'sigmoid'         # 'sigmoid' (DPO) | 'ipo'
+beta = 0.1                    # strength of the pull toward the reference (the KL penalty's inverse temperature)
+label_smoothing = 0.0         # cDPO: assumed share of flipped labels, in [0, 0.5); sigmoid loss only
+# LoRA (peft), as in finetune.py; the reference is then the same model with its adapter disabled
+lora_r = 0                    # rank of the update; 0 = off (all weights train, the reference is a frozen copy)
+lora_alpha = 16.0             # the update is scaled by lora_alpha / lora_r
+lora_targets = 'c_attn,c_proj,c_fc'  # comma-separated Linear module names (or suffixes like attn.c_proj)
+# win rate (evaluate.win_rate), tasks suite only: greedy answers of policy and reference, judged by tasks.rule_score
+win_rate_prompts = 200        # held-out prompts answered by both models at each eval; 0 = off
+max_new_tokens = 16           # answer length limit for the win rate, tokens
+# AdamW optimizer
+learning_rate = 5e-5          # peak learning rate; at 1e-4 x 300 iters the win rate fell to 0.48 as reward accuracy rose (over-optimization)
+max_iters = 150               # total optimizer steps
+weight_decay = 0.0            # on >=2-D weights only
+beta1 = 0.9                   # AdamW beta1
+beta2 = 0.999                 # AdamW beta2
+grad_clip = 1.0               # clip the global gradient norm at this value; 0 = off
+# learning-rate schedule
+lr_schedule = 'cosine'        # 'cosine' | 'linear' | 'constant'
+warmup_iters = 10             # linear warmup steps
+lr_decay_iters = 150          # decay ends here (~max_iters)
+min_lr = 5e-6                 # floor after decay (~learning_rate/10)
+# system
+device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+dtype = 'auto'                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
+seed = 1337                   # data order, LoRA init
+# -----------------------------------------------------------------------------
+# the DPO pieces, as plain functions: tests/test_dpo.py imports them without running the script below
+
+def encode_pair(tok, row, max_len):
+    """(prompt ids, chosen ids, rejected ids, truncated) for one {prompt, chosen, rejected} row, cut to max_len
+    tokens by the rule in the module docstring."""
+    p = tok.render_chat(row['prompt'], add_generation_prompt=True)[0]
+    responses = []
+    for answer in (row['chosen'], row['rejected']):
+        ids = tok.render_chat(row['prompt'] + [{'role': 'assistant', 'content': answer}])[0]
+        if ids[:len(p)] != p:  # the template must render a prompt the same way with or without its answer
+            raise ValueError(f'the chat template renders the prompt {row["prompt"]!r:.80} differently before an answer')
+        responses.append(ids[len(p):])
+    longest = max(map(len, responses))
+    if len(p) + longest <= max_len:
+        return p, *responses, False
+    p = p[-max(max_len - longest, max_len // 2):]  # 1) the prompt, from the left
+    return p, *(r[:max_len - len(p)] for r in responses), True  # 2) the responses, from the right
+
+def collate(pairs, device='cpu'):
+    """[(prompt, chosen, rejected) ids] -> inputs x and targets y, both (2B, T): rows 0..B-1 are the chosen
+    sequences, rows B..2B-1 the rejected ones, right-padded. y is the next token at response positions and -1
+    (ignored) at prompt and padding positions, so only the response's log-probabilities count."""
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    T = max(len(p) + len(s) for p, s in seqs) - 1
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for i, (p, s) in enumerate(seqs):
+        ids = torch.tensor(p + s)
+        x[i, :len(ids) - 1] = ids[:-1]
+        y[i, len(p) - 1:len(ids) - 1] = ids[len(p):]  # position t predicts token t+1: the response's tokens
+    return x.to(device), y.to(device)
+
+def response_logps(model, x, y):
+    """Sum of log p(y_t | x_<=t) over the positions where y != -1: one log-probability per row, (2B,)."""
+    logits, _ = model(x)  # (2B, T, vocab)
+    logp = -F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction='none')
+    return logp.view(y.shape).sum(1)  # ignored positions contribute exactly 0
+
+def preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type='sigmoid', label_smoothing=0.0):
+    """Per-pair losses (B,) and per-pair statistics (trl's names, plus kl) from summed log-probs (B,) each."""
+    h = (pi_c - ref_c) - (pi_r - ref_r)  # how much more the policy prefers y_w over y_l than the reference does
+    if loss_type == 'sigmoid':
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == 'ipo':
+        losses = (h - 1 / (2 * beta)) ** 2  # regress h onto the margin 1/(2 beta) rather than push it to infinity
+    else:
+        raise ValueError(f"unknown loss_type '{loss_type}'; use 'sigmoid' or 'ipo'")
+    rc, rr = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()  # DPO's implicit rewards
+    stats = {'rewards/chosen': rc, 'rewards/rejected': rr, 'rewards/accuracies': (rc > rr).float() + 0.5 * (rc == rr).float(),
+             'rewards/margins': rc - rr, 'logps/chosen': pi_c.detach(), 'logps/rejected': pi_r.detach(),
+             'kl': (pi_c - ref_c).detach()}
+    return losses, stats
+
+def load_pairs(path, tok, max_len):
+    """Encoded pairs of a preference file. Skipped, counted and reported: what formats.py skips (an empty answer,
+    chosen == rejected, hh-rlhf prompts that differ), pairs that truncation makes identical, and pairs with text the
+    tokenizer cannot encode (a char-level vocabulary meeting a new character)."""
+    counts, pairs, truncated, why = Counter(), [], 0, ''
+    for row in read_preferences(path, counts):
+        try:
+            p, c, r, cut = encode_pair(tok, row, max_len)
+        except ValueError as e:
+            counts['skipped_unencodable'] += 1
+            why = why or f' (first: {e})'
+            continue
+        if c == r:
+            counts['skipped_identical_after_truncation'] += 1
+            continue
+        pairs.append((p, c, r))
+        truncated += cut
+    print(f'{path}: {len(pairs)} pairs, {truncated} truncated to {max_len} tokens' +
+          (f', skipped {dict(counts)}{why}' if counts else ''))
+    return pairs, counts
+
+# -----------------------------------------------------------------------------
+if __name__ == '__main__':  # the script: a visible loop, as in train.py
+    import data as datasets
+    from common import MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg, write_model_card
+    from configurator import configure
+    from model import autocast_ctx, load_checkpoint, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint
+    import common  # subtle: not `from common import LR_SCHEDULES`, which configure() would take for a setting
+    config = configure(globals(), choices={'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': common.LR_SCHEDULES,
+                                           'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+
+    def fail(msg):  # bad input: one line that names the problem and the fix, exit status 1, no traceback
+        raise SystemExit(f'error: {msg}')
+
+    # resume = the run's saved config, then this command line on top (so `--max_iters=...` extends a run)
+    ckpt = None
+    if init_from == 'resume':
+        try:
+            ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        except ValueError as e:
+            fail(e)
+        saved = {k: v for k, v in ckpt['config'].items() if k in config}  # init_from: the run's model source
+        config = configure({**config, **saved, '__file__': __file__}, verbose=False)
+        globals().update(config)
+        init_from = config['init_from'] = ckpt['config']['init_from']  # the flags said 'resume'
+        for k in ('lora_r', 'lora_alpha', 'lora_targets'):  # the adapter's shape is fixed once it is trained
+            if globals()[k] != ckpt['config'][k]:
+                fail(f"{k}={globals()[k]!r} differs from the checkpoint's {ckpt['config'][k]!r}; LoRA settings can't change on resume")
+    if not 0 <= label_smoothing < 0.5 or beta <= 0:
+        fail(f'label_smoothing={label_smoothing} must be in [0, 0.5) and beta={beta} positive')
+
+    # 1) device, dtype; 2) the policy and the reference, from the SFT model
+    try:
+        device = resolve_device(device)
+        device_type = device.split(':')[0]
+        ptdtype = resolve_dtype(dtype, device)
+        sft, tok, _ = load_model(init_from)  # on resume, the reference is rebuilt from the same source
+    except ValueError as e:
+        fail(e)
+    if tok is None:
+        fail(f'{init_from} has no tokenizer, so its chat template is unknown; start from a model that has one')
+    model_args = asdict(sft.config)
+    block_size = min(block_size or model_args['block_size'], model_args['block_size'])
+    ref_sum = float(sum(p.double().sum() for p in sft.state_dict().values()))  # a checksum of the reference
+    if ckpt is not None and ref_sum != ckpt['ref_sum']:
+        fail(f"the reference {init_from} has changed since this run started, so it can't resume exactly; restore it, "
+             'or start a new run')
+    n_params = sft.num_params(non_embedding=False)  # before LoRA adds its own
+    policy = sft if lora_r else copy.deepcopy(sft)
+    if ckpt is not None and not lora_r:
+        policy = model_from_checkpoint(ckpt, os.path.join(out_dir, 'ckpt.pt'))
+    if lora_r:  # a LoRA SFT run's ckpt.pt holds merged weights, so adapter off = the SFT model, not its base
+        from peft import LoraConfig, get_peft_model
+        torch.manual_seed(seed)  # LoRA's A matrices start random (B starts at 0, so the policy starts as the SFT model)
+        model = get_peft_model(policy, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                  target_modules=[t.strip() for t in lora_targets.split(',')]))
+        if ckpt is not None:
+            model.load_state_dict(ckpt['lora']['state'], strict=False)
+        ref_model, reference = model, model.disable_adapter
+    else:
+        model, ref_model, reference = policy, sft.requires_grad_(False), nullcontext
+    model.to(device).eval()  # eval(): dropout off; the reference needs no grad but policy params do
+    ref_model.to(device).eval()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'{n_params / 1e6:.2f}M parameters, {f"LoRA r={lora_r}" if lora_r else "full"} {"IPO" if loss_type == "ipo" else "DPO"} (beta={beta}), '
+          f'{n_train / 1e6:.3f}M trainable, {device}, {str(ptdtype).replace("torch.", "")}')
+
+    # 3) the pairs: a named dataset is prepared by data.py when its folder is missing
+    folder = os.path.join(data_dir, dataset)
+    pick = lambda f, split: f if '/' in f else os.path.join(folder, f or (
+        f'pref_{split}.jsonl' if os.path.exists(os.path.join(folder, f'pref_{split}.jsonl')) else f'{split}.jsonl'))
+    try:
+        if not os.path.isdir(folder) and '/' not in train_file + val_file:
+            datasets.prepare(dataset, data_dir=data_dir)
+        paths = [pick(train_file, 'train'), pick(val_file, 'val')]
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            fail(f'no preference file {missing[0]}; prepare it with `python data.py {dataset}` or set train_file/val_file')
+        (train_pairs, _), (val_pairs, _) = (load_pairs(p, tok, block_size + 1) for p in paths)
+    except ValueError as e:
+        fail(e)
+    if not train_pairs or not val_pairs:
+        fail(f'no usable pairs in {paths[0] if not train_pairs else paths[1]}; see the skip counts above')
+    val_pairs = val_pairs[:eval_pairs or len(val_pairs)]
+    win_rows, ref_answers = [], []  # held-out prompts for the win rate, and the reference's answers to them
+    if win_rate_prompts and dataset == 'tasks':  # the one dataset with a rule to judge answers by
+        import evaluate
+        import tasks
+        win_rows = read_preferences(paths[1])[:win_rate_prompts]  # rule_score reads a row's prompt and chosen answer
+
+    # 4) optimizer (on the trainable parameters only), random state, output directory
+    optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
+    iter_num, best_val_loss, elapsed0 = 0, float('inf'), 0.0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num, best_val_loss, elapsed0 = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('elapsed', 0.0)
+    ckpt = None
+    ctx = autocast_ctx(device, ptdtype)
+    os.makedirs(out_dir, exist_ok=True)
+    config.update({k: globals()[k] for k in config})
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+    pairs_per_iter = batch_size * gradient_accumulation_steps
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(epoch):
+        return torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+    def get_batch(it, micro_step):
+        """The pairs of a micro-step: the training pairs in a fresh random order each epoch (seed + epoch), read
+        in turn. A function of the iteration alone, so exact resume needs no sampler state."""
+        start = it * pairs_per_iter + micro_step * batch_size
+        idx = [epoch_order(k // len(train_pairs))[k % len(train_pairs)] for k in range(start, start + batch_size)]
+        return collate([train_pairs[i] for i in idx], device)
+
+    def forward(x, y, ref=None):
+        """Policy and reference log-probs of a collated batch -> (per-pair losses, stats).
+        subtle: the reference runs with grad mode on, like the policy (its weights need no grad, so no graph is
+        kept): model._head takes another matmul path under no_grad on CPU, and its rounding would break step 0's
+        exact loss of log 2"""
+        with ctx:
+            logps = response_logps(model, x, y)
+            if ref is None:
+                with reference():
+                    ref = response_logps(ref_model, x, y).detach()
+        B = x.size(0) // 2
+        return preference_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta, loss_type, label_smoothing) + (ref,)
+
+    val_batches = [collate(val_pairs[i:i + batch_size], device) for i in range(0, len(val_pairs), batch_size)]
+    val_refs = [None] * len(val_batches)  # the reference never changes: its val log-probs are computed once
+
+    @torch.no_grad()
+    def estimate():
+        """DPO loss and statistics on the held-out pairs; with a rule, the win rate over the reference."""
+        losses, stats = [], []
+        for k, (x, y) in enumerate(val_batches):
+            l, s, val_refs[k] = forward(x, y, val_refs[k])
+            losses.append(l), stats.append(s)
+        row = {'val_loss': torch.cat(losses).mean().item()}
+        row.update({k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]})
+        if win_rows:  # greedy answers of both models, scored by the rule the preferences encode
+            prompts = [r['prompt'] for r in win_rows]
+            if not ref_answers:  # the reference's answers never change
+                with reference():
+                    ref_answers.extend(evaluate.answer(ref_model, tok, prompts, max_new_tokens))
+            answers = evaluate.answer(model, tok, prompts, max_new_tokens)
+            row['win_rate'], details = evaluate.win_rate(win_rows, answers, ref_answers, tasks.rule_score)
+            row['win_score'] = sum(d['score'] for d in details) / len(details)  # the rule's mean score, policy
+            row['ref_win_score'] = sum(d['ref_score'] for d in details) / len(details)  # and reference
+        return row
+
+    def elapsed():
+        return elapsed0 + time.time() - start_time
+
+    def save():
+        """ckpt.pt: the merged policy (load_model reads it like any checkpoint) + what exact resume needs."""
+        merged = copy.deepcopy(model).merge_and_unload() if lora_r else model
+        extra = {'lora': {'base': init_from, 'state': {k: v for k, v in model.state_dict().items() if '.lora_' in k}}} \
+            if lora_r else {}
+        save_checkpoint(checkpoint_dict(merged, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(),
+                                        scaler=scaler, elapsed=elapsed(), origin=init_from, ref_sum=ref_sum, **extra),
+                        os.path.join(out_dir, 'ckpt.pt'))
+
+    def update_card(last=None):
+        keys = ('val_loss', 'rewards/accuracies', 'rewards/margins', 'kl', 'win_rate')
+        stats = {'iterations': iter_num, 'pairs seen': iter_num * pairs_per_iter,
+                 **{f'held-out {k}': last[k] for k in keys if last and k in last}, 'training time (s)': round(elapsed(), 1)}
+        how = (f"{'IPO' if loss_type == 'ipo' else 'DPO'} (beta={beta}{f', LoRA r={lora_r} merged' if lora_r else ''}) with nanolab's "
+               f'dpo.py, starting from and referenced to {init_from}, on preference pairs from {dataset}.')
+        info = {'dataset': f'{dataset} ({paths[0]}, {paths[1]})', 'train pairs': len(train_pairs), 'val pairs': len(val_pairs)}
+        write_model_card(out_dir, os.path.basename(os.path.abspath(out_dir)), how, model_args, n_params, info, stats,
+                         command=f'python dpo.py --init_from=resume --out_dir={out_dir}   # train on')
+
+    # Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
+    stop = []
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        print(f'\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint (again to abort)')
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    start_time = time.time()
+    metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), resume_iter=iter_num if iter_num else None)
+    update_card()
+
+    # training loop
+    last_eval, saved_at, t0, window_time, window_iters = None, None, time.time(), 0.0, 0
+    while True:
+
+        # determine and set the learning rate for this iteration
+        lr = get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule)
+        for param_group in optimizer.param_groups:
+            param_group['lr'] = lr
+
+        # evaluate on the held-out pairs and write the checkpoint
+        if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
+            row = estimate()
+            best_val_loss = min(best_val_loss, row['val_loss'])
+            print(f"step {iter_num}: val loss {row['val_loss']:.4f}, reward accuracy {row['rewards/accuracies']:.3f}, "
+                  f"margin {row['rewards/margins']:.3f}, kl {row['kl']:.3f}" +
+                  (f", win rate {row['win_rate']:.3f}" if 'win_rate' in row else ''))
+            metrics.log(iter=iter_num, **row, lr=lr, time=round(elapsed(), 2))
+            if iter_num > 0 and not eval_only:
+                save()
+                saved_at = iter_num
+            plot_loss_svg(metrics.path, os.path.join(out_dir, 'loss.svg'), title=f'{out_dir}: {loss_type} on {dataset}')
+            last_eval = row
+            update_card(last_eval)
+            t0 = time.time()
+        if iter_num >= max_iters or eval_only or stop:
+            break
+
+        # forward backward update, with gradient accumulation
+        stats = []
+        for micro_step in range(gradient_accumulation_steps):
+            x, y = get_batch(iter_num, micro_step)
+            losses, s, _ = forward(x, y)
+            scaler.scale(losses.mean() / gradient_accumulation_steps).backward()
+            stats.append({'loss': losses.detach(), **s})
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   grad_clip if grad_clip > 0 else float('inf'))  # inf: measure only
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        # timing (evals excluded) and logging
+        t1 = time.time()
+        window_time, window_iters, t0 = window_time + t1 - t0, window_iters + 1, t1
+        if iter_num % log_interval == 0:
+            row, dt = {k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]}, window_time / window_iters
+            print(f"iter {iter_num}: loss {row['loss']:.4f}, accuracy {row['rewards/accuracies']:.2f}, "
+                  f"margin {row['rewards/margins']:.3f}, kl {row['kl']:.3f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter")
+            metrics.log(iter=iter_num, **row, lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000, time=round(elapsed(), 2))
+            window_time, window_iters = 0.0, 0
+        iter_num += 1
+
+    # the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
+    if stop and saved_at != iter_num and not eval_only:
+        save()
+        print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
+    metrics.close()
+    update_card(last_eval)
+    for s, h in old_handlers.items():
+        signal.signal(s, h)

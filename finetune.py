@@ -1,0 +1,479 @@
+"""
+Supervised fine-tuning (SFT) of any model source on instruction or chat data, full or LoRA (peft). The loss counts
+the assistant's tokens only.
+
+    python finetune.py configs/sft_tasks.py          # CPU: the tasks suite on configs/tasks_base.py's model (README)
+    python finetune.py configs/sft_tasks_lora.py     # the same with LoRA
+    python finetune.py configs/sft_alpaca.py         # Alpaca, full; configs/sft_lora.py: with LoRA
+    python finetune.py --init_from=gpt2 --dataset=alpaca --device=cuda --block_size=512 --lora_r=16   # one GPU
+    python finetune.py --init_from=resume --out_dir=out-sft-tasks      # go on from out_dir/ckpt.pt, exactly
+    python finetune.py --help                        # every setting, with its default
+
+Data: `dataset` names a folder data_dir/<name>/ with train.jsonl and val.jsonl (`python data.py alpaca|chat|tasks`;
+named sets are prepared when missing), or is a JSON/JSONL file of Alpaca, OpenAI `messages` or ShareGPT
+`conversations` rows, whose val split is val_fraction of its rows, picked by a hash of each row. Rows missing
+fields, or whose last turn is not the assistant's, are errors naming the file and row; rows with an empty answer are
+skipped and counted (formats.read_sft).
+Loss: each conversation is rendered with the chat template (tokenizer.py); the target at position t is token t+1
+where the template's mask is 1 (the assistant's content and its end of turn) and -1 (ignored) elsewhere, so the
+other tokens add nothing to the loss or its gradient (tests/test_finetune.py). The loss is the mean over targets.
+Truncation: a conversation longer than block_size+1 tokens keeps its first block_size+1; one whose assistant
+tokens all fall past that is dropped. Both are counted and printed.
+Batches: batch_size random conversations, each in its own row, right-padded with target -1. Under the causal mask
+no token attends to the padding after it, so attention never crosses examples and padding changes no loss.
+
+LoRA (lora_r > 0, Hu et al. 2021): peft adds W + (lora_alpha/lora_r) B A to the Linear layers named in lora_targets
+(by name or name suffix: c_attn, c_proj, c_fc, attn.c_proj, lm_head); only A and B train.
+
+Writes to out_dir:
+  ckpt.pt       merged weights (LoRA folded in), read by load_model like any run, so sample.py, dpo.py and evaluate.py
+                take --init_from=out_dir; plus optimizer, RNG and sampler states and the LoRA weights, for resume
+  adapter/      LoRA: the adapter in Hugging Face module names, written by peft's save_pretrained: with base = its
+                adapter_config.json's base_model_name_or_path (out_dir/base_hf, the base model's save_pretrained
+                export, or init_from itself when that is a Hugging Face directory or hub name),
+                PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir/adapter) has our logits
+  config.json, metrics.jsonl (eval rows: val_loss, exact_match on held-out rows), loss.svg, README.md
+A LoRA run resumes from its init_from, which must not have changed (a checksum of its weights is compared).
+"""
+import json
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+
+import data as datasets
+from common import (LR_SCHEDULES, MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg,
+                    set_rng_states, write_model_card)
+from evaluate import exact_match
+from formats import ROLES, read_rows, read_sft
+from model import autocast_ctx, load_checkpoint, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint
+from tokenizer import from_spec
+
+# -----------------------------------------------------------------------------
+# defaults: the CPU run of configs/sft_tasks.py (see that file for the measured figures)
+# I/O
+out_dir = 'out-sft-tasks'     # checkpoint, adapter, metrics, loss curve and model card go here
+eval_interval = 100           # evaluate (val loss, exact match) and write ckpt.pt every this many iterations, and at the end
+log_interval = 10             # print and log a metrics row every this many iterations
+eval_iters = 10               # batches per split for each loss estimate
+eval_only = False             # evaluate once and exit
+init_from = 'out-tasks-base'  # 'resume' (out_dir/ckpt.pt) | a model source: out_dir, .pt, HF dir, hub name
+# data
+dataset = 'tasks'             # data_dir/<dataset>/{train,val}.jsonl (named sets are prepared), or a .json/.jsonl file
+data_dir = 'data'             # where datasets live
+val_fraction = 0.05           # a file dataset: share of its rows held out for validation
+batch_size = 32               # conversations per micro-batch
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
+block_size = 0                # max tokens per conversation (see Truncation); 0 = the model's context
+# exact match on held-out rows, at every eval (evaluate.exact_match: greedy, the chat template)
+em_rows = 200                 # val rows to score; 0 = off
+em_max_new_tokens = 16        # answer length limit, tokens
+em_normalize = 'tasks'        # answers compare after: 'strip' (whitespace) | 'tasks' (also drops the tasks suite's filler)
+# LoRA (peft); lora_r = 0 is full fine-tuning
+lora_r = 0                    # rank of the update; 0 = off (all weights train)
+lora_alpha = 16.0             # the update is scaled by lora_alpha / lora_r
+lora_dropout = 0.0            # dropout on the LoRA input
+lora_targets = 'c_attn,c_proj,c_fc'  # comma-separated Linear module names (or suffixes like attn.c_proj; lm_head)
+# AdamW optimizer and schedule
+learning_rate = 1e-3          # peak learning rate
+max_iters = 600               # total optimizer steps
+weight_decay = 0.0            # on >=2-D weights only
+beta1 = 0.9                   # AdamW beta1
+beta2 = 0.99                  # AdamW beta2
+grad_clip = 1.0               # clip the global gradient norm at this value; 0 = off
+lr_schedule = 'cosine'        # 'cosine' | 'linear' | 'constant'
+warmup_iters = 30             # linear warmup steps
+lr_decay_iters = 600          # decay ends here (~max_iters)
+min_lr = 1e-4                 # floor after decay
+# system
+device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+dtype = 'auto'                # 'auto' (bf16/fp16 on GPUs, fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
+seed = 1337                   # LoRA init, data order and dropout
+# -----------------------------------------------------------------------------
+from configurator import configure
+CHOICES = {'lr_schedule': LR_SCHEDULES, 'em_normalize': ('strip', 'tasks'),
+           'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+config = configure(globals(), choices=CHOICES)
+
+def fail(msg):
+    """Bad input: one line that names the problem and the fix, exit status 1, no traceback."""
+    raise SystemExit(f'error: {msg}')
+
+# resume = the run's saved config, then this command line on top (so `--max_iters=...` extends a run)
+ckpt = None
+if init_from == 'resume':
+    try:
+        ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    except ValueError as e:
+        fail(e)
+    saved = {k: v for k, v in ckpt['config'].items() if k in config and k != 'init_from'}
+    config = configure({**config, **saved, '__file__': __file__}, choices=CHOICES, verbose=False)
+    globals().update(config)
+    for k in ('lora_r', 'lora_alpha', 'lora_targets'):  # the adapter's shape is fixed once it is trained
+        if globals()[k] != ckpt['config'][k]:
+            fail(f"{k}={globals()[k]!r} differs from the checkpoint's {ckpt['config'][k]!r}; LoRA settings can't change on resume")
+
+# -----------------------------------------------------------------------------
+# the data: conversations -> (inputs, targets) of the chat template
+
+def read_conversations(path, counts):
+    """formats.read_sft's rows, after refusing a conversation whose last turn is not the assistant's: an unanswered
+    prompt at the end is a broken row, not something to train on."""
+    for where, row in read_rows(path):
+        turns = row.get('messages', row.get('conversations')) if isinstance(row, dict) else None
+        if isinstance(turns, list) and turns and isinstance(turns[-1], dict):
+            role = ROLES.get(turns[-1].get('role', turns[-1].get('from')))  # unknown roles: read_sft's error
+            if role not in (None, 'assistant'):
+                raise ValueError(f"{where}: the last turn is the {role}'s, not the assistant's; end the conversation "
+                                 "with the assistant's answer, or drop its unanswered last turn")
+    return read_sft(path, counts)
+
+def load_rows():
+    """(train rows, val rows, description) of `dataset`: a prepared folder, or a file split by val_fraction."""
+    counts = Counter()
+    if dataset.removesuffix('.gz').endswith(('.json', '.jsonl')) and not os.path.isfile(dataset):
+        fail(f'dataset file {dataset} does not exist; give a JSON/JSONL file, or a folder name under {data_dir}/')
+    if os.path.isfile(dataset):
+        rows = read_conversations(dataset, counts)
+        val = [datasets.in_val(json.dumps(r, sort_keys=True).encode(), val_fraction, seed) for r in rows]
+        train_rows, val_rows = [r for r, v in zip(rows, val) if not v], [r for r, v in zip(rows, val) if v]
+        where = dataset
+    else:
+        where = os.path.join(data_dir, dataset)
+        if dataset in datasets.JSONL_SETS and not os.path.exists(os.path.join(where, 'meta.json')):
+            datasets.prepare(dataset, data_dir=data_dir)
+        meta = datasets.load_meta(where)
+        if meta.get('format') != 'sft':
+            fail(f"{where} is a {'token stream (pretrain on it with train.py)' if 'train_tokens' in meta else 'preference set (use dpo.py)'}, "
+                 "not SFT data; give an SFT folder or file")
+        train_rows, val_rows = (read_conversations(os.path.join(where, f'{s}.jsonl'), counts) for s in ('train', 'val'))
+    if not train_rows or not val_rows:
+        fail(f'{where}: {len(train_rows)} train and {len(val_rows)} val conversations; both splits need some '
+             '(add rows, or raise val_fraction)')
+    return train_rows, val_rows, where
+
+def encode(rows, split, counts):
+    """[(x, y)] token lists: x = the template's tokens, y = the next token where the mask is 1, else -1. Applies the
+    truncation rule (module docstring) and counts what it cut and dropped."""
+    out = []
+    for n, r in enumerate(rows):
+        try:
+            ids, mask = tok.render_chat(r['messages'])
+        except ValueError as e:
+            fail(f'{split} conversation {n + 1}: {e}')
+        x, y = ids[:-1], [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+        if len(x) > block_size:
+            x, y = x[:block_size], y[:block_size]
+            counts[f'{split}_truncated'] += 1
+        if all(t == -1 for t in y):
+            counts[f'{split}_dropped_no_answer_in_block'] += 1
+            continue
+        out.append((x, y))
+    return out
+
+def get_batch(examples, idx):
+    """Conversations idx as right-padded (B, T) inputs and targets (pad: input 0, target -1), on the device."""
+    T = max(len(examples[i][0]) for i in idx)
+    x, y = torch.zeros(len(idx), T, dtype=torch.long), torch.full((len(idx), T), -1, dtype=torch.long)
+    for b, i in enumerate(idx):
+        xi, yi = examples[i]
+        x[b, :len(xi)], y[b, :len(yi)] = torch.tensor(xi), torch.tensor(yi)
+    return x.to(device), y.to(device)
+
+# -----------------------------------------------------------------------------
+# LoRA: injection, the merged weights, and the adapter in Hugging Face names
+
+def add_lora(model):
+    """Inject peft LoRA layers into the Linear layers named in lora_targets; everything else is frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = [t.strip() for t in lora_targets.split(',') if t.strip()]
+    missing = [t for t in targets if not any(n == t or n.endswith('.' + t) for n in linear)]
+    if missing or not targets:
+        fail(f"lora_targets {missing or lora_targets!r} name no Linear module of this model; its Linear modules are "
+             f"{sorted({n.rsplit('.', 1)[-1] for n in linear})} (full names like {linear[0]}): "
+             "e.g. --lora_targets=c_attn,c_proj,c_fc")
+    if 'lm_head' in targets and model.config.tie_embeddings:
+        fail('lm_head shares its weight with the token embedding in this model (tie_embeddings), so a LoRA on it '
+             'could not be merged; leave lm_head out of lora_targets')
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+    return inject_adapter_in_model(cfg, model)
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+def merged_state_dict(model):
+    """Our GPT's state dict with each LoRA update folded into its weight: W + (alpha/r) B A."""
+    sd = {k.replace('.base_layer.', '.'): v for k, v in model.state_dict().items() if '.lora_' not in k}
+    for name, m in lora_layers(model):
+        sd[name + '.weight'] = (m.base_layer.weight + m.get_delta_weight('default')).detach()
+    return sd
+
+def lora_to_hf(model):
+    """Our LoRA weights under Hugging Face module names -> {peft key: tensor}. gpt2: HF GPT-2 has our names. llama:
+    our fused c_attn (q|k|v) and c_fc (gate|up) are HF's separate projections, which share A and split B by rows,
+    since the rows of B A are (rows of B) A; c_proj is o_proj in attention and down_proj in the MLP."""
+    c, out = model.config, {}
+    for name, m in lora_layers(model):
+        A, B = m.lora_A['default'].weight.detach(), m.lora_B['default'].weight.detach()
+        if c.arch == 'gpt2' or name == 'lm_head':
+            parts = [(name, B)]
+        else:
+            h = f"model.layers.{name.split('.')[2]}."
+            if name.endswith('attn.c_attn'):
+                hs = c.head_size
+                parts = zip([h + 'self_attn.q_proj', h + 'self_attn.k_proj', h + 'self_attn.v_proj'],
+                            B.split([c.n_head * hs, c.n_kv_head * hs, c.n_kv_head * hs]))
+            elif name.endswith('attn.c_proj'):
+                parts = [(h + 'self_attn.o_proj', B)]
+            elif name.endswith('mlp.c_fc'):
+                parts = zip([h + 'mlp.gate_proj', h + 'mlp.up_proj'], B.split([c.ffn_hidden, c.ffn_hidden]))
+            else:
+                parts = [(h + 'mlp.down_proj', B)]
+        for hf_name, b in parts:
+            out[f'base_model.model.{hf_name}.lora_A.weight'] = A.clone()
+            out[f'base_model.model.{hf_name}.lora_B.weight'] = b.clone()
+    return out
+
+def save_adapter(model, base):
+    """out_dir/adapter, by peft's save_pretrained on the Hugging Face model `base` with our LoRA weights loaded."""
+    import warnings
+    import transformers
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings('ignore', category=FutureWarning, module='transformers')  # peft calls a deprecated API
+    sd = lora_to_hf(model)
+    modules = sorted({k.split('.lora_')[0].removeprefix('base_model.model.') for k in sd})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base)
+    leaves = sorted({n.rsplit('.', 1)[-1] for n in modules})  # short names when they pick exactly these modules
+    exact = {n for n, _ in hf.named_modules() if n.rsplit('.', 1)[-1] in leaves} == set(modules)
+    cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=leaves if exact else modules,
+                     fan_in_fan_out=model.config.arch == 'gpt2')  # HF GPT-2's Conv1D stores weights as (in, out)
+    peft_model = get_peft_model(hf, cfg)
+    result = set_peft_model_state_dict(peft_model, sd)
+    if [k for k in result.unexpected_keys if 'lora_' in k]:
+        raise RuntimeError(f'adapter keys {result.unexpected_keys[:3]} found no module in {base}')
+    # save_embedding_layers=False: lm_head's own weight is frozen (the base has it); peft would copy it by default
+    peft_model.save_pretrained(os.path.join(out_dir, 'adapter'), save_embedding_layers=False)
+
+def checksum(model):
+    return float(sum(p.double().sum() for p in model.state_dict().values()))
+
+# -----------------------------------------------------------------------------
+# set-up: device, model, data, LoRA, optimizer
+
+try:
+    device = resolve_device(device)
+    device_type = device.split(':')[0]
+    ptdtype = resolve_dtype(dtype, device)
+    # 1) the model and its tokenizer: a finished SFT run resumed, or any model source
+    iter_num, best_val_loss, origin = 0, float('inf'), init_from
+    if ckpt is not None and 'lora' not in ckpt:
+        raw_model, tok = model_from_checkpoint(ckpt, out_dir), from_spec(ckpt['tokenizer'])
+    else:
+        origin = ckpt['lora']['base'] if ckpt else init_from
+        raw_model, tok, _ = load_model(origin)
+    if ckpt is not None:
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+        origin = ckpt.get('origin', origin)
+    if tok is None:
+        fail(f"{origin} has no tokenizer, and SFT needs its chat template; give a source with one (a nanolab run, "
+             "or a Hugging Face directory with tokenizer files)")
+    # 2) the data
+    train_rows, val_rows, where = load_rows()
+except ValueError as e:
+    fail(e)
+if tok.vocab_size > raw_model.config.vocab_size:
+    fail(f'the tokenizer has {tok.vocab_size} tokens but the model only {raw_model.config.vocab_size}; they do not belong together')
+block_size = block_size or raw_model.config.block_size
+if block_size > raw_model.config.block_size:
+    fail(f"block_size={block_size} is longer than the model's context ({raw_model.config.block_size}); lower block_size")
+counts = Counter()
+train_data, val_data = encode(train_rows, 'train', counts), encode(val_rows, 'val', counts)
+if not train_data or not val_data:
+    fail(f'no conversation of {where} has an answer within block_size={block_size} tokens ({dict(counts)}); raise block_size')
+n_tokens = sum(len(x) for x, _ in train_data)
+print(f'{where}: {len(train_data):,} train conversations ({n_tokens:,} tokens, '
+      f'{sum(t != -1 for _, y in train_data for t in y):,} of them targets), {len(val_data):,} val' +
+      (f'; truncation: {dict(counts)}' if counts else ''))
+
+# 3) LoRA, or all weights; the base of a LoRA run is exported for peft users (and checked on resume)
+model_args = asdict(raw_model.config)
+base_sum = checksum(raw_model) if lora_r > 0 else None
+if ckpt is not None and lora_r > 0 and base_sum != ckpt['lora']['base_sum']:
+    fail(f"the base model {origin} has changed since this LoRA run started, so it can't resume exactly; "
+         'restore it, or start a new run')
+ours = origin.endswith('.pt') or os.path.exists(os.path.join(origin, 'ckpt.pt'))  # else a HF directory or hub name
+lora_base = os.path.join(out_dir, 'base_hf') if ours else origin  # the HF model the adapter applies to
+os.makedirs(out_dir, exist_ok=True)
+if lora_r > 0 and ckpt is None and lora_base.endswith('base_hf'):
+    raw_model.save_pretrained(lora_base, tokenizer=tok)
+if lora_r > 0:
+    torch.manual_seed(seed)  # LoRA's A is random (B starts at 0, so the model starts as the base)
+    raw_model = add_lora(raw_model)
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt['lora']['state'], strict=False)
+raw_model.to(device).train()
+n_all, n_train = sum(p.numel() for p in raw_model.parameters()), sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+print(f'trainable params: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)' +
+      (f', LoRA r={lora_r} on {lora_targets} ({len(lora_layers(raw_model))} layers)' if lora_r > 0 else ', full fine-tuning'))
+config.update({k: globals()[k] for k in config})
+with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=2)
+
+optimizer = configure_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
+sampler = torch.Generator().manual_seed(seed)  # draws the training conversations
+elapsed0 = 0.0
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if 'scaler' in ckpt:
+        scaler.load_state_dict(ckpt['scaler'])
+    set_rng_states(ckpt['rng'], sampler)  # exact resume: data order, dropout, everything
+    elapsed0 = ckpt.get('elapsed', 0.0)
+else:
+    torch.manual_seed(seed)
+ckpt = None  # free the memory
+ctx = autocast_ctx(device, ptdtype)
+normalize = str.strip
+if em_normalize == 'tasks':
+    from tasks import normalize
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches per split, from a generator re-seeded each time (the same rows every eval)."""
+    out = {}
+    raw_model.eval()
+    for split, examples in (('train', train_data), ('val', val_data)):
+        gen = torch.Generator().manual_seed(1234)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            with ctx:
+                losses[k] = raw_model(*get_batch(examples, torch.randint(len(examples), (batch_size,), generator=gen).tolist()))[1].item()
+        out[split] = losses.mean().item()
+    raw_model.train()
+    return out
+
+def elapsed():
+    return elapsed0 + time.time() - start_time
+
+def save():
+    """Atomically write out_dir/ckpt.pt: merged weights for every loader, and what resume needs."""
+    ck = checkpoint_dict(raw_model, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(), sampler=sampler,
+                         scaler=scaler, elapsed=elapsed(), origin=origin)
+    if lora_r > 0:
+        ck['model'] = merged_state_dict(raw_model)
+        ck['lora'] = {'base': origin, 'base_sum': base_sum, 'adapter_base': lora_base,
+                      'state': {k: v for k, v in raw_model.state_dict().items() if '.lora_' in k}}
+    save_checkpoint(ck, os.path.join(out_dir, 'ckpt.pt'))
+
+def update_card(last_eval=None):
+    stats = {'iterations': iter_num}
+    if last_eval:
+        stats.update({k.replace('_', ' '): last_eval[k] for k in ('train_loss', 'val_loss', 'exact_match') if k in last_eval})
+    stats['training time (s)'] = round(elapsed(), 1)
+    how = (f"A {model_args['arch']} model fine-tuned from {origin} with nanolab's finetune.py on {dataset} "
+           f"({f'LoRA r={lora_r} on {lora_targets}, merged' if lora_r > 0 else 'full fine-tuning'}), loss on the assistant's tokens only.")
+    info = {'dataset': where, 'tokenizer': tok.kind, 'train conversations': len(train_data), 'val conversations': len(val_data)}
+    evals = (f"Exact match on {min(em_rows, len(val_rows))} held-out conversations of {dataset}: "
+             f"{last_eval['exact_match']:.1%} (greedy, `evaluate.exact_match`, normalize={em_normalize})."
+             if last_eval and 'exact_match' in last_eval else None)
+    write_model_card(out_dir, os.path.basename(os.path.abspath(out_dir)), how, model_args, n_all, info, stats,
+                     command=f'python finetune.py --init_from=resume --out_dir={out_dir}   # train on', evals=evals)
+
+# Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
+stop = []
+def request_stop(signum, frame):
+    if stop:
+        raise KeyboardInterrupt
+    stop.append(signum)
+    print(f'\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint (again to abort)')
+old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+start_time = time.time()
+metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), resume_iter=iter_num if init_from == 'resume' else None)
+update_card()
+
+# -----------------------------------------------------------------------------
+# training loop
+saved_at, last_eval = None, None
+t0, window_time, window_iters, window_tokens = time.time(), 0.0, 0, 0
+while True:
+
+    # determine and set the learning rate for this iteration
+    lr = get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule)
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    # evaluate: loss on both splits, exact match on held-out rows; write the checkpoint
+    if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
+        losses = estimate_loss()
+        best_val_loss = min(best_val_loss, losses['val'])
+        row = dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr)
+        if em_rows > 0:
+            row['exact_match'], _ = exact_match(raw_model, tok, val_rows[:em_rows], em_max_new_tokens, normalize=normalize)
+        row['time'] = round(elapsed(), 2)
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
+              (f", exact match {row['exact_match']:.1%}" if em_rows > 0 else ''))
+        metrics.log(**row)
+        if iter_num > 0 and not eval_only:
+            save()
+            saved_at = iter_num
+        plot_loss_svg(metrics.path, os.path.join(out_dir, 'loss.svg'), title=f'{out_dir}: SFT on {dataset}')
+        update_card(row)
+        last_eval = row
+        t0 = time.time()  # evals don't count in ms/iter
+    if iter_num >= max_iters or eval_only or stop:
+        break
+
+    # forward backward update, with gradient accumulation
+    idx = torch.randint(len(train_data), (gradient_accumulation_steps * batch_size,), generator=sampler).tolist()
+    loss_sum = 0.0
+    for micro_step in range(gradient_accumulation_steps):
+        X, Y = get_batch(train_data, idx[micro_step * batch_size:(micro_step + 1) * batch_size])
+        with ctx:
+            _, loss = raw_model(X, Y)
+            loss = loss / gradient_accumulation_steps  # the gradients add up to those of the mean loss
+        loss_sum = loss_sum + loss.detach()
+        scaler.scale(loss).backward()
+        window_tokens += X.numel()
+    scaler.unscale_(optimizer)
+    params = [p for p in raw_model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    # timing and logging
+    t1 = time.time()
+    window_time, window_iters, t0 = window_time + t1 - t0, window_iters + 1, t1
+    if iter_num % log_interval == 0:
+        lossf, gnorm, dt = loss_sum.item(), grad_norm.item(), window_time / window_iters
+        print(f'iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {gnorm:.3f}, {dt * 1000:.2f} ms/iter, '
+              f'{window_tokens / window_time:,.0f} tok/s')
+        metrics.log(iter=iter_num, loss=lossf, lr=lr, grad_norm=gnorm, ms_per_iter=dt * 1000,
+                    tokens_per_sec=window_tokens / window_time, time=round(elapsed(), 2))
+        window_time, window_iters, window_tokens = 0.0, 0, 0
+    iter_num += 1
+
+# the end: ckpt.pt holds the last state whatever stopped the run; a LoRA run also writes its adapter
+if stop and saved_at != iter_num:
+    save()
+    print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
+if lora_r > 0 and not eval_only:
+    save_adapter(raw_model, lora_base)
+    print(f'wrote {out_dir}/adapter (peft, Hugging Face names) for the base model {lora_base}')
+metrics.close()
+update_card(last_eval)
+for s, h in old_handlers.items():  # leave the caller's Ctrl-C handling as it was
+    signal.signal(s, h)
