@@ -101,6 +101,10 @@ SOURCES = {
     # harmless-base/test: the one hh-rlhf split stored upstream as a plain blob (the others are Git LFS)
     'hh_rlhf': [('hh-rlhf/harmless-base/test.jsonl.gz', GH + 'anthropics/hh-rlhf/354e5c3cb8960630860dd5774a6ac2a58313bf4d/'
                  'harmless-base/test.jsonl.gz', 'ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03')],
+    # WikiText-2's validation split (Merity et al. 2016): Wikipedia prose with numbers, for tasks_base (tasks.py)
+    'wikitext2_valid': [('wikitext-2/valid.txt', GH + 'pytorch/examples/77f55b912142e11fcfdf5b530231fb9c52f181e8/'
+                         'word_language_model/data/wikitext-2/valid.txt',
+                         'f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8')],
     'dpo_pairs': [('preference/dpo_en_demo.json', GH + LF + 'dpo_en_demo.json',
                    'b949be2421cfa62744afcf1b479f95b299d643d1a4c1c97d1341b314a1aa5cb3')],
 }

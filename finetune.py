@@ -57,7 +57,7 @@ from tokenizer import from_spec
 # defaults: the CPU run of configs/sft_tasks.py (see that file for the measured figures)
 # I/O
 out_dir = 'out-sft-tasks'     # checkpoint, adapter, metrics, loss curve and model card go here
-eval_interval = 100           # evaluate (val loss, exact match) and write ckpt.pt every this many iterations, and at the end
+eval_interval = 200           # evaluate (val loss, exact match) and write ckpt.pt every this many iterations, and at the end
 log_interval = 10             # print and log a metrics row every this many iterations
 eval_iters = 10               # batches per split for each loss estimate
 eval_only = False             # evaluate once and exit
@@ -70,7 +70,7 @@ batch_size = 32               # conversations per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
 block_size = 0                # max tokens per conversation (see Truncation); 0 = the model's context
 # exact match on held-out rows, at every eval (evaluate.exact_match: greedy, the chat template)
-em_rows = 200                 # val rows to score; 0 = off
+em_rows = 500                 # val rows to score; 0 = off
 em_max_new_tokens = 16        # answer length limit, tokens
 em_normalize = 'tasks'        # answers compare after: 'strip' (whitespace) | 'tasks' (also drops the tasks suite's filler)
 # LoRA (peft); lora_r = 0 is full fine-tuning
@@ -79,15 +79,15 @@ lora_alpha = 16.0             # the update is scaled by lora_alpha / lora_r
 lora_dropout = 0.0            # dropout on the LoRA input
 lora_targets = 'c_attn,c_proj,c_fc'  # comma-separated Linear module names (or suffixes like attn.c_proj; lm_head)
 # AdamW optimizer and schedule
-learning_rate = 1e-3          # peak learning rate
-max_iters = 600               # total optimizer steps
+learning_rate = 2e-3          # peak learning rate
+max_iters = 1000              # total optimizer steps
 weight_decay = 0.0            # on >=2-D weights only
 beta1 = 0.9                   # AdamW beta1
 beta2 = 0.99                  # AdamW beta2
 grad_clip = 1.0               # clip the global gradient norm at this value; 0 = off
 lr_schedule = 'cosine'        # 'cosine' | 'linear' | 'constant'
 warmup_iters = 30             # linear warmup steps
-lr_decay_iters = 600          # decay ends here (~max_iters)
+lr_decay_iters = 1000         # decay ends here (~max_iters)
 min_lr = 1e-4                 # floor after decay
 # system
 device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
