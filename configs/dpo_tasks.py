@@ -1,6 +1,7 @@
 # DPO on the tasks suite's preference pairs (tasks.py: concise and correct beats filler or wrong), from the SFT
-# model of configs/sft_tasks.py: the last step of the post-training demonstration. CPU (2 cores): ~? min; held-out
-# reward accuracy 50% at step 0 -> ?%, win rate over the SFT model ? (tasks.rule_score, 200 held-out prompts), kl ?.
+# model of configs/sft_tasks.py: the last step of the post-training demonstration. Hardware: 2-core CPU (fp32).
+# Time: ~1 min (measured 49 s). Expected (measured): held-out reward accuracy 0.500 at step 0 -> 0.915, win rate
+# over the SFT model 0.838 (tasks.rule_score, 200 held-out prompts), kl 1.17 nats.
 #   python train.py configs/tasks_base.py && python finetune.py configs/sft_tasks.py && python dpo.py configs/dpo_tasks.py
 # These are dpo.py's defaults, written out so the recipe reads on its own.
 out_dir = 'out-dpo-tasks'
