@@ -1,15 +1,76 @@
 """
-Evaluation. For now: a model's answers to chat prompts, and exact match on held-out instructions, which
-finetune.py logs at every eval and dpo.py uses. Perplexity, lm-eval, BLEU/ROUGE and the leaderboard come next.
+Evaluate any model source: perplexity and bits per byte, lm-evaluation-harness tasks (our model as an lm-eval LM),
+custom benchmarks (exact match, contains, BLEU, ROUGE-L), and a results store with a leaderboard.
 
-    from evaluate import answer, exact_match
-    texts = answer(model, tok, [[{'role': 'user', 'content': 'Reverse abc'}]])      # greedy replies
-    score, details = exact_match(model, tok, rows)     # rows: SFT rows {"messages": [..., assistant reference]}
+    python evaluate.py --init_from=out-shakespeare-char                   # perplexity on the run's own val.bin
+    python evaluate.py --init_from=out-x --perplexity=notes.txt --stride=256   # any text file; smaller stride = tighter
+    python evaluate.py --init_from=out-sft-tasks --benchmark=tasks         # the synthetic instruction suite (tasks.py)
+    python evaluate.py --init_from=out-x --benchmark=qa.jsonl --max_new_tokens=64   # {prompt, reference} rows
+    python evaluate.py --init_from=out-x --tasks=hellaswag --num_fewshot=0 --limit=200   # lm-eval, by its own flag names
+    python evaluate.py --init_from=out-x --tasks=mytask --include_path=my_yamls/           # local YAML tasks, offline
+    python evaluate.py --init_from=out-x --benchmark=tasks --checkpoints=True  # every saved checkpoint of the run
+    python evaluate.py --leaderboard=out-tasks-base,out-sft-tasks,out-dpo-tasks --sort_by=exact_match
+    python evaluate.py --help                                              # every setting, with its default
 
-Both decode with sample.generate, the one decoding loop, at temperature 0: greedy answers are deterministic,
-so a score changes only when the model does.
+Every run writes one JSON result per task under the model's out_dir/eval/ (model source, checkpoint, config,
+task, metrics, standard errors, per-item scores, time) and refreshes the model card's evaluations table.
+The leaderboard reads those files back: accuracy-like metrics get 95% bootstrap intervals, and two models scored
+on the same items get a paired test.
+
+Also a library: finetune.py logs exact_match and dpo.py win_rate through answer(), exact_match() and win_rate();
+every answer is decoded by sample.generate, the one decoding loop, at temperature 0 unless told otherwise.
 """
+import glob
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
 from sample import generate
+
+# -----------------------------------------------------------------------------
+# defaults: perplexity of the CPU default model on its own validation split
+init_from = 'out-shakespeare-char'  # a model source: out_dir, .pt, Hugging Face directory, hub name
+out_dir = ''                  # where eval/ results go; '' = init_from when it is a directory, else eval-<name>
+# perplexity and bits per byte (the default when nothing else is asked)
+perplexity = ''               # a dataset name (data_dir/<name>/val.bin) or a text file; '' = the run's own dataset
+stride = 0                    # sliding-window step in tokens; 0 = block_size (fast); smaller scores each token with more context
+max_tokens = 0                # score at most this many tokens; 0 = all
+data_dir = 'data'             # where datasets live
+# custom benchmarks: a JSONL of {prompt, reference} or {prompt, choices, answer} rows, or 'tasks'
+benchmark = ''                # path, or 'tasks' (the post-training suite's held-out split, data_dir/tasks/val.jsonl)
+bench_metrics = 'exact_match,contains,bleu,rouge_l'  # generation metrics (choice rows: acc, acc_norm); tasks: exact_match,contains (one-word answers have no BLEU)
+normalize = 'strip'           # answers compare after: 'strip' | 'lower' (strip + lowercase) | 'tasks' (also drops the suite's filler)
+chat = True                   # wrap prompts in the chat template (a model without one gets them raw)
+max_new_tokens = 32           # answer length limit, tokens
+temperature = 0.0             # 0 = greedy
+top_k = 0                     # sampling filters, as sample.py (only when temperature > 0)
+top_p = 1.0
+# lm-evaluation-harness, by its own flag names
+tasks = ''                    # comma-separated lm-eval task names
+include_path = ''             # a directory of task YAMLs (local tasks work offline)
+num_fewshot = -1              # few-shot examples; -1 = the task's default
+limit = 0                     # examples per task; 0 = all (also caps benchmark rows)
+batch_size = 16               # requests per forward
+output_path = ''              # also write lm-eval's own results JSON here
+# results and comparison
+leaderboard = ''              # comma-separated run directories (or eval/ folders): print and write the leaderboard, then exit
+sort_by = ''                  # leaderboard metric to sort by; '' = the first one found
+leaderboard_out = 'leaderboard'  # file stem of the Markdown, CSV and JSON it writes
+checkpoints = False           # evaluate every saved checkpoint of init_from's run (ckpt.pt, best.pt, checkpoints/*.pt)
+bootstrap = 1000              # bootstrap resamples for the 95% intervals
+# system
+device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+dtype = 'auto'                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
+seed = 1337                   # sampling (temperature > 0) and bootstrap
+# -----------------------------------------------------------------------------
+# 1) answers, exact match and win rate: the helpers finetune.py and dpo.py call
+
 
 
 def answer(model, tok, conversations, max_new_tokens=32, batch_size=64, **sampling):
@@ -60,3 +121,716 @@ def win_rate(rows, answers, ref_answers, score):
                for r, a, b in zip(rows, answers, ref_answers)]
     wins = sum(1.0 if d['score'] > d['ref_score'] else 0.5 if d['score'] == d['ref_score'] else 0.0 for d in details)
     return wins / len(details), details
+
+# -----------------------------------------------------------------------------
+# 2) log-likelihoods: perplexity, bits per byte, and scoring continuations (multiple choice, lm-eval)
+
+def _rows_per_forward(model, T, batch_size):
+    """Rows per forward pass, capped so the fp32 logits (rows x T x vocab) stay under ~512 MB."""
+    return max(1, min(batch_size, (1 << 27) // max(1, T * model.config.vocab_size)))
+
+def perplexity_of(model, ids, stride=0, batch_size=16, ctx=None):
+    """Sliding-window negative log-likelihood of a token stream `ids` (1-D), every token but the first scored once.
+    Windows hold block_size + 1 tokens and start every `stride` tokens (the last one is moved back to end at the
+    stream's end, so every window is full); a window scores only the tokens no earlier window scored, so with
+    stride = block_size each token sees the context since its window began (fast), and with a smaller stride
+    each token sees at least block_size - stride tokens of context (tighter, block_size / stride times slower).
+    Returns {'nll': summed nats, 'tokens': scored tokens, 'windows': windows}."""
+    T = model.config.block_size
+    stride = stride or T
+    if not 0 < stride <= T:
+        raise ValueError(f'stride={stride} must be between 1 and the block size {T}')
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    N = len(ids)
+    if N < 2:
+        raise ValueError(f'perplexity needs at least 2 tokens, got {N}')
+    wins, done, begin = [], 1, 0  # done: the first position not yet scored
+    while done < N:
+        begin = min(begin, max(0, N - T - 1))
+        end = min(begin + T + 1, N)
+        wins.append((begin, end, done))
+        done, begin = end, begin + stride
+    device = next(model.parameters()).device
+    nll, rows = 0.0, _rows_per_forward(model, T, batch_size)
+    with torch.no_grad(), (ctx or torch.autocast('cpu', enabled=False)):
+        for i in range(0, len(wins), rows):
+            chunk = wins[i:i + rows]
+            x = torch.stack([ids[b:e - 1] for b, e, _ in chunk]).to(device)  # same length: every window is full
+            y = torch.stack([ids[b + 1:e] for b, e, _ in chunk]).to(device)
+            for r, (b, _, first) in enumerate(chunk):
+                y[r, :first - b - 1] = -1  # already scored by an earlier window
+            logits, _ = model(x)
+            nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction='sum').item()
+    return {'nll': nll, 'tokens': N - 1, 'windows': len(wins)}
+
+def score_continuations(model, requests, batch_size=16, ctx=None):
+    """log p(continuation | context) for (context_ids, continuation_ids) pairs: [(summed logprob, is_greedy)],
+    is_greedy = every continuation token is the argmax. A pair longer than block_size + 1 tokens loses context from
+    the left (its continuation must fit in block_size); the number so truncated is score_continuations.truncated.
+    Pairs run longest first, so each batch pads little (lm-eval's HF backend orders its requests the same way)."""
+    T = model.config.block_size
+    device = next(model.parameters()).device
+    out, truncated = [None] * len(requests), 0
+    seqs = []
+    for i, (c, k) in enumerate(requests):
+        if not k:
+            raise ValueError(f'request {i}: the continuation is empty')
+        if len(k) > T:
+            raise ValueError(f'request {i}: the continuation is {len(k)} tokens, more than the block size {T}')
+        s = (list(c) + list(k))[-(T + 1):]
+        truncated += len(c) + len(k) > T + 1
+        seqs.append((i, s, len(k)))
+    seqs.sort(key=lambda t: -len(t[1]))
+    rows = _rows_per_forward(model, T, batch_size)
+    with torch.no_grad(), (ctx or torch.autocast('cpu', enabled=False)):
+        for j in range(0, len(seqs), rows):
+            chunk = seqs[j:j + rows]
+            L = max(len(s) for _, s, _ in chunk) - 1
+            x = torch.zeros(len(chunk), L, dtype=torch.long)
+            for r, (_, s, _) in enumerate(chunk):
+                x[r, :len(s) - 1] = torch.tensor(s[:-1])
+            logp = F.log_softmax(model(x.to(device))[0].float(), dim=-1)
+            for r, (i, s, n) in enumerate(chunk):
+                lp = logp[r, len(s) - 1 - n:len(s) - 1]  # the positions that predict the continuation
+                k = torch.tensor(s[-n:], device=lp.device)
+                out[i] = (lp.gather(1, k[:, None]).sum().item(), bool((lp.argmax(-1) == k).all()))
+    score_continuations.truncated = truncated
+    return out
+score_continuations.truncated = 0
+
+def stream_tokens(source, tok, data_dir='data'):
+    """(token ids, UTF-8 bytes they decode to, description) of a perplexity source: a dataset name (its val.bin,
+    which must be in the model's tokenizer) or a text file (encoded with the model's tokenizer)."""
+    import numpy as np
+    if os.path.isfile(source):
+        with open(source, encoding='utf-8', errors='strict') as f:
+            text = f.read()
+        try:
+            ids = tok.encode(text)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{source}: the model's tokenizer cannot encode this text ({e}); a char-level model "
+                             'only knows the characters of its training text') from None
+        return np.asarray(ids, dtype=np.int64), len(text.encode('utf-8')), source
+    import data
+    folder = os.path.join(data_dir, source)
+    meta = data.load_meta(folder)  # a clear error naming `python data.py NAME` when missing
+    if meta['tokenizer'] != tok.spec():
+        raise ValueError(f"{folder} was tokenized with {meta['tokenizer'].get('kind')} (vocab {meta['vocab_size']}), "
+                         f"not the model's tokenizer ({tok.spec().get('kind')}, vocab {tok.vocab_size}); pass "
+                         '--perplexity=FILE.txt to score raw text with the model\'s own tokenizer')
+    path = os.path.join(folder, 'val.bin')
+    if not os.path.exists(path):
+        raise ValueError(f'{folder} has no val.bin (an SFT or preference set?); pass --perplexity=DATASET or a text file')
+    ids = np.fromfile(path, dtype=np.dtype(meta['dtype'])).astype(np.int64)
+    return ids, None, f'{source}/val.bin'
+
+def run_perplexity(model, tok, source, stride=0, max_tokens=0, batch_size=16, data_dir='data', ctx=None):
+    """Perplexity and bits per byte of a model on a perplexity source (see stream_tokens), as a result dict's
+    metrics. Bits per byte = summed nats / ln 2 / the UTF-8 bytes of the scored tokens, so it compares across
+    tokenizers, where perplexity does not."""
+    ids, n_bytes, what = stream_tokens(source, tok, data_dir)
+    if max_tokens and len(ids) > max_tokens + 1:
+        ids, n_bytes = ids[:max_tokens + 1], None
+    r = perplexity_of(model, ids, stride, batch_size, ctx)
+    first = len(tok.decode_bytes([int(ids[0])]))
+    scored_bytes = (n_bytes if n_bytes is not None else len(tok.decode_bytes(ids.tolist()))) - first
+    loss = r['nll'] / r['tokens']
+    return {'task': f'perplexity:{what}', 'metrics': {'loss': loss, 'perplexity': math.exp(loss),
+            'bits_per_byte': r['nll'] / math.log(2) / max(1, scored_bytes)},
+            'n': r['tokens'], 'settings': {'stride': stride or model.config.block_size, 'windows': r['windows'],
+                                            'bytes': scored_bytes, 'max_tokens': max_tokens}}
+
+# -----------------------------------------------------------------------------
+# 3) custom benchmarks: JSONL rows scored by exact match, contains, BLEU and ROUGE-L, or by choice log-likelihood
+
+NORMALIZERS = {'strip': str.strip, 'lower': lambda s: s.strip().lower()}
+
+def read_benchmark(path):
+    """Rows of a benchmark JSONL, one schema: {'id', 'prompt': text or messages, 'references': [text, ...]} for
+    generation, or {'id', 'prompt', 'choices': [text, ...], 'answer': index} for multiple choice. Accepted rows:
+    {prompt, reference (text or list)}, {prompt, choices, answer (index or the choice's text)}, SFT rows
+    ({messages} ending in the assistant's reference) and Alpaca rows ({instruction, input, output}).
+    A malformed row is an error naming the file and the 1-based line."""
+    rows = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f'{path}, line {n}'
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{where}: not valid JSON ({e.msg}); a benchmark file holds one JSON object per line') from None
+            if not isinstance(r, dict):
+                raise ValueError(f'{where}: expected a JSON object, got {type(r).__name__}')
+            rid = str(r.get('id', n))
+            if 'messages' in r:
+                m = r['messages']
+                if not (isinstance(m, list) and len(m) >= 2 and m[-1].get('role') == 'assistant'):
+                    raise ValueError(f"{where}: 'messages' must end with the assistant's reference answer")
+                rows.append({'id': rid, 'prompt': m[:-1], 'references': [m[-1]['content']]})
+            elif 'instruction' in r and 'output' in r:
+                prompt = r['instruction'] + (f"\n\n{r['input']}" if r.get('input') else '')
+                rows.append({'id': rid, 'prompt': [{'role': 'user', 'content': prompt}], 'references': [r['output']]})
+            elif 'prompt' in r and 'choices' in r:
+                ch, a = r['choices'], r.get('answer')
+                if not (isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c for c in ch)):
+                    raise ValueError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
+                if isinstance(a, str) and a in ch:
+                    a = ch.index(a)
+                if not (isinstance(a, int) and not isinstance(a, bool) and 0 <= a < len(ch)):
+                    raise ValueError(f"{where}: 'answer' must be the index of the right choice (0-{len(ch) - 1}) or its text, got {a!r}")
+                rows.append({'id': rid, 'prompt': r['prompt'], 'choices': ch, 'answer': a})
+            elif 'prompt' in r and 'reference' in r:
+                ref = r['reference'] if isinstance(r['reference'], list) else [r['reference']]
+                if not ref or not all(isinstance(x, str) for x in ref) or not isinstance(r['prompt'], (str, list)):
+                    raise ValueError(f"{where}: 'prompt' must be text (or messages) and 'reference' text or a list of texts")
+                rows.append({'id': rid, 'prompt': r['prompt'], 'references': ref})
+            else:
+                raise ValueError(f'{where}: has keys {sorted(r)}; a benchmark row needs prompt + reference, prompt + '
+                                 'choices + answer, messages, or instruction + output')
+    if not rows:
+        raise ValueError(f'{path} holds no rows')
+    if len({'choices' in r for r in rows}) > 1:
+        raise ValueError(f'{path} mixes multiple-choice rows with generation rows; put them in two files')
+    return rows
+
+def _as_chat(prompt):
+    return prompt if isinstance(prompt, list) else [{'role': 'user', 'content': prompt}]
+
+def score_generation(answers, rows, metrics, normalize=str.strip):
+    """Per-item scores of answers against each row's references (the best reference counts) and headline
+    metrics: exact_match and contains (0/1, after normalize), rouge_l (ROUGE-L F1, rouge-score, stemmed), all
+    averaged over items; bleu is sacrebleu's corpus BLEU (0-100), with sentence BLEU per item."""
+    items = {}
+    refs = [[normalize(x) for x in r['references']] for r in rows]
+    outs = [normalize(a) for a in answers]
+    if 'exact_match' in metrics:
+        items['exact_match'] = [float(any(o == x for x in rs)) for o, rs in zip(outs, refs)]
+    if 'contains' in metrics:
+        items['contains'] = [float(any(x in o for x in rs)) for o, rs in zip(outs, refs)]
+    if 'rouge_l' in metrics:
+        from rouge_score import rouge_scorer
+        scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
+        items['rouge_l'] = [max(scorer.score(x, o)['rougeL'].fmeasure for x in rs) for o, rs in zip(outs, refs)]
+    headline = {k: sum(v) / len(v) for k, v in items.items()}
+    if 'bleu' in metrics:
+        import sacrebleu
+        k = max(map(len, refs))  # sacrebleu wants k reference streams of equal length; pad with the first reference
+        streams = [[rs[i] if i < len(rs) else rs[0] for rs in refs] for i in range(k)]
+        headline['bleu'] = sacrebleu.corpus_bleu(outs, streams).score
+        items['bleu_sentence'] = [sacrebleu.sentence_bleu(o, rs).score for o, rs in zip(outs, refs)]
+    return headline, items
+
+def run_benchmark(model, tok, path, metrics=('exact_match',), normalize=str.strip, chat=True, max_new_tokens=32,
+                  batch_size=16, limit=0, ctx=None, name='', **sampling):
+    """Score a model on a benchmark file (read_benchmark) -> a result dict (metrics, stderr, per-item scores).
+    Generation rows: the model's answers (answer(), through sample.generate) scored by score_generation.
+    Multiple-choice rows: accuracy (the likeliest choice is the answer) and acc_norm (likelihood per byte)."""
+    rows = read_benchmark(path)[:limit or None]
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    out = {'task': f'benchmark:{name}', 'n': len(rows), 'item_ids': [r['id'] for r in rows],
+           'settings': {'chat': chat, 'max_new_tokens': max_new_tokens, **sampling}}
+    if 'choices' in rows[0]:
+        def context(r):
+            return tok.render_chat(_as_chat(r['prompt']), add_generation_prompt=True)[0] if chat else tok.encode(r['prompt'])
+        reqs = [(context(r), tok.encode(c)) for r in rows for c in r['choices']]
+        scores, k = score_continuations(model, reqs, batch_size, ctx), 0
+        acc, acc_norm = [], []
+        for r in rows:
+            lp = [s for s, _ in scores[k:k + len(r['choices'])]]
+            k += len(r['choices'])
+            per_byte = [x / max(1, len(c.encode('utf-8'))) for x, c in zip(lp, r['choices'])]
+            acc.append(float(max(range(len(lp)), key=lp.__getitem__) == r['answer']))
+            acc_norm.append(float(max(range(len(lp)), key=per_byte.__getitem__) == r['answer']))
+        items = {'acc': acc, 'acc_norm': acc_norm}
+        headline = {k: sum(v) / len(v) for k, v in items.items()}
+    else:
+        if chat:
+            answers = answer(model, tok, [_as_chat(r['prompt']) for r in rows], max_new_tokens, batch_size, **sampling)
+        else:
+            if any(isinstance(r['prompt'], list) for r in rows):
+                raise ValueError(f'{path} has chat rows (messages), but chat=False asks for raw prompts')
+            done = generate(model, [tok.encode(r['prompt']) for r in rows], max_new_tokens, tokenizer=tok,
+                            **{'temperature': 0.0, **sampling})
+            answers = [c.text.strip() for c in done]
+        headline, items = score_generation(answers, rows, metrics, normalize)
+        out['answers'] = answers
+    n = len(rows)
+    out['metrics'] = headline
+    out['stderr'] = {k: (sum((x - headline[k]) ** 2 for x in v) / max(1, n - 1) / n) ** 0.5
+                     for k, v in items.items() if k in headline}
+    out['items'] = items
+    return out
+
+# -----------------------------------------------------------------------------
+# 4) lm-evaluation-harness: our model as an lm-eval LM
+
+HARNESS_DATA_HELP = ("give a local YAML task with --include_path=DIR (dataset_path: json, dataset_kwargs: {data_files: "
+                     "...}), or make its Hugging Face dataset reachable: run once online so it is cached, then "
+                     "HF_DATASETS_OFFLINE=1 reads it from the cache")
+GEN_KWARGS = ('temperature', 'top_k', 'top_p', 'min_p', 'repetition_penalty', 'num_beams', 'length_penalty')
+
+def harness_lm_class():
+    """Our model as an lm-eval LM. The class is built on first use, so importing evaluate.py does not import lm-eval,
+    and registered as 'nanolab': after this has run, lm_eval.simple_evaluate(model='nanolab', model_args=
+    'init_from=out-x') works too. Requests are tokenized as lm-eval's `hf` backend does them, so both give identical
+    weights the same scores (tests/test_harness.py); scoring is score_continuations, decoding sample.generate."""
+    if getattr(harness_lm_class, 'cls', None):
+        return harness_lm_class.cls
+    import importlib
+    importlib.import_module('lm_eval.models')  # subtle: lm-eval fills its registry only while it is empty: before ours
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from tqdm import tqdm
+
+    @register_model('nanolab')
+    class NanoLM(LM):
+        def __init__(self, model=None, tok=None, init_from='', batch_size=16, device=None, dtype='auto', ctx=None,
+                     max_batch_size=None):
+            super().__init__()
+            if model is None:  # lm-eval's own entry points: model='nanolab', model_args='init_from=...'
+                from model import autocast_ctx, load_model, resolve_device, resolve_dtype
+                device = resolve_device(device or 'auto')
+                model, tok, _ = load_model(init_from, device)
+                ctx = autocast_ctx(device, resolve_dtype(dtype, device))
+            if tok is None:
+                raise ValueError(f"{init_from or 'the model'} has no tokenizer; lm-eval needs one to read its text")
+            if not str(batch_size).isdigit():
+                raise ValueError(f"batch_size={batch_size!r}: nanolab takes requests per forward, not 'auto'")
+            self.model, self.tok, self.batch_size, self.ctx = model, tok, int(batch_size), ctx
+            self.T = model.config.block_size
+            # what an empty context (and each document's first rolling window) is conditioned on: end-of-text, as
+            # HF's backend does; a char-level vocabulary has none, so a newline, where nanoGPT starts its samples
+            self.prefix = tok.eot if tok.eot is not None else tok.encode('\n')[0]
+            self.truncated = 0  # requests that lost context from the left
+
+        def _pair(self, context, continuation):
+            """(context ids, continuation ids) split as HF's backend splits them: the context's trailing whitespace
+            moves to the continuation, which is the tail of encode(context + continuation), so the tokens at the
+            seam are those of the whole text (encoding the parts apart would split words differently)."""
+            n = len(context) - len(context.rstrip())
+            context, continuation = context[:len(context) - n], context[len(context) - n:] + continuation
+            if not context:  # condition on the prefix token, unless the text starts with it anyway
+                k = self.tok.encode(continuation)
+                return (k[:1], k[1:]) if k[:1] == [self.prefix] else ([self.prefix], k)
+            c = self.tok.encode(context)
+            return c, self.tok.encode(context + continuation)[len(c):]
+
+        def _score(self, pairs, disable_tqdm):
+            """score_continuations on slices of 1024 pairs, longest first (batches still pad little), with progress."""
+            order, out = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i]))), {}
+            with tqdm(total=len(order), disable=disable_tqdm or len(order) <= 1024, unit='request') as bar:
+                for s in range(0, len(order), 1024):
+                    part = order[s:s + 1024]
+                    out.update(zip(part, score_continuations(self.model, [pairs[i] for i in part], self.batch_size,
+                                                             self.ctx)))
+                    self.truncated += score_continuations.truncated
+                    bar.update(len(part))
+            return [out[i] for i in range(len(pairs))]
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return self._score([self._pair(*r.args) for r in requests], disable_tqdm)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            """log p(text) over windows of block_size tokens: lm-eval's rolling windows (each token scored once, the
+            last window backed up to a full context), every document's windows scored together."""
+            owner, pairs = [], []
+            for i, r in enumerate(requests):
+                for w in get_rolling_token_windows(self.tok.encode(r.args[0]), self.prefix, self.T, context_len=1):
+                    owner.append(i)
+                    pairs.append(make_disjoint_window(w))
+            total = [0.0] * len(requests)
+            for i, (lp, _) in zip(owner, self._score(pairs, disable_tqdm)):
+                total[i] += lp
+            return total
+
+        def generate_until(self, requests, disable_tqdm=False):
+            """sample.generate in batches, one group per distinct generation settings (greedy unless do_sample),
+            stopping at the task's `until` strings or the eot token, or after max_gen_toks tokens."""
+            groups, out = {}, [None] * len(requests)
+            for i, r in enumerate(requests):
+                groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+            eos = self.tok.decode([self.tok.eot]) if self.tok.eot is not None else None
+            for idx in groups.values():
+                kw = dict(normalize_gen_kwargs(requests[idx[0]].args[1], 256))  # 256: HF's default max_gen_toks
+                until = [s for s in handle_stop_sequences(kw.pop('until'), eos) if s]
+                n, do_sample = kw.pop('max_gen_toks'), kw.pop('do_sample')
+                kw['temperature'] = float(kw.get('temperature', 1.0)) if do_sample else 0.0
+                if set(kw) - set(GEN_KWARGS):
+                    raise ValueError(f'generation settings {sorted(set(kw) - set(GEN_KWARGS))} are not supported; '
+                                     f'sample.generate takes {", ".join(GEN_KWARGS)}')
+                # contexts keep their last tokens, leaving room for the answer (at most half the window: a longer one
+                # goes on in sample.generate's sliding window, where HF's backend refuses)
+                room = self.T - max(1, min(n, self.T // 2))
+                prompts = [self.tok.encode(requests[i].args[0]) or [self.prefix] for i in idx]
+                self.truncated += sum(len(p) > room for p in prompts)
+                order = sorted(range(len(idx)), key=lambda j: -len(prompts[j]))  # longest first: batches pad little
+                for s in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm or len(order) < 256,
+                              desc='nanolab generating'):
+                    chunk = order[s:s + self.batch_size]
+                    done = generate(self.model, [prompts[j][-room:] for j in chunk], n, stop_strings=until,
+                                    tokenizer=self.tok, **kw)
+                    for j, c in zip(chunk, done):
+                        out[idx[j]] = c.text
+            return out
+
+    harness_lm_class.cls = NanoLM
+    return NanoLM
+
+def _task_manager(include_path, names):
+    """lm-eval's TaskManager that knows `names`: include_path's tasks alone when they are all there, else with
+    lm-eval's own. Cached, as indexing lm-eval's ~15k task YAMLs takes ~10 s on 2 cores."""
+    import difflib
+    import yaml
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+    if include_path and not os.path.isdir(include_path):
+        raise ValueError(f'include_path {include_path} is not a directory; give a directory of lm-eval task YAMLs')
+    for path in sorted(glob.glob(os.path.join(include_path, '**', '*.yaml'), recursive=True)) if include_path else []:
+        try:  # lm-eval skips a file it cannot parse without a word; say which one
+            load_yaml(path, resolve_func=False)
+        except (yaml.YAMLError, ValueError, OSError) as e:
+            raise ValueError(f'{path}: not a valid lm-eval task YAML ({str(e).strip()})') from None
+    cache = _task_manager.__dict__.setdefault('cache', {})
+    for defaults in ([False] if include_path else []) + [True]:
+        key = (os.path.abspath(include_path) if include_path else '', defaults)
+        if key not in cache:
+            cache[key] = TaskManager(include_path=include_path or None, include_defaults=defaults)
+        known = set(cache[key].all_tasks)
+        if all(n in known or n.endswith('.yaml') and os.path.isfile(n) for n in names):
+            return cache[key]
+    unknown = [n for n in names if n not in known][0]
+    close = difflib.get_close_matches(unknown, known, n=3)
+    raise ValueError(f"unknown lm-eval task '{unknown}'" + (f' (did you mean {", ".join(close)}?)' if close else '') +
+                     f'; {HARNESS_DATA_HELP}')
+
+def run_harness(model, tok, tasks, include_path='', num_fewshot=-1, limit=0, batch_size=16, output_path='', ctx=None,
+                model_name='nanolab'):
+    """lm-eval's simple_evaluate on our model -> one result dict per task (and group): metrics and stderr under
+    lm-eval's names (the default filter's ',none' dropped, another filter's name appended: 'exact_match_strict-match'),
+    per-item scores from its logged samples, and settings. tasks: comma-separated names (or a list);
+    num_fewshot -1 = each task's default; limit 0 = every document. output_path: also write lm-eval's own results
+    JSON, as its CLI's --output_path does: a directory gets DIR/<model_name>/results_<time>.json, a path ending in
+    .json gets <stem>_<time>.json beside it."""
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+    names = [t.strip() for t in tasks.split(',') if t.strip()] if isinstance(tasks, str) else list(tasks)
+    if not names:
+        raise ValueError('no lm-eval tasks given; pass --tasks=NAME[,NAME...]')
+    manager = _task_manager(include_path, names)
+    lm = harness_lm_class()(model, tok, batch_size=batch_size, ctx=ctx)
+    tracker = EvaluationTracker(output_path=output_path) if output_path else None
+    was_training = model.training
+    model.eval()  # no dropout while scoring (a training loop may call this); restored below
+    try:
+        res = lm_eval.simple_evaluate(lm, {'model': model_name}, names, num_fewshot=None if num_fewshot < 0 else
+                                      num_fewshot, limit=limit or None, task_manager=manager, log_samples=True,
+                                      evaluation_tracker=tracker)
+    except Exception as e:
+        # a dataset that cannot be read (offline and not cached) fails in there: find the task by loading each one
+        # alone; an error that is not about loading a task is not ours to rename
+        for n in names:
+            try:
+                manager.load([n])
+            except Exception as e2:
+                raise ValueError(f"lm-eval task '{n}' could not load its data ({type(e2).__name__}: "
+                                 f'{str(e2).strip()[:300]}); {HARNESS_DATA_HELP}') from e
+        raise
+    finally:
+        model.train(was_training)
+    if lm.truncated:
+        print(f'warning: {lm.truncated} lm-eval requests were longer than the block size ({lm.T} tokens) and lost '
+              'context from the left', file=sys.stderr)
+    if tracker:  # the aggregated results file only, as lm-eval's CLI without --log_samples
+        tracker.save_results_aggregated({k: v for k, v in res.items() if k != 'samples'}, res['samples'])
+    def metric(name, filt):
+        return name if filt == 'none' else f'{name}_{filt}'
+    out = []
+    for name, r in res['results'].items():  # tasks, and groups with their aggregated metrics
+        metrics, stderr, items = {}, {}, {}
+        for key, v in r.items():  # 'acc,none', 'acc_stderr,none' ('N/A' where there is none)
+            if ',' in key and isinstance(v, (int, float)):
+                m, filt = key.split(',', 1)
+                (stderr if m.endswith('_stderr') else metrics)[metric(m.removesuffix('_stderr'), filt)] = v
+        samples = res['samples'].get(name, [])  # one per document and filter
+        for s in samples:
+            for m in ('acc', 'acc_norm', 'exact_match'):
+                if isinstance(s.get(m), (int, float)):
+                    items.setdefault(metric(m, s['filter']), []).append(float(s[m]))
+        n = sum(res['n-samples'].get(t, {}).get('effective', 0) for t in res['group_subtasks'].get(name) or [name])
+        out.append({'task': f'lm_eval:{name}', 'metrics': metrics, 'stderr': stderr, 'n': n,
+                    'settings': {'num_fewshot': res['n-shot'].get(name, num_fewshot), 'limit': limit,
+                                 'include_path': include_path, 'batch_size': batch_size},
+                    'items': items, 'item_ids': [s['doc_id'] for s in samples if s['filter'] == samples[0]['filter']]})
+    return out
+
+# -----------------------------------------------------------------------------
+# 5) results store and leaderboard
+
+LOWER_IS_BETTER = ('loss', 'perplexity', 'bits_per_byte', 'word_perplexity', 'byte_perplexity')
+
+def _write_atomic(path, text):
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+def save_result(results_dir, result):
+    """Write one result dict as results_dir/eval/<task>-<iter or 'final'>-<UTC time>.json, atomically, adding the
+    'schema' marker and 'created' time that the model card and the leaderboard read (common.read_results).
+    A name already taken gets a -2, -3, ... suffix, so no result is ever overwritten. Returns the path."""
+    from datetime import datetime, timezone
+    from common import RESULT_SCHEMA
+    now = datetime.now(timezone.utc)
+    folder = os.path.join(results_dir, 'eval')
+    os.makedirs(folder, exist_ok=True)
+    it = 'final' if result.get('iter') is None else result['iter']
+    stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', result['task']).strip('_')}-{it}-{now:%Y%m%dT%H%M%SZ}"
+    path, k = os.path.join(folder, f'{stem}.json'), 1
+    while os.path.exists(path):
+        k += 1
+        path = os.path.join(folder, f'{stem}-{k}.json')
+    result = {'schema': RESULT_SCHEMA, 'created': now.isoformat(timespec='microseconds'), **result}
+    # one key a line, each value on its line: readable, without a line for each of thousands of per-item scores
+    lines = [f' {json.dumps(k)}: {json.dumps(v, default=str)}' for k, v in result.items()]
+    _write_atomic(path, '{\n' + ',\n'.join(lines) + '\n}\n')
+    return path
+
+def update_model_card(results_dir):
+    """Rewrite the Evaluations section of results_dir/README.md (the card that train.py, finetune.py and dpo.py
+    write, which builds the same table) from eval/*.json; a folder without a card gets a minimal one."""
+    from common import evals_markdown
+    path = os.path.join(results_dir, 'README.md')
+    section = f"## Evaluations\n\n{evals_markdown(results_dir) or 'None yet.'}\n\n"
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        # the section runs to the next '## ' heading, or to the end
+        text, found = re.subn(r'^## Evaluations\n.*?(?=^## |\Z)', lambda m: section, text, count=1, flags=re.S | re.M)
+        text = text if found else text.rstrip('\n') + '\n\n' + section
+    else:
+        text = f"# {os.path.basename(os.path.abspath(results_dir))}\n\nEvaluated with nanolab's evaluate.py.\n\n{section}"
+    os.makedirs(results_dir, exist_ok=True)
+    _write_atomic(path, text.rstrip('\n') + '\n')
+
+def checkpoint_sources(run_dir):
+    """Every saved checkpoint of a run, oldest first, one per iteration: checkpoints/*.pt (train.py's
+    keep_checkpoints), best.pt and ckpt.pt; of two files that hold the same iteration, ckpt.pt (then best.pt) is kept."""
+    if not os.path.isfile(os.path.join(run_dir, 'ckpt.pt')):
+        raise ValueError(f'--checkpoints needs a run directory (an out_dir holding ckpt.pt) and {run_dir} is not one; '
+                         'train with --keep_checkpoints=True to also keep a checkpoint from every eval')
+    by_iter = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt'))) + \
+            [os.path.join(run_dir, name) for name in ('best.pt', 'ckpt.pt')]:
+        if os.path.isfile(path):
+            try:  # mmap: read the iteration number without reading the weights
+                by_iter[int(torch.load(path, map_location='cpu', weights_only=True, mmap=True)['iter_num'])] = path
+            except Exception as e:
+                raise ValueError(f'checkpoint {path} is unreadable or holds no iter_num ({type(e).__name__}); '
+                                 'delete it, or restore it from a backup') from None
+    return [by_iter[k] for k in sorted(by_iter)]
+
+def _bootstrap_means(x, n_boot, seed):
+    """Means of n_boot resamples of x (with replacement), drawn 256 at a time to bound memory."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return np.concatenate([x[rng.integers(0, len(x), (min(256, n_boot - i), len(x)))].mean(1)
+                           for i in range(0, n_boot, 256)])
+
+def mcnemar_p(b, c):
+    """Exact two-sided McNemar test. Of the b + c items two models disagree on, the first got b right and the
+    second c; if they are equally good, each such item is a fair coin flip, so p is the chance that a
+    Binomial(b + c, 1/2) lands min(b, c) or further from the middle, on either side."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
+
+def paired_test(x, y, n_boot=1000, seed=1337):
+    """p-value for 'per-item scores x and y (the same items, in order) have the same mean' -> (p, test name):
+    exact McNemar for 0/1 scores, else a paired bootstrap of the mean difference, shifted to the null (the share
+    of resampled differences at least as far from the observed one as it is from zero)."""
+    import numpy as np
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if np.isin(x, (0, 1)).all() and np.isin(y, (0, 1)).all():
+        return mcnemar_p(int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())), 'McNemar'
+    d = x - y
+    means = _bootstrap_means(d, n_boot, seed)
+    return float((1 + (abs(means - d.mean()) >= abs(d.mean())).sum()) / (n_boot + 1)), 'paired bootstrap'
+
+def _paired_items(r, best, metric):
+    """r's and best's per-item scores of metric on the same items (in r's order), or None if they lack them."""
+    a, b = (r.get('items') or {}).get(metric), (best.get('items') or {}).get(metric)
+    ids_a, ids_b = r.get('item_ids'), best.get('item_ids')
+    if not (a and b and ids_a and ids_b and len(set(ids_a)) == len(ids_a) == len(ids_b) and set(ids_a) == set(ids_b)):
+        return None
+    where = {i: k for k, i in enumerate(ids_b)}
+    return a, [b[where[i]] for i in ids_a]
+
+def show_leaderboard(dirs, sort_by='', out_stem='leaderboard', n_boot=1000, seed=1337):
+    """Compare the results under dirs (run directories, whose eval/ is read, or folders of result files, read
+    recursively): one row per (checkpoint, task), its latest result. Each task's rows are sorted by sort_by (or,
+    when '' or the task lacks it, its first metric), best first: descending, or ascending for LOWER_IS_BETTER.
+    Metrics with per-item scores get a 95% percentile-bootstrap interval (n_boot resamples), others ± standard
+    error; a row scored on the same items as its task's best gets a paired test of that metric against it.
+    Prints the table and writes <out_stem>.md, .csv and .json. Returns the rows."""
+    import csv
+    import io
+    import numpy as np
+    from common import read_results
+    if n_boot < 1:
+        raise ValueError(f'bootstrap={n_boot}: the leaderboard needs at least 1 bootstrap resample (1000 is usual)')
+    paths = []
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise ValueError(f'{d} is not a directory; give run directories (out_dir) or folders of evaluate.py results')
+        folder = os.path.join(d, 'eval') if os.path.isdir(os.path.join(d, 'eval')) else d
+        paths += glob.glob(os.path.join(folder, '**', '*.json'), recursive=True)
+    results, skipped = read_results(paths)
+    if skipped:
+        print(f'skipped {len(skipped)} file(s) that are not evaluate.py results (first: {skipped[0][0]}: {skipped[0][1]})')
+    if not results:
+        raise ValueError(f"no evaluation results in {', '.join(dirs)}; run `python evaluate.py --init_from=DIR ...` first")
+    names = list(dict.fromkeys(m for r in results for m in r['metrics']))  # every metric, first seen first
+    if sort_by and sort_by not in names:
+        raise ValueError(f"unknown sort_by '{sort_by}'; the results have: {', '.join(names)}")
+    # 1) rows, task by task, best first, each with its intervals and its test against the task's best
+    rows = []
+    for task in sorted({r['task'] for r in results}):
+        group = [r for r in results if r['task'] == task]
+        key = sort_by if any(sort_by in r['metrics'] for r in group) else next(iter(group[0]['metrics']), '')
+        sign = 1 if key in LOWER_IS_BETTER else -1
+        group.sort(key=lambda r: (key not in r['metrics'], sign * r['metrics'].get(key, 0), r['checkpoint']))
+        for r in group:
+            row = {k: r.get(k) for k in ('model', 'checkpoint', 'iter', 'task', 'n', 'created', 'file')}
+            row.update(sorted_by=key, metrics={}, p_vs_best=None, test='best' if r is group[0] else None)
+            for m, v in r['metrics'].items():
+                items = (r.get('items') or {}).get(m)
+                ci = np.percentile(_bootstrap_means(np.asarray(items, dtype=float), n_boot, seed), [2.5, 97.5]).tolist() \
+                    if items else None
+                row['metrics'][m] = {'value': v, 'ci95': ci, 'stderr': (r.get('stderr') or {}).get(m)}
+            pair = _paired_items(r, group[0], key) if r is not group[0] else None
+            if pair:
+                row['p_vs_best'], row['test'] = paired_test(*pair, n_boot, seed)
+            rows.append(row)
+    # 2) the table, as Markdown (printed and written), CSV and JSON
+    def cell(s):
+        if s is None:
+            return ''
+        if s['ci95']:
+            return f"{s['value']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
+        return f"{s['value']:.4f}" + (f" ± {s['stderr']:.4f}" if s['stderr'] is not None else '')
+    def versus(row):
+        return f"best ({row['sorted_by']})" if row['test'] == 'best' else \
+            f"p={row['p_vs_best']:.3g} ({row['test']}, {row['sorted_by']})" if row['test'] else ''
+    head = ['model', 'checkpoint', 'iter', 'task', 'n', *names, 'vs best']
+    md = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for row in rows:
+        ck = os.path.basename(row['checkpoint']) if row['checkpoint'].endswith('.pt') else ''
+        md.append('| ' + ' | '.join([row['model'], ck, '-' if row['iter'] is None else str(row['iter']), row['task'],
+                                     f"{row['n']:,}", *(cell(row['metrics'].get(m)) for m in names), versus(row)]) + ' |')
+    md += ['', f'[lo, hi]: 95% percentile-bootstrap interval over the items ({n_boot} resamples); ± standard error '
+               'where there are no per-item scores. vs best: a paired test against the task\'s top row on the same items '
+               '(exact McNemar for 0/1 scores, else a paired bootstrap).']
+    print('\n'.join(md))
+    numbers = lambda s: (s['value'], *(s['ci95'] or ('', '')), s['stderr']) if s else ('',) * 4  # CSV: 4 columns a metric
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator='\n')
+    w.writerow(head[:5] + [f'{m}{s}' for m in names for s in ('', '_ci_low', '_ci_high', '_stderr')] +
+               ['sorted_by', 'p_vs_best', 'test'])
+    for row in rows:
+        w.writerow([row[k] for k in head[:5]] + [x for m in names for x in numbers(row['metrics'].get(m))] +
+                   [row['sorted_by'], row['p_vs_best'], row['test']])
+    os.makedirs(os.path.dirname(out_stem) or '.', exist_ok=True)
+    _write_atomic(f'{out_stem}.md', '# Leaderboard\n\n' + '\n'.join(md) + '\n')
+    _write_atomic(f'{out_stem}.csv', buf.getvalue())
+    _write_atomic(f'{out_stem}.json', json.dumps({'sort_by': sort_by, 'n_boot': n_boot, 'seed': seed,
+                                                  'skipped': len(skipped), 'rows': rows}, indent=1) + '\n')
+    print(f'wrote {out_stem}.md, {out_stem}.csv and {out_stem}.json')
+    return rows
+
+# -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    from configurator import configure
+    from model import autocast_ctx, load_model, resolve_device, resolve_dtype
+    config = configure(globals(), choices={'normalize': ('strip', 'lower', 'tasks'),
+                                           'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+
+    def fail(msg):  # bad input: one line that names the problem and the fix, exit status 1, no traceback
+        raise SystemExit(f'error: {msg}')
+
+    if leaderboard:
+        try:
+            show_leaderboard([d for d in leaderboard.split(',') if d], sort_by, leaderboard_out, bootstrap, seed)
+        except ValueError as e:
+            fail(e)
+        sys.exit(0)
+    unknown = set(bench_metrics.split(',')) - {'exact_match', 'contains', 'bleu', 'rouge_l'}
+    if unknown:
+        fail(f'unknown bench_metrics {sorted(unknown)}; choose from exact_match, contains, bleu, rouge_l')
+    try:
+        device = resolve_device(device)
+        ptdtype = resolve_dtype(dtype, device)
+        sources = checkpoint_sources(init_from) if checkpoints else [init_from]
+    except ValueError as e:
+        fail(e)
+    ctx = autocast_ctx(device, ptdtype)
+    # results go with the run: its out_dir, or the folder of a .pt file; a Hugging Face model gets eval-<name>/
+    is_run = os.path.exists(os.path.join(init_from, 'ckpt.pt'))
+    results_dir = out_dir or (init_from if is_run else os.path.dirname(init_from) or '.' if init_from.endswith('.pt')
+                              else 'eval-' + os.path.basename(os.path.normpath(init_from)))
+    if normalize == 'tasks':
+        import tasks as tasks_suite
+        norm = tasks_suite.normalize
+    else:
+        norm = NORMALIZERS[normalize]
+    bench_path = benchmark
+    if benchmark == 'tasks':  # the post-training suite's held-out instructions, prepared when missing
+        import data
+        bench_path = os.path.join(data.prepare('tasks', data_dir=data_dir), 'val.jsonl')
+        if normalize == 'strip':
+            import tasks as tasks_suite
+            norm = tasks_suite.normalize
+        if bench_metrics == 'exact_match,contains,bleu,rouge_l':  # the default: BLEU needs 4-grams, ROUGE-L = EM here
+            bench_metrics = 'exact_match,contains'
+    if bench_path and not os.path.isfile(bench_path):
+        fail(f"no benchmark file {bench_path}; give a JSONL path or 'tasks'")
+    torch.manual_seed(seed)
+    sampling = {'temperature': temperature, 'top_k': top_k, 'top_p': top_p} if temperature > 0 else {}
+    for source in sources:
+        try:
+            model, tok, ckpt = load_model(source, device)
+        except ValueError as e:
+            fail(e)
+        if tok is None:
+            fail(f'{source} has no tokenizer; evaluate needs one to read text')
+        print(f"{source}: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {device}, "
+              f"{str(ptdtype).replace('torch.', '')}")
+        where = os.path.join(source, 'ckpt.pt') if os.path.isdir(source) and ckpt else source
+        base = {'model': init_from, 'checkpoint': where, 'iter': ckpt.get('iter_num')}
+        jobs = []
+        if tasks:
+            jobs.append(lambda: run_harness(model, tok, tasks, include_path, num_fewshot, limit, batch_size, output_path, ctx))
+        if bench_path:
+            jobs.append(lambda: [run_benchmark(model, tok, bench_path, bench_metrics.split(','), norm, chat, max_new_tokens,
+                                               batch_size, limit, ctx, benchmark if benchmark == 'tasks' else '',
+                                               **sampling)])
+        if perplexity or not jobs:
+            ppl_source = perplexity or ckpt.get('config', {}).get('dataset', '')
+            if not ppl_source:
+                fail(f"{source} does not say which dataset it was trained on; pass --perplexity=DATASET or a text file")
+            jobs.append(lambda: [run_perplexity(model, tok, ppl_source, stride, max_tokens, batch_size, data_dir, ctx)])
+        for job in jobs:
+            t0 = time.time()
+            try:
+                results = job()
+            except (ValueError, FileNotFoundError) as e:
+                fail(e)
+            for r in results:
+                r = {**base, **r, 'time': round(time.time() - t0, 2), 'config': config}
+                path = save_result(results_dir, r)
+                shown = ', '.join(f'{k} {v:.4f}' + (f" ± {r['stderr'][k]:.4f}" if k in r.get('stderr', {}) else '')
+                                  for k, v in r['metrics'].items())
+                print(f"{r['task']}: {shown} (n={r['n']}, {r['time']:.1f} s) -> {path}")
+    update_model_card(results_dir)

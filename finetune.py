@@ -61,6 +61,7 @@ eval_interval = 200           # evaluate (val loss, exact match) and write ckpt.
 log_interval = 10             # print and log a metrics row every this many iterations
 eval_iters = 10               # batches per split for each loss estimate
 eval_only = False             # evaluate once and exit
+keep_checkpoints = False      # also keep a copy of each eval's checkpoint as out_dir/checkpoints/ckpt_<iter>.pt (for evaluate.py --checkpoints)
 init_from = 'out-tasks-base'  # 'resume' (out_dir/ckpt.pt) | a model source: out_dir, .pt, HF dir, hub name
 # data
 dataset = 'tasks'             # data_dir/<dataset>/{train,val}.jsonl (named sets are prepared), or a .json/.jsonl file
@@ -374,6 +375,8 @@ def save():
         ck['lora'] = {'base': origin, 'base_sum': base_sum, 'adapter_base': lora_base,
                       'state': {k: v for k, v in raw_model.state_dict().items() if '.lora_' in k}}
     save_checkpoint(ck, os.path.join(out_dir, 'ckpt.pt'))
+    if keep_checkpoints:
+        save_checkpoint(ck, os.path.join(out_dir, 'checkpoints', f'ckpt_{iter_num}.pt'))
 
 def update_card(last_eval=None):
     stats = {'iterations': iter_num}

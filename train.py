@@ -13,6 +13,8 @@ Writes to out_dir:
   ckpt.pt        the last state (weights, optimizer, iteration, RNG and sampler states): written at each eval,
                  on Ctrl-C and at the end; `--init_from=resume` continues from it
   best.pt        the same, from the eval with the lowest val loss so far (sample or fine-tune from it)
+  checkpoints/   with --keep_checkpoints=True, a copy of every checkpoint written, ckpt_<iter>.pt
+                 (`python evaluate.py --init_from=OUT_DIR --checkpoints=True` scores them all)
   config.json    the resolved config; metrics.jsonl (one row per log step and per eval); loss.svg; README.md
 
 Exact resume: the data sampler draws batch offsets from its own torch.Generator, whose state goes into the
@@ -48,6 +50,7 @@ log_interval = 10             # print and log a metrics row every this many iter
 eval_iters = 20               # batches per split for each loss estimate
 eval_only = False             # evaluate once and exit
 always_save_checkpoint = True # write ckpt.pt at every eval; False: only at the end and on Ctrl-C (best.pt either way)
+keep_checkpoints = False      # also keep a copy of each eval's checkpoint as out_dir/checkpoints/ckpt_<iter>.pt (for evaluate.py --checkpoints)
 init_from = 'scratch'         # 'scratch' | 'resume' (out_dir/ckpt.pt) | a model source: out_dir, .pt, HF dir, hub name
 # wandb logging (imported only when on)
 wandb_log = False             # log to Weights & Biases
@@ -244,10 +247,14 @@ def elapsed():
     return elapsed0 + time.time() - start_time
 
 def save(name, also_best=False):
-    """Atomically write the state at the top of iteration iter_num to out_dir/name; copy it to best.pt too."""
+    """Atomically write the state at the top of iteration iter_num to out_dir/name; copy it to best.pt too,
+    and with keep_checkpoints to checkpoints/ckpt_<iter>.pt, which no later save replaces."""
     path = os.path.join(out_dir, name)
-    save_checkpoint(checkpoint_dict(raw_model, optimizer, model_args, iter_num, best_val_loss, config, tok_spec,
-                                    sampler=sampler, scaler=scaler, elapsed=elapsed(), origin=origin), path)
+    state = checkpoint_dict(raw_model, optimizer, model_args, iter_num, best_val_loss, config, tok_spec,
+                            sampler=sampler, scaler=scaler, elapsed=elapsed(), origin=origin)
+    save_checkpoint(state, path)
+    if keep_checkpoints:
+        save_checkpoint(state, os.path.join(out_dir, 'checkpoints', f'ckpt_{iter_num}.pt'))
     if also_best:
         shutil.copyfile(path, os.path.join(out_dir, 'best.pt.tmp'))
         os.replace(os.path.join(out_dir, 'best.pt.tmp'), os.path.join(out_dir, 'best.pt'))
