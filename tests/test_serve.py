@@ -1,0 +1,400 @@
+"""serve.py over real HTTP on 127.0.0.1 (port 0, server in a thread of this process), against references:
+sample.generate on the same checkpoint alone (greedy, seeded sampling, beam search, chat), a direct forward for
+echo + logprobs scoring, the tokenizer itself; OpenAI's response, chunk and error shapes; a client that goes away.
+Two tiny random models saved as runs: a char-level GPT-2 and a tiktoken Llama. CPU, about 20 seconds."""
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import serve
+from model import GPT, GPTConfig, load_model, save_checkpoint  # tests/conftest.py puts the repo root on sys.path
+from sample import generate
+from tokenizer import CharTokenizer, TiktokenTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHARS = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :.,!?\n'  # holds the chat markers' characters
+
+
+def save_run(path, config, tok):
+    """A random model with sharp weights ~N(0, 0.3), so greedy paths vary and top-token margins dwarf float noise
+    (as tests/test_sample.py), saved as a run directory the way train.py leaves one."""
+    torch.manual_seed(0)
+    m = GPT(config)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    save_checkpoint({'model_args': asdict(config), 'model': m.state_dict(), 'tokenizer': tok.spec()},
+                    os.path.join(path, 'ckpt.pt'))
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp('runs')
+    save_run(d / 'char', GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=256, vocab_size=len(CHARS)),
+             CharTokenizer(chars=''.join(sorted(CHARS))))
+    save_run(d / 'bpe', GPTConfig(arch='llama', n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64),
+             TiktokenTokenizer('gpt2'))
+    (d / 'char' / 'metrics.jsonl').write_text('{"iter": 0, "loss": 4.1}\n{"iter": 10, "loss": 3.2}\n{"iter": 2')
+    (d / 'char' / 'config.json').write_text('{"n_layer": 2}')
+    return d
+
+
+@pytest.fixture(scope='module')
+def server(runs):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and the machine is shared
+    workers = serve.load_workers(str(runs), 'cpu', torch.float32, max_batch=4)  # a directory of runs
+    srv = serve.make_server(workers, port=0, runs_dir=str(runs))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    for w in workers.values():
+        w.stop()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def ref(runs):
+    """The same checkpoints loaded separately: the reference side of every comparison."""
+    return {name: load_model(str(runs / name))[:2] for name in ('char', 'bpe')}
+
+
+def call(srv, method, path, body=None, raw=None, headers=None):
+    """One HTTP request -> (status, parsed JSON or raw bytes)."""
+    conn = http.client.HTTPConnection('127.0.0.1', srv.server_address[1], timeout=60)
+    data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
+    conn.request(method, path, body=data, headers={'Content-Type': 'application/json', **(headers or {})})
+    r = conn.getresponse()
+    payload = r.read()
+    conn.close()
+    return r.status, json.loads(payload) if r.getheader('Content-Type') == 'application/json' else payload
+
+
+def events(payload):
+    """SSE body -> the data of each event (parsed JSON, or the string '[DONE]')."""
+    out = []
+    for block in payload.decode().split('\n\n'):
+        if block.strip():
+            assert block.startswith('data: '), block
+            data = block[len('data: '):]
+            out.append(data if data == '[DONE]' else json.loads(data))
+    return out
+
+
+def greedy(ref, name, prompt, n, **kw):
+    model, tok = ref[name]
+    ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
+    return generate(model, ids, n, temperature=0.0, tokenizer=tok, **kw)[0]
+
+
+def test_models_static_and_help(server):
+    status, body = call(server, 'GET', '/v1/models')
+    assert status == 200 and body['object'] == 'list'
+    assert {m['id']: m['max_model_len'] for m in body['data']} == {'bpe': 64, 'char': 256}
+    assert all(m['object'] == 'model' and m['owned_by'] == 'nanolab' for m in body['data'])
+    status, page = call(server, 'GET', '/')
+    assert status == 200 and b'<html' in page
+    status, body = call(server, 'GET', '/runs')  # the half-written last row of a running training is skipped
+    assert body['data'] == [{'name': 'char', 'served': True, 'config': {'n_layer': 2},
+                             'metrics': [{'iter': 0, 'loss': 4.1}, {'iter': 10, 'loss': 3.2}]}]
+    out = subprocess.run([sys.executable, 'serve.py', '--help'], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and 'max_batch' in out.stdout and 'api_key' in out.stdout
+
+
+def test_completion_equals_generate_and_stream_equals_reply(server, ref):
+    want = greedy(ref, 'char', 'To be', 40)
+    status, body = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'To be', 'max_tokens': 40,
+                                                            'temperature': 0})
+    assert status == 200 and body['object'] == 'text_completion' and body['id'].startswith('cmpl-')
+    (choice,) = body['choices']
+    assert choice['text'] == want.text and choice['finish_reason'] == want.finish_reason == 'length'
+    assert body['usage'] == {'prompt_tokens': 5, 'completion_tokens': 40, 'total_tokens': 45}
+    # the same request streamed: OpenAI's chunks, [DONE] last, a usage chunk when asked for
+    status, payload = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'To be', 'max_tokens': 40,
+                           'temperature': 0, 'stream': True, 'stream_options': {'include_usage': True}})
+    evs = events(payload)
+    assert status == 200 and evs[-1] == '[DONE]' and len(evs) > 3
+    chunks, usage = evs[:-2], evs[-2]
+    assert all(c['object'] == 'text_completion' and c['id'] == chunks[0]['id'] for c in chunks)
+    assert ''.join(c['choices'][0]['text'] for c in chunks) == want.text
+    assert chunks[-1]['choices'][0]['finish_reason'] == 'length'
+    assert usage['choices'] == [] and usage['usage']['completion_tokens'] == 40
+
+
+def test_chat_stream_and_logprobs(server, ref):
+    model, tok = ref['char']
+    messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hello there'}]
+    ids, _ = tok.render_chat(messages, add_generation_prompt=True)
+    want = generate(model, ids, 30, temperature=0.0, tokenizer=tok, stop_tokens=tok.chat_stop_tokens,
+                    stop_strings=tok.stop_strings)[0]
+    body = {'model': 'char', 'messages': messages, 'max_tokens': 30, 'temperature': 0}
+    status, reply = call(server, 'POST', '/v1/chat/completions', body)
+    assert status == 200 and reply['object'] == 'chat.completion'
+    assert reply['choices'][0]['message'] == {'role': 'assistant', 'content': want.text}
+    assert reply['usage']['prompt_tokens'] == len(ids)
+    status, payload = call(server, 'POST', '/v1/chat/completions', {**body, 'stream': True})
+    evs = events(payload)
+    assert evs[-1] == '[DONE]' and all(c['object'] == 'chat.completion.chunk' for c in evs[:-1])
+    assert evs[0]['choices'][0]['delta'] == {'role': 'assistant', 'content': ''}
+    assert ''.join(c['choices'][0]['delta'].get('content', '') for c in evs[:-1]) == want.text
+    assert evs[-2]['choices'][0]['finish_reason'] == want.finish_reason
+    # chat logprobs in OpenAI's chat format, equal to sample.generate's
+    want = generate(model, ids, 5, temperature=0.0, tokenizer=tok, stop_tokens=tok.chat_stop_tokens,
+                    stop_strings=tok.stop_strings, logprobs=3)[0]
+    status, reply = call(server, 'POST', '/v1/chat/completions',
+                         {**body, 'max_tokens': 5, 'logprobs': True, 'top_logprobs': 3})
+    content = reply['choices'][0]['logprobs']['content']
+    assert [c['token'] for c in content] == [tok.decode([t]) for t in want.tokens]
+    assert [c['logprob'] for c in content] == pytest.approx(want.token_logprobs, abs=1e-4)
+    assert all(len(c['top_logprobs']) == 3 and c['bytes'] == list(c['token'].encode()) for c in content)
+
+
+def test_concurrent_requests_are_batched_and_each_equals_generate_alone(server, ref):
+    prompts = ['Hello', 'A', 'The quick brown fox', 'ab ab ab', 'Zz', 'What is this?']
+    lengths = [60, 45, 50, 70, 40, 55]
+    results, barrier = {}, threading.Barrier(len(prompts))
+
+    def client(i):
+        barrier.wait()
+        results[i] = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': prompts[i],
+                                                             'max_tokens': lengths[i], 'temperature': 0})
+
+    peak = server.workers['char'].stats['peak_batch']
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, p in enumerate(prompts):
+        status, body = results[i]
+        assert status == 200 and body['choices'][0]['text'] == greedy(ref, 'char', p, lengths[i]).text, p
+    stats = server.workers['char'].stats
+    assert stats['peak_batch'] >= 2 and stats['peak_batch'] <= 4 and max(peak, 2) <= stats['peak_batch']
+
+
+def test_a_full_cache_is_compacted_and_rows_still_equal_generate(server, ref):
+    """A 2-token prompt that will run 60 tokens, joined by a 50-token prompt: the merged cache (length 50) fills
+    the 64-token window long before the short row is done, so it must be compacted on the way."""
+    w, tok = server.workers['bpe'], ref['bpe'][1]
+    short, long = [tok.encode('Hi')[0], 5], list(range(1000, 1050))
+    compactions = w.stats['compactions']
+    conn = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=60)
+    conn.request('POST', '/v1/completions', json.dumps({'model': 'bpe', 'prompt': short, 'max_tokens': 60,
+                 'temperature': 0, 'stream': True}), {'Content-Type': 'application/json'})
+    r = conn.getresponse()
+    first = r.readline()  # the stream has started: the short row is running
+    status, body = call(server, 'POST', '/v1/completions', {'model': 'bpe', 'prompt': long, 'max_tokens': 10,
+                                                            'temperature': 0})
+    streamed = first + r.read()
+    conn.close()
+    text = ''.join(e['choices'][0]['text'] for e in events(streamed)[:-1])
+    assert status == 200 and body['choices'][0]['text'] == greedy(ref, 'bpe', long, 10).text
+    assert text == greedy(ref, 'bpe', short, 60).text
+    assert w.stats['compactions'] > compactions
+
+
+def test_seeded_sampling_is_the_same_whatever_the_batch(server, ref):
+    model, tok = ref['char']
+    body = {'model': 'char', 'prompt': 'Once', 'max_tokens': 40, 'temperature': 1.0, 'top_k': 20, 'seed': 123, 'n': 2}
+    status, alone = call(server, 'POST', '/v1/completions', body)
+    texts = [c['text'] for c in alone['choices']]
+    assert texts[0] != texts[1]  # sample i draws with seed + i
+    for i in range(2):  # and each equals sample.generate with that seed, alone
+        assert texts[i] == generate(model, tok.encode('Once'), 40, temperature=1.0, top_k=20, seed=123 + i,
+                                    tokenizer=tok)[0].text
+    results = {}
+
+    def client(key, b):
+        results[key] = call(server, 'POST', '/v1/completions', b)
+
+    others = [{'model': 'char', 'prompt': p, 'max_tokens': 50, 'temperature': 0.9, 'seed': s}
+              for p, s in (('Hi', 1), ('Yes and', None), ('no', 5))]
+    threads = [threading.Thread(target=client, args=(k, b)) for k, b in [('seeded', body)] + list(enumerate(others))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [c['text'] for c in results['seeded'][1]['choices']] == texts
+
+
+def test_beam_search_equals_generate(server, ref):
+    model, tok = ref['char']
+    want = [c.text for c in generate(model, tok.encode('So'), 12, num_beams=3, num_samples=2, tokenizer=tok)]
+    status, body = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'So', 'max_tokens': 12,
+                                                            'num_beams': 3, 'n': 2})
+    assert status == 200 and [c['text'] for c in body['choices']] == want
+
+
+def test_echo_logprobs_scoring_equals_a_direct_forward(server, ref):
+    model, tok = ref['bpe']
+    prompts = [tok.encode('The cat sat on the mat'), tok.encode('Hello, world! How are you?')]
+    status, body = call(server, 'POST', '/v1/completions', {'model': 'bpe', 'prompt': prompts, 'echo': True,
+                                                            'max_tokens': 0, 'logprobs': 2, 'temperature': 0})
+    assert status == 200 and len(body['choices']) == 2
+    for p, c in zip(prompts, body['choices']):
+        lp = c['logprobs']
+        assert c['text'] == tok.decode(p) and lp['tokens'] == [tok.decode([t]) for t in p]
+        with torch.no_grad():
+            logits = model(torch.tensor([p]))[0][0, :, :tok.vocab_size]
+        want = F.log_softmax(logits.float(), -1)[torch.arange(len(p) - 1), p[1:]].tolist()
+        assert lp['token_logprobs'][0] is None and lp['top_logprobs'][0] is None
+        assert lp['token_logprobs'][1:] == pytest.approx(want, abs=1e-4)
+        assert all(len(top) == 2 for top in lp['top_logprobs'][1:])
+    assert body['usage']['completion_tokens'] == 0
+    # lm-eval's loglikelihood request: max_tokens=1, logprobs=1; a greedy token's logprob is its top-1 value
+    status, body = call(server, 'POST', '/v1/completions', {'model': 'bpe', 'prompt': prompts, 'echo': True,
+                                                            'max_tokens': 1, 'logprobs': 1, 'temperature': 0})
+    for p, c in zip(prompts, body['choices']):
+        lp = c['logprobs']
+        assert len(lp['token_logprobs']) == len(p) + 1
+        assert lp['token_logprobs'][-1] == max(lp['top_logprobs'][-1].values())
+
+
+def test_tokenizer_endpoints(server, ref):
+    tok = ref['bpe'][1]
+    status, body = call(server, 'POST', '/tokenize', {'model': 'bpe', 'prompt': 'Hello world, ça va?'})
+    assert status == 200 and body['tokens'] == tok.encode('Hello world, ça va?') and body['count'] == len(body['tokens'])
+    status, back = call(server, 'POST', '/detokenize', {'model': 'bpe', 'tokens': body['tokens']})
+    assert status == 200 and back['prompt'] == 'Hello world, ça va?'
+    status, info = call(server, 'GET', '/tokenizer_info?model=bpe')
+    assert status == 200 and info['eos_token'] == '<|endoftext|>' and info['max_model_len'] == 64
+    # lm-eval's remote tokenizer: no model field, and the eos string must tokenize to the eos id
+    status, body = call(server, 'POST', '/tokenize', {'prompt': '<|endoftext|>', 'add_special_tokens': False,
+                                                      'model': 'bpe'})
+    assert body['tokens'] == [tok.eot]
+    status, body = call(server, 'POST', '/tokenize', {'model': 'char', 'prompt': 'abc'})
+    assert body['tokens'] == ref['char'][1].encode('abc')
+
+
+def test_attention_maps(server):
+    status, body = call(server, 'POST', '/v1/attention', {'model': 'char', 'prompt': 'abcd'})
+    assert status == 200 and body['tokens'] == list('abcd')
+    att = torch.tensor(body['attentions'])  # (n_layer, n_head, T, T)
+    assert att.shape == (2, 4, 4, 4)
+    assert torch.allclose(att.sum(-1), torch.ones(2, 4, 4), atol=1e-3) and att.triu(1).abs().max() == 0
+
+
+BAD = [  # (method, path, body or raw bytes, status, param)
+    ('POST', '/v1/completions', b'{"prompt": "a", ', 400, None),
+    ('POST', '/v1/completions', [1, 2], 400, None),
+    ('POST', '/v1/completions', {'prompt': 5}, 400, 'prompt'),
+    ('POST', '/v1/completions', {'prompt': []}, 400, 'prompt'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': [9999]}, 400, 'prompt'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'ünïcode'}, 400, 'prompt'),
+    ('POST', '/v1/completions', {'model': 'nope', 'prompt': 'a'}, 404, 'model'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'temperature': 3}, 400, 'temperature'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'temperature': -0.5}, 400, 'temperature'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'temperature': 'hot'}, 400, 'temperature'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'top_p': 0}, 400, 'top_p'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'top_p': 1.5}, 400, 'top_p'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'n': 0}, 400, 'n'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'n': 1000}, 400, 'n'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'max_tokens': -1}, 400, 'max_tokens'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'max_tokens': 10 ** 9}, 400, 'max_tokens'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'max_tokens': 1.5}, 400, 'max_tokens'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a' * 250, 'max_tokens': 10}, 400, 'prompt'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'temprature': 0}, 400, 'temprature'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'stop': ['a', 'b', 'c', 'd', 'e']}, 400, 'stop'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'logprobs': 100}, 400, 'logprobs'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'presence_penalty': 5}, 400, 'presence_penalty'),
+    ('POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'echo': 'yes'}, 400, 'echo'),
+    ('POST', '/v1/chat/completions', {'model': 'char'}, 400, 'messages'),
+    ('POST', '/v1/chat/completions', {'model': 'char', 'messages': [{'role': 'robot', 'content': 'hi'}]}, 400,
+     'messages'),
+    ('POST', '/v1/chat/completions', {'model': 'char', 'messages': [{'role': 'user', 'content': 'hi'}],
+                                      'top_logprobs': 2}, 400, 'top_logprobs'),
+    ('POST', '/tokenize', {'model': 'char', 'prompt': 5}, 400, 'prompt'),
+    ('POST', '/detokenize', {'model': 'char', 'tokens': [1, 9999]}, 400, 'tokens'),
+    ('GET', '/v1/nothing', None, 404, None),
+    ('GET', '/v1/completions', None, 405, None),
+    ('GET', '/../serve.py', None, 400, None),
+    ('GET', '/%2e%2e/serve.py', None, 400, None),
+    ('GET', '/no_such_file.html', None, 404, None),
+]
+
+
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server):
+    for method, path, body, want, param in BAD:
+        status, err = call(server, method, path, raw=body if isinstance(body, bytes) else None,
+                           body=None if isinstance(body, bytes) else body)
+        assert status == want, (path, body, err)
+        assert set(err['error']) == {'message', 'type', 'param', 'code'} and err['error']['param'] == param, err
+    status, err = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'a' * 250, 'max_tokens': 10})
+    assert err['error']['code'] == 'context_length_exceeded' and '256' in err['error']['message']
+    status, err = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'temprature': 0})
+    assert 'temperature' in err['error']['message']
+    # a body over 1 MB: refused from its Content-Length alone, before it is read
+    conn = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=30)
+    conn.putrequest('POST', '/v1/completions')
+    conn.putheader('Content-Length', str(2 << 20))
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())['error']['code'] == 'request_too_large'
+    conn.close()
+    status, body = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'a', 'max_tokens': 3})
+    assert status == 200 and body['usage']['completion_tokens'] == 3
+
+
+def test_api_key(server):
+    with pytest.raises(ValueError, match='api_key'):
+        serve.make_server(server.workers, host='0.0.0.0')
+    keyed = serve.make_server(server.workers, port=0, api_key='sekrit')  # the same workers behind a second door
+    threading.Thread(target=keyed.serve_forever, daemon=True).start()
+    try:
+        for headers in ({}, {'Authorization': 'Bearer wrong'}, {'Authorization': 'sekrit'}):
+            status, err = call(keyed, 'GET', '/v1/models', headers=headers)
+            assert status == 401 and err['error']['code'] == 'invalid_api_key'
+        assert call(keyed, 'GET', '/v1/models', headers={'Authorization': 'Bearer sekrit'})[0] == 200
+        assert call(keyed, 'GET', '/')[0] == 200  # the page itself is public; it asks for the key
+    finally:
+        keyed.shutdown()
+        keyed.server_close()
+
+
+@pytest.mark.parametrize('stream', [True, False])
+def test_a_client_that_disconnects_frees_its_slot(server, stream):
+    w = server.workers['char']
+    before = dict(w.stats)
+    body = json.dumps({'model': 'char', 'prompt': 'a', 'max_tokens': 250, 'stream': stream}).encode()
+    s = socket.create_connection(('127.0.0.1', server.server_address[1]))
+    s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+              b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
+    if stream:
+        got = b''
+        while b'data: ' not in got:  # the stream has started
+            got += s.recv(4096)
+    else:
+        while not w.active:  # decoding has started
+            time.sleep(0.001)
+    s.close()
+    deadline = time.time() + 10
+    while (w.active or w.waiting) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not w.active and not w.waiting
+    assert w.stats['rows_cancelled'] == before['rows_cancelled'] + 1
+    assert w.stats['rows_finished'] == before['rows_finished']  # it was dropped, not run to the end
+
+
+def test_an_error_in_the_worker_fails_its_request_not_the_server(server, monkeypatch):
+    w = server.workers['char']
+
+    def boom(prompt, o):
+        raise RuntimeError('out of memory (simulated)')
+    monkeypatch.setattr(w, '_prefill', boom)
+    status, err = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'ab', 'max_tokens': 5, 'n': 2})
+    assert status == 500 and err['error']['type'] == 'server_error' and 'simulated' in err['error']['message']
+    assert not w.active and not w.waiting
+    monkeypatch.undo()
+    assert call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'ab', 'max_tokens': 5})[0] == 200
