@@ -6,6 +6,7 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
     python bench.py --device=cuda --dtype=bfloat16    # on a GPU
     python bench.py --which=train                     # training steps, CPU default and baby GPT, ~6 minutes
     python bench.py --which=train --train_models=cpu_default --compile_modes=False   # ~10 s
+    python bench.py --which=harness                   # lm-eval: our LM vs its own hf backend, ~3 minutes
 
 decode: tokens/s of greedy decoding with the KV cache (sample.generate) for a GPT-2-124M-shaped and
 a Llama-shaped model with random weights, side by side with Hugging Face `generate` on identical
@@ -17,6 +18,12 @@ train: ms/iter, tokens/s and MFU of train.py's training step (forward, backward,
 random tokens, for the CPU default config (configs/shakespeare_char.py's 4x4x128 model, block 64, batch 12)
 and nanoGPT's baby GPT (6x6x384, block 256, batch 64, dropout 0.2), with torch.compile off and on.
 MFU divides by 163 GFLOP/s on CPU (fp32 matmul 2048^2 on 2 cores, SPEC.md) or 989 TFLOP/s on CUDA.
+
+harness: requests/s end to end through lm_eval.simple_evaluate (tokenizing, scoring or generating, metrics) of our
+model as an lm-eval LM (evaluate.py) and of lm-eval's own `hf` backend, on identical random weights of a 4x256
+GPT-2-shaped model (block 1024, GPT-2 vocabulary), batch 8, on local tasks written to a temporary directory:
+multiple choice (100 questions x 4 choices), rolling perplexity (16 documents of 50-1200 words) and greedy
+generation (32 answers of up to 32 tokens). Best of `repeats`, interleaved; progress bars go to stderr.
 """
 import tempfile
 import time
@@ -28,7 +35,7 @@ from model import GPT, GPTConfig, autocast_ctx, resolve_device, resolve_dtype
 from sample import generate
 
 # -----------------------------------------------------------------------------
-which = 'decode'              # 'decode' | 'train'
+which = 'decode'              # 'decode' | 'train' | 'harness'
 models = 'gpt2_124m,llama_56m'  # comma list of the shapes below
 batch_sizes = '1,8'           # comma list of batch sizes for the decode comparison
 new_tokens = 64               # tokens generated per decode measurement
@@ -44,7 +51,8 @@ train_models = 'cpu_default,baby_gpt'  # train: comma list of TRAIN_SHAPES
 compile_modes = 'False,True'  # train: time the step without and with torch.compile
 # -----------------------------------------------------------------------------
 from configurator import configure
-config = configure(globals(), choices={'which': ('decode', 'train'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+config = configure(globals(), choices={'which': ('decode', 'train', 'harness'),
+                                       'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
 
 SHAPES = {  # the sizes SPEC.md measured Hugging Face at, so figures compare
     'gpt2_124m': dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
@@ -171,6 +179,90 @@ def bench_train(name):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# lm-eval harness: our model as an lm-eval LM (evaluate.py) against lm-eval's own `hf` backend
+
+HARNESS_SHAPE = dict(arch='gpt2', n_layer=4, n_head=4, n_embd=256, block_size=1024, vocab_size=50304)  # SPEC.md's
+HARNESS_BATCH = 8  # requests per forward, both backends (SPEC.md measured hf at batch 8)
+
+
+def write_harness_tasks(d):
+    """Local lm-eval tasks on random words in d -> {task: (requests per run, what a request is)}."""
+    import json
+    import random
+    rng = random.Random(seed)
+    words = 'the cat dog sat on a mat red blue green sun moon star tree river hill and of to in is was for'.split()
+
+    def text(lo, hi):
+        return ' '.join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+    tasks = {  # name: (rows, YAML body, requests per run)
+        'bench_mc': ([{'q': text(10, 40) + ':', 'choices': [text(1, 6) for _ in range(4)], 'a': 0}
+                      for _ in range(100)],
+                     'output_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: choices\ndoc_to_target: a\n'
+                     'metric_list:\n  - metric: acc\n  - metric: acc_norm\n', (400, 'choices, 4 per question')),
+        'bench_ppl': ([{'text': text(50, 1200)} for _ in range(16)],
+                      "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+                      'metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n', (16, 'documents')),
+        'bench_gen': ([{'q': text(5, 30), 'a': 'cat'} for _ in range(32)],
+                      "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: a\ngeneration_kwargs:\n"
+                      "  until: ['\\n\\n\\n']\n  max_gen_toks: 32\n  do_sample: false\n"
+                      'metric_list:\n  - metric: exact_match\n', (32, 'answers of up to 32 tokens')),
+    }
+    for name, (rows, body, _) in tasks.items():
+        with open(f'{d}/{name}.jsonl', 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in rows)
+        with open(f'{d}/{name}.yaml', 'w') as f:
+            f.write(f'task: {name}\ndataset_path: json\ntest_split: train\ndataset_kwargs:\n'
+                    f'  data_files: {d}/{name}.jsonl\n  cache_dir: {d}/cache\n' + body)
+    return {name: n for name, (_, _, n) in tasks.items()}
+
+
+def bench_harness():
+    """Requests/s end to end (lm_eval.simple_evaluate, tokenizing, scoring, metrics) on identical random weights."""
+    import logging
+    import math
+    import lm_eval
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    import evaluate
+    from tokenizer import TiktokenTokenizer
+    logging.disable(logging.WARNING)  # lm-eval warns about every default it fills in, for every run
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**HARNESS_SHAPE)).to(device=device, dtype=ptdtype).eval()
+    tok = TiktokenTokenizer('gpt2')
+    print(f"harness: GPT-2-shaped {model.num_params(non_embedding=False) / 1e6:.1f}M parameters "
+          f"({HARNESS_SHAPE['n_layer']}x{HARNESS_SHAPE['n_embd']}, block {HARNESS_SHAPE['block_size']}), random "
+          f"weights, batch {HARNESS_BATCH}, {device}, {ptdtype}")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tasks = write_harness_tasks(d)
+        model.save_pretrained(f'{d}/hf', tok)
+        ours = evaluate.harness_lm_class()(model, tok, batch_size=HARNESS_BATCH, ctx=autocast_ctx(device, ptdtype))
+        theirs = HFLM(pretrained=f'{d}/hf', batch_size=HARNESS_BATCH, device=device, dtype=ptdtype) if hf else None
+        manager = TaskManager(include_path=d, include_defaults=False)
+        manager.load(list(tasks))  # builds the datasets' caches, so no timed run pays for it
+        for task, (n, what) in tasks.items():
+            out = {}
+            def run(name, lm):
+                out[name] = lm_eval.simple_evaluate(lm, tasks=[task], task_manager=manager,
+                                                    bootstrap_iters=0)['results'][task]
+            t = best_of([lambda: run('ours', ours)] + ([lambda: run('hf', theirs)] if theirs else []))
+            rps = [n / s for s in t]
+            row = f"{task} ({n} {what}): ours {rps[0]:.1f} requests/s"
+            if theirs:
+                # the same scores, or the speed would compare different work (generation may differ: HF can pick
+                # the padded vocabulary's ids past the tokenizer's, which sample.generate never emits)
+                agree = all(math.isclose(v, out['hf'][k], rel_tol=1e-4) for k, v in out['ours'].items()
+                            if k.endswith(',none') and isinstance(v, float))
+                row += (f", lm-eval hf {rps[1]:.1f} requests/s, ratio {rps[0] / rps[1]:.2f}x"
+                        f" (metrics {'agree' if agree else 'differ'})")
+            print(row)
+            rows.append((task, rps[0], rps[1] if theirs else None))
+    return rows
+
+
 if __name__ == '__main__' and which == 'train':
     torch.manual_seed(seed)
     rows = []
@@ -181,6 +273,13 @@ if __name__ == '__main__' and which == 'train':
     print("\n| model | compile | ms/iter | tokens/s | MFU |\n|---|---|---|---|---|")
     for name, comp, ms, tps, mfu in rows:
         print(f"| {name} | {comp} | {ms:.1f} | {tps:,.0f} | {mfu:.1f}% |")
+
+elif __name__ == '__main__' and which == 'harness':
+    rows = bench_harness()
+    print("\n| task | nanolab requests/s | lm-eval hf requests/s | ratio |\n|---|---|---|---|")
+    for task, ours, theirs in rows:
+        print(f"| {task} | {ours:.1f} | {'' if theirs is None else f'{theirs:.1f}'} | "
+              f"{'' if theirs is None else f'{ours / theirs:.2f}x'} |")
 
 elif __name__ == '__main__':
     torch.manual_seed(seed)

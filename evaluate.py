@@ -181,17 +181,21 @@ def score_continuations(model, requests, batch_size=16, ctx=None):
         truncated += len(c) + len(k) > T + 1
         seqs.append((i, s, len(k)))
     seqs.sort(key=lambda t: -len(t[1]))
-    rows = _rows_per_forward(model, T, batch_size)
+    j = 0
     with torch.no_grad(), (ctx or torch.autocast('cpu', enabled=False)):
-        for j in range(0, len(seqs), rows):
-            chunk = seqs[j:j + rows]
-            L = max(len(s) for _, s, _ in chunk) - 1
+        while j < len(seqs):
+            L = len(seqs[j][1]) - 1  # the longest in the chunk: rows are sorted longest first
+            chunk = seqs[j:j + _rows_per_forward(model, L, batch_size)]
+            j += len(chunk)
             x = torch.zeros(len(chunk), L, dtype=torch.long)
             for r, (_, s, _) in enumerate(chunk):
                 x[r, :len(s) - 1] = torch.tensor(s[:-1])
-            logp = F.log_softmax(model(x.to(device))[0].float(), dim=-1)
+            # logits only from the first position that predicts a continuation token: the output head and
+            # log_softmax over the context positions are most of the cost of scoring short answers
+            p0 = min(len(s) - 1 - n for _, s, n in chunk)
+            logp = F.log_softmax(model(x.to(device), logits_from=p0)[0].float(), dim=-1)
             for r, (i, s, n) in enumerate(chunk):
-                lp = logp[r, len(s) - 1 - n:len(s) - 1]  # the positions that predict the continuation
+                lp = logp[r, len(s) - 1 - n - p0:len(s) - 1 - p0]  # the positions that predict the continuation
                 k = torch.tensor(s[-n:], device=lp.device)
                 out[i] = (lp.gather(1, k[:, None]).sum().item(), bool((lp.argmax(-1) == k).all()))
     score_continuations.truncated = truncated
@@ -811,7 +815,8 @@ if __name__ == '__main__':
         base = {'model': init_from, 'checkpoint': where, 'iter': ckpt.get('iter_num')}
         jobs = []
         if tasks:
-            jobs.append(lambda: run_harness(model, tok, tasks, include_path, num_fewshot, limit, batch_size, output_path, ctx))
+            jobs.append(lambda: run_harness(model, tok, tasks, include_path, num_fewshot, limit, batch_size, output_path, ctx,
+                                            os.path.basename(os.path.normpath(source))))
         if bench_path:
             jobs.append(lambda: [run_benchmark(model, tok, bench_path, bench_metrics.split(','), norm, chat, max_new_tokens,
                                                batch_size, limit, ctx, benchmark if benchmark == 'tasks' else '',

@@ -19,7 +19,7 @@ import json
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -284,11 +284,12 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None, last_only=False, need_weights=False):
+    def forward(self, idx, targets=None, cache=None, last_only=False, need_weights=False, logits_from=0):
         """idx (B, T) token ids -> (logits, loss).
         targets: (B, T) next-token ids, -1 = ignored (prompt tokens in SFT, padding).
         cache: a KVCache to read and extend (incremental decoding); positions continue from cache.length.
         last_only: compute logits for the last position only (generation: saves a (T, vocab) matmul).
+        logits_from: compute logits for positions logits_from.. only (scoring a continuation: the same saving).
         need_weights: also return the attention weights of every layer, as (logits, loss, [(B, nh, T, S)])."""
         B, T = idx.size()
         t0 = cache.length if cache is not None else 0
@@ -331,6 +332,8 @@ class GPT(nn.Module):
         # 5) logits and loss
         if last_only:
             x = x[:, [-1], :]
+        elif logits_from:
+            x = x[:, logits_from:, :]
         logits = self._head(x)
         loss = None
         if targets is not None:
