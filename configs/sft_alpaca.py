@@ -1,7 +1,8 @@
 # SFT, all weights, on Alpaca (data.py alpaca; offline: the 999-row alpaca_en_demo.json stand-in) from the
 # TinyStories model of configs/tinystories_15m.py, whose BPE has the chat template's special tokens. A 15M model
-# learns Alpaca's format, not its knowledge: read val loss, not exact match (off here). Hardware: one GPU; the
-# 2-core CPU runs it at ~? s/iter (checked: it starts and trains; val loss ? -> ? in ? iters).
+# learns Alpaca's format, not its knowledge: read val loss, not exact match (off here). Hardware: one GPU, or the
+# 2-core CPU at ~6.3 s/iter (~32 min for the 300 iters; measured with --max_iters=20 from a 40-iteration CPU run of
+# tinystories_15m: val loss 7.93 -> 6.62 in 20 iters, 186 s in all).
 #   python train.py configs/tinystories_15m.py && python finetune.py configs/sft_alpaca.py
 #   python sample.py --init_from=out-sft-alpaca --chat=True
 out_dir = 'out-sft-alpaca'

@@ -1,6 +1,6 @@
 # Char-level Shakespeare with Llama blocks (RoPE, RMSNorm, SwiGLU, grouped-query attention), in the same
 # budget as configs/shakespeare_char.py for a side-by-side comparison: same width, depth, data and steps.
-# Hardware: 2-core CPU (fp32). Time: ~80 s (~47 ms/iter). Expected: val loss ~1.75 (measured 1.7480),
+# Hardware: 2-core CPU (fp32). Time: ~76 s (~45 ms/iter). Expected: val loss ~1.75 (measured 1.7480),
 # against 1.85 for the GPT-2 blocks.
 #   python train.py configs/shakespeare_llama.py
 
