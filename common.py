@@ -7,10 +7,8 @@ The training pieces that train.py, finetune.py and dpo.py share, each defined on
   3) checkpoint_dict       everything exact resume needs, RNG states included; set_rng_states undoes it
   4) MetricsLogger         out_dir/metrics.jsonl, one JSON object per line
   5) plot_loss_svg         the loss curve as a dependency-free SVG
-  6) write_model_card      out_dir/README.md, its evaluations table built by evals_markdown
-  7) read_results          evaluate.py's result files (out_dir/eval/*.json), as the card and the leaderboard read them
+  6) write_model_card      out_dir/README.md, with the evaluations table of results.py
 """
-import glob
 import json
 import math
 import os
@@ -18,6 +16,8 @@ import random
 
 import numpy as np
 import torch
+
+import results
 
 # -----------------------------------------------------------------------------
 # 1) optimizer and 2) learning-rate schedule
@@ -211,7 +211,7 @@ def write_model_card(out_dir, title, how, model_args, n_params, data, metrics, c
              '## Data', ''] + [f'- {k}: {fmt(v)}' for k, v in data.items()] + \
             ['', '## Metrics', '', '| metric | value |', '|---|---|'] + [f'| {k} | {fmt(v)} |' for k, v in metrics.items()] + \
             ['', 'Every logged step is in `metrics.jsonl`; the curve is `loss.svg`; the resolved config is `config.json`.', '',
-             '## Evaluations', '', '\n\n'.join(filter(None, [evals, evals_markdown(out_dir)]))
+             '## Evaluations', '', '\n\n'.join(filter(None, [evals, results.evals_markdown(out_dir)]))
              or f'None yet. Run `python evaluate.py --init_from={out_dir}` to add them.', '']
     if command:
         lines += ['## Use', '', '```sh', command, f'python sample.py --init_from={out_dir}', '```', '']
@@ -219,62 +219,3 @@ def write_model_card(out_dir, title, how, model_args, n_params, data, metrics, c
     with open(tmp, 'w') as f:
         f.write('\n'.join(lines))
     os.replace(tmp, os.path.join(out_dir, 'README.md'))
-
-def evals_markdown(out_dir):
-    """The model card's evaluations table: the latest evaluate.py result per (checkpoint, task) in out_dir/eval/;
-    '' when there is none."""
-    results, _ = read_results(glob.glob(os.path.join(out_dir, 'eval', '*.json')))
-    if not results:
-        return ''
-    lines = ['| task | checkpoint | iter | n | metrics (± standard error) | date |', '|---|---|---|---|---|---|']
-    for r in sorted(results, key=lambda r: (r['task'], r.get('iter') or 0, r['checkpoint'])):
-        shown = ', '.join(f'{k} {v:.4f}' + (f" ± {r['stderr'][k]:.4f}" if k in (r.get('stderr') or {}) else '')
-                          for k, v in r['metrics'].items())
-        it = '-' if r.get('iter') is None else r['iter']
-        lines.append(f"| {r['task']} | {os.path.basename(os.path.normpath(r['checkpoint']))} | {it} | "
-                     f"{r['n']:,} | {shown} | {r['created'][:10]} |")
-    return '\n'.join(lines + ['', 'Each result, with its settings and per-item scores, is a file in `eval/`; compare '
-                                   'models with `python evaluate.py --leaderboard=DIR,DIR,...`.'])
-
-# -----------------------------------------------------------------------------
-# 7) evaluation results: evaluate.py writes one JSON file per (checkpoint, task, time) under out_dir/eval/
-
-RESULT_SCHEMA = 'nanolab-eval/1'
-
-def _result_problem(r):
-    """What makes a parsed JSON file not a usable evaluate.py result, or None."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    numbers = lambda d: isinstance(d, dict) and all(map(number, d.values()))  # {name: number}
-    if not isinstance(r, dict) or r.get('schema') != RESULT_SCHEMA:
-        return f"no 'schema': '{RESULT_SCHEMA}' marker"
-    missing = [k for k in ('model', 'checkpoint', 'task', 'metrics', 'n', 'created') if k not in r]
-    if missing:
-        return f'missing {missing}'
-    items, ids = r.get('items', {}), r.get('item_ids')  # optional: per-item scores, and which items they are
-    ok = (numbers(r['metrics']) and numbers(r.get('stderr', {})) and number(r['n']) and
-          (r.get('iter') is None or number(r['iter'])) and
-          all(isinstance(r[k], str) for k in ('checkpoint', 'task', 'created')) and
-          isinstance(items, dict) and all(isinstance(v, list) and all(map(number, v)) for v in items.values()) and
-          (ids is None or (isinstance(ids, list) and all(isinstance(i, (str, int)) for i in ids) and
-                           all(len(v) == len(ids) for v in items.values()))))
-    return None if ok else 'a field of the wrong type'
-
-def read_results(paths):
-    """The evaluate.py results among `paths`: (the latest result per (checkpoint, task), each with its 'file'
-    added; [(path, why)] for each file skipped as foreign or malformed). Never raises on a bad file."""
-    latest, skipped = {}, []
-    for path in sorted(paths):
-        try:
-            with open(path, encoding='utf-8') as f:
-                r = json.load(f)
-        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
-            skipped.append((path, f'not readable JSON ({type(e).__name__})'))
-            continue
-        why = _result_problem(r)
-        if why:
-            skipped.append((path, why))
-            continue
-        key = (os.path.normpath(r['checkpoint']).removesuffix(os.sep + 'ckpt.pt'), r['task'])  # out_dir = its ckpt.pt
-        if key not in latest or (r['created'], path) > (latest[key]['created'], latest[key]['file']):
-            latest[key] = {**r, 'file': path}  # ISO timestamps sort in time order
-    return list(latest.values()), skipped

@@ -161,7 +161,7 @@ def test_text_pipeline_bpe_parallel_equals_serial(tmp_path, monkeypatch):
     opts = dict(data_dir=str(tmp_path), input=str(tmp_path / 'in'), text_field='body', tokenizer='bpe',
                 vocab_size=300, val_fraction=0.2)
     serial = data.prepare('text', out_name='serial', num_proc=1, **opts)
-    parallel = data.prepare('text', out_name='parallel', num_proc=2, **opts)
+    data.prepare('text', out_name='parallel', num_proc=2, **opts)
     for f in ('train.bin', 'val.bin'):
         assert (tmp_path / 'serial' / f).read_bytes() == (tmp_path / 'parallel' / f).read_bytes()
     meta, out = decode_docs(serial)

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-import evaluate
+import harness
 from model import GPT, GPTConfig  # tests/conftest.py puts the repo root on sys.path
 from sample import generate
 from tokenizer import TiktokenTokenizer
@@ -91,7 +91,7 @@ def test_matches_hf_backend(arch, task_dir, tok, tmp_path, capfd):
     from lm_eval.tasks import TaskManager
     model = tiny(arch)
     model.save_pretrained(str(tmp_path / 'hf'), tok)
-    ours = {r['task']: r for r in evaluate.run_harness(model, tok, 't_mc,t_ppl', include_path=task_dir, batch_size=8)}
+    ours = {r['task']: r for r in harness.run_harness(model, tok, 't_mc,t_ppl', include_path=task_dir, batch_size=8)}
     # the one long question, once per choice
     assert 'warning: 4 lm-eval requests were longer than the block size' in capfd.readouterr().err
     hf = HFLM(pretrained=str(tmp_path / 'hf'), batch_size=8, device='cpu', dtype='float32')
@@ -109,7 +109,7 @@ def test_matches_hf_backend(arch, task_dir, tok, tmp_path, capfd):
         assert ppl['metrics'][m] == pytest.approx(ref[f'{m},none'], rel=1e-4)
     # 3) request by request, tokenization edge cases: trailing whitespace, an empty context, a context longer than
     # the window, a continuation that starts mid-word
-    lm = evaluate.harness_lm_class()(model, tok, batch_size=4)
+    lm = harness.harness_lm_class()(model, tok, batch_size=4)
     reqs = [('The cat sat on the', ' mat'), ('The cat sat on the ', 'mat'), ('', 'Hello world'), ('abc', 'def'),
             (' '.join(['river'] * 100), ' hill'), ('Question: 2+2=\n', 'Answer: 4')]
     a, b = lm.loglikelihood(instances('loglikelihood', reqs)), hf.loglikelihood(instances('loglikelihood', reqs))
@@ -126,7 +126,7 @@ def test_generate_until_is_sample_generate(tok, tmp_path):
     """generate_until = greedy sample.generate with the task's stop strings (and eot), batched by settings, both
     called directly and through a generation task whose targets are those answers for every other document."""
     model = tiny('gpt2')
-    lm = evaluate.harness_lm_class()(model, tok, batch_size=2)
+    lm = harness.harness_lm_class()(model, tok, batch_size=2)
     rng = random.Random(1)
     prompts = [text(rng, 2, 8) for _ in range(5)] + [text(rng, 70, 80)]  # the last one is left-truncated
     until = ['.', ',']
@@ -143,7 +143,7 @@ def test_generate_until_is_sample_generate(tok, tmp_path):
     write_task(str(tmp_path), 't_gen', rows, "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n"
                "generation_kwargs:\n  until: ['.', ',']\n  max_gen_toks: 6\n  do_sample: false\n"
                'metric_list:\n  - metric: exact_match\n')
-    [r] = evaluate.run_harness(model, tok, 't_gen', include_path=str(tmp_path), limit=3)
+    [r] = harness.run_harness(model, tok, 't_gen', include_path=str(tmp_path), limit=3)
     assert r['items']['exact_match'] == [1.0, 0.0, 1.0] and r['metrics']['exact_match'] == pytest.approx(2 / 3)
     assert r['n'] == 3 and r['settings']['limit'] == 3
 
@@ -153,12 +153,12 @@ def test_registered_and_output_path(task_dir, tok, tmp_path):
     import lm_eval.api.registry
     model = tiny('gpt2')
     model.save_pretrained(str(tmp_path / 'hf'), tok)
-    cls = evaluate.harness_lm_class()
+    cls = harness.harness_lm_class()
     assert lm_eval.api.registry.get_model('nanolab') is cls and lm_eval.api.registry.get_model('hf')
     lm = cls.create_from_arg_string(f'init_from={tmp_path / "hf"}', {'batch_size': 4, 'device': 'cpu'})
     req = instances('loglikelihood', [('The cat sat', ' on the mat')])
     assert lm.loglikelihood(req)[0][0] == pytest.approx(cls(model, tok).loglikelihood(req)[0][0], rel=1e-5)
-    [r] = evaluate.run_harness(model, tok, 't_mc', include_path=task_dir, limit=4, output_path=str(tmp_path / 'lm'),
+    [r] = harness.run_harness(model, tok, 't_mc', include_path=task_dir, limit=4, output_path=str(tmp_path / 'lm'),
                                model_name='out-x')
     [path] = (tmp_path / 'lm' / 'out-x').glob('results_*.json')  # lm-eval's layout: DIR/<model>/results_<time>.json
     saved = json.load(open(path))
@@ -169,16 +169,16 @@ def test_errors(task_dir, tok, tmp_path):
     model = tiny('gpt2')
     # 1) a name neither include_path nor lm-eval knows (this indexes lm-eval's own tasks once: ~10 s)
     with pytest.raises(ValueError, match="unknown lm-eval task 'no_such_task'.*include_path"):
-        evaluate.run_harness(model, tok, 'no_such_task', include_path=task_dir)
+        harness.run_harness(model, tok, 'no_such_task', include_path=task_dir)
     # 2) malformed YAML: the file is named (lm-eval itself would skip it without a word)
     bad = tmp_path / 'bad'
     bad.mkdir()
     (bad / 'broken.yaml').write_text('task: t_bad\nmetric_list: [acc\n')
     with pytest.raises(ValueError, match='broken.yaml'):
-        evaluate.run_harness(model, tok, 't_bad', include_path=str(bad))
+        harness.run_harness(model, tok, 't_bad', include_path=str(bad))
     # 3) a task whose data cannot be read: named, with the ways out
     write_task(str(tmp_path / 'gone'), 't_gone', [{'q': 'x', 'a': 'y'}], "output_type: generate_until\n"
                "doc_to_text: q\ndoc_to_target: a\nmetric_list:\n  - metric: exact_match\n")
     os.remove(tmp_path / 'gone' / 't_gone.jsonl')
     with pytest.raises(ValueError, match="lm-eval task 't_gone' could not load its data.*HF_DATASETS_OFFLINE"):
-        evaluate.run_harness(model, tok, 't_gone', include_path=str(tmp_path / 'gone'))
+        harness.run_harness(model, tok, 't_gone', include_path=str(tmp_path / 'gone'))

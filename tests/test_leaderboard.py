@@ -12,9 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-import evaluate
-from common import evals_markdown, write_model_card
-from evaluate import checkpoint_sources, mcnemar_p, paired_test, save_result, show_leaderboard, update_model_card
+import results
+from common import write_model_card
+from results import (checkpoint_sources, evals_markdown, mcnemar_p, paired_test, save_result, show_leaderboard,
+                     update_model_card)
 from test_train import CHARS, TINY, make_dataset, train  # tiny train.py runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def test_save_result_is_atomic_and_never_overwrites(tmp_path, monkeypatch):
     assert saved[0]['created'] < saved[1]['created'] < saved[2]['created']  # ISO UTC, in time order
     assert os.path.basename(save_result(str(tmp_path), {**r, 'iter': None})).startswith('benchmark_qa.jsonl-final-')
     # a crash before the rename leaves no .json that a reader could take for a result
-    monkeypatch.setattr(evaluate.os, 'replace', lambda a, b: (_ for _ in ()).throw(OSError('disk full')))
+    monkeypatch.setattr(results.os, 'replace', lambda a, b: (_ for _ in ()).throw(OSError('disk full')))
     with pytest.raises(OSError):
         save_result(str(tmp_path), r)
     assert len([f for f in os.listdir(tmp_path / 'eval') if f.endswith('.json')]) == 4
