@@ -7,6 +7,8 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
     python bench.py --which=train                     # training steps, CPU default and baby GPT, ~6 minutes
     python bench.py --which=train --train_models=cpu_default --compile_modes=False   # ~10 s
     python bench.py --which=harness                   # lm-eval: our LM vs its own hf backend, ~3 minutes
+    python bench.py --which=serve                     # serve.py under 1-16 streaming clients, ~30 s
+    python bench.py --which=quantize                  # int8 vs fp32: bytes, RSS, tok/s, perplexity, ~1 minute
 
 decode: tokens/s of greedy decoding with the KV cache (sample.generate) for a GPT-2-124M-shaped and
 a Llama-shaped model with random weights, side by side with Hugging Face `generate` on identical
@@ -24,6 +26,16 @@ model as an lm-eval LM (evaluate.py) and of lm-eval's own `hf` backend, on ident
 GPT-2-shaped model (block 1024, GPT-2 vocabulary), batch 8, on local tasks written to a temporary directory:
 multiple choice (100 questions x 4 choices), rolling perplexity (16 documents of 50-1200 words) and greedy
 generation (32 answers of up to 32 tokens). Best of `repeats`, interleaved; progress bars go to stderr.
+
+serve: serve.py in a subprocess with `serve_model`, then rounds of N concurrent streaming clients (threads, http.client,
+/v1/completions, temperature 0.8, a seed per request, `serve_tokens` tokens each, `requests_per_client` requests one
+after another): aggregate tokens/s over the round, and p50/p95 time to first token (request sent -> first chunk).
+Targets (issue 6): 16 clients >= 3x the single client's tokens/s; p95 time to first token < 500 ms at 10 clients.
+
+quantize: each of `quantize_models` in fp32 and int8 (serve.py --quantize=int8): state-dict bytes, RSS of a fresh
+process holding the model after one generation, greedy decode tok/s at batch 1 and 8 (interleaved, best of `repeats`),
+and perplexity on the run's own dataset (evaluate.run_perplexity on val.bin) for trained runs; for the random-weight
+shapes, the agreement of greedy tokens instead.
 """
 import tempfile
 import time
@@ -35,7 +47,7 @@ from model import GPT, GPTConfig, autocast_ctx, resolve_device, resolve_dtype
 from sample import generate
 
 # -----------------------------------------------------------------------------
-which = 'decode'              # 'decode' | 'train' | 'harness'
+which = 'decode'              # 'decode' | 'train' | 'harness' | 'serve' | 'quantize'
 models = 'gpt2_124m,llama_56m'  # comma list of the shapes below
 batch_sizes = '1,8'           # comma list of batch sizes for the decode comparison
 new_tokens = 64               # tokens generated per decode measurement
@@ -49,9 +61,15 @@ dtype = 'float32'             # 'auto' | 'float32' | 'bfloat16' | 'float16'
 seed = 1337                   # weights and prompts
 train_models = 'cpu_default,baby_gpt'  # train: comma list of TRAIN_SHAPES
 compile_modes = 'False,True'  # train: time the step without and with torch.compile
+serve_model = 'out-shakespeare-char'  # serve: the model served (an out_dir; `python train.py` writes this one)
+serve_quantize = ''           # serve: '' | 'int8', passed to serve.py --quantize
+clients = '1,4,10,16'         # serve: concurrent streaming clients, one round each
+requests_per_client = 4       # serve: requests each client sends, one after another (a round sends >= 16 in all)
+serve_tokens = 48             # serve: max_tokens per request (the default model's block_size is 64)
+quantize_models = 'out-shakespeare-char,out-shakespeare-llama,gpt2_124m'  # quantize: out_dirs and/or SHAPES names
 # -----------------------------------------------------------------------------
 from configurator import configure
-config = configure(globals(), choices={'which': ('decode', 'train', 'harness'),
+config = configure(globals(), choices={'which': ('decode', 'train', 'harness', 'serve', 'quantize'),
                                        'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
 
 SHAPES = {  # the sizes SPEC.md measured Hugging Face at, so figures compare
@@ -225,7 +243,7 @@ def bench_harness():
     import transformers
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    import evaluate
+    import harness
     from tokenizer import TiktokenTokenizer
     logging.disable(logging.WARNING)  # lm-eval warns about every default it fills in, for every run
     transformers.logging.set_verbosity_error()
@@ -239,7 +257,7 @@ def bench_harness():
     with tempfile.TemporaryDirectory() as d:
         tasks = write_harness_tasks(d)
         model.save_pretrained(f'{d}/hf', tok)
-        ours = evaluate.harness_lm_class()(model, tok, batch_size=HARNESS_BATCH, ctx=autocast_ctx(device, ptdtype))
+        ours = harness.harness_lm_class()(model, tok, batch_size=HARNESS_BATCH, ctx=autocast_ctx(device, ptdtype))
         theirs = HFLM(pretrained=f'{d}/hf', batch_size=HARNESS_BATCH, device=device, dtype=ptdtype) if hf else None
         manager = TaskManager(include_path=d, include_defaults=False)
         manager.load(list(tasks))  # builds the datasets' caches, so no timed run pays for it
@@ -263,7 +281,176 @@ def bench_harness():
     return rows
 
 
-if __name__ == '__main__' and which == 'train':
+# -----------------------------------------------------------------------------
+# serving: serve.py under concurrent streaming clients
+
+PROMPTS = ['ROMEO:', 'JULIET:\nO ', 'First Citizen:\n', 'KING HENRY:\n', 'To be, or not', 'MENENIUS:\n']  # <= 16 chars
+
+
+def stream_once(port, prompt, seed):
+    """One streaming completion -> (seconds to the first chunk, completion tokens, seconds in all)."""
+    import http.client
+    import json
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=300)
+    body = {'prompt': prompt, 'max_tokens': serve_tokens, 'temperature': 0.8, 'seed': seed, 'stream': True,
+            'stream_options': {'include_usage': True}}
+    t0 = time.perf_counter()
+    conn.request('POST', '/v1/completions', json.dumps(body), {'Content-Type': 'application/json'})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f'HTTP {r.status}: {r.read()[:300]}')
+    ttft, tokens = None, 0
+    for line in r:  # subtle: only the usage chunk is parsed, so the clients take little of the CPU from the server
+        if ttft is None and line.startswith(b'data: {'):
+            ttft = time.perf_counter() - t0
+        if line.startswith(b'data: {') and b'"usage"' in line:
+            tokens = json.loads(line[6:])['usage']['completion_tokens']
+    conn.close()
+    return ttft, tokens, time.perf_counter() - t0
+
+
+def serve_round(port, n):
+    """n clients at once, each sending requests_per_client requests (more when n is small, so that every round
+    sends at least 16 and lasts long enough to time) -> (tokens/s over the round, [ttft])."""
+    import threading
+    results, barrier, per_client = [], threading.Barrier(n + 1), max(requests_per_client, -(-16 // n))
+
+    def client(c):
+        barrier.wait()
+        for r in range(per_client):
+            results.append(stream_once(port, PROMPTS[(c + r) % len(PROMPTS)], seed + 1000 * c + r))
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if len(results) < n * per_client:
+        raise SystemExit('error: some clients failed (see the tracebacks above)')
+    return sum(tok for _, tok, _ in results) / wall, sorted(ttft for ttft, _, _ in results)
+
+
+def bench_serve():
+    """serve.py in a subprocess (its own interpreter, as in use), the clients as threads here."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, 'serve.py', f'--init_from={serve_model}', '--port=0', '--max_batch=16', f'--device={device}']
+    cmd += [f'--quantize={serve_quantize}'] if serve_quantize else []
+    log = tempfile.TemporaryFile('w+')  # the server's request log and any traceback, shown if something fails
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        for line in proc.stdout:  # the resolved config, then 'serving NAME on http://HOST:PORT ...'
+            if line.startswith('serving '):
+                port = int(line.split('http://')[1].split()[0].rsplit(':', 1)[1])
+                break
+        else:
+            raise SystemExit(f"error: serve.py exited ({proc.wait()}) before serving; is {serve_model} trained?")
+        print(f"serve: {serve_model}{' int8' if serve_quantize else ''}, {serve_tokens} tokens a request, at least "
+              f"{requests_per_client} requests a client and 16 a round, temperature 0.8, streaming")
+        serve_round(port, 2)  # warm-up: first-call costs of the worker, the allocator and the sockets
+        rows = []
+        for n in [int(c) for c in clients.split(',')]:
+            tps, ttft = serve_round(port, n)
+            q = lambda f: ttft[min(len(ttft) - 1, int(f * len(ttft)))] * 1e3
+            rows.append((n, tps, q(0.5), q(0.95)))
+            print(f"{n} clients: {tps:.0f} tok/s, time to first token p50 {q(0.5):.0f} ms, p95 {q(0.95):.0f} ms")
+        return rows
+    except BaseException:
+        log.seek(0)
+        print(''.join(log.readlines()[-30:]))
+        raise
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+# -----------------------------------------------------------------------------
+# int8 against fp32 (serve.py --quantize=int8)
+
+RSS_PROBE = """
+import json, os, sys, torch
+import serve
+from model import GPT, GPTConfig, load_model
+from sample import generate
+rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+base = rss()
+src, quant = sys.argv[1], sys.argv[2] == 'int8'
+m = GPT(GPTConfig(**json.loads(src))).eval() if src.startswith('{') else load_model(src)[0]
+if quant:
+    serve.quantize_int8(m)
+generate(m, [[0] * 8], 8, temperature=0.0, stop_tokens=())
+print(rss() - base)
+"""
+
+
+def bench_quantize(src):
+    import copy
+    import json
+    import subprocess
+    import sys
+    import evaluate
+    import serve
+    from model import load_model
+    torch.manual_seed(seed)
+    if src in SHAPES:
+        fp, tok, dataset = GPT(GPTConfig(**SHAPES[src])).eval(), None, None
+    else:
+        fp, tok, ckpt = load_model(src)
+        dataset = (ckpt.get('config') or {}).get('dataset')
+    q = serve.quantize_int8(copy.deepcopy(fp))
+    print(f"\n{src}: {fp.num_params(non_embedding=False) / 1e6:.2f}M parameters, CPU")
+    row = {'model': src}
+    # 1) bytes: the state dict, and the RSS a fresh process adds by loading the model and generating once
+    row['bytes'] = [serve.state_bytes(m) for m in (fp, q)]
+    arg = json.dumps(SHAPES[src]) if src in SHAPES else src
+    row['rss'] = [int(subprocess.run([sys.executable, '-c', RSS_PROBE, arg, k], capture_output=True, text=True,
+                                     check=True).stdout.split()[-1]) for k in ('fp32', 'int8')]
+    # 2) greedy decode tok/s, batch 1 and 8, interleaved
+    V, T = fp.config.vocab_size, fp.config.block_size
+    n = min(new_tokens, T - prompt_len)
+    for B in (1, 8):
+        x = torch.randint(0, V, (B, prompt_len)).tolist()
+        t = best_of([lambda m=m: generate(m, x, n, temperature=0.0, stop_tokens=()) for m in (fp, q)])
+        row[f'tps{B}'] = [B * n / s for s in t]
+    # 3) perplexity on the run's validation set; for random weights, the greedy tokens' agreement instead
+    if dataset:
+        row['ppl'] = [evaluate.run_perplexity(m, tok, dataset)['metrics']['perplexity'] for m in (fp, q)]
+    else:
+        x = torch.randint(0, V, (4, prompt_len)).tolist()
+        a, b = (generate(m, x, 32, temperature=0.0, stop_tokens=()) for m in (fp, q))
+        row['agree'] = sum(i == j for c, d in zip(a, b) for i, j in zip(c.tokens, d.tokens)) / (4 * 32)
+    print(' | '.join(f"{k} {v}" for k, v in row.items() if k != 'model'))
+    return row
+
+
+if __name__ == '__main__' and which == 'serve':
+    rows = bench_serve()
+    print("\n| clients | tokens/s | x single | TTFT p50 ms | TTFT p95 ms |\n|---|---|---|---|---|")
+    for n, tps, p50, p95 in rows:
+        print(f"| {n} | {tps:.0f} | {tps / rows[0][1]:.1f}x | {p50:.0f} | {p95:.0f} |")
+    by = {n: r for n, *r in rows}
+    if 1 in by and 16 in by:
+        print(f"target: 16 clients >= 3x single: {by[16][0] / by[1][0]:.1f}x "
+              f"({'met' if by[16][0] >= 3 * by[1][0] else 'MISSED'})")
+    if 10 in by:
+        print(f"target: p95 time to first token at 10 clients < 500 ms: {by[10][2]:.0f} ms "
+              f"({'met' if by[10][2] < 500 else 'MISSED'})")
+
+elif __name__ == '__main__' and which == 'quantize':
+    rows = [bench_quantize(src) for src in quantize_models.split(',')]
+    print("\n| model | weights fp32 -> int8 | RSS fp32 -> int8 | tok/s batch 1 | tok/s batch 8 | perplexity |"
+          "\n|---|---|---|---|---|---|")
+    mb = lambda b: f"{b / 1e6:.1f} MB"
+    for r in rows:
+        ppl = (f"{r['ppl'][0]:.4f} -> {r['ppl'][1]:.4f} ({(r['ppl'][1] / r['ppl'][0] - 1) * 100:+.2f}%)" if 'ppl' in r
+               else f"random weights: {r['agree'] * 100:.0f}% greedy tokens agree")
+        print(f"| {r['model']} | {mb(r['bytes'][0])} -> {mb(r['bytes'][1])} ({r['bytes'][1] / r['bytes'][0] * 100:.0f}%)"
+              f" | {mb(r['rss'][0])} -> {mb(r['rss'][1])} | {r['tps1'][0]:.0f} -> {r['tps1'][1]:.0f} | "
+              f"{r['tps8'][0]:.0f} -> {r['tps8'][1]:.0f} | {ppl} |")
+
+elif __name__ == '__main__' and which == 'train':
     torch.manual_seed(seed)
     rows = []
     for name in train_models.split(','):

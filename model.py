@@ -345,9 +345,9 @@ class GPT(nn.Module):
         head's weight, because MKL's matrix-vector product on this vocab-sized, cache-cold matrix is
         1.4-2.4x faster in that layout (measured at batch 1 and 8), worth 10-18% of a decode step.
         The copy is rebuilt whenever the weight changes (an optimizer step bumps its _version)."""
-        w = self.lm_head.weight
         if x.device.type != 'cpu' or torch.is_grad_enabled() or type(self.lm_head) is not nn.Linear:
             return self.lm_head(x)
+        w = self.lm_head.weight
         key = (w.data_ptr(), w._version, w.dtype)
         if getattr(self, '_head_key', None) != key:
             self._head_t, self._head_key = w.detach().t().contiguous(), key
@@ -365,6 +365,7 @@ class GPT(nn.Module):
         """Parameter count; tied weights count once. non_embedding drops the token and position tables
         (the convention of Kaplan et al. 2020), unless the output head is separate, which is kept."""
         n = sum(p.numel() for p in self.parameters())
+        n += sum(getattr(m, 'int8_weights', 0) for m in self.modules())  # serve.py's int8 weights: not parameters
         if non_embedding:
             n -= self.transformer.wte.weight.numel()
             if self.config.arch == 'gpt2':

@@ -5,6 +5,7 @@ web page in web/. Standard library only (http.server); several models at once, o
     python serve.py --init_from=out-shakespeare-char                      # CPU: open http://127.0.0.1:8000
     python serve.py --init_from=out-a,out-b --device=cuda                  # one GPU, two models
     python serve.py --init_from=runs                                       # every run under runs/ holding ckpt.pt
+    python serve.py --init_from=out-shakespeare-char --quantize=int8       # CPU: int8 weights, 1/4-1/3 the bytes
     python serve.py --init_from=out-sft --host=0.0.0.0 --api_key=SECRET    # reachable from other machines: a key
 
     curl -N http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
@@ -16,6 +17,7 @@ Endpoints (errors are OpenAI's body {"error": {message, type, param, code}}; "mo
          both take OpenAI's sampling fields and ours: top_k, min_p, repetition_penalty, num_beams, length_penalty
     POST /tokenize, /detokenize; GET /tokenizer_info: in vLLM's shapes, which lm-eval's remote tokenizer reads
     POST /v1/attention: every layer's attention maps for a short prompt;  GET /runs: runs_dir's runs and metrics
+    GET  /leaderboard: the evaluate.py results under runs_dir/*/eval/ (the page's leaderboard)
     GET /: files from web/
 
 Continuous batching, in the worker thread of each model (Worker below):
@@ -29,6 +31,7 @@ Continuous batching, in the worker thread of each model (Worker below):
 Beam search (num_beams > 1) runs sample.generate on the worker thread between steps, unbatched.
 """
 import difflib
+import glob
 import hmac
 import json
 import mimetypes
@@ -40,6 +43,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import accumulate
@@ -47,6 +51,7 @@ from types import SimpleNamespace
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from model import KVCache, load_model, resolve_device, resolve_dtype
@@ -63,6 +68,7 @@ max_tokens_limit = 4096     # the largest max_tokens a request may ask for
 n_limit = 16                # the largest n (samples per prompt) and num_beams
 device = 'auto'             # auto | cpu | cuda | cuda:N | mps
 dtype = 'auto'              # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+quantize = ''               # '' (off) | int8: int8 weights in every linear and the token embedding; CPU (quantize_int8)
 runs_dir = '.'              # GET /runs lists its subdirectories that hold metrics.jsonl (the run dashboard)
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k in globals() if k not in _before and k != '_before']  # the settings above, not constants
@@ -240,12 +246,26 @@ class Worker(threading.Thread):
         logits = self.logits
         logp = F.log_softmax(logits, dim=-1)  # (B, V) the raw distribution, for the reported logprobs
         nxt = logits.argmax(-1)               # greedy rows need nothing more
+        groups = {}  # sampling rows without penalties, by their settings
         for b, row in enumerate(self.active):
             o = row.o
-            if o.temperature > 0 or o.penalized:  # sample.py's processors, one row at a time
+            if o.penalized:  # sample.py's processors, one row at a time
                 seen, counts = penalty_state([row.prompt], [row.out], self.V, self.device, **o.pen)
                 x = process_logits(logits[b:b + 1], seen, counts, temperature=o.temperature, **o.filters, **o.pen)
                 nxt[b] = sample_next(x, o.temperature, row.gen)[0]
+            elif o.temperature > 0:
+                groups.setdefault((o.temperature, *o.filters.items()), []).append(b)
+        # rows with the same settings share one process_logits and softmax (under 16 clients this loop was a fifth of
+        # the worker's time, measured): both work row by row, so each row's probabilities are bitwise those
+        # sample.generate computes for it alone; only the draw takes the row's own generator
+        for (t, *filters), rows in groups.items():
+            probs = process_logits(logits[rows], temperature=t, **dict(filters)).softmax(-1)  # (G, V)
+            free = [i for i, b in enumerate(rows) if self.active[b].gen is None]  # unseeded: one draw for all
+            if free:
+                nxt[[rows[i] for i in free]] = torch.multinomial(probs[free], 1)[:, 0]
+            for i, b in enumerate(rows):
+                if self.active[b].gen is not None:
+                    nxt[b] = torch.multinomial(probs[i:i + 1], 1, generator=self.active[b].gen)[0, 0]
         lps = logp.gather(1, nxt[:, None])[:, 0].tolist()
         events = []
         for b, (row, t) in enumerate(zip(self.active, nxt.tolist())):
@@ -254,6 +274,88 @@ class Worker(threading.Thread):
             top = _top(logp[b:b + 1], row.o.logprobs)[0] if row.o.logprobs else None
             events.append(Event(row.prompt_index, row.sample_index, t, delta, lps[b], top, reason))
         return events
+
+# -----------------------------------------------------------------------------
+# --quantize=int8: int8 weights on CPU. Every nn.Linear (the blocks' and lm_head) keeps int8 weights with one
+# scale per output channel, symmetric: scale = max|w_row| / 127, q = round(w / scale). The token embedding is int8
+# too (per row, the same scales when tied to lm_head): without it GPT-2-124M shrinks only to ~49%.
+# Position embeddings and norms stay fp32 (under 1% of the bytes).
+# Which kernel, measured per matmul on the 2-core AVX2 dev CPU at batch 1, 8 and 16: aten's weight-only int8 matmul
+# (torch._weight_int8pack_mm) takes 5-30x as long as fp32's, torch._int_mm 10-45x, and dequantizing on the fly
+# (int8 -> fp32 copy, then F.linear) 1.1-10x; only fbgemm's dynamic int8 linear beats fp32 on GPT-2's shapes, up to
+# 4x (end to end: bench.py --which=quantize). On a 128-wide model, whose 3 MB of weights sit in cache, every int8
+# path is slower than fp32: there int8 only saves memory. fbgemm quantizes the activations too, with one scale for
+# the whole input, which would make a row's result depend on the other rows of the batch; so each row is first
+# divided by its own max |x|, and one fixed row holding +1 and -1 is appended: every row is then quantized on the
+# same grid (per-token activations, 128 levels over [-1, 1]), the int32 sums are exact, and a row's output is bitwise
+# the same whatever shares its batch (tests/test_serve.py). Perplexity: +0.04% to +0.13% on the Shakespeare runs.
+
+def int8_rows(w):
+    """w (out, in) -> (q int8 (out, in), scale fp32 (out,)) with w ~= q * scale[:, None]."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + bias, by fbgemm with per-row int8 activations (see the section comment). The int8
+    matrix lives only in fbgemm's packed layout (in * out bytes); the bias stays fp32."""
+    def __init__(self, linear):
+        super().__init__()
+        q, scale = int8_rows(linear.weight)
+        zero = torch.zeros(len(scale), dtype=torch.long)
+        self.packed = torch.ops.quantized.linear_prepack(
+            torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0), None)
+        self.in_features, self.out_features, self.bias = linear.in_features, linear.out_features, linear.bias
+        self.int8_weights = self.in_features * self.out_features  # GPT.num_params counts them
+        grid = torch.zeros(1, self.in_features)
+        grid[0, :2] = torch.tensor([1.0, -1.0])  # the fixed row: the input's range is always exactly [-1, 1]
+        self.register_buffer('grid', grid, persistent=False)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        r = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (M, 1) each row's range
+        # reduce_range: 7-bit activations, which fbgemm's AVX2 kernel needs to not saturate its int16 sums
+        y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / r, self.grid]), self.packed, True)[:-1] * r
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+class Int8Embedding(nn.Module):
+    """Rows of an int8 matrix times their scales. Tied to lm_head, it is a second int8 copy of the head's matrix
+    (fbgemm's packed layout cannot be indexed by row), so GPT.num_params does not count it twice."""
+    def __init__(self, weight, tied):
+        super().__init__()
+        q, scale = int8_rows(weight)
+        self.register_buffer('weight', q)
+        self.register_buffer('scale', scale)
+        self.int8_weights = 0 if tied else q.numel()
+
+    def forward(self, idx):
+        return self.weight[idx].float() * self.scale[idx].unsqueeze(-1)  # (B, T, C)
+
+def quantize_int8(model):
+    """Make a CPU fp32 model int8, in place -> model (see the section comment)."""
+    p = next(model.parameters())
+    if p.device.type != 'cpu' or p.dtype != torch.float32:
+        raise ValueError(f"quantize=int8 is for CPU fp32 serving (this model is {p.device.type}, {p.dtype}); on a "
+                         "GPU serve bf16 (--dtype=auto) instead")
+    if torch.backends.quantized.engine not in ('x86', 'fbgemm'):
+        raise ValueError(f"quantize=int8 needs PyTorch's x86 (fbgemm) int8 kernels; this machine has "
+                         f"{torch.backends.quantized.engine}: serve without --quantize")
+    model.transformer.wte = Int8Embedding(model.transformer.wte.weight, model.config.tie_embeddings)
+    with warnings.catch_warnings():  # torch deprecates quantized tensors; the one above is only handed to fbgemm
+        warnings.simplefilter('ignore')
+        for mod in list(model.modules()):
+            for name, child in list(mod.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(mod, name, Int8Linear(child))
+    return model
+
+def state_bytes(model):
+    """Bytes of the model's weights: its state dict (a tensor under two names, tied, counted once), plus 1 byte per
+    weight of the fbgemm-packed int8 matrices, which are not tensors of the state dict."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(seen.values()) + sum(m.in_features * m.out_features + 4 * m.out_features  # int8 + fp32 scales
+                                    for m in model.modules() if isinstance(m, Int8Linear))
 
 # -----------------------------------------------------------------------------
 # requests: checking the body, and OpenAI's response shapes
@@ -551,10 +653,20 @@ def _runs(h, body):
                      'config': json.load(open(cfg)) if os.path.isfile(cfg) else None})
     h.send_json(200, {'object': 'list', 'data': runs})
 
+def _leaderboard(h, body):
+    """The latest evaluate.py result per (checkpoint, task) under runs_dir/*/eval/, read by results.read_results as
+    the model cards and evaluate.py's leaderboard read them; per-item scores and configs are left out (size)."""
+    from results import LOWER_IS_BETTER, read_results
+    results, skipped = read_results(glob.glob(os.path.join(h.server.runs_dir, '*', 'eval', '*.json')))
+    keep = ('model', 'checkpoint', 'iter', 'task', 'n', 'metrics', 'stderr', 'created')
+    h.send_json(200, {'object': 'list', 'lower_is_better': LOWER_IS_BETTER, 'skipped': len(skipped),
+                      'data': [{k: r.get(k) for k in keep} for r in results]})
+
 API = {'/v1/models': ('GET', _models), '/v1/completions': ('POST', lambda h, b: _completion(h, b, False)),
        '/v1/chat/completions': ('POST', lambda h, b: _completion(h, b, True)), '/tokenize': ('POST', _tokenize),
        '/detokenize': ('POST', _detokenize), '/tokenizer_info': ('GET', _tokenizer_info),
-       '/v1/attention': ('POST', _attention), '/runs': ('GET', _runs)}
+       '/v1/attention': ('POST', _attention), '/runs': ('GET', _runs),
+       '/leaderboard': ('GET', _leaderboard)}
 
 # -----------------------------------------------------------------------------
 # HTTP
@@ -709,11 +821,15 @@ def model_sources(spec):
                          "give one or more distinct sources, comma-separated")
     return out
 
-def load_workers(spec, device='cpu', dtype=torch.float32, max_batch=16):
-    """Load every model of init_from and start its worker -> {name: Worker}."""
+def load_workers(spec, device='cpu', dtype=torch.float32, max_batch=16, quantize=''):
+    """Load every model of init_from (int8 with quantize='int8') and start its worker -> {name: Worker}."""
     workers = {}
     for name, source in model_sources(spec):
         model, tok, _ = load_model(source, device, dtype)
+        if quantize == 'int8':
+            quantize_int8(model)
+        elif quantize:
+            raise ValueError(f"unknown quantize={quantize!r}; use '' (off) or int8")
         if tok is None:
             raise ValueError(f"{source} comes without a tokenizer, so text cannot be encoded; serve a source with "
                              "tokenizer files (a nanolab out_dir, or a Hugging Face dir with tokenizer.json)")
@@ -739,10 +855,11 @@ def make_server(workers, host='127.0.0.1', port=0, api_key='', runs_dir='.'):
 def main():
     from configurator import configure
     config = configure({'__file__': __file__, **{k: globals()[k] for k in CONFIG_KEYS}},
-                       choices={'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'device': None})
+                       choices={'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'device': None,
+                                'quantize': ('', 'int8')})
     globals().update({k: config[k] for k in CONFIG_KEYS})
     dev = resolve_device(device)
-    workers = load_workers(init_from, dev, resolve_dtype(dtype, dev), max_batch)
+    workers = load_workers(init_from, dev, resolve_dtype(dtype, dev), max_batch, quantize)
     server = make_server(workers, host, port, api_key, runs_dir)
     print(f"serving {', '.join(workers)} on http://{host}:{server.server_address[1]}  (Ctrl-C stops)")
     try:

@@ -1,0 +1,245 @@
+"""The web page (web/) in a real headless Chromium, driven by selenium, against serve.py running in this process
+on two tiny random models (tests/test_serve.py's runs): the page loads without console errors; a chat reply streams
+token by token and equals the API's greedy reply; switching models; stop frees the server's slot; the token
+inspector shows /tokenize's ids; the attention heatmap draws; the compare view's greedy and beam columns equal the
+API's; the runs tab draws loss curves, refreshes while a run trains, and shows the leaderboard. About 20 s.
+The browser tests skip when Chromium or chromedriver is not installed (.ci/run installs Debian's chromium and
+chromium-driver); GET /leaderboard is checked without a browser."""
+import json
+import shutil
+import time
+from contextlib import contextmanager
+
+import pytest
+
+import results
+from test_serve import call, serving, two_runs  # tests/ is on sys.path while pytest collects it
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+CHROMEDRIVER = shutil.which('chromedriver')
+
+
+@pytest.fixture(scope='module')
+def site(tmp_path_factory):
+    """serve.py on port 0 over a directory of two runs, with metrics and evaluation results to show."""
+    d = two_runs(tmp_path_factory.mktemp('runs'))
+    (d / 'char' / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in [
+        {'iter': 0, 'loss': 4.1}, {'iter': 0, 'val_loss': 4.0}, {'iter': 10, 'loss': 3.2}, {'iter': 10, 'val_loss': 3.3}]))
+    for name, em in (('char', 0.25), ('bpe', 0.75)):  # the leaderboard puts bpe first
+        results.save_result(str(d / name), {'model': name, 'checkpoint': str(d / name / 'ckpt.pt'), 'iter': 10,
+                                             'task': 'benchmark:demo', 'metrics': {'exact_match': em}, 'n': 4})
+    with serving(d) as srv:
+        srv.url, srv.dir = f'http://127.0.0.1:{srv.server_address[1]}/', d
+        yield srv
+
+
+@pytest.fixture(scope='module')
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip('needs Chromium and chromedriver: apt-get install chromium chromium-driver (as .ci/run does)')
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1200,900'):
+        opts.add_argument(arg)  # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
+    opts.set_capability('goog:loggingPrefs', {'browser': 'ALL'})  # the console, read back by console_errors()
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(site, browser):
+    """The page, freshly loaded with empty localStorage, its model list filled in."""
+    browser.get(site.url)
+    browser.execute_script('localStorage.clear()')
+    browser.refresh()  # subtle: not get(url + '#chat'), which only scrolls the page it is on
+    wait(lambda: len(js(browser, "return [...document.querySelectorAll('#model option')]")) == 2)
+    yield browser
+    assert console_errors(browser) == []
+
+
+def js(driver, script, *args):
+    return driver.execute_script(script, *args)
+
+
+def wait(cond, timeout=20, every=0.02):
+    """cond() until it is truthy -> its value; fails after timeout seconds."""
+    end = time.time() + timeout
+    while time.time() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f'timed out after {timeout} s waiting for {cond}')
+
+
+def console_errors(driver):
+    return [e['message'] for e in driver.get_log('browser') if e['level'] == 'SEVERE']
+
+
+def set_value(driver, id_, value):
+    """Set an input as a user would (the page listens to 'input' and 'change')."""
+    js(driver, "const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+               "e.dispatchEvent(new Event('input')); e.dispatchEvent(new Event('change'))", id_, value)
+
+
+def click(driver, id_):
+    driver.find_element('id', id_).click()
+
+
+def reply_done(driver):
+    """The last assistant message once its reply has finished (it gets a meta line), else None."""
+    return js(driver, "const m = [...document.querySelectorAll('#messages .msg.assistant')].pop();"
+                      "return m && m.querySelector('.meta') && !document.getElementById('send').disabled ? "
+                      "m.querySelector('.text').textContent : null")
+
+
+@contextmanager
+def slow(worker, seconds):
+    """Each forward of the worker's model takes `seconds` longer, so a stream lasts long enough to watch."""
+    forward = worker.model.forward
+
+    def slowed(*a, **k):
+        time.sleep(seconds)
+        return forward(*a, **k)
+    worker.model.forward = slowed  # an instance attribute: nn.Module.__call__ calls it
+    try:
+        yield
+    finally:
+        del worker.model.forward
+
+
+def test_leaderboard_endpoint(site):
+    """GET /leaderboard (what the Runs tab reads): each run's latest result per task, without per-item scores."""
+    status, body = call(site, 'GET', '/leaderboard')
+    assert status == 200 and 'loss' in body['lower_is_better'] and body['skipped'] == 0
+    got = sorted((r['model'], r['task'], r['iter'], r['metrics']['exact_match']) for r in body['data'])
+    assert got == [('bpe', 'benchmark:demo', 10, 0.75), ('char', 'benchmark:demo', 10, 0.25)]
+    assert all('items' not in r and 'config' not in r for r in body['data'])
+
+
+def test_page_loads_every_tab(page):
+    for tab in ('inspect', 'compare', 'runs', 'chat'):
+        page.find_element('css selector', f'#tabs button[data-tab={tab}]').click()
+        assert js(page, f"return document.getElementById('{tab}').offsetHeight > 0")
+    assert js(page, "return document.getElementById('params').querySelectorAll('input[type=range]').length") == 8
+    assert console_errors(page) == []
+
+
+def test_chat_streams_the_greedy_reply_then_another_model(site, page):
+    # 1) char model, greedy: watch the reply grow, token by token
+    set_value(page, 'model', 'char')
+    set_value(page, 'p-temperature', '0')
+    set_value(page, 'p-max_tokens', '40')
+    js(page, """window.lens = [];
+        new MutationObserver(() => {
+          const t = document.querySelector('#messages .msg.assistant:last-child .text');
+          if (t) window.lens.push(t.textContent.length);
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});""")
+    with slow(site.workers['char'], 0.02):
+        page.find_element('id', 'input').send_keys('Hi there\n')  # Enter sends
+        text = wait(lambda: reply_done(page))
+    want = call(site, 'POST', '/v1/chat/completions', {'model': 'char', 'messages': [{'role': 'user', 'content': 'Hi there'}],
+                                                       'temperature': 0, 'max_tokens': 40})[1]
+    assert text == want['choices'][0]['message']['content'] and len(text) > 5
+    lens = js(page, 'return window.lens')
+    assert len(set(lens)) > 10 and lens == sorted(lens)  # many partial replies, each longer than the last
+    # 2) each token has its probability and alternatives, shown on hover
+    tok = js(page, "return document.querySelector('#messages .msg.assistant .tk').tok")
+    assert tok[2] <= 0 and len(tok[3]) == 5
+    from selenium.webdriver import ActionChains
+    ActionChains(page).move_to_element(page.find_element('css selector', '#messages .msg.assistant .tk')).perform()
+    assert 'top alternatives' in wait(lambda: js(page, "const t = document.getElementById('tip');"
+                                                       "return !t.hidden && t.textContent"))
+    # 3) the other model, second turn of the same conversation: the history goes along; max_tokens is cut to fit
+    #    bpe's 64-token context
+    set_value(page, 'model', 'bpe')
+    page.find_element('id', 'input').send_keys('Hello\n')
+    text = wait(lambda: len(page.find_elements('css selector', '.msg.assistant')) == 2 and reply_done(page))
+    msgs = [{'role': 'user', 'content': 'Hi there'}, {'role': 'assistant', 'content': want['choices'][0]['message']['content']},
+            {'role': 'user', 'content': 'Hello'}]
+    n = call(site, 'POST', '/tokenize', {'model': 'bpe', 'messages': msgs, 'add_generation_prompt': True})[1]['count']
+    want = call(site, 'POST', '/v1/chat/completions', {'model': 'bpe', 'messages': msgs, 'temperature': 0,
+                                                       'max_tokens': min(40, 64 - n)})[1]
+    assert text == want['choices'][0]['message']['content']
+    assert page.find_elements('css selector', '.msg.assistant .meta')[1].text.startswith('bpe')
+    # 4) the conversation is kept in localStorage across a reload, and exports as JSON and Markdown
+    page.refresh()
+    wait(lambda: len(page.find_elements('css selector', '.msg')) == 4)
+    js(page, "window.download = (name, text) => { window.saved = [name, text]; }")  # instead of a file
+    click(page, 'export-json')
+    name, saved = js(page, 'return window.saved')
+    assert name == 'Hi_there.json' and [m['content'] for m in json.loads(saved)['messages']][::2] == ['Hi there', 'Hello']
+    click(page, 'export-md')
+    assert '**user:**\n\nHello\n' in js(page, 'return window.saved[1]')
+
+
+def test_stop_ends_the_stream_and_frees_the_slot(site, page):
+    w = site.workers['char']
+    set_value(page, 'model', 'char')
+    set_value(page, 'p-max_tokens', '200')
+    before = w.stats['rows_cancelled']
+    with slow(w, 0.05):
+        page.find_element('id', 'input').send_keys('Go\n')
+        wait(lambda: len(page.find_elements('css selector', '.msg.assistant .tk')) >= 3)
+        click(page, 'stop')
+        text = wait(lambda: reply_done(page))
+        # the server noticed the closed connection and let the row go
+        wait(lambda: w.stats['rows_cancelled'] == before + 1 and not w.active, timeout=5)
+    assert 0 < len(text) < 200 and 'stopped' in page.find_element('css selector', '.msg.assistant .meta').text
+
+
+def test_inspector_tokens_and_attention(site, page):
+    page.find_element('css selector', '#tabs button[data-tab=inspect]').click()
+    set_value(page, 'model', 'bpe')
+    text = 'Hello world, tokens!\nNew line'
+    set_value(page, 'inspect-text', text)
+    click(page, 'tokenize')
+    want = call(site, 'POST', '/tokenize', {'model': 'bpe', 'prompt': text})[1]['tokens']
+    ids = wait(lambda: js(page, "return [...document.querySelectorAll('#tokens span')].map(s => +s.dataset.id)"))
+    assert ids == want
+    assert 'decode back to the text: yes' in page.find_element('id', 'tok-info').text
+    # the heatmap: a layer and a head selector, and a canvas that is not blank
+    click(page, 'attend')
+    wait(lambda: page.find_element('id', 'attn-box').is_displayed())
+    assert len(page.find_elements('css selector', '#layer option')) == 2
+    assert len(page.find_elements('css selector', '#head option')) == 5  # the mean, then 4 heads
+    set_value(page, 'layer', '1')
+    set_value(page, 'head', '2')
+    coloured = js(page, """const c = document.getElementById('heatmap');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] < 250; return n;""")
+    assert coloured > 100
+
+
+def test_compare_columns(site, page):
+    page.find_element('css selector', '#tabs button[data-tab=compare]').click()
+    set_value(page, 'model', 'char')
+    set_value(page, 'compare-prompt', 'ROMEO:')
+    set_value(page, 'compare-max', '30')
+    click(page, 'run-compare')
+
+    def columns():  # [meta line, text] per column, once every column has its answer
+        c = js(page, "return [...document.querySelectorAll('.col')].map(c => "
+                     "[c.querySelector('.meta').textContent, c.querySelector('pre').textContent])")
+        return c if c and all(meta for meta, _ in c) else None
+    cols = wait(columns)
+    assert len(cols) == 6
+    for i, extra in ((0, {}), (5, {'num_beams': 4})):  # greedy and beam search, as the API gives them
+        body = {'model': 'char', 'prompt': 'ROMEO:', 'max_tokens': 30, 'temperature': 0, **extra}
+        assert cols[i][1] == call(site, 'POST', '/v1/completions', body)[1]['choices'][0]['text']
+
+
+def test_runs_curves_refresh_and_leaderboard(site, page):
+    page.find_element('css selector', '#tabs button[data-tab=runs]').click()
+    card = wait(lambda: page.find_elements('css selector', '.run[data-name=char]'))[0]
+    assert 'iter 10' in card.text and 'best val loss 3.300' in card.text
+    assert js(page, "const c = document.querySelector('.run canvas');"
+                    "return [...c.getContext('2d').getImageData(0, 0, c.width, c.height).data].some(v => v > 0)")
+    rows = wait(lambda: [r.text for r in page.find_elements('css selector', '#leaderboard tr')])  # a request later
+    assert rows[1].startswith('benchmark:demo bpe') and rows[2].startswith('benchmark:demo char')
+    with open(site.dir / 'char' / 'metrics.jsonl', 'a') as f:  # the run trains on: the page polls every 5 s
+        f.write(json.dumps({'iter': 20, 'loss': 2.5}) + '\n')
+    wait(lambda: 'iter 20' in card.text, timeout=8)

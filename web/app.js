@@ -1,0 +1,550 @@
+// nanolab's page: plain JavaScript over serve.py's API, read top to bottom like the Python scripts.
+//   1) helpers: the JSON API, server-sent events, downloads
+//   2) models and tabs
+//   3) chat: settings, conversations in localStorage, streaming replies, token probabilities, export
+//   4) inspect: tokens (/tokenize, /detokenize) and the attention heatmap (/v1/attention)
+//   5) compare: one prompt under several decoding strategies (/v1/completions, in parallel)
+//   6) runs: loss curves from /runs (polled while a run trains) and the leaderboard (/leaderboard)
+'use strict';
+
+// -----------------------------------------------------------------------------
+// 1) helpers
+
+const $ = id => document.getElementById(id);
+const el = (tag, props = {}, ...kids) => {  // el('b', {className: 'x'}, 'text', child) -> a new element
+  const e = Object.assign(document.createElement(tag), props);
+  e.append(...kids);
+  return e;
+};
+const fmt = (x, d = 3) => x == null ? '' : Number(x).toFixed(d);
+
+// POST body (or GET when body is undefined) -> the parsed JSON; an API error body becomes a thrown Error
+async function api(path, body, signal) {
+  const init = body === undefined ? {signal} :
+    {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body), signal};
+  const r = await fetch(path, init);
+  const j = await r.json();
+  if (!r.ok || j.error) throw new Error(j.error ? j.error.message : r.statusText);
+  return j;
+}
+
+// POST with "stream": true -> yields each server-sent event's JSON until "data: [DONE]". fetch + ReadableStream
+// rather than EventSource, which can only GET. Aborting `signal` closes the connection; serve.py notices the
+// closed socket between tokens and frees the request's batch slot.
+async function* sse(path, body, signal) {
+  const r = await fetch(path, {method: 'POST', headers: {'Content-Type': 'application/json'},
+                               body: JSON.stringify(body), signal});
+  if (!r.ok) throw new Error((await r.json()).error.message);
+  const reader = r.body.getReader(), decoder = new TextDecoder();
+  let buf = '';
+  for (;;) {
+    const {done, value} = await reader.read();
+    if (done) return;
+    // subtle: a network read may end mid-event (or mid-character: {stream: true} keeps the partial bytes), so
+    // only the complete events before the last blank line are parsed; the rest waits for the next read
+    buf += decoder.decode(value, {stream: true});
+    const events = buf.split('\n\n');
+    buf = events.pop();
+    for (const e of events) {
+      const data = e.replace(/^data: /, '');
+      if (data === '[DONE]') return;
+      const j = JSON.parse(data);
+      if (j.error) throw new Error(j.error.message);  // an error after the stream began comes as an event
+      yield j;
+    }
+  }
+}
+
+function download(name, text, type) {
+  const a = el('a', {href: URL.createObjectURL(new Blob([text], {type})), download: name});
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+
+// run an async action from a button; its error goes to a status line instead of the console
+async function guard(statusEl, fn) {
+  try {
+    statusEl.textContent = '';
+    statusEl.classList.remove('err');
+    await fn();
+  } catch (e) {
+    statusEl.textContent = e.message;
+    statusEl.classList.add('err');
+  }
+}
+
+// -----------------------------------------------------------------------------
+// 2) models and tabs
+
+const models = {};  // id -> its /v1/models entry (max_model_len, arch, n_params, tokenizer)
+const model = () => $('model').value;
+
+async function loadModels() {
+  for (const m of (await api('/v1/models')).data) {
+    models[m.id] = m;
+    $('model').add(new Option(m.id, m.id));
+  }
+  if (localStorage.getItem('nanolab.model') in models) $('model').value = localStorage.getItem('nanolab.model');
+  showModel();
+}
+
+function showModel() {
+  const m = models[model()];
+  localStorage.setItem('nanolab.model', m.id);
+  $('model-info').textContent = `${m.arch}, ${(m.n_params / 1e6).toFixed(2)}M parameters, ` +
+    `${m.tokenizer} tokenizer, context ${m.max_model_len}`;
+}
+$('model').onchange = showModel;
+
+function showTab(name) {
+  for (const b of document.querySelectorAll('#tabs button')) b.classList.toggle('on', b.dataset.tab === name);
+  for (const s of document.querySelectorAll('.tab')) s.classList.toggle('on', s.id === name);
+  history.replaceState(null, '', '#' + name);  // a reload comes back to this tab
+  if (name === 'runs') guard($('runs-status'), refreshRuns);
+}
+for (const b of document.querySelectorAll('#tabs button')) b.onclick = () => showTab(b.dataset.tab);
+
+// -----------------------------------------------------------------------------
+// 3) chat
+
+// [field sent to the API, label, min, max, step, default]; serve.py checks the same ranges (_read_request)
+const PARAMS = [
+  ['temperature', 'temperature (0 = greedy)', 0, 2, 0.05, 0.8],
+  ['top_k', 'top-k (0 = off)', 0, 200, 1, 0],
+  ['top_p', 'top-p (1 = off)', 0.01, 1, 0.01, 1],
+  ['min_p', 'min-p (0 = off)', 0, 0.99, 0.01, 0],
+  ['max_tokens', 'max tokens', 1, 2048, 1, 200],
+  ['repetition_penalty', 'repetition penalty (1 = off)', 0.5, 2, 0.01, 1],
+  ['presence_penalty', 'presence penalty', -2, 2, 0.05, 0],
+  ['frequency_penalty', 'frequency penalty', -2, 2, 0.05, 0],
+];
+const TOP_LOGPROBS = 5;  // alternatives kept per generated token, for the tooltip
+
+// each parameter: a slider and a number box that mirror each other
+for (const [name, label, min, max, step, dflt] of PARAMS) {
+  const range = el('input', {type: 'range', min, max, step, value: dflt, id: 'p-' + name});
+  const box = el('input', {type: 'number', min, max, step, value: dflt});
+  range.oninput = () => { box.value = range.value; saveSettings(); };
+  box.oninput = () => { range.value = box.value; saveSettings(); };
+  $('params').append(el('label', {className: 'param'}, label, box, range));
+}
+const params = () => Object.fromEntries(PARAMS.map(([name]) => [name, Number($('p-' + name).value)]));
+
+function saveSettings() {
+  localStorage.setItem('nanolab.settings', JSON.stringify({params: params(), system: $('system').value,
+                                                          shade: $('shade').checked}));
+}
+function loadSettings(s) {
+  for (const [name, , , , , dflt] of PARAMS) {
+    const range = $('p-' + name);
+    range.value = s.params?.[name] ?? dflt;
+    range.oninput();
+  }
+  $('system').value = s.system || '';
+  $('shade').checked = !!s.shade;
+}
+loadSettings(JSON.parse(localStorage.getItem('nanolab.settings') || '{}'));
+$('system').oninput = saveSettings;
+$('shade').onchange = () => { saveSettings(); renderChat(); };
+$('reset-params').onclick = () => { loadSettings({system: $('system').value}); saveSettings(); };
+
+// Conversations stay in this browser (localStorage): [{title, messages: [{role, content, tokens?, meta?}]}].
+// A reply's `tokens` are [text shown, token, logprob, [[alternative, logprob], ...]] per generated token.
+let convs = JSON.parse(localStorage.getItem('nanolab.convs') || '[]'), cur = 0;
+if (!convs.length) convs.push({title: 'New chat', messages: []});
+
+function saveConvs() {
+  try {
+    localStorage.setItem('nanolab.convs', JSON.stringify(convs));
+  } catch (e) {  // over the browser's quota (~5 MB): keep going, unsaved
+    $('chat-status').textContent = 'history too large to save; delete old conversations';
+  }
+}
+
+function renderConvs() {
+  $('convs').replaceChildren(...convs.map((c, i) => new Option(c.title, i)));
+  $('convs').value = cur;
+}
+$('convs').onchange = () => { cur = Number($('convs').value); renderChat(); };
+$('new-chat').onclick = () => { convs.unshift({title: 'New chat', messages: []}); cur = 0; saveConvs(); renderChat(); };
+$('del-chat').onclick = () => {
+  convs.splice(cur, 1);
+  if (!convs.length) convs.push({title: 'New chat', messages: []});
+  cur = 0;
+  saveConvs();
+  renderChat();
+};
+
+// one generated token as a span: its probability shades it (when asked) and shows on hover or tap
+function tokenSpan(t) {
+  const s = el('span', {className: 'tk', textContent: t[0]});
+  s.tok = t;
+  if ($('shade').checked && t[2] != null) s.style.background = `hsl(${120 * Math.exp(t[2])}, 75%, 85%)`;
+  return s;
+}
+
+function renderMessage(m) {
+  const text = el('span', {className: 'text'});
+  if (m.tokens) text.append(...m.tokens.map(tokenSpan)); else text.textContent = m.content;
+  const div = el('div', {className: 'msg ' + m.role}, text);
+  if (m.meta) div.append(el('span', {className: 'meta', textContent: m.meta}));
+  return div;
+}
+
+function renderChat() {
+  renderConvs();
+  $('messages').replaceChildren(...convs[cur].messages.map(renderMessage));
+}
+
+// the tooltip: a token, its probability, and the alternatives the model weighed at that step
+function showTip(e) {
+  const t = e.target.tok;
+  if (!t) return hideTip();
+  const lines = [`${JSON.stringify(t[1])}  p=${fmt(Math.exp(t[2]))}  logprob=${fmt(t[2])}`, 'top alternatives:',
+                 ...t[3].map(([tok, lp]) => `  ${JSON.stringify(tok).padEnd(14)} ${fmt(Math.exp(lp))}`)];
+  $('tip').textContent = lines.join('\n');
+  $('tip').hidden = false;
+  const r = e.target.getBoundingClientRect();  // below the token, kept on screen
+  $('tip').style.left = Math.max(0, Math.min(r.left, innerWidth - $('tip').offsetWidth - 4)) + 'px';
+  $('tip').style.top = (r.bottom + 4) + 'px';
+}
+const hideTip = () => { $('tip').hidden = true; };
+for (const box of [$('messages'), $('columns')]) {
+  box.addEventListener('mouseover', showTip);
+  box.addEventListener('mouseout', hideTip);
+  box.addEventListener('click', showTip);  // a phone has no hover: tap a token
+}
+document.addEventListener('scroll', hideTip);
+
+let controller = null;  // the AbortController of the reply being streamed
+
+async function send(content) {
+  const conv = convs[cur], name = model(), p = params();
+  conv.messages.push({role: 'user', content});
+  if (conv.title === 'New chat') conv.title = content.slice(0, 40);
+  const history = conv.messages.filter(m => m.role !== 'error').map(({role, content}) => ({role, content}));
+  if ($('system').value.trim()) history.unshift({role: 'system', content: $('system').value});
+  renderChat();
+  const reply = {role: 'assistant', content: '', tokens: [], meta: ''};
+  const div = renderMessage(reply), text = div.querySelector('.text');
+  $('messages').append(div);
+  controller = new AbortController();
+  $('send').disabled = true;
+  $('stop').disabled = false;
+  const t0 = performance.now();
+  let finish = 'stopped';
+  try {
+    // 1) the prompt's tokens + max_tokens must fit the model's context: count them through the same chat template
+    //    as /v1/chat/completions, and shorten max_tokens to the room left
+    const n = (await api('/tokenize', {model: name, messages: history, add_generation_prompt: true})).count;
+    const room = models[name].max_model_len - n;
+    if (room < 1) throw new Error(`the conversation is ${n} tokens, the whole context of ${name}; start a new chat`);
+    // 2) stream the reply: one event per token, each with its logprob and top alternatives
+    const body = {...p, model: name, messages: history, max_tokens: Math.min(p.max_tokens, room), stream: true,
+                  logprobs: true, top_logprobs: TOP_LOGPROBS};
+    for await (const chunk of sse('/v1/chat/completions', body, controller.signal)) {
+      const c = chunk.choices[0];
+      if (!c) continue;
+      const delta = c.delta.content || '', lp = c.logprobs?.content[0];
+      if (delta || lp) {
+        // subtle: the text of a token may come later than the token (a UTF-8 character split over tokens, or text
+        // held back while it could be the start of a stop string), so a span shows the text that arrived with it
+        const t = [delta, lp ? lp.token : '', lp ? lp.logprob : null,
+                   lp ? lp.top_logprobs.map(a => [a.token, a.logprob]) : []];
+        reply.tokens.push(t);
+        reply.content += delta;
+        text.append(tokenSpan(t));
+      }
+      if (c.finish_reason) finish = c.finish_reason;
+    }
+  } catch (e) {
+    if (e.name !== 'AbortError') {
+      conv.messages.push({role: 'error', content: e.message});
+      finish = 'error';
+    }
+  } finally {
+    const s = (performance.now() - t0) / 1000, k = reply.tokens.filter(t => t[2] != null).length;
+    reply.meta = `${name} · ${k} tokens in ${s.toFixed(1)} s (${(k / s).toFixed(1)} tok/s) · ${finish}`;
+    if (reply.tokens.length) conv.messages.splice(conv.messages.length - (finish === 'error' ? 1 : 0), 0, reply);  // before the error
+    controller = null;
+    $('send').disabled = false;
+    $('stop').disabled = true;
+    saveConvs();
+    renderChat();
+  }
+}
+
+$('chat-form').onsubmit = e => {
+  e.preventDefault();
+  const content = $('input').value;
+  if (!content.trim() || controller) return;
+  $('input').value = '';
+  send(content);
+};
+$('input').onkeydown = e => {  // Enter sends, Shift+Enter is a new line
+  if (e.key === 'Enter' && !e.shiftKey) {
+    e.preventDefault();  // subtle: else the Enter's newline lands in the box just emptied, and starts the next message
+    $('chat-form').requestSubmit();
+  }
+};
+$('stop').onclick = () => controller?.abort();
+
+// export: JSON (the messages as the API takes them, plus settings) or Markdown (for reading)
+function exportChat(kind) {
+  const c = convs[cur], msgs = c.messages.filter(m => m.role !== 'error').map(({role, content}) => ({role, content}));
+  const stem = c.title.replace(/[^\w-]+/g, '_').slice(0, 40) || 'chat';
+  if (kind === 'json') {
+    download(stem + '.json', JSON.stringify({model: model(), system: $('system').value, settings: params(),
+                                             messages: msgs}, null, 1), 'application/json');
+  } else {
+    const sys = $('system').value ? `*system:* ${$('system').value}\n\n` : '';
+    download(stem + '.md', `# ${c.title}\n\nmodel: ${model()}\n\n` + sys +
+             msgs.map(m => `**${m.role}:**\n\n${m.content}\n`).join('\n'), 'text/markdown');
+  }
+}
+$('export-json').onclick = () => exportChat('json');
+$('export-md').onclick = () => exportChat('md');
+
+// -----------------------------------------------------------------------------
+// 4) inspect: tokens and attention
+
+// the text to inspect: plain, or wrapped in the chat template as one user message
+const inspectBody = () => $('as-chat').checked ?
+  {model: model(), messages: [{role: 'user', content: $('inspect-text').value}], add_generation_prompt: true} :
+  {model: model(), prompt: $('inspect-text').value};
+const visible = s => s.replace(/ /g, '·').replace(/\n/g, '↵').replace(/\t/g, '→');  // whitespace made visible
+
+async function tokenize() {
+  const j = await api('/tokenize', inspectBody());
+  const back = (await api('/detokenize', {model: model(), tokens: j.tokens})).prompt;  // the round trip
+  const info = await api('/tokenizer_info?model=' + encodeURIComponent(model()));
+  $('tokens').replaceChildren(...j.tokens.map((id, i) => {
+    const s = el('span', {title: `token ${i}: id ${id}`}, visible(j.token_strs[i]), el('sub', {}, id));
+    s.dataset.id = id;
+    s.style.background = `hsl(${(i * 47) % 360}, 70%, 88%)`;  // neighbours get distinct colours
+    return s;
+  }));
+  const plain = !$('as-chat').checked, text = $('inspect-text').value;
+  $('tok-info').textContent = `${j.count} tokens, ${(back.length / Math.max(j.count, 1)).toFixed(2)} characters per ` +
+    `token · ${info.kind} tokenizer, vocabulary ${info.vocab_size}` +
+    (info.eos_token_id == null ? '' : `, end of text ${JSON.stringify(info.eos_token)} (${info.eos_token_id})`) + (plain ? ` · the ids decode back to the text: ${back === text ? 'yes' : 'NO'}` : '') +
+    ' · · is a space, ↵ a newline';
+}
+$('tokenize').onclick = () => guard($('tok-info'), tokenize);
+
+let attn = null;  // the last /v1/attention answer: tokens and attentions[layer][head][query][key]
+
+async function attend() {
+  const ids = (await api('/tokenize', inspectBody())).tokens;  // the chat template's ids too, when ticked
+  attn = await api('/v1/attention', {model: model(), prompt: ids});
+  const L = attn.attentions.length, H = attn.attentions[0].length;
+  $('layer').replaceChildren(...Array.from({length: L}, (_, l) => new Option(l, l)));
+  $('head').replaceChildren(new Option('mean of heads', 'mean'), ...Array.from({length: H}, (_, h) => new Option(h, h)));
+  $('attn-box').hidden = false;
+  drawHeatmap();
+}
+$('attend').onclick = () => guard($('tok-info'), attend);
+$('layer').onchange = $('head').onchange = () => drawHeatmap();
+
+const LABEL = 70;  // pixels kept left of and above the grid for token labels
+
+function heatmapMatrix() {
+  const maps = attn.attentions[Number($('layer').value)], h = $('head').value;
+  if (h !== 'mean') return maps[Number(h)];
+  return maps[0].map((row, q) => row.map((_, k) => maps.reduce((s, m) => s + m[q][k], 0) / maps.length));
+}
+
+function drawHeatmap() {
+  const A = heatmapMatrix(), T = A.length, cell = Math.max(4, Math.floor(520 / T));
+  const cv = $('heatmap'), ctx = cv.getContext('2d');
+  cv.width = cv.height = LABEL + cell * T;
+  ctx.fillStyle = '#fff';
+  ctx.fillRect(0, 0, cv.width, cv.height);
+  // each row is a query token's attention over the keys (sums to 1; causal, so the upper triangle is 0).
+  // sqrt brightens small weights, which would otherwise all look white next to the large first-token weights
+  for (let q = 0; q < T; q++) {
+    for (let k = 0; k <= q; k++) {
+      ctx.fillStyle = `hsl(220, 80%, ${100 - 65 * Math.sqrt(A[q][k])}%)`;
+      ctx.fillRect(LABEL + k * cell, LABEL + q * cell, cell, cell);
+    }
+  }
+  if (cell >= 9) {  // token labels when they fit: queries down the left, keys along the top
+    ctx.fillStyle = '#333';
+    ctx.font = `${Math.min(cell - 2, 12)}px monospace`;
+    ctx.textBaseline = 'middle';
+    attn.tokens.forEach((t, i) => {
+      const s = visible(t).slice(0, 8);
+      ctx.textAlign = 'right';
+      ctx.fillText(s, LABEL - 3, LABEL + (i + 0.5) * cell);
+      ctx.save();
+      ctx.translate(LABEL + (i + 0.5) * cell, LABEL - 3);
+      ctx.rotate(-Math.PI / 2);
+      ctx.textAlign = 'left';
+      ctx.fillText(s, 0, 0);
+      ctx.restore();
+    });
+  }
+  cv.cell = cell;
+}
+
+$('heatmap').onmousemove = e => {  // name the cell under the pointer
+  const cv = $('heatmap'), r = cv.getBoundingClientRect(), scale = cv.width / r.width;
+  const k = Math.floor(((e.clientX - r.left) * scale - LABEL) / cv.cell);
+  const q = Math.floor(((e.clientY - r.top) * scale - LABEL) / cv.cell);
+  const A = heatmapMatrix();
+  if (q >= 0 && k >= 0 && q < A.length && k <= q) {
+    $('attn-cell').textContent = `${JSON.stringify(attn.tokens[q])} (${q}) attends to ` +
+      `${JSON.stringify(attn.tokens[k])} (${k}) with weight ${fmt(A[q][k])}`;
+  }
+};
+
+// -----------------------------------------------------------------------------
+// 5) compare decoding strategies: the same prompt, one request per strategy, all at once
+
+const STRATEGIES = [  // [name, sampling fields]; sampled columns share one seed, so a rerun repeats them
+  ['greedy', {temperature: 0}],
+  ['temperature 0.8', {temperature: 0.8}],
+  ['top-k 40', {temperature: 1, top_k: 40}],
+  ['top-p 0.9', {temperature: 1, top_p: 0.9}],
+  ['min-p 0.1', {temperature: 1, min_p: 0.1}],
+  ['beam search (4)', {temperature: 0, num_beams: 4}],
+];
+
+async function compare() {
+  const name = model(), prompt = $('compare-prompt').value;
+  const n = (await api('/tokenize', {model: name, prompt})).count;
+  const max_tokens = Math.max(1, Math.min(Number($('compare-max').value), models[name].max_model_len - n));
+  $('columns').replaceChildren(...STRATEGIES.map(([title, s]) => {
+    const col = el('div', {className: 'col'}, el('h4', {}, title), el('span', {className: 'dim'}, JSON.stringify(s)),
+                   el('pre', {textContent: '…'}), el('div', {className: 'dim meta'}));
+    run(col, s);
+    return col;
+  }));
+
+  async function run(col, s) {
+    const t0 = performance.now(), [pre, meta] = [col.querySelector('pre'), col.querySelector('.meta')];
+    try {
+      const body = {model: name, prompt, max_tokens, seed: Number($('compare-seed').value), logprobs: TOP_LOGPROBS, ...s};
+      const c = (await api('/v1/completions', body)).choices[0], lp = c.logprobs;
+      // tokens with their probabilities when their pieces spell the text (a split UTF-8 character would not)
+      if (lp && lp.tokens.join('') === c.text) {
+        pre.replaceChildren(...lp.tokens.map((t, i) =>
+          tokenSpan([t, t, lp.token_logprobs[i], Object.entries(lp.top_logprobs[i] || {})])));
+      } else {
+        pre.textContent = c.text;
+      }
+      const sum = lp ? lp.token_logprobs.reduce((a, b) => a + b, 0) : null;
+      meta.textContent = `${lp ? lp.tokens.length : '?'} tokens, ${((performance.now() - t0) / 1000).toFixed(2)} s` +
+        (lp && lp.tokens.length ? ` · mean logprob ${fmt(sum / lp.tokens.length)}` : '') + ` · ${c.finish_reason}`;
+    } catch (e) {
+      pre.textContent = e.message;
+      pre.classList.add('err');
+    }
+  }
+}
+$('run-compare').onclick = () => guard($('columns'), compare);
+
+// -----------------------------------------------------------------------------
+// 6) runs: loss curves and the leaderboard
+
+const finite = v => typeof v === 'number' && isFinite(v);  // a diverged run logs NaN/inf: left out
+
+// a line chart on a canvas: series [{name, color, points: [[x, y], ...]}], with axes, ticks and a legend
+function plot(cv, series) {
+  cv.series = series;  // kept, to draw again at a new size (a phone turned sideways)
+  const dpr = devicePixelRatio || 1, W = cv.clientWidth, H = cv.clientHeight;
+  cv.width = W * dpr;
+  cv.height = H * dpr;
+  const ctx = cv.getContext('2d');
+  ctx.scale(dpr, dpr);
+  const pts = series.flatMap(s => s.points);
+  if (pts.length < 2) return;
+  const m = {l: 44, r: 8, t: 8, b: 22};  // margins for the tick labels
+  const [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
+  const [y0, y1] = [Math.min(...pts.map(p => p[1])), Math.max(...pts.map(p => p[1]))];
+  const X = x => m.l + (x - x0) / ((x1 - x0) || 1) * (W - m.l - m.r);
+  const Y = y => H - m.b - (y - y0) / ((y1 - y0) || 1) * (H - m.t - m.b);
+  ctx.font = '11px system-ui';
+  ctx.fillStyle = '#777';
+  ctx.strokeStyle = '#eee';
+  for (let i = 0; i <= 4; i++) {  // 5 ticks on each axis, with grid lines
+    const y = y0 + (y1 - y0) * i / 4, x = x0 + (x1 - x0) * i / 4;
+    ctx.beginPath(); ctx.moveTo(m.l, Y(y)); ctx.lineTo(W - m.r, Y(y)); ctx.stroke();
+    ctx.textAlign = 'right';
+    ctx.fillText(y.toFixed(2), m.l - 4, Y(y) + 4);
+    ctx.textAlign = i === 4 ? 'right' : 'center';  // the last x label ends at the right edge
+    ctx.fillText(Math.round(x), X(x), H - 6);
+  }
+  series.forEach((s, i) => {
+    ctx.strokeStyle = ctx.fillStyle = s.color;
+    ctx.beginPath();
+    s.points.forEach(([x, y], j) => j ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y)));
+    ctx.stroke();
+    ctx.textAlign = 'right';
+    ctx.fillText(s.name, W - m.r - 4, m.t + 12 + 14 * i);
+  });
+}
+
+async function refreshRuns() {
+  const runs = (await api('/runs')).data;
+  $('runs-status').textContent = `${runs.length} runs with metrics.jsonl · updated ${new Date().toLocaleTimeString()}`;
+  for (const r of runs) {
+    let card = document.querySelector(`.run[data-name="${CSS.escape(r.name)}"]`);
+    if (!card) {
+      card = el('div', {className: 'run'}, el('h4', {}), el('canvas'), el('div', {className: 'dim'}));
+      card.dataset.name = r.name;
+      $('run-list').append(card);
+    }
+    // the same two curves as common.plot_loss_svg: train loss (log rows) and val loss (eval rows)
+    const train = r.metrics.filter(x => finite(x.loss)).map(x => [x.iter, x.loss]);
+    const val = r.metrics.filter(x => finite(x.val_loss)).map(x => [x.iter, x.val_loss]);
+    card.querySelector('h4').textContent = r.name + (r.served ? ' (served)' : '');
+    plot(card.querySelector('canvas'), [{name: 'train loss', color: '#1f77b4', points: train},
+                                        {name: 'val loss', color: '#d62728', points: val}]);
+    const last = r.metrics[r.metrics.length - 1] || {}, best = Math.min(...val.map(p => p[1]));
+    card.querySelector('.dim').textContent = `iter ${last.iter ?? '-'} · train loss ${fmt(train.at(-1)?.[1])} · ` +
+      `best val loss ${val.length ? fmt(best) : '-'}` + (r.config?.dataset ? ` · ${r.config.dataset}` : '');
+  }
+  await leaderboard();
+}
+
+// the leaderboard: each task's results, best first by its first metric (lower first for losses), as evaluate.py
+async function leaderboard() {
+  const j = await api('/leaderboard');
+  if (!j.data.length) {
+    $('leaderboard').textContent = 'No evaluations yet: python evaluate.py --init_from=RUN writes them to RUN/eval/.';
+    return;
+  }
+  const names = [...new Set(j.data.flatMap(r => Object.keys(r.metrics)))];
+  const head = el('tr', {}, ...['task', 'model', 'checkpoint', 'iter', 'n', ...names, 'date'].map(h => el('th', {}, h)));
+  const rows = [];
+  for (const task of [...new Set(j.data.map(r => r.task))].sort()) {
+    const group = j.data.filter(r => r.task === task), key = Object.keys(group[0].metrics)[0];
+    const sign = j.lower_is_better.includes(key) ? 1 : -1, v = r => key in r.metrics ? sign * r.metrics[key] : Infinity;
+    group.sort((a, b) => (v(a) - v(b)) || 0);  // rows without the key last (Infinity - Infinity is NaN: || 0)
+    group.forEach((r, i) => rows.push(el('tr', {}, ...[task, r.model, r.checkpoint.split('/').pop(), r.iter ?? '-', r.n,
+      ...names.map(m => r.metrics[m] == null ? '' : fmt(r.metrics[m], 4) +
+                   (r.stderr?.[m] != null ? ` ± ${fmt(r.stderr[m], 4)}` : '')),
+      r.created.slice(0, 10)].map((v, c) => el('td', {className: i === 0 && c > 4 && c < 5 + names.length ? 'best' : ''},
+                                              String(v))))));
+  }
+  $('leaderboard').replaceChildren(el('table', {}, head, ...rows));
+}
+
+addEventListener('resize', () => {
+  for (const cv of document.querySelectorAll('.run canvas')) if (cv.series) plot(cv, cv.series);
+});
+
+setInterval(() => {  // poll while the Runs tab is open, so a run being trained draws itself
+  if ($('runs').classList.contains('on') && $('live').checked) guard($('runs-status'), refreshRuns);
+}, 5000);
+
+// -----------------------------------------------------------------------------
+// start
+
+if (matchMedia('(max-width: 760px)').matches) $('settings').open = false;  // a phone: the chat first
+renderChat();
+guard($('chat-status'), async () => {
+  await loadModels();
+  showTab(location.hash.slice(1) in {chat: 1, inspect: 1, compare: 1, runs: 1} ? location.hash.slice(1) : 'chat');
+});
