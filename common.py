@@ -4,7 +4,8 @@ The training pieces that train.py, finetune.py and dpo.py share, each defined on
 
   1) configure_optimizer   AdamW, weight decay on matrices only, fused on CUDA
   2) get_lr                warmup, then cosine / linear decay, or constant
-  3) checkpoint_dict       everything exact resume needs, RNG states included; set_rng_states undoes it
+  3) checkpoint_dict       everything exact resume needs, RNG states included; set_rng_states undoes it;
+     resume_config         --init_from=resume: the checkpoint and the run's saved config, flags on top
   4) MetricsLogger         out_dir/metrics.jsonl, one JSON object per line
   5) plot_loss_svg         the loss curve as a dependency-free SVG
   6) write_model_card      out_dir/README.md, with the evaluations table of results.py
@@ -101,6 +102,22 @@ def checkpoint_dict(raw_model, optimizer, model_args, iter_num, best_val_loss, c
     if scaler is not None and scaler.is_enabled():
         ckpt['scaler'] = scaler.state_dict()
     return ckpt
+
+def resume_config(out_dir, config, script, choices=None, fixed=()):
+    """--init_from=resume: (out_dir/ckpt.pt, the config to go on with) = the run's saved config with this command
+    line applied on top again, so `--max_iters=...` extends a run. `fixed`: settings that can't change on resume
+    (a trained adapter's shape). A missing or corrupt checkpoint, or a changed fixed setting, raises ValueError."""
+    from configurator import configure
+    from model import load_checkpoint
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    saved = {k: v for k, v in ckpt['config'].items() if k in config}  # keys this script still has
+    resumed = configure({**config, **saved, '__file__': script}, choices=choices, verbose=False)
+    changed = [k for k in fixed if resumed[k] != ckpt['config'][k]]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"{k}={resumed[k]!r} differs from the checkpoint's {ckpt['config'][k]!r}; "
+                         f"{', '.join(fixed)} can't change on resume")
+    return ckpt, resumed
 
 # -----------------------------------------------------------------------------
 # 4) metrics.jsonl

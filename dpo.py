@@ -173,12 +173,14 @@ def load_pairs(path, tok, max_len):
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # the script: a visible loop, as in train.py
     import data as datasets
-    from common import MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg, write_model_card
+    from common import (MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg, resume_config,
+                        write_model_card)
     from configurator import configure
-    from model import autocast_ctx, load_checkpoint, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint
+    from model import autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint
     import common  # subtle: not `from common import LR_SCHEDULES`, which configure() would take for a setting
-    config = configure(globals(), choices={'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': common.LR_SCHEDULES,
-                                           'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+    CHOICES = {'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': common.LR_SCHEDULES,
+               'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+    config = configure(globals(), choices=CHOICES)
 
     def fail(msg):  # bad input: one line that names the problem and the fix, exit status 1, no traceback
         raise SystemExit(f'error: {msg}')
@@ -186,17 +188,12 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
     # resume = the run's saved config, then this command line on top (so `--max_iters=...` extends a run)
     ckpt = None
     if init_from == 'resume':
-        try:
-            ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        try:  # the adapter's shape is fixed once it is trained
+            ckpt, config = resume_config(out_dir, config, __file__, CHOICES, fixed=('lora_r', 'lora_alpha', 'lora_targets'))
         except ValueError as e:
             fail(e)
-        saved = {k: v for k, v in ckpt['config'].items() if k in config}  # init_from: the run's model source
-        config = configure({**config, **saved, '__file__': __file__}, verbose=False)
         globals().update(config)
-        init_from = config['init_from'] = ckpt['config']['init_from']  # the flags said 'resume'
-        for k in ('lora_r', 'lora_alpha', 'lora_targets'):  # the adapter's shape is fixed once it is trained
-            if globals()[k] != ckpt['config'][k]:
-                fail(f"{k}={globals()[k]!r} differs from the checkpoint's {ckpt['config'][k]!r}; LoRA settings can't change on resume")
+        init_from = config['init_from'] = ckpt['config']['init_from']  # the flags said 'resume': the run's model source
     if not 0 <= label_smoothing < 0.5 or beta <= 0:
         fail(f'label_smoothing={label_smoothing} must be in [0, 0.5) and beta={beta} positive')
 

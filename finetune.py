@@ -47,10 +47,10 @@ import torch.nn as nn
 
 import data as datasets
 from common import (LR_SCHEDULES, MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg,
-                    set_rng_states, write_model_card)
+                    resume_config, set_rng_states, write_model_card)
 from evaluate import exact_match
 from formats import ROLES, read_rows, read_sft
-from model import autocast_ctx, load_checkpoint, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint
+from model import autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint
 from tokenizer import from_spec
 
 # -----------------------------------------------------------------------------
@@ -106,17 +106,12 @@ def fail(msg):
 
 # resume = the run's saved config, then this command line on top (so `--max_iters=...` extends a run)
 ckpt = None
-if init_from == 'resume':
+if init_from == 'resume':  # the adapter's shape is fixed once it is trained
     try:
-        ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        ckpt, config = resume_config(out_dir, config, __file__, CHOICES, fixed=('lora_r', 'lora_alpha', 'lora_targets'))
     except ValueError as e:
         fail(e)
-    saved = {k: v for k, v in ckpt['config'].items() if k in config and k != 'init_from'}
-    config = configure({**config, **saved, '__file__': __file__}, choices=CHOICES, verbose=False)
     globals().update(config)
-    for k in ('lora_r', 'lora_alpha', 'lora_targets'):  # the adapter's shape is fixed once it is trained
-        if globals()[k] != ckpt['config'][k]:
-            fail(f"{k}={globals()[k]!r} differs from the checkpoint's {ckpt['config'][k]!r}; LoRA settings can't change on resume")
 
 # -----------------------------------------------------------------------------
 # the data: conversations -> (inputs, targets) of the chat template

@@ -36,9 +36,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datasets
-from common import (MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg, set_rng_states,
-                    write_model_card)
-from model import (GPT, GPTConfig, autocast_ctx, load_checkpoint, load_model, model_from_checkpoint, resolve_device,
+from common import (MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg, resume_config,
+                    set_rng_states, write_model_card)
+from model import (GPT, GPTConfig, autocast_ctx, load_model, model_from_checkpoint, resolve_device,
                    resolve_dtype, save_checkpoint)
 
 # -----------------------------------------------------------------------------
@@ -114,11 +114,9 @@ master_process = rank == 0  # only it prints and writes files
 ckpt = None
 if init_from == 'resume':
     try:
-        ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        ckpt, config = resume_config(out_dir, config, __file__, CHOICES)
     except ValueError as e:
         fail(e)
-    saved = {k: v for k, v in ckpt['config'].items() if k in config}  # keys this train.py still has
-    config = configure({**config, **saved, '__file__': __file__}, choices=CHOICES, verbose=False)
     globals().update(config)
     for k in MODEL_KEYS:
         if k != 'block_size' and globals()[k] != ckpt['model_args'][k]:

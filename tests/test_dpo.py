@@ -28,13 +28,7 @@ TINY = ['--device=cpu', '--batch_size=4', '--eval_interval=3', '--log_interval=1
 KEYS = ['rewards/chosen', 'rewards/rejected', 'rewards/accuracies', 'rewards/margins', 'logps/chosen', 'logps/rejected', 'kl']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls are faster on one thread, and on a busy 2-core machine two threads spin (tests/test_sample.py)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def tiny_model():

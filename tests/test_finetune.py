@@ -150,6 +150,9 @@ def test_resume_is_exact(setup, tmp_path, lora):
     assert curve(tmp_path / 'a') == curve(tmp_path / 'b')
     a, b = (load_model(str(tmp_path / d))[0].state_dict() for d in 'ab')
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if lora:  # a trained adapter's shape can't change on resume
+        with pytest.raises(SystemExit, match="lora_r=8 differs from the checkpoint's 4"):
+            finetune(*tiny(setup, tmp_path / 'b'), '--init_from=resume', '--lora_r=8')
 
 
 def test_bad_input_is_an_error_naming_file_and_row_or_a_counted_skip(setup, tmp_path, capsys):

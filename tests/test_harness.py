@@ -20,13 +20,7 @@ BLOCK = 64  # small, so long documents roll over several windows and long contex
 WORDS = 'the cat dog sat on a mat red blue green sun moon star tree river hill , .'.split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls are faster on one thread, and on a busy 2-core machine 2 threads spin; restored afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def text(rng, lo, hi):

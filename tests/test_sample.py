@@ -22,14 +22,7 @@ ARCHS = ['gpt2', 'llama']
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 5, 40]]  # uneven lengths: left padding in one batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls are faster on one thread, and a busy 2-core machine makes 2 threads spin (measured: 130 ms vs
-    # 1 ms per forward); restored after each test so other test files keep their settings
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def tiny(arch='gpt2', block_size=64, vocab_size=97):
