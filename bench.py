@@ -371,7 +371,7 @@ def bench_serve():
 
 RSS_PROBE = """
 import json, os, sys, torch
-import serve
+import quantize
 from model import GPT, GPTConfig, load_model
 from sample import generate
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -379,7 +379,7 @@ base = rss()
 src, quant = sys.argv[1], sys.argv[2] == 'int8'
 m = GPT(GPTConfig(**json.loads(src))).eval() if src.startswith('{') else load_model(src)[0]
 if quant:
-    serve.quantize_int8(m)
+    quantize.quantize_int8(m)
 generate(m, [[0] * 8], 8, temperature=0.0, stop_tokens=())
 print(rss() - base)
 """
@@ -391,7 +391,7 @@ def bench_quantize(src):
     import subprocess
     import sys
     import evaluate
-    import serve
+    import quantize
     from model import load_model
     torch.manual_seed(seed)
     if src in SHAPES:
@@ -399,11 +399,11 @@ def bench_quantize(src):
     else:
         fp, tok, ckpt = load_model(src)
         dataset = (ckpt.get('config') or {}).get('dataset')
-    q = serve.quantize_int8(copy.deepcopy(fp))
+    q = quantize.quantize_int8(copy.deepcopy(fp))
     print(f"\n{src}: {fp.num_params(non_embedding=False) / 1e6:.2f}M parameters, CPU")
     row = {'model': src}
     # 1) bytes: the state dict, and the RSS a fresh process adds by loading the model and generating once
-    row['bytes'] = [serve.state_bytes(m) for m in (fp, q)]
+    row['bytes'] = [quantize.state_bytes(m) for m in (fp, q)]
     arg = json.dumps(SHAPES[src]) if src in SHAPES else src
     row['rss'] = [int(subprocess.run([sys.executable, '-c', RSS_PROBE, arg, k], capture_output=True, text=True,
                                      check=True).stdout.split()[-1]) for k in ('fp32', 'int8')]

@@ -43,7 +43,6 @@ import threading
 import time
 import traceback
 import uuid
-import warnings
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import accumulate
@@ -51,10 +50,10 @@ from types import SimpleNamespace
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from model import KVCache, load_model, resolve_device, resolve_dtype
+from quantize import quantize_int8
 from sample import Event, _TextStream, _top, generate_stream, penalty_state, process_logits, sample_next
 
 _before = set(globals())
@@ -274,88 +273,6 @@ class Worker(threading.Thread):
             top = _top(logp[b:b + 1], row.o.logprobs)[0] if row.o.logprobs else None
             events.append(Event(row.prompt_index, row.sample_index, t, delta, lps[b], top, reason))
         return events
-
-# -----------------------------------------------------------------------------
-# --quantize=int8: int8 weights on CPU. Every nn.Linear (the blocks' and lm_head) keeps int8 weights with one
-# scale per output channel, symmetric: scale = max|w_row| / 127, q = round(w / scale). The token embedding is int8
-# too (per row, the same scales when tied to lm_head): without it GPT-2-124M shrinks only to ~49%.
-# Position embeddings and norms stay fp32 (under 1% of the bytes).
-# Which kernel, measured per matmul on the 2-core AVX2 dev CPU at batch 1, 8 and 16: aten's weight-only int8 matmul
-# (torch._weight_int8pack_mm) takes 5-30x as long as fp32's, torch._int_mm 10-45x, and dequantizing on the fly
-# (int8 -> fp32 copy, then F.linear) 1.1-10x; only fbgemm's dynamic int8 linear beats fp32 on GPT-2's shapes, up to
-# 4x (end to end: bench.py --which=quantize). On a 128-wide model, whose 3 MB of weights sit in cache, every int8
-# path is slower than fp32: there int8 only saves memory. fbgemm quantizes the activations too, with one scale for
-# the whole input, which would make a row's result depend on the other rows of the batch; so each row is first
-# divided by its own max |x|, and one fixed row holding +1 and -1 is appended: every row is then quantized on the
-# same grid (per-token activations, 128 levels over [-1, 1]), the int32 sums are exact, and a row's output is bitwise
-# the same whatever shares its batch (tests/test_serve.py). Perplexity: +0.04% to +0.13% on the Shakespeare runs.
-
-def int8_rows(w):
-    """w (out, in) -> (q int8 (out, in), scale fp32 (out,)) with w ~= q * scale[:, None]."""
-    w = w.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-class Int8Linear(nn.Module):
-    """y = x @ (q * scale)^T + bias, by fbgemm with per-row int8 activations (see the section comment). The int8
-    matrix lives only in fbgemm's packed layout (in * out bytes); the bias stays fp32."""
-    def __init__(self, linear):
-        super().__init__()
-        q, scale = int8_rows(linear.weight)
-        zero = torch.zeros(len(scale), dtype=torch.long)
-        self.packed = torch.ops.quantized.linear_prepack(
-            torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0), None)
-        self.in_features, self.out_features, self.bias = linear.in_features, linear.out_features, linear.bias
-        self.int8_weights = self.in_features * self.out_features  # GPT.num_params counts them
-        grid = torch.zeros(1, self.in_features)
-        grid[0, :2] = torch.tensor([1.0, -1.0])  # the fixed row: the input's range is always exactly [-1, 1]
-        self.register_buffer('grid', grid, persistent=False)
-
-    def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)  # (M, in)
-        r = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (M, 1) each row's range
-        # reduce_range: 7-bit activations, which fbgemm's AVX2 kernel needs to not saturate its int16 sums
-        y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / r, self.grid]), self.packed, True)[:-1] * r
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-class Int8Embedding(nn.Module):
-    """Rows of an int8 matrix times their scales. Tied to lm_head, it is a second int8 copy of the head's matrix
-    (fbgemm's packed layout cannot be indexed by row), so GPT.num_params does not count it twice."""
-    def __init__(self, weight, tied):
-        super().__init__()
-        q, scale = int8_rows(weight)
-        self.register_buffer('weight', q)
-        self.register_buffer('scale', scale)
-        self.int8_weights = 0 if tied else q.numel()
-
-    def forward(self, idx):
-        return self.weight[idx].float() * self.scale[idx].unsqueeze(-1)  # (B, T, C)
-
-def quantize_int8(model):
-    """Make a CPU fp32 model int8, in place -> model (see the section comment)."""
-    p = next(model.parameters())
-    if p.device.type != 'cpu' or p.dtype != torch.float32:
-        raise ValueError(f"quantize=int8 is for CPU fp32 serving (this model is {p.device.type}, {p.dtype}); on a "
-                         "GPU serve bf16 (--dtype=auto) instead")
-    if torch.backends.quantized.engine not in ('x86', 'fbgemm'):
-        raise ValueError(f"quantize=int8 needs PyTorch's x86 (fbgemm) int8 kernels; this machine has "
-                         f"{torch.backends.quantized.engine}: serve without --quantize")
-    model.transformer.wte = Int8Embedding(model.transformer.wte.weight, model.config.tie_embeddings)
-    with warnings.catch_warnings():  # torch deprecates quantized tensors; the one above is only handed to fbgemm
-        warnings.simplefilter('ignore')
-        for mod in list(model.modules()):
-            for name, child in list(mod.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(mod, name, Int8Linear(child))
-    return model
-
-def state_bytes(model):
-    """Bytes of the model's weights: its state dict (a tensor under two names, tied, counted once), plus 1 byte per
-    weight of the fbgemm-packed int8 matrices, which are not tensors of the state dict."""
-    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
-    return sum(seen.values()) + sum(m.in_features * m.out_features + 4 * m.out_features  # int8 + fp32 scales
-                                    for m in model.modules() if isinstance(m, Int8Linear))
 
 # -----------------------------------------------------------------------------
 # requests: checking the body, and OpenAI's response shapes

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import quantize
 import serve
 from model import GPT, GPTConfig, load_model, save_checkpoint  # tests/conftest.py puts the repo root on sys.path
 from sample import generate
@@ -419,8 +420,8 @@ def test_an_error_in_the_worker_fails_its_request_not_the_server(server, monkeyp
 def test_int8_logits_close_to_fp32_and_weights_at_most_half(ref):
     for name, prompt in (('char', 'To be, or not to be'), ('bpe', 'The cat sat on the mat')):  # tied, untied head
         model, tok = ref[name]
-        q = serve.quantize_int8(copy.deepcopy(model))
-        assert isinstance(q.lm_head, serve.Int8Linear) and q.transformer.wte.weight.dtype == torch.int8
+        q = quantize.quantize_int8(copy.deepcopy(model))
+        assert isinstance(q.lm_head, quantize.Int8Linear) and q.transformer.wte.weight.dtype == torch.int8
         x = torch.tensor([tok.encode(prompt)])
         with torch.no_grad():
             want, got = model(x)[0], q(x)[0]
@@ -428,15 +429,15 @@ def test_int8_logits_close_to_fp32_and_weights_at_most_half(ref):
         # these sharp random weights (std 0.3) amplify rounding: 7-8% here; trained runs lose < 0.2% perplexity
         assert (got - want).norm() < 0.12 * want.norm() and (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.8
         assert torch.equal(other, got)  # per-row activation scales: a row's logits do not depend on its batch
-        assert serve.state_bytes(q) <= serve.state_bytes(model) / 2 and q.num_params() == model.num_params()
+        assert quantize.state_bytes(q) <= quantize.state_bytes(model) / 2 and q.num_params() == model.num_params()
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96)
     x = torch.randn(5, 3, 256)
     with torch.no_grad():
-        want, got = lin(x), serve.Int8Linear(lin)(x)
+        want, got = lin(x), quantize.Int8Linear(lin)(x)
     assert got.shape == want.shape and (got - want).norm() < 0.02 * want.norm()  # one layer: ~1%
     with pytest.raises(ValueError, match='CPU fp32'):
-        serve.quantize_int8(copy.deepcopy(ref['char'][0]).to(torch.bfloat16))
+        quantize.quantize_int8(copy.deepcopy(ref['char'][0]).to(torch.bfloat16))
 
 
 def test_int8_server_serves_what_the_int8_model_generates(runs, ref):
@@ -445,7 +446,7 @@ def test_int8_server_serves_what_the_int8_model_generates(runs, ref):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         model, tok = ref['char']
-        want = generate(serve.quantize_int8(copy.deepcopy(model)), tok.encode('To be'), 30, temperature=0.0,
+        want = generate(quantize.quantize_int8(copy.deepcopy(model)), tok.encode('To be'), 30, temperature=0.0,
                         tokenizer=tok)[0]
         status, body = call(srv, 'POST', '/v1/completions', {'prompt': 'To be', 'max_tokens': 30, 'temperature': 0})
         assert status == 200 and body['choices'][0]['text'] == want.text
