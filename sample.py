@@ -147,7 +147,7 @@ def _utf8_safe_len(data):
             return len(data) - i if need > i else len(data)
     return len(data)
 
-class _TextStream:
+class TextStream:
     """One row's text: holds back a split UTF-8 character at the end and any tail that could begin a stop string,
     finds stop strings that span token boundaries, and says when the row is finished."""
     def __init__(self, o):
@@ -267,7 +267,7 @@ def _sample(model, o):
     # 1) one row per (prompt, sample), prefilled together; `active` maps batch rows to the rows still going
     rows = [(i, s) for i in range(len(o.prompts)) for s in range(o.num_samples)]
     outs = [[] for _ in rows]
-    texts = [_TextStream(o) for _ in rows]
+    texts = [TextStream(o) for _ in rows]
     active = list(range(len(rows)))
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(o.seed) if o.seed is not None else None
@@ -282,7 +282,7 @@ def _sample(model, o):
                            min_p=o.min_p, **o.pen)
         nxt = sample_next(x, o.temperature, gen)  # (B,)
         lps = logp.gather(1, nxt[:, None])[:, 0].tolist()
-        tops = _top(logp, o.logprobs)
+        tops = top_logprobs(logp, o.logprobs)
         # 3) report it, and see which rows are done
         keep = []
         for b, (r, t) in enumerate(zip(active, nxt.tolist())):
@@ -301,7 +301,7 @@ def _sample(model, o):
         ctxs = [o.prompts[rows[r][0]] + outs[r] for r in active]
         logits, cache = _advance(model, cache, ctxs, o.max_new_tokens - step - 1, o.use_cache)
 
-def _top(logp, k):
+def top_logprobs(logp, k):
     """The k likeliest (token, logprob) of each row, or None per row when k=0."""
     if not k:
         return [None] * logp.size(0)
@@ -332,7 +332,7 @@ def _beam_search(model, o):
             logp = F.log_softmax(process_logits(logits, seen, counts, temperature=0.0, **o.pen), dim=-1)
             cand = torch.tensor([b['score'] for b in beams], device=logp.device)[:, None] + logp  # (nb, V)
             vals, flat = cand.view(-1).topk(min(2 * K, cand.numel()))
-            tops = _top(logp_raw, o.logprobs)
+            tops = top_logprobs(logp_raw, o.logprobs)
             # 2) the first K that do not stop run on; stopped ones in the top K are finished
             new = []
             for rank, (v, f) in enumerate(zip(vals.tolist(), flat.tolist())):
@@ -357,7 +357,7 @@ def _beam_search(model, o):
                                          o.max_new_tokens - step - 1, o.use_cache)
         # 4) the best num_samples of finished and still running beams, as events
         for si, b in enumerate(sorted(finished + beams, key=norm, reverse=True)[:o.num_samples]):
-            text = _TextStream(o)
+            text = TextStream(o)
             for j, t in enumerate(b['tokens']):
                 delta, reason = text.push(t, j == len(b['tokens']) - 1)
                 yield Event(pi, si, t, delta, b['lps'][j], b['tops'][j], reason)

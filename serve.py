@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from model import KVCache, load_model, resolve_device, resolve_dtype
 from quantize import quantize_int8
-from sample import Event, _TextStream, _top, generate_stream, penalty_state, process_logits, sample_next
+from sample import Event, TextStream, top_logprobs, generate_stream, penalty_state, process_logits, sample_next
 
 _before = set(globals())
 # -----------------------------------------------------------------------------
@@ -95,7 +95,7 @@ class Row:
     """One sequence being decoded: sample `sample_index` of prompt `prompt_index` of a request (o)."""
     def __init__(self, o, prompt_index, sample_index, prompt, device):
         self.o, self.prompt_index, self.sample_index, self.prompt, self.out = o, prompt_index, sample_index, prompt, []
-        self.text = _TextStream(o)  # sample.py's UTF-8-safe text deltas and stop strings
+        self.text = TextStream(o)  # sample.py's UTF-8-safe text deltas and stop strings
         # subtle: a private generator per row, so the draws of a seeded row do not depend on its neighbours;
         # sample i of n gets seed+i, so n=1 gives exactly what sample.generate(seed=seed) gives
         self.gen = torch.Generator(device=device).manual_seed(o.seed + sample_index) if o.seed is not None else None
@@ -221,7 +221,7 @@ class Worker(threading.Thread):
         if o.echo_lp:
             logp = F.log_softmax(logits[:-1], dim=-1)  # (T-1, V), the raw distribution as sample.py reports it
             lps = logp.gather(1, torch.tensor(prompt[1:], device=self.device)[:, None])[:, 0].tolist()
-            scores = ([None] + lps, [None] + _top(logp, o.logprobs))
+            scores = ([None] + lps, [None] + top_logprobs(logp, o.logprobs))
         return logits[-1:], cache, scores
 
     def _merge(self, parts):
@@ -270,7 +270,7 @@ class Worker(threading.Thread):
         for b, (row, t) in enumerate(zip(self.active, nxt.tolist())):
             row.out.append(t)
             delta, reason = row.text.push(t, len(row.out) == row.o.max_tokens)
-            top = _top(logp[b:b + 1], row.o.logprobs)[0] if row.o.logprobs else None
+            top = top_logprobs(logp[b:b + 1], row.o.logprobs)[0] if row.o.logprobs else None
             events.append(Event(row.prompt_index, row.sample_index, t, delta, lps[b], top, reason))
         return events
 
@@ -384,7 +384,7 @@ def _read_request(w, body, chat):
         include_usage=bool((opts or {}).get('include_usage')),
         num_beams=_number(body, 'num_beams', 1, 1, n_limit, integer=True),
         length_penalty=_number(body, 'length_penalty', 1.0, -10.0, 10.0),
-        tokenizer=tok, stop_tokens=set(stop_tokens), stop_strings=stop_strings + stop,  # what _TextStream reads
+        tokenizer=tok, stop_tokens=set(stop_tokens), stop_strings=stop_strings + stop,  # what TextStream reads
         queue=queue.Queue(), cancelled=False)
     o.echo_lp = o.echo and logprobs is not None
     if o.filters['top_p'] == 0 or o.filters['min_p'] == 1:

@@ -215,7 +215,7 @@ def test_stop_tokens_and_strings():
 
 def test_text_stream_holds_back_split_utf8():
     tok = SimpleNamespace(decode_bytes=bytes)  # a byte-level tokenizer: id = byte
-    ts = sample._TextStream(SimpleNamespace(tokenizer=tok, stop_strings=[], stop_tokens={0}))
+    ts = sample.TextStream(SimpleNamespace(tokenizer=tok, stop_strings=[], stop_tokens={0}))
     e = 'é'.encode()  # 2 bytes
     assert ts.push(ord('a'), False) == ('a', None)
     assert ts.push(e[0], False) == ('', None)  # half a character: held back, no U+FFFD
