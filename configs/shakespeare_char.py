@@ -1,7 +1,7 @@
 # Char-level Shakespeare on a laptop CPU: the default (`python train.py` trains exactly this).
-# Hardware: 2-core CPU (fp32). Time: ~76 s for 1500 iterations (~45 ms/iter) plus evals.
+# Hardware: 2-core CPU (fp32). Time: ~80 s for 1500 iterations (~48 ms/iter) plus evals.
 # Expected: val loss ~1.85 (measured 1.8533). nanoGPT's documented CPU run of the same model
-# (2000 iters at lr 1e-3) reaches 1.8857 in ~94 s here; a 3x higher learning rate gets further in 1500.
+# (2000 iters at lr 1e-3) reaches 1.8857 in 108 s here, run back to back; a 3x higher learning rate gets further in 1500.
 #   python train.py configs/shakespeare_char.py
 #   python sample.py --init_from=out-shakespeare-char --start="ROMEO:"
 
