@@ -146,28 +146,105 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer, kept between forward calls so each new token costs O(T), not O(T^2).
+    """Keys and values of every layer for `slots` sequences, each with its own length, kept between forward calls so
+    each new token costs O(T), not O(T^2). engine.py keeps one per model; slot s holds one row's context.
 
-    Prompts of different lengths share one batch by LEFT padding: row b starts with pad[b] filler
-    slots that no query may attend to, and its positions count from its first real token. All rows
-    then append tokens in lockstep, so one `length` describes the whole cache.
+    A forward pass with a cache feeds a flat list of new tokens, laid out by schedule():
+      - decode: one token for each slot in [0, decode), batched into one attention call (slots with no real row
+        in that range compute a throwaway token that is never kept: cheaper than gathering the others together)
+      - chunks: (slot, T) runs of T tokens appended to one slot (a prompt being prefilled), attention per chunk
+    so a step can prefill prompts and decode every other row in the same matrix multiplies. Without schedule(), a
+    (B, T) input appends T tokens to each of slots 0..B-1.
     """
-    def __init__(self, config, batch_size, max_len, device, dtype, pad=None):
-        if max_len > config.block_size:
-            raise ValueError(f"KV cache of {max_len} tokens exceeds block_size={config.block_size}; "
-                             "generate fewer tokens or shorten the prompt")
-        shape = (batch_size, config.n_kv_head, max_len, config.head_size)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
-        self.max_len = max_len
-        self.length = 0  # slots filled so far (same for every row)
+    def __init__(self, config, slots, max_len, device, dtype):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.lengths = [0] * slots  # tokens held by each slot
+        self.k, self.v, self.max_len, self.plan, self.pos = [], [], 0, None, None
+        self.reserve(max_len)
 
-    def select(self, rows):
-        """Keep only these batch rows (beam search reorders; a server drops finished requests)."""
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
-        self.pad = self.pad[rows]
+    def reserve(self, n):
+        """Room for n tokens in every slot (at most block_size): grows the storage (doubling), keeping its contents."""
+        if n > self.config.block_size:
+            raise ValueError(f"KV cache of {n} tokens exceeds block_size={self.config.block_size}; "
+                             "generate fewer tokens or shorten the prompt")
+        if n <= self.max_len:
+            return
+        size = min(self.config.block_size, max(n, 2 * self.max_len))
+        shape = (len(self.lengths), self.config.n_kv_head, size, self.config.head_size)
+        # subtle: zeros, not empty: masked-out slots still enter attention as 0 * V, and garbage could be NaN
+        grow = lambda old: torch.cat([old, torch.zeros(*shape[:2], size - self.max_len, shape[3], device=self.device,
+                                                       dtype=self.dtype)], dim=2) if old is not None else \
+            torch.zeros(shape, device=self.device, dtype=self.dtype)
+        n_layer = self.config.n_layer
+        self.k = [grow(self.k[i] if self.k else None) for i in range(n_layer)]
+        self.v = [grow(self.v[i] if self.v else None) for i in range(n_layer)]
+        self.max_len = size
+
+    def copy(self, src, dst, n=None):
+        """Slots dst take the first n (default: all) cached tokens of slots src (a fork, or a beam-search reorder)."""
+        n = max(self.lengths[s] for s in src) if n is None else n
+        si, di = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+        for kv in (self.k, self.v):
+            for t in kv:
+                t[di, :, :n] = t[si, :, :n]  # subtle: the right side is gathered first, so src and dst may overlap
+        lengths = [min(n, self.lengths[s]) for s in src]
+        for d, m in zip(dst, lengths):
+            self.lengths[d] = m
+
+    def schedule(self, decode=0, real=None, chunks=()):
+        """Lay out the next forward's tokens: one for each slot in [0, decode) (real[s] False: a throwaway token),
+        then each (slot, T) chunk -> positions (1, N) of those tokens. Grows the storage if the tokens need room;
+        masks are built here, once for all layers."""
+        real = [True] * decode if real is None else real
+        self.reserve(max([self.lengths[s] + 1 for s in range(decode) if real[s]] +
+                         [self.lengths[s] + T for s, T in chunks], default=0))
+        starts = [min(self.lengths[s], self.max_len - 1) for s in range(decode)]
+        S = max(starts, default=-1) + 1
+        dmask = None
+        if decode and min(starts) != S - 1:  # rows of different lengths: each sees only its own keys
+            dmask = torch.arange(S, device=self.device)[None, :] <= torch.tensor(starts, device=self.device)[:, None]
+            dmask = dmask.view(decode, 1, 1, S)
+        segs = []
+        for slot, T in chunks:
+            c = self.lengths[slot]
+            mask = None if c == 0 else torch.ones(T, c + T, dtype=torch.bool, device=self.device).tril(c)
+            segs.append((slot, c, T, mask))
+        self.plan = (decode, real, torch.tensor(starts, dtype=torch.long, device=self.device), S, dmask, segs)
+        pos = starts + [p for _, c, T, _ in segs for p in range(c, c + T)]
+        self.pos = torch.tensor([pos], dtype=torch.long, device=self.device)
+        return self.pos
+
+    def attend(self, layer, q, k, v, gqa):
+        """Store this step's keys/values and attend over each row's own context. q (1, nh, N, hs), k/v (1, nkv, N, hs)
+        -> (1, nh, N, hs)."""
+        decode, real, starts, S, dmask, segs = self.plan
+        K, V, ys, off = self.k[layer], self.v[layer], [], decode
+        if decode:
+            rows = torch.arange(decode, device=self.device)
+            K[rows, :, starts] = k[0, :, :decode].transpose(0, 1)  # (decode, nkv, hs), each at its own position
+            V[rows, :, starts] = v[0, :, :decode].transpose(0, 1)
+            qd = q[0, :, :decode].transpose(0, 1).unsqueeze(2)    # (decode, nh, 1, hs)
+            y = F.scaled_dot_product_attention(qd, K[:decode, :, :S], V[:decode, :, :S], attn_mask=dmask,
+                                               enable_gqa=gqa)    # (decode, nh, 1, hs)
+            ys.append(y.squeeze(2).transpose(0, 1).unsqueeze(0))  # (1, nh, decode, hs)
+        for slot, c, T, mask in segs:
+            K[slot, :, c:c + T] = k[0, :, off:off + T]
+            V[slot, :, c:c + T] = v[0, :, off:off + T]
+            # subtle: is_causal aligns top-left, which is right only when the chunk starts the slot (c == 0)
+            ys.append(F.scaled_dot_product_attention(q[:, :, off:off + T], K[slot:slot + 1, :, :c + T],
+                                                     V[slot:slot + 1, :, :c + T], attn_mask=mask,
+                                                     is_causal=mask is None and T > 1, enable_gqa=gqa))
+            off += T
+        return torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
+
+    def advance(self):
+        """After the forward: each slot holds the tokens it was fed (throwaway tokens are not kept)."""
+        decode, real, _, _, _, segs = self.plan
+        for s in range(decode):
+            self.lengths[s] += bool(real[s])
+        for slot, _, T, _ in segs:
+            self.lengths[slot] += T
+        self.plan = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -182,7 +259,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.arch = config.arch
 
-    def forward(self, x, rope, mask, cache, layer, need_weights=False):
+    def forward(self, x, rope, cache, layer, need_weights=False):
         B, T, C = x.size()  # batch, time, channels
         q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], dim=2)
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)     # (B, nh, T, hs)
@@ -190,27 +267,20 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:  # write this step's keys/values, then attend over everything so far
-            t0 = cache.length
-            cache.k[layer][:, :, t0:t0 + T] = k
-            cache.v[layer][:, :, t0:t0 + T] = v
-            k, v = cache.k[layer][:, :, :t0 + T], cache.v[layer][:, :, :t0 + T]  # (B, nkv, S, hs)
-        gqa = self.n_kv_head != self.n_head
-        if need_weights:  # the explicit path, for attention heatmaps
+        gqa, att = self.n_kv_head != self.n_head, None
+        if cache is not None:  # incremental decoding: each row attends over its own slot (KVCache.attend)
+            y = cache.attend(layer, q, k, v, gqa)
+        elif need_weights:  # the explicit path, for attention heatmaps
             if gqa:
                 k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
                 v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hs)       # (B, nh, T, S)
-            S = k.size(2)
-            allowed = mask if mask is not None else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            att = F.softmax(att.masked_fill(~allowed, float('-inf')).float(), dim=-1).to(q.dtype)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hs)       # (B, nh, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = F.softmax(att.masked_fill(~causal, float('-inf')).float(), dim=-1).to(q.dtype)
             y = att @ v
         else:  # flash attention on GPU, fused kernels on CPU
-            # subtle: is_causal aligns the mask top-left, so it is only right when T == S (forward() builds
-            # an explicit mask whenever a chunk of several tokens is appended to a non-empty cache)
-            att = None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y)), att
 
@@ -242,8 +312,8 @@ class Block(nn.Module):
                (lambda: nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias))
         self.ln_1, self.attn, self.ln_2, self.mlp = norm(), CausalSelfAttention(config), norm(), MLP(config)
 
-    def forward(self, x, rope, mask, cache, layer, need_weights=False):
-        a, att = self.attn(self.ln_1(x), rope, mask, cache, layer, need_weights)
+    def forward(self, x, rope, cache, layer, need_weights=False):
+        a, att = self.attn(self.ln_1(x), rope, cache, layer, need_weights)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, att
@@ -284,74 +354,57 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None, last_only=False, need_weights=False, logits_from=0):
+    def forward(self, idx, targets=None, cache=None, need_weights=False, logits_from=0, logits_at=None):
         """idx (B, T) token ids -> (logits, loss).
         targets: (B, T) next-token ids, -1 = ignored (prompt tokens in SFT, padding).
-        cache: a KVCache to read and extend (incremental decoding); positions continue from cache.length.
-        last_only: compute logits for the last position only (generation: saves a (T, vocab) matmul).
-        logits_from: compute logits for positions logits_from.. only (scoring a continuation: the same saving).
-        need_weights: also return the attention weights of every layer, as (logits, loss, [(B, nh, T, S)])."""
+        cache: a KVCache to read and extend (incremental decoding, engine.py): the tokens go where cache.schedule()
+          laid them out, or, without a schedule, T more tokens for each of slots 0..B-1.
+        logits_from: compute logits for positions logits_from.. only (scoring a continuation: saves a (T, vocab) matmul).
+        logits_at: compute logits only at these flat positions of idx.view(-1) -> (1, len, vocab) (the engine).
+        need_weights: also return the attention weights of every layer, as (logits, loss, [(B, nh, T, T)])."""
         B, T = idx.size()
-        t0 = cache.length if cache is not None else 0
-        if t0 + T > self.config.block_size:
-            raise ValueError(f"sequence of {t0 + T} tokens exceeds block_size={self.config.block_size}; "
-                             "crop the input to the last block_size tokens")
-        # 1) positions: row b's first real token is position 0, whatever its left padding
-        pos = torch.arange(t0, t0 + T, device=idx.device).unsqueeze(0)  # (1, T)
-        mask = None
+        # 1) positions: from the cache's layout (each slot continues its own row), else 0..T-1
         if cache is not None:
-            if cache.length + T > cache.max_len:
-                raise ValueError(f"KV cache is full ({cache.max_len} slots); allocate a larger one")
-            pos = (pos - cache.pad.unsqueeze(1)).clamp(min=0)  # (B, T)
-            # 2) attention mask, only where SDPA's own causal masks are not enough:
-            # padding, or a chunk appended to a non-empty cache
-            if bool(cache.pad.any()) or (t0 > 0 and T > 1):
-                S = t0 + T
-                q_at = torch.arange(t0, S, device=idx.device).view(1, T, 1)
-                k_at = torch.arange(S, device=idx.device).view(1, 1, S)
-                mask = (k_at <= q_at) & (k_at >= cache.pad.view(B, 1, 1))
-                mask = mask | (k_at == q_at)  # subtle: a pad query must see something, or softmax gives NaN
-                mask = mask.unsqueeze(1)      # (B, 1, T, S)
-        # 3) embeddings
+            if need_weights:
+                raise ValueError("need_weights computes attention maps of a whole context; call it without a cache")
+            if cache.plan is None:
+                cache.schedule(chunks=[(b, T) for b in range(B)]) if T > 1 else cache.schedule(decode=B)
+            pos = cache.pos  # (1, B*T)
+            idx = idx.reshape(1, B * T)  # one flat row of tokens; the cache keeps the rows apart in attention
+        else:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}; "
+                                 "crop the input to the last block_size tokens")
+            pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+        # 2) embeddings
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.arch == 'gpt2':
             x = x + self.transformer.wpe(pos)
         else:
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B or 1, T, hs)
-            rope = (cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))  # (B, 1, T, hs)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (1, T, hs)
+            rope = (cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))  # (1, 1, T, hs)
         x = self.transformer.drop(x)
-        # 4) the blocks
+        # 3) the blocks
         atts = []
         for layer, block in enumerate(self.transformer.h):
-            x, att = block(x, rope, mask, cache, layer, need_weights)
+            x, att = block(x, rope, cache, layer, need_weights)
             atts.append(att)
         if cache is not None:
-            cache.length += T
+            cache.advance()
         x = self.transformer.ln_f(x)
-        # 5) logits and loss
-        if last_only:
-            x = x[:, [-1], :]
+        # 4) logits and loss
+        if logits_at is not None:
+            x = x.view(1, -1, x.size(-1))[:, logits_at]
         elif logits_from:
             x = x[:, logits_from:, :]
-        logits = self._head(x)
+        logits = self.lm_head(x)
+        if cache is not None and logits_at is None:
+            logits = logits.view(B, T, -1)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return (logits, loss, atts) if need_weights else (logits, loss)
-
-    def _head(self, x):
-        """The output projection. subtle: in CPU inference we multiply by a cached (in, out) copy of the
-        head's weight, because MKL's matrix-vector product on this vocab-sized, cache-cold matrix is
-        1.4-2.4x faster in that layout (measured at batch 1 and 8), worth 10-18% of a decode step.
-        The copy is rebuilt whenever the weight changes (an optimizer step bumps its _version)."""
-        if x.device.type != 'cpu' or torch.is_grad_enabled() or type(self.lm_head) is not nn.Linear:
-            return self.lm_head(x)
-        w = self.lm_head.weight
-        key = (w.data_ptr(), w._version, w.dtype)
-        if getattr(self, '_head_key', None) != key:
-            self._head_t, self._head_key = w.detach().t().contiguous(), key
-        return x @ self._head_t
 
     @torch.no_grad()
     def attention_maps(self, idx):
@@ -365,7 +418,7 @@ class GPT(nn.Module):
         """Parameter count; tied weights count once. non_embedding drops the token and position tables
         (the convention of Kaplan et al. 2020), unless the output head is separate, which is kept."""
         n = sum(p.numel() for p in self.parameters())
-        n += sum(getattr(m, 'int8_weights', 0) for m in self.modules())  # serve.py's int8 weights: not parameters
+        n += sum(getattr(m, 'swapped_weights', 0) for m in self.modules())  # quantize.py's swapped weights: buffers
         if non_embedding:
             n -= self.transformer.wte.weight.numel()
             if self.config.arch == 'gpt2':
@@ -446,6 +499,7 @@ def config_to_hf(c, eot=None):
     eot = eot if eot is not None and eot < c.vocab_size else None
     if c.arch == 'gpt2':
         return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=c.vocab_size, n_positions=c.block_size,
+                    n_ctx=c.block_size,  # llama.cpp's converter reads n_ctx (older GPT-2 configs have both)
                     n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=c.ffn_hidden, activation_function='gelu_new',
                     layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0,
                     attn_pdrop=0.0, bos_token_id=eot, eos_token_id=eot)

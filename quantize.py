@@ -1,5 +1,8 @@
 """
-int8 weights for CPU serving (`python serve.py --quantize=int8`, `python bench.py --which=quantize`).
+Inference-time module swaps, applied explicitly by whoever serves a model (for_inference): int8 weights for CPU
+serving (`python serve.py --quantize=int8`, `python bench.py --which=quantize`), and in fp32 on the CPU the output
+head in a transposed layout (TransposedHead). Training never sees them: forward computes the same function in every
+mode, and a swapped model is for decoding only.
 
 Every nn.Linear (the blocks' and lm_head) keeps int8 weights with one scale per output channel, symmetric: scale = max|w_row| / 127, q = round(w / scale). The token embedding is int8
 too (per row, the same scales when tied to lm_head): without it GPT-2-124M shrinks only to ~49%.
@@ -36,7 +39,7 @@ class Int8Linear(nn.Module):
         self.packed = torch.ops.quantized.linear_prepack(
             torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0), None)
         self.in_features, self.out_features, self.bias = linear.in_features, linear.out_features, linear.bias
-        self.int8_weights = self.in_features * self.out_features  # GPT.num_params counts them
+        self.swapped_weights = self.in_features * self.out_features  # GPT.num_params counts them
         grid = torch.zeros(1, self.in_features)
         grid[0, :2] = torch.tensor([1.0, -1.0])  # the fixed row: the input's range is always exactly [-1, 1]
         self.register_buffer('grid', grid, persistent=False)
@@ -57,7 +60,7 @@ class Int8Embedding(nn.Module):
         q, scale = int8_rows(weight)
         self.register_buffer('weight', q)
         self.register_buffer('scale', scale)
-        self.int8_weights = 0 if tied else q.numel()
+        self.swapped_weights = 0 if tied else q.numel()
 
     def forward(self, idx):
         return self.weight[idx].float() * self.scale[idx].unsqueeze(-1)  # (B, T, C)
@@ -86,3 +89,28 @@ def state_bytes(model):
     seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
     return sum(seen.values()) + sum(m.in_features * m.out_features + 4 * m.out_features  # int8 + fp32 scales
                                     for m in model.modules() if isinstance(m, Int8Linear))
+
+class TransposedHead(nn.Module):
+    """The output head with its weight stored (in, out), for CPU decoding. MKL's matrix-vector product on the
+    vocabulary-sized, cache-cold head is faster in that layout (measured in bench.py --which=decode: see the README);
+    the head is a large part of a small model's decode step. Holds a copy: a tied embedding keeps the original."""
+    def __init__(self, linear, tied):
+        super().__init__()
+        self.register_buffer('weight_t', linear.weight.detach().t().contiguous(), persistent=False)
+        self.swapped_weights = 0 if tied else linear.weight.numel()  # GPT.num_params counts it (tied: once, in wte)
+
+    def forward(self, x):
+        return x @ self.weight_t
+
+def for_inference(model, quantize=''):
+    """The model's inference-time swaps, in place -> model: quantize='int8' (quantize_int8), else on a CPU in fp32
+    the transposed head. Call it on a model that only decodes (serve.py, sample.py, bench.py), never on one in
+    training: the swapped modules hold copies of the weights."""
+    if quantize == 'int8':
+        return quantize_int8(model)
+    if quantize:
+        raise ValueError(f"unknown quantize={quantize!r}; use '' (off) or int8")
+    p = next(model.parameters())
+    if p.device.type == 'cpu' and p.dtype == torch.float32 and type(model.lm_head) is nn.Linear:
+        model.lm_head = TransposedHead(model.lm_head, model.config.tie_embeddings)
+    return model

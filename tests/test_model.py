@@ -77,28 +77,38 @@ def test_kv_cache_matches_full_forward(arch):
         full, _ = m(x)
         cache = KVCache(m.config, 2, 24, 'cpu', torch.float32)
         parts = [m(x[:, :9], cache=cache)[0], m(x[:, 9:10], cache=cache)[0], m(x[:, 10:], cache=cache)[0]]
-    assert cache.length == 20
+    assert cache.lengths == [20, 20]
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize('arch', ['gpt2', 'llama'])
-def test_left_padded_rows_equal_unpadded(arch):
-    # prompts of different lengths in one batch: each row must give exactly what it gives alone
+def test_rows_of_different_lengths_equal_each_row_alone(arch):
+    # prompts of different lengths share one cache and one forward: each row must give exactly what it gives alone
     torch.manual_seed(0)
     m = tiny(arch, n_kv_head=2 if arch == 'llama' else 0)
     a, b = torch.randint(0, 96, (1, 12)), torch.randint(0, 96, (1, 7))
-    batch = torch.zeros(2, 12, dtype=torch.long)
-    batch[0], batch[1, 5:] = a[0], b[0]
-    nxt = torch.randint(0, 96, (2, 3))
+    nxt, last = torch.randint(0, 96, (2, 3)), torch.randint(0, 96, (2, 1))
     with torch.no_grad():
-        cache = KVCache(m.config, 2, 16, 'cpu', torch.float32, pad=torch.tensor([0, 5]))
-        lp, _ = m(batch, cache=cache)
-        ls, _ = m(nxt, cache=cache)
-        ref_a, _ = m(torch.cat([a, nxt[:1]], 1))
-        ref_b, _ = m(torch.cat([b, nxt[1:]], 1))
-    assert torch.isfinite(lp).all()  # pad queries must not produce NaN
-    assert (lp[0] - ref_a[0, :12]).abs().max() < 1e-5 and (ls[0] - ref_a[0, 12:]).abs().max() < 1e-5
-    assert (lp[1, 5:] - ref_b[0, :7]).abs().max() < 1e-5 and (ls[1] - ref_b[0, 7:]).abs().max() < 1e-5
+        cache = KVCache(m.config, 3, 8, 'cpu', torch.float32)
+        cache.schedule(chunks=[(0, 12), (1, 7)])  # two prompt chunks in one flat row of 19 tokens
+        lp, _ = m(torch.cat([a, b], 1), cache=cache)
+        ls, _ = m(nxt, cache=cache)  # 3 more tokens for slots 0 and 1, which hold 12 and 7
+        cache.schedule(decode=3, real=[True, True, False])  # one token each; slot 2 holds no row: a throwaway token
+        ld, _ = m(torch.cat([last, torch.zeros(1, 1, dtype=torch.long)]).view(1, 3), cache=cache)
+        ref_a, _ = m(torch.cat([a, nxt[:1], last[:1]], 1))
+        ref_b, _ = m(torch.cat([b, nxt[1:], last[1:]], 1))
+    assert cache.lengths == [16, 11, 0] and cache.max_len >= 16  # it grew (doubling) as the rows needed
+    assert torch.isfinite(lp).all() and torch.isfinite(ld).all()
+    assert (lp[0, :12] - ref_a[0, :12]).abs().max() < 1e-5 and (ls[0] - ref_a[0, 12:15]).abs().max() < 1e-5
+    assert (lp[0, 12:] - ref_b[0, :7]).abs().max() < 1e-5 and (ls[1] - ref_b[0, 7:10]).abs().max() < 1e-5
+    assert (ld[0, 0] - ref_a[0, 15]).abs().max() < 1e-5 and (ld[0, 1] - ref_b[0, 10]).abs().max() < 1e-5
+    # a fork: slot 2 takes slot 1's first 9 tokens and continues differently, as row b alone would
+    with torch.no_grad():
+        cache.copy([1], [2], n=9)
+        cache.schedule(chunks=[(2, 2)])
+        lf, _ = m(nxt[:1, 1:], cache=cache)
+        ref_f, _ = m(torch.cat([b, nxt[1:, :2], nxt[:1, 1:]], 1))
+    assert cache.lengths[2] == 11 and (lf[0] - ref_f[0, 9:]).abs().max() < 1e-5
 
 
 def test_attention_weights_path():

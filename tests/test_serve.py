@@ -7,6 +7,7 @@ import copy
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -59,19 +60,20 @@ def runs(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def serving(runs_dir, max_batch=4):
+def serving(runs_dir, max_batch=4, **limits):
     """serve.py in this process on a free port, over a directory of runs; tests/test_web.py uses it too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and the machine is shared
-    workers = serve.load_workers(str(runs_dir), 'cpu', torch.float32, max_batch=max_batch)
-    srv = serve.make_server(workers, port=0, runs_dir=str(runs_dir))
+    engines = serve.load_engines(str(runs_dir), 'cpu', torch.float32, max_batch=max_batch,
+                                 **{'max_rows': 64, 'max_prompt_tokens': 4096, 'prefill_chunk': 16, **limits})
+    srv = serve.make_server(engines, port=0, runs_dir=str(runs_dir))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         yield srv
     finally:
         srv.shutdown()
         srv.server_close()
-        for w in workers.values():
+        for w in engines.values():
             w.stop()
         torch.set_num_threads(threads)
 
@@ -188,7 +190,7 @@ def test_concurrent_requests_are_batched_and_each_equals_generate_alone(server, 
         results[i] = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': prompts[i],
                                                              'max_tokens': lengths[i], 'temperature': 0})
 
-    peak = server.workers['char'].stats['peak_batch']
+    peak = server.engines['char'].stats['peak_batch']
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
@@ -197,16 +199,17 @@ def test_concurrent_requests_are_batched_and_each_equals_generate_alone(server, 
     for i, p in enumerate(prompts):
         status, body = results[i]
         assert status == 200 and body['choices'][0]['text'] == greedy(ref, 'char', p, lengths[i]).text, p
-    stats = server.workers['char'].stats
+    stats = server.engines['char'].stats
     assert stats['peak_batch'] >= 2 and stats['peak_batch'] <= 4 and max(peak, 2) <= stats['peak_batch']
 
 
-def test_a_full_cache_is_compacted_and_rows_still_equal_generate(server, ref):
-    """A 2-token prompt that will run 60 tokens, joined by a 50-token prompt: the merged cache (length 50) fills
-    the 64-token window long before the short row is done, so it must be compacted on the way."""
-    w, tok = server.workers['bpe'], ref['bpe'][1]
+def test_a_long_prompt_is_prefilled_in_chunks_beside_a_stream_and_both_equal_generate(server, ref):
+    """A 2-token prompt that will run 60 tokens, joined by a 50-token prompt: the server prefills 16 prompt tokens
+    a step (prefill_chunk), so the long prompt goes in as 4 chunks in the same forwards as the stream's tokens, at
+    other positions of the cache; the slot grows past its first size on the way. Each reply equals generate alone."""
+    w, tok = server.engines['bpe'], ref['bpe'][1]
     short, long = [tok.encode('Hi')[0], 5], list(range(1000, 1050))
-    compactions = w.stats['compactions']
+    chunks = w.stats['chunks']
     conn = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=60)
     conn.request('POST', '/v1/completions', json.dumps({'model': 'bpe', 'prompt': short, 'max_tokens': 60,
                  'temperature': 0, 'stream': True}), {'Content-Type': 'application/json'})
@@ -219,7 +222,7 @@ def test_a_full_cache_is_compacted_and_rows_still_equal_generate(server, ref):
     text = ''.join(e['choices'][0]['text'] for e in events(streamed)[:-1])
     assert status == 200 and body['choices'][0]['text'] == greedy(ref, 'bpe', long, 10).text
     assert text == greedy(ref, 'bpe', short, 60).text
-    assert w.stats['compactions'] > compactions
+    assert w.stats['chunks'] - chunks >= 5  # the short prompt's chunk, then 16 + 16 + 16 + 2
 
 
 def test_seeded_sampling_is_the_same_whatever_the_batch(server, ref):
@@ -252,6 +255,67 @@ def test_beam_search_equals_generate(server, ref):
     status, body = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'So', 'max_tokens': 12,
                                                             'num_beams': 3, 'n': 2})
     assert status == 200 and [c['text'] for c in body['choices']] == want
+
+
+def test_a_seeded_request_is_the_same_through_generate_the_cli_and_the_server(server, ref, runs):
+    """engine.py's seeding rule, end to end: sample i of seed s is the same text from sample.generate (n samples at
+    once), from sample.py (one sample at a time, seed + k) and from /v1/completions, for n = 1 and n = 3."""
+    model, tok = ref['char']
+    for n in (1, 3):
+        lib = [c.text for c in generate(model, tok.encode('ROMEO:'), 30, temperature=1.0, top_k=0, seed=7,
+                                        num_samples=n, tokenizer=tok)]
+        status, body = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'ROMEO:', 'max_tokens': 30,
+                                                                'temperature': 1.0, 'seed': 7, 'n': n})
+        assert status == 200 and [c['text'] for c in body['choices']] == lib
+        cli = subprocess.run([sys.executable, 'sample.py', f'--init_from={runs / "char"}', '--device=cpu',
+                              '--start=ROMEO:', '--max_new_tokens=30', '--temperature=1.0', '--top_k=0', '--seed=7',
+                              f'--num_samples={n}'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        out = re.sub(r'(?m)^\w+ = .*  \(from .*\)\n', '', cli.stdout)  # the resolved config comes first
+        printed = [s.removeprefix('ROMEO:') for s in out.split('\n---------------\n')[:-1]]
+        assert printed == lib
+    assert len(set(lib)) == 3  # three different samples
+
+
+def test_a_client_that_hangs_up_mid_beam_search_frees_its_rows_within_a_step(server):
+    w = server.engines['char']
+    body = json.dumps({'model': 'char', 'prompt': ['So', 'To be'], 'max_tokens': 200, 'num_beams': 2}).encode()
+    forward = w.model.forward
+
+    def slowed(*a, **k):  # steps long enough to count them
+        time.sleep(0.02)
+        return forward(*a, **k)
+    w.model.forward = slowed
+    try:
+        s = socket.create_connection(('127.0.0.1', server.server_address[1]))
+        s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                  b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
+        start = w.stats['steps']
+        while w.stats['steps'] < start + 5:  # the search is under way (both prompts: 4 slots)
+            time.sleep(0.005)
+        s.close()
+        closed = w.stats['steps']
+        deadline = time.time() + 10
+        while w.busy() and time.time() < deadline:
+            time.sleep(0.002)
+        assert not w.busy() and w.stats['steps'] - closed <= 2  # the handler notices at the next step's event
+    finally:
+        del w.model.forward
+
+
+def test_an_over_limit_request_gets_a_400_while_a_stream_keeps_streaming(server, ref):
+    conn = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=60)
+    conn.request('POST', '/v1/completions', json.dumps({'model': 'char', 'prompt': 'Hello', 'max_tokens': 80,
+                 'temperature': 0, 'stream': True}), {'Content-Type': 'application/json'})
+    r = conn.getresponse()
+    first = r.readline()
+    for body, limit in [({'prompt': ['a'] * 65}, 'max_rows'), ({'prompt': 'a', 'n': 5}, 'max_batch'),
+                        ({'prompt': [[1] * 200] * 50}, 'max_prompt_tokens')]:
+        status, err = call(server, 'POST', '/v1/completions', {'model': 'char', 'max_tokens': 1, **body})
+        assert status == 400 and f'--{limit}' in err['error']['message'], err
+    text = ''.join(e['choices'][0]['text'] for e in events(first + r.read())[:-1])
+    conn.close()
+    assert text == greedy(ref, 'char', 'Hello', 80).text
 
 
 def test_echo_logprobs_scoring_equals_a_direct_forward(server, ref):
@@ -366,8 +430,8 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server):
 
 def test_api_key(server):
     with pytest.raises(ValueError, match='api_key'):
-        serve.make_server(server.workers, host='0.0.0.0')
-    keyed = serve.make_server(server.workers, port=0, api_key='sekrit')  # the same workers behind a second door
+        serve.make_server(server.engines, host='0.0.0.0')
+    keyed = serve.make_server(server.engines, port=0, api_key='sekrit')  # the same workers behind a second door
     threading.Thread(target=keyed.serve_forever, daemon=True).start()
     try:
         for headers in ({}, {'Authorization': 'Bearer wrong'}, {'Authorization': 'sekrit'}):
@@ -382,7 +446,7 @@ def test_api_key(server):
 
 @pytest.mark.parametrize('stream', [True, False])
 def test_a_client_that_disconnects_frees_its_slot(server, stream):
-    w = server.workers['char']
+    w = server.engines['char']
     before = dict(w.stats)
     body = json.dumps({'model': 'char', 'prompt': 'a', 'max_tokens': 250, 'stream': stream}).encode()
     s = socket.create_connection(('127.0.0.1', server.server_address[1]))
@@ -393,26 +457,26 @@ def test_a_client_that_disconnects_frees_its_slot(server, stream):
         while b'data: ' not in got:  # the stream has started
             got += s.recv(4096)
     else:
-        while not w.active:  # decoding has started
+        while not any(w.slots):  # decoding has started
             time.sleep(0.001)
     s.close()
     deadline = time.time() + 10
-    while (w.active or w.waiting) and time.time() < deadline:
+    while w.busy() and time.time() < deadline:
         time.sleep(0.01)
-    assert not w.active and not w.waiting
+    assert not any(w.slots) and not w.waiting
     assert w.stats['rows_cancelled'] == before['rows_cancelled'] + 1
     assert w.stats['rows_finished'] == before['rows_finished']  # it was dropped, not run to the end
 
 
 def test_an_error_in_the_worker_fails_its_request_not_the_server(server, monkeypatch):
-    w = server.workers['char']
+    w = server.engines['char']
 
-    def boom(prompt, o):
+    def boom(rows):
         raise RuntimeError('out of memory (simulated)')
-    monkeypatch.setattr(w, '_prefill', boom)
+    monkeypatch.setattr(w, '_forward', boom)
     status, err = call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'ab', 'max_tokens': 5, 'n': 2})
     assert status == 500 and err['error']['type'] == 'server_error' and 'simulated' in err['error']['message']
-    assert not w.active and not w.waiting
+    assert not w.busy()
     monkeypatch.undo()
     assert call(server, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'ab', 'max_tokens': 5})[0] == 200
 
@@ -441,8 +505,8 @@ def test_int8_logits_close_to_fp32_and_weights_at_most_half(ref):
 
 
 def test_int8_server_serves_what_the_int8_model_generates(runs, ref):
-    workers = serve.load_workers(str(runs / 'char'), 'cpu', torch.float32, max_batch=2, quantize='int8')
-    srv = serve.make_server(workers, port=0)
+    engines = serve.load_engines(str(runs / 'char'), 'cpu', torch.float32, 'int8', max_batch=2)
+    srv = serve.make_server(engines, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         model, tok = ref['char']
@@ -453,6 +517,6 @@ def test_int8_server_serves_what_the_int8_model_generates(runs, ref):
     finally:
         srv.shutdown()
         srv.server_close()
-        workers['char'].stop()
+        engines['char'].stop()
     out = subprocess.run([sys.executable, 'serve.py', '--quantize=int4'], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1 and 'int8' in out.stderr

@@ -86,10 +86,10 @@ def test_soak(tmp_path):
              CharTokenizer(chars=''.join(sorted(CHARS))))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    workers = serve.load_workers(str(tmp_path / 'char'), 'cpu', torch.float32, max_batch=16)
-    srv = serve.make_server(workers, port=0)
+    engines = serve.load_engines(str(tmp_path / 'char'), 'cpu', torch.float32, max_batch=16)
+    srv = serve.make_server(engines, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    w, port, idle_threads = workers['char'], srv.server_address[1], threading.active_count()
+    w, port, idle_threads = engines['char'], srv.server_address[1], threading.active_count()
     try:
         log, start = [], time.time()
         clients = [threading.Thread(target=client, args=(i, port, start + SOAK_SECONDS, log)) for i in range(CLIENTS)]
@@ -105,9 +105,9 @@ def test_soak(tmp_path):
         assert {k for k, _, _ in log} == {'stream', 'reply', 'chat', 'bad', 'drop', 'drop_early'}
         # 2) no stuck slot: the dropped rows leave, the batch empties, and every connection's thread ends
         deadline = time.time() + 15
-        while (w.active or w.waiting or threading.active_count() > idle_threads) and time.time() < deadline:
+        while (w.busy() or threading.active_count() > idle_threads) and time.time() < deadline:
             time.sleep(0.05)
-        assert not w.active and not w.waiting and w.inbox.empty() and w.cache is None
+        assert not any(w.slots) and not w.waiting and not w.inbox and w.cache.lengths == [0] * 16
         assert threading.active_count() <= idle_threads
         assert w.stats['rows_cancelled'] > 0 and w.stats['peak_batch'] == 16
         # 3) memory flat

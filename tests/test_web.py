@@ -138,7 +138,7 @@ def test_chat_streams_the_greedy_reply_then_another_model(site, page):
           const t = document.querySelector('#messages .msg.assistant:last-child .text');
           if (t) window.lens.push(t.textContent.length);
         }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});""")
-    with slow(site.workers['char'], 0.02):
+    with slow(site.engines['char'], 0.02):
         page.find_element('id', 'input').send_keys('Hi there\n')  # Enter sends
         text = wait(lambda: reply_done(page))
     want = call(site, 'POST', '/v1/chat/completions', {'model': 'char', 'messages': [{'role': 'user', 'content': 'Hi there'}],
@@ -177,7 +177,7 @@ def test_chat_streams_the_greedy_reply_then_another_model(site, page):
 
 
 def test_stop_ends_the_stream_and_frees_the_slot(site, page):
-    w = site.workers['char']
+    w = site.engines['char']
     set_value(page, 'model', 'char')
     set_value(page, 'p-max_tokens', '200')
     before = w.stats['rows_cancelled']
@@ -187,7 +187,7 @@ def test_stop_ends_the_stream_and_frees_the_slot(site, page):
         click(page, 'stop')
         text = wait(lambda: reply_done(page))
         # the server noticed the closed connection and let the row go
-        wait(lambda: w.stats['rows_cancelled'] == before + 1 and not w.active, timeout=5)
+        wait(lambda: w.stats['rows_cancelled'] == before + 1 and not any(w.slots), timeout=5)
     assert 0 < len(text) < 200 and 'stopped' in page.find_element('css selector', '.msg.assistant .meta').text
 
 
