@@ -67,9 +67,13 @@ clients = '1,4,10,16'         # serve: concurrent streaming clients, one round e
 requests_per_client = 4       # serve: requests each client sends, one after another (a round sends >= 16 in all)
 serve_tokens = 48             # serve: max_tokens per request (the default model's block_size is 64)
 quantize_models = 'out-shakespeare-char,out-shakespeare-llama,gpt2_124m'  # quantize: out_dirs and/or SHAPES names
+llama_cpp_dir = ''            # llamacpp: a llama.cpp build (bin/, convert.sh); '' = $LLAMA_CPP_DIR
+llama_threads = 0             # llamacpp: threads for both sides; 0 = torch's default (one per core)
+llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one round each
 # -----------------------------------------------------------------------------
 from configurator import configure
-config = configure(globals(), choices={'which': ('decode', 'train', 'harness', 'serve', 'quantize'),
+config = configure(globals(), choices={'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp',
+                                                 'quantize'),
                                        'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
 
 SHAPES = {  # the sizes SPEC.md measured Hugging Face at, so figures compare
@@ -282,91 +286,6 @@ def bench_harness():
 
 
 # -----------------------------------------------------------------------------
-# serving: serve.py under concurrent streaming clients
-
-PROMPTS = ['ROMEO:', 'JULIET:\nO ', 'First Citizen:\n', 'KING HENRY:\n', 'To be, or not', 'MENENIUS:\n']  # <= 16 chars
-
-
-def stream_once(port, prompt, seed):
-    """One streaming completion -> (seconds to the first chunk, completion tokens, seconds in all)."""
-    import http.client
-    import json
-    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=300)
-    body = {'prompt': prompt, 'max_tokens': serve_tokens, 'temperature': 0.8, 'seed': seed, 'stream': True,
-            'stream_options': {'include_usage': True}}
-    t0 = time.perf_counter()
-    conn.request('POST', '/v1/completions', json.dumps(body), {'Content-Type': 'application/json'})
-    r = conn.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f'HTTP {r.status}: {r.read()[:300]}')
-    ttft, tokens = None, 0
-    for line in r:  # subtle: only the usage chunk is parsed, so the clients take little of the CPU from the server
-        if ttft is None and line.startswith(b'data: {'):
-            ttft = time.perf_counter() - t0
-        if line.startswith(b'data: {') and b'"usage"' in line:
-            tokens = json.loads(line[6:])['usage']['completion_tokens']
-    conn.close()
-    return ttft, tokens, time.perf_counter() - t0
-
-
-def serve_round(port, n):
-    """n clients at once, each sending requests_per_client requests (more when n is small, so that every round
-    sends at least 16 and lasts long enough to time) -> (tokens/s over the round, [ttft])."""
-    import threading
-    results, barrier, per_client = [], threading.Barrier(n + 1), max(requests_per_client, -(-16 // n))
-
-    def client(c):
-        barrier.wait()
-        for r in range(per_client):
-            results.append(stream_once(port, PROMPTS[(c + r) % len(PROMPTS)], seed + 1000 * c + r))
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if len(results) < n * per_client:
-        raise SystemExit('error: some clients failed (see the tracebacks above)')
-    return sum(tok for _, tok, _ in results) / wall, sorted(ttft for ttft, _, _ in results)
-
-
-def bench_serve():
-    """serve.py in a subprocess (its own interpreter, as in use), the clients as threads here."""
-    import subprocess
-    import sys
-    cmd = [sys.executable, 'serve.py', f'--init_from={serve_model}', '--port=0', '--max_batch=16', f'--device={device}']
-    cmd += [f'--quantize={serve_quantize}'] if serve_quantize else []
-    log = tempfile.TemporaryFile('w+')  # the server's request log and any traceback, shown if something fails
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        for line in proc.stdout:  # the resolved config, then 'serving NAME on http://HOST:PORT ...'
-            if line.startswith('serving '):
-                port = int(line.split('http://')[1].split()[0].rsplit(':', 1)[1])
-                break
-        else:
-            raise SystemExit(f"error: serve.py exited ({proc.wait()}) before serving; is {serve_model} trained?")
-        print(f"serve: {serve_model}{' int8' if serve_quantize else ''}, {serve_tokens} tokens a request, at least "
-              f"{requests_per_client} requests a client and 16 a round, temperature 0.8, streaming")
-        serve_round(port, 2)  # warm-up: first-call costs of the worker, the allocator and the sockets
-        rows = []
-        for n in [int(c) for c in clients.split(',')]:
-            tps, ttft = serve_round(port, n)
-            q = lambda f: ttft[min(len(ttft) - 1, int(f * len(ttft)))] * 1e3
-            rows.append((n, tps, q(0.5), q(0.95)))
-            print(f"{n} clients: {tps:.0f} tok/s, time to first token p50 {q(0.5):.0f} ms, p95 {q(0.95):.0f} ms")
-        return rows
-    except BaseException:
-        log.seek(0)
-        print(''.join(log.readlines()[-30:]))
-        raise
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
-# -----------------------------------------------------------------------------
 # int8 against fp32 (serve.py --quantize=int8)
 
 RSS_PROBE = """
@@ -425,18 +344,24 @@ def bench_quantize(src):
     return row
 
 
-if __name__ == '__main__' and which == 'serve':
-    rows = bench_serve()
-    print("\n| clients | tokens/s | x single | TTFT p50 ms | TTFT p95 ms |\n|---|---|---|---|---|")
-    for n, tps, p50, p95 in rows:
-        print(f"| {n} | {tps:.0f} | {tps / rows[0][1]:.1f}x | {p50:.0f} | {p95:.0f} |")
-    by = {n: r for n, *r in rows}
-    if 1 in by and 16 in by:
-        print(f"target: 16 clients >= 3x single: {by[16][0] / by[1][0]:.1f}x "
-              f"({'met' if by[16][0] >= 3 * by[1][0] else 'MISSED'})")
-    if 10 in by:
-        print(f"target: p95 time to first token at 10 clients < 500 ms: {by[10][2]:.0f} ms "
-              f"({'met' if by[10][2] < 500 else 'MISSED'})")
+if __name__ == '__main__' and which in ('serve', 'fairness', 'llamacpp'):
+    import bench_serve  # the serving benchmarks live there; they read this file's settings
+    if which == 'llamacpp':
+        bench_serve.bench_llamacpp(config)
+    elif which == 'fairness':
+        bench_serve.bench_fairness(config)
+    else:
+        rows = bench_serve.bench_serve(config)
+        print("\n| clients | tokens/s | x single | TTFT p50 ms | TTFT p95 ms |\n|---|---|---|---|---|")
+        for n, tps, p50, p95 in rows:
+            print(f"| {n} | {tps:.0f} | {tps / rows[0][1]:.1f}x | {p50:.0f} | {p95:.0f} |")
+        by = {n: r for n, *r in rows}
+        if 1 in by and 16 in by:
+            print(f"target: 16 clients >= 3x single: {by[16][0] / by[1][0]:.1f}x "
+                  f"({'met' if by[16][0] >= 3 * by[1][0] else 'MISSED'})")
+        if 10 in by:
+            print(f"target: p95 time to first token at 10 clients < 500 ms: {by[10][2]:.0f} ms "
+                  f"({'met' if by[10][2] < 500 else 'MISSED'})")
 
 elif __name__ == '__main__' and which == 'quantize':
     rows = [bench_quantize(src) for src in quantize_models.split(',')]

@@ -14,7 +14,6 @@ Also here, because every script needs them exactly once:
 Quick check (CPU, random weights):
     python -c "from model import *; m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64)); print(m.num_params())"
 """
-import glob
 import json
 import math
 import os
@@ -445,165 +444,27 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir, dtype=torch.float32):
         """A GPT built from a Hugging Face GPT-2 or Llama checkpoint: a local directory
         (config.json + safetensors/bin) or, when online, a hub name such as 'gpt2'."""
-        path = _hf_local_dir(name_or_dir)
-        hf = json.load(open(os.path.join(path, 'config.json')))
-        config = config_from_hf(hf)
-        sd = _read_hf_weights(path)
+        import hf
+        path = hf.local_dir(name_or_dir)
+        config = hf.config_from_hf(json.load(open(os.path.join(path, 'config.json'))))
         model = cls(config)
-        model.load_state_dict(state_dict_from_hf(sd, config), strict=True)
+        model.load_state_dict(hf.state_dict_from_hf(hf.read_weights(path), config), strict=True)
         return model.to(dtype)
 
     def save_pretrained(self, out_dir, tokenizer=None):
         """Write a Hugging Face directory that transformers.AutoModelForCausalLM.from_pretrained loads
         with the same logits, plus tokenizer files for BPE tokenizers (so AutoTokenizer works too)."""
         from safetensors.torch import save_file
+        import hf
         os.makedirs(out_dir, exist_ok=True)
-        hf_config = config_to_hf(self.config, eot=getattr(tokenizer, 'eot', None))
+        hf_config = hf.config_to_hf(self.config, eot=getattr(tokenizer, 'eot', None))
         hf_config['torch_dtype'] = hf_config['dtype'] = str(next(self.parameters()).dtype).replace('torch.', '')
-        sd = {k: v.contiguous() for k, v in state_dict_to_hf(self.state_dict(), self.config).items()}
+        sd = {k: v.contiguous() for k, v in hf.state_dict_to_hf(self.state_dict(), self.config).items()}
         save_file(sd, os.path.join(out_dir, 'model.safetensors.tmp'), metadata={'format': 'pt'})
         os.replace(os.path.join(out_dir, 'model.safetensors.tmp'), os.path.join(out_dir, 'model.safetensors'))
         _write_json(os.path.join(out_dir, 'config.json'), hf_config)
         if tokenizer is not None and tokenizer.kind != 'char':
-            from tokenizer import save_hf_tokenizer_files
-            save_hf_tokenizer_files(tokenizer, out_dir)
-
-# -----------------------------------------------------------------------------
-# Hugging Face name mapping. Ours: transformer.{wte,wpe,h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj},ln_f}, lm_head.
-
-def config_from_hf(hf):
-    mt = hf.get('model_type')
-    if mt == 'gpt2':
-        if hf.get('activation_function', 'gelu_new') not in ('gelu_new', 'gelu_pytorch_tanh'):
-            raise ValueError(f"unsupported GPT-2 activation '{hf['activation_function']}'; only gelu_new is implemented")
-        return GPTConfig(arch='gpt2', block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                         n_head=hf['n_head'], n_embd=hf['n_embd'], ffn_hidden=hf.get('n_inner') or 0, bias=True,
-                         tie_embeddings=hf.get('tie_word_embeddings', True), norm_eps=hf.get('layer_norm_epsilon', 1e-5))
-    if mt == 'llama':
-        if hf.get('attention_bias') or hf.get('mlp_bias'):
-            raise ValueError("Llama checkpoints with attention_bias/mlp_bias are not supported")
-        rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-        if rope.get('rope_type', rope.get('type', 'default')) != 'default':
-            raise ValueError(f"RoPE scaling '{rope.get('rope_type', rope.get('type'))}' is not supported; only plain RoPE")
-        head_dim = hf.get('head_dim') or hf['hidden_size'] // hf['num_attention_heads']
-        if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
-            raise ValueError("Llama checkpoints with head_dim * num_heads != hidden_size are not supported")
-        return GPTConfig(arch='llama', block_size=hf.get('max_position_embeddings', 2048), vocab_size=hf['vocab_size'],
-                         n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
-                         n_kv_head=hf.get('num_key_value_heads') or hf['num_attention_heads'], n_embd=hf['hidden_size'],
-                         ffn_hidden=hf['intermediate_size'], bias=False, tie_embeddings=hf.get('tie_word_embeddings', False),
-                         rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)), norm_eps=hf.get('rms_norm_eps', 1e-6))
-    raise ValueError(f"unsupported Hugging Face model_type '{mt}'; nanolab reads gpt2 and llama checkpoints")
-
-def config_to_hf(c, eot=None):
-    eot = eot if eot is not None and eot < c.vocab_size else None
-    if c.arch == 'gpt2':
-        return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=c.vocab_size, n_positions=c.block_size,
-                    n_ctx=c.block_size,  # llama.cpp's converter reads n_ctx (older GPT-2 configs have both)
-                    n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=c.ffn_hidden, activation_function='gelu_new',
-                    layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0,
-                    attn_pdrop=0.0, bos_token_id=eot, eos_token_id=eot)
-    return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=c.vocab_size, hidden_size=c.n_embd,
-                intermediate_size=c.ffn_hidden, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                num_key_value_heads=c.n_kv_head, head_dim=c.head_size, max_position_embeddings=c.block_size,
-                rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                rope_parameters={'rope_type': 'default', 'rope_theta': c.rope_theta}, hidden_act='silu',
-                tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False, bos_token_id=eot, eos_token_id=eot)
-
-def _hf_names(c):
-    """(our name, HF name or list of HF names concatenated along dim 0, transpose?) for every tensor."""
-    rows = [('transformer.wte.weight', 'transformer.wte.weight' if c.arch == 'gpt2' else 'model.embed_tokens.weight', False)]
-    for i in range(c.n_layer):
-        o = f'transformer.h.{i}.'
-        if c.arch == 'gpt2':  # GPT-2 stores its linears as Conv1D: (in, out), the transpose of nn.Linear
-            h = f'transformer.h.{i}.'
-            for name, t in [('ln_1.weight', 0), ('ln_1.bias', 0), ('attn.c_attn.weight', 1), ('attn.c_attn.bias', 0),
-                            ('attn.c_proj.weight', 1), ('attn.c_proj.bias', 0), ('ln_2.weight', 0), ('ln_2.bias', 0),
-                            ('mlp.c_fc.weight', 1), ('mlp.c_fc.bias', 0), ('mlp.c_proj.weight', 1), ('mlp.c_proj.bias', 0)]:
-                rows.append((o + name, h + name, bool(t)))
-        else:
-            h = f'model.layers.{i}.'
-            rows += [(o + 'ln_1.weight', h + 'input_layernorm.weight', False),
-                     (o + 'attn.c_attn.weight', [h + 'self_attn.q_proj.weight', h + 'self_attn.k_proj.weight',
-                                                 h + 'self_attn.v_proj.weight'], False),
-                     (o + 'attn.c_proj.weight', h + 'self_attn.o_proj.weight', False),
-                     (o + 'ln_2.weight', h + 'post_attention_layernorm.weight', False),
-                     (o + 'mlp.c_fc.weight', [h + 'mlp.gate_proj.weight', h + 'mlp.up_proj.weight'], False),
-                     (o + 'mlp.c_proj.weight', h + 'mlp.down_proj.weight', False)]
-    if c.arch == 'gpt2':
-        rows += [('transformer.wpe.weight', 'transformer.wpe.weight', False), ('transformer.ln_f.weight', 'transformer.ln_f.weight', False),
-                 ('transformer.ln_f.bias', 'transformer.ln_f.bias', False)]
-    else:
-        rows += [('transformer.ln_f.weight', 'model.norm.weight', False)]
-    if not c.tie_embeddings:
-        rows.append(('lm_head.weight', 'lm_head.weight', False))
-    return rows
-
-def state_dict_from_hf(hf_sd, c):
-    if c.arch == 'gpt2' and not any(k.startswith('transformer.') for k in hf_sd):
-        hf_sd = {'transformer.' + k if not k.startswith('lm_head') else k: v for k, v in hf_sd.items()}  # hub 'gpt2' omits the prefix
-    sd = {}
-    for ours, theirs, transpose in _hf_names(c):
-        names = theirs if isinstance(theirs, list) else [theirs]
-        missing = [n for n in names if n not in hf_sd]
-        if missing:
-            raise ValueError(f"Hugging Face checkpoint lacks tensor(s) {missing}; it does not match its config.json")
-        w = torch.cat([hf_sd[n] for n in names], dim=0)
-        sd[ours] = w.t() if transpose else w
-    if c.tie_embeddings:
-        sd['lm_head.weight'] = sd['transformer.wte.weight']
-    return sd
-
-def state_dict_to_hf(sd, c):
-    hf = {}
-    for ours, theirs, transpose in _hf_names(c):
-        if ours not in sd:  # gpt2 with bias=False: HF GPT-2 always has biases, so write zeros
-            if not ours.endswith('.bias'):
-                raise KeyError(ours)
-            w = torch.zeros(sd[ours[:-4] + 'weight'].shape[0])  # Linear (out, in) and LayerNorm (C,) alike
-        else:
-            w = sd[ours].t() if transpose else sd[ours]
-        if isinstance(theirs, list):  # split a fused matrix back into HF's separate projections
-            if ours.endswith('c_attn.weight'):
-                hs = c.head_size
-                sizes = [c.n_head * hs, c.n_kv_head * hs, c.n_kv_head * hs]
-            else:
-                sizes = [c.ffn_hidden, c.ffn_hidden]
-            for n, part in zip(theirs, w.split(sizes, dim=0)):
-                hf[n] = part.clone()
-        else:
-            hf[theirs] = w.clone()
-    return hf
-
-def _hf_local_dir(name_or_dir):
-    """A local HF directory as is; otherwise download a hub snapshot (needs the network)."""
-    if os.path.isdir(name_or_dir):
-        if not os.path.exists(os.path.join(name_or_dir, 'config.json')):
-            raise ValueError(f"{name_or_dir} has no config.json, so it is not a Hugging Face model directory")
-        return name_or_dir
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(name_or_dir, allow_patterns=['*.json', '*.safetensors', '*.txt', '*.model', 'pytorch_model*.bin'])
-    except Exception as e:
-        raise ValueError(f"'{name_or_dir}' is not a local directory and could not be fetched from the Hugging Face hub "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass a local directory "
-                         "(config.json + weights, e.g. written by save_pretrained), or go online.") from None
-
-def _read_hf_weights(path):
-    files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
-    if files:
-        from safetensors.torch import load_file
-        sd = {}
-        for f in files:
-            sd.update(load_file(f))
-        return sd
-    files = sorted(glob.glob(os.path.join(path, 'pytorch_model*.bin')))
-    if files:
-        sd = {}
-        for f in files:
-            sd.update(torch.load(f, map_location='cpu', weights_only=True))
-        return sd
-    raise ValueError(f"{path} has a config.json but no *.safetensors or pytorch_model*.bin weights")
+            hf.save_tokenizer_files(tokenizer, out_dir)
 
 # -----------------------------------------------------------------------------
 # 5) checkpoints and model sources
@@ -678,9 +539,10 @@ def load_model(source, device='cpu', dtype=torch.float32):
         raise ValueError(f"model source '{source}' does not exist; give an out_dir with ckpt.pt, a .pt file, "
                          "a Hugging Face directory, or a hub name like 'gpt2'")
     else:
-        path = _hf_local_dir(source)
+        import hf
+        path = hf.local_dir(source)
         model, ckpt = GPT.from_pretrained(path), {}
-        tok = tok_lib.HFTokenizer(path) if any(os.path.exists(os.path.join(path, f)) for f in
+        tok = hf.HFTokenizer(path) if any(os.path.exists(os.path.join(path, f)) for f in
                                                ('tokenizer.json', 'vocab.json')) else None
     model.to(device=device, dtype=dtype).eval()
     return model, tok, ckpt

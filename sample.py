@@ -159,8 +159,10 @@ def _chat(model, tok, opts):
         messages.append({'role': 'assistant', 'content': reply})
 
 def main():
+    import torch
     from configurator import configure
     from model import load_model, resolve_device, resolve_dtype
+    from quantize import for_inference
     configure(globals(), choices={'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'device': None})
     presets = [n.strip() for n in compare.split(',') if n.strip()]
     if any(n not in PRESETS for n in presets):
@@ -168,6 +170,7 @@ def main():
                          f"choose from {','.join(PRESETS)}")
     dev = resolve_device(device)
     model, tok, _ = load_model(init_from, dev, resolve_dtype(dtype, dev))
+    model = for_inference(model)  # the CPU head layout, an explicit inference-time swap (quantize.py)
     if tok is None:
         raise ValueError(f"{init_from} comes without a tokenizer, so the prompt cannot be encoded; use a source with "
                          "tokenizer files (a nanolab out_dir, or a Hugging Face dir with tokenizer.json)")

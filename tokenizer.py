@@ -3,7 +3,7 @@ Tokenizers: one interface over char-level, tiktoken, our own byte-level BPE and 
 tokenizer directories, plus the chat template, which is defined once, here.
 
     tok = get_tokenizer('gpt2')                     # or CharTokenizer(text=corpus),
-    tok = BPETokenizer.train(text, vocab_size=4096) # or HFTokenizer('path/to/hf_dir')
+    tok = BPETokenizer.train(text, vocab_size=4096) # or hf.HFTokenizer('path/to/hf_dir')
     ids = tok.encode('hello'); text = tok.decode(ids)
     tok = from_spec(tok.spec())                     # specs live in checkpoints and meta.json
 
@@ -441,133 +441,11 @@ class BPETokenizer(Tokenizer):
         return cls(merges, enc._special_tokens, enc._pat_str, [t[0] for t in by_rank[:256]])
 
 
-class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer directory: tokenizer.json through the `tokenizers` library, else
-    GPT-2-style vocab.json + merges.txt through our BPETokenizer. The files are kept as text, so
-    spec() is self-contained: a checkpoint still loads after the directory is gone."""
-    kind = 'hf'
-    FILES = ('tokenizer.json', 'vocab.json', 'merges.txt', 'added_tokens.json', 'tokenizer_config.json',
-             'special_tokens_map.json')
-
-    def __init__(self, path, files=None):
-        if files is None:
-            if not os.path.isdir(path):
-                raise ValueError(f'{path} is not a directory; give a Hugging Face tokenizer directory '
-                                 '(tokenizer.json, or vocab.json + merges.txt)')
-            files = {}
-            for name in filter(lambda n: os.path.exists(os.path.join(path, n)), self.FILES):
-                with open(os.path.join(path, name), encoding='utf-8') as f:
-                    files[name] = f.read()
-        self.name, self.files, self.tk, self.bpe = str(path), files, None, None
-        if 'tokenizer.json' in files:
-            from tokenizers import Tokenizer as HFTok
-            self.tk = HFTok.from_str(files['tokenizer.json'])
-            # subtle: `tokenizers` finds added tokens inside raw text by default; switch that off so
-            # encode() stays plain text, like every other kind (a typed "<|end|>" is just text)
-            self.tk.encode_special_tokens = True
-            added = self.tk.get_added_tokens_decoder()  # id -> AddedToken
-            self.special_tokens, self.added_ids = {t.content: i for i, t in added.items() if t.special}, set(added)
-            ids = self.tk.get_vocab(with_added_tokens=True)
-            self.vocab_size = max(ids.values()) + 1
-            self.byte_level = (json.loads(files['tokenizer.json']).get('decoder') or {}).get('type') == 'ByteLevel'
-        elif 'vocab.json' in files and 'merges.txt' in files:
-            self.bpe = BPETokenizer._from_gpt2_data(json.loads(files['vocab.json']), files['merges.txt'],
-                                                    json.loads(files.get('added_tokens.json', '{}')))
-            ids, self.vocab_size = self.bpe.special_tokens, self.bpe.vocab_size
-            self.special_tokens = dict(ids)
-        else:
-            raise ValueError(f'{path} has no tokenizer.json and no vocab.json + merges.txt; save the tokenizer there '
-                             'with transformers (tokenizer.save_pretrained(dir)) or save_hf_tokenizer_files')
-        # eot = the directory's eos token (tokenizer_config.json wins over special_tokens_map.json)
-        config = {**json.loads(files.get('special_tokens_map.json', '{}')),
-                  **json.loads(files.get('tokenizer_config.json', '{}'))}
-        eos = config.get('eos_token') or EOT
-        eos = eos.get('content') if isinstance(eos, dict) else eos
-        self.eot = ids.get(eos)
-        if self.eot is not None:
-            self.special_tokens.setdefault(eos, self.eot)
-
-    def encode(self, text):
-        return self.bpe.encode(text) if self.bpe else self.tk.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts, num_threads=2):
-        if self.bpe:
-            return self.bpe.encode_batch(texts, num_threads)
-        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids):
-        return self.bpe.decode(ids) if self.bpe else self.tk.decode(self._ids(ids), skip_special_tokens=False)
-
-    def decode_bytes(self, ids):
-        if self.bpe:
-            return self.bpe.decode_bytes(ids)
-        if not self.byte_level:  # e.g. SentencePiece-style vocabularies: whole characters only
-            return self.decode(ids).encode('utf-8')
-        # byte-level: each token is a string of bytes_to_unicode chars, so the bytes come out exact
-        # even mid-character (what streaming needs); added tokens are stored as plain text
-        u2b = {c: b for b, c in bytes_to_unicode().items()}
-        tokens = [(i, self.tk.id_to_token(i)) for i in self._ids(ids)]
-        return b''.join(t.encode('utf-8') if i in self.added_ids else bytes(u2b[c] for c in t) for i, t in tokens)
-
-    def spec(self):
-        return {'kind': 'hf', 'name': self.name, 'files': self.files}
-
-
 def _atomic_write(path, text):
     tmp = os.fspath(path) + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
         f.write(text)
     os.replace(tmp, path)  # a crash never leaves a torn file
-
-
-def save_hf_tokenizer_files(tok, out_dir):
-    """Write tok as a Hugging Face tokenizer directory: vocab.json + merges.txt (GPT-2's format),
-    tokenizer.json (the `tokenizers` library's), tokenizer_config.json (with the chat template as
-    Jinja) and special_tokens_map.json. transformers.AutoTokenizer.from_pretrained(out_dir) then
-    encodes exactly like tok.encode (tests/test_tokenizer.py checks it)."""
-    os.makedirs(out_dir, exist_ok=True)
-    if tok.kind == 'hf':  # HF files already: write them back unchanged
-        for name, text in tok.files.items():
-            _atomic_write(os.path.join(out_dir, name), text)
-        return
-    # 1) a BPE with GPT-2's regex: the one HF's ByteLevel pre-tokenizer implements
-    if tok.kind == 'char':
-        raise ValueError("char vocabularies can't be exported as Hugging Face tokenizers (HF has no char-level "
-                         "tokenizer without <unk>); use a BPE (BPETokenizer.train or 'gpt2') for models you export")
-    elif tok.kind == 'tiktoken' and tok.name in GPT2_REGEX_ENCODINGS:
-        bpe = BPETokenizer.from_tiktoken(tok.enc)  # tiktoken's pattern is a rewrite of GPT-2's regex
-    elif tok.kind == 'bpe' and tok.pattern == GPT2_SPLIT_PATTERN:
-        bpe = tok
-    else:
-        raise ValueError(f"{tok!r} splits text with a regex other than GPT-2's, which HF's ByteLevel pre-tokenizer "
-                         f"doesn't implement; export our BPE or a tiktoken encoding in {GPT2_REGEX_ENCODINGS}")
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTok
-    # 2) GPT-2's files: each token's bytes written as bytes_to_unicode chars (space -> 'Ġ')
-    b2u = bytes_to_unicode()
-    text_of = {i: ''.join(b2u[b] for b in bs) for i, bs in bpe.vocab.items()}
-    vocab = {s: i for i, s in text_of.items()}
-    if len(vocab) != len(text_of):
-        raise ValueError('two token ids share the same bytes, which vocab.json cannot represent')
-    vocab.update(bpe.special_tokens)  # as GPT-2's vocab.json lists <|endoftext|>
-    merges = [(text_of[a], text_of[b]) for a, b in bpe.merges]
-    _atomic_write(os.path.join(out_dir, 'vocab.json'), json.dumps(vocab, ensure_ascii=False))
-    _atomic_write(os.path.join(out_dir, 'merges.txt'), '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
-    # 3) tokenizer.json: BPE model + ByteLevel pre-tokenizer (its regex is GPT2_SPLIT_PATTERN)
-    hf = HFTok(models.BPE(vocab=vocab, merges=merges))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in bpe.special_tokens])  # ids from vocab
-    _atomic_write(os.path.join(out_dir, 'tokenizer.json'), hf.to_str())
-    # 4) configs: GPT-2's convention is one token for bos, eos and unk; no clean-up, so decode round-trips
-    eot = {'bos_token': EOT, 'eos_token': EOT, 'unk_token': EOT} if EOT in bpe.special_tokens else {}
-    config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'add_prefix_space': False,
-              'clean_up_tokenization_spaces': False, **eot}
-    if tok._has_chat_tokens():  # CHAT_TEMPLATE_DOC in Jinja, for transformers' apply_chat_template
-        config['chat_template'] = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    _atomic_write(os.path.join(out_dir, 'tokenizer_config.json'), json.dumps(config, indent=2))
-    _atomic_write(os.path.join(out_dir, 'special_tokens_map.json'), json.dumps(eot, indent=2))
 
 
 def from_spec(spec: dict) -> Tokenizer:
@@ -581,6 +459,7 @@ def from_spec(spec: dict) -> Tokenizer:
         elif kind == 'bpe':
             return BPETokenizer(spec['merges'], spec['special_tokens'], spec['pattern'], spec.get('byte_order'))
         elif kind == 'hf':
+            from hf import HFTokenizer
             return HFTokenizer(spec.get('name', ''), files=spec['files'])
         else:
             raise ValueError(f'unknown tokenizer spec kind {kind!r}: expected a dict written by Tokenizer.spec(), '
@@ -601,6 +480,7 @@ def get_tokenizer(name_or_spec) -> Tokenizer:
         raise ValueError("a char tokenizer is built from its text: CharTokenizer(text=corpus); "
                          "a saved one comes back with from_spec(meta['tokenizer'])")
     if os.path.isdir(name):
+        from hf import HFTokenizer
         return HFTokenizer(name)
     if name.endswith('.json') and os.path.isfile(name):
         return BPETokenizer.load(name)

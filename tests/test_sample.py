@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, save_checkpoint  # tests/conftest.py puts the repo root on sys.path
-import engine
+import decoding
 
 from sample import generate, generate_stream
 
@@ -120,7 +120,7 @@ def test_greedy_limits():
 def test_top_p_keeps_smallest_nucleus():
     probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # sorted: 0.5, 0.3, 0.15, 0.05
     logits = probs.log()
-    kept = lambda p: torch.isfinite(engine.top_p_filter(logits, p)).tolist()
+    kept = lambda p: torch.isfinite(decoding.top_p_filter(logits, p)).tolist()
     assert kept(0.4) == [False, True, False, False]   # 0.5 alone reaches 0.4
     assert kept(0.75) == [False, True, False, True]   # 0.5 + 0.3 = 0.8 >= 0.75
     assert kept(0.85) == [True, True, False, True]    # needs 0.15 too: 0.95
@@ -128,29 +128,29 @@ def test_top_p_keeps_smallest_nucleus():
     assert kept(1e-9) == [False, True, False, False]  # never empty
     # the boundary, in powers of two so the sums are exact: mass 0.5 + 0.25 reaches 0.75, so the 0.125s go
     exact = torch.tensor([0.125, 0.5, 0.125, 0.25]).log()
-    assert torch.isfinite(engine.top_p_filter(exact, 0.75)).tolist() == [False, True, False, True]
+    assert torch.isfinite(decoding.top_p_filter(exact, 0.75)).tolist() == [False, True, False, True]
     batch = torch.stack([logits, logits.flip(0)])    # rows filtered independently
-    assert torch.isfinite(engine.top_p_filter(batch, 0.75)).tolist() == [[False, True, False, True],
+    assert torch.isfinite(decoding.top_p_filter(batch, 0.75)).tolist() == [[False, True, False, True],
                                                                          [True, False, True, False]]
 
 
 def test_min_p_and_top_k_filters():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    assert torch.isfinite(engine.min_p_filter(logits, 0.5)).tolist() == [True, True, False, False]   # p >= 0.25
-    assert torch.isfinite(engine.min_p_filter(logits, 0.2)).tolist() == [True, True, True, False]    # p >= 0.1
-    assert torch.isfinite(engine.top_k_filter(logits, 2)).tolist() == [True, True, False, False]
-    assert torch.equal(engine.top_k_filter(logits, 0), logits)
+    assert torch.isfinite(decoding.min_p_filter(logits, 0.5)).tolist() == [True, True, False, False]   # p >= 0.25
+    assert torch.isfinite(decoding.min_p_filter(logits, 0.2)).tolist() == [True, True, True, False]    # p >= 0.1
+    assert torch.isfinite(decoding.top_k_filter(logits, 2)).tolist() == [True, True, False, False]
+    assert torch.equal(decoding.top_k_filter(logits, 0), logits)
 
 
 def test_penalties_follow_their_formulas():
     logits = torch.tensor([2.0, -2.0, 1.0, -1.0])
     seen = torch.tensor([True, True, False, False])
-    assert engine.apply_repetition_penalty(logits, seen, 2.0).tolist() == [1.0, -4.0, 1.0, -1.0]
+    assert decoding.apply_repetition_penalty(logits, seen, 2.0).tolist() == [1.0, -4.0, 1.0, -1.0]
     counts = torch.tensor([3, 0, 1, 0])
-    assert engine.apply_presence_frequency(logits, counts, 0.5, 0.25).tolist() == [2 - 0.5 - 0.75, -2.0, 1 - 0.5 - 0.25, -1.0]
-    assert engine.apply_temperature(logits, 0.5).tolist() == [4.0, -4.0, 2.0, -2.0]
+    assert decoding.apply_presence_frequency(logits, counts, 0.5, 0.25).tolist() == [2 - 0.5 - 0.75, -2.0, 1 - 0.5 - 0.25, -1.0]
+    assert decoding.apply_temperature(logits, 0.5).tolist() == [4.0, -4.0, 2.0, -2.0]
     # penalty_state: repetition sees prompt + output, OpenAI penalties count the output only
-    seen, counts = engine.penalty_state([[0, 1]], [[2, 2]], 4, 'cpu', 1.5, 0.0, 0.1)
+    seen, counts = decoding.penalty_state([[0, 1]], [[2, 2]], 4, 'cpu', 1.5, 0.0, 0.1)
     assert seen.tolist() == [[True, True, True, False]] and counts.tolist() == [[0, 0, 2, 0]]
     # and generate applies them: a huge frequency penalty forbids any repeat
     m = tiny()
@@ -161,16 +161,27 @@ def test_penalties_follow_their_formulas():
 def test_sampling_follows_the_processed_distribution():
     # temperature 1 with top_k=2: every draw is one of the two likeliest tokens, and both occur
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]]).repeat(2000, 1)
-    x = engine.process_logits(logits, top_k=2)
+    x = decoding.process_logits(logits, top_k=2)
     rng = random.Random(0)
-    drawn = engine.draw(x.softmax(-1), [rng.random() for _ in range(2000)])
+    drawn = decoding.draw(x.softmax(-1), [rng.random() for _ in range(2000)])
     assert set(drawn.tolist()) == {1, 2}
     assert 0.45 < (drawn == 1).float().mean().item() < 0.62  # p(1) = 1/(1+e^-0.1) = 0.525
     # the inverse CDF by hand: u below p(1)/(p(1)+p(2)) picks token 1, above it token 2; a zero-mass token never
     p = x[:1].softmax(-1)
     cut = (p[0, 1] / p[0].sum()).item()
-    assert engine.draw(p.repeat(3, 1), [0.0, cut - 1e-6, cut + 1e-6]).tolist() == [1, 1, 2]
-    assert engine.draw(torch.tensor([[0.0, 1.0, 0.0]]), [0.999999999]).tolist() == [1]
+    assert decoding.draw(p.repeat(3, 1), [0.0, cut - 1e-6, cut + 1e-6]).tolist() == [1, 1, 2]
+    assert decoding.draw(torch.tensor([[0.0, 1.0, 0.0]]), [0.999999999]).tolist() == [1]
+    # over several blocks of the two-level search, the same tokens as one float64 cumulative sum over the vocabulary
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(4, 2500, generator=g) ** 8  # uneven, as real distributions are; the last block is partial
+    us = [rng.random() for _ in range(4 * 200)]
+    want = [torch.searchsorted(p[i % 4].double().cumsum(0), u * p[i % 4].double().sum(), right=True).item()
+            for i, u in enumerate(us)]
+    assert decoding.draw(p.repeat(200, 1), us).tolist() == want
+    # the fast argmax: aten's, first maximum on ties, -inf left alone
+    x = torch.randn(6, 2500, generator=g).masked_fill(torch.rand(6, 2500, generator=g) < 0.5, float('-inf'))
+    x[0, [7, 900]] = 99.0
+    assert decoding.argmax(x).tolist() == x.argmax(-1).tolist() and decoding.argmax(x)[0] == 7
 
 # -----------------------------------------------------------------------------
 # 6) beam search
@@ -223,14 +234,14 @@ def test_stop_tokens_and_strings():
 
 def test_text_stream_holds_back_split_utf8():
     tok = SimpleNamespace(decode_bytes=bytes)  # a byte-level tokenizer: id = byte
-    ts = engine.TextStream(tok, stop_strings=[], stop_tokens={0})
+    ts = decoding.TextStream(tok, stop_strings=[], stop_tokens={0})
     e = 'é'.encode()  # 2 bytes
     assert ts.push(ord('a'), False) == ('a', None)
     assert ts.push(e[0], False) == ('', None)  # half a character: held back, no U+FFFD
     assert ts.push(e[1], False) == ('é', None)
     assert ts.push(e[0], False) == ('', None)
     assert ts.push(0, False) == ('\ufffd', 'stop')  # the end: what is left is shown, as U+FFFD if it is broken
-    assert engine._utf8_safe_len('€'.encode()[:2]) == 0 and engine._utf8_safe_len(b'ab') == 2
+    assert decoding._utf8_safe_len('€'.encode()[:2]) == 0 and decoding._utf8_safe_len(b'ab') == 2
 
 
 def test_logprobs_and_top_alternatives():

