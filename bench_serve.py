@@ -160,6 +160,74 @@ def bench_serve(cfg):
 
 
 # -----------------------------------------------------------------------------
+# fairness: one streaming client against hostile load
+
+def post(port, body, path='/v1/completions'):
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=600)
+    conn.request('POST', path, json.dumps(body), {'Content-Type': 'application/json'})
+    r = conn.getresponse()
+    r.read()
+    conn.close()
+    return r.status
+
+
+def loads(block):
+    """The hostile loads -> {name: request bodies, sent one after another by each of 2 clients while the stream runs}."""
+    long = 'To be, or not to be, that is the question: ' * 8
+    return {
+        'a flood of prompts (256 a request, and 3000: refused)': [
+            {'prompt': ['First Citizen:'] * 256, 'max_tokens': 16}, {'prompt': ['a'] * 3000, 'max_tokens': 16}],
+        'a wide beam search (16 prompts x 8 beams, n=8)': [
+            {'prompt': ['ROMEO:'] * 16, 'num_beams': 8, 'n': 8, 'max_tokens': block // 2}],
+        f'long prompts being prefilled (128 x {block - 2} tokens, scored)': [
+            {'prompt': [long[:block - 2]] * 128, 'max_tokens': 0, 'echo': True, 'logprobs': 1}],
+    }
+
+
+def bench_fairness(cfg):
+    """A streaming client's time to first token and largest gap between tokens, alone and under each hostile load
+    on cfg['serve_model'] (issue 10's targets: first token < 1 s, gap < 250 ms)."""
+    import torch
+    from model import load_checkpoint
+    block = load_checkpoint(cfg['serve_model'])['model_args']['block_size']
+    tokens, streams = min(cfg['serve_tokens'], block - 8), 6
+    print(f"fairness: {cfg['serve_model']} (block {block}), a client streaming {streams} requests of {tokens} tokens "
+          "one after another, alone and while 2 other clients send each load without pause")
+    rows = []
+    with Process(serve_cmd(cfg['serve_model'], cfg['device'], cfg['serve_quantize'])) as p:
+        def stream_client():
+            out = [stream_once(p.port, {'prompt': PROMPTS[i % len(PROMPTS)], 'max_tokens': tokens,
+                                        'temperature': 0.8, 'seed': i}) for i in range(streams)]
+            return max(r[0] for r in out), max(r[3] for r in out), sum(r[1] for r in out) / sum(r[2] for r in out)
+        stream_client()  # warm-up
+        rows.append(('alone', *stream_client(), 0))
+        for name, bodies in loads(block).items():
+            stop, sent = threading.Event(), []
+
+            def hostile():
+                while not stop.is_set():
+                    for b in bodies:
+                        sent.append(post(p.port, b))
+            threads = [threading.Thread(target=hostile) for _ in range(2)]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)  # the load is under way
+            ttft, gap, tps = stream_client()
+            stop.set()
+            for t in threads:
+                t.join()
+            rows.append((name, ttft, gap, tps, len(sent)))
+            print(f"  {name}: first token {ttft * 1e3:.0f} ms, largest gap {gap * 1e3:.0f} ms, {tps:.0f} tok/s "
+                  f"({len(sent)} load requests, statuses {sorted(set(sent))})", flush=True)
+    print("\n| load | worst time to first token | worst gap between tokens | stream tok/s | load requests |\n"
+          "|---|---|---|---|---|")
+    for name, ttft, gap, tps, n in rows:
+        ok = ttft < 1.0 and gap < 0.25
+        print(f"| {name} | {ttft * 1e3:.0f} ms | {gap * 1e3:.0f} ms | {tps:.0f} | {n} | {'met' if ok else 'MISSED'}")
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # llama.cpp on the same weights
 
 LLAMA_SHAPE = dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)  # GPT-2 124M

@@ -10,8 +10,9 @@ runs one per model in a thread, and evaluate.py and dpo.py decode through sample
 Each step (Engine.step):
   1) cancelled requests leave: their KV-cache slots are free for this step
   2) admission: waiting prompts take free slots, the request with the fewest running rows first (ties: the one
-     that came first), so one request of many prompts cannot shut a newcomer out; rows per request and prompt
-     tokens per request are capped at submit (LimitError), so no request can hold the engine for long
+     that came first), so one request of many prompts cannot shut a newcomer out; a newcomer that finds every slot
+     taken preempts a sampling row of the request holding the most (it re-prefills later, losing nothing else);
+     beam searches hold at most max_beam_slots together; rows and prompt tokens per request are capped at submit
   3) one forward pass: a new token for every decoding row, plus chunks of the prompts being prefilled, at most
      `prefill_chunk` prompt tokens a step, so a long prompt delays the other rows' next token by one chunk only
   4) rows whose context is now fed choose their next token (`choose`); beam groups rank their extensions
@@ -90,6 +91,7 @@ class Request:
         self.engine, self.prompts, self.settings = engine, prompts, settings
         s = settings
         self.waiting = deque(range(len(prompts)))  # prompts not yet admitted
+        self.resume = deque()                       # its preempted rows, to admit again before new prompts
         self.running = 0                            # slots it holds
         self.outputs = len(prompts) * s.num_samples  # final events to come
         self.queue, self.cancelled = queue.SimpleQueue(), False
@@ -156,11 +158,13 @@ def keep_freed_memory():
 class Engine:
     """Continuous batching on one KV cache of `max_batch` slots (see the module docstring). Limits (None = none):
     max_rows: prompts x n (x num_beams) per request; max_prompt_tokens: prompt tokens per request; prefill_chunk:
-    prompt tokens prefilled per step. use_cache=False recomputes every row's whole context each step (the slow
-    reference path, nanoGPT's crop to the last block_size tokens)."""
+    prompt tokens prefilled per step; max_beam_slots: slots all beam searches may hold (None = max_batch).
+    use_cache=False recomputes every row's whole context each step (the slow reference path, nanoGPT's crop to the
+    last block_size tokens)."""
     def __init__(self, model, tokenizer=None, *, max_batch=16, max_rows=None, max_prompt_tokens=None,
-                 prefill_chunk=512, use_cache=True):
+                 prefill_chunk=512, max_beam_slots=None, use_cache=True):
         self.model, self.tok, self.max_batch, self.use_cache = model, tokenizer, max_batch, use_cache
+        self.max_beam_slots = max_batch if max_beam_slots is None else max_beam_slots
         self.max_rows, self.max_prompt_tokens, self.prefill_chunk = max_rows, max_prompt_tokens, prefill_chunk
         p = next(model.parameters())
         self.device, self.dtype, self.block_size = p.device, p.dtype, model.config.block_size
@@ -170,7 +174,8 @@ class Engine:
         self.slots = [None] * max_batch  # the Row in each slot (a Beams group: reserved for its beams), None = free
         self.cache, self.inbox, self.waiting, self.calls = None, deque(), deque(), deque()
         self.thread, self.wake, self.stopped = None, threading.Event(), False
-        self.stats = dict(steps=0, peak_batch=0, rows_finished=0, rows_cancelled=0, prefill_tokens=0, chunks=0)
+        self.stats = dict(steps=0, peak_batch=0, rows_finished=0, rows_cancelled=0, rows_preempted=0, prefill_tokens=0,
+                          chunks=0)
 
     def submit(self, prompts, settings=Settings()):
         """Queue prompts (token id lists, or one list) for decoding -> Request. Checked here, so a caller can
@@ -185,7 +190,9 @@ class Engine:
         for limit, value, cap, what in [('max_rows', rows, self.max_rows, 'rows (prompts x n x num_beams)'),
                                         ('max_prompt_tokens', sum(map(len, prompts)), self.max_prompt_tokens,
                                          'prompt tokens'),
-                                        ('max_batch', s.slots, self.max_batch, 'rows decoded together (n or num_beams)')]:
+                                        ('max_batch', s.slots, self.max_batch, 'rows decoded together (n or num_beams)'),
+                                        ('max_batch', s.slots if s.num_beams > 1 else 0, self.max_beam_slots,
+                                         'beams (beam searches hold at most max_beam_slots of the max_batch slots)')]:
             if cap is not None and value > cap:
                 raise LimitError(limit, f"the request asks for {value} {what}, over this engine's limit of {cap} "
                                  f"({limit}); send fewer or shorter prompts, or a smaller n or num_beams")
@@ -289,31 +296,69 @@ class Engine:
         """1) cancelled requests' rows leave, freeing their slots; their waiting prompts are dropped."""
         for i, r in enumerate(self.slots):
             if r is not None and r.req.cancelled:
-                self._free(i, finished=False)
+                self._free(i, 'rows_cancelled')
         self.waiting = deque(q for q in self.waiting if not q.cancelled)
 
-    def _free(self, slot, finished):
+    def _free(self, slot, why):
+        """Slot `slot` is free again; why: the stats key that counts it (rows_finished, _cancelled, _preempted)."""
         r = self.slots[slot]
         r.req.running -= 1
         self.slots[slot] = None
         if self.cache is not None:
             self.cache.lengths[slot] = 0
-        self.stats['rows_finished' if finished else 'rows_cancelled'] += isinstance(r, Row)
+        self.stats[why] += isinstance(r, Row)
 
     def _admit(self):
-        """2) free slots go to waiting prompts, the request with the fewest running rows first."""
+        """2) free slots go to waiting work, the request with the fewest running rows first. A request with none
+        running that finds no free slot takes them from the request holding the most (_preempt). Beam searches
+        together hold at most max_beam_slots (serve.py: half the batch), so the rest can always be freed."""
         while self.inbox:
             self.waiting.append(self.inbox.popleft())
         free = [i for i, r in enumerate(self.slots) if r is None]
-        while free and self.waiting:
-            req = min(self.waiting, key=lambda q: q.running)  # ties: the first in line
-            if req.settings.slots > len(free):
+        while self.waiting:
+            beams = sum(isinstance(r, Beams) or isinstance(r, Row) and r.group is not None for r in self.slots)
+            req = next((q for q in sorted(self.waiting, key=lambda q: q.running)  # stable: ties keep their order
+                        if q.resume or q.settings.num_beams == 1 or beams + q.settings.slots <= self.max_beam_slots), None)
+            if req is None:
+                break
+            need = 1 if req.resume else req.settings.slots
+            if need > len(free) and req.running == 0:
+                free += self._preempt(need - len(free), req)
+            if need > len(free):
                 break  # its turn: the slots wait for it, rather than let smaller requests jump ahead forever
-            slots, free = free[:req.settings.slots], free[req.settings.slots:]
-            self._place(req, req.waiting.popleft(), slots)
-            if not req.waiting:
+            slots, free = free[:need], free[need:]
+            if req.resume:
+                self._resume(req.resume.popleft(), slots[0])
+            else:
+                self._place(req, req.waiting.popleft(), slots)
+            if not req.waiting and not req.resume:
                 self.waiting.remove(req)
         self.stats['peak_batch'] = max(self.stats['peak_batch'], sum(r is not None for r in self.slots))
+
+    def _preempt(self, k, req):
+        """Up to k slots for req, which has no row running, from the request holding the most: its latest sampling rows
+        go back to its queue with everything but their keys and values, which they prefill again when their turn
+        comes (their logits then agree with an uninterrupted run to float rounding). Never a request's last row,
+        nor a beam (a group steps together), nor a row mid-fork or mid-score. -> the freed slots."""
+        freed = []
+        while len(freed) < k:
+            victims = [r for r in self.slots if isinstance(r, Row) and r.group is None and r.parent is None and
+                       not r.children and r.scores is None and r.req is not req and r.req.running > 1]
+            if not victims:
+                break
+            top = max(v.req.running for v in victims)
+            r = max((v for v in victims if v.req.running == top), key=lambda v: v.admitted)
+            freed.append(r.slot)
+            self._free(r.slot, 'rows_preempted')
+            r.slot = None
+            r.req.resume.append(r)
+            if r.req not in self.waiting:
+                self.waiting.append(r.req)
+        return freed
+
+    def _resume(self, r, slot):
+        r.slot, r.admitted, self.slots[slot] = slot, self.stats['steps'], r
+        r.req.running += 1
 
     def _place(self, req, pi, slots):
         s, prompt = req.settings, req.prompts[pi]
@@ -391,11 +436,11 @@ class Engine:
             if s.max_new_tokens == 0:  # scoring only: done, for every sample of the prompt
                 for i in range(s.num_samples):
                     r.req.queue.put(Event(r.prompt_index, i, None, '', None, None, 'length'))
-                self._free(r.slot, finished=True)
+                self._free(r.slot, 'rows_finished')
         for r, _ in due:
             if r.parent is not None:  # the first sample's prompt is in: the others copy its keys and values
                 c.copy([r.parent.slot], [r.slot])
-                r.parent = None
+                r.parent.children, r.parent = [], None
         return [r for r, _ in due], logits[[i for _, i in due]]
 
     def _forward_whole(self, rows):
@@ -416,7 +461,7 @@ class Engine:
             top = top_logprobs(logits[b:b + 1], s.logprobs, lse[b:b + 1])[0]
             r.req.queue.put(Event(r.prompt_index, r.sample_index, t, delta, lp, top, reason))
             if reason is not None:
-                self._free(r.slot, finished=True)
+                self._free(r.slot, 'rows_finished')
 
     def _beam_step(self, g, rows, logits):
         """4) one step of a beam search, as Hugging Face's with early_stopping=False: the 2K best extensions of the
@@ -485,4 +530,4 @@ class Engine:
                 delta, reason = text.push(tok, j == len(out) - 1)
                 g.req.queue.put(Event(g.prompt_index, rank, tok, delta, lps[j], tops[j], reason))
         for x in g.slots:
-            self._free(x, finished=True)
+            self._free(x, 'rows_finished')

@@ -558,7 +558,7 @@ def model_sources(spec):
 
 def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', **limits):
     """Load every model of init_from (int8 with quantize='int8'), ready for inference, and start its engine
-    -> {name: Engine}. limits: Engine's max_batch, max_rows, max_prompt_tokens, prefill_chunk."""
+    -> {name: Engine}. limits: Engine's max_batch, max_rows, max_prompt_tokens, prefill_chunk, max_beam_slots."""
     engines = {}
     for name, source in model_sources(spec):
         model, tok, _ = load_model(source, device, dtype)
@@ -593,7 +593,8 @@ def main():
     if threads:
         torch.set_num_threads(threads)
     engines = load_engines(init_from, dev, resolve_dtype(dtype, dev), quantize, max_batch=max_batch, max_rows=max_rows,
-                           max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk)
+                           max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
+                           max_beam_slots=max_batch // 2)  # beam searches leave half the slots to the others
     server = make_server(engines, host, port, api_key, runs_dir)
     print(f"serving {', '.join(engines)} on http://{host}:{server.server_address[1]}  (Ctrl-C stops)")
     try:

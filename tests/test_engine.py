@@ -87,6 +87,38 @@ def test_admission_is_fair_to_a_newcomer():
     assert tokens(out[id(late)]) == generate(m, PROMPTS[0], 10, temperature=0)[0].tokens
 
 
+def test_a_newcomer_preempts_a_request_that_holds_every_slot():
+    """Four long greedy rows of one request hold all 4 slots; a newcomer takes one at once (preemption): the latest
+    of those rows goes back to its queue and later prefills its context again. Every reply equals generate alone."""
+    m = tiny(block_size=128)
+    engine = Engine(m, max_batch=4)
+    hog = engine.submit([[i + 1, i + 2] for i in range(4)], Settings(max_new_tokens=60, temperature=0))
+    for _ in range(5):
+        engine.step()
+    late = engine.submit([PROMPTS[0]], Settings(max_new_tokens=10, temperature=0))
+    engine.step()
+    assert any(r is not None and r.req is late for r in engine.slots) and engine.stats['rows_preempted'] == 1
+    out, _ = run(engine, [hog, late])
+    assert tokens(out[id(late)]) == generate(m, PROMPTS[0], 10, temperature=0)[0].tokens
+    for i in range(4):  # the preempted row's 60 tokens are the same as if it had never left
+        assert tokens(out[id(hog)], i) == generate(m, [i + 1, i + 2], 60, temperature=0)[0].tokens
+
+
+def test_beam_searches_hold_at_most_their_share_of_the_slots():
+    m = tiny()
+    engine = Engine(m, max_batch=4, max_beam_slots=2)
+    beams = engine.submit(PROMPTS[:2], Settings(max_new_tokens=8, num_beams=2))
+    sampled = engine.submit([[5], [6], [7]], Settings(max_new_tokens=20, temperature=0))
+    held = []
+    while engine.busy():
+        engine.step()
+        held.append(sum(r is not None and r.req is beams for r in engine.slots))
+    assert max(held) == 2  # one group of 2 beams at a time, beside the sampling rows
+    out, _ = run(engine, [beams, sampled])
+    with pytest.raises(LimitError, match='max_beam_slots'):
+        engine.submit([[1]], Settings(num_beams=3))
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_while_a_row_decodes():
     m = tiny(block_size=128)
     engine = Engine(m, max_batch=2, prefill_chunk=8)
