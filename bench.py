@@ -44,6 +44,7 @@ import torch
 
 from common import configure_optimizer
 from model import GPT, GPTConfig, autocast_ctx, resolve_device, resolve_dtype
+from quantize import for_inference
 from sample import generate
 
 # -----------------------------------------------------------------------------
@@ -121,6 +122,7 @@ def bench_decode(name):
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=ptdtype).to(device).eval()
+    for_inference(model)  # what sample.py and serve.py decode with (the CPU head layout; a no-op elsewhere)
     V = model.config.vocab_size
     rows = []
     # 1) decode tokens/s at each batch size (greedy, no stop token so every row makes new_tokens)

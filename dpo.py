@@ -283,15 +283,13 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
         return collate([train_pairs[i] for i in idx], device)
 
     def forward(x, y, ref=None):
-        """Policy and reference log-probs of a collated batch -> (per-pair losses, stats).
-        subtle: the reference runs with grad mode on, like the policy (its weights need no grad, so no graph is
-        kept): model._head takes another matmul path under no_grad on CPU, and its rounding would break step 0's
-        exact loss of log 2"""
+        """Policy and reference log-probs of a collated batch -> (per-pair losses, stats). The reference runs under
+        no_grad: forward computes the same function in every mode, so step 0's loss is still exactly log 2."""
         with ctx:
             logps = response_logps(model, x, y)
             if ref is None:
-                with reference():
-                    ref = response_logps(ref_model, x, y).detach()
+                with reference(), torch.no_grad():
+                    ref = response_logps(ref_model, x, y)
         B = x.size(0) // 2
         return preference_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta, loss_type, label_smoothing) + (ref,)
 

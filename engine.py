@@ -155,6 +155,51 @@ def keep_freed_memory():
     except (OSError, AttributeError):
         pass
 
+def start(build, idle_release=60.0):
+    """Run build() -> a list of Engines on a new daemon thread, then step them there, in turn, while any has work,
+    until each is stopped: the one thread of the process that runs the models. A KV cache is let go after
+    idle_release idle seconds. Returns the engines; build's exceptions are raised here.
+    subtle: OpenMP gives every thread that runs parallel ops its own team of worker threads. With two teams on two
+    cores (a model loaded on the main thread and decoded on another, or two models on two threads), libgomp counts
+    itself oversubscribed and lets its workers sleep between ops, and each op then waits to wake one (measured on
+    GPT-2 124M int8, batch 1: 44-50 tok/s against 63-72). So build() loads the models here, and several models share
+    this thread instead of fighting over the cores."""
+    keep_freed_memory()
+    out, ready = [], threading.Event()
+
+    def run():
+        try:
+            engines = list(build())
+        except BaseException as e:
+            out.append(e)
+            return ready.set()
+        wake = threading.Event()
+        for e in engines:
+            e.wake, e.thread = wake, threading.current_thread()
+        out.append(engines)
+        ready.set()
+        while not all(e.stopped for e in engines):
+            wake.clear()
+            for e in engines:
+                e._run_calls()
+            busy = [e for e in engines if e.busy() and not e.stopped]
+            if not busy:
+                if not wake.wait(idle_release) and not any(e.busy() for e in engines):
+                    for e in engines:
+                        e.cache = None  # idle: give the memory back
+                continue
+            for e in busy:
+                try:
+                    e.step()
+                except Exception as err:  # a bug must not hang the clients: fail what is running, keep serving
+                    traceback.print_exc()
+                    e._fail(err)
+    threading.Thread(target=run, daemon=True, name='engine').start()
+    ready.wait()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
 class Engine:
     """Continuous batching on one KV cache of `max_batch` slots (see the module docstring). Limits (None = none):
     max_rows: prompts x n (x num_beams) per request; max_prompt_tokens: prompt tokens per request; prefill_chunk:
@@ -212,14 +257,11 @@ class Engine:
             self.wake.set()
         return req
 
-    # -- a thread of its own (serve.py) ---------------------------------------------------------------------------
+    # -- on a thread of its own (serve.py): see start() below ---------------------------------------------------
 
     def start(self, idle_release=60.0):
-        """Run steps in a daemon thread while there is work; the KV cache is let go after idle_release idle seconds."""
-        keep_freed_memory()
-        self.thread = threading.Thread(target=self._run, args=(idle_release,), daemon=True, name='engine')
-        self.thread.start()
-        return self
+        """Run this engine's steps on a thread of its own (start([self]), below) -> self."""
+        return start(lambda: [self], idle_release)[0]
 
     def stop(self):
         self.stopped = True
@@ -240,24 +282,13 @@ class Engine:
     def busy(self):
         return bool(self.inbox or self.waiting or any(r is not None for r in self.slots))
 
-    def _run(self, idle_release):
-        while not self.stopped:
-            self.wake.clear()
-            while self.calls:
-                fn, done = self.calls.popleft()
-                try:
-                    done.put((True, fn()))
-                except Exception as e:
-                    done.put((False, e))
-            if not self.busy():
-                if not self.wake.wait(idle_release) and not self.busy():
-                    self.cache = None  # idle: give the memory back
-                continue
+    def _run_calls(self):
+        while self.calls:
+            fn, done = self.calls.popleft()
             try:
-                self.step()
-            except Exception as e:  # a bug must not hang the clients: fail what is running, keep serving
-                traceback.print_exc()
-                self._fail(e)
+                done.put((True, fn()))
+            except Exception as e:
+                done.put((False, e))
 
     def _fail(self, error):
         reqs = {id(r.req): r.req for r in self.slots if r is not None}

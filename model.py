@@ -208,7 +208,8 @@ class KVCache:
             c = self.lengths[slot]
             mask = None if c == 0 else torch.ones(T, c + T, dtype=torch.bool, device=self.device).tril(c)
             segs.append((slot, c, T, mask))
-        self.plan = (decode, real, torch.tensor(starts, dtype=torch.long, device=self.device), S, dmask, segs)
+        rows = torch.arange(decode, device=self.device)
+        self.plan = (decode, real, rows, torch.tensor(starts, dtype=torch.long, device=self.device), S, dmask, segs)
         pos = starts + [p for _, c, T, _ in segs for p in range(c, c + T)]
         self.pos = torch.tensor([pos], dtype=torch.long, device=self.device)
         return self.pos
@@ -216,10 +217,9 @@ class KVCache:
     def attend(self, layer, q, k, v, gqa):
         """Store this step's keys/values and attend over each row's own context. q (1, nh, N, hs), k/v (1, nkv, N, hs)
         -> (1, nh, N, hs)."""
-        decode, real, starts, S, dmask, segs = self.plan
+        decode, real, rows, starts, S, dmask, segs = self.plan
         K, V, ys, off = self.k[layer], self.v[layer], [], decode
         if decode:
-            rows = torch.arange(decode, device=self.device)
             K[rows, :, starts] = k[0, :, :decode].transpose(0, 1)  # (decode, nkv, hs), each at its own position
             V[rows, :, starts] = v[0, :, :decode].transpose(0, 1)
             qd = q[0, :, :decode].transpose(0, 1).unsqueeze(2)    # (decode, nh, 1, hs)
@@ -238,7 +238,7 @@ class KVCache:
 
     def advance(self):
         """After the forward: each slot holds the tokens it was fed (throwaway tokens are not kept)."""
-        decode, real, _, _, _, segs = self.plan
+        decode, real, _, _, _, _, segs = self.plan
         for s in range(decode):
             self.lengths[s] += bool(real[s])
         for slot, _, T, _ in segs:

@@ -53,7 +53,7 @@ class Int8Linear(nn.Module):
         r = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # (M, 1) row ranges (faster than vector_norm inf)
         torch.div(x2, r, out=buf[:, :K])
         # reduce_range: 7-bit activations, which fbgemm's AVX2 kernel needs to not saturate its int16 sums
-        y = torch.ops.quantized.linear_dynamic(buf, self.packed, True)  # (M, out), each row on the same grid
+        y = torch.ops.quantized.linear_dynamic.default(buf, self.packed, True)  # (M, out), rows on one grid
         y = y.mul_(r) if self.bias is None else torch.addcmul(self.bias, y, r)
         return y.view(*x.shape[:-1], self.out_features)
 

@@ -43,7 +43,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 
-from engine import Engine, Event, LimitError, PromptScores, Settings, SettingsError
+from engine import Engine, Event, LimitError, PromptScores, Settings, SettingsError, start
 from model import load_model, resolve_device, resolve_dtype
 from quantize import for_inference
 
@@ -556,17 +556,22 @@ def model_sources(spec):
                          "give one or more distinct sources, comma-separated")
     return out
 
-def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', **limits):
-    """Load every model of init_from (int8 with quantize='int8'), ready for inference, and start its engine
-    -> {name: Engine}. limits: Engine's max_batch, max_rows, max_prompt_tokens, prefill_chunk, max_beam_slots."""
-    engines = {}
-    for name, source in model_sources(spec):
-        model, tok, _ = load_model(source, device, dtype)
-        if tok is None:
-            raise ValueError(f"{source} comes without a tokenizer, so text cannot be encoded; serve a source with "
-                             "tokenizer files (a nanolab out_dir, or a Hugging Face dir with tokenizer.json)")
-        engines[name] = Engine(for_inference(model, quantize), tok, **limits).start()
-    return engines
+def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0, **limits):
+    """Load every model of init_from (int8 with quantize='int8'), ready for inference, each in an Engine, all on the
+    engine thread (engine.start: the models are loaded there too) -> {name: Engine}. threads: torch threads, 0 =
+    torch's default. limits: Engine's max_batch, max_rows, max_prompt_tokens, prefill_chunk, max_beam_slots."""
+    sources = model_sources(spec)
+
+    def build():
+        if threads:
+            torch.set_num_threads(threads)
+        for name, source in sources:
+            model, tok, _ = load_model(source, device, dtype)
+            if tok is None:
+                raise ValueError(f"{source} comes without a tokenizer, so text cannot be encoded; serve a source with "
+                                 "tokenizer files (a nanolab out_dir, or a Hugging Face dir with tokenizer.json)")
+            yield Engine(for_inference(model, quantize), tok, **limits)
+    return dict(zip([name for name, _ in sources], start(build)))
 
 class Server(ThreadingHTTPServer):
     """One thread per connection. subtle: socketserver's listen backlog of 5 reset connections when 32 clients
@@ -590,10 +595,8 @@ def main():
                                 'quantize': ('', 'int8')})
     globals().update({k: config[k] for k in CONFIG_KEYS})
     dev = resolve_device(device)
-    if threads:
-        torch.set_num_threads(threads)
-    engines = load_engines(init_from, dev, resolve_dtype(dtype, dev), quantize, max_batch=max_batch, max_rows=max_rows,
-                           max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
+    engines = load_engines(init_from, dev, resolve_dtype(dtype, dev), quantize, threads, max_batch=max_batch,
+                           max_rows=max_rows, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
                            max_beam_slots=max_batch // 2)  # beam searches leave half the slots to the others
     server = make_server(engines, host, port, api_key, runs_dir)
     print(f"serving {', '.join(engines)} on http://{host}:{server.server_address[1]}  (Ctrl-C stops)")
