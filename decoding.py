@@ -16,6 +16,7 @@ repeats it); greedy and beam requests leave that RNG alone, so decoding inside a
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 
 class SettingsError(ValueError):
@@ -230,6 +231,22 @@ def choose(logits, rows):
             nxt[idx] = t
     return nxt, logits.gather(1, nxt[:, None])[:, 0] - lse, lse
 
+def extend_beams(logits, rows, k):
+    """Beam search's choice, for the live beams of one search: logits (nb, V) raw -> the k best one-token extensions
+    by total processed logprob (row.score + this token's), best first, as [(beam index, token, total, raw logprob)],
+    and each beam's top alternatives (raw). Penalties apply; temperature, top_k, top_p and min_p do not."""
+    s, V = rows[0].req.settings, logits.size(-1)
+    raw = F.log_softmax(logits, dim=-1)  # (nb, V)
+    seen, counts = penalty_state([r.tokens[:r.n_prompt] for r in rows], [r.tokens[r.n_prompt:] for r in rows], V,
+                                 logits.device, s.repetition_penalty, s.presence_penalty,
+                                 s.frequency_penalty) if s.penalized else (None, None)
+    logp = F.log_softmax(process_logits(logits, seen, counts, **{**s.sampler, 'temperature': 0.0}), dim=-1)
+    total = torch.tensor([r.score for r in rows], device=logp.device)[:, None] + logp  # (nb, V)
+    vals, flat = total.view(-1).topk(min(k, total.numel()))
+    beam, tok = flat // V, flat % V
+    out = zip(beam.tolist(), tok.tolist(), vals.tolist(), raw[beam, tok].tolist())
+    return list(out), top_logprobs(raw, s.logprobs)
+
 def top_logprobs(logits, k, lse=None):
     """The k likeliest (token, logprob) of each row, or None per row when k=0. logits: raw logits with their
     logsumexp lse (B,), or logprobs already (lse None)."""
@@ -237,6 +254,17 @@ def top_logprobs(logits, k, lse=None):
         return [None] * logits.size(0)
     tv, ti = logits.topk(k, dim=-1)
     return [list(zip(i, v)) for i, v in zip(ti.tolist(), (tv if lse is None else tv - lse[:, None]).tolist())]
+
+def prompt_lists(prompts):
+    """One prompt (token ids) or a batch of them (lists, or a 2-D tensor) -> list[list[int]], none empty."""
+    prompts = prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; pass a list of token ids, or a list of such lists")
+    prompts = [prompts] if not isinstance(prompts[0], (list, tuple)) else prompts  # one prompt, or a batch
+    prompts = [[int(t) for t in p] for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt; give at least one token (e.g. the tokenizer's eot)")
+    return prompts
 
 # -----------------------------------------------------------------------------
 # text: token ids -> text deltas that never split a UTF-8 character or show part of a stop string

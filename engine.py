@@ -3,7 +3,7 @@ The one decoding engine. Every token nanolab generates is chosen here: sample.ge
 runs one per model in a thread, and evaluate.py and dpo.py decode through sample.generate.
 
     from engine import Engine, Settings
-    engine = Engine(model, tokenizer)                 # one per model; engine.start() runs it in a thread of its own
+    engine = Engine(model, tokenizer)                 # one per model; start() steps them on a thread
     req = engine.submit([ids_a, ids_b], Settings(max_new_tokens=50, temperature=0.8, seed=7))
     for ev in req: print(ev.text_delta, end='')       # Events as tokens are chosen; req.cancel() frees its rows
 
@@ -27,13 +27,12 @@ import sys
 import threading
 import traceback
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
-from decoding import (Settings, SettingsError, TextStream, choose, penalty_state, process_logits,
-                      top_logprobs)
+from decoding import Settings, SettingsError, TextStream, choose, extend_beams, prompt_lists, top_logprobs
 from model import KVCache
 
 
@@ -73,27 +72,15 @@ class BeamStep:
 # -----------------------------------------------------------------------------
 # requests, rows and beam groups
 
-def prompt_lists(prompts):
-    """One prompt (token ids) or a batch of them (lists, or a 2-D tensor) -> list[list[int]], none empty."""
-    prompts = prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts
-    if len(prompts) == 0:
-        raise ValueError("prompts is empty; pass a list of token ids, or a list of such lists")
-    prompts = [prompts] if not isinstance(prompts[0], (list, tuple)) else prompts  # one prompt, or a batch
-    prompts = [[int(t) for t in p] for p in prompts]
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt; give at least one token (e.g. the tokenizer's eot)")
-    return prompts
-
 class Request:
     """What Engine.submit returns. Iterate it for its events (in a thread of your own when the engine runs in one;
     otherwise iterating runs the engine's steps); cancel() frees its rows within one step."""
     def __init__(self, engine, prompts, settings):
         self.engine, self.prompts, self.settings = engine, prompts, settings
-        s = settings
         self.waiting = deque(range(len(prompts)))  # prompts not yet admitted
         self.resume = deque()                       # its preempted rows, to admit again before new prompts
         self.running = 0                            # slots it holds
-        self.outputs = len(prompts) * s.num_samples  # final events to come
+        self.outputs = len(prompts) * settings.num_samples  # final events to come
         self.queue, self.cancelled = queue.SimpleQueue(), False
 
     def cancel(self):
@@ -110,13 +97,21 @@ class Request:
             return None
 
     def __iter__(self):
+        return self.events()
+
+    def events(self, check=None, every=0.25):
+        """Its events until every row has finished. check(), if given, runs after each event and every `every`
+        seconds without one (serve.py's raises when the client has gone, and the caller then cancels)."""
         left = self.outputs
         while left:
-            ev = self.get()
+            ev = self.get(timeout=every if check else None)
+            if check:
+                check()
             if isinstance(ev, Exception):
                 raise ev
-            left -= isinstance(ev, Event) and ev.finish_reason is not None
-            yield ev
+            if ev is not None:
+                left -= isinstance(ev, Event) and ev.finish_reason is not None
+                yield ev
 
 class Row:
     """One sequence in a slot of the batch: sample `sample_index` of prompt `prompt_index`, or one beam of a group.
@@ -135,7 +130,7 @@ class Beams:
     logprob; finished ones wait in `finished` for the end."""
     def __init__(self, req, prompt_index, slots):
         self.req, self.prompt_index, self.slots = req, prompt_index, slots
-        self.rows, self.finished, self.step, self.next_id = [], [], 0, 0
+        self.rows, self.finished, self.step, self.next_id = [], [], 0, 0  # rows: the live beams
 
     def norm(self, score, n):
         return score / n ** self.req.settings.length_penalty
@@ -157,13 +152,11 @@ def keep_freed_memory():
 
 def start(build, idle_release=60.0):
     """Run build() -> a list of Engines on a new daemon thread, then step them there, in turn, while any has work,
-    until each is stopped: the one thread of the process that runs the models. A KV cache is let go after
-    idle_release idle seconds. Returns the engines; build's exceptions are raised here.
-    subtle: OpenMP gives every thread that runs parallel ops its own team of worker threads. With two teams on two
-    cores (a model loaded on the main thread and decoded on another, or two models on two threads), libgomp counts
-    itself oversubscribed and lets its workers sleep between ops, and each op then waits to wake one (measured on
-    GPT-2 124M int8, batch 1: 44-50 tok/s against 63-72). So build() loads the models here, and several models share
-    this thread instead of fighting over the cores."""
+    until each is stopped; a KV cache is let go after idle_release idle seconds. -> the engines (build's exceptions
+    are raised here). subtle: OpenMP gives each thread that runs parallel ops its own team of workers; with two teams
+    on two cores (a model loaded on one thread and decoded on another, or two models on two threads) libgomp counts
+    itself oversubscribed and its workers sleep between ops (measured on GPT-2 124M int8, batch 1: 44-50 tok/s
+    against 63-72). So build() loads the models on this thread, and several models share it."""
     keep_freed_memory()
     out, ready = [], threading.Event()
 
@@ -257,11 +250,7 @@ class Engine:
             self.wake.set()
         return req
 
-    # -- on a thread of its own (serve.py): see start() below ---------------------------------------------------
-
-    def start(self, idle_release=60.0):
-        """Run this engine's steps on a thread of its own (start([self]), below) -> self."""
-        return start(lambda: [self], idle_release)[0]
+    # -- on the engine thread (serve.py): see start() above -----------------------------------------------------
 
     def stop(self):
         self.stopped = True
@@ -271,13 +260,9 @@ class Engine:
         """Run fn() between two steps, on the engine's thread (the model is only ever used by one), -> its result."""
         if self.thread is None:
             return fn()
-        done = queue.SimpleQueue()
-        self.calls.append((fn, done))
+        self.calls.append((fn, done := Future()))
         self.wake.set()
-        ok, value = done.get()
-        if not ok:
-            raise value
-        return value
+        return done.result()
 
     def busy(self):
         return bool(self.inbox or self.waiting or any(r is not None for r in self.slots))
@@ -286,9 +271,9 @@ class Engine:
         while self.calls:
             fn, done = self.calls.popleft()
             try:
-                done.put((True, fn()))
+                done.set_result(fn())
             except Exception as e:
-                done.put((False, e))
+                done.set_exception(e)
 
     def _fail(self, error):
         reqs = {id(r.req): r.req for r in self.slots if r is not None}
@@ -500,24 +485,15 @@ class Engine:
         if it ranks in the top K; the first K others live on. The search ends when K hypotheses are finished and no
         live beam scores better, or at max_new_tokens. score = sum logprob / len**length_penalty, len counting the
         new tokens, the stop token included. Penalties apply; temperature/top_k/top_p/min_p do not."""
-        s, K, V = g.req.settings, g.req.settings.num_beams, self.V
+        s, K = g.req.settings, g.req.settings.num_beams
         order = {id(r): i for i, r in enumerate(rows)}
         rows = sorted(rows, key=lambda r: g.rows.index(r))
-        logits = logits[[order[id(r)] for r in rows]]
-        logp_raw = F.log_softmax(logits, dim=-1)  # (nb, V)
-        seen, counts = penalty_state([r.tokens[:r.n_prompt] for r in rows], [r.tokens[r.n_prompt:] for r in rows], V,
-                                     logits.device, s.repetition_penalty, s.presence_penalty,
-                                     s.frequency_penalty) if s.penalized else (None, None)
-        logp = F.log_softmax(process_logits(logits, seen, counts, **{**s.sampler, 'temperature': 0.0}), dim=-1)
-        cand = torch.tensor([r.score for r in rows], device=logp.device)[:, None] + logp  # (nb, V)
-        vals, flat = cand.view(-1).topk(min(2 * K, cand.numel()))
-        tops = top_logprobs(logp_raw, s.logprobs)
+        ext, tops = extend_beams(logits[[order[id(r)] for r in rows]], rows, 2 * K)
         new, nodes = [], []
-        for rank, (v, f) in enumerate(zip(vals.tolist(), flat.tolist())):
-            src, t = divmod(f, V)
+        for rank, (src, t, v, lp) in enumerate(ext):
             p = rows[src]
             out = p.tokens[p.n_prompt:] + [t]
-            node = dict(id=g.next_id, parent=p.node, step=g.step, token=t, logprob=logp_raw[src, t].item(),
+            node = dict(id=g.next_id, parent=p.node, step=g.step, token=t, logprob=lp,
                         cum_logprob=v, score=g.norm(v, len(out)), finished=False)
             hyp = (p, t, v, node, p.lps + [node['logprob']], p.tops + [tops[src]])
             if t in s.stop_tokens or any(x in self.tok.decode(out) for x in s.stop_strings):

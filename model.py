@@ -546,3 +546,22 @@ def load_model(source, device='cpu', dtype=torch.float32):
                                                ('tokenizer.json', 'vocab.json')) else None
     model.to(device=device, dtype=dtype).eval()
     return model, tok, ckpt
+
+def model_sources(spec):
+    """init_from -> [(name, source)]: comma-separated sources, where a directory that is neither a run nor a Hugging
+    Face model stands for every subdirectory holding ckpt.pt. A model's name is its directory's name."""
+    out = []
+    for s in [x.strip() for x in spec.split(',') if x.strip()]:
+        if os.path.isdir(s) and not any(os.path.exists(os.path.join(s, f)) for f in ('ckpt.pt', 'config.json')):
+            runs = sorted(d for d in os.listdir(s) if os.path.isfile(os.path.join(s, d, 'ckpt.pt')))
+            if not runs:
+                raise ValueError(f"{s} holds no ckpt.pt, no config.json and no run directories with ckpt.pt; "
+                                 "train a model into it first (python train.py --out_dir=...), or fix the path")
+            out += [(d, os.path.join(s, d)) for d in runs]
+        else:
+            out.append((os.path.basename(os.path.normpath(s)) if os.path.exists(s) else s, s))
+    names = [n for n, _ in out]
+    if not out or len(set(names)) < len(names):
+        raise ValueError(f"init_from={spec!r} gives {'no models' if not out else f'two models named alike: {names}'}; "
+                         "give one or more distinct sources, comma-separated")
+    return out

@@ -125,6 +125,20 @@ def update_model_card(results_dir):
     os.makedirs(results_dir, exist_ok=True)
     _write_atomic(path, text.rstrip('\n') + '\n')
 
+def read_runs(root):
+    """Every run under root (a subdirectory holding metrics.jsonl) -> [{name, metrics: [rows], config or None}],
+    what serve.py's GET /runs sends the page's run dashboard."""
+    runs = []
+    for d in sorted(os.listdir(root)):
+        path = os.path.join(root, d, 'metrics.jsonl')
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:  # subtle: a run being trained may have a half-written last line; skip it
+            rows = [json.loads(line) for line in f if line.strip().endswith('}')]
+        cfg = os.path.join(root, d, 'config.json')
+        runs.append({'name': d, 'metrics': rows, 'config': json.load(open(cfg)) if os.path.isfile(cfg) else None})
+    return runs
+
 def checkpoint_sources(run_dir):
     """Every saved checkpoint of a run, oldest first, one per iteration: checkpoints/*.pt (train.py's
     keep_checkpoints), best.pt and ckpt.pt; of two files that hold the same iteration, ckpt.pt (then best.pt) is kept."""

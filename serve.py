@@ -1,7 +1,7 @@
 """
 Serve models over HTTP: an OpenAI-compatible API with streaming, the tokenizer, and the web page in web/. Standard
-library only (http.server); several models at once. This file is HTTP and OpenAI's formats: the decoding, the
-batching and the fairness between clients are engine.py's (one Engine per model, in a thread of its own).
+library only (http.server); several models at once. This file is HTTP and OpenAI's formats: the decoding, batching
+and fairness between clients are engine.py's (one Engine per model, all stepped on one engine thread).
 
     python serve.py --init_from=out-shakespeare-char                      # CPU: open http://127.0.0.1:8000
     python serve.py --init_from=out-a,out-b --device=cuda                  # one GPU, two models
@@ -17,13 +17,11 @@ Endpoints (errors are OpenAI's body {"error": {message, type, param, code}}; "mo
          logprobs scores a text, first token null); POST /v1/chat/completions (logprobs: true, top_logprobs: k);
          both take OpenAI's sampling fields and ours: top_k, min_p, repetition_penalty, num_beams, length_penalty
     POST /tokenize, /detokenize; GET /tokenizer_info: in vLLM's shapes, which lm-eval's remote tokenizer reads
-    POST /v1/attention: every layer's attention maps for a short prompt;  GET /runs: runs_dir's runs and metrics
-    GET  /leaderboard: the evaluate.py results under runs_dir/*/eval/ (the page's leaderboard)
+    POST /v1/attention: every layer's attention maps;  GET /runs, /leaderboard: runs_dir's runs and eval results
     GET /: files from web/
 
-Bounded work per request: a request over max_rows rows (prompts x n x num_beams) or max_prompt_tokens prompt tokens
-gets a 400 that names the flag; prompts are prefilled prefill_chunk tokens a step; a client that hangs up frees its
-rows within one step. A seeded request gives sample.generate's text (engine.py's seeding rule), for any n.
+Bounded work: a request over max_rows or max_prompt_tokens is a 400 naming the flag; a client that hangs up frees
+its rows within a step; a seeded request gives sample.generate's text, for any n (engine.py's seeding rule).
 """
 import difflib
 import glob
@@ -43,8 +41,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 
-from engine import Engine, Event, LimitError, PromptScores, Settings, SettingsError, start
-from model import load_model, resolve_device, resolve_dtype
+from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, start
+from model import load_model, model_sources, resolve_device, resolve_dtype
 from quantize import for_inference
 
 _before = set(globals())
@@ -175,11 +173,10 @@ def _read_request(name, w, body, chat):
     max_tokens = _number(body, 'max_tokens', max_tokens, 0, max_tokens_limit, integer=True)
     max_tokens = max(0, default_max) if max_tokens is None else max_tokens
     if longest + max_tokens > w.block_size:
+        what = 'messages' if chat else 'prompt'  # OpenAI's message, which clients parse
         raise ApiError(400, f"This model's maximum context length is {w.block_size} tokens. However, you requested "
-                       f"{longest + max_tokens} tokens ({longest} in the {'messages' if chat else 'prompt'}, "
-                       f"{max_tokens} in the completion). Please reduce the length of the "
-                       f"{'messages' if chat else 'prompt'} or max_tokens.", 'messages' if chat else 'prompt',
-                       'context_length_exceeded')
+                       f"{longest + max_tokens} tokens ({longest} in the {what}, {max_tokens} in the completion). "
+                       f"Please reduce the length of the {what} or max_tokens.", what, 'context_length_exceeded')
     stop = body.get('stop')
     stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
@@ -378,18 +375,9 @@ def _attention(h, body):
                                      for a in maps]})
 
 def _runs(h, body):
-    """Every run under runs_dir (a subdirectory holding metrics.jsonl) with its config and logged rows."""
-    runs, root = [], h.server.runs_dir
-    for d in sorted(os.listdir(root)):
-        path = os.path.join(root, d, 'metrics.jsonl')
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:  # subtle: a run being trained may have a half-written last line; skip it
-            rows = [json.loads(line) for line in f if line.strip().endswith('}')]
-        cfg = os.path.join(root, d, 'config.json')
-        runs.append({'name': d, 'served': d in h.server.engines, 'metrics': rows,
-                     'config': json.load(open(cfg)) if os.path.isfile(cfg) else None})
-    h.send_json(200, {'object': 'list', 'data': runs})
+    from results import read_runs
+    h.send_json(200, {'object': 'list', 'data': [{**r, 'served': r['name'] in h.server.engines}
+                                                 for r in read_runs(h.server.runs_dir)]})
 
 def _leaderboard(h, body):
     """The latest evaluate.py result per (checkpoint, task) under runs_dir/*/eval/, read by results.read_results as
@@ -403,8 +391,7 @@ def _leaderboard(h, body):
 API = {'/v1/models': ('GET', _models), '/v1/completions': ('POST', lambda h, b: _completion(h, b, False)),
        '/v1/chat/completions': ('POST', lambda h, b: _completion(h, b, True)), '/tokenize': ('POST', _tokenize),
        '/detokenize': ('POST', _detokenize), '/tokenizer_info': ('GET', _tokenizer_info),
-       '/v1/attention': ('POST', _attention), '/runs': ('GET', _runs),
-       '/leaderboard': ('GET', _leaderboard)}
+       '/v1/attention': ('POST', _attention), '/runs': ('GET', _runs), '/leaderboard': ('GET', _leaderboard)}
 
 # -----------------------------------------------------------------------------
 # HTTP
@@ -415,13 +402,11 @@ class Handler(BaseHTTPRequestHandler):
     server_version = 'nanolab'
 
     def do_GET(self):
-        self.route('GET')
+        self.route()
+    do_POST = do_GET
 
-    def do_POST(self):
-        self.route('POST')
-
-    def route(self, method):
-        url, self.started = urlsplit(self.path), False
+    def route(self):
+        url, self.started, method = urlsplit(self.path), False, self.command
         try:
             if url.path not in API:
                 if method != 'GET' or url.path.startswith('/v1/'):
@@ -478,25 +463,17 @@ class Handler(BaseHTTPRequestHandler):
         return name, engines[name]
 
     def events(self, req):
-        """The request's events from the engine until all its rows finish. Between events (and every 0.25 s) it
-        checks whether the client has gone (a closed socket reads as EOF), so an abandoned request frees its rows."""
-        left = req.outputs
-        while left:
-            ev = req.get(timeout=0.25)
-            if self.client_gone():  # a select() per event: microseconds, where a token costs a forward pass
+        """The request's Events and PromptScores until all its rows finish. Between events (and every 0.25 s) it
+        checks whether the client has gone (a closed socket reads as EOF), so an abandoned request frees its rows:
+        a select() per event, microseconds, where a token costs a forward pass."""
+        def check():
+            try:
+                gone = select.select([self.connection], [], [], 0)[0] and self.connection.recv(1, socket.MSG_PEEK) == b''
+            except OSError:
+                gone = True
+            if gone:
                 raise ConnectionResetError('client went away')
-            if isinstance(ev, Exception):
-                raise ev
-            if isinstance(ev, (Event, PromptScores)):  # a BeamStep only wakes the loop (issue 13 draws them)
-                left -= isinstance(ev, Event) and ev.finish_reason is not None
-                yield ev
-
-    def client_gone(self):
-        try:
-            readable = select.select([self.connection], [], [], 0)[0]
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b''
-        except OSError:
-            return True
+        return (ev for ev in req.events(check) if not isinstance(ev, BeamStep))  # BeamSteps: issue 13 draws them
 
     def static(self, path):
         rel = unquote(path).lstrip('/') or 'index.html'
@@ -521,11 +498,10 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, status, obj):
         self.send(status, json.dumps(obj).encode(), 'application/json')
 
-    def start_sse(self):
+    def start_sse(self):  # chunked: with HTTP/1.1 the connection stays usable afterwards
         self.send_response(200)
-        self.send_header('Content-Type', 'text/event-stream')
-        self.send_header('Cache-Control', 'no-cache')
-        self.send_header('Transfer-Encoding', 'chunked')  # HTTP/1.1: the connection stays usable afterwards
+        for k, v in [('Content-Type', 'text/event-stream'), ('Cache-Control', 'no-cache'), ('Transfer-Encoding', 'chunked')]:
+            self.send_header(k, v)
         self.end_headers()
         self.started = True
 
@@ -537,29 +513,9 @@ class Handler(BaseHTTPRequestHandler):
     def end_sse(self):
         self.wfile.write(b'0\r\n\r\n')
 
-def model_sources(spec):
-    """init_from -> [(name, source)]: comma-separated sources, where a directory that is neither a run nor a Hugging
-    Face model stands for every subdirectory holding ckpt.pt. A model's name is its directory's name."""
-    out = []
-    for s in [x.strip() for x in spec.split(',') if x.strip()]:
-        if os.path.isdir(s) and not any(os.path.exists(os.path.join(s, f)) for f in ('ckpt.pt', 'config.json')):
-            runs = sorted(d for d in os.listdir(s) if os.path.isfile(os.path.join(s, d, 'ckpt.pt')))
-            if not runs:
-                raise ValueError(f"{s} holds no ckpt.pt, no config.json and no run directories with ckpt.pt; "
-                                 "train a model into it first (python train.py --out_dir=...), or fix the path")
-            out += [(d, os.path.join(s, d)) for d in runs]
-        else:
-            out.append((os.path.basename(os.path.normpath(s)) if os.path.exists(s) else s, s))
-    names = [n for n, _ in out]
-    if not out or len(set(names)) < len(names):
-        raise ValueError(f"init_from={spec!r} gives {'no models' if not out else f'two models named alike: {names}'}; "
-                         "give one or more distinct sources, comma-separated")
-    return out
-
 def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0, **limits):
-    """Load every model of init_from (int8 with quantize='int8'), ready for inference, each in an Engine, all on the
-    engine thread (engine.start: the models are loaded there too) -> {name: Engine}. threads: torch threads, 0 =
-    torch's default. limits: Engine's max_batch, max_rows, max_prompt_tokens, prefill_chunk, max_beam_slots."""
+    """Every model of init_from, ready for inference (int8: quantize='int8'), in an Engine, loaded and stepped on the
+    engine thread (engine.start) -> {name: Engine}. threads: torch's, 0 = its default. limits: Engine's."""
     sources = model_sources(spec)
 
     def build():
@@ -574,8 +530,7 @@ def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0
     return dict(zip([name for name, _ in sources], start(build)))
 
 class Server(ThreadingHTTPServer):
-    """One thread per connection. subtle: socketserver's listen backlog of 5 reset connections when 32 clients
-    connected at once (measured), so it is raised."""
+    """One thread per connection. subtle: socketserver's listen backlog of 5 reset 32 clients connecting at once."""
     request_queue_size = 256
     daemon_threads = True
 
