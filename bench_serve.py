@@ -187,7 +187,6 @@ def loads(block):
 def bench_fairness(cfg):
     """A streaming client's time to first token and largest gap between tokens, alone and under each hostile load
     on cfg['serve_model'] (issue 10's targets: first token < 1 s, gap < 250 ms)."""
-    import torch
     from model import load_checkpoint
     block = load_checkpoint(cfg['serve_model'])['model_args']['block_size']
     tokens, streams = min(cfg['serve_tokens'], block - 8), 6
@@ -331,7 +330,12 @@ def bench_llamacpp(cfg):
         ggufs = {}
         for kind, gtype in (('fp32', 'f32'), ('int8', 'q8_0')):
             ggufs[kind] = f'{d}/gpt2-{gtype}.gguf'
-            subprocess.run([tools['convert'], f'{d}/hf', ggufs[kind], gtype], capture_output=True, check=True)
+            # convert.sh runs `python`: this one, which has torch and numpy, comes first on PATH
+            env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')}
+            p = subprocess.run([tools['convert'], f'{d}/hf', ggufs[kind], gtype], capture_output=True, text=True, env=env)
+            if p.returncode:
+                raise SystemExit(f"llamacpp: {tools['convert']} failed on our Hugging Face export:\n"
+                                 f"{p.stderr[-2000:]}\nrun it by hand on a save_pretrained directory to see why")
         print(f"llamacpp: GPT-2 124M (12x768, vocab 50304), random weights; llama.cpp F32 and Q8_0 GGUF against "
               f"nanolab fp32 and int8, {threads} threads, one thing running at a time")
         # 1) the library: sample.generate against llama-bench / llama-batched-bench

@@ -220,8 +220,12 @@ class KVCache:
         decode, real, rows, starts, S, dmask, segs = self.plan
         K, V, ys, off = self.k[layer], self.v[layer], [], decode
         if decode:
-            K[rows, :, starts] = k[0, :, :decode].transpose(0, 1)  # (decode, nkv, hs), each at its own position
-            V[rows, :, starts] = v[0, :, :decode].transpose(0, 1)
+            if dmask is None:  # all at one position (S - 1): a slice write, cheaper than index_put
+                K[:decode, :, S - 1] = k[0, :, :decode].transpose(0, 1)  # (decode, nkv, hs)
+                V[:decode, :, S - 1] = v[0, :, :decode].transpose(0, 1)
+            else:
+                K[rows, :, starts] = k[0, :, :decode].transpose(0, 1)  # each at its own position
+                V[rows, :, starts] = v[0, :, :decode].transpose(0, 1)
             qd = q[0, :, :decode].transpose(0, 1).unsqueeze(2)    # (decode, nh, 1, hs)
             y = F.scaled_dot_product_attention(qd, K[:decode, :, :S], V[:decode, :, :S], attn_mask=dmask,
                                                enable_gqa=gqa)    # (decode, nh, 1, hs)

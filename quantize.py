@@ -29,6 +29,10 @@ def int8_rows(w):
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
+# subtle: the op's Python wrapper checks every call for fake script objects (torch.compile's), which costs more than
+# some of the small ops around it at batch 1; its C++ entry point (_op) skips that. Public wrapper as the fallback.
+LINEAR_DYNAMIC = getattr(torch.ops.quantized.linear_dynamic.default, '_op', torch.ops.quantized.linear_dynamic.default)
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + bias, by fbgemm with per-row int8 activations (see the module docstring). The int8
     matrix lives only in fbgemm's packed layout (in * out bytes, plus two zero columns); the bias stays fp32."""
@@ -50,10 +54,10 @@ class Int8Linear(nn.Module):
             self.buf = torch.zeros(M, K + 2)
             self.buf[:, K:] = torch.tensor([1.0, -1.0])  # every row holds +1 and -1: its range is exactly [-1, 1]
         buf = self.buf[:M]
-        r = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # (M, 1) row ranges (faster than vector_norm inf)
+        r = torch.amax(torch.abs(x2), 1, True).clamp_(min=1e-12)  # (M, 1) row ranges (faster than vector_norm inf)
         torch.div(x2, r, out=buf[:, :K])
         # reduce_range: 7-bit activations, which fbgemm's AVX2 kernel needs to not saturate its int16 sums
-        y = torch.ops.quantized.linear_dynamic.default(buf, self.packed, True)  # (M, out), rows on one grid
+        y = LINEAR_DYNAMIC(buf, self.packed, True)  # (M, out), rows on one grid
         y = y.mul_(r) if self.bias is None else torch.addcmul(self.bias, y, r)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -108,13 +112,17 @@ class TransposedHead(nn.Module):
         return x @ self.weight_t
 
 def for_inference(model, quantize=''):
-    """The model's inference-time swaps, in place -> model: quantize='int8' (quantize_int8), else on a CPU in fp32
-    the transposed head. Call it on a model that only decodes (serve.py, sample.py, bench.py), never on one in
-    training: the swapped modules hold copies of the weights."""
+    """The model's inference-time swaps, in place -> model: dropout becomes Identity, and quantize='int8'
+    (quantize_int8), else on a CPU in fp32 the transposed head. Call it on a model that only decodes (serve.py,
+    sample.py, bench.py), never on one in training: the swapped modules hold copies of the weights."""
+    if quantize not in ('', 'int8'):
+        raise ValueError(f"unknown quantize={quantize!r}; use '' (off) or int8")
+    for mod in list(model.modules()):  # dropout is the identity at inference; Identity skips F.dropout's call
+        for name, child in mod.named_children():
+            if isinstance(child, nn.Dropout):
+                setattr(mod, name, nn.Identity())
     if quantize == 'int8':
         return quantize_int8(model)
-    if quantize:
-        raise ValueError(f"unknown quantize={quantize!r}; use '' (off) or int8")
     p = next(model.parameters())
     if p.device.type == 'cpu' and p.dtype == torch.float32 and type(model.lm_head) is nn.Linear:
         model.lm_head = TransposedHead(model.lm_head, model.config.tie_embeddings)
