@@ -229,8 +229,8 @@ class Engine:
                                         ('max_prompt_tokens', sum(map(len, prompts)), self.max_prompt_tokens,
                                          'prompt tokens'),
                                         ('max_batch', s.slots, self.max_batch, 'rows decoded together (n or num_beams)'),
-                                        ('max_batch', s.slots if s.num_beams > 1 else 0, self.max_beam_slots,
-                                         'beams (beam searches hold at most max_beam_slots of the max_batch slots)')]:
+                                        ('max_beam_slots', s.slots if s.num_beams > 1 else 0, self.max_beam_slots,
+                                         'beams (rows that beam searches may hold together)')]:
             if cap is not None and value > cap:
                 raise LimitError(limit, f"the request asks for {value} {what}, over this engine's limit of {cap} "
                                  f"({limit}); send fewer or shorter prompts, or a smaller n or num_beams")

@@ -228,8 +228,9 @@ def _completion(h, body, chat):
     except SettingsError as e:
         param = PARAMS.get(e.field, e.field)
         raise ApiError(400, f"'{param}': {e}", param, 'invalid_value') from None
-    except LimitError as e:
-        raise ApiError(400, f"{e} (serve.py --{e.limit})", None, 'request_too_large') from None
+    except LimitError as e:  # main() gives beam searches half of max_batch
+        flag = 'max_batch, of which beam searches get half' if e.limit == 'max_beam_slots' else e.limit
+        raise ApiError(400, f"{e} (serve.py --{flag})", None, 'request_too_large') from None
     try:
         (_stream if call.stream else _reply)(h, call, h.events(req))
     finally:
