@@ -26,6 +26,7 @@ its rows within a step; a seeded request gives sample.generate's text, for any n
 import difflib
 import glob
 import hmac
+import ipaddress
 import json
 import mimetypes
 import os
@@ -62,6 +63,8 @@ device = 'auto'             # auto | cpu | cuda | cuda:N | mps
 dtype = 'auto'              # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
 quantize = ''               # '' (off) | int8: int8 weights in every linear and the token embedding; CPU (quantize.py)
 runs_dir = '.'              # GET /runs lists its subdirectories that hold metrics.jsonl (the run dashboard)
+allowed_hosts = ''          # Host names to answer besides loopback names, IP addresses and `host`; comma list, * = any
+cors_origins = ''           # web origins (https://app.example) whose pages may call the API; comma list, * = any
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k in globals() if k not in _before and k != '_before']  # the settings above, not constants
 MAX_BODY = 1 << 20          # request bodies over 1 MB get 413
@@ -148,7 +151,11 @@ def _read_request(name, w, body, chat):
             raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", 'messages')
         for m in messages:  # OpenAI's content parts [{"type": "text", "text": ...}] -> one string
             if isinstance(m, dict) and isinstance(m.get('content'), list):
-                m['content'] = ''.join(p.get('text', '') for p in m['content'] if isinstance(p, dict))
+                if not all(isinstance(p, dict) and p.get('type') == 'text' and isinstance(p.get('text'), str)
+                           for p in m['content']):
+                    raise ApiError(400, "'messages': a content part must be {\"type\": \"text\", \"text\": string}",
+                                   'messages', 'invalid_type')
+                m['content'] = ''.join(p['text'] for p in m['content'])
         try:
             prompts = [tok.render_chat(messages, add_generation_prompt=True)[0]]
         except ValueError as e:
@@ -404,11 +411,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.route()
-    do_POST = do_GET
+    do_POST = do_OPTIONS = do_GET
 
     def route(self):
         url, self.started, method = urlsplit(self.path), False, self.command
+        self.cors, self.body_read = None, False
+        if method != 'POST' and (self.headers.get('Content-Length', '0') != '0' or 'Transfer-Encoding' in self.headers):
+            self.close_connection = True  # a body we never read must not become the next request
         try:
+            self.check_browser(method)
+            if method == 'OPTIONS':  # a CORS preflight from an origin in --cors_origins
+                return self.send(204, b'', 'text/plain')
             if url.path not in API:
                 if method != 'GET' or url.path.startswith('/v1/'):
                     raise ApiError(404, f"unknown path {method} {url.path}; the API is {', '.join(API)}", None,
@@ -423,6 +436,8 @@ class Handler(BaseHTTPRequestHandler):
                                "with the key the server was started with (--api_key)", None, 'invalid_api_key')
             fn(self, self.body() if method == 'POST' else {k: v[-1] for k, v in parse_qs(url.query).items()})
         except ApiError as e:
+            if method != 'GET' and not self.body_read:  # an unread body would be parsed as the next request
+                self.close_connection = True
             if self.started:  # mid-stream: the status line is gone, so say it in the stream and close
                 self.sse(e.body())
                 self.close_connection = True
@@ -436,17 +451,42 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(500, ApiError(500, f'internal error: {type(e).__name__}: {e}').body())
             self.close_connection = True
 
+    def check_browser(self, method):
+        """Refuse what a web page can make the user's browser send. A Host that is not this server's is DNS
+        rebinding (a page whose name now resolves to 127.0.0.1): 403. A POST from another origin (Origin, or
+        Sec-Fetch-Site) unless --cors_origins allows it: 403. Plain clients (curl, openai, lm-eval) send neither.
+        Cross-site GETs are left alone: without CORS headers the page cannot read the answer."""
+        host, allowed = self.headers.get('Host'), self.server.allowed_hosts
+        name = (host or '').rsplit(':', 1)[0] if not (host or '').endswith(']') else host
+        name = name.strip('[]').lower()
+        if host is not None and '*' not in allowed and name not in allowed and not _is_ip(name):
+            raise ApiError(403, f"this server does not answer to the Host {host[:80]!r}; if that is its name, start "
+                           f"it with --allowed_hosts={name[:80]}", None, 'host_not_allowed')
+        origin, site = self.headers.get('Origin'), self.headers.get('Sec-Fetch-Site', '')
+        if origin and (origin in self.server.cors_origins or '*' in self.server.cors_origins):
+            self.cors = origin
+        elif method != 'GET' and (site in ('cross-site', 'same-site') or origin and origin != f'http://{host}'):
+            raise ApiError(403, f"cross-origin request from {(origin or site)[:80]!r} refused; to let that page call "
+                           "the API, start the server with --cors_origins=ORIGIN", None, 'origin_not_allowed')
+
     def body(self):
-        n = self.headers.get('Content-Length', '' if 'chunked' in self.headers.get('Transfer-Encoding', '') else '0')
+        """The JSON object of a POST: Content-Length bytes, Content-Type application/json."""
+        n = self.headers.get('Content-Length', '0')
+        if 'Transfer-Encoding' in self.headers:  # with Content-Length too, the two could disagree: smuggling
+            raise ApiError(400, "Transfer-Encoding is not accepted; send the body with a Content-Length header", None,
+                           'bad_length')
         if not n.isdigit() or int(n) > MAX_BODY:
-            self.close_connection = True  # the unread body would be taken for the next request
             if not n.isdigit():
-                raise ApiError(411, "send the body with a Content-Length header (not chunked)", None, 'bad_length')
+                raise ApiError(400, f"Content-Length {n[:40]!r} is not a byte count", None, 'bad_length')
             raise ApiError(413, f"request body of {n} bytes is over the {MAX_BODY} byte limit; send fewer or "
                            "shorter prompts per request", None, 'request_too_large')
-        n = int(n)
+        ctype = self.headers.get('Content-Type', '').split(';')[0].strip().lower()
+        if ctype != 'application/json':  # also what keeps a page's no-preflight text/plain POST out
+            raise ApiError(415, f"Content-Type {ctype[:60]!r}: send the body as JSON, with the header "
+                           "'Content-Type: application/json'", None, 'unsupported_media_type')
+        data, self.body_read = self.rfile.read(int(n)), True
         try:
-            body = json.loads(self.rfile.read(n))
+            body = json.loads(data)
         except ValueError as e:
             raise ApiError(400, f"the body is not valid JSON ({e}); send a JSON object", None, 'invalid_json') from None
         if not isinstance(body, dict):
@@ -469,7 +509,9 @@ class Handler(BaseHTTPRequestHandler):
         a select() per event, microseconds, where a token costs a forward pass."""
         def check():
             try:
-                gone = select.select([self.connection], [], [], 0)[0] and self.connection.recv(1, socket.MSG_PEEK) == b''
+                p = select.poll()  # not select(): it fails on descriptors >= 1024
+                p.register(self.connection, select.POLLIN)
+                gone = bool(p.poll(0)) and self.connection.recv(1, socket.MSG_PEEK) == b''
             except OSError:
                 gone = True
             if gone:
@@ -488,6 +530,14 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"no file {path} (static files come from web/)", None, 'not_found')
         with open(full, 'rb') as f:
             self.send(200, f.read(), mimetypes.guess_type(full)[0] or 'application/octet-stream')
+
+    def send_response(self, code, message=None):
+        super().send_response(code, message)
+        if self.cors:  # an origin in --cors_origins may read the answer
+            for k, v in [('Access-Control-Allow-Origin', self.cors), ('Vary', 'Origin'),
+                         ('Access-Control-Allow-Methods', 'GET, POST'),
+                         ('Access-Control-Allow-Headers', 'Content-Type, Authorization')]:
+                self.send_header(k, v)
 
     def send(self, status, data, ctype):
         self.send_response(status)
@@ -535,13 +585,22 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 256
     daemon_threads = True
 
-def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.'):
-    """The HTTP server for the engines ({name: Engine}); call serve_forever() on it."""
+def _is_ip(name):
+    try:
+        return bool(ipaddress.ip_address(name))  # an address cannot be a rebound name
+    except ValueError:
+        return False
+
+def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(), cors_origins=()):
+    """The HTTP server for the engines ({name: Engine}); call serve_forever() on it. allowed_hosts: Host names
+    answered besides loopback names, addresses and host; cors_origins: origins whose pages may call the API."""
     if host not in LOCAL_HOSTS and not api_key:
         raise ValueError(f"host={host!r} makes the server reachable from other machines; set --api_key=SECRET "
                          "(clients send 'Authorization: Bearer SECRET'), or keep --host=127.0.0.1")
     server = Server((host, port), Handler)
     server.engines, server.api_key, server.runs_dir, server.started = engines, api_key, runs_dir, int(time.time())
+    server.allowed_hosts = {'localhost', host.lower(), *(h.strip().lower() for h in allowed_hosts if h.strip())}
+    server.cors_origins = {o.strip().rstrip('/') for o in cors_origins if o.strip()}
     return server
 
 def main():
@@ -554,7 +613,7 @@ def main():
     engines = load_engines(init_from, dev, resolve_dtype(dtype, dev), quantize, threads, max_batch=max_batch,
                            max_rows=max_rows, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
                            max_beam_slots=max_batch // 2)  # beam searches leave half the slots to the others
-    server = make_server(engines, host, port, api_key, runs_dir)
+    server = make_server(engines, host, port, api_key, runs_dir, allowed_hosts.split(','), cors_origins.split(','))
     print(f"serving {', '.join(engines)} on http://{host}:{server.server_address[1]}  (Ctrl-C stops)")
     try:
         server.serve_forever()

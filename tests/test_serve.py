@@ -288,7 +288,7 @@ def test_a_client_that_hangs_up_mid_beam_search_frees_its_rows_within_a_step(ser
     w.model.forward = slowed
     try:
         s = socket.create_connection(('127.0.0.1', server.server_address[1]))
-        s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+        s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
                   b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
         start = w.stats['steps']
         while w.stats['steps'] < start + 5:  # the search is under way (both prompts: 4 slots)
@@ -450,7 +450,7 @@ def test_a_client_that_disconnects_frees_its_slot(server, stream):
     before = dict(w.stats)
     body = json.dumps({'model': 'char', 'prompt': 'a', 'max_tokens': 250, 'stream': stream}).encode()
     s = socket.create_connection(('127.0.0.1', server.server_address[1]))
-    s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+    s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
               b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
     if stream:
         got = b''

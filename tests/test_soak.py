@@ -45,7 +45,7 @@ def drop(port, body, after_first_chunk):
     """Send a request and close the socket: after the first streamed chunk, or at once."""
     data = json.dumps(body).encode()
     s = socket.create_connection(('127.0.0.1', port), timeout=60)
-    s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+    s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
               b'Content-Length: %d\r\n\r\n%s' % (len(data), data))
     got = b''
     while after_first_chunk and b'data: ' not in got:

@@ -1,0 +1,119 @@
+"""
+serve.py against what a hostile web page or client sends (issue 11), over raw sockets: each request is refused with
+a 4xx (never a 5xx, never a completion), and the server serves normally afterwards.
+"""
+import json
+import socket
+
+import pytest
+
+from test_serve import call, serving, two_runs  # tests/ is on sys.path while pytest collects it
+
+
+@pytest.fixture(scope='module')
+def srv(tmp_path_factory):
+    d = two_runs(tmp_path_factory.mktemp('runs'))
+    (d / 'char' / 'metrics.jsonl').write_text('{"iter": 0, "loss": 4.1}\n')
+    with serving(d) as s:
+        yield s
+
+
+def raw(s, data, timeout=10):
+    """Send bytes on a fresh connection; read until the server closes it (or timeout) -> (responses' status lines,
+    whether the server closed the connection)."""
+    with socket.create_connection(('127.0.0.1', s.server_address[1]), timeout=timeout) as c:
+        c.sendall(data)
+        got, closed = b'', False
+        try:
+            while True:
+                chunk = c.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                got += chunk
+        except socket.timeout:
+            pass
+    return [line.split()[1].decode() for line in got.split(b'\r\n') if line.startswith(b'HTTP/1.')], closed
+
+
+def post(path, body, headers):
+    data = json.dumps(body).encode()
+    head = ''.join(f'{k}: {v}\r\n' for k, v in headers.items())
+    return f'POST {path} HTTP/1.1\r\n{head}Content-Length: {len(data)}\r\n\r\n'.encode() + data
+
+
+COMPLETION = {'prompt': 'ab', 'max_tokens': 2}
+
+
+def test_a_cross_site_page_cannot_run_completions(srv):
+    port = srv.server_address[1]
+    local = {'Host': f'127.0.0.1:{port}'}
+    # what any page can send without a preflight: text/plain, its own Origin, Sec-Fetch-Site
+    for extra in [{'Content-Type': 'text/plain', 'Origin': 'https://evil.example', 'Sec-Fetch-Site': 'cross-site'},
+                  {'Content-Type': 'text/plain'},  # even without the browser's headers: not JSON, not served
+                  {'Content-Type': 'application/json', 'Origin': 'https://evil.example'},
+                  {'Content-Type': 'application/json', 'Sec-Fetch-Site': 'same-site'},  # another localhost port
+                  {'Content-Type': 'application/json', 'Origin': 'null'}]:  # sandboxed frames, file:// pages
+        status, _ = raw(srv, post('/v1/completions', COMPLETION, {**local, **extra, 'Connection': 'close'}))
+        assert status and status[0] in ('403', '415'), (extra, status)
+    # the page itself (same origin) and plain clients work as before
+    same = {**local, 'Content-Type': 'application/json', 'Origin': f'http://127.0.0.1:{port}',
+            'Sec-Fetch-Site': 'same-origin', 'Connection': 'close'}
+    assert raw(srv, post('/v1/completions', COMPLETION, same))[0] == ['200']
+    assert call(srv, 'POST', '/v1/completions', COMPLETION)[0] == 200
+
+
+def test_dns_rebinding_cannot_read_runs(srv):
+    port = srv.server_address[1]
+    get = lambda host: f'GET /runs HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n'.encode()
+    assert raw(srv, get(f'rebind.evil.example:{port}'))[0] == ['403']
+    for host in [f'127.0.0.1:{port}', f'localhost:{port}', f'[::1]:{port}', '127.0.0.1']:
+        assert raw(srv, get(host))[0] == ['200'], host
+    srv.allowed_hosts.add('mybox.lan')  # --allowed_hosts=mybox.lan
+    try:
+        assert raw(srv, get(f'mybox.lan:{port}'))[0] == ['200']
+    finally:
+        srv.allowed_hosts.discard('mybox.lan')
+
+
+def test_cors_origins_lets_one_origin_in(srv):
+    port = srv.server_address[1]
+    srv.cors_origins.add('https://app.example')  # --cors_origins=https://app.example
+    try:
+        head = {'Host': f'127.0.0.1:{port}', 'Origin': 'https://app.example', 'Connection': 'close'}
+        pre = ''.join(f'{k}: {v}\r\n' for k, v in head.items())
+        with socket.create_connection(('127.0.0.1', port), timeout=10) as c:
+            c.sendall(f'OPTIONS /v1/completions HTTP/1.1\r\n{pre}Access-Control-Request-Method: POST\r\n\r\n'.encode())
+            answer = c.recv(65536).decode()
+        assert answer.startswith('HTTP/1.1 204') and 'Access-Control-Allow-Origin: https://app.example' in answer
+        assert raw(srv, post('/v1/completions', COMPLETION, {**head, 'Content-Type': 'application/json'}))[0] == ['200']
+        other = {**head, 'Origin': 'https://evil.example', 'Content-Type': 'application/json'}
+        assert raw(srv, post('/v1/completions', COMPLETION, other))[0] == ['403']
+    finally:
+        srv.cors_origins.discard('https://app.example')
+
+
+def test_no_request_smuggling(srv):
+    inner = b'GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n'
+    # an error answered before the body is read closes the connection: the body is never parsed as a request
+    for head in [b'POST /v1/nope HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n',
+                 b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n',
+                 b'GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n']:
+        statuses, closed = raw(srv, head + b'Content-Length: %d\r\n\r\n' % len(inner) + inner)
+        assert len(statuses) == 1 and closed, (head, statuses)
+    # Content-Length together with Transfer-Encoding (or chunked alone): 400, closed
+    for te in [b'Transfer-Encoding: chunked\r\nContent-Length: 4\r\n', b'Transfer-Encoding: chunked\r\n']:
+        statuses, closed = raw(srv, b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                                    b'Content-Type: application/json\r\n' + te + b'\r\n0\r\n\r\n' + inner)
+        assert statuses == ['400'] and closed, (te, statuses)
+
+
+def test_malformed_parts_are_400s_not_500s(srv):
+    for path, body in [('/v1/completions', {'model': [], 'prompt': 'a'}),
+                       ('/v1/chat/completions', {'messages': [{'role': 'user', 'content': [{'type': 'text', 'text': 5}]}]}),
+                       ('/v1/chat/completions', {'messages': [{'role': 'user', 'content': ['hi']}]})]:
+        status, out = call(srv, 'POST', path, body)
+        assert 400 <= status < 500 and 'error' in out, (body, status, out)
+    status, out = call(srv, 'POST', '/v1/chat/completions',
+                       {'messages': [{'role': 'user', 'content': [{'type': 'text', 'text': 'ab'}]}], 'max_tokens': 2})
+    assert status == 200 and out['choices'][0]['message']['content'] is not None
