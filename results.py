@@ -125,19 +125,47 @@ def update_model_card(results_dir):
     os.makedirs(results_dir, exist_ok=True)
     _write_atomic(path, text.rstrip('\n') + '\n')
 
+def finite(obj):
+    """obj with every NaN or infinite float (a diverged run's loss) replaced by None: JSON has no such numbers, and
+    json.dumps would write bare NaN, which browsers' JSON.parse rejects."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+def dumps(obj):
+    """json.dumps that writes NaN and infinities as null (finite)."""
+    try:
+        return json.dumps(obj, allow_nan=False)
+    except ValueError:
+        return json.dumps(finite(obj))
+
 def read_runs(root):
-    """Every run under root (a subdirectory holding metrics.jsonl) -> [{name, metrics: [rows], config or None}],
-    what serve.py's GET /runs sends the page's run dashboard."""
-    runs = []
+    """Every run under root (a subdirectory holding metrics.jsonl) -> ([{name, metrics: [rows], config or None}],
+    names of the runs skipped), what serve.py's GET /runs sends the page's run dashboard. A run that cannot be read
+    (a config.json being written, a broken line mid-file) is skipped, not fatal; links that lead out of root are not
+    followed."""
+    runs, skipped, top = [], [], os.path.realpath(root)
     for d in sorted(os.listdir(root)):
         path = os.path.join(root, d, 'metrics.jsonl')
         if not os.path.isfile(path):
             continue
-        with open(path) as f:  # subtle: a run being trained may have a half-written last line; skip it
-            rows = [json.loads(line) for line in f if line.strip().endswith('}')]
         cfg = os.path.join(root, d, 'config.json')
-        runs.append({'name': d, 'metrics': rows, 'config': json.load(open(cfg)) if os.path.isfile(cfg) else None})
-    return runs
+        if any(not os.path.realpath(p).startswith(top + os.sep) for p in (path, cfg)):
+            skipped.append(d)
+            continue
+        try:
+            with open(path) as f:  # subtle: a run being trained may have a half-written last line; skip it
+                rows = [json.loads(line) for line in f if line.strip().endswith('}')]
+            config = json.load(open(cfg)) if os.path.isfile(cfg) else None
+        except (OSError, ValueError):
+            skipped.append(d)
+            continue
+        runs.append({'name': d, 'metrics': rows, 'config': config})
+    return runs, skipped
 
 def checkpoint_sources(run_dir):
     """Every saved checkpoint of a run, oldest first, one per iteration: checkpoints/*.pt (train.py's

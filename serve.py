@@ -45,6 +45,7 @@ import torch
 from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, start
 from model import load_model, model_sources, resolve_device, resolve_dtype
 from quantize import for_inference
+from results import dumps, read_runs
 
 _before = set(globals())
 # -----------------------------------------------------------------------------
@@ -383,9 +384,9 @@ def _attention(h, body):
                                      for a in maps]})
 
 def _runs(h, body):
-    from results import read_runs
-    h.send_json(200, {'object': 'list', 'data': [{**r, 'served': r['name'] in h.server.engines}
-                                                 for r in read_runs(h.server.runs_dir)]})
+    runs, skipped = read_runs(h.server.runs_dir)
+    h.send_json(200, {'object': 'list', 'skipped': skipped,
+                      'data': [{**r, 'served': r['name'] in h.server.engines} for r in runs]})
 
 def _leaderboard(h, body):
     """The latest evaluate.py result per (checkpoint, task) under runs_dir/*/eval/, read by results.read_results as
@@ -547,7 +548,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def send_json(self, status, obj):
-        self.send(status, json.dumps(obj).encode(), 'application/json')
+        self.send(status, dumps(obj).encode(), 'application/json')
 
     def start_sse(self):  # chunked: with HTTP/1.1 the connection stays usable afterwards
         self.send_response(200)
@@ -558,7 +559,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def sse(self, obj):
         """One server-sent event, as one HTTP chunk."""
-        data = b'data: ' + (obj if isinstance(obj, str) else json.dumps(obj)).encode() + b'\n\n'
+        data = b'data: ' + (obj if isinstance(obj, str) else dumps(obj)).encode() + b'\n\n'
         self.wfile.write(b'%x\r\n%s\r\n' % (len(data), data))
 
     def end_sse(self):

@@ -117,3 +117,25 @@ def test_malformed_parts_are_400s_not_500s(srv):
     status, out = call(srv, 'POST', '/v1/chat/completions',
                        {'messages': [{'role': 'user', 'content': [{'type': 'text', 'text': 'ab'}]}], 'max_tokens': 2})
     assert status == 200 and out['choices'][0]['message']['content'] is not None
+
+
+def test_runs_survive_a_diverged_run_a_half_written_config_and_a_link_out(srv, tmp_path):
+    root = srv.runs_dir
+    import os
+    os.makedirs(os.path.join(root, 'diverged'))
+    with open(os.path.join(root, 'diverged', 'metrics.jsonl'), 'w') as f:
+        f.write('{"iter": 0, "loss": 4.1}\n{"iter": 10, "loss": NaN, "val_loss": Infinity}\n')
+    os.makedirs(os.path.join(root, 'starting'))
+    open(os.path.join(root, 'starting', 'metrics.jsonl'), 'w').write('{"iter": 0, "loss": 4.0}\n')
+    open(os.path.join(root, 'starting', 'config.json'), 'w').write('')  # being written
+    outside = tmp_path / 'secret'
+    outside.mkdir()
+    (outside / 'metrics.jsonl').write_text('{"secret": 1}\n')
+    os.symlink(outside, os.path.join(root, 'link'))
+    status, payload = call(srv, 'GET', '/runs')
+    body = json.loads(payload) if isinstance(payload, bytes) else payload
+    assert status == 200
+    runs = {r['name']: r for r in body['data']}
+    assert runs['diverged']['metrics'][1] == {'iter': 10, 'loss': None, 'val_loss': None}  # JSON null, not NaN
+    assert 'starting' not in runs and 'link' not in runs and sorted(body['skipped']) == ['link', 'starting']
+    assert 'char' in runs  # the good runs are still there
