@@ -32,6 +32,7 @@ import mimetypes
 import os
 import select
 import socket
+import threading
 import time
 import traceback
 import uuid
@@ -58,6 +59,8 @@ max_rows = 256              # rows (prompts x n x num_beams) a request may ask f
 max_prompt_tokens = 32768   # prompt tokens a request may send; over it: 400
 prefill_chunk = 256         # prompt tokens prefilled per step, so a long prompt cannot stall the other streams
 max_tokens_limit = 4096     # the largest max_tokens a request may ask for
+max_connections = 256       # open connections at once (a thread each); beyond: 503 with Retry-After
+read_timeout = 10.0         # seconds a connection has to send a whole request (line, headers, body); also keep-alive idle
 n_limit = 16                # the largest n (samples per prompt) and num_beams
 threads = 0                 # torch threads for the models; 0 = torch's default (one per core)
 device = 'auto'             # auto | cpu | cuda | cuda:N | mps
@@ -410,6 +413,13 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 300                  # an idle connection gives its thread back after 5 minutes
     server_version = 'nanolab'
 
+    def handle_one_request(self):
+        self.server.deadline(self.connection, self.server.read_timeout)  # the next request must come in time
+        try:
+            super().handle_one_request()
+        except OSError:  # the client has gone, or was cut at its deadline: nothing to answer, nothing to log
+            self.close_connection = True
+
     def do_GET(self):
         self.route()
     do_POST = do_OPTIONS = do_GET
@@ -417,6 +427,8 @@ class Handler(BaseHTTPRequestHandler):
     def route(self):
         url, self.started, method = urlsplit(self.path), False, self.command
         self.cors, self.body_read = None, False
+        if method != 'POST':
+            self.server.deadline(self.connection, None)  # read in time; the answer may take as long as it needs
         if method != 'POST' and (self.headers.get('Content-Length', '0') != '0' or 'Transfer-Encoding' in self.headers):
             self.close_connection = True  # a body we never read must not become the next request
         try:
@@ -486,6 +498,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(415, f"Content-Type {ctype[:60]!r}: send the body as JSON, with the header "
                            "'Content-Type: application/json'", None, 'unsupported_media_type')
         data, self.body_read = self.rfile.read(int(n)), True
+        self.server.deadline(self.connection, None)
         try:
             body = json.loads(data)
         except ValueError as e:
@@ -582,9 +595,58 @@ def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0
     return dict(zip([name for name, _ in sources], start(build)))
 
 class Server(ThreadingHTTPServer):
-    """One thread per connection. subtle: socketserver's listen backlog of 5 reset 32 clients connecting at once."""
+    """One thread per connection, at most max_connections of them (beyond: a 503 straight from the accept loop), and
+    every request read within read_timeout seconds of the handler starting to wait for it: a reaper thread shuts the
+    sockets that are late, so idle or trickling connections cannot hold every thread (slowloris). subtle:
+    socketserver's listen backlog of 5 reset 32 clients connecting at once, so it is raised."""
     request_queue_size = 256
     daemon_threads = True
+    max_connections, read_timeout = 256, 10.0
+    BUSY = (b'HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n'
+            b'Connection: close\r\nContent-Length: %d\r\n\r\n%s')
+
+    def server_activate(self):
+        super().server_activate()
+        self.deadlines, self.lock = {}, threading.Lock()  # socket -> time its request must be in by (None: it is)
+        threading.Thread(target=self.reap, daemon=True, name='reaper').start()
+
+    def process_request(self, request, client_address):
+        with self.lock:
+            full = len(self.deadlines) >= self.max_connections
+            if not full:
+                self.deadlines[request] = time.monotonic() + self.read_timeout
+        if not full:
+            return super().process_request(request, client_address)
+        body = dumps(ApiError(503, f"the server has {self.max_connections} connections open; retry in a second "
+                              "(serve.py --max_connections)", None, 'too_many_connections').body()).encode()
+        try:
+            request.setblocking(False)  # a short answer into an empty socket buffer; never wait on the client
+            request.send(self.BUSY % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def deadline(self, sock, seconds):
+        with self.lock:
+            if sock in self.deadlines:
+                self.deadlines[sock] = None if seconds is None else time.monotonic() + seconds
+
+    def shutdown_request(self, request):
+        with self.lock:
+            self.deadlines.pop(request, None)
+        super().shutdown_request(request)
+
+    def reap(self):
+        while True:
+            time.sleep(min(0.5, self.read_timeout / 4))
+            now = time.monotonic()
+            with self.lock:
+                late = [sock for sock, t in self.deadlines.items() if t is not None and t < now]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # its thread's read returns: the handler ends
+                except OSError:
+                    pass
 
 def _is_ip(name):
     try:
@@ -592,13 +654,15 @@ def _is_ip(name):
     except ValueError:
         return False
 
-def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(), cors_origins=()):
+def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(), cors_origins=(),
+                max_connections=256, read_timeout=10.0):
     """The HTTP server for the engines ({name: Engine}); call serve_forever() on it. allowed_hosts: Host names
     answered besides loopback names, addresses and host; cors_origins: origins whose pages may call the API."""
     if host not in LOCAL_HOSTS and not api_key:
         raise ValueError(f"host={host!r} makes the server reachable from other machines; set --api_key=SECRET "
                          "(clients send 'Authorization: Bearer SECRET'), or keep --host=127.0.0.1")
     server = Server((host, port), Handler)
+    server.max_connections, server.read_timeout = max_connections, read_timeout
     server.engines, server.api_key, server.runs_dir, server.started = engines, api_key, runs_dir, int(time.time())
     server.allowed_hosts = {'localhost', host.lower(), *(h.strip().lower() for h in allowed_hosts if h.strip())}
     server.cors_origins = {o.strip().rstrip('/') for o in cors_origins if o.strip()}
@@ -614,7 +678,8 @@ def main():
     engines = load_engines(init_from, dev, resolve_dtype(dtype, dev), quantize, threads, max_batch=max_batch,
                            max_rows=max_rows, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
                            max_beam_slots=max_batch // 2)  # beam searches leave half the slots to the others
-    server = make_server(engines, host, port, api_key, runs_dir, allowed_hosts.split(','), cors_origins.split(','))
+    server = make_server(engines, host, port, api_key, runs_dir, allowed_hosts.split(','), cors_origins.split(','),
+                         max_connections, read_timeout)
     print(f"serving {', '.join(engines)} on http://{host}:{server.server_address[1]}  (Ctrl-C stops)")
     try:
         server.serve_forever()

@@ -139,3 +139,38 @@ def test_runs_survive_a_diverged_run_a_half_written_config_and_a_link_out(srv, t
     assert runs['diverged']['metrics'][1] == {'iter': 10, 'loss': None, 'val_loss': None}  # JSON null, not NaN
     assert 'starting' not in runs and 'link' not in runs and sorted(body['skipped']) == ['link', 'starting']
     assert 'char' in runs  # the good runs are still there
+
+
+def test_idle_and_trickling_connections_cannot_lock_others_out(srv):
+    import time
+    port = srv.server_address[1]
+    srv.max_connections, srv.read_timeout = 20, 1.0  # --max_connections=20 --read_timeout=1
+    try:
+        idle = [socket.create_connection(('127.0.0.1', port), timeout=10) for _ in range(20)]
+        for c in idle:
+            c.sendall(b'GET /v1/mo')  # half a request line, then nothing
+        time.sleep(0.2)
+        statuses, closed = raw(srv, b'GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n', timeout=3)
+        assert statuses == ['503'] and closed  # at once, not after a wait
+        t0 = time.monotonic()
+        for c in idle:  # each is cut at its deadline
+            assert c.recv(100) == b''
+            c.close()
+        assert time.monotonic() - t0 < 3
+        trickle = socket.create_connection(('127.0.0.1', port), timeout=10)
+        t0, cut = time.monotonic(), False
+        for ch in b'GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ' + b'a' * 40:
+            try:
+                trickle.sendall(bytes([ch]))
+            except OSError:
+                cut = True
+                break
+            time.sleep(0.1)
+            if time.monotonic() - t0 > 3:
+                break
+        cut = cut or trickle.recv(100) == b''
+        assert cut and time.monotonic() - t0 < 3  # sending a byte now and then does not extend the deadline
+        trickle.close()
+        assert call(srv, 'GET', '/v1/models')[0] == 200
+    finally:
+        srv.max_connections, srv.read_timeout = 256, 10.0
