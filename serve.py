@@ -1,7 +1,8 @@
 """
 Serve models over HTTP: an OpenAI-compatible API with streaming, the tokenizer, and the web page in web/. Standard
 library only (http.server); several models at once. This file is HTTP and OpenAI's formats: the decoding, batching
-and fairness between clients are engine.py's (one Engine per model, all stepped on one engine thread).
+and fairness between clients are engine.py's (one Engine per model, all stepped on one engine thread), and the
+guards against hostile pages and clients httpd.py's.
 
     python serve.py --init_from=out-shakespeare-char                      # CPU: open http://127.0.0.1:8000
     python serve.py --init_from=out-a,out-b --device=cuda                  # one GPU, two models
@@ -26,27 +27,23 @@ its rows within a step; a seeded request gives sample.generate's text, for any n
 import difflib
 import glob
 import hmac
-import ipaddress
 import json
 import mimetypes
 import os
-import select
-import socket
-import threading
 import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import accumulate
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 
 from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, start
+from httpd import ApiError, GuardedHandler, Server
 from model import load_model, model_sources, resolve_device, resolve_dtype
 from quantize import for_inference
-from results import dumps, read_runs
+from results import read_runs
 
 _before = set(globals())
 # -----------------------------------------------------------------------------
@@ -60,7 +57,7 @@ max_prompt_tokens = 32768   # prompt tokens a request may send; over it: 400
 prefill_chunk = 256         # prompt tokens prefilled per step, so a long prompt cannot stall the other streams
 max_tokens_limit = 4096     # the largest max_tokens a request may ask for
 max_connections = 256       # open connections at once (a thread each); beyond: 503 with Retry-After
-read_timeout = 10.0         # seconds a connection has to send a whole request (line, headers, body); also keep-alive idle
+read_timeout = 10.0         # seconds to send a whole request (line, headers, body); also the keep-alive idle time
 n_limit = 16                # the largest n (samples per prompt) and num_beams
 threads = 0                 # torch threads for the models; 0 = torch's default (one per core)
 device = 'auto'             # auto | cpu | cuda | cuda:N | mps
@@ -71,23 +68,12 @@ allowed_hosts = ''          # Host names to answer besides loopback names, IP ad
 cors_origins = ''           # web origins (https://app.example) whose pages may call the API; comma list, * = any
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k in globals() if k not in _before and k != '_before']  # the settings above, not constants
-MAX_BODY = 1 << 20          # request bodies over 1 MB get 413
 MAX_STOPS = 4               # stop strings per request, as OpenAI
 MAX_TOP_LOGPROBS = 20       # alternatives per token, as OpenAI's chat API
 ATTENTION_LIMIT = 128       # prompt tokens for /v1/attention: the maps grow as layers * heads * T^2
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'web')
 LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
 PARAMS = {'max_new_tokens': 'max_tokens', 'num_samples': 'n', 'stop_strings': 'stop', 'prompt_logprobs': 'echo'}
-
-class ApiError(Exception):
-    """A 4xx (or 5xx) answer with OpenAI's error body."""
-    def __init__(self, status, message, param=None, code=None):
-        super().__init__(message)
-        self.status, self.param, self.code = status, param, code
-
-    def body(self):
-        kind = 'server_error' if self.status >= 500 else 'invalid_request_error'
-        return {'error': {'message': str(self), 'type': kind, 'param': self.param, 'code': self.code}}
 
 # -----------------------------------------------------------------------------
 # requests: checking the body, and OpenAI's response shapes
@@ -408,25 +394,14 @@ API = {'/v1/models': ('GET', _models), '/v1/completions': ('POST', lambda h, b: 
 # -----------------------------------------------------------------------------
 # HTTP
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'  # keep-alive: an evaluation client sends thousands of requests
-    timeout = 300                  # an idle connection gives its thread back after 5 minutes
-    server_version = 'nanolab'
-
-    def handle_one_request(self):
-        self.server.deadline(self.connection, self.server.read_timeout)  # the next request must come in time
-        try:
-            super().handle_one_request()
-        except OSError:  # the client has gone, or was cut at its deadline: nothing to answer, nothing to log
-            self.close_connection = True
-
+class Handler(GuardedHandler):
+    """The API and the page; GuardedHandler (httpd.py) reads, checks and writes."""
     def do_GET(self):
         self.route()
     do_POST = do_OPTIONS = do_GET
 
     def route(self):
         url, self.started, method = urlsplit(self.path), False, self.command
-        self.cors, self.body_read = None, False
         if method != 'POST':
             self.server.deadline(self.connection, None)  # read in time; the answer may take as long as it needs
         if method != 'POST' and (self.headers.get('Content-Length', '0') != '0' or 'Transfer-Encoding' in self.headers):
@@ -464,49 +439,6 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(500, ApiError(500, f'internal error: {type(e).__name__}: {e}').body())
             self.close_connection = True
 
-    def check_browser(self, method):
-        """Refuse what a web page can make the user's browser send. A Host that is not this server's is DNS
-        rebinding (a page whose name now resolves to 127.0.0.1): 403. A POST from another origin (Origin, or
-        Sec-Fetch-Site) unless --cors_origins allows it: 403. Plain clients (curl, openai, lm-eval) send neither.
-        Cross-site GETs are left alone: without CORS headers the page cannot read the answer."""
-        host, allowed = self.headers.get('Host'), self.server.allowed_hosts
-        name = (host or '').rsplit(':', 1)[0] if not (host or '').endswith(']') else host
-        name = name.strip('[]').lower()
-        if host is not None and '*' not in allowed and name not in allowed and not _is_ip(name):
-            raise ApiError(403, f"this server does not answer to the Host {host[:80]!r}; if that is its name, start "
-                           f"it with --allowed_hosts={name[:80]}", None, 'host_not_allowed')
-        origin, site = self.headers.get('Origin'), self.headers.get('Sec-Fetch-Site', '')
-        if origin and (origin in self.server.cors_origins or '*' in self.server.cors_origins):
-            self.cors = origin
-        elif method != 'GET' and (site in ('cross-site', 'same-site') or origin and origin != f'http://{host}'):
-            raise ApiError(403, f"cross-origin request from {(origin or site)[:80]!r} refused; to let that page call "
-                           "the API, start the server with --cors_origins=ORIGIN", None, 'origin_not_allowed')
-
-    def body(self):
-        """The JSON object of a POST: Content-Length bytes, Content-Type application/json."""
-        n = self.headers.get('Content-Length', '0')
-        if 'Transfer-Encoding' in self.headers:  # with Content-Length too, the two could disagree: smuggling
-            raise ApiError(400, "Transfer-Encoding is not accepted; send the body with a Content-Length header", None,
-                           'bad_length')
-        if not n.isdigit() or int(n) > MAX_BODY:
-            if not n.isdigit():
-                raise ApiError(400, f"Content-Length {n[:40]!r} is not a byte count", None, 'bad_length')
-            raise ApiError(413, f"request body of {n} bytes is over the {MAX_BODY} byte limit; send fewer or "
-                           "shorter prompts per request", None, 'request_too_large')
-        ctype = self.headers.get('Content-Type', '').split(';')[0].strip().lower()
-        if ctype != 'application/json':  # also what keeps a page's no-preflight text/plain POST out
-            raise ApiError(415, f"Content-Type {ctype[:60]!r}: send the body as JSON, with the header "
-                           "'Content-Type: application/json'", None, 'unsupported_media_type')
-        data, self.body_read = self.rfile.read(int(n)), True
-        self.server.deadline(self.connection, None)
-        try:
-            body = json.loads(data)
-        except ValueError as e:
-            raise ApiError(400, f"the body is not valid JSON ({e}); send a JSON object", None, 'invalid_json') from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object {...}", None, 'invalid_json')
-        return body
-
     def engine(self, body):
         """(name, Engine) of body['model']; the first model when there is no 'model'."""
         engines, name = self.server.engines, body.get('model')
@@ -518,19 +450,9 @@ class Handler(BaseHTTPRequestHandler):
         return name, engines[name]
 
     def events(self, req):
-        """The request's Events and PromptScores until all its rows finish. Between events (and every 0.25 s) it
-        checks whether the client has gone (a closed socket reads as EOF), so an abandoned request frees its rows:
-        a select() per event, microseconds, where a token costs a forward pass."""
-        def check():
-            try:
-                p = select.poll()  # not select(): it fails on descriptors >= 1024
-                p.register(self.connection, select.POLLIN)
-                gone = bool(p.poll(0)) and self.connection.recv(1, socket.MSG_PEEK) == b''
-            except OSError:
-                gone = True
-            if gone:
-                raise ConnectionResetError('client went away')
-        return (ev for ev in req.events(check) if not isinstance(ev, BeamStep))  # BeamSteps: issue 13 draws them
+        """The request's Events and PromptScores until all its rows finish; between events (and every 0.25 s) it
+        checks that the client is still there, so an abandoned request frees its rows."""
+        return (ev for ev in req.events(self.check_client) if not isinstance(ev, BeamStep))  # BeamSteps: issue 13
 
     def static(self, path):
         rel = unquote(path).lstrip('/') or 'index.html'
@@ -544,39 +466,6 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"no file {path} (static files come from web/)", None, 'not_found')
         with open(full, 'rb') as f:
             self.send(200, f.read(), mimetypes.guess_type(full)[0] or 'application/octet-stream')
-
-    def send_response(self, code, message=None):
-        super().send_response(code, message)
-        if self.cors:  # an origin in --cors_origins may read the answer
-            for k, v in [('Access-Control-Allow-Origin', self.cors), ('Vary', 'Origin'),
-                         ('Access-Control-Allow-Methods', 'GET, POST'),
-                         ('Access-Control-Allow-Headers', 'Content-Type, Authorization')]:
-                self.send_header(k, v)
-
-    def send(self, status, data, ctype):
-        self.send_response(status)
-        self.send_header('Content-Type', ctype)
-        self.send_header('Content-Length', str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def send_json(self, status, obj):
-        self.send(status, dumps(obj).encode(), 'application/json')
-
-    def start_sse(self):  # chunked: with HTTP/1.1 the connection stays usable afterwards
-        self.send_response(200)
-        for k, v in [('Content-Type', 'text/event-stream'), ('Cache-Control', 'no-cache'), ('Transfer-Encoding', 'chunked')]:
-            self.send_header(k, v)
-        self.end_headers()
-        self.started = True
-
-    def sse(self, obj):
-        """One server-sent event, as one HTTP chunk."""
-        data = b'data: ' + (obj if isinstance(obj, str) else dumps(obj)).encode() + b'\n\n'
-        self.wfile.write(b'%x\r\n%s\r\n' % (len(data), data))
-
-    def end_sse(self):
-        self.wfile.write(b'0\r\n\r\n')
 
 def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0, **limits):
     """Every model of init_from, ready for inference (int8: quantize='int8'), in an Engine, loaded and stepped on the
@@ -593,66 +482,6 @@ def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0
                                  "tokenizer files (a nanolab out_dir, or a Hugging Face dir with tokenizer.json)")
             yield Engine(for_inference(model, quantize), tok, **limits)
     return dict(zip([name for name, _ in sources], start(build)))
-
-class Server(ThreadingHTTPServer):
-    """One thread per connection, at most max_connections of them (beyond: a 503 straight from the accept loop), and
-    every request read within read_timeout seconds of the handler starting to wait for it: a reaper thread shuts the
-    sockets that are late, so idle or trickling connections cannot hold every thread (slowloris). subtle:
-    socketserver's listen backlog of 5 reset 32 clients connecting at once, so it is raised."""
-    request_queue_size = 256
-    daemon_threads = True
-    max_connections, read_timeout = 256, 10.0
-    BUSY = (b'HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n'
-            b'Connection: close\r\nContent-Length: %d\r\n\r\n%s')
-
-    def server_activate(self):
-        super().server_activate()
-        self.deadlines, self.lock = {}, threading.Lock()  # socket -> time its request must be in by (None: it is)
-        threading.Thread(target=self.reap, daemon=True, name='reaper').start()
-
-    def process_request(self, request, client_address):
-        with self.lock:
-            full = len(self.deadlines) >= self.max_connections
-            if not full:
-                self.deadlines[request] = time.monotonic() + self.read_timeout
-        if not full:
-            return super().process_request(request, client_address)
-        body = dumps(ApiError(503, f"the server has {self.max_connections} connections open; retry in a second "
-                              "(serve.py --max_connections)", None, 'too_many_connections').body()).encode()
-        try:
-            request.setblocking(False)  # a short answer into an empty socket buffer; never wait on the client
-            request.send(self.BUSY % (len(body), body))
-        except OSError:
-            pass
-        self.shutdown_request(request)
-
-    def deadline(self, sock, seconds):
-        with self.lock:
-            if sock in self.deadlines:
-                self.deadlines[sock] = None if seconds is None else time.monotonic() + seconds
-
-    def shutdown_request(self, request):
-        with self.lock:
-            self.deadlines.pop(request, None)
-        super().shutdown_request(request)
-
-    def reap(self):
-        while True:
-            time.sleep(min(0.5, self.read_timeout / 4))
-            now = time.monotonic()
-            with self.lock:
-                late = [sock for sock, t in self.deadlines.items() if t is not None and t < now]
-            for sock in late:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # its thread's read returns: the handler ends
-                except OSError:
-                    pass
-
-def _is_ip(name):
-    try:
-        return bool(ipaddress.ip_address(name))  # an address cannot be a rebound name
-    except ValueError:
-        return False
 
 def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(), cors_origins=(),
                 max_connections=256, read_timeout=10.0):
