@@ -71,6 +71,7 @@ CONFIG_KEYS = [k for k in globals() if k not in _before and k != '_before']  # t
 MAX_STOPS = 4               # stop strings per request, as OpenAI
 MAX_TOP_LOGPROBS = 20       # alternatives per token, as OpenAI's chat API
 ATTENTION_LIMIT = 128       # prompt tokens for /v1/attention: the maps grow as layers * heads * T^2
+ATTENTION_VALUES = 1 << 20  # numbers one /v1/attention answer may hold (about 8 MB of JSON)
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'web')
 LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
 PARAMS = {'max_new_tokens': 'max_tokens', 'num_samples': 'n', 'stop_strings': 'stop', 'prompt_logprobs': 'echo'}
@@ -361,14 +362,22 @@ def _tokenizer_info(h, body):
                       'chat_stop_strings': tok.stop_strings})
 
 def _attention(h, body):
+    """Every layer's attention maps for a short prompt, or one layer's ('layer': i); at most ATTENTION_VALUES numbers,
+    since the maps grow as layers x heads x T^2."""
     name, w = h.engine(body)
-    p = body.get('prompt')
+    p, cfg = body.get('prompt'), w.model.config
     ids = _encode(w, p, 'prompt') if isinstance(p, str) else p
     if not _is_ids(ids) or not 0 < len(ids) <= min(ATTENTION_LIMIT, w.block_size) or any(not 0 <= t < w.V for t in ids):
         raise ApiError(400, f"'prompt' must be text or token ids, 1 to {min(ATTENTION_LIMIT, w.block_size)} tokens",
                        'prompt')
+    layer = _number(body, 'layer', None, 0, cfg.n_layer - 1, integer=True)
+    values = (1 if layer is not None else cfg.n_layer) * cfg.n_head * len(ids) ** 2
+    if values > ATTENTION_VALUES:
+        raise ApiError(400, f"the maps would hold {values} numbers, over {ATTENTION_VALUES}; send a shorter prompt, "
+                       "or 'layer': i for one layer", 'prompt', 'invalid_value')
     maps = w.call(lambda: w.model.attention_maps(torch.tensor([ids], device=w.device)))  # [(1, nh, T, T)] per layer
-    h.send_json(200, {'model': name, 'tokens': [w.tok.decode([t]) for t in ids],
+    maps = maps if layer is None else maps[layer:layer + 1]
+    h.send_json(200, {'model': name, 'tokens': [w.tok.decode([t]) for t in ids], 'layer': layer,
                       'attentions': [[[[round(x, 4) for x in r] for r in head] for head in a[0].float().tolist()]
                                      for a in maps]})
 
@@ -426,8 +435,9 @@ class Handler(GuardedHandler):
         except ApiError as e:
             if method != 'GET' and not self.body_read:  # an unread body would be parsed as the next request
                 self.close_connection = True
-            if self.started:  # mid-stream: the status line is gone, so say it in the stream and close
+            if self.started:  # mid-stream: the status line is gone, so say it in the stream (no [DONE]) and close
                 self.sse(e.body())
+                self.end_sse()
                 self.close_connection = True
             else:
                 self.send_json(e.status, e.body())
@@ -435,8 +445,15 @@ class Handler(GuardedHandler):
             self.close_connection = True  # the client has gone; _completion has already released its rows
         except Exception as e:
             traceback.print_exc()
-            if not self.started:
-                self.send_json(500, ApiError(500, f'internal error: {type(e).__name__}: {e}').body())
+            error = ApiError(500, f'internal error: {type(e).__name__}: {e}').body()
+            try:  # mid-stream, the error goes in the stream (OpenAI's way), so the client knows it is not complete
+                if self.started:
+                    self.sse(error)
+                    self.end_sse()
+                else:
+                    self.send_json(500, error)
+            except OSError:
+                pass
             self.close_connection = True
 
     def engine(self, body):

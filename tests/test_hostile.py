@@ -174,3 +174,33 @@ def test_idle_and_trickling_connections_cannot_lock_others_out(srv):
         assert call(srv, 'GET', '/v1/models')[0] == 200
     finally:
         srv.max_connections, srv.read_timeout = 256, 10.0
+
+
+def test_attention_maps_are_bounded(srv, monkeypatch):
+    import serve
+    body = {'model': 'char', 'prompt': 'abcd'}  # 2 layers x 4 heads x 4 x 4 = 128 numbers
+    full = call(srv, 'POST', '/v1/attention', body)[1]['attentions']
+    monkeypatch.setattr(serve, 'ATTENTION_VALUES', 100)
+    status, out = call(srv, 'POST', '/v1/attention', body)
+    assert status == 400 and "'layer'" in out['error']['message']
+    status, out = call(srv, 'POST', '/v1/attention', {**body, 'layer': 1})
+    assert status == 200 and out['layer'] == 1 and out['attentions'] == full[1:2]
+    assert call(srv, 'POST', '/v1/attention', {**body, 'layer': 2})[0] == 400  # the model has layers 0 and 1
+
+
+def test_a_failure_mid_stream_sends_an_error_event_and_no_done(srv, monkeypatch):
+    from test_serve import events
+    w, calls = srv.engines['char'], []
+    forward = w._forward
+
+    def fails_on_the_third(rows):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError('out of memory (simulated)')
+        return forward(rows)
+    monkeypatch.setattr(w, '_forward', fails_on_the_third)
+    status, payload = call(srv, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'ab', 'max_tokens': 8,
+                                                           'temperature': 0, 'stream': True})
+    got = events(payload)
+    assert status == 200 and any('choices' in e for e in got[:-1])  # it had started
+    assert 'simulated' in got[-1]['error']['message'] and '[DONE]' not in got

@@ -39,7 +39,8 @@ async function* sse(path, body, signal) {
   let buf = '';
   for (;;) {
     const {done, value} = await reader.read();
-    if (done) return;
+    // a stream that ends without data: [DONE] was cut (the server failed or the connection dropped): not finished
+    if (done) throw new Error('the stream ended before it was complete (no [DONE]); try again');
     // subtle: a network read may end mid-event (or mid-character: {stream: true} keeps the partial bytes), so
     // only the complete events before the last blank line are parsed; the rest waits for the next read
     buf += decoder.decode(value, {stream: true});
