@@ -50,7 +50,7 @@ _before = set(globals())
 init_from = 'out-shakespeare-char'  # model sources, comma-separated (out_dir, HF dir, hub name), or a dir of runs
 host = '127.0.0.1'          # bind address; any other than localhost needs api_key
 port = 8000                 # TCP port; 0 = any free port
-api_key = ''                # if set, the API needs the header 'Authorization: Bearer <api_key>'
+api_key = ''                # if set, the API needs 'Authorization: Bearer <api_key>'; '' = $NANOLAB_API_KEY if set
 max_batch = 16              # rows decoded together per model (KV-cache slots); further prompts wait their turn
 max_rows = 256              # rows (prompts x n x num_beams) a request may ask for; over it: 400
 max_prompt_tokens = 32768   # prompt tokens a request may send; over it: 400
@@ -520,11 +520,12 @@ def main():
                        choices={'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'device': None,
                                 'quantize': ('', 'int8')})
     globals().update({k: config[k] for k in CONFIG_KEYS})
+    key = api_key or os.environ.get('NANOLAB_API_KEY', '')  # the environment keeps it out of the process list
     dev = resolve_device(device)
     engines = load_engines(init_from, dev, resolve_dtype(dtype, dev), quantize, threads, max_batch=max_batch,
                            max_rows=max_rows, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
                            max_beam_slots=max_batch // 2)  # beam searches leave half the slots to the others
-    server = make_server(engines, host, port, api_key, runs_dir, allowed_hosts.split(','), cors_origins.split(','),
+    server = make_server(engines, host, port, key, runs_dir, allowed_hosts.split(','), cors_origins.split(','),
                          max_connections, read_timeout)
     print(f"serving {', '.join(engines)} on http://{host}:{server.server_address[1]}  (Ctrl-C stops)")
     try:

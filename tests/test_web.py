@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import pytest
 
 import results
+import serve
 from test_serve import call, serving, two_runs  # tests/ is on sys.path while pytest collects it
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
@@ -243,3 +244,28 @@ def test_runs_curves_refresh_and_leaderboard(site, page):
     with open(site.dir / 'char' / 'metrics.jsonl', 'a') as f:  # the run trains on: the page polls every 5 s
         f.write(json.dumps({'iter': 20, 'loss': 2.5}) + '\n')
     wait(lambda: 'iter 20' in card.text, timeout=8)
+
+
+def test_the_page_asks_for_the_api_key_and_sends_it(site, browser):
+    import threading
+    keyed = serve.make_server(site.engines, port=0, api_key='sekrit', runs_dir=str(site.dir))  # a second door
+    threading.Thread(target=keyed.serve_forever, daemon=True).start()
+    try:
+        browser.get(f'http://127.0.0.1:{keyed.server_address[1]}/')
+        alert = wait(lambda: _alert(browser))  # the first API call got a 401: the page asks
+        alert.send_keys('sekrit')
+        alert.accept()
+        wait(lambda: len(js(browser, "return [...document.querySelectorAll('#model option')]")) == 2)
+        assert js(browser, "return sessionStorage.getItem('nanolab_api_key')") == 'sekrit'
+    finally:
+        browser.execute_script('sessionStorage.clear()')
+        keyed.shutdown()
+        keyed.server_close()
+
+
+def _alert(browser):
+    from selenium.common.exceptions import NoAlertPresentException
+    try:
+        return browser.switch_to.alert
+    except NoAlertPresentException:
+        return None

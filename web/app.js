@@ -18,11 +18,24 @@ const el = (tag, props = {}, ...kids) => {  // el('b', {className: 'x'}, 'text',
 };
 const fmt = (x, d = 3) => x == null ? '' : Number(x).toFixed(d);
 
+// fetch with the server's API key (serve.py --api_key): asked for when the server answers 401, then kept for this
+// browser session (sessionStorage: gone when the tab closes) and sent as 'Authorization: Bearer <key>'
+async function keyedFetch(path, init) {
+  for (;;) {
+    const key = sessionStorage.getItem('nanolab_api_key');
+    const r = await fetch(path, {...init, headers: {...init.headers, ...(key ? {Authorization: `Bearer ${key}`} : {})}});
+    if (r.status !== 401) return r;
+    const typed = prompt('This server needs its API key (the --api_key it was started with):');
+    if (!typed) return r;
+    sessionStorage.setItem('nanolab_api_key', typed);
+  }
+}
+
 // POST body (or GET when body is undefined) -> the parsed JSON; an API error body becomes a thrown Error
 async function api(path, body, signal) {
-  const init = body === undefined ? {signal} :
+  const init = body === undefined ? {signal, headers: {}} :
     {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body), signal};
-  const r = await fetch(path, init);
+  const r = await keyedFetch(path, init);
   const j = await r.json();
   if (!r.ok || j.error) throw new Error(j.error ? j.error.message : r.statusText);
   return j;
@@ -32,8 +45,8 @@ async function api(path, body, signal) {
 // rather than EventSource, which can only GET. Aborting `signal` closes the connection; serve.py notices the
 // closed socket between tokens and frees the request's batch slot.
 async function* sse(path, body, signal) {
-  const r = await fetch(path, {method: 'POST', headers: {'Content-Type': 'application/json'},
-                               body: JSON.stringify(body), signal});
+  const r = await keyedFetch(path, {method: 'POST', headers: {'Content-Type': 'application/json'},
+                                    body: JSON.stringify(body), signal});
   if (!r.ok) throw new Error((await r.json()).error.message);
   const reader = r.body.getReader(), decoder = new TextDecoder();
   let buf = '';
