@@ -145,7 +145,7 @@ class MetricsLogger:
         self.f = open(path, 'a')
 
     def log(self, **row):
-        self.f.write(json.dumps(row) + '\n')
+        self.f.write(results.dumps(row) + '\n')  # a diverged loss (NaN, inf) is written as null: JSON has no NaN
         self.f.flush()
 
     def close(self):

@@ -105,7 +105,7 @@ def save_result(results_dir, result):
         path = os.path.join(folder, f'{stem}-{k}.json')
     result = {'schema': RESULT_SCHEMA, 'created': now.isoformat(timespec='microseconds'), **result}
     # one key a line, each value on its line: readable, without a line for each of thousands of per-item scores
-    lines = [f' {json.dumps(k)}: {json.dumps(v, default=str)}' for k, v in result.items()]
+    lines = [f' {json.dumps(k)}: {json.dumps(finite(v), default=str)}' for k, v in result.items()]  # NaN: null
     _write_atomic(path, '{\n' + ',\n'.join(lines) + '\n}\n')
     return path
 
@@ -295,7 +295,7 @@ def show_leaderboard(dirs, sort_by='', out_stem='leaderboard', n_boot=1000, seed
     os.makedirs(os.path.dirname(out_stem) or '.', exist_ok=True)
     _write_atomic(f'{out_stem}.md', '# Leaderboard\n\n' + '\n'.join(md) + '\n')
     _write_atomic(f'{out_stem}.csv', buf.getvalue())
-    _write_atomic(f'{out_stem}.json', json.dumps({'sort_by': sort_by, 'n_boot': n_boot, 'seed': seed,
-                                                  'skipped': len(skipped), 'rows': rows}, indent=1) + '\n')
+    _write_atomic(f'{out_stem}.json', json.dumps(finite({'sort_by': sort_by, 'n_boot': n_boot, 'seed': seed,
+                                                         'skipped': len(skipped), 'rows': rows}), indent=1) + '\n')
     print(f'wrote {out_stem}.md, {out_stem}.csv and {out_stem}.json')
     return rows

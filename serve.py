@@ -120,6 +120,10 @@ def _is_ids(x):
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 def _encode(w, text, param):
+    cap = 8 * (w.max_prompt_tokens or max_prompt_tokens)  # bound the tokenizer's work before it starts
+    if len(text) > cap:
+        raise ApiError(400, f"'{param}' holds {len(text)} characters, over {cap} (8 per token of max_prompt_tokens); "
+                       "send a shorter text", param, 'request_too_large')
     try:
         return w.tok.encode(text)
     except ValueError as e:  # e.g. a character the char vocabulary lacks

@@ -204,3 +204,24 @@ def test_a_failure_mid_stream_sends_an_error_event_and_no_done(srv, monkeypatch)
     got = events(payload)
     assert status == 200 and any('choices' in e for e in got[:-1])  # it had started
     assert 'simulated' in got[-1]['error']['message'] and '[DONE]' not in got
+
+
+def test_json_writers_write_non_finite_numbers_as_null(tmp_path):
+    import math
+    import results
+    from common import MetricsLogger
+    strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f'bare {c} in JSON'))
+    log = MetricsLogger(str(tmp_path / 'metrics.jsonl'))
+    log.log(iter=10, loss=math.nan, val_loss=math.inf, lr=3e-4)
+    log.close()
+    assert strict((tmp_path / 'metrics.jsonl').read_text()) == {'iter': 10, 'loss': None, 'val_loss': None, 'lr': 3e-4}
+    path = results.save_result(str(tmp_path), {'model': 'm', 'task': 't', 'metrics': {'perplexity': math.inf}, 'n': 1})
+    assert strict(open(path).read())['metrics'] == {'perplexity': None}
+    assert strict(results.dumps({'a': [1.5, -math.inf]})) == {'a': [1.5, None]}
+
+
+def test_text_is_bounded_in_characters_before_it_is_tokenized(srv):
+    cap = 8 * srv.engines['char'].max_prompt_tokens
+    status, out = call(srv, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'a' * (cap + 1), 'max_tokens': 1})
+    assert status == 400 and out['error']['param'] == 'prompt' and 'characters' in out['error']['message']
+    assert call(srv, 'POST', '/tokenize', {'model': 'bpe', 'prompt': 'x' * (cap + 1)})[0] == 400
