@@ -189,3 +189,13 @@ def test_limits_and_settings_are_checked_at_submit():
     with pytest.raises(SettingsError, match='top_p') as e:
         engine.submit([[1]], Settings(top_p=0))
     assert e.value.field == 'top_p' and not engine.busy()
+
+
+def test_logprobs_past_the_vocabulary_are_refused_at_submit_not_in_the_batch():
+    engine = Engine(tiny(vocab_size=16), max_batch=4)
+    running = engine.submit([[1, 2]], Settings(max_new_tokens=4, temperature=0))
+    engine.step()
+    with pytest.raises(SettingsError, match='logprobs') as e:
+        engine.submit([[3]], Settings(max_new_tokens=2, logprobs=20))  # topk(20) of 16 would fail every row
+    assert e.value.field == 'logprobs'
+    assert [ev.finish_reason for ev in running][-1] == 'length'  # the running request is untouched
