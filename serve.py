@@ -204,7 +204,7 @@ def _read_request(name, w, body, chat):
         length_penalty=_number(body, 'length_penalty', 1.0, -10.0, 10.0),
         num_samples=_number(body, 'n', 1, -inf, n_limit, integer=True), stop_tokens=tuple(stop_tokens),
         stop_strings=tuple(stop_strings + stop), seed=_number(body, 'seed', None, 0, 2**62, integer=True),
-        logprobs=logprobs or 0, prompt_logprobs=echo and logprobs is not None)
+        logprobs=min(logprobs or 0, w.V), prompt_logprobs=echo and logprobs is not None)  # a tiny vocabulary: all of it
     return Call(w, name, chat, prompts, settings, logprobs, echo, _flag(body, 'stream'),
                 bool((opts or {}).get('include_usage')))
 
