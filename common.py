@@ -103,6 +103,20 @@ def checkpoint_dict(raw_model, optimizer, model_args, iter_num, best_val_loss, c
         ckpt['scaler'] = scaler.state_dict()
     return ckpt
 
+def check_out_dir(out_dir, init_from, overwrite, script):
+    """Refuse (ValueError, naming the fix) a fresh run into an out_dir that holds a trained run, which it would
+    silently replace (metrics.jsonl truncated, best.pt and ckpt.pt rewritten), unless overwrite; and an out_dir that
+    is the run being trained from."""
+    src = init_from[:-len('/ckpt.pt')] if init_from.endswith('/ckpt.pt') else init_from
+    if init_from not in ('scratch', 'resume') and os.path.realpath(src) == os.path.realpath(out_dir):
+        raise ValueError(f"init_from and out_dir are the same directory ({out_dir}); a run cannot write over the "
+                         f"model it starts from: give another --out_dir, or --init_from=resume to go on with it")
+    held = [f for f in ('ckpt.pt', 'best.pt') if os.path.isfile(os.path.join(out_dir, f))]
+    if init_from != 'resume' and held and not overwrite:
+        raise ValueError(f"{out_dir} already holds a trained run ({', '.join(held)}); a new run would replace it. "
+                         f"Go on with it (python {script} --init_from=resume --out_dir={out_dir}), train into "
+                         f"another --out_dir, or replace it with --overwrite=True")
+
 def resume_config(out_dir, config, script, choices=None, fixed=()):
     """--init_from=resume: (out_dir/ckpt.pt, the config to go on with) = the run's saved config with this command
     line applied on top again, so `--max_iters=...` extends a run. `fixed`: settings that can't change on resume

@@ -56,6 +56,7 @@ from formats import read_preferences
 # I/O
 out_dir = 'out-dpo-tasks'     # checkpoint, metrics, loss curve and model card go here
 init_from = 'out-sft-tasks'   # the policy's start and the reference: a model source (out_dir, .pt, HF dir, hub name) | 'resume'
+overwrite = False             # True: a fresh run may replace the trained run in out_dir (its files are lost)
 eval_interval = 50            # evaluate on held-out pairs, and write ckpt.pt, every this many iterations (and at the end)
 log_interval = 10             # print and log a metrics row every this many iterations
 eval_pairs = 200              # held-out pairs per eval; 0 = all
@@ -184,6 +185,11 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
 
     def fail(msg):  # bad input: one line that names the problem and the fix, exit status 1, no traceback
         raise SystemExit(f'error: {msg}')
+
+    try:  # never silently replace a trained run
+        common.check_out_dir(out_dir, init_from, overwrite, 'dpo.py')
+    except ValueError as e:
+        fail(e)
 
     # resume = the run's saved config, then this command line on top (so `--max_iters=...` extends a run)
     ckpt = None

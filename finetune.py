@@ -46,8 +46,8 @@ import torch
 import torch.nn as nn
 
 import data as datasets
-from common import (LR_SCHEDULES, MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg,
-                    resume_config, set_rng_states, write_model_card)
+from common import (LR_SCHEDULES, MetricsLogger, check_out_dir, checkpoint_dict, configure_optimizer, get_lr,
+                    plot_loss_svg, resume_config, set_rng_states, write_model_card)
 from evaluate import exact_match
 from formats import ROLES, read_rows, read_sft
 from model import autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint
@@ -63,6 +63,7 @@ eval_iters = 10               # batches per split for each loss estimate
 eval_only = False             # evaluate once and exit
 keep_checkpoints = False      # also keep a copy of each eval's checkpoint as out_dir/checkpoints/ckpt_<iter>.pt (for evaluate.py --checkpoints)
 init_from = 'out-tasks-base'  # 'resume' (out_dir/ckpt.pt) | a model source: out_dir, .pt, HF dir, hub name
+overwrite = False             # True: a fresh run may replace the trained run in out_dir (its files are lost)
 # data
 dataset = 'tasks'             # data_dir/<dataset>/{train,val}.jsonl (named sets are prepared), or a .json/.jsonl file
 data_dir = 'data'             # where datasets live
@@ -103,6 +104,11 @@ config = configure(globals(), choices=CHOICES)
 def fail(msg):
     """Bad input: one line that names the problem and the fix, exit status 1, no traceback."""
     raise SystemExit(f'error: {msg}')
+
+try:  # never silently replace a trained run
+    check_out_dir(out_dir, init_from, overwrite, 'finetune.py')
+except ValueError as e:
+    fail(e)
 
 # resume = the run's saved config, then this command line on top (so `--max_iters=...` extends a run)
 ckpt = None

@@ -52,6 +52,7 @@ eval_only = False             # evaluate once and exit
 always_save_checkpoint = True # write ckpt.pt at every eval; False: only at the end and on Ctrl-C (best.pt either way)
 keep_checkpoints = False      # also keep a copy of each eval's checkpoint as out_dir/checkpoints/ckpt_<iter>.pt (for evaluate.py --checkpoints)
 init_from = 'scratch'         # 'scratch' | 'resume' (out_dir/ckpt.pt) | a model source: out_dir, .pt, HF dir, hub name
+overwrite = False             # True: a fresh run may replace the trained run in out_dir (its files are lost)
 # wandb logging (imported only when on)
 wandb_log = False             # log to Weights & Biases
 wandb_project = 'nanolab'     # wandb project
@@ -103,6 +104,11 @@ MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name in config]  # settings
 def fail(msg):
     """Bad input: one line that names the problem and the fix, exit status 1, no traceback."""
     raise SystemExit(f'error: {msg}')
+
+try:  # never silently replace a trained run
+    common.check_out_dir(out_dir, init_from, overwrite, 'train.py')
+except ValueError as e:
+    fail(e)
 
 # DDP: torchrun sets RANK; each process drives one device and the gradients are averaged across them
 ddp = int(os.environ.get('RANK', -1)) != -1

@@ -209,6 +209,9 @@ def test_resume_is_exact(setup, use_lora):
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ('time', 'ms_per_iter')} for r in rows]
     whole, part = (strip(read_metrics(d / f'{name}{use_lora}' / 'metrics.jsonl')) for name in ('whole', 'part'))
     assert len(whole) == 12 + 5 and part == whole
+    with pytest.raises(SystemExit, match='already holds a trained run.*--init_from=resume.*--overwrite=True'):
+        dpo(d, f"--out_dir={d / f'part{use_lora}'}", '--max_iters=3', *lora)  # a fresh run would replace it
+    assert strip(read_metrics(d / f'part{use_lora}' / 'metrics.jsonl')) == whole  # untouched
 
 
 def test_bad_input_is_a_clear_error(setup):

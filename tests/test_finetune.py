@@ -153,6 +153,9 @@ def test_resume_is_exact(setup, tmp_path, lora):
     if lora:  # a trained adapter's shape can't change on resume
         with pytest.raises(SystemExit, match="lora_r=8 differs from the checkpoint's 4"):
             finetune(*tiny(setup, tmp_path / 'b'), '--init_from=resume', '--lora_r=8')
+    with pytest.raises(SystemExit, match='already holds a trained run.*--init_from=resume.*--overwrite=True'):
+        finetune(*tiny(setup, tmp_path / 'b'), *extra)  # a fresh run into b would replace it
+    assert curve(tmp_path / 'b') == curve(tmp_path / 'a')  # untouched
 
 
 def test_bad_input_is_an_error_naming_file_and_row_or_a_counted_skip(setup, tmp_path, capsys):

@@ -259,6 +259,24 @@ def test_errors(data_dir, tmp_path):
     assert 'no checkpoint' in msg
     assert not os.path.exists(tmp_path / 'out' / 'metrics.jsonl')  # nothing was started
 
+def test_a_second_run_into_a_trained_out_dir_is_refused_and_loses_nothing(data_dir, tmp_path):
+    out = str(tmp_path / 'out')
+    args = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=10', '--lr_decay_iters=10']
+    train(*args)
+    before = {f: open(os.path.join(out, f), 'rb').read() for f in sorted(os.listdir(out))
+              if os.path.isfile(os.path.join(out, f))}
+    msg = error_of(*args, '--learning_rate=1e-3')  # "to try a flag": this used to replace the trained model
+    assert 'already holds a trained run' in msg and '--init_from=resume' in msg and '--overwrite=True' in msg
+    msg = error_of(*args, f'--init_from={out}', '--overwrite=True')  # training from a run into itself
+    assert 'same directory' in msg
+    after = {f: open(os.path.join(out, f), 'rb').read() for f in sorted(os.listdir(out))
+             if os.path.isfile(os.path.join(out, f))}
+    assert after == before  # every file, byte for byte
+    proc = train_subprocess(*args, '--init_from=resume', '--max_iters=12')  # resume still works
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    train(*args, '--overwrite=True')  # and an explicit overwrite replaces the run
+    assert [r['iter'] for r in read_metrics(os.path.join(out, 'metrics.jsonl')) if 'loss' in r] == list(range(10))
+
 # -----------------------------------------------------------------------------
 # recipes
 
