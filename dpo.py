@@ -38,7 +38,6 @@ Dropout is off throughout (trl's disable_dropout), so policy and reference agree
 """
 import copy
 import functools
-import json
 import os
 import signal
 import time
@@ -177,7 +176,8 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
     from common import (MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg, resume_config,
                         write_model_card)
     from configurator import configure
-    from model import autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint
+    from model import (autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype,
+                       save_checkpoint, write_json)
     import common  # subtle: not `from common import LR_SCHEDULES`, which configure() would take for a setting
     CHOICES = {'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': common.LR_SCHEDULES,
                'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
@@ -273,8 +273,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
     ctx = autocast_ctx(device, ptdtype)
     os.makedirs(out_dir, exist_ok=True)
     config.update({k: globals()[k] for k in config})
-    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-        json.dump(config, f, indent=2)
+    write_json(os.path.join(out_dir, 'config.json'), config)  # atomic: never a half-written config
     pairs_per_iter = batch_size * gradient_accumulation_steps
 
     @functools.lru_cache(maxsize=2)

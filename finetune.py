@@ -50,7 +50,8 @@ from common import (LR_SCHEDULES, MetricsLogger, check_out_dir, checkpoint_dict,
                     plot_loss_svg, resume_config, set_rng_states, write_model_card)
 from evaluate import exact_match
 from formats import ROLES, read_rows, read_sft
-from model import autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint
+from model import (autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint,
+                   write_json)
 from tokenizer import from_spec
 
 # -----------------------------------------------------------------------------
@@ -328,8 +329,7 @@ n_all, n_train = sum(p.numel() for p in raw_model.parameters()), sum(p.numel() f
 print(f'trainable params: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)' +
       (f', LoRA r={lora_r} on {lora_targets} ({len(lora_layers(raw_model))} layers)' if lora_r > 0 else ', full fine-tuning'))
 config.update({k: globals()[k] for k in config})
-with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(config, f, indent=2)
+write_json(os.path.join(out_dir, 'config.json'), config)  # atomic: never a half-written config
 
 optimizer = configure_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))

@@ -17,6 +17,7 @@ Quick check (CPU, random weights):
 import json
 import math
 import os
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -466,28 +467,37 @@ class GPT(nn.Module):
         sd = {k: v.contiguous() for k, v in hf.state_dict_to_hf(self.state_dict(), self.config).items()}
         save_file(sd, os.path.join(out_dir, 'model.safetensors.tmp'), metadata={'format': 'pt'})
         os.replace(os.path.join(out_dir, 'model.safetensors.tmp'), os.path.join(out_dir, 'model.safetensors'))
-        _write_json(os.path.join(out_dir, 'config.json'), hf_config)
+        write_json(os.path.join(out_dir, 'config.json'), hf_config)
         if tokenizer is not None and tokenizer.kind != 'char':
             hf.save_tokenizer_files(tokenizer, out_dir)
 
 # -----------------------------------------------------------------------------
 # 5) checkpoints and model sources
 
-def _write_json(path, obj):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def write_atomic(path, write):
+    """Write a file so that a crash, or a second writer, never leaves it half-written: write(f) fills a temp file of
+    this process and thread's own (binary), which is flushed and fsynced, then renamed over path."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.{threading.get_ident()}.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def write_json(path, obj):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 def save_checkpoint(ckpt, path):
-    """Atomically write a checkpoint dict: a crash mid-write leaves the previous file intact.
+    """Atomically write a checkpoint dict (write_atomic): a crash mid-write leaves the previous file intact.
     Holds at least 'model_args' and 'model' (the uncompiled model's state dict, no '_orig_mod.' keys)."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     if any(k.startswith('_orig_mod.') for k in ckpt['model']):
         raise ValueError("refusing to save a compiled model's state dict; save the uncompiled raw_model instead")
-    tmp = path + '.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(ckpt, f))
 
 def load_checkpoint(path, map_location='cpu'):
     """Read a checkpoint we wrote, with errors that say what is wrong and what to do."""

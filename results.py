@@ -18,6 +18,8 @@ import re
 
 import torch
 
+from model import write_atomic
+
 # -----------------------------------------------------------------------------
 # 1) reading results: the model card and the leaderboard
 
@@ -84,10 +86,7 @@ def read_results(paths):
 LOWER_IS_BETTER = ('loss', 'perplexity', 'bits_per_byte', 'word_perplexity', 'byte_perplexity')
 
 def _write_atomic(path, text):
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(text.encode('utf-8')))
 
 def save_result(results_dir, result):
     """Write one result dict as results_dir/eval/<task>-<iter or 'final'>-<UTC time>.json, atomically, adding the

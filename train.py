@@ -22,7 +22,6 @@ checkpoint with every other RNG state, so a run that is killed and resumed logs 
 on CPU, as one that never stopped (tests/test_train.py). Under DDP, every rank draws the same offsets for an
 iteration and takes its share, so N processes x accumulation k train on exactly the batches 1 process x N*k does.
 """
-import json
 import math
 import os
 import signal
@@ -39,7 +38,7 @@ import data as datasets
 from common import (MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg, resume_config,
                     set_rng_states, write_model_card)
 from model import (GPT, GPTConfig, autocast_ctx, load_model, model_from_checkpoint, resolve_device,
-                   resolve_dtype, save_checkpoint)
+                   resolve_dtype, save_checkpoint, write_atomic, write_json)
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/shakespeare_char.py (see that file for the measured figures)
@@ -194,8 +193,7 @@ config.update({k: globals()[k] for k in config})
 raw_model.to(device).train()
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-        json.dump(config, f, indent=2)
+    write_json(os.path.join(out_dir, 'config.json'), config)  # atomic: never a half-written config
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters (non-embedding), {tokens_per_iter:,} tokens per iteration, "
           f"{device}, {str(ptdtype).replace('torch.', '')}" + (f', {world_size} processes' if ddp else ''))
 
@@ -253,15 +251,16 @@ def elapsed():
 def save(name, also_best=False):
     """Atomically write the state at the top of iteration iter_num to out_dir/name; copy it to best.pt too,
     and with keep_checkpoints to checkpoints/ckpt_<iter>.pt, which no later save replaces."""
-    path = os.path.join(out_dir, name)
+    path, best = os.path.join(out_dir, name), os.path.join(out_dir, 'best.pt')
     state = checkpoint_dict(raw_model, optimizer, model_args, iter_num, best_val_loss, config, tok_spec,
                             sampler=sampler, scaler=scaler, elapsed=elapsed(), origin=origin)
-    save_checkpoint(state, path)
+    # subtle: best.pt first, so no ckpt.pt ever records a best_val_loss whose model best.pt does not hold
+    save_checkpoint(state, best if also_best else path)
+    if also_best:
+        with open(best, 'rb') as src:
+            write_atomic(path, lambda f: shutil.copyfileobj(src, f))
     if keep_checkpoints:
         save_checkpoint(state, os.path.join(out_dir, 'checkpoints', f'ckpt_{iter_num}.pt'))
-    if also_best:
-        shutil.copyfile(path, os.path.join(out_dir, 'best.pt.tmp'))
-        os.replace(os.path.join(out_dir, 'best.pt.tmp'), os.path.join(out_dir, 'best.pt'))
 
 def update_card(last_eval=None):
     stats = {'iterations': iter_num, 'tokens seen': iter_num * tokens_per_iter}

@@ -202,3 +202,25 @@ def test_bad_config_and_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match='CUDA is not available'):
             resolve_device('cuda')
+
+
+def test_write_atomic_keeps_the_old_file_on_a_crash_and_two_writers_never_mix(tmp_path):
+    import threading
+    from model import write_atomic
+    path = str(tmp_path / 'f.bin')
+    write_atomic(path, lambda f: f.write(b'old'))
+
+    def crash(f):
+        f.write(b'half')
+        raise OSError('disk full (simulated)')
+    with pytest.raises(OSError, match='disk full'):
+        write_atomic(path, crash)
+    assert open(path, 'rb').read() == b'old' and os.listdir(tmp_path) == ['f.bin']  # no temp file left behind
+    blobs = [bytes([65 + i]) * 200_000 for i in range(4)]
+    threads = [threading.Thread(target=write_atomic, args=(path, lambda f, b=b: [f.write(b[:100_000]), f.write(b[100_000:])]))
+               for b in blobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert open(path, 'rb').read() in blobs and os.listdir(tmp_path) == ['f.bin']  # one writer's whole file
