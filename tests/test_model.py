@@ -217,8 +217,8 @@ def test_write_atomic_keeps_the_old_file_on_a_crash_and_two_writers_never_mix(tm
         write_atomic(path, crash)
     assert open(path, 'rb').read() == b'old' and os.listdir(tmp_path) == ['f.bin']  # no temp file left behind
     blobs = [bytes([65 + i]) * 200_000 for i in range(4)]
-    threads = [threading.Thread(target=write_atomic, args=(path, lambda f, b=b: [f.write(b[:100_000]), f.write(b[100_000:])]))
-               for b in blobs]
+    halves = lambda b: lambda f: [f.write(b[:100_000]), f.write(b[100_000:])]  # two writes: room to interleave
+    threads = [threading.Thread(target=write_atomic, args=(path, halves(b))) for b in blobs]
     for t in threads:
         t.start()
     for t in threads:
