@@ -298,7 +298,7 @@ if wandb_log and master_process:
 peak = peak_flops or (989e12 if device_type == 'cuda' else 163e9)  # per device
 
 # training loop
-saved_at, stopping, last_eval = None, False, None
+saved_at, stopping, last_eval, diverged = None, False, None, False
 t0, window_time, window_iters = time.time(), 0.0, 0
 while True:
 
@@ -312,13 +312,20 @@ while True:
         losses = estimate_loss()
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
-        row = dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], val_ppl=math.exp(losses['val']),
+        ppl = float('inf') if losses['val'] > 700 else math.exp(losses['val'])  # exp overflows past ~709; NaN stays
+        row = dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], val_ppl=ppl,
                    lr=lr, time=round(elapsed(), 2))
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (ppl {row['val_ppl']:.2f})")
         metrics.log(**row)
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
-        if iter_num > 0 and not eval_only:
+        if not math.isfinite(losses['val']):  # diverged: keep the last good checkpoint, say so, and stop
+            diverged = True
+            stop.append('diverged')  # the ranks stop together at the next log step (DDP), as on Ctrl-C
+            kept = f'its last good one, from iteration {saved_at}' if saved_at is not None else 'what it held before'
+            print(f"diverged at iteration {iter_num} (val loss {losses['val']}); stopping without a checkpoint, so "
+                  f"{out_dir} keeps {kept}; try a lower learning_rate, or grad_clip")
+        elif iter_num > 0 and not eval_only:
             if always_save_checkpoint or iter_num >= max_iters:
                 save('ckpt.pt', also_best=improved)
                 saved_at = iter_num
@@ -379,7 +386,7 @@ while True:
 
 # the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
 if master_process:
-    if stopping and saved_at != iter_num:
+    if stopping and saved_at != iter_num and not diverged:
         save('ckpt.pt')
         print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
     metrics.close()

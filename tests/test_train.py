@@ -277,6 +277,15 @@ def test_a_second_run_into_a_trained_out_dir_is_refused_and_loses_nothing(data_d
     train(*args, '--overwrite=True')  # and an explicit overwrite replaces the run
     assert [r['iter'] for r in read_metrics(os.path.join(out, 'metrics.jsonl')) if 'loss' in r] == list(range(10))
 
+def test_a_diverged_run_says_so_and_stops_without_writing_a_checkpoint(data_dir, tmp_path, capsys):
+    out = tmp_path / 'out'
+    train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=60', '--lr_decay_iters=60',
+          '--eval_interval=10', '--learning_rate=1e4', '--grad_clip=0', '--warmup_iters=0')  # blows up in 2 steps
+    assert 'diverged at iteration 10' in capsys.readouterr().out
+    rows = read_metrics(out / 'metrics.jsonl')  # strict JSON: NaN written as null
+    assert max(r['iter'] for r in rows) <= 11 and [r['val_loss'] for r in rows if 'val_loss' in r][-1] is None
+    assert not (out / 'ckpt.pt').exists() and not (out / 'best.pt').exists()  # no NaN model saved over a good one
+
 # -----------------------------------------------------------------------------
 # recipes
 
