@@ -43,6 +43,17 @@ class GuardedHandler(BaseHTTPRequestHandler):
         except OSError:  # the client has gone, or was cut at its deadline: nothing to answer, nothing to log
             self.close_connection = True
 
+    def check_request(self, method):
+        """Once the headers are in (call it first in do_GET/do_POST): a request without a body to read has met its
+        deadline; a body it will not read closes the connection after the answer (never the next request); then
+        check_browser."""
+        self.started = False  # set by start_sse: the status line has gone out
+        if method != 'POST':
+            self.server.deadline(self.connection, None)  # read in time; the answer may take as long as it needs
+            if self.headers.get('Content-Length', '0') != '0' or 'Transfer-Encoding' in self.headers:
+                self.close_connection = True
+        self.check_browser(method)
+
     def check_browser(self, method):
         """Refuse what a web page can make the user's browser send. A Host that is not this server's is DNS
         rebinding (a page whose name now resolves to 127.0.0.1): 403. A POST from another origin (Origin, or
@@ -146,6 +157,7 @@ class Server(ThreadingHTTPServer):
     socketserver's listen backlog of 5 reset 32 clients connecting at once, so it is raised."""
     request_queue_size = 256
     daemon_threads = True
+    allowed_hosts, cors_origins = frozenset({'localhost'}), frozenset()  # make_server sets them (sets: tests add)
     max_connections, read_timeout = 256, 10.0
     BUSY = (b'HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n'
             b'Connection: close\r\nContent-Length: %d\r\n\r\n%s')

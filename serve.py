@@ -43,7 +43,7 @@ from engine import BeamStep, Engine, LimitError, PromptScores, Settings, Setting
 from httpd import ApiError, GuardedHandler, Server
 from model import load_model, model_sources, resolve_device, resolve_dtype
 from quantize import for_inference
-from results import read_runs
+from results import LOWER_IS_BETTER, read_results, read_runs
 
 _before = set(globals())
 # -----------------------------------------------------------------------------
@@ -393,7 +393,6 @@ def _runs(h, body):
 def _leaderboard(h, body):
     """The latest evaluate.py result per (checkpoint, task) under runs_dir/*/eval/, read by results.read_results as
     the model cards and evaluate.py's leaderboard read them; per-item scores and configs are left out (size)."""
-    from results import LOWER_IS_BETTER, read_results
     results, skipped = read_results(glob.glob(os.path.join(h.server.runs_dir, '*', 'eval', '*.json')))
     keep = ('model', 'checkpoint', 'iter', 'task', 'n', 'metrics', 'stderr', 'created')
     h.send_json(200, {'object': 'list', 'lower_is_better': LOWER_IS_BETTER, 'skipped': len(skipped),
@@ -414,13 +413,9 @@ class Handler(GuardedHandler):
     do_POST = do_OPTIONS = do_GET
 
     def route(self):
-        url, self.started, method = urlsplit(self.path), False, self.command
-        if method != 'POST':
-            self.server.deadline(self.connection, None)  # read in time; the answer may take as long as it needs
-        if method != 'POST' and (self.headers.get('Content-Length', '0') != '0' or 'Transfer-Encoding' in self.headers):
-            self.close_connection = True  # a body we never read must not become the next request
+        url, method = urlsplit(self.path), self.command
         try:
-            self.check_browser(method)
+            self.check_request(method)
             if method == 'OPTIONS':  # a CORS preflight from an origin in --cors_origins
                 return self.send(204, b'', 'text/plain')
             if url.path not in API:
