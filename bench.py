@@ -46,7 +46,7 @@ import time
 import torch
 
 from common import configure_optimizer
-from model import GPT, GPTConfig, autocast_ctx, resolve_device, resolve_dtype
+from model import DTYPES, GPT, GPTConfig, autocast_ctx, resolve_device, resolve_dtype
 from quantize import for_inference
 from sample import generate
 
@@ -78,7 +78,7 @@ llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one roun
 from configurator import configure
 config = configure(globals(), choices={'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp',
                                                  'quantize'),
-                                       'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+                                       'dtype': DTYPES})
 
 SHAPES = {  # the sizes SPEC.md measured Hugging Face at, so figures compare
     'gpt2_124m': dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),

@@ -1,7 +1,10 @@
 """
 Strict configuration for every nanolab script: nanoGPT's configurator.py, with checks.
-A script keeps its hyperparameters as commented module-level globals, then calls
-    config = configure(globals(), choices={'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+A script keeps its hyperparameters as commented module-level globals in its settings block, the lines between
+its first two rule lines (`# -----...`), then calls
+    config = configure(globals(), choices={'dtype': DTYPES})
+The settings are exactly the names that block assigns (settings_names), so the constants, imports and helpers
+after it are never settings, whatever their type.
 and runs as `python train.py [configs/x.py ...] [--key=value ...]` or `python train.py --help`.
 
 The rules are STYLE.md "Configuration": files apply first, in order, then flags, whatever
@@ -86,6 +89,27 @@ def _comments(path):
     return comments
 
 
+def _settings_block(path):
+    """The top-level assignments of a script's settings block: between its first two lines that start with '# ----'."""
+    with open(path, encoding='utf-8') as f:
+        src = f.read()
+    rules = [i + 1 for i, line in enumerate(src.splitlines()) if line.startswith('# ----')][:2]
+    if len(rules) < 2:
+        return []
+    return [n for n in ast.parse(src).body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
+            and rules[0] < n.lineno < rules[1]]
+
+
+def settings_names(path):
+    """The names a script's settings block assigns, in order ([] if it has none)."""
+    return [n.targets[0].id for n in _settings_block(path)]
+
+
+def read_settings(path):
+    """A script's settings and their defaults, read from its source without running it (for tests and tools)."""
+    return {n.targets[0].id: ast.literal_eval(n.value) for n in _settings_block(path)}
+
+
 def _help(g, defaults, choices):
     comments = _comments(g['__file__']) if g.get('__file__') else {}
     script = os.path.basename(g.get('__file__') or 'script.py')
@@ -102,10 +126,20 @@ def _help(g, defaults, choices):
 
 
 def configure(g, argv=None, choices=None, verbose=True):
-    """Apply config files and --key=value flags to the globals g; return the resolved config."""
+    """Apply config files and --key=value flags to g; return the resolved config. g is a script's globals (its
+    settings: the names its settings block assigns) or, without '__file__', a plain dict of settings."""
     argv = sys.argv[1:] if argv is None else argv
     choices = choices or {}
-    defaults = {k: v for k, v in g.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)}
+    if g.get('__file__'):
+        names = settings_names(g['__file__'])
+        if not names:  # a bug in the calling script, not in the user's input
+            _fail(f"{g['__file__']} has no settings block (settings between two '# ----' lines)")
+    else:
+        names = [k for k in g if not k.startswith('_')]
+    defaults = {k: g[k] for k in names}
+    bad = [k for k, v in defaults.items() if not isinstance(v, CONFIG_TYPES)]
+    if bad:
+        _fail(f"setting {bad[0]} = {defaults[bad[0]]!r} is not a plain value ({', '.join(t.__name__ for t in CONFIG_TYPES)})")
     if '--help' in argv or '-h' in argv:
         _help(g, defaults, choices)
         raise SystemExit(0)

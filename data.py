@@ -34,12 +34,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from formats import open_text, read_preferences, read_rows, read_sft
+import tasks
+from formats import in_val, open_text, read_preferences, read_rows, read_sft
 from clean import PLACEHOLDERS, Deduper, clean_corpus, clean_doc, doc_key, minhash, report
 from clean import normalize as normalize_text  # `normalize` is the flag below
 from tokenizer import EOT, BPETokenizer, CharTokenizer, TiktokenTokenizer, from_spec
 
-_before = set(globals())
 # -----------------------------------------------------------------------------
 data_dir = 'data'             # datasets go to data_dir/<name>/, downloads to data_dir/_downloads/
 tokenizer = 'auto'            # auto (char for shakespeare_char, bpe for tinystories, else gpt2) | char | gpt2 | bpe
@@ -66,7 +66,8 @@ jaccard = 0.8                 # near_dedup: 5-gram Jaccard similarity from which
 num_proc = 2                  # worker processes that clean and tokenize
 mb = 100.0                    # bench: MB of synthetic text
 # -----------------------------------------------------------------------------
-CONFIG_KEYS = [k for k in globals() if k not in _before and k != '_before']
+from configurator import settings_names
+CONFIG_KEYS = settings_names(__file__)  # the settings block above, not the constants below
 TOKENIZERS, DOC_SPLITS = ('auto', 'char', 'gpt2', 'bpe'), ('file', 'paragraph', 'line')
 CLEAN_KEYS = ('normalize', 'quality', 'min_words', 'max_symbol_ratio', 'max_dup_lines', 'mean_word_len',
               'lang_filter', 'min_english', 'pii', 'dedup', 'near_dedup', 'jaccard')
@@ -278,11 +279,6 @@ def _pipeline(chunks, num_proc, init_args):
         while pending:
             yield pending.popleft().get()
 
-def in_val(key: bytes, val_fraction: float, seed: int) -> bool:
-    """A document's split, from its doc_key: the same wherever and whenever the document is seen."""
-    h = hashlib.blake2b(key, digest_size=8, key=str(seed).encode()).digest()
-    return int.from_bytes(h, 'big') < val_fraction * 2 ** 64
-
 def _write_bins(folder, tok, sources, cfg, clean_cfg):
     """Stream [(split, docs)] into folder/{train,val}.bin.tmp; split None sends each document where in_val
     says. Returns the token counts and the cleaning counts."""
@@ -372,8 +368,7 @@ def prepare(name: str, data_dir: str = 'data', **overrides) -> str:
     return its path. overrides: any of the settings above (python data.py --help lists them)."""
     cfg = _config({**overrides, 'data_dir': data_dir})
     if name in TASK_SETS:
-        import tasks
-        return tasks.prepare(name, cfg)
+        return _prepare_tasks(name, cfg)
     if name in JSONL_SETS:
         return _prepare_jsonl(name, cfg)
     if name not in DATASETS:
@@ -449,6 +444,48 @@ def prepare(name: str, data_dir: str = 'data', **overrides) -> str:
     print(f"{folder}: {n['train']:,} train + {n['val']:,} val tokens, vocab {tok.vocab_size} ({tok.kind})")
     return folder
 
+def _write_jsonl(folder, split, lines):
+    """folder/<split>.jsonl.tmp, one JSON text per line (_finish renames it into place)."""
+    with open(os.path.join(folder, f'{split}.jsonl.tmp'), 'w', encoding='utf-8') as f:
+        f.writelines(line + '\n' for line in lines)
+
+def _prepare_tasks(name, cfg):
+    """data_dir/tasks (tasks.rows: SFT rows and preference pairs) or data_dir/tasks_base (the base model's text)."""
+    folder, seed = os.path.join(cfg['data_dir'], name), cfg['seed']
+    settings = tasks.settings(name, seed, cfg['val_fraction'])
+    if _up_to_date(folder, settings):
+        print(f'{folder} is up to date (same settings); delete it to prepare it again')
+        return folder
+    _start(folder)
+    if name == 'tasks':
+        files = tasks.rows(seed)
+        for s, rows in files.items():
+            _write_jsonl(folder, s, [json.dumps(r) for r in rows])
+        meta = {'name': name, 'format': 'sft', **{f'{s}_rows': len(r) for s, r in files.items()}, 'settings': settings}
+        _finish(folder, meta, [s + '.jsonl' for s in files])
+        print(f"{folder}: {', '.join(f'{len(r)} {s}' for s, r in files.items())} rows")
+        return folder
+    # tasks_base: tasks.BASE_SOURCES, char-level over their characters and tasks.ALPHABET, each 90% train / 10% val
+    # by position
+    texts, rels = [], []
+    for key in tasks.BASE_SOURCES:
+        path, rel = _fetch_source(key, os.path.join(cfg['data_dir'], '_downloads'))
+        with open(path, encoding='utf-8') as f:
+            texts.append(f.read())
+        rels.append(rel)
+    tok = CharTokenizer(chars=''.join(sorted(set(''.join(texts)) | set(tasks.ALPHABET))))
+    cut = [int(len(t) * (1 - cfg['val_fraction'])) for t in texts]
+    n = {}
+    for split, parts in (('train', [t[:k] for t, k in zip(texts, cut)]), ('val', [t[k:] for t, k in zip(texts, cut)])):
+        ids = tok.encode('\n\n'.join(parts))
+        np.array(ids, dtype=np.uint16).tofile(os.path.join(folder, f'{split}.bin.tmp'))
+        n[split] = len(ids)
+    meta = {'name': name, 'tokenizer': tok.spec(), 'vocab_size': tok.vocab_size, 'dtype': 'uint16',
+            'train_tokens': n['train'], 'val_tokens': n['val'], 'source': {'files': rels}, 'settings': settings}
+    _finish(folder, meta, ('train.bin', 'val.bin'))
+    print(f"{folder}: {n['train']:,} train + {n['val']:,} val tokens, vocab {tok.vocab_size} (char)")
+    return folder
+
 def _prepare_jsonl(name, cfg):
     folder, settings = os.path.join(cfg['data_dir'], name), {'name': name, 'val_fraction': cfg['val_fraction'], 'seed': cfg['seed']}
     if _up_to_date(folder, settings):
@@ -460,8 +497,7 @@ def _prepare_jsonl(name, cfg):
     val = [in_val(doc_key(line), cfg['val_fraction'], cfg['seed']) for line in lines]
     _start(folder)
     for s, want in (('train', False), ('val', True)):
-        with open(os.path.join(folder, f'{s}.jsonl.tmp'), 'w', encoding='utf-8') as f:
-            f.writelines(line + '\n' for line, v in zip(lines, val) if v == want)
+        _write_jsonl(folder, s, [line for line, v in zip(lines, val) if v == want])
     meta = {'name': name, 'format': JSONL_SETS[name], 'train_rows': val.count(False), 'val_rows': val.count(True),
             'skipped': dict(counts), 'source': {'files': [rel]}, 'settings': settings}
     _finish(folder, meta, ('train.jsonl', 'val.jsonl'))
@@ -502,10 +538,7 @@ def main(argv):
     name, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith('-') and not argv[0].endswith('.py') else (None, argv)
     if '--help' in rest or '-h' in rest:
         print(__doc__.split('\n\n')[1] + '\n')  # the commands, then configure() lists the settings
-    # the settings block only, not constants such as CHUNK_CHARS
-    config = configure({'__file__': __file__, **{k: globals()[k] for k in CONFIG_KEYS}}, argv=rest,
-                       choices={'tokenizer': TOKENIZERS, 'doc_split': DOC_SPLITS})
-    globals().update(config)
+    config = configure(globals(), argv=rest, choices={'tokenizer': TOKENIZERS, 'doc_split': DOC_SPLITS})
     if name is None:
         raise ValueError(f'name a dataset: python data.py NAME [--key=value ...] with NAME one of '
                          f'{", ".join([*DATASETS, *JSONL_SETS, "bench"])}')

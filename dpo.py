@@ -39,8 +39,6 @@ Dropout is off throughout (trl's disable_dropout), so policy and reference agree
 import copy
 import functools
 import os
-import signal
-import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -173,21 +171,17 @@ def load_pairs(path, tok, max_len):
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # the script: a visible loop, as in train.py
     import data as datasets
-    from common import (MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg, resume_config,
-                        write_model_card)
+    from common import (LR_SCHEDULES, MetricsLogger, StepTimer, add_lora, catch_stop, check_out_dir, checkpoint_dict,
+                        configure_optimizer, diverged, fail, get_lr, lora_disabled, lora_state, optimizer_step,
+                        plot_loss_svg, restore_training, resume_config, set_lr, write_model_card)
     from configurator import configure
-    from model import (autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype,
+    from model import (DTYPES, autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype,
                        save_checkpoint, write_json)
-    import common  # subtle: not `from common import LR_SCHEDULES`, which configure() would take for a setting
-    CHOICES = {'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': common.LR_SCHEDULES,
-               'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+    CHOICES = {'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
     config = configure(globals(), choices=CHOICES)
 
-    def fail(msg):  # bad input: one line that names the problem and the fix, exit status 1, no traceback
-        raise SystemExit(f'error: {msg}')
-
     try:  # never silently replace a trained run
-        common.check_out_dir(out_dir, init_from, overwrite, 'dpo.py')
+        check_out_dir(out_dir, init_from, overwrite, 'dpo.py')
     except ValueError as e:
         fail(e)
 
@@ -224,13 +218,14 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
     if ckpt is not None and not lora_r:
         policy = model_from_checkpoint(ckpt, os.path.join(out_dir, 'ckpt.pt'))
     if lora_r:  # a LoRA SFT run's ckpt.pt holds merged weights, so adapter off = the SFT model, not its base
-        from peft import LoraConfig, get_peft_model
         torch.manual_seed(seed)  # LoRA's A matrices start random (B starts at 0, so the policy starts as the SFT model)
-        model = get_peft_model(policy, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                                  target_modules=[t.strip() for t in lora_targets.split(',')]))
+        try:
+            model = add_lora(policy, lora_r, lora_alpha, 0.0, lora_targets)
+        except ValueError as e:
+            fail(e)
         if ckpt is not None:
             model.load_state_dict(ckpt['lora']['state'], strict=False)
-        ref_model, reference = model, model.disable_adapter
+        ref_model, reference = model, functools.partial(lora_disabled, model)
     else:
         model, ref_model, reference = policy, sft.requires_grad_(False), nullcontext
     model.to(device).eval()  # eval(): dropout off; the reference needs no grad but policy params do
@@ -266,9 +261,12 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
     optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
     iter_num, best_val_loss, elapsed0 = 0, float('inf'), 0.0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        iter_num, best_val_loss, elapsed0 = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('elapsed', 0.0)
+    if ckpt is not None:  # exact resume: the optimizer, the fp16 loss scale, the RNG states
+        try:
+            elapsed0 = restore_training(ckpt, optimizer, scaler)
+        except ValueError as e:
+            fail(e)
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     ckpt = None
     ctx = autocast_ctx(device, ptdtype)
     os.makedirs(out_dir, exist_ok=True)
@@ -321,22 +319,17 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
             row['ref_win_score'] = sum(d['ref_score'] for d in details) / len(details)  # and reference
         return row
 
-    def elapsed():
-        return elapsed0 + time.time() - start_time
-
     def save():
         """ckpt.pt: the merged policy (load_model reads it like any checkpoint) + what exact resume needs."""
-        merged = copy.deepcopy(model).merge_and_unload() if lora_r else model
-        extra = {'lora': {'base': init_from, 'state': {k: v for k, v in model.state_dict().items() if '.lora_' in k}}} \
-            if lora_r else {}
-        save_checkpoint(checkpoint_dict(merged, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(),
-                                        scaler=scaler, elapsed=elapsed(), origin=init_from, ref_sum=ref_sum, **extra),
+        extra = {'lora': {'base': init_from, 'state': lora_state(model)}} if lora_r else {}
+        save_checkpoint(checkpoint_dict(model, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(),
+                                        scaler=scaler, elapsed=timer.elapsed(), origin=init_from, ref_sum=ref_sum, **extra),
                         os.path.join(out_dir, 'ckpt.pt'))
 
     def update_card(last=None):
         keys = ('val_loss', 'rewards/accuracies', 'rewards/margins', 'kl', 'win_rate')
         stats = {'iterations': iter_num, 'pairs seen': iter_num * pairs_per_iter,
-                 **{f'held-out {k}': last[k] for k in keys if last and k in last}, 'training time (s)': round(elapsed(), 1)}
+                 **{f'held-out {k}': last[k] for k in keys if last and k in last}, 'training time (s)': round(timer.elapsed(), 1)}
         how = (f"{'IPO' if loss_type == 'ipo' else 'DPO'} (beta={beta}{f', LoRA r={lora_r} merged' if lora_r else ''}) with nanolab's "
                f'dpo.py, starting from and referenced to {init_from}, on preference pairs from {dataset}.')
         info = {'dataset': f'{dataset} ({paths[0]}, {paths[1]})', 'train pairs': len(train_pairs), 'val pairs': len(val_pairs)}
@@ -344,26 +337,16 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
                          command=f'python dpo.py --init_from=resume --out_dir={out_dir}   # train on')
 
     # Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
-    stop = []
-    def request_stop(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        print(f'\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint (again to abort)')
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    start_time = time.time()
+    last_eval, saved_at, bad = None, None, False
+    stop, restore_signals = catch_stop()
+    timer = StepTimer(elapsed0)
     metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), resume_iter=iter_num if iter_num else None)
     update_card()
 
     # training loop
-    last_eval, saved_at, t0, window_time, window_iters = None, None, time.time(), 0.0, 0
     while True:
 
-        # determine and set the learning rate for this iteration
-        lr = get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule)
-        for param_group in optimizer.param_groups:
-            param_group['lr'] = lr
+        lr = set_lr(optimizer, get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule))  # this iteration's learning rate
 
         # evaluate on the held-out pairs and write the checkpoint
         if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
@@ -372,15 +355,17 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
             print(f"step {iter_num}: val loss {row['val_loss']:.4f}, reward accuracy {row['rewards/accuracies']:.3f}, "
                   f"margin {row['rewards/margins']:.3f}, kl {row['kl']:.3f}" +
                   (f", win rate {row['win_rate']:.3f}" if 'win_rate' in row else ''))
-            metrics.log(iter=iter_num, **row, lr=lr, time=round(elapsed(), 2))
-            if iter_num > 0 and not eval_only:
+            metrics.log(iter=iter_num, **row, lr=lr, time=round(timer.elapsed(), 2))
+            if diverged(row['val_loss'], iter_num, saved_at, out_dir):  # keep the last good checkpoint, and stop
+                bad = True
+            elif iter_num > 0 and not eval_only:
                 save()
                 saved_at = iter_num
             plot_loss_svg(metrics.path, os.path.join(out_dir, 'loss.svg'), title=f'{out_dir}: {loss_type} on {dataset}')
             last_eval = row
             update_card(last_eval)
-            t0 = time.time()
-        if iter_num >= max_iters or eval_only or stop:
+            timer.pause()  # evals don't count in ms/iter
+        if iter_num >= max_iters or eval_only or stop or bad:
             break
 
         # forward backward update, with gradient accumulation
@@ -390,29 +375,21 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
             losses, s, _ = forward(x, y)
             scaler.scale(losses.mean() / gradient_accumulation_steps).backward()
             stats.append({'loss': losses.detach(), **s})
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   grad_clip if grad_clip > 0 else float('inf'))  # inf: measure only
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model.parameters(), optimizer, scaler, grad_clip, device_type)  # clip, step
 
         # timing (evals excluded) and logging
-        t1 = time.time()
-        window_time, window_iters, t0 = window_time + t1 - t0, window_iters + 1, t1
+        timer.step()
         if iter_num % log_interval == 0:
-            row, dt = {k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]}, window_time / window_iters
+            row, (dt, _) = {k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]}, timer.window()
             print(f"iter {iter_num}: loss {row['loss']:.4f}, accuracy {row['rewards/accuracies']:.2f}, "
                   f"margin {row['rewards/margins']:.3f}, kl {row['kl']:.3f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter")
-            metrics.log(iter=iter_num, **row, lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000, time=round(elapsed(), 2))
-            window_time, window_iters = 0.0, 0
+            metrics.log(iter=iter_num, **row, lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000, time=round(timer.elapsed(), 2))
         iter_num += 1
 
     # the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
-    if stop and saved_at != iter_num and not eval_only:
+    if stop and saved_at != iter_num and not eval_only and not bad:
         save()
         print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
     metrics.close()
     update_card(last_eval)
-    for s, h in old_handlers.items():
-        signal.signal(s, h)
+    restore_signals()

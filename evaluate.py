@@ -368,10 +368,10 @@ def run_benchmark(model, tok, path, metrics=('exact_match',), normalize=str.stri
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
     from configurator import configure
-    from model import autocast_ctx, load_model, resolve_device, resolve_dtype
+    from model import DTYPES, autocast_ctx, load_model, resolve_device, resolve_dtype
     from results import checkpoint_sources, save_result, show_leaderboard, update_model_card
     config = configure(globals(), choices={'normalize': ('strip', 'lower', 'tasks'),
-                                           'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+                                           'dtype': DTYPES})
 
     def fail(msg):  # bad input: one line that names the problem and the fix, exit status 1, no traceback
         raise SystemExit(f'error: {msg}')

@@ -37,19 +37,17 @@ A LoRA run resumes from its init_from, which must not have changed (a checksum o
 """
 import json
 import os
-import signal
-import time
 from collections import Counter
 from dataclasses import asdict
 
 import torch
-import torch.nn as nn
 
 import data as datasets
-from common import (LR_SCHEDULES, MetricsLogger, check_out_dir, checkpoint_dict, configure_optimizer, get_lr,
-                    plot_loss_svg, resume_config, set_rng_states, write_model_card)
+from common import (LR_SCHEDULES, MetricsLogger, StepTimer, add_lora, catch_stop, check_out_dir, checkpoint_dict,
+                    configure_optimizer, diverged, fail, get_lr, lora_layers, lora_state, optimizer_step,
+                    plot_loss_svg, restore_training, resume_config, set_lr, write_model_card)
 from evaluate import exact_match
-from formats import ROLES, read_rows, read_sft
+from formats import ROLES, in_val, read_rows, read_sft
 from model import (autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint,
                    write_json)
 from tokenizer import from_spec
@@ -98,13 +96,9 @@ dtype = 'auto'                # 'auto' (bf16/fp16 on GPUs, fp32 on CPU) | 'float
 seed = 1337                   # LoRA init, data order and dropout
 # -----------------------------------------------------------------------------
 from configurator import configure
-CHOICES = {'lr_schedule': LR_SCHEDULES, 'em_normalize': ('strip', 'tasks'),
-           'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+from model import DTYPES
+CHOICES = {'lr_schedule': LR_SCHEDULES, 'em_normalize': ('strip', 'tasks'), 'dtype': DTYPES}
 config = configure(globals(), choices=CHOICES)
-
-def fail(msg):
-    """Bad input: one line that names the problem and the fix, exit status 1, no traceback."""
-    raise SystemExit(f'error: {msg}')
 
 try:  # never silently replace a trained run
     check_out_dir(out_dir, init_from, overwrite, 'finetune.py')
@@ -142,7 +136,7 @@ def load_rows():
         fail(f'dataset file {dataset} does not exist; give a JSON/JSONL file, or a folder name under {data_dir}/')
     if os.path.isfile(dataset):
         rows = read_conversations(dataset, counts)
-        val = [datasets.in_val(json.dumps(r, sort_keys=True).encode(), val_fraction, seed) for r in rows]
+        val = [in_val(json.dumps(r, sort_keys=True).encode(), val_fraction, seed) for r in rows]
         train_rows, val_rows = [r for r, v in zip(rows, val) if not v], [r for r, v in zip(rows, val) if v]
         where = dataset
     else:
@@ -188,36 +182,7 @@ def get_batch(examples, idx):
     return x.to(device), y.to(device)
 
 # -----------------------------------------------------------------------------
-# LoRA: injection, the merged weights, and the adapter in Hugging Face names
-
-def add_lora(model):
-    """Inject peft LoRA layers into the Linear layers named in lora_targets; everything else is frozen."""
-    from peft import LoraConfig, inject_adapter_in_model
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    targets = [t.strip() for t in lora_targets.split(',') if t.strip()]
-    missing = [t for t in targets if not any(n == t or n.endswith('.' + t) for n in linear)]
-    if missing or not targets:
-        fail(f"lora_targets {missing or lora_targets!r} name no Linear module of this model; its Linear modules are "
-             f"{sorted({n.rsplit('.', 1)[-1] for n in linear})} (full names like {linear[0]}): "
-             "e.g. --lora_targets=c_attn,c_proj,c_fc")
-    if 'lm_head' in targets and model.config.tie_embeddings:
-        fail('lm_head shares its weight with the token embedding in this model (tie_embeddings), so a LoRA on it '
-             'could not be merged; leave lm_head out of lora_targets')
-    for p in model.parameters():
-        p.requires_grad_(False)
-    cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
-    return inject_adapter_in_model(cfg, model)
-
-def lora_layers(model):
-    from peft.tuners.lora import LoraLayer
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-def merged_state_dict(model):
-    """Our GPT's state dict with each LoRA update folded into its weight: W + (alpha/r) B A."""
-    sd = {k.replace('.base_layer.', '.'): v for k, v in model.state_dict().items() if '.lora_' not in k}
-    for name, m in lora_layers(model):
-        sd[name + '.weight'] = (m.base_layer.weight + m.get_delta_weight('default')).detach()
-    return sd
+# LoRA (common.add_lora injects it): the adapter in Hugging Face names
 
 def lora_to_hf(model):
     """Our LoRA weights under Hugging Face module names -> {peft key: tensor}. gpt2: HF GPT-2 has our names. llama:
@@ -321,7 +286,10 @@ if lora_r > 0 and ckpt is None and lora_base.endswith('base_hf'):
     raw_model.save_pretrained(lora_base, tokenizer=tok)
 if lora_r > 0:
     torch.manual_seed(seed)  # LoRA's A is random (B starts at 0, so the model starts as the base)
-    raw_model = add_lora(raw_model)
+    try:
+        raw_model = add_lora(raw_model, lora_r, lora_alpha, lora_dropout, lora_targets)
+    except ValueError as e:
+        fail(e)
     if ckpt is not None:
         raw_model.load_state_dict(ckpt['lora']['state'], strict=False)
 raw_model.to(device).train()
@@ -336,11 +304,10 @@ scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
 sampler = torch.Generator().manual_seed(seed)  # draws the training conversations
 elapsed0 = 0.0
 if ckpt is not None:
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if 'scaler' in ckpt:
-        scaler.load_state_dict(ckpt['scaler'])
-    set_rng_states(ckpt['rng'], sampler)  # exact resume: data order, dropout, everything
-    elapsed0 = ckpt.get('elapsed', 0.0)
+    try:
+        elapsed0 = restore_training(ckpt, optimizer, scaler, sampler)  # exact resume: data order, dropout, everything
+    except ValueError as e:
+        fail(e)
 else:
     torch.manual_seed(seed)
 ckpt = None  # free the memory
@@ -364,17 +331,12 @@ def estimate_loss():
     raw_model.train()
     return out
 
-def elapsed():
-    return elapsed0 + time.time() - start_time
-
 def save():
     """Atomically write out_dir/ckpt.pt: merged weights for every loader, and what resume needs."""
     ck = checkpoint_dict(raw_model, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(), sampler=sampler,
-                         scaler=scaler, elapsed=elapsed(), origin=origin)
+                         scaler=scaler, elapsed=timer.elapsed(), origin=origin)
     if lora_r > 0:
-        ck['model'] = merged_state_dict(raw_model)
-        ck['lora'] = {'base': origin, 'base_sum': base_sum, 'adapter_base': lora_base,
-                      'state': {k: v for k, v in raw_model.state_dict().items() if '.lora_' in k}}
+        ck['lora'] = {'base': origin, 'base_sum': base_sum, 'adapter_base': lora_base, 'state': lora_state(raw_model)}
     save_checkpoint(ck, os.path.join(out_dir, 'ckpt.pt'))
     if keep_checkpoints:
         save_checkpoint(ck, os.path.join(out_dir, 'checkpoints', f'ckpt_{iter_num}.pt'))
@@ -383,7 +345,7 @@ def update_card(last_eval=None):
     stats = {'iterations': iter_num}
     if last_eval:
         stats.update({k.replace('_', ' '): last_eval[k] for k in ('train_loss', 'val_loss', 'exact_match') if k in last_eval})
-    stats['training time (s)'] = round(elapsed(), 1)
+    stats['training time (s)'] = round(timer.elapsed(), 1)
     how = (f"A {model_args['arch']} model fine-tuned from {origin} with nanolab's finetune.py on {dataset} "
            f"({f'LoRA r={lora_r} on {lora_targets}, merged' if lora_r > 0 else 'full fine-tuning'}), loss on the assistant's tokens only.")
     info = {'dataset': where, 'tokenizer': tok.kind, 'train conversations': len(train_data), 'val conversations': len(val_data)}
@@ -394,28 +356,18 @@ def update_card(last_eval=None):
                      command=f'python finetune.py --init_from=resume --out_dir={out_dir}   # train on', evals=evals)
 
 # Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
-stop = []
-def request_stop(signum, frame):
-    if stop:
-        raise KeyboardInterrupt
-    stop.append(signum)
-    print(f'\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint (again to abort)')
-old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+stop, restore_signals = catch_stop()
 
-start_time = time.time()
+timer = StepTimer(elapsed0)
 metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), resume_iter=iter_num if init_from == 'resume' else None)
 update_card()
 
 # -----------------------------------------------------------------------------
 # training loop
-saved_at, last_eval = None, None
-t0, window_time, window_iters, window_tokens = time.time(), 0.0, 0, 0
+saved_at, last_eval, bad = None, None, False
 while True:
 
-    # determine and set the learning rate for this iteration
-    lr = get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule)
-    for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+    lr = set_lr(optimizer, get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule))  # this iteration's learning rate
 
     # evaluate: loss on both splits, exact match on held-out rows; write the checkpoint
     if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
@@ -424,23 +376,25 @@ while True:
         row = dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr)
         if em_rows > 0:
             row['exact_match'], _ = exact_match(raw_model, tok, val_rows[:em_rows], em_max_new_tokens, normalize=normalize)
-        row['time'] = round(elapsed(), 2)
+        row['time'] = round(timer.elapsed(), 2)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
               (f", exact match {row['exact_match']:.1%}" if em_rows > 0 else ''))
         metrics.log(**row)
-        if iter_num > 0 and not eval_only:
+        if diverged(losses['val'], iter_num, saved_at, out_dir):  # keep the last good checkpoint, and stop
+            bad = True
+        elif iter_num > 0 and not eval_only:
             save()
             saved_at = iter_num
         plot_loss_svg(metrics.path, os.path.join(out_dir, 'loss.svg'), title=f'{out_dir}: SFT on {dataset}')
         update_card(row)
         last_eval = row
-        t0 = time.time()  # evals don't count in ms/iter
-    if iter_num >= max_iters or eval_only or stop:
+        timer.pause()  # evals don't count in ms/iter
+    if iter_num >= max_iters or eval_only or stop or bad:
         break
 
     # forward backward update, with gradient accumulation
     idx = torch.randint(len(train_data), (gradient_accumulation_steps * batch_size,), generator=sampler).tolist()
-    loss_sum = 0.0
+    loss_sum, n_tokens = 0.0, 0
     for micro_step in range(gradient_accumulation_steps):
         X, Y = get_batch(train_data, idx[micro_step * batch_size:(micro_step + 1) * batch_size])
         with ctx:
@@ -448,36 +402,26 @@ while True:
             loss = loss / gradient_accumulation_steps  # the gradients add up to those of the mean loss
         loss_sum = loss_sum + loss.detach()
         scaler.scale(loss).backward()
-        window_tokens += X.numel()
-    scaler.unscale_(optimizer)
-    params = [p for p in raw_model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+        n_tokens += X.numel()
+    grad_norm = optimizer_step(raw_model.parameters(), optimizer, scaler, grad_clip, device_type)  # clip, step
 
     # timing and logging
-    t1 = time.time()
-    window_time, window_iters, t0 = window_time + t1 - t0, window_iters + 1, t1
+    timer.step(n_tokens)
     if iter_num % log_interval == 0:
-        lossf, gnorm, dt = loss_sum.item(), grad_norm.item(), window_time / window_iters
+        (dt, tps), lossf, gnorm = timer.window(), loss_sum.item(), grad_norm.item()
         print(f'iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {gnorm:.3f}, {dt * 1000:.2f} ms/iter, '
-              f'{window_tokens / window_time:,.0f} tok/s')
+              f'{tps:,.0f} tok/s')
         metrics.log(iter=iter_num, loss=lossf, lr=lr, grad_norm=gnorm, ms_per_iter=dt * 1000,
-                    tokens_per_sec=window_tokens / window_time, time=round(elapsed(), 2))
-        window_time, window_iters, window_tokens = 0.0, 0, 0
+                    tokens_per_sec=tps, time=round(timer.elapsed(), 2))
     iter_num += 1
 
 # the end: ckpt.pt holds the last state whatever stopped the run; a LoRA run also writes its adapter
-if stop and saved_at != iter_num:
+if stop and saved_at != iter_num and not bad:
     save()
     print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
-if lora_r > 0 and not eval_only:
+if lora_r > 0 and not eval_only and not bad:
     save_adapter(raw_model, lora_base)
     print(f'wrote {out_dir}/adapter (peft, Hugging Face names) for the base model {lora_base}')
 metrics.close()
 update_card(last_eval)
-for s, h in old_handlers.items():  # leave the caller's Ctrl-C handling as it was
-    signal.signal(s, h)
+restore_signals()  # leave the caller's Ctrl-C handling as it was

@@ -13,10 +13,16 @@ Malformed rows are errors naming the file and the 1-based row; rows a user would
 chosen == rejected) are skipped and counted.
 """
 import gzip
+import hashlib
 import json
 import re
 import sys
 from collections import Counter
+
+def in_val(key: bytes, val_fraction: float, seed: int) -> bool:
+    """The split of a document, row or word, from a key of its content: the same wherever and whenever it is seen."""
+    h = hashlib.blake2b(key, digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(h, 'big') < val_fraction * 2 ** 64
 
 def open_text(path):
     return gzip.open(path, 'rt', encoding='utf-8') if path.endswith('.gz') else open(path, encoding='utf-8')

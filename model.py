@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 ARCHS = ('gpt2', 'llama')
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')  # the dtype setting of every script (resolve_dtype)
 
 # -----------------------------------------------------------------------------
 # 1) device and dtype: chosen once here, used by every script

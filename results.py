@@ -142,6 +142,27 @@ def dumps(obj):
     except ValueError:
         return json.dumps(finite(obj))
 
+def read_metrics(path):
+    """The rows of a metrics.jsonl, the one reader of it (trainers on resume, the loss curve, GET /runs). The last
+    line of a run being written (or killed mid-write) may be torn: without its newline and not JSON, it is dropped.
+    Any other line that is not a JSON object is an error (ValueError naming the file and line)."""
+    with open(path, encoding='utf-8') as f:
+        lines = f.read().split('\n')  # the last item is '' when the file ends with a newline
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            if n == len(lines):  # torn: the writer never finished this line
+                break
+            raise ValueError(f'{path} line {n} is not a JSON object; fix or delete that line')
+        rows.append(row)
+    return rows
+
 def read_runs(root):
     """Every run under root (a subdirectory holding metrics.jsonl) -> ([{name, metrics: [rows], config or None}],
     names of the runs skipped), what serve.py's GET /runs sends the page's run dashboard. A run that cannot be read
@@ -157,8 +178,7 @@ def read_runs(root):
             skipped.append(d)
             continue
         try:
-            with open(path) as f:  # subtle: a run being trained may have a half-written last line; skip it
-                rows = [json.loads(line) for line in f if line.strip().endswith('}')]
+            rows = read_metrics(path)  # a run being trained may have a half-written last line: dropped
             config = json.load(open(cfg)) if os.path.isfile(cfg) else None
         except (OSError, ValueError):
             skipped.append(d)

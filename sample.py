@@ -161,9 +161,9 @@ def _chat(model, tok, opts):
 def main():
     import torch
     from configurator import configure
-    from model import load_model, resolve_device, resolve_dtype
+    from model import DTYPES, load_model, resolve_device, resolve_dtype
     from quantize import for_inference
-    configure(globals(), choices={'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'device': None})
+    configure(globals(), choices={'dtype': DTYPES, 'device': None})
     presets = [n.strip() for n in compare.split(',') if n.strip()]
     if any(n not in PRESETS for n in presets):
         raise ValueError(f"unknown --compare preset(s) {[n for n in presets if n not in PRESETS]}; "

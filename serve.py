@@ -41,11 +41,10 @@ import torch
 
 from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, start
 from httpd import ApiError, GuardedHandler, Server
-from model import load_model, model_sources, resolve_device, resolve_dtype
+from model import DTYPES, load_model, model_sources, resolve_device, resolve_dtype
 from quantize import for_inference
 from results import LOWER_IS_BETTER, read_results, read_runs
 
-_before = set(globals())
 # -----------------------------------------------------------------------------
 init_from = 'out-shakespeare-char'  # model sources, comma-separated (out_dir, HF dir, hub name), or a dir of runs
 host = '127.0.0.1'          # bind address; any other than localhost needs api_key
@@ -67,7 +66,6 @@ runs_dir = '.'              # GET /runs lists its subdirectories that hold metri
 allowed_hosts = ''          # Host names to answer besides loopback names, IP addresses and `host`; comma list, * = any
 cors_origins = ''           # web origins (https://app.example) whose pages may call the API; comma list, * = any
 # -----------------------------------------------------------------------------
-CONFIG_KEYS = [k for k in globals() if k not in _before and k != '_before']  # the settings above, not constants
 MAX_STOPS = 4               # stop strings per request, as OpenAI
 MAX_TOP_LOGPROBS = 20       # alternatives per token, as OpenAI's chat API
 ATTENTION_LIMIT = 128       # prompt tokens for /v1/attention: the maps grow as layers * heads * T^2
@@ -515,10 +513,7 @@ def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', all
 
 def main():
     from configurator import configure
-    config = configure({'__file__': __file__, **{k: globals()[k] for k in CONFIG_KEYS}},
-                       choices={'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'device': None,
-                                'quantize': ('', 'int8')})
-    globals().update({k: config[k] for k in CONFIG_KEYS})
+    configure(globals(), choices={'dtype': DTYPES, 'device': None, 'quantize': ('', 'int8')})
     key = api_key or os.environ.get('NANOLAB_API_KEY', '')  # the environment keeps it out of the process list
     dev = resolve_device(device)
     engines = load_engines(init_from, dev, resolve_dtype(dtype, dev), quantize, threads, max_batch=max_batch,

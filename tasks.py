@@ -15,7 +15,7 @@ The families (one instruction each; words are 3-4 random lowercase letters):
     add       "Add 1 to 49"                           -> "50"     (0-99: a digit's successor, and the carry)
     fact      "The cup is kfeo. What is the cup?"     -> "kfeo"
     last      "Last letter of kfeo"                   -> "o"
-Held out: a word belongs to val or to train by a keyed hash of its sorted letters (data.in_val), so no held-out
+Held out: a word belongs to val or to train by a keyed hash of its sorted letters (formats.in_val), so no held-out
 word, nor its reversal or any anagram, is ever in a training prompt or answer; likewise a sum to work out.
 
 Style: an SFT answer is concise ("oefk") or, in 70% of rows, has a filler in front ("Sure! oefk"), as SFT data
@@ -27,12 +27,10 @@ answer (correctness pairs: the word unreversed, only its first letter capitalize
 off by one, another word, the first letter). A model that learns them answers without the filler, which
 the rule prefers to the SFT model's answers.
 """
-import json
-import os
 import random
 import string
 
-import numpy as np
+from formats import in_val
 
 VERSION = 2                        # of the generator: bump it when a change alters the rows, so data.py remakes them
 FILLER = 'Sure! '
@@ -44,7 +42,6 @@ FAMILIES = ('reverse', 'upper', 'sort', 'add', 'fact', 'last')
 ALPHABET = string.ascii_letters + string.digits + ' .,:;?!+=\'\n'  # every task and the chat template's text markers
 
 def _held_out(key, seed):
-    from data import in_val  # data.py imports this module lazily; importing it here at the top would be circular
     return in_val(key.encode(), VAL_SHARE, seed)
 
 def _word(rng, val, seed):
@@ -116,56 +113,26 @@ def rule_score(row, answer):
     return 1.0 if answer.strip() == gold else 0.5
 
 # -----------------------------------------------------------------------------
-# the datasets, for data.py
+# the datasets: data.py writes them (`python data.py tasks|tasks_base`)
 
-def _write_jsonl(path, rows):
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        f.writelines(json.dumps(r) + '\n' for r in rows)
+# tasks_base, the base model's pretraining text: Shakespeare and Wikipedia (WikiText-2 valid, for its digits: a base
+# that never saw a digit kept them near its random init, and LoRA, which cannot train the embeddings, then never
+# learned the add family: 0% after 900 steps)
+BASE_SOURCES = ('shakespeare', 'wikitext2_valid')
 
-def prepare(name, cfg):
-    """data.py's hook: write data_dir/tasks or data_dir/tasks_base (unless up to date); return the folder."""
-    import data
-    folder, seed = os.path.join(cfg['data_dir'], name), cfg['seed']
-    settings = {'name': name, 'seed': seed, 'version': VERSION, 'val_fraction': cfg['val_fraction'] if name == 'tasks_base' else VAL_SHARE,
-                **({'sizes': SIZES, 'families': FAMILIES, 'chatty': CHATTY_SHARE} if name == 'tasks' else {})}
-    if data._up_to_date(folder, settings):
-        print(f'{folder} is up to date (same settings); delete it to prepare it again')
-        return folder
-    data._start(folder)
-    if name == 'tasks':
-        # 1) SFT rows, then preference pairs from other draws of the same splits; a fixed-seed rng picks the styles
-        rng, files = random.Random(seed), {}
-        for split in ('train', 'val'):
-            files[split] = [sft_row(i, a, rng.random() < CHATTY_SHARE) for i, a, _ in generate(SIZES[split], split == 'val', seed)]
-            triples = generate(SIZES[split] + SIZES['pref_' + split], split == 'val', seed)[SIZES[split]:]
-            files['pref_' + split] = [pref_row(i, a, w, rng.random() < 0.5) for i, a, w in triples]
-        for s, rows in files.items():
-            _write_jsonl(os.path.join(folder, s + '.jsonl'), rows)
-        meta = {'name': name, 'format': 'sft', **{f'{s}_rows': len(r) for s, r in files.items()}, 'settings': settings}
-        data._finish(folder, meta, [s + '.jsonl' for s in files])
-        print(f"{folder}: {', '.join(f'{len(r)} {s}' for s, r in files.items())} rows")
-    elif name == 'tasks_base':
-        # 2) the base model's pretraining text: Shakespeare and Wikipedia (WikiText-2 valid, for its digits: a base
-        #    that never saw a digit kept them near its random init, and LoRA, which cannot train the embeddings,
-        #    then never learned the add family: 0% after 900 steps), char-level, each 90% train / 10% val by position
-        from tokenizer import CharTokenizer
-        texts, rels = [], []
-        for key in ('shakespeare', 'wikitext2_valid'):
-            path, rel = data._fetch_source(key, os.path.join(cfg['data_dir'], '_downloads'))
-            with open(path, encoding='utf-8') as f:
-                texts.append(f.read())
-            rels.append(rel)
-        tok = CharTokenizer(chars=''.join(sorted(set(''.join(texts)) | set(ALPHABET))))
-        cut = [int(len(t) * (1 - cfg['val_fraction'])) for t in texts]
-        n = {}
-        for split, parts in (('train', [t[:k] for t, k in zip(texts, cut)]), ('val', [t[k:] for t, k in zip(texts, cut)])):
-            ids = tok.encode('\n\n'.join(parts))
-            np.array(ids, dtype=np.uint16).tofile(os.path.join(folder, f'{split}.bin.tmp'))
-            n[split] = len(ids)
-        meta = {'name': name, 'tokenizer': tok.spec(), 'vocab_size': tok.vocab_size, 'dtype': 'uint16',
-                'train_tokens': n['train'], 'val_tokens': n['val'], 'source': {'files': rels}, 'settings': settings}
-        data._finish(folder, meta, ('train.bin', 'val.bin'))
-        print(f"{folder}: {n['train']:,} train + {n['val']:,} val tokens, vocab {tok.vocab_size} (char)")
-    else:
+def settings(name, seed, val_fraction):
+    """What a prepared tasks or tasks_base folder was made from: data.py makes it again when these change."""
+    if name not in ('tasks', 'tasks_base'):
         raise ValueError(f'unknown tasks dataset {name!r}; use tasks or tasks_base')
-    return folder
+    return {'name': name, 'seed': seed, 'version': VERSION, 'val_fraction': val_fraction if name == 'tasks_base' else VAL_SHARE,
+            **({'sizes': SIZES, 'families': FAMILIES, 'chatty': CHATTY_SHARE} if name == 'tasks' else {})}
+
+def rows(seed):
+    """The tasks dataset: {'train', 'val': SFT rows, 'pref_train', 'pref_val': preference pairs}. The pairs are other
+    draws of the same splits; a fixed-seed rng picks the styles."""
+    rng, files = random.Random(seed), {}
+    for split in ('train', 'val'):
+        files[split] = [sft_row(i, a, rng.random() < CHATTY_SHARE) for i, a, _ in generate(SIZES[split], split == 'val', seed)]
+        triples = generate(SIZES[split] + SIZES['pref_' + split], split == 'val', seed)[SIZES[split]:]
+        files['pref_' + split] = [pref_row(i, a, w, rng.random() < 0.5) for i, a, w in triples]
+    return files

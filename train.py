@@ -24,9 +24,7 @@ iteration and takes its share, so N processes x accumulation k train on exactly 
 """
 import math
 import os
-import signal
 import shutil
-import time
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -35,8 +33,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datasets
-from common import (MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, plot_loss_svg, resume_config,
-                    set_rng_states, write_model_card)
+from common import (MetricsLogger, StepTimer, catch_stop, check_out_dir, checkpoint_dict, configure_optimizer,
+                    diverged, fail, get_lr, optimizer_step, plot_loss_svg, restore_training, resume_config,
+                    set_lr,
+                    write_model_card)
 from model import (GPT, GPTConfig, autocast_ctx, load_model, model_from_checkpoint, resolve_device,
                    resolve_dtype, save_checkpoint, write_atomic, write_json)
 
@@ -73,7 +73,8 @@ vocab_size = 0                # model vocabulary; 0 = the dataset's (set e.g. 50
 dropout = 0.0                 # dropout rate; 0 for pretraining, 0.1+ for small data
 bias = False                  # biases in Linear and LayerNorm (gpt2; nanoGPT: False is a bit better and faster)
 tie_embeddings = None         # share the token embedding with the output head; None = the arch's way (gpt2 yes, llama no)
-# AdamW optimizer
+# optimizer
+optim = 'adamw'               # 'adamw' | 'muon' (Muon for the blocks' matrices, AdamW for the rest)
 learning_rate = 3e-3          # peak learning rate
 max_iters = 1500              # total optimizer steps
 weight_decay = 0.1            # on >=2-D weights only
@@ -94,18 +95,15 @@ seed = 1337                   # model init, data order and dropout
 peak_flops = 0.0              # FLOP/s that MFU divides by; 0 = auto: 989e12 on CUDA (H100 bf16 dense), 163e9 on CPU (measured, SPEC.md)
 # -----------------------------------------------------------------------------
 from configurator import configure
-import common, model as model_module  # subtle: not `from ... import ARCHS`: configure() takes any tuple global for a setting
-CHOICES = {'arch': model_module.ARCHS, 'lr_schedule': common.LR_SCHEDULES, 'backend': ('auto', 'nccl', 'gloo'),
-           'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+from common import LR_SCHEDULES, OPTIMIZERS
+from model import ARCHS, DTYPES
+CHOICES = {'arch': ARCHS, 'lr_schedule': LR_SCHEDULES, 'backend': ('auto', 'nccl', 'gloo'), 'dtype': DTYPES,
+           'optim': OPTIMIZERS}
 config = configure(globals(), choices=CHOICES)
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name in config]  # settings that are model args
 
-def fail(msg):
-    """Bad input: one line that names the problem and the fix, exit status 1, no traceback."""
-    raise SystemExit(f'error: {msg}')
-
 try:  # never silently replace a trained run
-    common.check_out_dir(out_dir, init_from, overwrite, 'train.py')
+    check_out_dir(out_dir, init_from, overwrite, 'train.py')
 except ValueError as e:
     fail(e)
 
@@ -198,16 +196,15 @@ if master_process:
           f"{device}, {str(ptdtype).replace('torch.', '')}" + (f', {world_size} processes' if ddp else ''))
 
 # 4) optimizer, fp16 gradient scaler, random state, compile, DDP
-optimizer = configure_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = configure_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), device_type, optim)
 scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))  # a no-op unless fp16
 sampler = torch.Generator().manual_seed(seed)  # draws the training batches' offsets (the same on every rank)
 elapsed0 = 0.0  # training seconds before this process started (resume)
 if ckpt is not None:
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if 'scaler' in ckpt:
-        scaler.load_state_dict(ckpt['scaler'])
-    set_rng_states(ckpt['rng'], sampler)  # exact resume: data order, dropout, everything
-    elapsed0 = ckpt.get('elapsed', 0.0)
+    try:
+        elapsed0 = restore_training(ckpt, optimizer, scaler, sampler)  # exact resume: data order, dropout, everything
+    except ValueError as e:
+        fail(e)
 if ckpt is None or rank > 0:  # dropout: a different stream on each rank (rank 0 resumes its saved one)
     torch.manual_seed(seed + rank + iter_num)
 ckpt = None  # free the memory
@@ -245,15 +242,12 @@ def estimate_loss():
     model.train()
     return out
 
-def elapsed():
-    return elapsed0 + time.time() - start_time
-
 def save(name, also_best=False):
     """Atomically write the state at the top of iteration iter_num to out_dir/name; copy it to best.pt too,
     and with keep_checkpoints to checkpoints/ckpt_<iter>.pt, which no later save replaces."""
     path, best = os.path.join(out_dir, name), os.path.join(out_dir, 'best.pt')
     state = checkpoint_dict(raw_model, optimizer, model_args, iter_num, best_val_loss, config, tok_spec,
-                            sampler=sampler, scaler=scaler, elapsed=elapsed(), origin=origin)
+                            sampler=sampler, scaler=scaler, elapsed=timer.elapsed(), origin=origin)
     # subtle: best.pt first, so no ckpt.pt ever records a best_val_loss whose model best.pt does not hold
     save_checkpoint(state, best if also_best else path)
     if also_best:
@@ -267,7 +261,7 @@ def update_card(last_eval=None):
     if last_eval:
         stats.update({'train loss': last_eval['train_loss'], 'val loss': last_eval['val_loss'],
                       'val perplexity': last_eval['val_ppl'], 'best val loss': best_val_loss})
-    stats['training time (s)'] = round(elapsed(), 1)
+    stats['training time (s)'] = round(timer.elapsed(), 1)
     how = (f"A {model_args['arch']} language model trained with nanolab's train.py, "
            f"{'from scratch' if origin == 'scratch' else 'continued from ' + origin}, on {dataset}.")
     info = {'dataset': f'{dataset} ({folder})', 'tokenizer': (tok_spec or {}).get('kind', '?'),
@@ -276,19 +270,11 @@ def update_card(last_eval=None):
                      raw_model.num_params(non_embedding=False), info, stats,
                      command=f'python train.py --init_from=resume --out_dir={out_dir}   # train on')
 
-# Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once.
-# subtle: a flag, not KeyboardInterrupt mid-step, so the checkpoint never holds a half-applied update
-stop = []
-def request_stop(signum, frame):
-    if stop:
-        raise KeyboardInterrupt
-    stop.append(signum)
-    if master_process:
-        print(f'\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint (again to abort)')
-old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+# Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
+stop, restore_signals = catch_stop(say=master_process)
 
 # logging
-start_time = time.time()
+timer = StepTimer(elapsed0)
 if master_process:  # a resumed run drops the rows it will log again
     metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), resume_iter=iter_num if init_from == 'resume' else None)
     update_card()
@@ -298,14 +284,10 @@ if wandb_log and master_process:
 peak = peak_flops or (989e12 if device_type == 'cuda' else 163e9)  # per device
 
 # training loop
-saved_at, stopping, last_eval, diverged = None, False, None, False
-t0, window_time, window_iters = time.time(), 0.0, 0
+saved_at, stopping, last_eval, bad = None, False, None, False
 while True:
 
-    # determine and set the learning rate for this iteration
-    lr = get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule)
-    for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+    lr = set_lr(optimizer, get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule))  # this iteration's learning rate
 
     # evaluate the loss on train/val sets and write checkpoints
     if master_process and (iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only):
@@ -314,17 +296,14 @@ while True:
         best_val_loss = min(best_val_loss, losses['val'])
         ppl = float('inf') if losses['val'] > 700 else math.exp(losses['val'])  # exp overflows past ~709; NaN stays
         row = dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], val_ppl=ppl,
-                   lr=lr, time=round(elapsed(), 2))
+                   lr=lr, time=round(timer.elapsed(), 2))
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (ppl {row['val_ppl']:.2f})")
         metrics.log(**row)
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
-        if not math.isfinite(losses['val']):  # diverged: keep the last good checkpoint, say so, and stop
-            diverged = True
+        if diverged(losses['val'], iter_num, saved_at, out_dir):  # keep the last good checkpoint, and stop
+            bad = True
             stop.append('diverged')  # the ranks stop together at the next log step (DDP), as on Ctrl-C
-            kept = f'its last good one, from iteration {saved_at}' if saved_at is not None else 'what it held before'
-            print(f"diverged at iteration {iter_num} (val loss {losses['val']}); stopping without a checkpoint, so "
-                  f"{out_dir} keeps {kept}; try a lower learning_rate, or grad_clip")
         elif iter_num > 0 and not eval_only:
             if always_save_checkpoint or iter_num >= max_iters:
                 save('ckpt.pt', also_best=improved)
@@ -334,7 +313,7 @@ while True:
         plot_loss_svg(metrics.path, os.path.join(out_dir, 'loss.svg'), title=f'{out_dir}: {dataset}')
         update_card(row)
         last_eval = row
-        t0 = time.time()  # evals don't count in ms/iter
+        timer.pause()  # evals don't count in ms/iter
     if iter_num >= max_iters or eval_only or stopping:
         break
 
@@ -353,19 +332,10 @@ while True:
             loss = loss / accum  # so the gradients add up to those of the mean loss
         loss_sum = loss_sum + loss.detach()
         scaler.scale(loss).backward()  # fp16: scaled up so small gradients don't underflow
-    scaler.unscale_(optimizer)  # clip and report the true gradient norm
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
-    # subtle: on CPU, skip the multiply by 1 that clipping a small gradient costs (0.5 ms of a 45 ms step,
-    # measured); on a GPU, asking whether grad_norm > grad_clip would stall it, so always multiply
-    if grad_clip > 0 and (device_type != 'cpu' or grad_norm > grad_clip):
-        torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), grad_clip, grad_norm)
-    scaler.step(optimizer)  # fp16: skips the step if the gradients overflowed
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)  # free the gradients' memory now
+    grad_norm = optimizer_step(raw_model.parameters(), optimizer, scaler, grad_clip, device_type)  # clip, step
 
     # timing and logging
-    t1 = time.time()
-    window_time, window_iters, t0 = window_time + t1 - t0, window_iters + 1, t1
+    timer.step(tokens_per_iter)
     stopping = bool(stop) and not ddp  # DDP: the ranks agree on it at log steps, below
     if iter_num % log_interval == 0:
         if ddp:  # the mean loss over all ranks; and stop together, or the others would wait forever
@@ -373,20 +343,19 @@ while True:
             dist.all_reduce(flags)
             loss_sum, stopping = flags[0] / world_size, flags[1].item() > 0
         if master_process:
-            lossf, gnorm, dt = loss_sum.item(), grad_norm.item(), window_time / window_iters  # .item(): a GPU sync
+            (dt, _), lossf, gnorm = timer.window(), loss_sum.item(), grad_norm.item()  # .item(): a GPU sync
             mfu = raw_model.estimate_mfu(tokens_per_iter / world_size / dt, peak, T=block_size)
             print(f'iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {gnorm:.3f}, {dt * 1000:.2f} ms/iter, '
                   f'{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%')
             metrics.log(iter=iter_num, loss=lossf, lr=lr, grad_norm=gnorm, tokens_per_sec=tokens_per_iter / dt,
-                        ms_per_iter=dt * 1000, mfu=mfu, time=round(elapsed(), 2))
+                        ms_per_iter=dt * 1000, mfu=mfu, time=round(timer.elapsed(), 2))
             if wandb_log:
                 wandb.log({'iter': iter_num, 'loss': lossf, 'lr': lr, 'grad_norm': gnorm, 'mfu': mfu})
-        window_time, window_iters = 0.0, 0
     iter_num += 1
 
 # the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
 if master_process:
-    if stopping and saved_at != iter_num and not diverged:
+    if stopping and saved_at != iter_num and not bad:
         save('ckpt.pt')
         print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
     metrics.close()
@@ -395,5 +364,4 @@ if master_process:
         wandb.finish()
 if ddp:
     dist.destroy_process_group()
-for s, h in old_handlers.items():  # leave the caller's Ctrl-C handling as it was
-    signal.signal(s, h)
+restore_signals()  # leave the caller's Ctrl-C handling as it was

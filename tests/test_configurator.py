@@ -36,9 +36,16 @@ SCRIPT = textwrap.dedent("""\
     """).replace('{CHOICES!r}', repr(CHOICES))
 
 
-def fake_globals():
-    g = {'__name__': '__main__', '_private': 1, 'os': os, 'configure': configure}
+def fake_globals(tmp=[]):
+    """The globals of SCRIPT run up to its configure() call, with __file__ naming a copy of it."""
+    if not tmp:
+        import tempfile
+        tmp.append(os.path.join(tempfile.mkdtemp(), 'script.py'))
+        with open(tmp[0], 'w') as f:
+            f.write(SCRIPT)
+    g = {'__name__': '__main__', '__file__': tmp[0], '_private': 1, 'configure': configure}
     exec(SCRIPT.split('from configurator')[0], g)  # run only the hyperparameter block
+    g['ARCHS'] = ('gpt2', 'llama')  # a tuple constant after the block: not a setting
     return g
 
 
@@ -66,7 +73,11 @@ def test_defaults_and_keys():
     g, config = apply([])
     assert config == {'out_dir': 'out', 'max_iters': 5000, 'learning_rate': 6e-4, 'compile': True,
                       'init_from': 'scratch', 'dtype': 'auto', 'start': '#', 'betas': (0.9, 0.95),
-                      'n_kv_head': None}  # no modules, functions, or _private names
+                      'n_kv_head': None}  # the settings block only: no modules, functions, constants, _private names
+    # a plain dict (no __file__) is all settings; a setting that is not a plain value is an error
+    assert configure({'a': 1, 'b': (1, 2)}, [], verbose=False) == {'a': 1, 'b': (1, 2)}
+    with pytest.raises(SystemExit, match='setting f = .* is not a plain value'):
+        configure({'a': 1, 'f': len}, [], verbose=False)
 
 
 def test_flags_types_and_returned_dict(capsys):

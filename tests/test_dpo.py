@@ -220,3 +220,20 @@ def test_bad_input_is_a_clear_error(setup):
         dpo(d, f"--out_dir={d / 'bad'}", '--train_file=nowhere/train.jsonl')
     with pytest.raises(SystemExit, match='label_smoothing'):
         dpo(d, f"--out_dir={d / 'bad'}", '--label_smoothing=0.7')
+    with pytest.raises(SystemExit, match=r"lora_targets \['q_proj'\] name no Linear module"):  # common.add_lora's checks
+        dpo(d, f"--out_dir={d / 'bad'}", '--lora_r=4', '--lora_targets=c_attn,q_proj')
+
+
+def test_a_diverged_run_stops_without_writing_a_checkpoint(setup, capsys):
+    """A NaN val loss (here from a policy with a NaN weight: DPO's loss stays finite under a huge learning rate)."""
+    d, tok = setup
+    m = tiny_model()
+    m.transformer.wte.weight.data[0] = float('nan')
+    save_checkpoint({'model_args': asdict(m.config), 'model': m.state_dict(), 'tokenizer': tok.spec(), 'config': {}},
+                    str(d / 'sft_nan' / 'ckpt.pt'))
+    out = d / 'diverged'
+    dpo(d, f'--out_dir={out}', '--max_iters=12', f"--init_from={d / 'sft_nan'}")
+    assert 'diverged at iteration 0' in capsys.readouterr().out
+    rows = read_metrics(out / 'metrics.jsonl')
+    assert [r['iter'] for r in rows] == [0] and rows[0]['val_loss'] is None  # NaN is written as null
+    assert not (out / 'ckpt.pt').exists()

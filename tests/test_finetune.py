@@ -2,7 +2,6 @@
 everywhere else), the merged model against the unmerged LoRA model, peft's own loading of our adapter onto the
 transformers export of the base (gpt2 and llama), an uninterrupted run against a resumed one; and the bad inputs
 of the issue. Tiny models and data the tests make themselves; CPU, a few seconds each."""
-import ast
 import json
 import os
 import runpy
@@ -180,13 +179,24 @@ def test_bad_input_is_an_error_naming_file_and_row_or_a_counted_skip(setup, tmp_
 
 
 def test_recipes_are_valid_and_the_default_is_sft_tasks():
-    from configurator import configure
-    src = open(FINETUNE).read()
-    banners = [i + 1 for i, line in enumerate(src.splitlines()) if line.startswith('# ----')][:2]
-    defaults = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(src).body
-                if isinstance(n, ast.Assign) and banners[0] < n.lineno < banners[1]}
+    from configurator import configure, read_settings
+    defaults = read_settings(FINETUNE)
     for name in ('sft_tasks', 'sft_tasks_lora', 'sft_alpaca', 'sft_lora'):  # unknown keys, wrong types: errors
         configure(dict(defaults, __file__=FINETUNE), argv=[os.path.join(ROOT, 'configs', f'{name}.py')], verbose=False)
     ns = {}  # `python finetune.py` with no arguments runs configs/sft_tasks.py
     exec(open(os.path.join(ROOT, 'configs', 'sft_tasks.py')).read(), ns)
     assert {k: v for k, v in ns.items() if k in defaults} == {k: defaults[k] for k in ns if k in defaults}
+
+
+def test_a_diverged_run_stops_without_writing_a_checkpoint(setup, tmp_path, capsys):
+    """A NaN val loss (from a base with a NaN weight; a huge learning rate only gave huge finite losses here)."""
+    base = load_model(setup['gpt2'])[0]
+    base.transformer.wte.weight.data[0] = float('nan')
+    save_checkpoint({'model_args': asdict(base.config), 'model': base.state_dict(), 'tokenizer': TOK.spec()},
+                    str(tmp_path / 'nan' / 'ckpt.pt'))
+    out = tmp_path / 'diverged'
+    finetune(*tiny(setup, out), f"--init_from={tmp_path / 'nan'}", '--em_rows=0', '--lora_r=4')
+    assert 'diverged at iteration 0' in capsys.readouterr().out
+    rows = read_metrics(out / 'metrics.jsonl')
+    assert [r['iter'] for r in rows] == [0] and rows[0]['val_loss'] is None  # NaN is written as null
+    assert not (out / 'ckpt.pt').exists() and not (out / 'adapter').exists()

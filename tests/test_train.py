@@ -1,7 +1,7 @@
 """train.py and common.py against their references: an uninterrupted run (exact resume after SIGINT and
 SIGKILL), one process with twice the accumulation (DDP over gloo), torch.optim.AdamW set up by hand, hand
 values of the LR schedule. Tiny models and data the tests write themselves; CPU, about half a minute."""
-import ast
+import copy
 import json
 import math
 import os
@@ -18,7 +18,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import configure_optimizer, get_lr, read_metrics
+from common import MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, read_metrics, restore_training
 from configurator import configure
 from model import GPT, GPTConfig, load_checkpoint, load_model, save_checkpoint
 
@@ -126,6 +126,66 @@ def test_configure_optimizer_decay_groups_and_step_match_adamw():
         assert torch.equal(cached, model(x)[0])  # with grad: the plain lm_head
         model(x, x)[1].backward()
         opt.step()
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_and_both_resume(tmp_path):
+    """optim='muon': torch.optim.Muon for every block's Linear weight, AdamW (the same groups as above) for the
+    embeddings, norms and biases; a step from a restored state equals the step of the optimizer that never stopped."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=16))
+    opt = configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), 'cpu', 'muon')
+    adamw, muon = opt.optimizers
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for g in muon.param_groups for p in g['params']) == sorted(
+        n for n, p in model.named_parameters() if p.dim() == 2 and '.h.' in n)  # c_attn, c_proj, c_fc, mlp.c_proj
+    assert {names[id(p)] for p in adamw.param_groups[0]['params']} == {'transformer.wte.weight', 'transformer.wpe.weight'}
+    assert len(opt.param_groups) == 3 and sum(p.numel() for g in opt.param_groups for p in g['params']) == \
+        model.num_params(non_embedding=False)
+    x = torch.randint(0, 16, (4, 16))
+    def step(m, o):
+        m(x, x)[1].backward()
+        o.step()
+        o.zero_grad()
+    step(model, opt)
+    twin = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=16))
+    twin.load_state_dict(model.state_dict())
+    twin_opt = configure_optimizer(twin, 0.1, 1e-2, (0.9, 0.95), 'cpu', 'muon')
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as through a checkpoint: momenta and Adam moments
+    step(model, opt), step(twin, twin_opt)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match='another optimizer setting'):  # an AdamW checkpoint under --optim=muon
+        opt.load_state_dict(configure_optimizer(twin, 0.1, 1e-2, (0.9, 0.95), 'cpu').state_dict())
+
+
+def test_restore_training_brings_back_optimizer_scaler_and_rng():
+    """What dpo.py used to skip: the fp16 loss scale. An enabled CPU GradScaler stands in for CUDA's."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=16))
+    opt, scaler, sampler = configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), 'cpu'), \
+        torch.amp.GradScaler('cpu', init_scale=1024.0, growth_interval=1), torch.Generator().manual_seed(5)
+    x = torch.randint(0, 16, (2, 8))
+    scaler.scale(model(x, x)[1]).backward()
+    scaler.step(opt), scaler.update()  # the scale grows to 2048
+    ckpt = checkpoint_dict(model, opt, {}, 1, 1.0, {}, None, sampler=sampler, scaler=scaler)
+    want = (torch.rand(3).tolist(), torch.rand(3, generator=sampler).tolist())
+    opt2, scaler2, sampler2 = configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), 'cpu'), \
+        torch.amp.GradScaler('cpu', init_scale=1.0), torch.Generator()
+    assert restore_training(ckpt, opt2, scaler2, sampler2) == 0.0
+    assert scaler2.get_scale() == scaler.get_scale() == 2048.0
+    assert str(opt2.state_dict()['state']) == str(opt.state_dict()['state'])
+    assert (torch.rand(3).tolist(), torch.rand(3, generator=sampler2).tolist()) == want
+
+
+def test_metrics_reader_drops_a_torn_last_line_and_refuses_a_damaged_one(tmp_path):
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"iter": 0, "loss": 4.0}\n{"iter": 1, "loss": 3.5}\n{"iter": 2, "lo')  # killed mid-write
+    assert read_metrics(path) == [{'iter': 0, 'loss': 4.0}, {'iter': 1, 'loss': 3.5}]
+    MetricsLogger(str(path), resume_iter=1).close()  # a resumed run keeps the rows before its first iteration
+    assert path.read_text() == '{"iter": 0, "loss": 4.0}\n'
+    path.write_text('{"iter": 0}\n{"iter": 1, "lo\n{"iter": 2}\n')  # damage mid-file is not a crash's: an error
+    with pytest.raises(ValueError, match='line 2 is not a JSON object'):
+        read_metrics(path)
 
 
 def test_tiny_model_overfits_one_batch():
@@ -292,10 +352,8 @@ def test_a_diverged_run_says_so_and_stops_without_writing_a_checkpoint(data_dir,
 
 def train_defaults():
     """train.py's settings block, read without running it."""
-    src = open(TRAIN).read()
-    banners = [i + 1 for i, line in enumerate(src.splitlines()) if line.startswith('# ----')][:2]
-    return {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(src).body
-            if isinstance(n, ast.Assign) and banners[0] < n.lineno < banners[1]}
+    from configurator import read_settings
+    return read_settings(TRAIN)
 
 
 def test_recipes_are_valid_and_the_default_is_shakespeare_char():
