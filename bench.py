@@ -4,8 +4,8 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
     python bench.py                                   # decode benchmarks, CPU, ~6 minutes on 2 cores
     python bench.py --models=llama_56m --batch_sizes=1 --repeats=1   # a quick look
     python bench.py --device=cuda --dtype=bfloat16    # on a GPU
-    python bench.py --which=train                     # training steps, CPU default and baby GPT, ~6 minutes
-    python bench.py --which=train --train_models=cpu_default --compile_modes=False   # ~10 s
+    python bench.py --which=train                     # training steps (~6 minutes), then the default vs nanoGPT (~4)
+    python bench.py --which=train --train_models=cpu_default --compile_modes=False --train_runs=   # ~10 s
     python bench.py --which=harness                   # lm-eval: our LM vs its own hf backend, ~3 minutes
     python bench.py --which=serve                     # serve.py under 1-16 streaming clients, ~30 s
     python bench.py --which=quantize                  # int8 vs fp32: bytes, RSS, tok/s, perplexity, ~1 minute
@@ -22,6 +22,12 @@ train: ms/iter, tokens/s and MFU of train.py's training step (forward, backward,
 random tokens, for the CPU default config (configs/shakespeare_char.py's 4x4x128 model, block 64, batch 12)
 and nanoGPT's baby GPT (6x6x384, block 256, batch 64, dropout 0.2), with torch.compile off and on.
 MFU divides by 163 GFLOP/s on CPU (fp32 matmul 2048^2 on 2 cores, SPEC.md) or 989 TFLOP/s on CUDA.
+Then whole runs of train.py back to back (`train_runs`), each in a fresh process into a temporary out_dir: `default`
+is `python train.py` as a user types it; `nanogpt` is nanoGPT's documented CPU run (its README: shakespeare_char,
+--device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4
+--n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0, over its config's lr 1e-3, min_lr
+1e-4, beta2 0.99, warmup 100, eval every 250) run by our train.py. Printed: wall time (start to exit, what a user
+waits), the final val loss, and when (training seconds, from metrics.jsonl) val first reached 1.70.
 
 harness: requests/s end to end through lm_eval.simple_evaluate (tokenizing, scoring or generating, metrics) of our
 model as an lm-eval LM (evaluate.py) and of lm-eval's own `hf` backend, on identical random weights of a 4x256
@@ -45,7 +51,7 @@ import time
 
 import torch
 
-from common import configure_optimizer
+from common import configure_optimizer, optimizer_step
 from model import DTYPES, GPT, GPTConfig, autocast_ctx, resolve_device, resolve_dtype
 from quantize import for_inference
 from sample import generate
@@ -65,6 +71,7 @@ dtype = 'float32'             # 'auto' | 'float32' | 'bfloat16' | 'float16'
 seed = 1337                   # weights and prompts
 train_models = 'cpu_default,baby_gpt'  # train: comma list of TRAIN_SHAPES
 compile_modes = 'False,True'  # train: time the step without and with torch.compile
+train_runs = 'nanogpt,default'  # train: whole runs timed back to back after the steps (TRAIN_RUNS); '' = none
 serve_model = 'out-shakespeare-char'  # serve: the model served (an out_dir; `python train.py` writes this one)
 serve_quantize = ''           # serve: '' | 'int8', passed to serve.py --quantize
 clients = '1,4,10,16'         # serve: concurrent streaming clients, one round each
@@ -182,6 +189,7 @@ def bench_train(name):
         raw_model = GPT(GPTConfig(**shape['model'])).to(device)
         model = torch.compile(raw_model) if comp else raw_model
         optimizer = configure_optimizer(raw_model, 0.1, 1e-3, (0.9, 0.99), device.split(':')[0])
+        scaler = torch.amp.GradScaler(enabled=False)  # fp32 and bf16: no loss scaling, as train.py
         ctx = autocast_ctx(device, ptdtype)
         x, y = (torch.randint(0, shape['model']['vocab_size'], (B, T), device=device) for _ in range(2))
 
@@ -189,11 +197,7 @@ def bench_train(name):
             with ctx:
                 loss = model(x, y)[1]
             loss.backward()
-            norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters()])
-            if not device.startswith('cpu') or norm > 1.0:  # as train.py: CPU skips multiplying by 1
-                torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), 1.0, norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(raw_model.parameters(), optimizer, scaler, 1.0, device.split(':')[0])  # train.py's
         t_first = timed(step)  # with compile: the compilation
         for _ in range(shape['warmup'] - 1):
             step()
@@ -204,6 +208,35 @@ def bench_train(name):
               f"{B * T / dt:,.0f} tok/s, MFU {mfu * 100:.1f}%" + (f" (first step, compiling: {t_first:.1f} s)" if comp else ''))
         rows.append((name, comp, dt * 1e3, B * T / dt, mfu * 100))
     return rows
+
+
+TRAIN_RUNS = {  # train.py's arguments for each whole run
+    'default': [],
+    'nanogpt': ['--arch=gpt2', '--device=cpu', '--compile=False', '--eval_iters=20', '--log_interval=1', '--block_size=64',
+                '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128', '--max_iters=2000',
+                '--lr_decay_iters=2000', '--dropout=0.0', '--learning_rate=1e-3', '--min_lr=1e-4', '--beta2=0.99',
+                '--warmup_iters=100', '--eval_interval=250', '--optim=adamw', '--weight_decay=0.1', '--grad_clip=1.0',
+                '--bias=False', '--tie_embeddings=True', '--n_kv_head=0', '--lr_schedule=cosine'],
+}
+
+
+def bench_train_run(name):
+    """One whole `python train.py` run in a fresh process: (wall s, final val loss, training s when val <= 1.70 first)."""
+    import subprocess
+    import sys
+    from common import read_metrics
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, 'train.py', *TRAIN_RUNS[name], f'--out_dir={d}/out']
+        t0 = time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.time() - t0
+        if r.returncode:
+            raise SystemExit(f'error: {" ".join(cmd)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}')
+        evals = [row for row in read_metrics(f'{d}/out/metrics.jsonl') if 'val_loss' in row]
+    reached = next((row['time'] for row in evals if row['val_loss'] <= 1.70), None)
+    print(f"{name}: {wall:.1f} s wall, val loss {evals[-1]['val_loss']:.4f} at iteration {evals[-1]['iter']}, "
+          f"val <= 1.70 {'never' if reached is None else f'after {reached:.1f} s of training'}")
+    return name, wall, evals[-1]['val_loss'], reached
 
 
 # -----------------------------------------------------------------------------
@@ -396,6 +429,15 @@ elif __name__ == '__main__' and which == 'train':
     print("\n| model | compile | ms/iter | tokens/s | MFU |\n|---|---|---|---|---|")
     for name, comp, ms, tps, mfu in rows:
         print(f"| {name} | {comp} | {ms:.1f} | {tps:,.0f} | {mfu:.1f}% |")
+    if bad := [n for n in train_runs.split(',') if n and n not in TRAIN_RUNS]:
+        raise SystemExit(f"error: unknown training run '{bad[0]}'; use one of {', '.join(TRAIN_RUNS)}")
+    runs = [bench_train_run(n) for n in train_runs.split(',') if n]  # back to back, the order given
+    if runs:
+        base = dict((n, w) for n, w, _, _ in runs).get('nanogpt')
+        print("\n| run | wall s | final val loss | val <= 1.70 after (s) | wall vs nanogpt |\n|---|---|---|---|---|")
+        for n, w, loss, reached in runs:
+            print(f"| {n} | {w:.1f} | {loss:.4f} | {'never' if reached is None else f'{reached:.1f}'} | "
+                  f"{f'{w / base:.2f}x' if base else ''} |")
 
 elif __name__ == '__main__' and which == 'harness':
     rows = bench_harness()

@@ -69,6 +69,29 @@ class BeamStep:
     step: int
     nodes: list[dict]
 
+def beam_tree(steps, tokenizer=None, completion=()):
+    """The tree a beam search grew, from its BeamSteps (one prompt's): every node it kept, by id, each with 'text'
+    (its token decoded; None without a tokenizer), 'best' (on the path of `completion`, the tokens the search
+    returned, from the first step to the last) and 'pruned' (a live hypothesis that no later step extended and that
+    was not returned: a branch the search dropped). Parent ids point up the tree; the first step's parent is None
+    (the prompt). The path of `completion` is unique: a hypothesis is one sequence of tokens."""
+    nodes = sorted((dict(n) for st in steps for n in st.nodes), key=lambda n: n['id'])
+    children = {}
+    for n in nodes:
+        children.setdefault(n['parent'], {})[n['token']] = n
+    path, at = set(), None
+    for t in completion:  # walk down from the prompt along the returned tokens
+        n = children.get(at, {}).get(t)
+        if n is None:
+            break
+        path.add(n['id'])
+        at = n['id']
+    for n in nodes:
+        n['text'] = tokenizer.decode([n['token']]) if tokenizer is not None else None
+        n['best'] = n['id'] in path
+        n['pruned'] = not n['finished'] and not n['best'] and n['id'] not in children
+    return nodes
+
 # -----------------------------------------------------------------------------
 # requests, rows and beam groups
 

@@ -317,11 +317,15 @@ class Block(nn.Module):
                (lambda: nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias))
         self.ln_1, self.attn, self.ln_2, self.mlp = norm(), CausalSelfAttention(config), norm(), MLP(config)
 
-    def forward(self, x, rope, cache, layer, need_weights=False):
-        a, att = self.attn(self.ln_1(x), rope, cache, layer, need_weights)
+    def forward(self, x, rope, cache, layer, trace=None):
+        a, att = self.attn(self.ln_1(x), rope, cache, layer, need_weights=trace is not None)
         x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, att
+        m = self.mlp(self.ln_2(x))
+        x = x + m
+        if trace is not None:  # what the page's learning views draw (GPT.trace)
+            for k, v in (('att', att), ('attn_out', a), ('mlp_out', m), ('resid', x)):
+                trace.setdefault(k, []).append(v)
+        return x
 
 
 class GPT(nn.Module):
@@ -359,19 +363,21 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None, need_weights=False, logits_from=0, logits_at=None):
+    def forward(self, idx, targets=None, cache=None, trace=None, logits_from=0, logits_at=None):
         """idx (B, T) token ids -> (logits, loss).
         targets: (B, T) next-token ids, -1 = ignored (prompt tokens in SFT, padding).
         cache: a KVCache to read and extend (incremental decoding, engine.py): the tokens go where cache.schedule()
           laid them out, or, without a schedule, T more tokens for each of slots 0..B-1.
         logits_from: compute logits for positions logits_from.. only (scoring a continuation: saves a (T, vocab) matmul).
         logits_at: compute logits only at these flat positions of idx.view(-1) -> (1, len, vocab) (the engine).
-        need_weights: also return the attention weights of every layer, as (logits, loss, [(B, nh, T, T)])."""
+        trace: a dict that collects, per block, lists of 'att' (B, nh, T, T) attention weights (the explicit path:
+          the same function as SDPA), 'attn_out' and 'mlp_out' (B, T, C) (what each adds to the residual stream) and
+          'resid' (B, T, C) (the stream after the block); and 'embed' (B, T, C), the stream entering the first."""
         B, T = idx.size()
         # 1) positions: from the cache's layout (each slot continues its own row), else 0..T-1
         if cache is not None:
-            if need_weights:
-                raise ValueError("need_weights computes attention maps of a whole context; call it without a cache")
+            if trace is not None:
+                raise ValueError("trace records a whole context's activations; call it without a cache")
             if cache.plan is None:
                 cache.schedule(chunks=[(b, T) for b in range(B)]) if T > 1 else cache.schedule(decode=B)
             pos = cache.pos  # (1, B*T)
@@ -390,11 +396,11 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (1, T, hs)
             rope = (cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))  # (1, 1, T, hs)
         x = self.transformer.drop(x)
+        if trace is not None:
+            trace['embed'] = x
         # 3) the blocks
-        atts = []
         for layer, block in enumerate(self.transformer.h):
-            x, att = block(x, rope, cache, layer, need_weights)
-            atts.append(att)
+            x = block(x, rope, cache, layer, trace)
         if cache is not None:
             cache.advance()
         x = self.transformer.ln_f(x)
@@ -409,12 +415,42 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return (logits, loss, atts) if need_weights else (logits, loss)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # inside the model: what the page's views show (serve.py /v1/attention, /v1/inspect)
 
     @torch.no_grad()
+    def trace(self, idx):
+        """One forward pass of idx (B, T) -> (logits, the trace dict that forward's `trace` describes)."""
+        trace = {}
+        logits, _ = self(idx, trace=trace)
+        return logits, trace
+
     def attention_maps(self, idx):
         """Attention weights of every layer for one forward pass: a list of (B, n_head, T, T) tensors."""
-        return self(idx, need_weights=True)[2]
+        return self.trace(idx)[1]['att']
+
+    @torch.no_grad()
+    def logit_lens(self, idx, trace=None):
+        """The logit lens (nostalgebraist 2020): each block's output read through the final norm and the LM head, as if
+        the model ended there -> log-probabilities (n_layer, B, T, vocab). The last layer is log_softmax of the model's
+        own logits. trace: a trace of idx already computed (GPT.trace), to read instead of running the model again."""
+        trace = trace if trace is not None else self.trace(idx)[1]
+        resid = torch.stack(trace['resid'])  # (L, B, T, C)
+        return F.log_softmax(self.lm_head(self.transformer.ln_f(resid)).float(), dim=-1)
+
+    @torch.no_grad()
+    def activation_flow(self, idx, trace=None):
+        """How information moves up the stack, per layer and position: {'resid', 'attn', 'mlp': (L, B, T) L2 norms of
+        the residual stream after each block and of what its attention and MLP add; 'entropy': (L, B, nh, T) the
+        entropy in nats of each head's attention distribution at each position; 'embed': (B, T) the input's norm}."""
+        trace = trace if trace is not None else self.trace(idx)[1]
+        norm = lambda key: torch.stack(trace[key]).float().norm(dim=-1)
+        att = torch.stack(trace['att']).float()  # (L, B, nh, T, T)
+        entropy = -(att * att.clamp_min(1e-30).log()).sum(-1)  # masked weights are exactly 0 and add nothing
+        return {'embed': trace['embed'].float().norm(dim=-1), 'resid': norm('resid'), 'attn': norm('attn_out'),
+                'mlp': norm('mlp_out'), 'entropy': entropy}
 
     # -------------------------------------------------------------------------
     # 3) counting

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator
 
-from engine import BeamStep, Engine, Event, Settings, prompt_lists
+from engine import BeamStep, Engine, Event, Settings, beam_tree as grow_tree, prompt_lists
 
 @dataclass
 class Completion:
@@ -37,6 +37,7 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None  # logprobs=k>0: the k likeliest (token, logprob) per step
     prompt_index: int
     sample_index: int
+    beam_tree: list[dict] | None = None  # beam_tree=True: the search's nodes (engine.beam_tree), this one's path 'best'
 
 
 def generate_stream(model, prompts, max_new_tokens=100, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -70,11 +71,19 @@ def generate_stream(model, prompts, max_new_tokens=100, *, temperature=1.0, top_
 def generate(model, prompts, max_new_tokens=100, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
              repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, num_beams=1, length_penalty=1.0,
              num_samples=1, stop_tokens=None, stop_strings=(), tokenizer=None, seed=None, use_cache=True,
-             logprobs=0) -> list[Completion]:
+             logprobs=0, beam_tree=False) -> list[Completion]:
     """One Completion per (prompt, sample), ordered by prompt then sample (see the module docstring).
-    It collects generate_stream's events, so there is exactly one decoding loop."""
-    events, done = generate_stream(**locals()), {}  # every argument, as given
+    It collects generate_stream's events, so there is exactly one decoding loop. beam_tree=True (num_beams > 1):
+    each Completion also carries the tree its search grew (engine.beam_tree), its own path marked 'best'."""
+    if beam_tree and num_beams < 2:
+        raise ValueError(f'beam_tree needs a beam search (num_beams > 1, not {num_beams})')
+    args = dict(locals())  # every argument, as given
+    args.pop('beam_tree')
+    events, done, steps = generate_stream(**args, beam_steps=beam_tree), {}, {}
     for ev in events:
+        if isinstance(ev, BeamStep):
+            steps.setdefault(ev.prompt_index, []).append(ev)
+            continue
         key = (ev.prompt_index, ev.sample_index)
         c = done.setdefault(key, Completion([], '', '', 0.0, [], [] if logprobs else None, *key))
         if ev.token is not None:
@@ -86,6 +95,8 @@ def generate(model, prompts, max_new_tokens=100, *, temperature=1.0, top_k=0, to
         c.finish_reason = ev.finish_reason or c.finish_reason
     for c in done.values():
         c.logprob, c.text = sum(c.token_logprobs), c.text if tokenizer is not None else None
+        if beam_tree:
+            c.beam_tree = grow_tree(steps.get(c.prompt_index, []), tokenizer, c.tokens)
     return [done[k] for k in sorted(done)]
 
 # -----------------------------------------------------------------------------

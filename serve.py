@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 
-from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, start
+from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, beam_tree, start
 from httpd import ApiError, GuardedHandler, Server
 from model import DTYPES, load_model, model_sources, resolve_device, resolve_dtype
 from quantize import for_inference
@@ -79,7 +79,7 @@ PARAMS = {'max_new_tokens': 'max_tokens', 'num_samples': 'n', 'stop_strings': 's
 
 COMMON_FIELDS = {'model', 'max_tokens', 'temperature', 'top_p', 'n', 'stop', 'seed', 'presence_penalty',
                  'frequency_penalty', 'stream', 'stream_options', 'user', 'top_k', 'min_p', 'repetition_penalty',
-                 'num_beams', 'length_penalty'}
+                 'num_beams', 'length_penalty', 'beam_tree'}
 COMPLETION_FIELDS = COMMON_FIELDS | {'prompt', 'logprobs', 'echo'}
 CHAT_FIELDS = COMMON_FIELDS | {'messages', 'logprobs', 'top_logprobs', 'max_completion_tokens'}
 
@@ -95,6 +95,7 @@ class Call:
     echo: bool               # completions: the prompt comes first (with its logprobs when logprobs is set)
     stream: bool
     include_usage: bool
+    beam_tree: bool = False  # each choice also carries its beam search's tree (engine.beam_tree)
 
 def _number(body, name, default, lo, hi, integer=False):
     """body[name] as a number in [lo, hi]; absent or JSON null = default."""
@@ -203,8 +204,11 @@ def _read_request(name, w, body, chat):
         num_samples=_number(body, 'n', 1, -inf, n_limit, integer=True), stop_tokens=tuple(stop_tokens),
         stop_strings=tuple(stop_strings + stop), seed=_number(body, 'seed', None, 0, 2**62, integer=True),
         logprobs=min(logprobs or 0, w.V), prompt_logprobs=echo and logprobs is not None)  # a tiny vocabulary: all of it
+    tree = _flag(body, 'beam_tree')
+    if tree and settings.num_beams < 2:
+        raise ApiError(400, "'beam_tree' shows a beam search: set 'num_beams' to 2 or more", 'beam_tree')
     return Call(w, name, chat, prompts, settings, logprobs, echo, _flag(body, 'stream'),
-                bool((opts or {}).get('include_usage')))
+                bool((opts or {}).get('include_usage')), tree)
 
 def _legacy_logprobs(w, tokens, lps, tops):
     """OpenAI's completions logprobs: parallel lists; top_logprobs {token text: logprob}; offsets into the text."""
@@ -232,7 +236,7 @@ def _completion(h, body, chat):
         flag = 'max_batch, of which beam searches get half' if e.limit == 'max_beam_slots' else e.limit
         raise ApiError(400, f"{e} (serve.py --{flag})", None, 'request_too_large') from None
     try:
-        (_stream if call.stream else _reply)(h, call, h.events(req))
+        (_stream if call.stream else _reply)(h, call, h.events(req, call.beam_tree))
     finally:
         req.cancel()  # whatever happened (done, error, client gone), the engine drops what is left within a step
 
@@ -246,10 +250,13 @@ def _head(call):
 def _reply(h, call, events):
     w, n = call.engine, call.settings.num_samples
     acc = [dict(tokens=[], lps=[], tops=[], text='', finish=None) for _ in range(len(call.prompts) * n)]
-    scores, (head, usage) = {}, _head(call)
+    scores, steps, (head, usage) = {}, {}, _head(call)
     for ev in events:
         if isinstance(ev, PromptScores):
             scores[ev.prompt_index] = ev
+            continue
+        if isinstance(ev, BeamStep):
+            steps.setdefault(ev.prompt_index, []).append(ev)
             continue
         a = acc[ev.prompt_index * n + ev.sample_index]
         if ev.token is not None:
@@ -265,16 +272,18 @@ def _reply(h, call, events):
             lp = _chat_logprobs(w, a['tokens'], a['lps'], a['tops']) if call.logprobs is not None else None
             choices.append({'index': i, 'message': {'role': 'assistant', 'content': a['text']}, 'logprobs': lp,
                             'finish_reason': a['finish']})
-            continue
-        prompt, lp, text = call.prompts[i // n], None, a['text']
-        if call.echo:
-            text = w.tok.decode(prompt) + text
-        if call.settings.prompt_logprobs:
-            s = scores[i // n]
-            lp = _legacy_logprobs(w, prompt + a['tokens'], s.token_logprobs + a['lps'], s.top_logprobs + a['tops'])
-        elif call.logprobs is not None:
-            lp = _legacy_logprobs(w, a['tokens'], a['lps'], a['tops'])
-        choices.append({'index': i, 'text': text, 'logprobs': lp, 'finish_reason': a['finish']})
+        else:
+            prompt, lp, text = call.prompts[i // n], None, a['text']
+            if call.echo:
+                text = w.tok.decode(prompt) + text
+            if call.settings.prompt_logprobs:
+                s = scores[i // n]
+                lp = _legacy_logprobs(w, prompt + a['tokens'], s.token_logprobs + a['lps'], s.top_logprobs + a['tops'])
+            elif call.logprobs is not None:
+                lp = _legacy_logprobs(w, a['tokens'], a['lps'], a['tops'])
+            choices.append({'index': i, 'text': text, 'logprobs': lp, 'finish_reason': a['finish']})
+        if call.beam_tree:
+            choices[-1]['beam_tree'] = beam_tree(steps.get(i // n, []), w.tok, a['tokens'])
     usage['total_tokens'] = usage['prompt_tokens'] + usage['completion_tokens']
     h.send_json(200, {**head, 'choices': choices, 'usage': usage})
 
@@ -287,13 +296,20 @@ def _stream(h, call, events):
     def chunk(i, **choice):
         h.sse({**head, 'choices': [{'index': i, 'logprobs': None, 'finish_reason': None, **choice}]})
     h.start_sse()
-    started, scores = set(), {}
+    started, scores, steps, done = set(), {}, {}, {}
     for ev in events:
         if isinstance(ev, PromptScores):
             scores[ev.prompt_index] = ev
             continue
+        if isinstance(ev, BeamStep):
+            steps.setdefault(ev.prompt_index, []).append(ev)
+            continue
         i = ev.prompt_index * n + ev.sample_index
         tok = [ev.token] if ev.token is not None else []
+        done.setdefault(i, []).extend(tok)
+        # beam_tree: the finishing chunk of each choice carries its tree (a beam search's tokens all come at its end)
+        extra = {'beam_tree': beam_tree(steps.get(ev.prompt_index, []), w.tok, done[i])} \
+            if call.beam_tree and ev.finish_reason else {}
         usage['completion_tokens'] += len(tok)
         if call.chat:
             lp = _chat_logprobs(w, tok, [ev.logprob], [ev.top_logprobs]) if call.logprobs is not None and tok else None
@@ -302,7 +318,7 @@ def _stream(h, call, events):
             if ev.text_delta or lp:
                 chunk(i, delta={'content': ev.text_delta}, logprobs=lp)
             if ev.finish_reason:
-                chunk(i, delta={}, finish_reason=ev.finish_reason)
+                chunk(i, delta={}, finish_reason=ev.finish_reason, **extra)
         else:
             if call.echo and i not in started:  # the prompt comes first, as its own chunk
                 prompt, s = call.prompts[ev.prompt_index], scores.get(ev.prompt_index)
@@ -311,7 +327,7 @@ def _stream(h, call, events):
             lp = _legacy_logprobs(w, tok, [ev.logprob] * len(tok), [ev.top_logprobs] * len(tok)) \
                 if call.logprobs is not None else None
             if ev.text_delta or ev.finish_reason or tok and lp:
-                chunk(i, text=ev.text_delta, logprobs=lp, finish_reason=ev.finish_reason)
+                chunk(i, text=ev.text_delta, logprobs=lp, finish_reason=ev.finish_reason, **extra)
         started.add(i)
     if call.include_usage:  # OpenAI: a last chunk with no choices carries the usage
         usage['total_tokens'] = usage['prompt_tokens'] + usage['completion_tokens']
@@ -463,10 +479,11 @@ class Handler(GuardedHandler):
                            "(GET /v1/models)", 'model', 'model_not_found')
         return name, engines[name]
 
-    def events(self, req):
-        """The request's Events and PromptScores until all its rows finish; between events (and every 0.25 s) it
-        checks that the client is still there, so an abandoned request frees its rows."""
-        return (ev for ev in req.events(self.check_client) if not isinstance(ev, BeamStep))  # BeamSteps: issue 13
+    def events(self, req, beam_steps=False):
+        """The request's Events and PromptScores (and with beam_steps its BeamSteps) until all its rows finish;
+        between events (and every 0.25 s) it checks that the client is still there, so an abandoned request frees
+        its rows."""
+        return (ev for ev in req.events(self.check_client) if beam_steps or not isinstance(ev, BeamStep))
 
     def static(self, path):
         rel = unquote(path).lstrip('/') or 'index.html'

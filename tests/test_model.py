@@ -116,12 +116,45 @@ def test_attention_weights_path():
     m = tiny('llama', n_kv_head=2)
     x = torch.randint(0, 96, (2, 10))
     with torch.no_grad():
-        logits, _, atts = m(x, need_weights=True)
+        logits, trace = m.trace(x)
+        atts = trace['att']
         ref, _ = m(x)
     assert (logits - ref).abs().max() < 1e-5  # the explicit path computes the same function as SDPA
     assert len(atts) == 2 and atts[0].shape == (2, 4, 10, 10)
     assert torch.allclose(atts[0].sum(-1), torch.ones(2, 4, 10))
     assert atts[1].triu(1).abs().max() == 0  # causal: nothing attends to the future
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'llama'])
+def test_trace_logit_lens_and_activation_flow_against_hf(arch, tmp_path):
+    """GPT.trace's residual stream and attention weights against transformers' hidden_states and attentions (eager
+    attention), the logit lens's last layer against the model's own logits, the flow's norms by hand."""
+    hf = hf_tiny(arch, True)
+    hf.config._attn_implementation = 'eager'  # SDPA returns no attention weights
+    hf.save_pretrained(tmp_path / 'hf')
+    ours = GPT.from_pretrained(str(tmp_path / 'hf')).eval()
+    x = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        out = hf(x, output_hidden_states=True, output_attentions=True)
+        logits, trace = ours.trace(x)
+    L = ours.config.n_layer
+    assert len(trace['resid']) == L and trace['resid'][0].shape == (2, 9, 64)
+    for i in range(L - 1):  # HF's last hidden state is after the final norm; the others are each block's output
+        torch.testing.assert_close(trace['resid'][i], out.hidden_states[i + 1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(trace['embed'], out.hidden_states[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(trace['att'], out.attentions):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    lens = ours.logit_lens(x)
+    assert lens.shape == (L, 2, 9, 96)
+    torch.testing.assert_close(lens[-1], torch.log_softmax(out.logits, -1), atol=1e-4, rtol=1e-4)
+    assert torch.equal(lens[-1].argmax(-1), logits.argmax(-1))
+    flow = ours.activation_flow(x)
+    assert flow['resid'].shape == flow['attn'].shape == flow['mlp'].shape == (L, 2, 9)
+    torch.testing.assert_close(flow['resid'][0], out.hidden_states[1].norm(dim=-1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(flow['attn'][0] + 0, trace['attn_out'][0].norm(dim=-1))
+    p = out.attentions[1][1, 2, 5, :6]  # layer 1, row 1, head 2, position 5: attends to positions 0..5
+    assert abs(flow['entropy'][1, 1, 2, 5] - -(p * p.log()).sum()) < 1e-5
+    assert flow['entropy'][:, :, :, 0].abs().max() < 1e-6  # position 0 attends only to itself: zero entropy
 
 
 def test_counts_against_hf_and_by_hand():

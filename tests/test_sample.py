@@ -198,6 +198,36 @@ def test_beam_search_beats_greedy(arch):
         assert best.logprob >= beams[1].logprob and best.tokens != beams[1].tokens
         assert generate(m, p, 12, num_beams=4, use_cache=False)[0].tokens == best.tokens
 
+def test_beam_tree_holds_the_search_and_its_best_path_is_the_completion():
+    """sample.generate(..., beam_tree=True): every kept hypothesis, linked to its parent; each path's cum_logprob is
+    the sum of its tokens' logprobs, recomputed by a plain forward; the returned completions' paths are marked."""
+    m = tiny()
+    stop = (3,)  # a stop token, so some hypotheses finish early
+    for p in PROMPTS[:2]:
+        got = generate(m, p, 8, num_beams=3, num_samples=2, stop_tokens=stop, beam_tree=True, tokenizer=LetterTok())
+        nodes = {n['id']: n for n in got[0].beam_tree}
+        assert sorted(nodes) == list(range(len(nodes)))
+        for n in nodes.values():
+            up, path = n, []
+            while up is not None:
+                path.append(up['token'])
+                up = nodes.get(up['parent'])
+            assert n['step'] == len(path) - 1 and n['text'] == LetterTok().decode([n['token']])
+            assert n['cum_logprob'] == pytest.approx(seq_logprob(m, p, path[::-1]), abs=1e-3)
+            kids = [k for k in nodes.values() if k['parent'] == n['id']]
+            assert not (n['finished'] and kids)  # a finished hypothesis is never extended
+            assert n['pruned'] == (not n['finished'] and not kids and not n['best'])
+        for c in got:  # each completion's own path, root to leaf, is exactly its tokens
+            best = sorted((n for n in c.beam_tree if n['best']), key=lambda n: n['step'])
+            assert [n['token'] for n in best] == c.tokens
+            assert [n['parent'] for n in best] == [None] + [n['id'] for n in best[:-1]]
+        assert got[0].beam_tree != got[1].beam_tree  # two choices: the same nodes, another path marked
+        assert [c.tokens for c in got] == [c.tokens for c in generate(m, p, 8, num_beams=3, num_samples=2,
+                                                                      stop_tokens=stop)]  # the tree changes nothing
+    with pytest.raises(ValueError, match='beam_tree needs a beam search'):
+        generate(m, PROMPTS[0], 4, beam_tree=True)
+
+
 # -----------------------------------------------------------------------------
 # 8) stopping, streaming, validation
 

@@ -257,6 +257,31 @@ def test_beam_search_equals_generate(server, ref):
     assert status == 200 and [c['text'] for c in body['choices']] == want
 
 
+def test_beam_tree_through_the_api(server, ref):
+    """"beam_tree": true gives each choice the tree of sample.generate's, whose best path spells the choice's text;
+    streamed, the finishing chunk carries it; without a beam search it is a 400 naming the field."""
+    model, tok = ref['char']
+    want = generate(model, tok.encode('So'), 10, num_beams=3, num_samples=2, tokenizer=tok, beam_tree=True)
+    req = {'model': 'char', 'prompt': 'So', 'max_tokens': 10, 'num_beams': 3, 'n': 2, 'beam_tree': True}
+    FLOATS = ('logprob', 'cum_logprob', 'score')
+    def same(a, b):  # the server's model is for_inference's (another head layout): floats agree to rounding
+        return len(a) == len(b) and all({k: v for k, v in x.items() if k not in FLOATS} ==
+                                        {k: v for k, v in y.items() if k not in FLOATS} and
+                                        all(abs(x[k] - y[k]) < 1e-5 for k in FLOATS) for x, y in zip(a, b))
+    status, body = call(server, 'POST', '/v1/completions', req)
+    assert status == 200
+    for c, w in zip(body['choices'], want):
+        assert same(c['beam_tree'], w.beam_tree)
+        best = sorted((n for n in c['beam_tree'] if n['best']), key=lambda n: n['step'])
+        assert ''.join(n['text'] for n in best) == c['text'] == w.text
+    status, raw = call(server, 'POST', '/v1/completions', {**req, 'stream': True})
+    chunks = [e for e in events(raw) if e != '[DONE]' and e['choices']]
+    trees = {ch['choices'][0]['index']: ch['choices'][0]['beam_tree'] for ch in chunks if 'beam_tree' in ch['choices'][0]}
+    assert sorted(trees) == [0, 1] and all(same(trees[i], want[i].beam_tree) for i in trees)
+    status, body = call(server, 'POST', '/v1/completions', {**req, 'num_beams': 1, 'n': 1})
+    assert status == 400 and body['error']['param'] == 'beam_tree'
+
+
 def test_a_seeded_request_is_the_same_through_generate_the_cli_and_the_server(server, ref, runs):
     """engine.py's seeding rule, end to end: sample i of seed s is the same text from sample.generate (n samples at
     once), from sample.py (one sample at a time, seed + k) and from /v1/completions, for n = 1 and n = 3."""
