@@ -33,7 +33,7 @@ import os
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import accumulate
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -342,7 +342,7 @@ def _models(h, body):
     h.send_json(200, {'object': 'list', 'data': [
         {'id': name, 'object': 'model', 'created': h.server.started, 'owned_by': 'nanolab',
          'max_model_len': w.block_size, 'arch': w.model.config.arch, 'n_params': w.model.num_params(),
-         'tokenizer': w.tok.kind} for name, w in h.server.engines.items()]})
+         'tokenizer': w.tok.kind, 'config': asdict(w.model.config)} for name, w in h.server.engines.items()]})
 
 def _tokenize(h, body):
     name, w = h.engine(body)
@@ -379,15 +379,54 @@ def _tokenizer_info(h, body):
                       'special_tokens': tok.special_tokens, 'chat_stop_tokens': tok.chat_stop_tokens,
                       'chat_stop_strings': tok.stop_strings})
 
-def _attention(h, body):
-    """Every layer's attention maps for a short prompt, or one layer's ('layer': i); at most ATTENTION_VALUES numbers,
-    since the maps grow as layers x heads x T^2."""
+TOKCMP_CHARS = 20000  # text /v1/tokenizers compares: each answer lists every token
+_GPT2 = []  # GPT-2's tokenizer, once loaded
+
+def _gpt2_tokenizer():
+    """GPT-2's BPE (tiktoken), loaded on first use; ValueError offline without tiktoken's cached files."""
+    if not _GPT2:
+        from tokenizer import TiktokenTokenizer
+        _GPT2.append(TiktokenTokenizer('gpt2'))
+    return _GPT2[0]
+
+def _tokenizers(h, body):
+    """The same text under three tokenizers: one character per token, GPT-2's BPE and the model's own: each one's
+    tokens (as text), count, vocabulary and bytes per token. One that cannot load or encode the text says why."""
     name, w = h.engine(body)
-    p, cfg = body.get('prompt'), w.model.config
+    text = body.get('text')
+    if not isinstance(text, str) or not 0 < len(text) <= TOKCMP_CHARS:
+        raise ApiError(400, f"'text' must be a string of 1 to {TOKCMP_CHARS} characters", 'text')
+    n_bytes = len(text.encode('utf-8'))
+
+    def row(label, get):
+        try:
+            tok = get()
+            if tok is None:  # one token per character, from a vocabulary of the text's characters
+                pieces, vocab = list(text), len(set(text))
+            else:
+                pieces, vocab = [tok.decode([i]) for i in tok.encode(text)], tok.vocab_size
+        except ValueError as e:  # offline without tiktoken's files, or a character outside a char vocabulary
+            return {'name': label, 'error': str(e)}
+        return {'name': label, 'tokens': pieces, 'count': len(pieces), 'vocab_size': vocab,
+                'bytes_per_token': n_bytes / len(pieces)}
+    h.send_json(200, {'model': name, 'bytes': n_bytes, 'data': [
+        row('characters', lambda: None), row('GPT-2 BPE (tiktoken)', _gpt2_tokenizer),
+        row(f'{name} ({w.tok.kind})', lambda: w.tok)]})
+
+def _short_prompt(w, body):
+    """body['prompt'] (text or token ids) as ids, 1 to ATTENTION_LIMIT tokens (and within the model's context)."""
+    p = body.get('prompt')
     ids = _encode(w, p, 'prompt') if isinstance(p, str) else p
     if not _is_ids(ids) or not 0 < len(ids) <= min(ATTENTION_LIMIT, w.block_size) or any(not 0 <= t < w.V for t in ids):
         raise ApiError(400, f"'prompt' must be text or token ids, 1 to {min(ATTENTION_LIMIT, w.block_size)} tokens",
                        'prompt')
+    return ids
+
+def _attention(h, body):
+    """Every layer's attention maps for a short prompt, or one layer's ('layer': i); at most ATTENTION_VALUES numbers,
+    since the maps grow as layers x heads x T^2."""
+    name, w = h.engine(body)
+    ids, cfg = _short_prompt(w, body), w.model.config
     layer = _number(body, 'layer', None, 0, cfg.n_layer - 1, integer=True)
     values = (1 if layer is not None else cfg.n_layer) * cfg.n_head * len(ids) ** 2
     if values > ATTENTION_VALUES:
@@ -398,6 +437,26 @@ def _attention(h, body):
     h.send_json(200, {'model': name, 'tokens': [w.tok.decode([t]) for t in ids], 'layer': layer,
                       'attentions': [[[[round(x, 4) for x in r] for r in head] for head in a[0].float().tolist()]
                                      for a in maps]})
+
+def _inspect(h, body):
+    """What happens inside the model for a short prompt, from one traced forward (GPT.trace): the logit lens (each
+    layer's top 'top' predictions at each position, with probabilities) and the activation flow (norms of the
+    residual stream and of what attention and the MLP add, per layer and position; each head's attention entropy)."""
+    name, w = h.engine(body)
+    ids, top = _short_prompt(w, body), _number(body, 'top', 3, 1, 10, integer=True)
+
+    def run():
+        idx = torch.tensor([ids], device=w.device)
+        _, trace = w.model.trace(idx)
+        lp, ix = w.model.logit_lens(idx, trace)[:, 0].topk(min(top, w.V), dim=-1)  # (L, T, top)
+        return lp.exp().tolist(), ix.tolist(), {k: v.tolist() for k, v in w.model.activation_flow(idx, trace).items()}
+    probs, index, flow = w.call(run)
+    r4 = lambda xs: [round(x, 4) for x in xs]
+    lens = [[[{'token': w.tok.decode([i]), 'id': i, 'prob': round(p, 4)} for i, p in zip(ii, pp)]
+             for ii, pp in zip(li, lp)] for li, lp in zip(index, probs)]  # [layer][position][rank]
+    h.send_json(200, {'model': name, 'tokens': [w.tok.decode([t]) for t in ids], 'lens': lens,
+                      'flow': {'embed': r4(flow['embed'][0]), **{k: [r4(x[0]) for x in flow[k]] for k in ('resid', 'attn', 'mlp')},
+                               'entropy': [[r4(hd) for hd in x[0]] for x in flow['entropy']]}})
 
 def _runs(h, body):
     runs, skipped = read_runs(h.server.runs_dir)
@@ -415,7 +474,8 @@ def _leaderboard(h, body):
 API = {'/v1/models': ('GET', _models), '/v1/completions': ('POST', lambda h, b: _completion(h, b, False)),
        '/v1/chat/completions': ('POST', lambda h, b: _completion(h, b, True)), '/tokenize': ('POST', _tokenize),
        '/detokenize': ('POST', _detokenize), '/tokenizer_info': ('GET', _tokenizer_info),
-       '/v1/attention': ('POST', _attention), '/runs': ('GET', _runs), '/leaderboard': ('GET', _leaderboard)}
+       '/v1/attention': ('POST', _attention), '/v1/inspect': ('POST', _inspect),
+       '/v1/tokenizers': ('POST', _tokenizers), '/runs': ('GET', _runs), '/leaderboard': ('GET', _leaderboard)}
 
 # -----------------------------------------------------------------------------
 # HTTP

@@ -392,6 +392,29 @@ def test_attention_maps(server):
     assert torch.allclose(att.sum(-1), torch.ones(2, 4, 4), atol=1e-3) and att.triu(1).abs().max() == 0
 
 
+def test_inspect_logit_lens_and_flow(server, ref):
+    """/v1/inspect against the model itself: the lens's last layer is its own next-token distribution (top ids and
+    probabilities), every layer's top predictions come in order, and the flow has a number per layer and position."""
+    model, tok = ref['char']
+    status, body = call(server, 'POST', '/v1/inspect', {'model': 'char', 'prompt': 'To be', 'top': 3})
+    assert status == 200 and body['tokens'] == list('To be')
+    L, T = model.config.n_layer, 5
+    assert len(body['lens']) == L and all(len(row) == T and all(len(c) == 3 for c in row) for row in body['lens'])
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([tok.encode('To be')]))[0][0], -1)  # (T, V)
+    p, i = probs.topk(3, dim=-1)
+    assert [[c['id'] for c in cell] for cell in body['lens'][-1]] == i.tolist()
+    assert torch.allclose(torch.tensor([[c['prob'] for c in cell] for cell in body['lens'][-1]]), p, atol=1e-3)
+    assert all(cell[0]['prob'] >= cell[1]['prob'] >= cell[2]['prob'] for row in body['lens'] for cell in row)
+    assert all(c['token'] == tok.decode([c['id']]) for cell in body['lens'][0] for c in cell)
+    flow = body['flow']
+    assert len(flow['embed']) == T and all(len(flow[k]) == L and len(flow[k][0]) == T for k in ('resid', 'attn', 'mlp'))
+    assert len(flow['entropy']) == L and len(flow['entropy'][0]) == model.config.n_head
+    assert all(e[0] == 0 for layer in flow['entropy'] for e in layer)  # the first token can only attend to itself
+    status, body = call(server, 'POST', '/v1/inspect', {'model': 'char', 'prompt': 'x' * 500})
+    assert status == 400 and body['error']['param'] == 'prompt'
+
+
 BAD = [  # (method, path, body or raw bytes, status, param)
     ('POST', '/v1/completions', b'{"prompt": "a", ', 400, None),
     ('POST', '/v1/completions', [1, 2], 400, None),

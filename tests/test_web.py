@@ -122,7 +122,7 @@ def test_leaderboard_endpoint(site):
 
 
 def test_page_loads_every_tab(page):
-    for tab in ('inspect', 'compare', 'runs', 'chat'):
+    for tab in ('inspect', 'compare', 'arch', 'runs', 'chat'):
         page.find_element('css selector', f'#tabs button[data-tab={tab}]').click()
         assert js(page, f"return document.getElementById('{tab}').offsetHeight > 0")
     assert js(page, "return document.getElementById('params').querySelectorAll('input[type=range]').length") == 8
@@ -231,6 +231,86 @@ def test_compare_columns(site, page):
     for i, extra in ((0, {}), (5, {'num_beams': 4})):  # greedy and beam search, as the API gives them
         body = {'model': 'char', 'prompt': 'ROMEO:', 'max_tokens': 30, 'temperature': 0, **extra}
         assert cols[i][1] == call(site, 'POST', '/v1/completions', body)[1]['choices'][0]['text']
+
+
+def test_logit_lens_flow_and_tokenizers(site, page):
+    """The lens's top row is the model's own argmax at each position (the API's, and a plain forward's); the flow
+    draws a grid per quantity and head; the tokenizer columns equal each tokenizer's own encoding."""
+    import torch
+    page.find_element('css selector', '#tabs button[data-tab=inspect]').click()
+    set_value(page, 'model', 'char')
+    text = 'To be, or not to be: that is the question, said the pr'  # 56 tokens
+    set_value(page, 'inspect-text', text)
+    click(page, 'lens-btn')
+    wait(lambda: page.find_element('id', 'lens-box').is_displayed())
+    top = js(page, "return [...document.querySelector('#lens tr').querySelectorAll('td')].map(td => +td.dataset.id)")
+    w = site.engines['char']
+    with torch.no_grad():
+        want = w.model(torch.tensor([w.tok.encode(text)]))[0][0].argmax(-1).tolist()
+    assert top == want
+    layers = js(page, "return document.querySelectorAll('#lens tr').length")
+    assert layers == w.model.config.n_layer + 1  # a row per layer, then the input tokens
+    assert len(page.find_elements('css selector', '#flow canvas')) == 3 + w.model.config.n_head
+    ms = int(js(page, "return document.getElementById('lens-box').dataset.ms"))
+    print(f'logit lens + flow, {len(text)} tokens: drawn in {ms} ms after the data came')
+    assert ms < 500
+    # the tokenizer comparison: characters, GPT-2 (tiktoken), the model's own
+    set_value(page, 'model', 'bpe')
+    click(page, 'tokcmp-btn')
+    cols = wait(lambda: js(page, "return [...document.querySelectorAll('#tokcmp .tokcol')].map(c => "
+                                 "[...c.querySelectorAll('.tokens span')].length)"))
+    gpt2 = site.engines['bpe'].tok
+    assert cols == [len(text), len(gpt2.encode(text)), len(gpt2.encode(text))]
+
+
+def test_beam_tree_view(site, page):
+    """The compare tab's beam column draws the API's tree: its red path spells the beam column's text."""
+    page.find_element('css selector', '#tabs button[data-tab=compare]').click()
+    set_value(page, 'model', 'char')
+    set_value(page, 'compare-prompt', 'ROMEO:')
+    set_value(page, 'compare-max', '12')
+    click(page, 'run-compare')
+    wait(lambda: page.find_element('id', 'beam-box').is_displayed())
+    body = {'model': 'char', 'prompt': 'ROMEO:', 'max_tokens': 12, 'temperature': 0, 'num_beams': 4, 'beam_tree': True}
+    tree = call(site, 'POST', '/v1/completions', body)[1]['choices'][0]
+    drawn = js(page, "return [...document.querySelectorAll('#beam-tree g')].map(g => [+g.dataset.id, g.classList.contains('best'),"
+                     " g.classList.contains('pruned')])")
+    assert sorted(drawn) == sorted([n['id'], n['best'], n['pruned']] for n in tree['beam_tree'])
+    best = sorted((n for n in tree['beam_tree'] if n['best']), key=lambda n: n['step'])
+    assert ''.join(n['text'] for n in best) == tree['text']
+    set_value(page, 'beam-step', '2')  # step by step: later steps hide
+    shown = js(page, "return [...document.querySelectorAll('#beam-tree g')].filter(g => g.style.display !== 'none')"
+                     ".map(g => +g.dataset.step)")
+    assert shown and max(shown) == 2
+    assert int(js(page, "return document.getElementById('beam-box').dataset.ms")) < 100
+
+
+def test_architecture_view_and_calculator(site, page):
+    """The Model tab draws the served model's blocks; the calculator's counts equal model.py's for many configs."""
+    import random
+    from model import GPT, GPTConfig
+    page.find_element('css selector', '#tabs button[data-tab=arch]').click()
+    set_value(page, 'model', 'bpe')
+    page.find_element('css selector', '#tabs button[data-tab=arch]').click()
+    view = wait(lambda: page.find_element('id', 'arch-view').text)
+    assert 'Block × 2' in view and '4 query heads, 2 key/value heads' in view and 'SwiGLU' in view and 'RMSNorm' in view
+    assert int(js(page, "return document.getElementById('calc-out').dataset.params")) == \
+        site.engines['bpe'].model.num_params(non_embedding=False)
+    rng = random.Random(0)
+    for _ in range(40):
+        arch, n_head = rng.choice(['gpt2', 'llama']), rng.choice([1, 2, 4, 8])
+        cfg = dict(arch=arch, n_layer=rng.randint(1, 6), n_head=n_head, n_embd=n_head * 2 * rng.randint(1, 12),
+                   block_size=rng.choice([16, 64, 100]), vocab_size=rng.randint(10, 500), bias=rng.random() < 0.5,
+                   tie_embeddings=rng.random() < 0.5, ffn_hidden=rng.choice([0, 0, 24, 100]),
+                   n_kv_head=rng.choice([k for k in (1, 2, 4, 8) if n_head % k == 0]) if arch == 'llama' else 0)
+        m = GPT(GPTConfig(**cfg))
+        got = js(page, 'return calc(arguments[0])', cfg)
+        assert got['params'] == m.num_params(non_embedding=False), cfg
+        assert got['params_non_embedding'] == m.num_params(), cfg
+        assert got['flops_per_token'] == m.flops_per_token(), cfg
+    set_value(page, 'c-n_layer', '8')  # the calculator follows its inputs
+    assert int(js(page, "return document.getElementById('calc-out').dataset.params")) == \
+        GPT(GPTConfig(**{**site.engines['bpe'].model.config.__dict__, 'n_layer': 8})).num_params(non_embedding=False)
 
 
 def test_runs_curves_refresh_and_leaderboard(site, page):

@@ -2,9 +2,11 @@
 //   1) helpers: the JSON API, server-sent events, downloads
 //   2) models and tabs
 //   3) chat: settings, conversations in localStorage, streaming replies, token probabilities, export
-//   4) inspect: tokens (/tokenize, /detokenize) and the attention heatmap (/v1/attention)
-//   5) compare: one prompt under several decoding strategies (/v1/completions, in parallel)
-//   6) runs: loss curves from /runs (polled while a run trains) and the leaderboard (/leaderboard)
+//   4) inspect: tokens (/tokenize, /detokenize), the attention heatmap (/v1/attention), the logit lens and the
+//      activation flow (/v1/inspect), three tokenizers side by side (/v1/tokenizers)
+//   5) compare: one prompt under several decoding strategies (/v1/completions, in parallel), and the beam tree
+//   6) model: the served model's blocks, and a calculator of parameters, FLOPs, memory and time for any shape
+//   7) runs: loss curves from /runs (polled while a run trains) and the leaderboard (/leaderboard)
 'use strict';
 
 // -----------------------------------------------------------------------------
@@ -115,6 +117,7 @@ function showTab(name) {
   for (const s of document.querySelectorAll('.tab')) s.classList.toggle('on', s.id === name);
   history.replaceState(null, '', '#' + name);  // a reload comes back to this tab
   if (name === 'runs') guard($('runs-status'), refreshRuns);
+  if (name === 'arch') showArch();
 }
 for (const b of document.querySelectorAll('#tabs button')) b.onclick = () => showTab(b.dataset.tab);
 
@@ -412,6 +415,76 @@ $('heatmap').onmousemove = e => {  // name the cell under the pointer
   }
 };
 
+// the logit lens and the activation flow, from one /v1/inspect call (one traced forward pass)
+const shade = p => `hsl(${220 - 220 * p}, 80%, ${92 - 40 * p}%)`;  // a probability in [0, 1]: pale blue to red
+
+async function inspectModel() {
+  const ids = (await api('/tokenize', inspectBody())).tokens;
+  const t0 = performance.now(), j = await api('/v1/inspect', {model: model(), prompt: ids, top: 3});
+  const t1 = performance.now();
+  // 1) the lens: a table, the last layer on top (the stack grows upward), the input tokens along the bottom
+  const L = j.lens.length, rows = [];
+  for (let l = L - 1; l >= 0; l--) {
+    rows.push(el('tr', {}, el('th', {}, l === L - 1 ? `layer ${l} (output)` : `layer ${l}`), ...j.lens[l].map(cell => {
+      const td = el('td', {textContent: visible(cell[0].token), title: cell.map(c =>
+        `${JSON.stringify(c.token)} ${fmt(c.prob)}`).join('\n')});
+      td.style.background = shade(cell[0].prob);
+      td.dataset.id = cell[0].id;
+      return td;
+    })));
+  }
+  rows.push(el('tr', {}, el('th', {}, 'input'), ...j.tokens.map(t => el('th', {}, visible(t)))));
+  $('lens').replaceChildren(el('table', {}, ...rows));
+  // 2) the flow: one grid per quantity, layers up the side, positions along
+  const f = j.flow, grids = [['residual stream norm', f.resid], ['attention adds', f.attn], ['MLP adds', f.mlp]];
+  f.entropy[0].forEach((_, h) => grids.push([`head ${h} attention entropy (nats)`, f.entropy.map(layer => layer[h])]));
+  $('flow').replaceChildren(...grids.map(([title, m]) => {
+    const cv = el('canvas');
+    const box = el('div', {}, el('h4', {}, title), cv);
+    drawGrid(cv, m, j.tokens, title);
+    return box;
+  }));
+  $('lens-box').hidden = false;
+  $('lens-box').dataset.ms = Math.round(performance.now() - t1);  // render time after the data came (the tests read it)
+  $('tok-info').textContent = `logit lens and flow: ${L} layers x ${j.tokens.length} positions, ` +
+    `answered in ${Math.round(t1 - t0)} ms, drawn in ${$('lens-box').dataset.ms} ms`;
+}
+$('lens-btn').onclick = () => guard($('tok-info'), inspectModel);
+
+// a layers x positions grid of numbers on a canvas, the top row the last layer; darker = larger within the grid
+function drawGrid(cv, m, tokens, title) {
+  const L = m.length, T = m[0].length, cell = Math.max(6, Math.min(24, Math.floor(520 / T)));
+  const max = Math.max(...m.flat(), 1e-9);
+  cv.width = T * cell;
+  cv.height = L * cell;
+  const ctx = cv.getContext('2d');
+  m.forEach((row, l) => row.forEach((v, t) => {
+    ctx.fillStyle = `hsl(20, 85%, ${97 - 60 * v / max}%)`;
+    ctx.fillRect(t * cell, (L - 1 - l) * cell, cell, cell);
+  }));
+  cv.onmousemove = e => {
+    const r = cv.getBoundingClientRect();
+    const t = Math.floor((e.clientX - r.left) / r.width * T), l = L - 1 - Math.floor((e.clientY - r.top) / r.height * L);
+    if (m[l]?.[t] != null) $('flow-cell').textContent = `${title}: layer ${l}, position ${t} ` +
+      `(${JSON.stringify(tokens[t])}): ${fmt(m[l][t])}`;
+  };
+}
+
+// the same text under three tokenizers: one character per token, GPT-2's BPE (tiktoken), and the model's own
+async function compareTokenizers() {
+  const j = await api('/v1/tokenizers', {model: model(), text: $('inspect-text').value});
+  $('tokcmp').replaceChildren(...j.data.map(r => el('div', {className: 'tokcol'},
+    el('h4', {}, r.name), el('div', {className: 'dim'}, r.error ? r.error :
+      `${r.count} tokens · ${fmt(r.bytes_per_token, 2)} bytes per token · vocabulary ${r.vocab_size}`),
+    el('div', {className: 'tokens'}, ...(r.tokens || []).map((t, i) => {
+      const s = el('span', {}, visible(t));
+      s.style.background = `hsl(${(i * 47) % 360}, 70%, 88%)`;
+      return s;
+    })))));
+  $('tokcmp').hidden = false;
+}
+$('tokcmp-btn').onclick = () => guard($('tok-info'), compareTokenizers);
+
 // -----------------------------------------------------------------------------
 // 5) compare decoding strategies: the same prompt, one request per strategy, all at once
 
@@ -421,7 +494,7 @@ const STRATEGIES = [  // [name, sampling fields]; sampled columns share one seed
   ['top-k 40', {temperature: 1, top_k: 40}],
   ['top-p 0.9', {temperature: 1, top_p: 0.9}],
   ['min-p 0.1', {temperature: 1, min_p: 0.1}],
-  ['beam search (4)', {temperature: 0, num_beams: 4}],
+  ['beam search (4)', {temperature: 0, num_beams: 4, beam_tree: true}],
 ];
 
 async function compare() {
@@ -440,6 +513,7 @@ async function compare() {
     try {
       const body = {model: name, prompt, max_tokens, seed: Number($('compare-seed').value), logprobs: TOP_LOGPROBS, ...s};
       const c = (await api('/v1/completions', body)).choices[0], lp = c.logprobs;
+      if (c.beam_tree) drawBeamTree(c.beam_tree);
       // tokens with their probabilities when their pieces spell the text (a split UTF-8 character would not)
       if (lp && lp.tokens.join('') === c.text) {
         pre.replaceChildren(...lp.tokens.map((t, i) =>
@@ -458,8 +532,154 @@ async function compare() {
 }
 $('run-compare').onclick = () => guard($('columns'), compare);
 
+// the beam tree as SVG: x = step, y = the node's rank by score within its step; edges to the parent
+const SVG = 'http://www.w3.org/2000/svg';
+const svgEl = (tag, attrs, text) => {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text != null) e.textContent = text;
+  return e;
+};
+let beamNodes = [];
+
+function drawBeamTree(nodes) {
+  const t0 = performance.now();
+  beamNodes = nodes;
+  const steps = Math.max(...nodes.map(n => n.step)) + 1, DX = 110, DY = 34, at = {};
+  for (let s = 0; s < steps; s++) {
+    nodes.filter(n => n.step === s).sort((a, b) => b.score - a.score).forEach((n, r) => {
+      at[n.id] = [60 + s * DX, 20 + r * DY];
+    });
+  }
+  const rows = Math.max(...Object.values(at).map(p => p[1])) + 24, svg = $('beam-tree');
+  svg.setAttribute('width', 60 + steps * DX);
+  svg.setAttribute('height', rows);
+  const kids = [svgEl('text', {x: 4, y: 24}, 'prompt')];
+  for (const n of nodes) {
+    const [x, y] = at[n.id], [px, py] = n.parent == null ? [40, 20] : at[n.parent];
+    const g = svgEl('g', {class: [n.best ? 'best' : '', n.pruned ? 'pruned' : ''].join(' ').trim(), 'data-step': n.step,
+                         'data-id': n.id});
+    g.append(svgEl('line', {x1: px + 6, y1: py, x2: x - 6, y2: y}),
+             n.finished ? svgEl('rect', {x: x - 5, y: y - 5, width: 10, height: 10}) : svgEl('circle', {cx: x, cy: y, r: 5}),
+             svgEl('text', {x: x + 8, y: y - 2}, visible(n.text ?? String(n.token))),
+             svgEl('text', {x: x + 8, y: y + 10, fill: '#777'}, fmt(n.score, 2)),
+             svgEl('title', {}, `step ${n.step}: ${JSON.stringify(n.text)} logprob ${fmt(n.logprob)}, ` +
+                                `sum ${fmt(n.cum_logprob)}, score ${fmt(n.score)}` + (n.finished ? ' (finished)' : '') +
+                                (n.pruned ? ' (dropped)' : '') + (n.best ? ' (returned)' : '')));
+    kids.push(g);
+  }
+  svg.replaceChildren(...kids);
+  $('beam-step').max = steps - 1;
+  $('beam-step').value = steps - 1;
+  showBeamSteps();
+  $('beam-box').hidden = false;
+  $('beam-box').dataset.ms = Math.round(performance.now() - t0);
+}
+
+function showBeamSteps() {
+  const s = Number($('beam-step').value);
+  for (const g of $('beam-tree').querySelectorAll('g')) g.style.display = Number(g.dataset.step) <= s ? '' : 'none';
+  $('beam-step-n').textContent = `${s + 1} of ${Number($('beam-step').max) + 1}`;
+}
+$('beam-step').oninput = showBeamSteps;
+
 // -----------------------------------------------------------------------------
-// 6) runs: loss curves and the leaderboard
+// 6) the model: its blocks from its config, and a calculator of what a shape costs
+
+// model.py's arithmetic for a GPTConfig-like object: parameters (tied weights once), FLOPs, memory, time.
+// tests/test_web.py checks params, params_non_embedding and flops_per_token against GPT(config) for many configs.
+function calc(c) {
+  const llama = c.arch === 'llama', C = c.n_embd, L = c.n_layer, H = c.n_head, KV = c.n_kv_head || H, hs = C / H;
+  const V = c.vocab_size, T = c.block_size, bias = !llama && c.bias;
+  const F = c.ffn_hidden || (llama ? 64 * Math.ceil(8 * C / 3 / 64) : 4 * C);
+  const tie = c.tie_embeddings ?? !llama, b = n => bias ? n : 0;
+  const norm = C + b(C);  // LayerNorm: weight (+ bias); RMSNorm: weight
+  const attn = C * (H + 2 * KV) * hs + b((H + 2 * KV) * hs) + C * C + b(C);
+  const mlp = C * (llama ? 2 : 1) * F + b((llama ? 2 : 1) * F) + F * C + b(C);
+  const wte = V * C, wpe = llama ? 0 : T * C;
+  const params = wte + wpe + L * (2 * norm + attn + mlp) + norm + (tie ? 0 : V * C);
+  const flops = 6 * (params - wpe) + 12 * L * C * T;  // training FLOPs per token (PaLM, appendix B)
+  const bytes = {float32: 4, bfloat16: 2}[c.dtype || 'float32'], B = c.batch_size || 1;
+  // activations kept for the backward pass (Korthikanti et al. 2022, no recomputation): 34C + 5HT values of 2 bytes
+  // per token and layer in 16-bit, twice that in fp32; plus the logits and their gradient
+  const act = L * B * T * (34 * C + 5 * H * T) * bytes / 2 + 2 * B * T * V * 4;
+  return {params, params_non_embedding: params - wte - wpe, flops_per_token: flops,
+          kv_bytes_per_token: 2 * L * KV * hs * bytes, kv_bytes_context: 2 * L * KV * hs * bytes * T,
+          train_bytes: params * (bytes + 4 + 8) + act,  // weights, fp32 grads, AdamW's two moments; activations
+          ms_per_iter: 1000 * flops * B * T / ((c.peak_gflops || 163) * 1e9 * (c.mfu || 50) / 100)};
+}
+window.calc = calc;  // for the browser tests
+
+const human = (n, unit = '') => n >= 1e12 ? `${(n / 1e12).toFixed(2)} T${unit}` : n >= 1e9 ? `${(n / 1e9).toFixed(2)} G${unit}` :
+  n >= 1e6 ? `${(n / 1e6).toFixed(2)} M${unit}` : n >= 1e3 ? `${(n / 1e3).toFixed(1)} k${unit}` : `${Math.round(n)} ${unit}`;
+
+// the blocks of a config, bottom (embeddings) to top (the head), as nested boxes; the repeated block once, xL
+function drawArch(c) {
+  const llama = c.arch === 'llama', box = (cls, title, ...lines) =>
+    el('div', {className: 'blk ' + cls}, el('b', {}, title), ...lines.map(t => el('div', {className: 'dim'}, t)));
+  const norm = llama ? 'RMSNorm' : 'LayerNorm', hs = c.n_embd / c.n_head;
+  const block = el('div', {className: 'blk rep'},
+    el('b', {}, `Block × ${c.n_layer}  (model.py Block)`),
+    box('norm', `${norm} (ln_1)`),
+    box('attn', 'CausalSelfAttention', `${c.n_head} query heads` + (c.n_kv_head !== c.n_head ?
+      `, ${c.n_kv_head} key/value heads (grouped-query)` : '') + ` of size ${hs}`,
+      llama ? 'RoPE rotates q and k by position' : 'causal softmax(q k^T / sqrt(hs)) v', '+ back into the residual stream'),
+    box('norm', `${norm} (ln_2)`),
+    box('mlp', llama ? 'MLP: SwiGLU' : 'MLP: GELU', llama ? `silu(gate) * up: ${c.n_embd} -> 2x${c.ffn_hidden} -> ${c.n_embd}`
+      : `${c.n_embd} -> ${c.ffn_hidden} -> ${c.n_embd}`, '+ back into the residual stream'));
+  $('arch-view').replaceChildren(
+    box('', 'token embedding (wte)', `${c.vocab_size} tokens x ${c.n_embd}`),
+    ...(llama ? [] : [box('', '+ learned positions (wpe)', `${c.block_size} positions x ${c.n_embd}`)]),
+    block, box('norm', `final ${norm} (ln_f)`),
+    box('', 'LM head', `${c.n_embd} -> ${c.vocab_size} logits` + (c.tie_embeddings ? ', the embedding\'s weight (tied)' : '')));
+}
+
+// the calculator's fields: [key, label, default]; the served model's config fills them in
+const CALC = [['arch', 'arch', 'gpt2'], ['n_layer', 'layers', 4], ['n_head', 'heads', 4], ['n_kv_head', 'kv heads', 4],
+              ['n_embd', 'width', 128], ['ffn_hidden', 'MLP width (0 = default)', 0], ['block_size', 'context', 64],
+              ['vocab_size', 'vocabulary', 65], ['batch_size', 'batch (training)', 12], ['dtype', 'dtype', 'float32'],
+              ['peak_gflops', 'peak GFLOP/s', 163], ['mfu', 'MFU %', 50]];
+for (const [k, label, d] of CALC) {
+  const input = k === 'arch' || k === 'dtype' ?
+    el('select', {id: 'c-' + k}, ...(k === 'arch' ? ['gpt2', 'llama'] : ['float32', 'bfloat16']).map(v => new Option(v, v))) :
+    el('input', {type: 'number', id: 'c-' + k, value: d, min: 0});
+  input.value = d;
+  input.oninput = input.onchange = showCalc;
+  $('calc-form').append(el('label', {}, label, input));
+}
+$('calc-form').append(el('label', {}, el('input', {type: 'checkbox', id: 'c-tie', checked: true, onchange: showCalc}),
+                         ' tie embedding and head'), el('label', {}, el('input', {type: 'checkbox', id: 'c-bias',
+                         onchange: showCalc}), ' biases (gpt2)'));
+
+function calcConfig() {
+  const c = Object.fromEntries(CALC.map(([k]) => [k, k === 'arch' || k === 'dtype' ? $('c-' + k).value : Number($('c-' + k).value)]));
+  return {...c, tie_embeddings: $('c-tie').checked, bias: $('c-bias').checked};
+}
+
+function showCalc() {
+  const c = calcConfig(), r = calc(c), hs = c.n_embd / c.n_head;
+  const bad = !(hs % 1 === 0 && c.n_head % (c.n_kv_head || c.n_head) === 0 && (c.arch === 'llama' || !c.n_kv_head ||
+               c.n_kv_head === c.n_head) && (c.arch !== 'llama' || hs % 2 === 0));
+  const rows = bad ? [['this shape is not valid', 'width must divide into heads, heads into kv heads (llama: even head size)']] : [
+    ['parameters', human(r.params)], ['without the embeddings', human(r.params_non_embedding)],
+    ['training FLOPs per token', human(r.flops_per_token, 'FLOP')],
+    ['KV cache per token', human(r.kv_bytes_per_token, 'B')], ['KV cache, full context', human(r.kv_bytes_context, 'B')],
+    ['training memory (batch)', human(r.train_bytes, 'B')], ['time per iteration (batch)', `${fmt(r.ms_per_iter, 1)} ms`]];
+  $('calc-out').replaceChildren(...rows.map(([k, v]) => el('tr', {}, el('td', {}, k), el('td', {}, v))));
+  $('calc-out').dataset.params = bad ? '' : r.params;
+}
+
+function showArch() {
+  const c = models[model()].config;
+  drawArch(c);
+  for (const [k] of CALC) if (k in c) $('c-' + k).value = c[k];
+  $('c-tie').checked = c.tie_embeddings;
+  $('c-bias').checked = c.bias;
+  showCalc();
+}
+
+// -----------------------------------------------------------------------------
+// 7) runs: loss curves and the leaderboard
 
 const finite = v => typeof v === 'number' && isFinite(v);  // a diverged run logs NaN/inf: left out
 
@@ -560,5 +780,5 @@ if (matchMedia('(max-width: 760px)').matches) $('settings').open = false;  // a 
 renderChat();
 guard($('chat-status'), async () => {
   await loadModels();
-  showTab(location.hash.slice(1) in {chat: 1, inspect: 1, compare: 1, runs: 1} ? location.hash.slice(1) : 'chat');
+  showTab(location.hash.slice(1) in {chat: 1, inspect: 1, compare: 1, arch: 1, runs: 1} ? location.hash.slice(1) : 'chat');
 });
