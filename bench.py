@@ -19,8 +19,9 @@ at `nocache_tokens` new tokens; and time to first token for a `ttft_prompt`-toke
 Ours and theirs run interleaved, best of `repeats`, so both see the same machine state.
 
 train: ms/iter, tokens/s and MFU of train.py's training step (forward, backward, clip, fused AdamW) on
-random tokens, for the CPU default config (configs/shakespeare_char.py's 4x4x128 model, block 64, batch 12)
-and nanoGPT's baby GPT (6x6x384, block 256, batch 64, dropout 0.2), with torch.compile off and on.
+random tokens, for the CPU default config (configs/shakespeare_char.py: Llama blocks 4x4x128, block 64, batch 16,
+Muon), nanoGPT's CPU config (GPT-2 blocks 4x4x128, batch 12, AdamW) and its baby GPT (6x6x384, block 256, batch
+64, dropout 0.2), with torch.compile off and on.
 MFU divides by 163 GFLOP/s on CPU (fp32 matmul 2048^2 on 2 cores, SPEC.md) or 989 TFLOP/s on CUDA.
 Then whole runs of train.py back to back (`train_runs`), each in a fresh process into a temporary out_dir: `default`
 is `python train.py` as a user types it; `nanogpt` is nanoGPT's documented CPU run (its README: shakespeare_char,
@@ -69,7 +70,7 @@ hf = True                     # also time Hugging Face generate on identical wei
 device = 'cpu'                # 'cpu' | 'cuda' | 'auto'
 dtype = 'float32'             # 'auto' | 'float32' | 'bfloat16' | 'float16'
 seed = 1337                   # weights and prompts
-train_models = 'cpu_default,baby_gpt'  # train: comma list of TRAIN_SHAPES
+train_models = 'cpu_default,nanogpt_cpu,baby_gpt'  # train: comma list of TRAIN_SHAPES
 compile_modes = 'False,True'  # train: time the step without and with torch.compile
 train_runs = 'nanogpt,default'  # train: whole runs timed back to back after the steps (TRAIN_RUNS); '' = none
 serve_model = 'out-shakespeare-char'  # serve: the model served (an out_dir; `python train.py` writes this one)
@@ -170,8 +171,10 @@ def bench_decode(name):
 # -----------------------------------------------------------------------------
 # training step
 
-TRAIN_SHAPES = {  # model, batch and timed steps (after `warmup` untimed ones)
-    'cpu_default': dict(model=dict(arch='gpt2', n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False),
+TRAIN_SHAPES = {  # model, batch, optimizer and timed steps (after `warmup` untimed ones)
+    'cpu_default': dict(model=dict(arch='llama', n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=64, vocab_size=65,
+                                   tie_embeddings=True), batch_size=16, optim='muon', ns_steps=3, warmup=10, iters=100),
+    'nanogpt_cpu': dict(model=dict(arch='gpt2', n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False),
                         batch_size=12, warmup=10, iters=100),
     'baby_gpt': dict(model=dict(arch='gpt2', n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False,
                                 dropout=0.2), batch_size=64, warmup=1, iters=3),
@@ -179,7 +182,8 @@ TRAIN_SHAPES = {  # model, batch and timed steps (after `warmup` untimed ones)
 
 
 def bench_train(name):
-    """train.py's step: forward and backward, gradient norm and clipping at 1.0, fused AdamW."""
+    """train.py's step: forward and backward, gradient norm and clipping at 1.0, the optimizer (fused AdamW, or Muon
+    for the blocks' matrices with AdamW for the rest)."""
     shape = TRAIN_SHAPES[name]
     B, T = shape['batch_size'], shape['model']['block_size']
     peak = 989e12 if device.startswith('cuda') else 163e9
@@ -188,7 +192,8 @@ def bench_train(name):
         torch.manual_seed(seed)
         raw_model = GPT(GPTConfig(**shape['model'])).to(device)
         model = torch.compile(raw_model) if comp else raw_model
-        optimizer = configure_optimizer(raw_model, 0.1, 1e-3, (0.9, 0.99), device.split(':')[0])
+        optimizer = configure_optimizer(raw_model, 0.1, 1e-3, (0.9, 0.99), device.split(':')[0], shape.get('optim', 'adamw'),
+                                        shape.get('ns_steps', 5))
         scaler = torch.amp.GradScaler(enabled=False)  # fp32 and bf16: no loss scaling, as train.py
         ctx = autocast_ctx(device, ptdtype)
         x, y = (torch.randint(0, shape['model']['vocab_size'], (B, T), device=device) for _ in range(2))
@@ -432,9 +437,10 @@ elif __name__ == '__main__' and which == 'train':
     if bad := [n for n in train_runs.split(',') if n and n not in TRAIN_RUNS]:
         raise SystemExit(f"error: unknown training run '{bad[0]}'; use one of {', '.join(TRAIN_RUNS)}")
     runs = [bench_train_run(n) for n in train_runs.split(',') if n]  # back to back, the order given
-    if runs:
-        base = dict((n, w) for n, w, _, _ in runs).get('nanogpt')
-        print("\n| run | wall s | final val loss | val <= 1.70 after (s) | wall vs nanogpt |\n|---|---|---|---|---|")
+    if runs:  # the machine's speed drifts between runs: compare each with the mean of the nanogpt runs
+        walls = [w for n, w, _, _ in runs if n == 'nanogpt']
+        base = sum(walls) / len(walls) if walls else None
+        print("\n| run | wall s | final val loss | val <= 1.70 after (s) | wall vs nanogpt's mean |\n|---|---|---|---|---|")
         for n, w, loss, reached in runs:
             print(f"| {n} | {w:.1f} | {loss:.4f} | {'never' if reached is None else f'{reached:.1f}'} | "
                   f"{f'{w / base:.2f}x' if base else ''} |")

@@ -34,11 +34,12 @@ from results import read_metrics  # the one reader of metrics.jsonl
 
 OPTIMIZERS = ('adamw', 'muon')
 
-def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, kind='adamw'):
+def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, kind='adamw', ns_steps=5):
     """AdamW with weight decay on every >=2-D parameter (matmul weights, embeddings) and none on biases and
     norm gains (as nanoGPT and GPT-3 do). Tied weights appear once in model.parameters(), so step once.
     kind='muon': torch.optim.Muon (momentum, then the update orthogonalized by Newton-Schulz; Jordan et al.
-    2024) for the blocks' matrices, AdamW for the embeddings, the head and the 1-D gains, as one Optimizers."""
+    2024) for the blocks' matrices, AdamW for the embeddings, the head and the 1-D gains, as one Optimizers;
+    ns_steps: its Newton-Schulz iterations per step (torch's default is 5)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     matrix = lambda n, p: p.dim() == 2 and '.h.' in n  # a block's Linear weight, not an embedding or the head
     hidden = [p for n, p in named if kind == 'muon' and matrix(n, p)]
@@ -62,7 +63,8 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type, 
     if kind != 'muon':
         raise ValueError(f"unknown optimizer '{kind}'; use one of {OPTIMIZERS}")
     # match_rms_adamw scales each matrix's step to AdamW's size (Liu et al. 2025), so one learning rate serves both
-    muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn='match_rms_adamw')
+    muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn='match_rms_adamw',
+                            ns_steps=ns_steps)
     return Optimizers(optimizer, muon)
 
 class Optimizers:
@@ -70,7 +72,10 @@ class Optimizers:
     load_state_dict, which are all that the trainers and torch's GradScaler use."""
     def __init__(self, *optimizers):
         self.optimizers = optimizers
-        self.param_groups = [g for o in optimizers for g in o.param_groups]
+
+    @property
+    def param_groups(self):  # subtle: read each time, since load_state_dict replaces an optimizer's group dicts
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self):
         for o in self.optimizers:

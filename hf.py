@@ -42,6 +42,9 @@ def config_from_hf(hf):
     raise ValueError(f"unsupported Hugging Face model_type '{mt}'; nanolab reads gpt2 and llama checkpoints")
 
 def config_to_hf(c, eot=None):
+    if c.positions != ('learned' if c.arch == 'gpt2' else 'rope'):
+        raise ValueError(f"Hugging Face's {c.arch} has no positions='{c.positions}'; export a model with its arch's own "
+                         f"positions ({'learned' if c.arch == 'gpt2' else 'rope'})")
     eot = eot if eot is not None and eot < c.vocab_size else None
     if c.arch == 'gpt2':
         return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=c.vocab_size, n_positions=c.block_size,

@@ -3,6 +3,7 @@ The nanolab model: one GPT with selectable blocks, plus everything that touches 
 
     arch='gpt2'   learned positions, LayerNorm, GELU MLP, tied embeddings   (GPT-2, Radford et al. 2019)
     arch='llama'  RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases   (Touvron et al. 2023)
+    positions     'learned' (gpt2's), 'rope' (llama's) or 'sinusoidal' (Vaswani et al. 2017), with either arch
 
 Also here, because every script needs them exactly once:
   1) device / dtype selection and the autocast context
@@ -26,6 +27,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 ARCHS = ('gpt2', 'llama')
+POSITIONS = ('learned', 'rope', 'sinusoidal')
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')  # the dtype setting of every script (resolve_dtype)
 
 # -----------------------------------------------------------------------------
@@ -87,7 +89,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True            # biases in Linear and LayerNorm (gpt2 only; llama has none)
     tie_embeddings: bool = None  # share the token embedding with the output head; None = arch default (gpt2 yes, llama no)
-    rope_theta: float = 10000.0  # RoPE base (llama)
+    positions: str = None        # 'learned' | 'rope' | 'sinusoidal'; None = the arch's (gpt2 learned, llama rope)
+    rope_theta: float = 10000.0  # RoPE base (and the sinusoids' base is 10000, as the original Transformer's)
     norm_eps: float = 1e-5       # LayerNorm / RMSNorm epsilon
 
     def __post_init__(self):
@@ -95,6 +98,10 @@ class GPTConfig:
             raise ValueError(f"unknown arch '{self.arch}'; use one of {ARCHS}")
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
+        if not self.positions:  # None or '' (a script's setting)
+            self.positions = 'learned' if self.arch == 'gpt2' else 'rope'
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown positions '{self.positions}'; use one of {POSITIONS}")
         if self.tie_embeddings is None:  # GPT-2 ties them (Press & Wolf 2017); Llama keeps a separate head
             self.tie_embeddings = self.arch == 'gpt2'
         if self.n_embd % self.n_head != 0:
@@ -102,12 +109,13 @@ class GPTConfig:
         if self.n_head % self.n_kv_head != 0:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.arch == 'llama':
-            if self.bias:
-                self.bias = False  # Llama blocks have no biases by definition
-            if (self.n_embd // self.n_head) % 2 != 0:
-                raise ValueError("llama needs an even head size for RoPE; change n_embd or n_head")
+            self.bias = False  # Llama blocks have no biases by definition
         elif self.n_kv_head != self.n_head:
             raise ValueError("grouped-query attention (n_kv_head < n_head) needs arch='llama'")
+        if self.positions == 'rope' and (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError("RoPE needs an even head size; change n_embd or n_head")
+        if self.positions == 'sinusoidal' and self.n_embd % 2 != 0:
+            raise ValueError("sinusoidal positions need an even n_embd (sine and cosine pairs)")
         if self.ffn_hidden == 0:
             self.ffn_hidden = 4 * self.n_embd if self.arch == 'gpt2' else 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
@@ -138,6 +146,14 @@ def rope_tables(config):
     freqs = torch.outer(t, inv_freq)              # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)       # (T, hs)
     return emb.cos(), emb.sin()
+
+def sinusoid_table(config):
+    """The original Transformer's fixed positions (Vaswani et al. 2017, 3.5), (block_size, n_embd): dimension 2i of
+    position p is sin(p / 10000^(2i/C)), dimension 2i+1 its cos. Nothing to learn; added to the token embedding."""
+    C = config.n_embd
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, C, 2, dtype=torch.int64).float() / C))  # (C/2,)
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.int64).float(), inv_freq)  # (T, C/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # (T, C): sin, cos interleaved
 
 def apply_rope(x, cos, sin):
     """x: (B, nh, T, hs); cos/sin: (B, 1, T, hs), already gathered at each token's position."""
@@ -340,8 +356,10 @@ class GPT(nn.Module):
             ln_f=RMSNorm(config.n_embd, config.norm_eps) if config.arch == 'llama'
                  else nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
         ))
-        if config.arch == 'gpt2':
+        if config.positions == 'learned':
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        elif config.positions == 'sinusoidal':
+            self.register_buffer('sinusoids', sinusoid_table(config), persistent=False)
         else:
             cos, sin = rope_tables(config)
             self.register_buffer('rope_cos', cos, persistent=False)
@@ -390,8 +408,10 @@ class GPT(nn.Module):
         # 2) embeddings
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
-        if self.config.arch == 'gpt2':
+        if self.config.positions == 'learned':
             x = x + self.transformer.wpe(pos)
+        elif self.config.positions == 'sinusoidal':
+            x = x + self.sinusoids[pos].to(x.dtype)
         else:
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (1, T, hs)
             rope = (cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))  # (1, 1, T, hs)
@@ -462,7 +482,7 @@ class GPT(nn.Module):
         n += sum(getattr(m, 'swapped_weights', 0) for m in self.modules())  # quantize.py's swapped weights: buffers
         if non_embedding:
             n -= self.transformer.wte.weight.numel()
-            if self.config.arch == 'gpt2':
+            if self.config.positions == 'learned':
                 n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -471,7 +491,7 @@ class GPT(nn.Module):
         plus 12*L*C*T for attention (PaLM paper, appendix B). T defaults to block_size."""
         cfg = self.config
         T = T or cfg.block_size
-        N = self.num_params(non_embedding=False) - (0 if cfg.arch == 'llama' else self.transformer.wpe.weight.numel())
+        N = self.num_params(non_embedding=False) - (self.transformer.wpe.weight.numel() if cfg.positions == 'learned' else 0)
         return 6 * N + 12 * cfg.n_layer * cfg.n_embd * T
 
     def estimate_mfu(self, tokens_per_sec, peak_flops, T=None):
@@ -498,8 +518,8 @@ class GPT(nn.Module):
         with the same logits, plus tokenizer files for BPE tokenizers (so AutoTokenizer works too)."""
         from safetensors.torch import save_file
         import hf
+        hf_config = hf.config_to_hf(self.config, eot=getattr(tokenizer, 'eot', None))  # refuses what HF can't hold
         os.makedirs(out_dir, exist_ok=True)
-        hf_config = hf.config_to_hf(self.config, eot=getattr(tokenizer, 'eot', None))
         hf_config['torch_dtype'] = hf_config['dtype'] = str(next(self.parameters()).dtype).replace('torch.', '')
         sd = {k: v.contiguous() for k, v in hf.state_dict_to_hf(self.state_dict(), self.config).items()}
         save_file(sd, os.path.join(out_dir, 'model.safetensors.tmp'), metadata={'format': 'pt'})

@@ -81,7 +81,7 @@ COMMON_FIELDS = {'model', 'max_tokens', 'temperature', 'top_p', 'n', 'stop', 'se
                  'frequency_penalty', 'stream', 'stream_options', 'user', 'top_k', 'min_p', 'repetition_penalty',
                  'num_beams', 'length_penalty', 'beam_tree'}
 COMPLETION_FIELDS = COMMON_FIELDS | {'prompt', 'logprobs', 'echo'}
-CHAT_FIELDS = COMMON_FIELDS | {'messages', 'logprobs', 'top_logprobs', 'max_completion_tokens'}
+CHAT_FIELDS = COMMON_FIELDS | {'messages', 'logprobs', 'top_logprobs', 'max_completion_tokens', 'continue_final_message'}
 
 @dataclass
 class Call:
@@ -151,7 +151,8 @@ def _read_request(name, w, body, chat):
                                    'messages', 'invalid_type')
                 m['content'] = ''.join(p['text'] for p in m['content'])
         try:
-            prompts = [tok.render_chat(messages, add_generation_prompt=True)[0]]
+            cont = _flag(body, 'continue_final_message')  # the last (assistant) message goes on: no new turn
+            prompts = [tok.render_chat(messages, add_generation_prompt=not cont, continue_final_message=cont)[0]]
         except ValueError as e:
             raise ApiError(400, f"'messages': {e}", 'messages') from None
         stop_tokens, stop_strings = tok.chat_stop_tokens, list(tok.stop_strings)
@@ -349,7 +350,8 @@ def _tokenize(h, body):
     text = body.get('prompt')
     if 'messages' in body:  # the chat template's tokens, as /v1/chat/completions would decode from
         try:
-            ids = w.tok.render_chat(body['messages'], add_generation_prompt=_flag(body, 'add_generation_prompt'))[0]
+            ids = w.tok.render_chat(body['messages'], add_generation_prompt=_flag(body, 'add_generation_prompt'),
+                                    continue_final_message=_flag(body, 'continue_final_message'))[0]
         except ValueError as e:
             raise ApiError(400, f"'messages': {e}", 'messages') from None
     elif not isinstance(text, str):
@@ -458,6 +460,25 @@ def _inspect(h, body):
                       'flow': {'embed': r4(flow['embed'][0]), **{k: [r4(x[0]) for x in flow[k]] for k in ('resid', 'attn', 'mlp')},
                                'entropy': [[r4(hd) for hd in x[0]] for x in flow['entropy']]}})
 
+EMBED_POINTS = 4096  # token embeddings /v1/embedding_map projects at most
+
+def _embedding_map(h, body):
+    """The token embedding table (wte) projected to 3-D by PCA (the three directions of most variance of its first
+    'n' rows, centred): what the page's overview turns in 3-D. explained: each axis's share of the variance."""
+    name, w = h.engine(body)
+    n = _number(body, 'n', 512, 1, EMBED_POINTS, integer=True)
+
+    def run():
+        ids = torch.arange(min(n, w.V), device=w.device)
+        E = w.model.transformer.wte(ids).detach().float()  # (n, C); through the module: int8 tables too
+        E = E - E.mean(0)
+        U, S, _ = torch.linalg.svd(E, full_matrices=False)  # E = U S V^T: U S are the rows in V's basis
+        pts = (U[:, :3] * S[:3]) / (S[0] if S[0] > 0 else 1)  # 3-D, the widest axis scaled to about [-1, 1]
+        return pts.tolist(), (S[:3] ** 2 / (S ** 2).sum().clamp_min(1e-12)).tolist()
+    points, explained = w.call(run)
+    h.send_json(200, {'model': name, 'tokens': [w.tok.decode([i]) for i in range(len(points))],
+                      'points': [[round(x, 4) for x in p] for p in points], 'explained': [round(x, 4) for x in explained]})
+
 def _runs(h, body):
     runs, skipped = read_runs(h.server.runs_dir)
     h.send_json(200, {'object': 'list', 'skipped': skipped,
@@ -475,7 +496,7 @@ API = {'/v1/models': ('GET', _models), '/v1/completions': ('POST', lambda h, b: 
        '/v1/chat/completions': ('POST', lambda h, b: _completion(h, b, True)), '/tokenize': ('POST', _tokenize),
        '/detokenize': ('POST', _detokenize), '/tokenizer_info': ('GET', _tokenizer_info),
        '/v1/attention': ('POST', _attention), '/v1/inspect': ('POST', _inspect),
-       '/v1/tokenizers': ('POST', _tokenizers), '/runs': ('GET', _runs), '/leaderboard': ('GET', _leaderboard)}
+       '/v1/tokenizers': ('POST', _tokenizers), '/v1/embedding_map': ('POST', _embedding_map), '/runs': ('GET', _runs), '/leaderboard': ('GET', _leaderboard)}
 
 # -----------------------------------------------------------------------------
 # HTTP

@@ -109,9 +109,15 @@ class Tokenizer:
         """Strings that end an assistant turn, for kinds whose turns end in plain text."""
         return [] if self._has_chat_tokens() or self.eot is not None else [TEXT_END]
 
-    def render_chat(self, messages, add_generation_prompt=False):
+    def render_chat(self, messages, add_generation_prompt=False, continue_final_message=False):
         """messages [{'role', 'content'}, ...] -> (ids, mask) with the chat template;
-        mask[i] = 1 iff token i is assistant content or an assistant end-of-turn token."""
+        mask[i] = 1 iff token i is assistant content or an assistant end-of-turn token.
+        continue_final_message (Hugging Face's name): the last message, the assistant's, stays open (no end of turn),
+        so a model prompted with it goes on writing that reply (the page's "what if" branches)."""
+        if continue_final_message and (add_generation_prompt or not messages or not isinstance(messages[-1], dict)
+                                       or messages[-1].get('role') != 'assistant'):
+            raise ValueError("continue_final_message continues the last message, which must be the assistant's "
+                             "(and needs no generation prompt)")
         if not isinstance(messages, (list, tuple)):
             raise ValueError(f'messages must be a list of {{"role", "content"}} dicts, got {type(messages).__name__}')
         headers, end = self._chat_format()
@@ -124,7 +130,7 @@ class Tokenizer:
             if not isinstance(m.get('content'), str):
                 raise ValueError(f'message {i}: content must be a str, got {type(m.get("content")).__name__}; '
                                  'join multi-part content into one string')
-            body = self.encode(m['content']) + end
+            body = self.encode(m['content']) + (end if not (continue_final_message and i == len(messages) - 1) else [])
             ids += headers[role] + body
             mask += [0] * len(headers[role]) + [int(role == 'assistant')] * len(body)
         if add_generation_prompt:

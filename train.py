@@ -60,23 +60,25 @@ wandb_run_name = 'run'        # wandb run name
 dataset = 'shakespeare_char'  # data_dir/<dataset>/ from data.py; named datasets are prepared when missing
 data_dir = 'data'             # where datasets live
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all DDP processes together
-batch_size = 12               # sequences per micro-batch (per process)
+batch_size = 16               # sequences per micro-batch (per process)
 block_size = 64               # tokens per sequence (context length)
 # model (scratch only: resume takes them from the checkpoint, a model source from itself)
-arch = 'gpt2'                 # 'gpt2' | 'llama'
+arch = 'llama'                # 'gpt2' | 'llama'
 n_layer = 4                   # transformer blocks
 n_head = 4                    # attention (query) heads
-n_kv_head = 0                 # key/value heads (llama GQA); 0 = n_head
+n_kv_head = 2                 # key/value heads (llama GQA); 0 = n_head
 n_embd = 128                  # embedding width
 ffn_hidden = 0                # MLP width; 0 = 4*n_embd (gpt2), 8/3*n_embd rounded up to 64 (llama)
 vocab_size = 0                # model vocabulary; 0 = the dataset's (set e.g. 50304 to pad GPT-2's for speed)
 dropout = 0.0                 # dropout rate; 0 for pretraining, 0.1+ for small data
 bias = False                  # biases in Linear and LayerNorm (gpt2; nanoGPT: False is a bit better and faster)
-tie_embeddings = None         # share the token embedding with the output head; None = the arch's way (gpt2 yes, llama no)
+tie_embeddings = True         # share the token embedding with the output head (gpt2 does; llama models often do not)
+positions = ''                # 'learned' | 'rope' | 'sinusoidal' (fixed, Vaswani et al. 2017); '' = the arch's (gpt2 learned, llama rope)
 # optimizer
-optim = 'adamw'               # 'adamw' | 'muon' (Muon for the blocks' matrices, AdamW for the rest)
+optim = 'muon'                # 'adamw' | 'muon' (Muon for the blocks' matrices, AdamW for the rest)
+muon_ns_steps = 3             # muon: Newton-Schulz iterations per step (torch's default 5; each costs ~3 small matmuls per matrix)
 learning_rate = 3e-3          # peak learning rate
-max_iters = 1500              # total optimizer steps
+max_iters = 1000              # total optimizer steps
 weight_decay = 0.1            # on >=2-D weights only
 beta1 = 0.9                   # AdamW beta1
 beta2 = 0.99                  # AdamW beta2 (0.99 for small batches, 0.95 for big runs)
@@ -84,7 +86,7 @@ grad_clip = 1.0               # clip the global gradient norm at this value; 0 =
 # learning-rate schedule
 lr_schedule = 'cosine'        # 'cosine' | 'linear' | 'constant'
 warmup_iters = 100            # linear warmup steps
-lr_decay_iters = 1500         # decay ends here (~max_iters, Chinchilla)
+lr_decay_iters = 1000         # decay ends here (~max_iters, Chinchilla)
 min_lr = 3e-4                 # floor after decay (~learning_rate/10)
 # system
 device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
@@ -96,8 +98,8 @@ peak_flops = 0.0              # FLOP/s that MFU divides by; 0 = auto: 989e12 on 
 # -----------------------------------------------------------------------------
 from configurator import configure
 from common import LR_SCHEDULES, OPTIMIZERS
-from model import ARCHS, DTYPES
-CHOICES = {'arch': ARCHS, 'lr_schedule': LR_SCHEDULES, 'backend': ('auto', 'nccl', 'gloo'), 'dtype': DTYPES,
+from model import ARCHS, DTYPES, POSITIONS
+CHOICES = {'arch': ARCHS, 'positions': ('', *POSITIONS), 'lr_schedule': LR_SCHEDULES, 'backend': ('auto', 'nccl', 'gloo'), 'dtype': DTYPES,
            'optim': OPTIMIZERS}
 config = configure(globals(), choices=CHOICES)
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name in config]  # settings that are model args
@@ -121,8 +123,8 @@ if init_from == 'resume':
     except ValueError as e:
         fail(e)
     globals().update(config)
-    for k in MODEL_KEYS:
-        if k != 'block_size' and globals()[k] != ckpt['model_args'][k]:
+    for k in MODEL_KEYS:  # (a key the checkpoint predates keeps its default: GPTConfig's for that checkpoint too)
+        if k != 'block_size' and k in ckpt['model_args'] and globals()[k] != ckpt['model_args'][k]:
             if master_process:
                 print(f"resume: {k} = {ckpt['model_args'][k]!r} from the checkpoint (not {globals()[k]!r})")
             globals()[k] = ckpt['model_args'][k]
@@ -196,7 +198,7 @@ if master_process:
           f"{device}, {str(ptdtype).replace('torch.', '')}" + (f', {world_size} processes' if ddp else ''))
 
 # 4) optimizer, fp16 gradient scaler, random state, compile, DDP
-optimizer = configure_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), device_type, optim)
+optimizer = configure_optimizer(raw_model, weight_decay, learning_rate, (beta1, beta2), device_type, optim, muon_ns_steps)
 scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))  # a no-op unless fp16
 sampler = torch.Generator().manual_seed(seed)  # draws the training batches' offsets (the same on every rank)
 elapsed0 = 0.0  # training seconds before this process started (resume)

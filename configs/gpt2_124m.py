@@ -18,6 +18,9 @@ batch_size = 12
 block_size = 1024
 
 arch = 'gpt2'
+n_kv_head = 0
+tie_embeddings = True
+optim = 'adamw'
 n_layer = 12
 n_head = 12
 n_embd = 768

@@ -26,6 +26,7 @@ n_embd = 384
 ffn_hidden = 1920
 vocab_size = 50304  # GPT-2's 50257 (+4 chat tokens) padded to a multiple of 64 for faster matmuls
 tie_embeddings = False
+optim = 'adamw'
 dropout = 0.0
 
 learning_rate = 6e-4

@@ -15,6 +15,9 @@ batch_size = 64
 block_size = 256
 
 arch = 'gpt2'
+n_kv_head = 0
+tie_embeddings = True
+optim = 'adamw'
 n_layer = 6
 n_head = 6
 n_embd = 384

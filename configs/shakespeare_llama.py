@@ -20,6 +20,7 @@ n_head = 4
 n_kv_head = 2  # two query heads share each key/value head
 n_embd = 128
 tie_embeddings = True  # as the GPT-2 recipe does (Llama's own default is untied: measured 1.79 vs 1.75 here)
+optim = 'adamw'
 dropout = 0.0
 
 learning_rate = 3e-3

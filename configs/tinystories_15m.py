@@ -24,6 +24,8 @@ arch = 'llama'
 n_layer = 8
 n_head = 6
 n_kv_head = 2
+tie_embeddings = False  # Llama's own: untied
+optim = 'adamw'
 n_embd = 384
 dropout = 0.0
 

@@ -257,3 +257,34 @@ def test_write_atomic_keeps_the_old_file_on_a_crash_and_two_writers_never_mix(tm
     for t in threads:
         t.join()
     assert open(path, 'rb').read() in blobs and os.listdir(tmp_path) == ['f.bin']  # one writer's whole file
+
+
+def test_sinusoidal_positions_by_hand_and_through_the_cache(tmp_path):
+    """positions='sinusoidal': the table is Vaswani et al.'s formula, nothing is learned for it, the KV cache path
+    equals the full forward, and Hugging Face export refuses it (neither HF arch has it)."""
+    import math
+    from model import sinusoid_table
+    cfg = GPTConfig(arch='gpt2', n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, positions='sinusoidal')
+    tab = sinusoid_table(cfg)
+    for p, i in ((0, 0), (3, 2), (15, 7)):
+        assert abs(tab[p, 2 * i] - math.sin(p / 10000 ** (2 * i / 32))) < 1e-6
+        assert abs(tab[p, 2 * i + 1] - math.cos(p / 10000 ** (2 * i / 32))) < 1e-6
+    torch.manual_seed(0)
+    m = GPT(cfg).eval()
+    learned = GPT(GPTConfig(arch='gpt2', n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50))
+    assert m.num_params(non_embedding=False) == learned.num_params(non_embedding=False) - 16 * 32  # no wpe
+    assert 'sinusoids' not in m.state_dict()  # a fixed table, not a weight
+    x = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        full, _ = m(x)
+        cache = KVCache(m.config, 2, 16, 'cpu', torch.float32)
+        first, _ = m(x[:, :7], cache=cache)
+        rest = [m(x[:, t:t + 1], cache=cache)[0] for t in range(7, 12)]
+    torch.testing.assert_close(torch.cat([first] + rest, 1), full, atol=1e-5, rtol=1e-5)
+    llama = GPT(GPTConfig(arch='llama', n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, positions='sinusoidal'))
+    assert llama(torch.zeros(1, 8, dtype=torch.long))[0].shape == (1, 8, 20)
+    with pytest.raises(ValueError, match="no positions='sinusoidal'"):
+        m.save_pretrained(str(tmp_path / 'hf'))
+    assert not (tmp_path / 'hf').exists()
+    with pytest.raises(ValueError, match='unknown positions'):
+        GPTConfig(positions='alibi')

@@ -258,3 +258,14 @@ def test_hf_export_matches_transformers(which, gpt2, small_bpe, tmp_path):
 def test_hf_export_refuses_char(tmp_path):
     with pytest.raises(ValueError, match="char vocabularies can't be exported"):
         save_hf_tokenizer_files(CharTokenizer(text='abc'), tmp_path)
+
+
+def test_continue_final_message_leaves_the_reply_open(gpt2):
+    """continue_final_message: the template up to the assistant's header, then the partial reply's own tokens, with
+    no end of turn; what a model continues from in the page's branches."""
+    user = [{'role': 'user', 'content': 'Name a colour.'}]
+    head = gpt2.render_chat(user, add_generation_prompt=True)[0]
+    ids, mask = gpt2.render_chat(user + [{'role': 'assistant', 'content': 'The sky is'}], continue_final_message=True)
+    assert ids == head + gpt2.encode('The sky is') and mask[len(head):] == [1] * (len(ids) - len(head))
+    with pytest.raises(ValueError, match="must be the assistant's"):
+        gpt2.render_chat(user, continue_final_message=True)

@@ -54,7 +54,7 @@ def browser():
 def page(site, browser):
     """The page, freshly loaded with empty localStorage, its model list filled in."""
     browser.get(site.url)
-    browser.execute_script('localStorage.clear()')
+    browser.execute_script("localStorage.clear(); localStorage.setItem('nanolab.visited', '1')")  # lands on the chat
     browser.refresh()  # subtle: not get(url + '#chat'), which only scrolls the page it is on
     wait(lambda: len(js(browser, "return [...document.querySelectorAll('#model option')]")) == 2)
     yield browser
@@ -122,11 +122,33 @@ def test_leaderboard_endpoint(site):
 
 
 def test_page_loads_every_tab(page):
-    for tab in ('inspect', 'compare', 'arch', 'runs', 'chat'):
+    for tab in ('overview', 'inspect', 'compare', 'arch', 'runs', 'chat'):
         page.find_element('css selector', f'#tabs button[data-tab={tab}]').click()
         assert js(page, f"return document.getElementById('{tab}').offsetHeight > 0")
     assert js(page, "return document.getElementById('params').querySelectorAll('input[type=range]').length") == 8
     assert console_errors(page) == []
+
+
+def test_overview_is_the_first_visit_and_its_embeddings_turn(site, page):
+    """A first visit lands on the overview (later ones on the chat); its background is the served model's token
+    embeddings from /v1/embedding_map, drawn in 3-D, and a drag turns them."""
+    js(page, "localStorage.clear()")
+    page.get(site.url)  # no #tab in the address, nothing in localStorage: a first visit
+    wait(lambda: js(page, "return document.getElementById('overview').classList.contains('on')"))
+    set_value(page, 'model', 'char')
+    j = call(site, 'POST', '/v1/embedding_map', {'model': 'char', 'n': 512})[1]
+    assert len(j['points']) == len(j['tokens']) == site.engines['char'].V and all(len(p) == 3 for p in j['points'])
+    assert 'tokens of char' in wait(lambda: page.find_element('id', 'embed-info').text)
+    def pixels():
+        return js(page, "const c = document.getElementById('embed3d');"
+                        "return [...c.getContext('2d').getImageData(0, 0, c.width, c.height).data].filter((v, i) => i % 4 == 3 && v > 0).length")
+    assert wait(pixels) > 100
+    from selenium.webdriver import ActionChains
+    before = js(page, 'return embed.yaw')
+    ActionChains(page).move_to_element(page.find_element('id', 'embed3d')).click_and_hold().move_by_offset(80, 10).release().perform()
+    assert abs(js(page, 'return embed.yaw') - before) > 0.5 and js(page, 'return embed.spin') is False
+    page.get(site.url)  # a second visit: the chat
+    wait(lambda: js(page, "return document.getElementById('chat').classList.contains('on')"))
 
 
 def test_chat_streams_the_greedy_reply_then_another_model(site, page):
@@ -177,6 +199,40 @@ def test_chat_streams_the_greedy_reply_then_another_model(site, page):
     assert '**user:**\n\nHello\n' in js(page, 'return window.saved[1]')
 
 
+def test_pending_reply_generation_path_and_branches(site, page):
+    """While the model works before its first token the reply says so; a reply's token opens its generation path;
+    choosing an alternative branches: the new version is the reply up to there, that token, then the API's greedy
+    continuation of it (continue_final_message); the arrows switch back to the first version."""
+    set_value(page, 'model', 'char')
+    set_value(page, 'p-temperature', '0')
+    set_value(page, 'p-max_tokens', '12')
+    with slow(site.engines['char'], 0.3):
+        page.find_element('id', 'input').send_keys('Hi\n')
+        wait(lambda: js(page, "const m = document.querySelector('.msg.assistant.pending');"
+                              "return m && !m.querySelector('.tk')"))  # pending, no token yet
+    first = wait(lambda: reply_done(page))
+    assert not page.find_elements('css selector', '.msg.pending')
+    page.find_elements('css selector', '.msg.assistant .tk')[2].click()
+    wait(lambda: page.find_element('id', 'path-box').is_displayed())
+    assert len(page.find_elements('css selector', '#path .step')) == 12
+    alt = js(page, "return [...document.querySelectorAll('#path .step')[2].querySelectorAll('button')]"
+                   ".findIndex(b => !b.disabled)")
+    button = page.find_elements('css selector', '#path .step')[2].find_elements('css selector', 'button')[alt]
+    tok = js(page, "return arguments[0].firstChild.textContent", button).replace('·', ' ').replace('↵', '\n')
+    button.click()
+    wait(lambda: 'version 2/2' in page.find_element('css selector', '.msg.assistant .versions').text and reply_done(page))
+    second = reply_done(page)
+    kept = first[:2] + tok  # char model: one token per character
+    assert second.startswith(kept) and second != first
+    want = call(site, 'POST', '/v1/chat/completions', {'model': 'char', 'temperature': 0, 'max_tokens': 12,
+                                                       'continue_final_message': True, 'messages': [
+        {'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': kept}]})[1]
+    assert second == kept + want['choices'][0]['message']['content']
+    page.find_element('css selector', '.msg.assistant .versions button').click()  # '<': version 1 again
+    wait(lambda: 'version 1/2' in page.find_element('css selector', '.msg.assistant .versions').text)
+    assert reply_done(page) == first
+
+
 def test_stop_ends_the_stream_and_frees_the_slot(site, page):
     w = site.engines['char']
     set_value(page, 'model', 'char')
@@ -215,12 +271,17 @@ def test_inspector_tokens_and_attention(site, page):
     assert coloured > 100
 
 
-def test_compare_columns(site, page):
+def run_compare(page, max_tokens):
+    """The compare tab on the char model's 'ROMEO:', every strategy at once."""
     page.find_element('css selector', '#tabs button[data-tab=compare]').click()
     set_value(page, 'model', 'char')
     set_value(page, 'compare-prompt', 'ROMEO:')
-    set_value(page, 'compare-max', '30')
+    set_value(page, 'compare-max', str(max_tokens))
     click(page, 'run-compare')
+
+
+def test_compare_columns(site, page):
+    run_compare(page, 30)
 
     def columns():  # [meta line, text] per column, once every column has its answer
         c = js(page, "return [...document.querySelectorAll('.col')].map(c => "
@@ -265,11 +326,7 @@ def test_logit_lens_flow_and_tokenizers(site, page):
 
 def test_beam_tree_view(site, page):
     """The compare tab's beam column draws the API's tree: its red path spells the beam column's text."""
-    page.find_element('css selector', '#tabs button[data-tab=compare]').click()
-    set_value(page, 'model', 'char')
-    set_value(page, 'compare-prompt', 'ROMEO:')
-    set_value(page, 'compare-max', '12')
-    click(page, 'run-compare')
+    run_compare(page, 12)
     wait(lambda: page.find_element('id', 'beam-box').is_displayed())
     body = {'model': 'char', 'prompt': 'ROMEO:', 'max_tokens': 12, 'temperature': 0, 'num_beams': 4, 'beam_tree': True}
     tree = call(site, 'POST', '/v1/completions', body)[1]['choices'][0]
@@ -302,6 +359,7 @@ def test_architecture_view_and_calculator(site, page):
         cfg = dict(arch=arch, n_layer=rng.randint(1, 6), n_head=n_head, n_embd=n_head * 2 * rng.randint(1, 12),
                    block_size=rng.choice([16, 64, 100]), vocab_size=rng.randint(10, 500), bias=rng.random() < 0.5,
                    tie_embeddings=rng.random() < 0.5, ffn_hidden=rng.choice([0, 0, 24, 100]),
+                   positions=rng.choice(['', 'learned', 'rope', 'sinusoidal']),
                    n_kv_head=rng.choice([k for k in (1, 2, 4, 8) if n_head % k == 0]) if arch == 'llama' else 0)
         m = GPT(GPTConfig(**cfg))
         got = js(page, 'return calc(arguments[0])', cfg)
@@ -311,6 +369,24 @@ def test_architecture_view_and_calculator(site, page):
     set_value(page, 'c-n_layer', '8')  # the calculator follows its inputs
     assert int(js(page, "return document.getElementById('calc-out').dataset.params")) == \
         GPT(GPTConfig(**{**site.engines['bpe'].model.config.__dict__, 'n_layer': 8})).num_params(non_embedding=False)
+
+
+def test_every_view_fits_a_phone(site, page):
+    """At a phone's 390 px, each tab's views stack in one column: nothing is wider than the screen except the boxes
+    that scroll on their own (the lens table, the beam tree, the generation path)."""
+    page.set_window_size(390, 844)
+    try:
+        set_value(page, 'model', 'char')
+        for tab, button in (('overview', None), ('inspect', 'lens-btn'), ('compare', 'run-compare'), ('arch', None)):
+            page.find_element('css selector', f'#tabs button[data-tab={tab}]').click()
+            if button:
+                set_value(page, 'compare-max', '8')
+                click(page, button)
+                wait(lambda: page.find_element('id', 'lens-box' if tab == 'inspect' else 'beam-box').is_displayed())
+            assert js(page, f"return document.getElementById('{tab}').offsetHeight > 0")
+            assert js(page, "return document.documentElement.scrollWidth") <= 390, tab
+    finally:
+        page.set_window_size(1200, 900)
 
 
 def test_runs_curves_refresh_and_leaderboard(site, page):

@@ -6,6 +6,7 @@
 //      activation flow (/v1/inspect), three tokenizers side by side (/v1/tokenizers)
 //   5) compare: one prompt under several decoding strategies (/v1/completions, in parallel), and the beam tree
 //   6) model: the served model's blocks, and a calculator of parameters, FLOPs, memory and time for any shape
+//   8) overview: the token embeddings in 3-D behind the pipeline (/v1/embedding_map)
 //   7) runs: loss curves from /runs (polled while a run trains) and the leaderboard (/leaderboard)
 'use strict';
 
@@ -106,6 +107,7 @@ async function loadModels() {
 
 function showModel() {
   const m = models[model()];
+  if ($('overview').classList.contains('on')) guard($('embed-info'), loadEmbeddings);
   localStorage.setItem('nanolab.model', m.id);
   $('model-info').textContent = `${m.arch}, ${(m.n_params / 1e6).toFixed(2)}M parameters, ` +
     `${m.tokenizer} tokenizer, context ${m.max_model_len}`;
@@ -118,6 +120,7 @@ function showTab(name) {
   history.replaceState(null, '', '#' + name);  // a reload comes back to this tab
   if (name === 'runs') guard($('runs-status'), refreshRuns);
   if (name === 'arch') showArch();
+  if (name === 'overview') guard($('embed-info'), loadEmbeddings);
 }
 for (const b of document.querySelectorAll('#tabs button')) b.onclick = () => showTab(b.dataset.tab);
 
@@ -200,10 +203,19 @@ function tokenSpan(t) {
   return s;
 }
 
-function renderMessage(m) {
+function renderMessage(m, mi) {
   const text = el('span', {className: 'text'});
-  if (m.tokens) text.append(...m.tokens.map(tokenSpan)); else text.textContent = m.content;
+  if (m.tokens) text.append(...m.tokens.map((t, k) => Object.assign(tokenSpan(t), {k})));
+  else text.textContent = m.content;
   const div = el('div', {className: 'msg ' + m.role}, text);
+  div.mi = mi;
+  if (m.versions) {  // a reply with branches: < 2/3 >
+    const nav = el('span', {className: 'versions'},
+      el('button', {textContent: '<', disabled: m.v === 0, onclick: () => switchVersion(mi, m.v - 1)}),
+      ` version ${m.v + 1}/${m.versions.length} `,
+      el('button', {textContent: '>', disabled: m.v === m.versions.length - 1, onclick: () => switchVersion(mi, m.v + 1)}));
+    div.append(nav);
+  }
   if (m.meta) div.append(el('span', {className: 'meta', textContent: m.meta}));
   return div;
 }
@@ -211,6 +223,7 @@ function renderMessage(m) {
 function renderChat() {
   renderConvs();
   $('messages').replaceChildren(...convs[cur].messages.map(renderMessage));
+  $('path-box').hidden = true;
 }
 
 // the tooltip: a token, its probability, and the alternatives the model weighed at that step
@@ -231,34 +244,48 @@ for (const box of [$('messages'), $('columns')]) {
   box.addEventListener('mouseout', hideTip);
   box.addEventListener('click', showTip);  // a phone has no hover: tap a token
 }
+$('messages').addEventListener('click', e => {  // a reply's token: its generation path, to branch from
+  const msg = e.target.closest('.msg.assistant');
+  if (e.target.tok && msg && msg.mi != null) showPath(msg.mi, e.target.k);
+});
+$('path-close').onclick = () => { $('path-box').hidden = true; };
 document.addEventListener('scroll', hideTip);
 
 let controller = null;  // the AbortController of the reply being streamed
 
 async function send(content) {
-  const conv = convs[cur], name = model(), p = params();
+  const conv = convs[cur];
   conv.messages.push({role: 'user', content});
   if (conv.title === 'New chat') conv.title = content.slice(0, 40);
+  renderChat();
+  await streamReply(conv, {role: 'assistant', content: '', tokens: [], meta: ''});
+}
+
+// stream an assistant reply into msg. A new reply is added to the conversation when it ends; a branch (msg already
+// the conversation's last message, holding the start of its reply) is continued where it stops, with the chat API's
+// continue_final_message, so the model writes on from the token the user chose.
+async function streamReply(conv, msg) {
+  const name = model(), p = params(), branch = conv.messages.at(-1) === msg;
   const history = conv.messages.filter(m => m.role !== 'error').map(({role, content}) => ({role, content}));
   if ($('system').value.trim()) history.unshift({role: 'system', content: $('system').value});
-  renderChat();
-  const reply = {role: 'assistant', content: '', tokens: [], meta: ''};
-  const div = renderMessage(reply), text = div.querySelector('.text');
-  $('messages').append(div);
+  const div = branch ? $('messages').lastChild : renderMessage(msg), text = div.querySelector('.text');
+  if (!branch) $('messages').append(div);
+  div.classList.add('pending');  // the model is working before its first token: the page says so
   controller = new AbortController();
   $('send').disabled = true;
   $('stop').disabled = false;
-  const t0 = performance.now();
+  const t0 = performance.now(), tokens0 = msg.tokens.length;
   let finish = 'stopped';
   try {
     // 1) the prompt's tokens + max_tokens must fit the model's context: count them through the same chat template
     //    as /v1/chat/completions, and shorten max_tokens to the room left
-    const n = (await api('/tokenize', {model: name, messages: history, add_generation_prompt: true})).count;
+    const shape = branch ? {continue_final_message: true} : {add_generation_prompt: true};
+    const n = (await api('/tokenize', {model: name, messages: history, ...shape})).count;
     const room = models[name].max_model_len - n;
     if (room < 1) throw new Error(`the conversation is ${n} tokens, the whole context of ${name}; start a new chat`);
     // 2) stream the reply: one event per token, each with its logprob and top alternatives
     const body = {...p, model: name, messages: history, max_tokens: Math.min(p.max_tokens, room), stream: true,
-                  logprobs: true, top_logprobs: TOP_LOGPROBS};
+                  logprobs: true, top_logprobs: TOP_LOGPROBS, ...(branch ? {continue_final_message: true} : {})};
     for await (const chunk of sse('/v1/chat/completions', body, controller.signal)) {
       const c = chunk.choices[0];
       if (!c) continue;
@@ -268,8 +295,9 @@ async function send(content) {
         // held back while it could be the start of a stop string), so a span shows the text that arrived with it
         const t = [delta, lp ? lp.token : '', lp ? lp.logprob : null,
                    lp ? lp.top_logprobs.map(a => [a.token, a.logprob]) : []];
-        reply.tokens.push(t);
-        reply.content += delta;
+        msg.tokens.push(t);
+        msg.content += delta;
+        div.classList.remove('pending');
         text.append(tokenSpan(t));
       }
       if (c.finish_reason) finish = c.finish_reason;
@@ -280,15 +308,63 @@ async function send(content) {
       finish = 'error';
     }
   } finally {
-    const s = (performance.now() - t0) / 1000, k = reply.tokens.filter(t => t[2] != null).length;
-    reply.meta = `${name} · ${k} tokens in ${s.toFixed(1)} s (${(k / s).toFixed(1)} tok/s) · ${finish}`;
-    if (reply.tokens.length) conv.messages.splice(conv.messages.length - (finish === 'error' ? 1 : 0), 0, reply);  // before the error
+    const s = (performance.now() - t0) / 1000, k = msg.tokens.slice(tokens0).filter(t => t[2] != null).length;
+    msg.meta = `${name} · ${k} tokens in ${s.toFixed(1)} s (${(k / s).toFixed(1)} tok/s) · ${finish}` +
+      (branch ? ` · a branch from token ${tokens0}` : '');
+    if (!branch && msg.tokens.length) conv.messages.splice(conv.messages.length - (finish === 'error' ? 1 : 0), 0, msg);
+    if (msg.versions) Object.assign(msg.versions[msg.v], {content: msg.content, tokens: msg.tokens, meta: msg.meta});
     controller = null;
     $('send').disabled = false;
     $('stop').disabled = true;
     saveConvs();
     renderChat();
   }
+}
+
+// the generation path of a reply: each step's chosen token among the alternatives the model weighed, as columns;
+// an alternative is a button that branches the conversation there ("what if the model had chosen this")
+function showPath(mi, k) {
+  const m = convs[cur].messages[mi];
+  $('path').replaceChildren(...m.tokens.map((t, i) => {
+    const col = el('div', {className: 'step' + (i === k ? ' at' : '')});
+    const alts = t[3].length ? t[3] : [[t[1], t[2]]];
+    for (const [tok, lp] of alts) {
+      const chosen = tok === t[1], b = el('button', {className: chosen ? 'chosen' : '', disabled: chosen || !!controller,
+        title: chosen ? 'the token the model chose' : 'continue from here with this token instead'},
+        visible(tok), el('small', {}, fmt(Math.exp(lp), 2)));
+      b.style.background = shade(Math.exp(lp));
+      b.onclick = () => branchAt(mi, i, tok, lp, t[3]);
+      col.append(b);
+    }
+    return col;
+  }));
+  $('path-box').hidden = false;
+  $('path-box').dataset.message = mi;
+  $('path').children[k]?.scrollIntoView({block: 'nearest', inline: 'center'});
+}
+
+// a new version of reply mi: its first i tokens, then tok, then whatever the model writes next. The versions of a
+// reply, each with the messages that followed it, are kept, and the arrows on the reply switch between them.
+function branchAt(mi, i, tok, lp, alts) {
+  const conv = convs[cur], m = conv.messages[mi];
+  if (controller) return;
+  if (!m.versions) { m.versions = [{content: m.content, tokens: m.tokens, meta: m.meta}]; m.v = 0; }
+  m.versions[m.v].after = conv.messages.slice(mi + 1);  // what followed this version, back when it is chosen again
+  const tokens = [...m.tokens.slice(0, i), [tok, tok, lp, alts]];
+  m.versions.push({content: tokens.map(t => t[0]).join(''), tokens, meta: ''});
+  switchVersion(mi, m.versions.length - 1);
+  $('path-box').hidden = true;
+  streamReply(conv, m);
+}
+
+function switchVersion(mi, v) {
+  const conv = convs[cur], m = conv.messages[mi];
+  m.versions[m.v].after = conv.messages.slice(mi + 1);
+  m.v = v;
+  Object.assign(m, {content: m.versions[v].content, tokens: [...m.versions[v].tokens], meta: m.versions[v].meta});
+  conv.messages = [...conv.messages.slice(0, mi + 1), ...(m.versions[v].after || [])];
+  saveConvs();
+  renderChat();
 }
 
 $('chat-form').onsubmit = e => {
@@ -354,11 +430,12 @@ let attn = null;  // the last /v1/attention answer: tokens and attentions[layer]
 async function attend() {
   const ids = (await api('/tokenize', inspectBody())).tokens;  // the chat template's ids too, when ticked
   attn = await api('/v1/attention', {model: model(), prompt: ids});
-  const L = attn.attentions.length, H = attn.attentions[0].length;
+  const t1 = performance.now(), L = attn.attentions.length, H = attn.attentions[0].length;
   $('layer').replaceChildren(...Array.from({length: L}, (_, l) => new Option(l, l)));
   $('head').replaceChildren(new Option('mean of heads', 'mean'), ...Array.from({length: H}, (_, h) => new Option(h, h)));
   $('attn-box').hidden = false;
   drawHeatmap();
+  $('attn-box').dataset.ms = Math.round(performance.now() - t1);  // drawn this long after the data came
 }
 $('attend').onclick = () => guard($('tok-info'), attend);
 $('layer').onchange = $('head').onchange = () => drawHeatmap();
@@ -596,7 +673,7 @@ function calc(c) {
   const norm = C + b(C);  // LayerNorm: weight (+ bias); RMSNorm: weight
   const attn = C * (H + 2 * KV) * hs + b((H + 2 * KV) * hs) + C * C + b(C);
   const mlp = C * (llama ? 2 : 1) * F + b((llama ? 2 : 1) * F) + F * C + b(C);
-  const wte = V * C, wpe = llama ? 0 : T * C;
+  const pos = c.positions || (llama ? 'rope' : 'learned'), wte = V * C, wpe = pos === 'learned' ? T * C : 0;
   const params = wte + wpe + L * (2 * norm + attn + mlp) + norm + (tie ? 0 : V * C);
   const flops = 6 * (params - wpe) + 12 * L * C * T;  // training FLOPs per token (PaLM, appendix B)
   const bytes = {float32: 4, bfloat16: 2}[c.dtype || 'float32'], B = c.batch_size || 1;
@@ -617,31 +694,33 @@ const human = (n, unit = '') => n >= 1e12 ? `${(n / 1e12).toFixed(2)} T${unit}` 
 function drawArch(c) {
   const llama = c.arch === 'llama', box = (cls, title, ...lines) =>
     el('div', {className: 'blk ' + cls}, el('b', {}, title), ...lines.map(t => el('div', {className: 'dim'}, t)));
-  const norm = llama ? 'RMSNorm' : 'LayerNorm', hs = c.n_embd / c.n_head;
+  const norm = llama ? 'RMSNorm' : 'LayerNorm', hs = c.n_embd / c.n_head, pos = c.positions || (llama ? 'rope' : 'learned');
   const block = el('div', {className: 'blk rep'},
     el('b', {}, `Block × ${c.n_layer}  (model.py Block)`),
     box('norm', `${norm} (ln_1)`),
     box('attn', 'CausalSelfAttention', `${c.n_head} query heads` + (c.n_kv_head !== c.n_head ?
       `, ${c.n_kv_head} key/value heads (grouped-query)` : '') + ` of size ${hs}`,
-      llama ? 'RoPE rotates q and k by position' : 'causal softmax(q k^T / sqrt(hs)) v', '+ back into the residual stream'),
+      (pos === 'rope' ? 'RoPE rotates q and k by position; ' : '') + 'causal softmax(q k^T / sqrt(hs)) v',
+      '+ back into the residual stream'),
     box('norm', `${norm} (ln_2)`),
     box('mlp', llama ? 'MLP: SwiGLU' : 'MLP: GELU', llama ? `silu(gate) * up: ${c.n_embd} -> 2x${c.ffn_hidden} -> ${c.n_embd}`
       : `${c.n_embd} -> ${c.ffn_hidden} -> ${c.n_embd}`, '+ back into the residual stream'));
   $('arch-view').replaceChildren(
     box('', 'token embedding (wte)', `${c.vocab_size} tokens x ${c.n_embd}`),
-    ...(llama ? [] : [box('', '+ learned positions (wpe)', `${c.block_size} positions x ${c.n_embd}`)]),
+    ...(pos === 'learned' ? [box('', '+ learned positions (wpe)', `${c.block_size} positions x ${c.n_embd}`)] :
+        pos === 'sinusoidal' ? [box('', '+ sinusoidal positions (fixed)', `sin/cos of position / 10000^(2i/${c.n_embd})`)] : []),
     block, box('norm', `final ${norm} (ln_f)`),
     box('', 'LM head', `${c.n_embd} -> ${c.vocab_size} logits` + (c.tie_embeddings ? ', the embedding\'s weight (tied)' : '')));
 }
 
 // the calculator's fields: [key, label, default]; the served model's config fills them in
-const CALC = [['arch', 'arch', 'gpt2'], ['n_layer', 'layers', 4], ['n_head', 'heads', 4], ['n_kv_head', 'kv heads', 4],
+const CALC = [['arch', 'arch', 'gpt2'], ['positions', 'positions', 'learned'], ['n_layer', 'layers', 4], ['n_head', 'heads', 4], ['n_kv_head', 'kv heads', 4],
               ['n_embd', 'width', 128], ['ffn_hidden', 'MLP width (0 = default)', 0], ['block_size', 'context', 64],
               ['vocab_size', 'vocabulary', 65], ['batch_size', 'batch (training)', 12], ['dtype', 'dtype', 'float32'],
               ['peak_gflops', 'peak GFLOP/s', 163], ['mfu', 'MFU %', 50]];
 for (const [k, label, d] of CALC) {
-  const input = k === 'arch' || k === 'dtype' ?
-    el('select', {id: 'c-' + k}, ...(k === 'arch' ? ['gpt2', 'llama'] : ['float32', 'bfloat16']).map(v => new Option(v, v))) :
+  const choices = {arch: ['gpt2', 'llama'], positions: ['learned', 'rope', 'sinusoidal'], dtype: ['float32', 'bfloat16']}[k];
+  const input = choices ? el('select', {id: 'c-' + k}, ...choices.map(v => new Option(v, v))) :
     el('input', {type: 'number', id: 'c-' + k, value: d, min: 0});
   input.value = d;
   input.oninput = input.onchange = showCalc;
@@ -652,7 +731,7 @@ $('calc-form').append(el('label', {}, el('input', {type: 'checkbox', id: 'c-tie'
                          onchange: showCalc}), ' biases (gpt2)'));
 
 function calcConfig() {
-  const c = Object.fromEntries(CALC.map(([k]) => [k, k === 'arch' || k === 'dtype' ? $('c-' + k).value : Number($('c-' + k).value)]));
+  const c = Object.fromEntries(CALC.map(([k, , d]) => [k, typeof d === 'string' ? $('c-' + k).value : Number($('c-' + k).value)]));
   return {...c, tie_embeddings: $('c-tie').checked, bias: $('c-bias').checked};
 }
 
@@ -677,6 +756,63 @@ function showArch() {
   $('c-bias').checked = c.bias;
   showCalc();
 }
+
+// -----------------------------------------------------------------------------
+// 8) the overview's background: the token embeddings in 3-D (POST /v1/embedding_map), turned by drag or finger
+
+const embed = {points: [], tokens: [], yaw: 0.6, pitch: 0.3, drag: null, spin: true};
+
+async function loadEmbeddings() {
+  const j = await api('/v1/embedding_map', {model: model(), n: 512});
+  Object.assign(embed, {points: j.points, tokens: j.tokens});
+  $('embed-info').textContent = `${j.points.length} tokens of ${model()}; the three axes hold ` +
+    `${j.explained.map(x => (100 * x).toFixed(0) + '%').join(', ')} of the variance`;
+}
+
+// a token's colour by what it is: letters, digits, spaces and newlines, punctuation, the rest
+const kindColour = t => /^\s+$/.test(t) ? '#999' : /\d/.test(t) ? '#16a34a' : /^[A-Z]/.test(t.trim()) ? '#d62728' :
+  /[a-z]/i.test(t) ? '#2563eb' : '#9333ea';
+
+function drawEmbeddings() {
+  const cv = $('embed3d');
+  if (!$('overview').classList.contains('on') || !embed.points.length) return;
+  const dpr = devicePixelRatio || 1, W = cv.clientWidth, H = cv.clientHeight;
+  if (cv.width !== W * dpr || cv.height !== H * dpr) { cv.width = W * dpr; cv.height = H * dpr; }
+  const ctx = cv.getContext('2d');
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, W, H);
+  const [cy, sy, cp, sp] = [Math.cos(embed.yaw), Math.sin(embed.yaw), Math.cos(embed.pitch), Math.sin(embed.pitch)];
+  const R = Math.min(W, H) * 0.42, label = embed.points.length <= 128;
+  // rotate about the vertical axis (yaw), then the horizontal (pitch); perspective; far points first
+  const proj = embed.points.map(([x, y, z], i) => {
+    const x1 = cy * x + sy * z, z1 = -sy * x + cy * z, y1 = cp * y - sp * z1, z2 = sp * y + cp * z1, f = 2.5 / (2.5 + z2);
+    return [W * 0.62 + R * x1 * f, H / 2 - R * y1 * f, f, i];
+  }).sort((a, b) => a[2] - b[2]);
+  ctx.font = '11px ui-monospace, monospace';
+  for (const [x, y, f, i] of proj) {
+    ctx.fillStyle = ctx.strokeStyle = kindColour(embed.tokens[i]);
+    ctx.globalAlpha = Math.min(1, 0.35 + 0.5 * f);
+    ctx.beginPath();
+    ctx.arc(x, y, 2.2 * f, 0, 2 * Math.PI);
+    ctx.fill();
+    if (label) ctx.fillText(visible(embed.tokens[i]), x + 4, y - 3);
+  }
+  ctx.globalAlpha = 1;
+}
+
+(function animate() {  // a slow turn until the user takes hold of it
+  if (embed.spin && !embed.drag) embed.yaw += 0.003;
+  drawEmbeddings();
+  requestAnimationFrame(animate);
+})();
+$('embed3d').onpointerdown = e => { embed.drag = [e.clientX, e.clientY]; embed.spin = false; $('embed3d').setPointerCapture(e.pointerId); };
+$('embed3d').onpointermove = e => {
+  if (!embed.drag) return;
+  embed.yaw += (e.clientX - embed.drag[0]) * 0.01;
+  embed.pitch = Math.max(-1.5, Math.min(1.5, embed.pitch + (e.clientY - embed.drag[1]) * 0.01));
+  embed.drag = [e.clientX, e.clientY];
+};
+$('embed3d').onpointerup = $('embed3d').onpointercancel = () => { embed.drag = null; };
 
 // -----------------------------------------------------------------------------
 // 7) runs: loss curves and the leaderboard
@@ -780,5 +916,9 @@ if (matchMedia('(max-width: 760px)').matches) $('settings').open = false;  // a 
 renderChat();
 guard($('chat-status'), async () => {
   await loadModels();
-  showTab(location.hash.slice(1) in {chat: 1, inspect: 1, compare: 1, arch: 1, runs: 1} ? location.hash.slice(1) : 'chat');
+  // a first visit lands on the overview; later ones on the chat, or on the tab in the address (#inspect)
+  const first = !localStorage.getItem('nanolab.visited');
+  localStorage.setItem('nanolab.visited', '1');
+  const tabs = {overview: 1, chat: 1, inspect: 1, compare: 1, arch: 1, runs: 1};
+  showTab(location.hash.slice(1) in tabs ? location.hash.slice(1) : first ? 'overview' : 'chat');
 });
