@@ -1,0 +1,92 @@
+"""Screenshots of each view of the page for the README (assets/view_*.png), and the time each view takes to draw
+after its data arrives on the real model: serve.py on out-shakespeare-char (`python train.py` first), in this
+process, driven in headless Chromium. Not a test (pytest does not collect it):
+
+    python tests/screenshots.py assets
+"""
+import os, shutil, sys, threading, time
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.chdir(ROOT)
+import torch
+import serve
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+torch.set_num_threads(2)
+engines = serve.load_engines('out-shakespeare-char', 'cpu', torch.float32, max_batch=8, max_rows=64, max_prompt_tokens=4096, prefill_chunk=64)
+srv = serve.make_server(engines, port=0, runs_dir='.')
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+url = f'http://127.0.0.1:{srv.server_address[1]}/'
+opts = webdriver.ChromeOptions()
+opts.binary_location = shutil.which('chromium') or shutil.which('chromium-browser')
+for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1280,1000', '--hide-scrollbars'):
+    opts.add_argument(a)
+opts.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
+d = webdriver.Chrome(service=Service(shutil.which('chromedriver')), options=opts)
+js = d.execute_script
+def wait(cond, t=30):
+    end = time.time() + t
+    while time.time() < end:
+        try:
+            v = cond()
+        except Exception:
+            v = None
+        if v:
+            return v
+        time.sleep(0.1)
+    raise SystemExit(f'timeout {cond}')
+def setv(i, v):
+    js("const e = document.getElementById(arguments[0]); e.value = arguments[1]; e.dispatchEvent(new Event('input')); e.dispatchEvent(new Event('change'))", i, v)
+def tab(name):
+    d.find_element('css selector', f'#tabs button[data-tab={name}]').click()
+out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
+d.get(url + '#overview')
+wait(lambda: 'tokens of' in d.find_element('id', 'embed-info').text)
+time.sleep(1.5)
+d.save_screenshot(f'{out}/view_overview.png')
+# chat: a reply, then its generation path
+js("localStorage.setItem('nanolab.visited', '1')")
+tab('chat'); setv('p-temperature', '0.8'); setv('p-max_tokens', '120')
+d.find_element('id', 'input').send_keys('ROMEO:\n')
+wait(lambda: js("const m = [...document.querySelectorAll('#messages .msg.assistant')].pop(); return m && m.querySelector('.meta') && !document.getElementById('send').disabled"))
+js("document.getElementById('shade').click()")
+d.find_elements('css selector', '.msg.assistant .tk')[8].click()
+wait(lambda: d.find_element('id', 'path-box').is_displayed())
+d.save_screenshot(f'{out}/view_chat_path.png')
+# inspect: lens and flow
+tab('inspect'); text64 = 'ROMEO:\nWhat light through yonder window breaks? It is the east!!'
+assert len(text64) == 64, len(text64)
+setv('inspect-text', text64)
+js("document.getElementById('attend').click()")
+wait(lambda: d.find_element('id', 'attn-box').is_displayed())
+print('attention drawn in', js("return document.getElementById('attn-box').dataset.ms"), 'ms (64 tokens)')
+js("document.getElementById('lens-btn').click()")
+wait(lambda: d.find_element('id', 'lens-box').is_displayed())
+time.sleep(0.5)
+js("document.getElementById('lens-box').scrollIntoView()")
+d.save_screenshot(f'{out}/view_lens_flow.png')
+print('lens+flow drawn in', js("return document.getElementById('lens-box').dataset.ms"), 'ms (64 tokens)')
+js("document.getElementById('tokcmp-btn').click()")
+wait(lambda: d.find_element('id', 'tokcmp').is_displayed() and d.find_elements('css selector', '#tokcmp .tokcol'))
+time.sleep(0.3)
+js("document.getElementById('tokcmp').scrollIntoView()")
+d.save_screenshot(f'{out}/view_tokenizers.png')
+# compare + beam tree
+tab('compare'); setv('compare-prompt', 'ROMEO:'); setv('compare-max', '10')
+js("document.getElementById('run-compare').click()")
+wait(lambda: d.find_element('id', 'beam-box').is_displayed())
+time.sleep(1)
+js("document.getElementById('beam-box').scrollIntoView()")
+d.save_screenshot(f'{out}/view_beam_tree.png')
+print('beam tree drawn in', js("return document.getElementById('beam-box').dataset.ms"), 'ms')
+# model
+tab('arch'); time.sleep(0.5)
+d.save_screenshot(f'{out}/view_model.png')
+# phone: the chat and the lens
+d.set_window_size(390, 844)
+tab('inspect'); time.sleep(0.5)
+js("document.getElementById('lens-box').scrollIntoView()")
+d.save_screenshot(f'{out}/view_phone_lens.png')
+d.quit()
+print('done')
