@@ -10,6 +10,7 @@ custom benchmarks (exact match, contains, BLEU, ROUGE-L), and a results store wi
     python evaluate.py --init_from=out-x --tasks=mytask --include_path=my_yamls/           # local YAML tasks, offline
     python evaluate.py --init_from=out-x --benchmark=tasks --checkpoints=True  # every saved checkpoint of the run
     python evaluate.py --leaderboard=out-tasks-base,out-sft-tasks,out-dpo-tasks --sort_by=exact_match
+    python evaluate.py --arena=runs/arena --arena_to_pairs=arena_pairs.jsonl   # the arena's ratings, agreement, pairs
     python evaluate.py --help                                              # every setting, with its default
 
 Every run writes one JSON result per task under the model's out_dir/eval/ (model source, checkpoint, config,
@@ -60,6 +61,8 @@ output_path = ''              # also write lm-eval's own results JSON here
 leaderboard = ''              # comma-separated run directories (or eval/ folders): print and write the leaderboard, then exit
 sort_by = ''                  # leaderboard metric to sort by; '' = the first one found
 leaderboard_out = 'leaderboard'  # file stem of the Markdown, CSV and JSON it writes
+arena = ''                    # a judgments file or a directory of them (arena.py): print and write arena.json next to it, then exit
+arena_to_pairs = ''           # with arena: also write the decided judgments as {prompt, chosen, rejected} JSONL here
 checkpoints = False           # evaluate every saved checkpoint of init_from's run (ckpt.pt, best.pt, checkpoints/*.pt)
 bootstrap = 1000              # bootstrap resamples for the 95% intervals
 # system
@@ -369,13 +372,37 @@ def run_benchmark(model, tok, path, metrics=('exact_match',), normalize=str.stri
 if __name__ == '__main__':
     from configurator import configure
     from model import DTYPES, autocast_ctx, load_model, resolve_device, resolve_dtype
-    from results import checkpoint_sources, save_result, show_leaderboard, update_model_card
+    from results import checkpoint_sources, finite, save_result, show_leaderboard, update_model_card
+    from common import fail  # bad input: one line that names the problem and the fix, exit 1, no traceback
     config = configure(globals(), choices={'normalize': ('strip', 'lower', 'tasks'),
                                            'dtype': DTYPES})
 
-    def fail(msg):  # bad input: one line that names the problem and the fix, exit status 1, no traceback
-        raise SystemExit(f'error: {msg}')
-
+    if arena:  # the arena's statistics (arena.py), then exit
+        import arena as arena_stats_module
+        from model import write_atomic
+        try:
+            judged = arena_stats_module.read_judgments(arena)
+            stats = arena_stats_module.arena_stats(judged, bootstrap, seed)
+        except ValueError as e:
+            fail(e)
+        out = os.path.join(arena if os.path.isdir(arena) else os.path.dirname(arena) or '.', 'arena.json')
+        write_atomic(out, lambda f: f.write(json.dumps(finite(stats), indent=1).encode()))
+        print(f"{stats['judgments']} judgments of {stats['items']} items by {len(stats['annotators'])} annotators")
+        for m, r in stats['bradley_terry'].items():
+            lo, hi = r['ci95'] or (None, None)
+            print(f"  {m:30s} {r['rating']:7.1f}" + (f"  [{lo:.1f}, {hi:.1f}]" if lo is not None else ''))
+        for k, v in stats['cohen_kappa'].items():
+            print(f"  cohen kappa {k}: {v['kappa'] if v['kappa'] is None else round(v['kappa'], 3)} over {v['items']} items")
+        if stats['fleiss_kappa']:
+            f = stats['fleiss_kappa']
+            print(f"  fleiss kappa: {f['kappa'] if f['kappa'] is None else round(f['kappa'], 3)} over {f['items']} items "
+                  f"x {f['annotators_per_item']} annotators")
+        print(f'wrote {out}')
+        if arena_to_pairs:
+            pairs = arena_stats_module.to_pairs(judged)
+            write_atomic(arena_to_pairs, lambda f: f.write(''.join(json.dumps(p) + '\n' for p in pairs).encode()))
+            print(f'wrote {len(pairs)} pairs to {arena_to_pairs} (dpo.py --train_file=..., reward.py)')
+        sys.exit(0)
     if leaderboard:
         try:
             show_leaderboard([d for d in leaderboard.split(',') if d], sort_by, leaderboard_out, bootstrap, seed)

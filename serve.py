@@ -34,11 +34,13 @@ import time
 import traceback
 import uuid
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from itertools import accumulate
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 
+import arena
 from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, beam_tree, start
 from httpd import ApiError, GuardedHandler, Server
 from model import DTYPES, load_model, model_sources, resolve_device, resolve_dtype
@@ -479,6 +481,40 @@ def _embedding_map(h, body):
     h.send_json(200, {'model': name, 'tokens': [w.tok.decode([i]) for i in range(len(points))],
                       'points': [[round(x, 4) for x in p] for p in points], 'explained': [round(x, 4) for x in explained]})
 
+# the arena: blind pairwise judgments, kept in <runs_dir>/arena/judgments.jsonl (arena.py)
+
+def _arena_file(h):
+    return os.path.join(h.server.runs_dir, 'arena', 'judgments.jsonl')
+
+def _arena_judge(h, body):
+    """Append one judgment (arena.py's format; the server stamps its time) -> {"id", "judgments": how many now}."""
+    j = {**body, 'time': datetime.now(timezone.utc).isoformat(timespec='seconds')}
+    try:
+        arena.append_judgment(_arena_file(h), j)
+    except ValueError as e:
+        raise ApiError(400, f'bad judgment: {e}', None, 'invalid_value') from None
+    h.send_json(200, {'id': j['id'], 'judged': True})
+
+def _arena_judged(h):
+    try:
+        return arena.read_judgments(_arena_file(h)) if os.path.isfile(_arena_file(h)) else []
+    except ValueError as e:  # a damaged file: say where, and keep serving
+        raise ApiError(409, f'the arena file is damaged: {e}', None, 'conflict') from None
+
+def _arena_items(h, body):
+    """Items for judging again (agreement): the latest version of each item others judged and `annotator` has not."""
+    who = body.get('annotator', '')
+    items = {}
+    for j in _arena_judged(h):
+        items.setdefault(j['id'], {'id': j['id'], 'prompt': j['prompt'], 'a': j['a'], 'b': j['b'], 'by': set()})['by'].add(j['annotator'])
+    todo = [{k: v for k, v in it.items() if k != 'by'} for it in items.values() if who not in it['by']]
+    h.send_json(200, {'object': 'list', 'data': todo[:50], 'remaining': len(todo)})
+
+def _arena_stats(h, body):
+    """arena.arena_stats of the judgments so far (200 bootstrap resamples), or {"judgments": 0}."""
+    judged = _arena_judged(h)
+    h.send_json(200, arena.arena_stats(judged, n_boot=200) if judged else {'judgments': 0})
+
 def _runs(h, body):
     runs, skipped = read_runs(h.server.runs_dir)
     h.send_json(200, {'object': 'list', 'skipped': skipped,
@@ -496,7 +532,9 @@ API = {'/v1/models': ('GET', _models), '/v1/completions': ('POST', lambda h, b: 
        '/v1/chat/completions': ('POST', lambda h, b: _completion(h, b, True)), '/tokenize': ('POST', _tokenize),
        '/detokenize': ('POST', _detokenize), '/tokenizer_info': ('GET', _tokenizer_info),
        '/v1/attention': ('POST', _attention), '/v1/inspect': ('POST', _inspect),
-       '/v1/tokenizers': ('POST', _tokenizers), '/v1/embedding_map': ('POST', _embedding_map), '/runs': ('GET', _runs), '/leaderboard': ('GET', _leaderboard)}
+       '/v1/tokenizers': ('POST', _tokenizers), '/v1/embedding_map': ('POST', _embedding_map), '/runs': ('GET', _runs), '/leaderboard': ('GET', _leaderboard),
+       '/v1/arena/judgments': ('POST', _arena_judge), '/v1/arena/items': ('GET', _arena_items),
+       '/v1/arena/stats': ('GET', _arena_stats)}
 
 # -----------------------------------------------------------------------------
 # HTTP

@@ -122,7 +122,7 @@ def test_leaderboard_endpoint(site):
 
 
 def test_page_loads_every_tab(page):
-    for tab in ('overview', 'inspect', 'compare', 'arch', 'runs', 'chat'):
+    for tab in ('overview', 'inspect', 'compare', 'arch', 'arena', 'runs', 'chat'):
         page.find_element('css selector', f'#tabs button[data-tab={tab}]').click()
         assert js(page, f"return document.getElementById('{tab}').offsetHeight > 0")
     assert js(page, "return document.getElementById('params').querySelectorAll('input[type=range]').length") == 8
@@ -387,6 +387,50 @@ def test_every_view_fits_a_phone(site, page):
             assert js(page, "return document.documentElement.scrollWidth") <= 390, tab
     finally:
         page.set_window_size(1200, 900)
+
+
+def test_arena_blind_vote_and_judging_again(site, page):
+    """Two replies stream side by side with the names hidden; the vote writes one judgment line in arena.py's format
+    and then shows the names; another annotator judges the same item again; the ratings and kappa come back."""
+    import arena
+    path = site.dir / 'arena' / 'judgments.jsonl'
+    if path.exists():
+        path.unlink()
+    page.find_element('css selector', '#tabs button[data-tab=arena]').click()
+    set_value(page, 'annotator', 'ann1')
+    set_value(page, 'arena-m1', 'char')
+    set_value(page, 'arena-m2', 'bpe')
+    set_value(page, 'arena-prompt', 'Hello')
+    click(page, 'arena-go')
+    wait(lambda: not page.find_element('id', 'vote-a').get_attribute('disabled'))
+    heads = [page.find_element('id', f'arena-h{i}').text for i in (0, 1)]
+    assert heads == ['A', 'B']  # blind
+    texts = [page.find_element('id', f'arena-text{i}').text for i in (0, 1)]
+    set_value(page, 'rate-a', '4')
+    click(page, 'vote-a')
+    wait(lambda: 'saved' in page.find_element('id', 'arena-status').text)
+    judged = arena.read_judgments(str(path))
+    assert len(judged) == 1 and judged[0]['winner'] == 'a' and judged[0]['annotator'] == 'ann1'
+    assert judged[0]['ratings'] == {'a': 4} and {judged[0]['a']['model'], judged[0]['b']['model']} == {'char', 'bpe'}
+    assert [judged[0]['a']['text'].strip(), judged[0]['b']['text'].strip()] == [t.strip() for t in texts]
+    assert page.find_element('id', 'arena-h0').text.startswith('A: ' + judged[0]['a']['model'])  # the reveal
+    # another annotator, the same item, the same two replies (in a new random order)
+    set_value(page, 'annotator', 'ann2')
+    click(page, 'arena-again')
+    wait(lambda: not page.find_element('id', 'vote-a').get_attribute('disabled'))
+    shown = sorted(page.find_element('id', f'arena-text{i}').text.strip() for i in (0, 1))
+    assert shown == sorted(t.strip() for t in texts)
+    first = page.find_element('id', 'arena-text0').text.strip()
+    click(page, 'vote-a' if first == judged[0]['a']['text'].strip() else 'vote-b')  # agrees with ann1
+    wait(lambda: 'saved' in page.find_element('id', 'arena-status').text)
+    judged = arena.read_judgments(str(path))
+    assert [j['id'] for j in judged] == [judged[0]['id']] * 2 and judged[1]['annotator'] == 'ann2'
+    assert judged[1][judged[1]['winner']]['text'] == judged[0]['a']['text']
+    stats = call(site, 'GET', '/v1/arena/stats')[1]
+    assert stats['judgments'] == 2 and stats['cohen_kappa']['ann1|ann2']['items'] == 1
+    assert 'Cohen' in wait(lambda: page.find_element('id', 'arena-stats').text)
+    status, body = call(site, 'POST', '/v1/arena/judgments', {'id': 'x', 'prompt': 'p', 'winner': 'maybe'})
+    assert status == 400 and 'bad judgment' in body['error']['message']
 
 
 def test_runs_curves_refresh_and_leaderboard(site, page):

@@ -7,6 +7,7 @@
 //   5) compare: one prompt under several decoding strategies (/v1/completions, in parallel), and the beam tree
 //   6) model: the served model's blocks, and a calculator of parameters, FLOPs, memory and time for any shape
 //   8) overview: the token embeddings in 3-D behind the pipeline (/v1/embedding_map)
+//   9) arena: two replies shown blind, a vote and ratings (/v1/arena/*), the ratings and agreement so far
 //   7) runs: loss curves from /runs (polled while a run trains) and the leaderboard (/leaderboard)
 'use strict';
 
@@ -120,6 +121,7 @@ function showTab(name) {
   history.replaceState(null, '', '#' + name);  // a reload comes back to this tab
   if (name === 'runs') guard($('runs-status'), refreshRuns);
   if (name === 'arch') showArch();
+  if (name === 'arena') { if (!$('arena-m1').options.length) arenaModels(); guard($('arena-status'), arenaStats); }
   if (name === 'overview') guard($('embed-info'), loadEmbeddings);
 }
 for (const b of document.querySelectorAll('#tabs button')) b.onclick = () => showTab(b.dataset.tab);
@@ -758,6 +760,98 @@ function showArch() {
 }
 
 // -----------------------------------------------------------------------------
+// 9) the arena: two replies to one prompt, from two models or two settings, shown blind in random order; the vote
+// (and optional 1-5 ratings) goes to POST /v1/arena/judgments, then the names show. "Judge an item again" serves an
+// item another annotator judged, with the same replies, so agreement can be measured (evaluate.py --arena).
+
+const PROMPTS = ['ROMEO:', 'JULIET:\nO Romeo,', 'First Citizen:', 'KING RICHARD III:', 'Reverse kfeo', 'Add 1 to 49',
+                 'Uppercase mvrq', 'Sort bdca', 'The cup is zunt. What is the cup?'];
+let duel = null;  // {id, prompt, sides: [{model, text, settings}, {...}]}: sides[0] is shown as A, sides[1] as B
+
+function arenaModels() {
+  for (const id of ['arena-m1', 'arena-m2']) $(id).replaceChildren(...Object.keys(models).map(m => new Option(m, m)));
+  if (Object.keys(models).length > 1) $('arena-m2').selectedIndex = 1;
+  $('annotator').value = localStorage.getItem('nanolab.annotator') || '';
+}
+$('annotator').oninput = () => localStorage.setItem('nanolab.annotator', $('annotator').value);
+$('arena-draw').onclick = () => { $('arena-prompt').value = PROMPTS[Math.floor(Math.random() * PROMPTS.length)]; };
+
+function showDuel(d) {  // blind: the headers say A and B until the vote
+  duel = d;
+  d.sides.forEach((s, i) => { $('arena-h' + i).textContent = 'AB'[i]; });
+  $('arena-text0').textContent = d.sides[0].text;
+  $('arena-text1').textContent = d.sides[1].text;
+  $('rate-a').value = $('rate-b').value = '';
+  for (const b of document.querySelectorAll('.vote')) b.disabled = !d.done;
+}
+
+async function arenaGo() {
+  if (!$('annotator').value.trim()) throw new Error('write your name first: judgments are matched by annotator');
+  const prompt = $('arena-prompt').value;
+  const sides = [[$('arena-m1').value, Number($('arena-temp1').value)], [$('arena-m2').value, Number($('arena-temp2').value)]]
+    .map(([model, temperature]) => ({model, text: '', settings: {temperature, max_tokens: 120}}));
+  if (Math.random() < 0.5) sides.reverse();  // which one is A is chance
+  const d = {id: crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random(), prompt, sides, done: false};
+  showDuel(d);
+  $('arena-status').textContent = 'writing both replies...';
+  await Promise.all(d.sides.map(async (s, i) => {  // streamed side by side
+    const room = models[s.model].max_model_len - (await api('/tokenize', {model: s.model,
+      messages: [{role: 'user', content: prompt}], add_generation_prompt: true})).count;
+    const body = {model: s.model, messages: [{role: 'user', content: prompt}], stream: true, ...s.settings,
+                  max_tokens: Math.max(1, Math.min(s.settings.max_tokens, room))};
+    for await (const chunk of sse('/v1/chat/completions', body)) {
+      s.text += chunk.choices[0]?.delta?.content || '';
+      $(i ? 'arena-text1' : 'arena-text0').textContent = s.text;
+    }
+  }));
+  d.done = true;
+  showDuel(d);
+  $('arena-status').textContent = 'which is better? (the names show after your vote)';
+}
+$('arena-go').onclick = () => guard($('arena-status'), arenaGo);
+
+async function arenaAgain() {
+  if (!$('annotator').value.trim()) throw new Error('write your name first: judgments are matched by annotator');
+  const j = await api('/v1/arena/items?annotator=' + encodeURIComponent($('annotator').value.trim()));
+  if (!j.data.length) throw new Error('no item left that someone else judged and you have not');
+  const it = j.data[Math.floor(Math.random() * j.data.length)], sides = [it.a, it.b];
+  if (Math.random() < 0.5) sides.reverse();
+  $('arena-prompt').value = it.prompt;
+  showDuel({id: it.id, prompt: it.prompt, sides, done: true});
+  $('arena-status').textContent = `an item judged before (${j.remaining} left for you): which is better?`;
+}
+$('arena-again').onclick = () => guard($('arena-status'), arenaAgain);
+
+async function vote(winner) {
+  const d = duel, ratings = {};
+  if ($('rate-a').value) ratings.a = Number($('rate-a').value);
+  if ($('rate-b').value) ratings.b = Number($('rate-b').value);
+  await api('/v1/arena/judgments', {id: d.id, prompt: d.prompt, a: d.sides[0], b: d.sides[1], winner,
+                                    annotator: $('annotator').value.trim(), ...(Object.keys(ratings).length ? {ratings} : {})});
+  for (const b of document.querySelectorAll('.vote')) b.disabled = true;
+  d.sides.forEach((s, i) => {  // the reveal
+    $('arena-h' + i).textContent = `${'AB'[i]}: ${s.model} (temperature ${s.settings.temperature})`;
+  });
+  $('arena-status').textContent = `saved: ${winner === 'both_bad' ? 'both bad' : winner === 'tie' ? 'a tie' : winner.toUpperCase() + ' won'}`;
+  await arenaStats();
+}
+for (const w of ['a', 'b', 'tie', 'both_bad']) $('vote-' + w).onclick = () => guard($('arena-status'), () => vote(w));
+
+// the ratings so far (Bradley-Terry, as Chatbot Arena's, with 95% intervals) and the annotators' agreement
+async function arenaStats() {
+  const s = await api('/v1/arena/stats');
+  if (!s.judgments) return;
+  const rows = Object.entries(s.bradley_terry).map(([m, r]) => el('tr', {}, el('td', {}, m), el('td', {}, fmt(r.rating, 0)),
+    el('td', {}, r.ci95 ? `${fmt(r.ci95[0], 0)} to ${fmt(r.ci95[1], 0)}` : ''),
+    el('td', {}, s.ratings[m] ? `${fmt(s.ratings[m].mean, 2)} (${s.ratings[m].n})` : '')));
+  const kappas = Object.entries(s.cohen_kappa).map(([k, v]) => `Cohen's kappa ${k.replace('|', ' & ')}: ${fmt(v.kappa, 2)} ` +
+    `over ${v.items} items`);
+  if (s.fleiss_kappa) kappas.push(`Fleiss' kappa: ${fmt(s.fleiss_kappa.kappa, 2)} over ${s.fleiss_kappa.items} items`);
+  $('arena-stats').replaceChildren(el('table', {}, el('tr', {}, ...['model', 'rating', '95% interval', 'mean 1-5 (n)']
+    .map(h => el('th', {}, h))), ...rows), el('p', {}, `${s.judgments} judgments of ${s.items} items. ` + kappas.join('; ')));
+}
+
+// -----------------------------------------------------------------------------
 // 8) the overview's background: the token embeddings in 3-D (POST /v1/embedding_map), turned by drag or finger
 
 const embed = {points: [], tokens: [], yaw: 0.6, pitch: 0.3, drag: null, spin: true};
@@ -880,6 +974,8 @@ async function refreshRuns() {
 
 // the leaderboard: each task's results, best first by its first metric (lower first for losses), as evaluate.py
 async function leaderboard() {
+  await arenaStats();  // the arena's ratings show here too
+  $('runs-arena').replaceChildren(...[...$('arena-stats').childNodes].map(n => n.cloneNode(true)));
   const j = await api('/leaderboard');
   if (!j.data.length) {
     $('leaderboard').textContent = 'No evaluations yet: python evaluate.py --init_from=RUN writes them to RUN/eval/.';
@@ -919,6 +1015,6 @@ guard($('chat-status'), async () => {
   // a first visit lands on the overview; later ones on the chat, or on the tab in the address (#inspect)
   const first = !localStorage.getItem('nanolab.visited');
   localStorage.setItem('nanolab.visited', '1');
-  const tabs = {overview: 1, chat: 1, inspect: 1, compare: 1, arch: 1, runs: 1};
+  const tabs = {overview: 1, chat: 1, inspect: 1, compare: 1, arch: 1, arena: 1, runs: 1};
   showTab(location.hash.slice(1) in tabs ? location.hash.slice(1) : first ? 'overview' : 'chat');
 });
