@@ -374,6 +374,16 @@ def diverged(val_loss, iter_num, saved_at, out_dir):
           f"{kept}; try a lower learning_rate, or grad_clip")
     return True
 
+def keep_or_stop(val_loss, iter_num, saved_at, out_dir, save, eval_only=False):
+    """After an eval: a diverged val loss stops the run with nothing written -> (True, saved_at); else save() writes
+    ckpt.pt (not at iteration 0, nor in eval_only) -> (False, the iteration out_dir's ckpt.pt now holds)."""
+    if diverged(val_loss, iter_num, saved_at, out_dir):
+        return True, saved_at
+    if iter_num > 0 and not eval_only:
+        save()
+        return False, iter_num
+    return False, saved_at
+
 # -----------------------------------------------------------------------------
 # 8) LoRA (Hu et al. 2021) through peft: finetune.py and dpo.py inject it the same way
 

@@ -112,11 +112,10 @@ def encode_pair(tok, row, max_len):
     p = p[-max(max_len - longest, max_len // 2):]  # 1) the prompt, from the left
     return p, *(r[:max_len - len(p)] for r in responses), True  # 2) the responses, from the right
 
-def collate(pairs, device='cpu'):
-    """[(prompt, chosen, rejected) ids] -> inputs x and targets y, both (2B, T): rows 0..B-1 are the chosen
-    sequences, rows B..2B-1 the rejected ones, right-padded. y is the next token at response positions and -1
-    (ignored) at prompt and padding positions, so only the response's log-probabilities count."""
-    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+def collate_responses(seqs, device='cpu'):
+    """[(prompt ids, response ids)] -> inputs x and targets y, both (N, T), right-padded. y is the next token at
+    response positions and -1 (ignored) at prompt and padding positions, so only the response's log-probabilities
+    count (dpo.py's pairs, rl.py's samples)."""
     T = max(len(p) + len(s) for p, s in seqs) - 1
     x = torch.zeros(len(seqs), T, dtype=torch.long)
     y = torch.full((len(seqs), T), -1, dtype=torch.long)
@@ -126,11 +125,19 @@ def collate(pairs, device='cpu'):
         y[i, len(p) - 1:len(ids) - 1] = ids[len(p):]  # position t predicts token t+1: the response's tokens
     return x.to(device), y.to(device)
 
+def collate(pairs, device='cpu'):
+    """[(prompt, chosen, rejected) ids] -> x and y (2B, T) of collate_responses: rows 0..B-1 the chosen sequences,
+    rows B..2B-1 the rejected ones."""
+    return collate_responses([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], device)
+
+def token_logps(logits, y):
+    """log p(y_t | x_<=t) at every position, (N, T): exactly 0 where y == -1 (prompt, padding)."""
+    logp = -F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction='none')
+    return logp.view(y.shape)
+
 def response_logps(model, x, y):
     """Sum of log p(y_t | x_<=t) over the positions where y != -1: one log-probability per row, (2B,)."""
-    logits, _ = model(x)  # (2B, T, vocab)
-    logp = -F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction='none')
-    return logp.view(y.shape).sum(1)  # ignored positions contribute exactly 0
+    return token_logps(model(x)[0], y).sum(1)  # ignored positions contribute exactly 0
 
 def preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type='sigmoid', label_smoothing=0.0):
     """Per-pair losses (B,) and per-pair statistics (trl's names, plus kl) from summed log-probs (B,) each."""
@@ -168,11 +175,37 @@ def load_pairs(path, tok, max_len):
           (f', skipped {dict(counts)}{why}' if counts else ''))
     return pairs, counts
 
+def preference_files(data_dir, dataset, train_file='', val_file=''):
+    """[train path, val path] of preference pairs: train_file/val_file if they are paths (with a '/'), else those
+    names, else pref_{split}.jsonl (the tasks suite) or {split}.jsonl, in data_dir/dataset, which data.py prepares
+    when the folder is missing. ValueError if a file is not there. reward.py reads its pairs the same way."""
+    import data as datasets
+    folder = os.path.join(data_dir, dataset)
+    pick = lambda f, split: f if '/' in f else os.path.join(folder, f or (
+        f'pref_{split}.jsonl' if os.path.exists(os.path.join(folder, f'pref_{split}.jsonl')) else f'{split}.jsonl'))
+    if not os.path.isdir(folder) and '/' not in train_file + val_file:
+        datasets.prepare(dataset, data_dir=data_dir)
+    paths = [pick(train_file, 'train'), pick(val_file, 'val')]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise ValueError(f'no preference file {missing[0]}; prepare it with `python data.py {dataset}` or set '
+                         'train_file/val_file')
+    return paths
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n, epoch, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+def pair_order(n, it, micro_step, batch_size, accum, seed):
+    """Indices of the pairs of a micro-step: all n pairs in a fresh random order each epoch (seed + epoch), read in
+    turn. A function of the iteration alone, so exact resume needs no sampler state (dpo.py, reward.py)."""
+    start = (it * accum + micro_step) * batch_size
+    return [_epoch_order(n, k // n, seed)[k % n] for k in range(start, start + batch_size)]
+
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # the script: a visible loop, as in train.py
-    import data as datasets
     from common import (LR_SCHEDULES, MetricsLogger, StepTimer, add_lora, catch_stop, check_out_dir, checkpoint_dict,
-                        configure_optimizer, diverged, fail, get_lr, lora_disabled, lora_state, optimizer_step,
+                        configure_optimizer, fail, get_lr, keep_or_stop, lora_disabled, lora_state, optimizer_step,
                         plot_loss_svg, restore_training, resume_config, set_lr, write_model_card)
     from configurator import configure
     from model import (DTYPES, autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype,
@@ -235,16 +268,8 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
           f'{n_train / 1e6:.3f}M trainable, {device}, {str(ptdtype).replace("torch.", "")}')
 
     # 3) the pairs: a named dataset is prepared by data.py when its folder is missing
-    folder = os.path.join(data_dir, dataset)
-    pick = lambda f, split: f if '/' in f else os.path.join(folder, f or (
-        f'pref_{split}.jsonl' if os.path.exists(os.path.join(folder, f'pref_{split}.jsonl')) else f'{split}.jsonl'))
     try:
-        if not os.path.isdir(folder) and '/' not in train_file + val_file:
-            datasets.prepare(dataset, data_dir=data_dir)
-        paths = [pick(train_file, 'train'), pick(val_file, 'val')]
-        missing = [p for p in paths if not os.path.exists(p)]
-        if missing:
-            fail(f'no preference file {missing[0]}; prepare it with `python data.py {dataset}` or set train_file/val_file')
+        paths = preference_files(data_dir, dataset, train_file, val_file)
         (train_pairs, _), (val_pairs, _) = (load_pairs(p, tok, block_size + 1) for p in paths)
     except ValueError as e:
         fail(e)
@@ -274,16 +299,9 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
     write_json(os.path.join(out_dir, 'config.json'), config)  # atomic: never a half-written config
     pairs_per_iter = batch_size * gradient_accumulation_steps
 
-    @functools.lru_cache(maxsize=2)
-    def epoch_order(epoch):
-        return torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-
     def get_batch(it, micro_step):
-        """The pairs of a micro-step: the training pairs in a fresh random order each epoch (seed + epoch), read
-        in turn. A function of the iteration alone, so exact resume needs no sampler state."""
-        start = it * pairs_per_iter + micro_step * batch_size
-        idx = [epoch_order(k // len(train_pairs))[k % len(train_pairs)] for k in range(start, start + batch_size)]
-        return collate([train_pairs[i] for i in idx], device)
+        return collate([train_pairs[i] for i in pair_order(len(train_pairs), it, micro_step, batch_size,
+                                                           gradient_accumulation_steps, seed)], device)
 
     def forward(x, y, ref=None):
         """Policy and reference log-probs of a collated batch -> (per-pair losses, stats). The reference runs under
@@ -356,11 +374,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
                   f"margin {row['rewards/margins']:.3f}, kl {row['kl']:.3f}" +
                   (f", win rate {row['win_rate']:.3f}" if 'win_rate' in row else ''))
             metrics.log(iter=iter_num, **row, lr=lr, time=round(timer.elapsed(), 2))
-            if diverged(row['val_loss'], iter_num, saved_at, out_dir):  # keep the last good checkpoint, and stop
-                bad = True
-            elif iter_num > 0 and not eval_only:
-                save()
-                saved_at = iter_num
+            bad, saved_at = keep_or_stop(row['val_loss'], iter_num, saved_at, out_dir, save, eval_only)  # or stop: diverged
             plot_loss_svg(metrics.path, os.path.join(out_dir, 'loss.svg'), title=f'{out_dir}: {loss_type} on {dataset}')
             last_eval = row
             update_card(last_eval)

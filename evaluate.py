@@ -62,6 +62,7 @@ leaderboard = ''              # comma-separated run directories (or eval/ folder
 sort_by = ''                  # leaderboard metric to sort by; '' = the first one found
 leaderboard_out = 'leaderboard'  # file stem of the Markdown, CSV and JSON it writes
 arena = ''                    # a judgments file or a directory of them (arena.py): print and write arena.json next to it, then exit
+arena_judge = ''              # with arena: a reward model (reward.py's out_dir) judges every item too, as annotator 'reward:<dir>' (its kappa with each human)
 arena_to_pairs = ''           # with arena: also write the decided judgments as {prompt, chosen, rejected} JSONL here
 checkpoints = False           # evaluate every saved checkpoint of init_from's run (ckpt.pt, best.pt, checkpoints/*.pt)
 bootstrap = 1000              # bootstrap resamples for the 95% intervals
@@ -382,6 +383,14 @@ if __name__ == '__main__':
         from model import write_atomic
         try:
             judged = arena_stats_module.read_judgments(arena)
+            if arena_judge:  # the automatic judge: the reward model's verdict on each item, beside the humans'
+                from reward import load_reward_model
+                rm, rm_tok = load_reward_model(arena_judge)
+                items = {j['id']: j for j in judged}
+                for j in items.values():
+                    ra, rb = rm.score(rm_tok, [{'role': 'user', 'content': j['prompt']}], [j['a']['text'], j['b']['text']])
+                    judged.append({**j, 'annotator': f'reward:{arena_judge}', 'ratings': None,
+                                   'winner': 'a' if ra > rb else 'b' if rb > ra else 'tie'})
             stats = arena_stats_module.arena_stats(judged, bootstrap, seed)
         except ValueError as e:
             fail(e)

@@ -44,7 +44,7 @@ import torch
 
 import data as datasets
 from common import (LR_SCHEDULES, MetricsLogger, StepTimer, add_lora, catch_stop, check_out_dir, checkpoint_dict,
-                    configure_optimizer, diverged, fail, get_lr, lora_layers, lora_state, optimizer_step,
+                    configure_optimizer, fail, get_lr, keep_or_stop, lora_layers, lora_state, optimizer_step,
                     plot_loss_svg, restore_training, resume_config, set_lr, write_model_card)
 from evaluate import exact_match
 from formats import ROLES, in_val, read_rows, read_sft
@@ -380,11 +380,7 @@ while True:
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
               (f", exact match {row['exact_match']:.1%}" if em_rows > 0 else ''))
         metrics.log(**row)
-        if diverged(losses['val'], iter_num, saved_at, out_dir):  # keep the last good checkpoint, and stop
-            bad = True
-        elif iter_num > 0 and not eval_only:
-            save()
-            saved_at = iter_num
+        bad, saved_at = keep_or_stop(losses['val'], iter_num, saved_at, out_dir, save, eval_only)  # or stop: diverged
         plot_loss_svg(metrics.path, os.path.join(out_dir, 'loss.svg'), title=f'{out_dir}: SFT on {dataset}')
         update_card(row)
         last_eval = row

@@ -381,7 +381,7 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None, trace=None, logits_from=0, logits_at=None):
+    def forward(self, idx, targets=None, cache=None, trace=None, logits_from=0, logits_at=None, hidden=False):
         """idx (B, T) token ids -> (logits, loss).
         targets: (B, T) next-token ids, -1 = ignored (prompt tokens in SFT, padding).
         cache: a KVCache to read and extend (incremental decoding, engine.py): the tokens go where cache.schedule()
@@ -390,7 +390,8 @@ class GPT(nn.Module):
         logits_at: compute logits only at these flat positions of idx.view(-1) -> (1, len, vocab) (the engine).
         trace: a dict that collects, per block, lists of 'att' (B, nh, T, T) attention weights (the explicit path:
           the same function as SDPA), 'attn_out' and 'mlp_out' (B, T, C) (what each adds to the residual stream) and
-          'resid' (B, T, C) (the stream after the block); and 'embed' (B, T, C), the stream entering the first."""
+          'resid' (B, T, C) (the stream after the block); and 'embed' (B, T, C), the stream entering the first.
+        hidden: return the final norm's output (B, T, C) in place of the logits, and no loss (reward.py's head)."""
         B, T = idx.size()
         # 1) positions: from the cache's layout (each slot continues its own row), else 0..T-1
         if cache is not None:
@@ -424,6 +425,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance()
         x = self.transformer.ln_f(x)
+        if hidden:
+            return x, None
         # 4) logits and loss
         if logits_at is not None:
             x = x.view(1, -1, x.size(-1))[:, logits_at]

@@ -124,3 +124,27 @@ def test_evaluate_arena_writes_arena_json_and_pairs_dpo_reads(tmp_path):
     assert stats['cohen_kappa']['x|y']['items'] == 2
     pairs = read_preferences(str(tmp_path / 'pairs.jsonl'))
     assert [p['chosen'] for p in pairs] == ['m1 says i0', 'm2 says i1', 'm1 says i0']
+    # a reward model as the automatic judge: one more annotator, whose verdicts are its rewards' order
+    import torch
+    from dataclasses import asdict
+    from model import GPT, GPTConfig, save_checkpoint
+    from reward import RewardModel, load_reward_model
+    from tokenizer import CharTokenizer
+    tok = CharTokenizer(chars=' 0123456789:?Aabcdefghijklmnopqrstuvwxyz\nSU')
+    torch.manual_seed(0)
+    rm = RewardModel(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=tok.vocab_size)))
+    torch.nn.init.normal_(rm.head.weight)
+    save_checkpoint({'model_args': asdict(rm.gpt.config), 'model': rm.gpt.state_dict(), 'tokenizer': tok.spec(),
+                     'config': {}, 'reward_head': rm.head.state_dict()}, str(tmp_path / 'rm' / 'ckpt.pt'))
+    sys.argv = [os.path.join(root, 'evaluate.py'), f'--arena={d}', f'--arena_judge={tmp_path / "rm"}', '--bootstrap=20']
+    try:
+        with pytest.raises(SystemExit):
+            runpy.run_path(sys.argv[0], run_name='__main__')
+    finally:
+        sys.argv = argv
+    stats = json.loads((d / 'arena.json').read_text())
+    judge = f'reward:{tmp_path / "rm"}'
+    assert judge in stats['annotators'] and stats['cohen_kappa'][f'{judge}|x']['items'] == 2  # names sorted
+    loaded, _ = load_reward_model(str(tmp_path / 'rm'))
+    ra, rb = loaded.score(tok, [{'role': 'user', 'content': 'prompt i0'}], ['m1 says i0', 'm2 says i0'])
+    assert stats['judgments'] == 6 and (ra != rb)
