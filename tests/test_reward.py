@@ -104,3 +104,15 @@ def test_the_recipe_is_reward_pys_defaults():
     defaults, ns = read_settings(REWARD), {}
     exec(open(os.path.join(ROOT, 'configs', 'reward_tasks.py')).read(), ns)
     assert {k: v for k, v in ns.items() if k in defaults} == {k: defaults[k] for k in ns if k in defaults}
+
+
+def test_lora_reward_model(setup):
+    """LoRA on the transformer, the head whole: it learns the pair too, and its checkpoint holds merged weights."""
+    d, tok = setup
+    run(d, f"--out_dir={d / 'lora'}", '--max_iters=9', '--lora_r=4')
+    evals = [r for r in read_metrics(d / 'lora' / 'metrics.jsonl') if 'val_loss' in r]
+    assert evals[0]['val_loss'] == pytest.approx(math.log(2), abs=1e-7) and evals[-1]['accuracy'] == 1.0
+    rm, tok2 = load_reward_model(str(d / 'lora'))  # a plain GPT: no LoRA layers left
+    assert not any('lora' in k for k in rm.state_dict())
+    r_yes, r_no = rm.score(tok2, [{'role': 'user', 'content': 'is 41 + 41 = 82?'}], ['yes', 'no'])
+    assert r_yes > r_no

@@ -111,3 +111,23 @@ def test_the_recipe_is_rl_pys_defaults():
     defaults, ns = read_settings(RL), {}
     exec(open(os.path.join(ROOT, 'configs', 'rl_tasks.py')).read(), ns)
     assert {k: v for k, v in ns.items() if k in defaults} == {k: defaults[k] for k in ns if k in defaults}
+
+
+def test_a_reward_model_can_be_the_reward(setup):
+    """--reward=<reward.py out_dir>: the samples are scored by its head (here a random one) instead of the rule."""
+    from reward import RewardModel
+    d = setup
+    torch.manual_seed(1)
+    rm = RewardModel(tiny_model())
+    torch.nn.init.normal_(rm.head.weight)
+    save_checkpoint({'model_args': asdict(rm.gpt.config), 'model': rm.gpt.state_dict(), 'tokenizer': TOK.spec(),
+                     'config': {}, 'reward_head': rm.head.state_dict()}, str(d / 'rm' / 'ckpt.pt'))
+    run(setup, f"--out_dir={d / 'with_rm'}", '--max_iters=2', f"--reward={d / 'rm'}")
+    evals = [r for r in read_metrics(d / 'with_rm' / 'metrics.jsonl') if 'exact_match' in r]
+    rows = [json.loads(line) for line in (d / 'data' / 'tasks' / 'val.jsonl').read_text().splitlines()]
+    import evaluate
+    from model import load_model
+    sft, tok, _ = load_model(str(d / 'sft'))
+    answers = evaluate.answer(sft, tok, [r['messages'][:-1] for r in rows], 6)
+    want = sum(rm.eval().score(TOK, r['messages'][:-1], [a])[0] for r, a in zip(rows, answers)) / len(rows)
+    assert evals[0]['reward'] == pytest.approx(want, abs=1e-5)  # step 0: the SFT model's answers, by the head
