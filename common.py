@@ -198,12 +198,12 @@ def resume_config(out_dir, config, script, choices=None, fixed=()):
 
 class MetricsLogger:
     """Appends one JSON object per line to `path` and flushes, so a killed run keeps every row it printed.
-    resume_iter=None starts a new file; resume_iter=k keeps the rows of iterations before k, since a resumed
+    resume_iter=None (or 0) starts a new file; resume_iter=k keeps the rows of iterations before k, since a resumed
     run logs iteration k (and evaluates it) again, so the file never holds an iteration twice."""
     def __init__(self, path, resume_iter=None):
         self.path = path
         rows = []
-        if resume_iter is not None and os.path.exists(path):  # a line torn by a crash mid-write is dropped
+        if resume_iter and os.path.exists(path):  # a line torn by a crash mid-write is dropped
             rows = [r for r in read_metrics(path) if r.get('iter', 0) < resume_iter]
         write_atomic(path, lambda f: f.write(''.join(results.dumps(r) + '\n' for r in rows).encode()))
         self.f = open(path, 'a')
@@ -373,6 +373,41 @@ def diverged(val_loss, iter_num, saved_at, out_dir):
     print(f"diverged at iteration {iter_num} (val loss {val_loss}); stopping without a checkpoint, so {out_dir} keeps "
           f"{kept}; try a lower learning_rate, or grad_clip")
     return True
+
+def open_run(out_dir, init_from, overwrite, script, config, choices=None, fixed=()):
+    """The start of every trainer: refuse to replace a trained run (check_out_dir), and with --init_from=resume read
+    out_dir/ckpt.pt and the run's saved config with this command line on top (resume_config). -> (the checkpoint or
+    None, the config to run). Bad input exits with fail's one line."""
+    try:
+        check_out_dir(out_dir, init_from, overwrite, os.path.basename(script))
+        if init_from == 'resume':
+            return resume_config(out_dir, config, script, choices, fixed)
+    except ValueError as e:
+        fail(e)
+    return None, config
+
+def start_loop(out_dir, iter_num, elapsed0):
+    """What a trainer's loop needs before its first step -> (stop, restore_signals) of catch_stop, a StepTimer that
+    goes on from elapsed0, and out_dir/metrics.jsonl's MetricsLogger, which keeps a resumed run's rows before
+    iter_num (0 for a new run: a new file)."""
+    stop, restore_signals = catch_stop()
+    return stop, restore_signals, StepTimer(elapsed0), MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), iter_num)
+
+def save_on_stop(stopped, saved_at, iter_num, save, out_dir):
+    """The end of a loop that Ctrl-C (or SIGTERM) stopped: write ckpt.pt, unless the last eval just did (saved_at)."""
+    if stopped and saved_at != iter_num:
+        save()
+        print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
+
+def end_eval(metrics, row, iter_num, lr, timer, saved_at, out_dir, save, title, eval_only=False):
+    """After an eval of a trainer's loop: log the row (with the iteration, lr and time), write ckpt.pt or stop on a
+    diverged row['val_loss'] (keep_or_stop), redraw loss.svg, and leave the time until the next step out of ms/iter.
+    -> (bad, saved_at) of keep_or_stop."""
+    metrics.log(iter=iter_num, **row, lr=lr, time=round(timer.elapsed(), 2))
+    bad, saved_at = keep_or_stop(row['val_loss'], iter_num, saved_at, out_dir, save, eval_only)
+    plot_loss_svg(metrics.path, os.path.join(out_dir, 'loss.svg'), title=title)
+    timer.pause()  # evals don't count in ms/iter
+    return bad, saved_at
 
 def keep_or_stop(val_loss, iter_num, saved_at, out_dir, save, eval_only=False):
     """After an eval: a diverged val loss stops the run with nothing written -> (True, saved_at); else save() writes

@@ -43,9 +43,9 @@ from dataclasses import asdict
 import torch
 
 import data as datasets
-from common import (LR_SCHEDULES, MetricsLogger, StepTimer, add_lora, catch_stop, check_out_dir, checkpoint_dict,
-                    configure_optimizer, fail, get_lr, keep_or_stop, lora_layers, lora_state, optimizer_step,
-                    plot_loss_svg, restore_training, resume_config, set_lr, write_model_card)
+from common import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
+                    lora_layers, lora_state, open_run, optimizer_step, restore_training, save_on_stop, set_lr,
+                    start_loop, write_model_card)
 from evaluate import exact_match
 from formats import ROLES, in_val, read_rows, read_sft
 from model import (autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint,
@@ -100,19 +100,10 @@ from model import DTYPES
 CHOICES = {'lr_schedule': LR_SCHEDULES, 'em_normalize': ('strip', 'tasks'), 'dtype': DTYPES}
 config = configure(globals(), choices=CHOICES)
 
-try:  # never silently replace a trained run
-    check_out_dir(out_dir, init_from, overwrite, 'finetune.py')
-except ValueError as e:
-    fail(e)
-
-# resume = the run's saved config, then this command line on top (so `--max_iters=...` extends a run)
-ckpt = None
-if init_from == 'resume':  # the adapter's shape is fixed once it is trained
-    try:
-        ckpt, config = resume_config(out_dir, config, __file__, CHOICES, fixed=('lora_r', 'lora_alpha', 'lora_targets'))
-    except ValueError as e:
-        fail(e)
-    globals().update(config)
+# never replace a trained run; resume = the run's saved config, then this command line on top (so `--max_iters=...`
+# extends a run); the adapter's shape is fixed once it is trained
+ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES, fixed=('lora_r', 'lora_alpha', 'lora_targets'))
+globals().update(config)
 
 # -----------------------------------------------------------------------------
 # the data: conversations -> (inputs, targets) of the chat template
@@ -356,10 +347,7 @@ def update_card(last_eval=None):
                      command=f'python finetune.py --init_from=resume --out_dir={out_dir}   # train on', evals=evals)
 
 # Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
-stop, restore_signals = catch_stop()
-
-timer = StepTimer(elapsed0)
-metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), resume_iter=iter_num if init_from == 'resume' else None)
+stop, restore_signals, timer, metrics = start_loop(out_dir, iter_num, elapsed0)
 update_card()
 
 # -----------------------------------------------------------------------------
@@ -373,18 +361,14 @@ while True:
     if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
         losses = estimate_loss()
         best_val_loss = min(best_val_loss, losses['val'])
-        row = dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr)
+        row = dict(train_loss=losses['train'], val_loss=losses['val'])
         if em_rows > 0:
             row['exact_match'], _ = exact_match(raw_model, tok, val_rows[:em_rows], em_max_new_tokens, normalize=normalize)
-        row['time'] = round(timer.elapsed(), 2)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
               (f", exact match {row['exact_match']:.1%}" if em_rows > 0 else ''))
-        metrics.log(**row)
-        bad, saved_at = keep_or_stop(losses['val'], iter_num, saved_at, out_dir, save, eval_only)  # or stop: diverged
-        plot_loss_svg(metrics.path, os.path.join(out_dir, 'loss.svg'), title=f'{out_dir}: SFT on {dataset}')
-        update_card(row)
-        last_eval = row
-        timer.pause()  # evals don't count in ms/iter
+        update_card(last_eval := row)  # then log, write ckpt.pt (or stop: diverged), loss.svg
+        bad, saved_at = end_eval(metrics, row, iter_num, lr, timer, saved_at, out_dir, save, f'{out_dir}: SFT on {dataset}',
+                                 eval_only)
     if iter_num >= max_iters or eval_only or stop or bad:
         break
 
@@ -412,9 +396,7 @@ while True:
     iter_num += 1
 
 # the end: ckpt.pt holds the last state whatever stopped the run; a LoRA run also writes its adapter
-if stop and saved_at != iter_num and not bad:
-    save()
-    print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
+save_on_stop(stop and not bad, saved_at, iter_num, save, out_dir)
 if lora_r > 0 and not eval_only and not bad:
     save_adapter(raw_model, lora_base)
     print(f'wrote {out_dir}/adapter (peft, Hugging Face names) for the base model {lora_base}')

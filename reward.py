@@ -120,27 +120,19 @@ def load_reward_model(source, device='cpu'):
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # the script: a visible loop, as in train.py
-    from common import (LR_SCHEDULES, MetricsLogger, StepTimer, add_lora, catch_stop, check_out_dir, checkpoint_dict,
-                        configure_optimizer, fail, get_lr, keep_or_stop, lora_state, optimizer_step, plot_loss_svg,
-                        restore_training, resume_config, set_lr, write_model_card)
+    from common import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
+                        lora_state, open_run, optimizer_step, restore_training, save_on_stop, set_lr, start_loop,
+                        write_model_card)
     from configurator import configure
     from dpo import load_pairs, pair_order, preference_files
     from model import DTYPES, autocast_ctx, load_model, resolve_device, resolve_dtype, save_checkpoint, write_json
     CHOICES = {'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
     config = configure(globals(), choices=CHOICES)
-    try:  # never silently replace a trained run
-        check_out_dir(out_dir, init_from, overwrite, 'reward.py')
-    except ValueError as e:
-        fail(e)
-
-    # resume = the run's saved config, then this command line on top; the adapter's shape is fixed once trained
-    ckpt = None
-    if init_from == 'resume':
-        try:
-            ckpt, config = resume_config(out_dir, config, __file__, CHOICES, fixed=('lora_r', 'lora_alpha', 'lora_targets'))
-        except ValueError as e:
-            fail(e)
-        globals().update(config)
+    # never replace a trained run; resume = the run's saved config, this command line on top; an adapter's shape is
+    # fixed once trained
+    ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES, fixed=('lora_r', 'lora_alpha', 'lora_targets'))
+    globals().update(config)
+    if ckpt is not None:
         init_from = config['init_from'] = ckpt['config']['init_from']  # the flags said 'resume': the run's source
 
     # 1) device, dtype, the transformer and the head (LoRA: on the transformer; the head trains whole)
@@ -230,9 +222,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
                          command=f'python reward.py --init_from=resume --out_dir={out_dir}   # train on')
 
     # Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
-    stop, restore_signals = catch_stop()
-    timer = StepTimer(elapsed0)
-    metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), resume_iter=iter_num if iter_num else None)
+    stop, restore_signals, timer, metrics = start_loop(out_dir, iter_num, elapsed0)
     last_eval, saved_at, bad = None, None, False
     update_card()
 
@@ -246,12 +236,9 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
             best_val_loss = min(best_val_loss, row['val_loss'])
             print(f"step {iter_num}: val loss {row['val_loss']:.4f}, accuracy {row['accuracy']:.3f}, "
                   f"margin {row['margin']:.3f}")
-            metrics.log(iter=iter_num, **row, lr=lr, time=round(timer.elapsed(), 2))
-            bad, saved_at = keep_or_stop(row['val_loss'], iter_num, saved_at, out_dir, save, eval_only)  # or stop: diverged
-            plot_loss_svg(metrics.path, os.path.join(out_dir, 'loss.svg'), title=f'{out_dir}: reward model on {dataset}')
-            last_eval = row
-            update_card(last_eval)
-            timer.pause()  # evals don't count in ms/iter
+            update_card(last_eval := row)  # then log, write ckpt.pt (or stop: diverged), loss.svg
+            bad, saved_at = end_eval(metrics, row, iter_num, lr, timer, saved_at, out_dir, save,
+                                     f'{out_dir}: reward model on {dataset}', eval_only)
         if iter_num >= max_iters or eval_only or stop or bad:
             break
 
@@ -275,9 +262,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
         iter_num += 1
 
     # the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
-    if stop and saved_at != iter_num and not eval_only and not bad:
-        save()
-        print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
+    save_on_stop(stop and not bad and not eval_only, saved_at, iter_num, save, out_dir)
     metrics.close()
     update_card(last_eval)
     restore_signals()

@@ -33,9 +33,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datasets
-from common import (MetricsLogger, StepTimer, catch_stop, check_out_dir, checkpoint_dict, configure_optimizer,
-                    diverged, fail, get_lr, optimizer_step, plot_loss_svg, restore_training, resume_config,
-                    set_lr,
+from common import (MetricsLogger, StepTimer, catch_stop, checkpoint_dict, configure_optimizer, diverged, fail,
+                    get_lr, open_run, optimizer_step, plot_loss_svg, restore_training, save_on_stop, set_lr,
                     write_model_card)
 from model import (GPT, GPTConfig, autocast_ctx, load_model, model_from_checkpoint, resolve_device,
                    resolve_dtype, save_checkpoint, write_atomic, write_json)
@@ -104,11 +103,6 @@ CHOICES = {'arch': ARCHS, 'positions': ('', *POSITIONS), 'lr_schedule': LR_SCHED
 config = configure(globals(), choices=CHOICES)
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name in config]  # settings that are model args
 
-try:  # never silently replace a trained run
-    check_out_dir(out_dir, init_from, overwrite, 'train.py')
-except ValueError as e:
-    fail(e)
-
 # DDP: torchrun sets RANK; each process drives one device and the gradients are averaged across them
 ddp = int(os.environ.get('RANK', -1)) != -1
 rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
@@ -116,12 +110,8 @@ master_process = rank == 0  # only it prints and writes files
 
 # resume = the run's saved config, then this command line on top (so `--max_iters=...` extends a run);
 # the model args always come from the checkpoint
-ckpt = None
-if init_from == 'resume':
-    try:
-        ckpt, config = resume_config(out_dir, config, __file__, CHOICES)
-    except ValueError as e:
-        fail(e)
+ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES)  # never replace a trained run
+if ckpt is not None:
     globals().update(config)
     for k in MODEL_KEYS:  # (a key the checkpoint predates keeps its default: GPTConfig's for that checkpoint too)
         if k != 'block_size' and k in ckpt['model_args'] and globals()[k] != ckpt['model_args'][k]:
@@ -357,9 +347,7 @@ while True:
 
 # the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
 if master_process:
-    if stopping and saved_at != iter_num and not bad:
-        save('ckpt.pt')
-        print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
+    save_on_stop(stopping and not bad, saved_at, iter_num, lambda: save('ckpt.pt'), out_dir)
     metrics.close()
     update_card(last_eval)
     if wandb_log:
