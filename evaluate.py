@@ -44,6 +44,9 @@ data_dir = 'data'             # where datasets live
 # custom benchmarks: a JSONL of {prompt, reference} or {prompt, choices, answer} rows, or 'tasks'
 benchmark = ''                # path, or 'tasks' (the post-training suite's held-out split, data_dir/tasks/val.jsonl)
 bench_metrics = 'exact_match,contains,bleu,rouge_l'  # generation metrics (choice rows: acc, acc_norm); tasks: exact_match,contains (one-word answers have no BLEU)
+template = ''                 # benchmark: comma list of prompts.py templates to score it under ('' = its rows as written, e.g. ',instruction_concise'); each fills its one variable with the row's prompt
+shots = '0'                   # benchmark: comma list of few-shot counts, each run with each template (examples prefixed, drawn by seed)
+shots_file = ''               # few-shot examples: JSONL of {question, answer}; '' with benchmark=tasks = the suite's training instructions
 normalize = 'strip'           # answers compare after: 'strip' | 'lower' (strip + lowercase) | 'tasks' (also drops the suite's filler)
 chat = True                   # wrap prompts in the chat template (a model without one gets them raw)
 max_new_tokens = 32           # answer length limit, tokens
@@ -328,12 +331,33 @@ def score_generation(answers, rows, metrics, normalize=str.strip):
         items['bleu_sentence'] = [sacrebleu.sentence_bleu(o, rs).score for o, rs in zip(outs, refs)]
     return headline, items
 
+def templated(template='', shots=0, examples=(), seed=1337):
+    """A prompt transform for run_benchmark: k few-shot examples (prompts.few_shot, 'qa_pair', picked by seed) and
+    the row's prompt put into `template`'s one variable ('' = the prompt as it is). A chat prompt's last turn is the
+    text that goes in; a text template's result becomes that turn again, a chat template's messages replace it."""
+    import prompts
+    if template and len(prompts.variables(template)) != 1:
+        raise ValueError(f"template '{template}' takes {prompts.variables(template)}; a benchmark template takes one "
+                         "variable, which the row's prompt fills")
+    prefix = prompts.few_shot(list(examples), shots, seed) + '\n\n' if shots else ''
+
+    def transform(prompt):
+        text = prompt if isinstance(prompt, str) else prompt[-1]['content']
+        filled = prompts.render(template, **{prompts.variables(template)[0]: text}) if template else text
+        if isinstance(filled, list):  # a chat template: its messages, the examples before the last turn's text
+            return filled[:-1] + [{**filled[-1], 'content': prefix + filled[-1]['content']}]
+        return prefix + filled if isinstance(prompt, str) else prompt[:-1] + [{**prompt[-1], 'content': prefix + filled}]
+    return transform
+
 def run_benchmark(model, tok, path, metrics=('exact_match',), normalize=str.strip, chat=True, max_new_tokens=32,
-                  batch_size=16, limit=0, ctx=None, name='', **sampling):
+                  batch_size=16, limit=0, ctx=None, name='', prompt_fn=None, **sampling):
     """Score a model on a benchmark file (read_benchmark) -> a result dict (metrics, stderr, per-item scores).
+    prompt_fn: maps each row's prompt before it is asked (templated(): a template and few-shot examples).
     Generation rows: the model's answers (answer(), through sample.generate) scored by score_generation.
     Multiple-choice rows: accuracy (the likeliest choice is the answer) and acc_norm (likelihood per byte)."""
     rows = read_benchmark(path)[:limit or None]
+    if prompt_fn is not None:
+        rows = [{**r, 'prompt': prompt_fn(r['prompt'])} for r in rows]
     name = name or os.path.splitext(os.path.basename(path))[0]
     out = {'task': f'benchmark:{name}', 'n': len(rows), 'item_ids': [r['id'] for r in rows],
            'settings': {'chat': chat, 'max_new_tokens': max_new_tokens, **sampling}}
@@ -368,6 +392,24 @@ def run_benchmark(model, tok, path, metrics=('exact_match',), normalize=str.stri
                      for k, v in items.items() if k in headline}
     out['items'] = items
     return out
+
+def template_table(results, n_boot=1000, seed=1337):
+    """Print the benchmark's first metric under each (template, shots) with a 95% bootstrap interval, and the
+    difference from the zero-shot run without a template (the first result when there is none) with a paired test
+    on the same items (results.paired_test: exact McNemar for 0/1 scores)."""
+    import numpy as np
+    from results import _bootstrap_means, paired_test
+    key = next(iter(results[0]['items']))
+    base = next((r for r in results if not r['settings']['template'] and r['settings']['shots'] == 0), results[0])
+    print(f"\n| template | shots | {key} | 95% interval | vs {base['settings']['template'] or 'none'}, "
+          f"{base['settings']['shots']} shots | p |\n|---|---|---|---|---|---|")
+    for r in results:
+        x = np.asarray(r['items'][key], dtype=float)
+        lo, hi = np.percentile(_bootstrap_means(x, n_boot, seed), [2.5, 97.5])
+        d = (x.mean() - np.mean(base['items'][key])) * 100
+        p = paired_test(x, base['items'][key], n_boot, seed)[0] if r is not base else None
+        print(f"| {r['settings']['template'] or 'none'} | {r['settings']['shots']} | {x.mean():.3f} | "
+              f"{lo:.3f}-{hi:.3f} | {'' if r is base else f'{d:+.1f} points'} | {'' if p is None else f'{p:.3g}'} |")
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
@@ -448,6 +490,33 @@ if __name__ == '__main__':
             bench_metrics = 'exact_match,contains'
     if bench_path and not os.path.isfile(bench_path):
         fail(f"no benchmark file {bench_path}; give a JSONL path or 'tasks'")
+    shot_examples = []  # few-shot examples: {question, answer}
+    if shots != '0':
+        try:
+            if any(int(x) < 0 for x in shots.split(',')):
+                raise ValueError
+        except ValueError:
+            fail(f"--shots must be a comma list of counts >= 0, like 0,3, not {shots!r}")
+        if shots_file:
+            with open(shots_file, encoding='utf-8') as f:
+                shot_examples = [json.loads(line) for line in f if line.strip()]
+        elif benchmark == 'tasks':  # the suite's training instructions and their concise answers
+            from formats import read_sft
+            import tasks as tasks_suite
+            train = read_sft(os.path.join(os.path.dirname(bench_path), 'train.jsonl'))[:1000]
+            shot_examples = [{'question': r['messages'][-2]['content'], 'answer': tasks_suite.normalize(r['messages'][-1]['content'])}
+                             for r in train]
+        else:
+            fail('--shots needs --shots_file=JSONL of {question, answer} rows (or --benchmark=tasks)')
+    if template:
+        import prompts
+        try:
+            for t in template.split(','):
+                if t.strip() and len(prompts.variables(t.strip())) != 1:
+                    raise ValueError(f"template '{t.strip()}' takes {prompts.variables(t.strip())}; a benchmark "
+                                     "template takes one variable, which the row's prompt fills")
+        except (KeyError, ValueError) as e:
+            fail(e.args[0])
     torch.manual_seed(seed)
     sampling = {'temperature': temperature, 'top_k': top_k, 'top_p': top_p} if temperature > 0 else {}
     for source in sources:
@@ -466,10 +535,19 @@ if __name__ == '__main__':
             from harness import run_harness
             jobs.append(lambda: run_harness(model, tok, tasks, include_path, num_fewshot, limit, batch_size, output_path, ctx,
                                             os.path.basename(os.path.normpath(source))))
-        if bench_path:
-            jobs.append(lambda: [run_benchmark(model, tok, bench_path, bench_metrics.split(','), norm, chat, max_new_tokens,
-                                               batch_size, limit, ctx, benchmark if benchmark == 'tasks' else '',
-                                               **sampling)])
+        if bench_path:  # one result per (template, shots): benchmark:NAME, or benchmark:NAME[template=T,shots=K]
+            def bench_jobs():
+                out = []
+                for t in template.split(','):
+                    for k in (int(x) for x in shots.split(',')):
+                        name = benchmark if benchmark == 'tasks' else os.path.splitext(os.path.basename(bench_path))[0]
+                        tag = f"{name}[template={t or 'none'},shots={k}]" if (template or shots != '0') else name
+                        out.append(run_benchmark(model, tok, bench_path, bench_metrics.split(','), norm, chat,
+                                                 max_new_tokens, batch_size, limit, ctx, tag,
+                                                 templated(t.strip(), k, shot_examples, seed), **sampling))
+                        out[-1]['settings'].update(template=t.strip(), shots=k)
+                return out
+            jobs.append(bench_jobs)
         if perplexity or not jobs:
             ppl_source = perplexity or ckpt.get('config', {}).get('dataset', '')
             if not ppl_source:
@@ -487,4 +565,6 @@ if __name__ == '__main__':
                 shown = ', '.join(f'{k} {v:.4f}' + (f" ± {r['stderr'][k]:.4f}" if k in r.get('stderr', {}) else '')
                                   for k, v in r['metrics'].items())
                 print(f"{r['task']}: {shown} (n={r['n']}, {r['time']:.1f} s) -> {path}")
+            if len(results) > 1 and all('shots' in r.get('settings', {}) for r in results):
+                template_table(results, bootstrap, seed)
     update_model_card(results_dir)

@@ -103,6 +103,9 @@ def generate(model, prompts, max_new_tokens=100, *, temperature=1.0, top_k=0, to
 # the command line (nanoGPT's sample.py names)
 init_from = 'out-shakespeare-char'  # model source: out_dir, ckpt.pt, Hugging Face dir, or hub name like 'gpt2'
 start = "\n"                  # prompt text, or FILE:path to read it from a file; '' = start from the eot token
+template = ''                 # a prompts.py template instead of start (python -c "import prompts; print(list(prompts.TEMPLATES))")
+variables = ''                # the template's values: a JSON object ('{"text": "..."}'), or FILE:path of one
+cot = False                   # the template's chain-of-thought cue, where it has one
 num_samples = 10              # samples to draw, one after another, with seeds seed, seed+1, ...
 max_new_tokens = 500          # new tokens per sample
 temperature = 0.8             # 0 = greedy; < 1 sharper, > 1 more random
@@ -137,6 +140,23 @@ PRESETS = {
 }
 
 def _prompt_ids(tok):
+    if template:  # prompts.py: a text template is encoded, a chat one rendered with the chat template
+        import json
+        import prompts
+        raw = variables
+        try:
+            if raw.startswith('FILE:'):
+                raw = open(raw[5:], encoding='utf-8').read()
+            values = json.loads(raw) if raw.strip() else {}
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--variables must be a JSON object or FILE:path of one ({e}); e.g. "
+                             f"--variables='{{\"text\": \"...\"}}'") from None
+        if not isinstance(values, dict):
+            raise ValueError("--variables must be a JSON object of the template's values")
+        try:
+            return prompts.prompt_ids(tok, template, values, cot)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
     text = start
     if text.startswith('FILE:'):
         try:
@@ -193,6 +213,10 @@ def main():
     if chat:
         return _chat(model, tok, opts)
     ids = _prompt_ids(tok)
+    if template:
+        import prompts
+        if prompts.is_chat(template):  # a chat template's reply ends at the end of its turn, as in --chat
+            opts.update(stop_tokens=set(tok.chat_stop_tokens), stop_strings=tok.stop_strings + opts['stop_strings'])
     for name in presets:  # --compare: one labelled block per strategy, same prompt, same seed
         neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, num_beams=1, repetition_penalty=1.0,
                        presence_penalty=0.0, frequency_penalty=0.0)

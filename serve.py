@@ -41,6 +41,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import torch
 
 import arena
+import prompts as library  # prompts.py: `prompts` is the token lists of a request
 from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, beam_tree, start
 from httpd import ApiError, GuardedHandler, Server
 from model import DTYPES, load_model, model_sources, resolve_device, resolve_dtype
@@ -81,7 +82,7 @@ PARAMS = {'max_new_tokens': 'max_tokens', 'num_samples': 'n', 'stop_strings': 's
 
 COMMON_FIELDS = {'model', 'max_tokens', 'temperature', 'top_p', 'n', 'stop', 'seed', 'presence_penalty',
                  'frequency_penalty', 'stream', 'stream_options', 'user', 'top_k', 'min_p', 'repetition_penalty',
-                 'num_beams', 'length_penalty', 'beam_tree'}
+                 'num_beams', 'length_penalty', 'beam_tree', 'template', 'variables', 'cot'}
 COMPLETION_FIELDS = COMMON_FIELDS | {'prompt', 'logprobs', 'echo'}
 CHAT_FIELDS = COMMON_FIELDS | {'messages', 'logprobs', 'top_logprobs', 'max_completion_tokens', 'continue_final_message'}
 
@@ -140,7 +141,22 @@ def _read_request(name, w, body, chat):
             raise ApiError(400, f"unknown field '{k}'" + (f"; did you mean {' or '.join(close)}?" if close else
                            ''), k, 'unknown_parameter')
     tok, stop_tokens, stop_strings = w.tok, [w.tok.eot] if w.tok.eot is not None else [], []
-    # 1) the prompts
+    # 1) the prompts: a template of prompts.py ('template', 'variables', 'cot') fills the prompt or the messages
+    if 'template' in body:
+        name_, values = body.get('template'), body.get('variables', {})
+        if not isinstance(name_, str) or not isinstance(values, dict):
+            raise ApiError(400, "'template' must be a template's name (GET /v1/templates) and 'variables' an object",
+                           'template')
+        try:
+            filled = library.render(name_, cot=_flag(body, 'cot'), **values)
+        except (KeyError, ValueError) as e:
+            raise ApiError(400, f"'template': {e.args[0]}", 'template') from None
+        if chat:
+            body['messages'] = filled if isinstance(filled, list) else [{'role': 'user', 'content': filled}]
+        elif isinstance(filled, list):
+            raise ApiError(400, f"'template': '{name_}' is a chat template; send it to /v1/chat/completions", 'template')
+        else:
+            body['prompt'] = filled
     if chat:
         messages = body.get('messages')
         if not isinstance(messages, list) or not messages:
@@ -347,10 +363,46 @@ def _models(h, body):
          'max_model_len': w.block_size, 'arch': w.model.config.arch, 'n_params': w.model.num_params(),
          'tokenizer': w.tok.kind, 'config': asdict(w.model.config)} for name, w in h.server.engines.items()]})
 
+def _templates(h, body):
+    h.send_json(200, {'object': 'list', 'data': library.catalog()})
+
+def _render_template(h, body):
+    """The page's template tool: a library template ('template') or one's own text ('text'), its 'variables',
+    'cot', and few-shot examples ('shots': {examples, k, seed}, formatted by prompts.few_shot) before it -> the exact
+    prompt (text, or chat messages), its token ids as the model sees them, and their count."""
+    name, w = h.engine(body)
+    values, shots = body.get('variables') or {}, body.get('shots') or {}
+    if not isinstance(values, dict) or not isinstance(shots, dict):
+        raise ApiError(400, "'variables' and 'shots' must be objects", 'variables')
+    try:
+        if isinstance(body.get('text'), str):
+            out = library.render_text(body['text'], **values)
+        else:
+            out = library.render(str(body.get('template')), cot=_flag(body, 'cot'), **values)
+        ex = shots.get('examples') or []
+        if not isinstance(ex, list) or not all(isinstance(e, dict) for e in ex):
+            raise ValueError("'shots': examples must be a list of {question, answer} objects")
+        prefix = library.few_shot(ex, int(shots.get('k', 0)), int(shots.get('seed', 0))) + '\n\n' if shots.get('k') else ''
+        if isinstance(out, list):
+            out = out[:-1] + [{**out[-1], 'content': prefix + out[-1]['content']}]
+            ids = w.tok.render_chat(out, add_generation_prompt=True)[0]
+        else:
+            out = prefix + out
+            ids = _encode(w, out, 'text')
+    except (KeyError, ValueError, TypeError) as e:
+        raise ApiError(400, f"'template': {e.args[0] if e.args else e}", 'template') from None
+    h.send_json(200, {'prompt': out, 'chat': isinstance(out, list), 'tokens': ids, 'count': len(ids),
+                      'max_model_len': w.block_size})
+
 def _tokenize(h, body):
     name, w = h.engine(body)
     text = body.get('prompt')
-    if 'messages' in body:  # the chat template's tokens, as /v1/chat/completions would decode from
+    if 'template' in body:  # the ids a completion with this template decodes from (prompts.prompt_ids)
+        try:
+            ids = library.prompt_ids(w.tok, body['template'], body.get('variables') or {}, _flag(body, 'cot'))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ApiError(400, f"'template': {e.args[0] if e.args else e}", 'template') from None
+    elif 'messages' in body:  # the chat template's tokens, as /v1/chat/completions would decode from
         try:
             ids = w.tok.render_chat(body['messages'], add_generation_prompt=_flag(body, 'add_generation_prompt'),
                                     continue_final_message=_flag(body, 'continue_final_message'))[0]
@@ -532,7 +584,8 @@ API = {'/v1/models': ('GET', _models), '/v1/completions': ('POST', lambda h, b: 
        '/v1/chat/completions': ('POST', lambda h, b: _completion(h, b, True)), '/tokenize': ('POST', _tokenize),
        '/detokenize': ('POST', _detokenize), '/tokenizer_info': ('GET', _tokenizer_info),
        '/v1/attention': ('POST', _attention), '/v1/inspect': ('POST', _inspect),
-       '/v1/tokenizers': ('POST', _tokenizers), '/v1/embedding_map': ('POST', _embedding_map), '/runs': ('GET', _runs), '/leaderboard': ('GET', _leaderboard),
+       '/v1/tokenizers': ('POST', _tokenizers), '/v1/embedding_map': ('POST', _embedding_map),
+       '/v1/templates': ('GET', _templates), '/v1/templates/render': ('POST', _render_template), '/runs': ('GET', _runs), '/leaderboard': ('GET', _leaderboard),
        '/v1/arena/judgments': ('POST', _arena_judge), '/v1/arena/items': ('GET', _arena_items),
        '/v1/arena/stats': ('GET', _arena_stats)}
 

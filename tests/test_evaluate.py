@@ -145,3 +145,20 @@ def test_cli_errors_exit_cleanly(tmp_path):
                            cwd=tmp_path, env=env)
         assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
         assert __import__('re').search(match, p.stderr), p.stderr
+
+
+def test_templated_prompts_and_few_shot_prefixes():
+    """evaluate.templated: a template's one variable takes the row's prompt (its last turn for chat rows), k seeded
+    examples go first; a template with two variables is refused."""
+    import prompts
+    from evaluate import templated
+    ex = [{'question': f'q{i}', 'answer': f'a{i}'} for i in range(10)]
+    chat = [{'role': 'user', 'content': 'Reverse kfeo'}]
+    assert templated()(chat) == chat and templated()('plain') == 'plain'
+    got = templated('instruction_concise', 2, ex, seed=3)(chat)
+    shots = prompts.few_shot(ex, 2, 3)
+    assert got == [{'role': 'user', 'content': shots + '\n\nReverse kfeo\nAnswer with the result only.'}]
+    assert templated('qa', 0)('Why?') == 'Q: Why?\nA:'
+    assert templated('qa', 1, ex, seed=0)(chat) == [{'role': 'user', 'content': prompts.few_shot(ex, 1, 0) + '\n\nQ: Reverse kfeo\nA:'}]
+    with pytest.raises(ValueError, match='takes one variable'):
+        templated('translate')

@@ -368,10 +368,26 @@ def test_cli_samples_compares_and_chats(ckpt_dir, tmp_path):
     assert chat.stdout.count('> ') == 3  # two turns, then EOF at the third prompt
 
 
+def test_cli_template_is_prompts_ids(ckpt_dir):
+    """--template/--variables: the sample starts from prompts.prompt_ids (greedy, so the text is generate's)."""
+    import prompts
+    from model import load_model
+    model, tok, _ = load_model(ckpt_dir)
+    ids = prompts.prompt_ids(tok, 'play_scene', {'speaker': 'ROMEO', 'line': 'hello'})
+    want = generate(model, ids, 8, temperature=0, tokenizer=tok)[0].text
+    r, = run_cli(([f'--init_from={ckpt_dir}', '--device=cpu', '--template=play_scene', '--num_samples=1',
+                   '--variables={"speaker": "ROMEO", "line": "hello"}', '--temperature=0', '--max_new_tokens=8'], ''))
+    assert r.returncode == 0, r.stderr
+    assert tok.decode(ids) + want in r.stdout, r.stdout  # after the settings it was given
+
+
 def test_cli_errors_are_one_line(ckpt_dir):
     cases = [('--init_from=out-does-not-exist', 'does not exist'), ('--temperature=-1', 'temperature'),
-             ('--compare=greedy,nucleus', 'nucleus'), ('--start=FILE:/no/such/file.txt', 'prompt file')]
-    runs = run_cli(*[([f'--init_from={ckpt_dir}', '--device=cpu', '--max_new_tokens=3', arg], '') for arg, _ in cases])
+             ('--compare=greedy,nucleus', 'nucleus'), ('--start=FILE:/no/such/file.txt', 'prompt file'),
+             ('--template=play_scen', 'did you mean play_scene'), ('--template=story', 'missing opening'),
+             ('--template=story --variables={bad', '--variables must be a JSON object')]
+    runs = run_cli(*[([f'--init_from={ckpt_dir}', '--device=cpu', '--max_new_tokens=3', *arg.split(' ')], '')
+                     for arg, _ in cases])
     for (arg, msg), r in zip(cases, runs):
         assert r.returncode != 0, arg
         assert msg in r.stderr and 'error' in r.stderr, (arg, r.stderr)

@@ -282,6 +282,34 @@ def test_beam_tree_through_the_api(server, ref):
     assert status == 400 and body['error']['param'] == 'beam_tree'
 
 
+def test_templates_give_the_same_ids_as_python(server, ref):
+    """prompts.py over the API: GET /v1/templates; /tokenize with a template == prompts.prompt_ids in Python; a
+    completion from a text template == generate on those ids; a chat template renders the chat's ids; errors name
+    the variable."""
+    import prompts
+    model, tok = ref['char']
+    status, body = call(server, 'GET', '/v1/templates')
+    assert status == 200 and len(body['data']) == len(prompts.TEMPLATES) >= 20
+    values = {'speaker': 'ROMEO', 'line': 'So be it'}
+    want = prompts.prompt_ids(tok, 'play_scene', values)
+    assert call(server, 'POST', '/tokenize', {'model': 'char', 'template': 'play_scene', 'variables': values})[1]['tokens'] == want
+    got = call(server, 'POST', '/v1/completions', {'model': 'char', 'template': 'play_scene', 'variables': values,
+                                                   'max_tokens': 10, 'temperature': 0})[1]['choices'][0]['text']
+    assert got == generate(model, want, 10, temperature=0, tokenizer=tok)[0].text
+    chat_ids = prompts.prompt_ids(tok, 'instruction', {'instruction': 'So be it'})
+    assert call(server, 'POST', '/tokenize', {'model': 'char', 'template': 'instruction',
+                                              'variables': {'instruction': 'So be it'}})[1]['tokens'] == chat_ids
+    assert chat_ids == tok.render_chat([{'role': 'user', 'content': 'So be it'}], add_generation_prompt=True)[0]
+    status, body = call(server, 'POST', '/v1/chat/completions', {'model': 'char', 'template': 'instruction',
+                                                                 'variables': {'instruction': 'So be it'}, 'max_tokens': 3})
+    assert status == 200
+    for req, msg in (({'template': 'play_scene', 'variables': {'speaker': 'X'}}, 'missing line'),
+                     ({'template': 'instruction', 'variables': {'instruction': 'x'}}, 'chat template'),
+                     ({'template': 'nope'}, 'unknown template')):
+        status, body = call(server, 'POST', '/v1/completions', {'model': 'char', **req})
+        assert status == 400 and body['error']['param'] == 'template' and msg in body['error']['message'], body
+
+
 def test_a_seeded_request_is_the_same_through_generate_the_cli_and_the_server(server, ref, runs):
     """engine.py's seeding rule, end to end: sample i of seed s is the same text from sample.generate (n samples at
     once), from sample.py (one sample at a time, seed + k) and from /v1/completions, for n = 1 and n = 3."""

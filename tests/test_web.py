@@ -122,7 +122,7 @@ def test_leaderboard_endpoint(site):
 
 
 def test_page_loads_every_tab(page):
-    for tab in ('overview', 'inspect', 'compare', 'arch', 'arena', 'runs', 'chat'):
+    for tab in ('overview', 'inspect', 'compare', 'arch', 'prompts', 'arena', 'runs', 'chat'):
         page.find_element('css selector', f'#tabs button[data-tab={tab}]').click()
         assert js(page, f"return document.getElementById('{tab}').offsetHeight > 0")
     assert js(page, "return document.getElementById('params').querySelectorAll('input[type=range]').length") == 8
@@ -145,7 +145,9 @@ def test_overview_is_the_first_visit_and_its_embeddings_turn(site, page):
     assert wait(pixels) > 100
     from selenium.webdriver import ActionChains
     before = js(page, 'return embed.yaw')
-    ActionChains(page).move_to_element(page.find_element('id', 'embed3d')).click_and_hold().move_by_offset(80, 10).release().perform()
+    cv = page.find_element('id', 'embed3d')  # grab it right of the text column (which takes its own clicks)
+    ActionChains(page).move_to_element_with_offset(cv, cv.size['width'] // 2 - 60, 0).click_and_hold() \
+        .move_by_offset(-80, 10).release().perform()
     assert abs(js(page, 'return embed.yaw') - before) > 0.5 and js(page, 'return embed.spin') is False
     page.get(site.url)  # a second visit: the chat
     wait(lambda: js(page, "return document.getElementById('chat').classList.contains('on')"))
@@ -173,7 +175,9 @@ def test_chat_streams_the_greedy_reply_then_another_model(site, page):
     tok = js(page, "return document.querySelector('#messages .msg.assistant .tk').tok")
     assert tok[2] <= 0 and len(tok[3]) == 5
     from selenium.webdriver import ActionChains
-    ActionChains(page).move_to_element(page.find_element('css selector', '#messages .msg.assistant .tk')).perform()
+    first = page.find_element('css selector', '#messages .msg.assistant .tk')
+    js(page, "arguments[0].scrollIntoView({block: 'center'})", first)  # not under the sticky header
+    ActionChains(page).move_to_element(first).perform()
     assert 'top alternatives' in wait(lambda: js(page, "const t = document.getElementById('tip');"
                                                        "return !t.hidden && t.textContent"))
     # 3) the other model, second turn of the same conversation: the history goes along; max_tokens is cut to fit
@@ -212,7 +216,7 @@ def test_pending_reply_generation_path_and_branches(site, page):
                               "return m && !m.querySelector('.tk')"))  # pending, no token yet
     first = wait(lambda: reply_done(page))
     assert not page.find_elements('css selector', '.msg.pending')
-    page.find_elements('css selector', '.msg.assistant .tk')[2].click()
+    js(page, "arguments[0].click()", page.find_elements('css selector', '.msg.assistant .tk')[2])  # under the sticky header, maybe
     wait(lambda: page.find_element('id', 'path-box').is_displayed())
     assert len(page.find_elements('css selector', '#path .step')) == 12
     alt = js(page, "return [...document.querySelectorAll('#path .step')[2].querySelectorAll('button')]"
@@ -432,6 +436,49 @@ def test_arena_blind_vote_and_judging_again(site, page):
     assert 'Cohen' in wait(lambda: page.find_element('id', 'arena-stats').text)
     status, body = call(site, 'POST', '/v1/arena/judgments', {'id': 'x', 'prompt': 'p', 'winner': 'maybe'})
     assert status == 400 and 'bad judgment' in body['error']['message']
+
+
+def test_prompt_templates_on_the_page(site, page):
+    """The template picker: its variable fields, a preview whose token ids are prompts.prompt_ids' in Python (and
+    /tokenize's), few-shot examples picked by the seed as prompts.few_shot picks them, one's own template saved in
+    the browser, and Use in chat."""
+    import prompts
+    tok = site.engines['bpe'].tok
+    page.find_element('css selector', '#tabs button[data-tab=prompts]').click()
+    set_value(page, 'model', 'bpe')
+    wait(lambda: len(page.find_elements('css selector', '#tpl option')) >= 20)
+    set_value(page, 'tpl', 'translate')
+    names = js(page, "return [...document.querySelectorAll('.tpl-var')].map(e => e.name)")
+    assert names == prompts.variables('translate')
+    values = {'source': 'English', 'target': 'French', 'text': 'Good morning'}
+    for i, v in enumerate(names):
+        js(page, "document.querySelectorAll('.tpl-var')[arguments[0]].value = arguments[1]", i, values[v])
+    click(page, 'tpl-preview-btn')
+    ids = wait(lambda: js(page, "return document.getElementById('tpl-preview').dataset.tokens"))
+    assert json.loads(ids) == prompts.prompt_ids(tok, 'translate', values)
+    assert json.loads(ids) == call(site, 'POST', '/tokenize', {'model': 'bpe', 'template': 'translate', 'variables': values})[1]['tokens']
+    assert page.find_element('id', 'tpl-preview').text == prompts.render('translate', **values)
+    # few-shot: k examples picked by the seed, as prompts.few_shot does in Python
+    set_value(page, 'tpl', 'qa')
+    js(page, "document.querySelector('.tpl-var').value = 'Sort dcba'")
+    set_value(page, 'tpl-k', '2')
+    set_value(page, 'tpl-seed', '5')
+    click(page, 'tpl-preview-btn')
+    examples = [json.loads(line) for line in js(page, "return document.getElementById('tpl-examples').value").splitlines()]
+    want = prompts.few_shot(examples, 2, 5) + '\n\n' + prompts.render('qa', question='Sort dcba')
+    wait(lambda: page.find_element('id', 'tpl-preview').text == want)
+    # one's own template, kept in localStorage; then into the chat box
+    set_value(page, 'tpl-k', '0')
+    set_value(page, 'own-name', 'mine')
+    set_value(page, 'own-text', 'Word: {word}\nRhymes with:')
+    js(page, "document.getElementById('own-save').closest('details').open = true")  # as a user opens it
+    click(page, 'own-save')
+    wait(lambda: js(page, "return document.getElementById('tpl').value") == 'my:mine')
+    js(page, "document.querySelector('.tpl-var').value = 'cat'")
+    click(page, 'tpl-use')
+    wait(lambda: js(page, "return document.getElementById('chat').classList.contains('on')"))
+    assert js(page, "return document.getElementById('input').value") == 'Word: cat\nRhymes with:'
+    assert 'mine' in js(page, "return localStorage.getItem('nanolab.templates')")
 
 
 def test_runs_curves_refresh_and_leaderboard(site, page):

@@ -7,6 +7,7 @@
 //   5) compare: one prompt under several decoding strategies (/v1/completions, in parallel), and the beam tree
 //   6) model: the served model's blocks, and a calculator of parameters, FLOPs, memory and time for any shape
 //   8) overview: the token embeddings in 3-D behind the pipeline (/v1/embedding_map)
+//  10) prompts: the template library, variables, few-shot examples, the exact prompt and its token count
 //   9) arena: two replies shown blind, a vote and ratings (/v1/arena/*), the ratings and agreement so far
 //   7) runs: loss curves from /runs (polled while a run trains) and the leaderboard (/leaderboard)
 'use strict';
@@ -121,6 +122,7 @@ function showTab(name) {
   history.replaceState(null, '', '#' + name);  // a reload comes back to this tab
   if (name === 'runs') guard($('runs-status'), refreshRuns);
   if (name === 'arch') showArch();
+  if (name === 'prompts' && !Object.keys(templates).length) guard($('tpl-count'), loadTemplates);
   if (name === 'arena') { if (!$('arena-m1').options.length) arenaModels(); guard($('arena-status'), arenaStats); }
   if (name === 'overview') guard($('embed-info'), loadEmbeddings);
 }
@@ -760,6 +762,83 @@ function showArch() {
 }
 
 // -----------------------------------------------------------------------------
+// 10) prompts: the template library (GET /v1/templates), one's own templates (localStorage), the variables, few-shot
+// examples and chain of thought, rendered by the server (POST /v1/templates/render: the ids the model sees)
+
+let templates = {};  // name -> the /v1/templates entry, or {own: true, template: text, variables}
+const ownTemplates = () => JSON.parse(localStorage.getItem('nanolab.templates') || '{}');
+
+async function loadTemplates() {
+  templates = Object.fromEntries((await api('/v1/templates')).data.map(t => [t.name, t]));
+  for (const [name, text] of Object.entries(ownTemplates())) {
+    templates['my:' + name] = {name: 'my:' + name, own: true, template: text, kind: 'your own', description: 'saved in this browser',
+                               variables: [...new Set([...text.matchAll(/\{(\w+)\}/g)].map(m => m[1]))], cot: false, example: {}};
+  }
+  const keep = $('tpl').value;
+  $('tpl').replaceChildren(...Object.values(templates).map(t => new Option(`${t.name} (${t.kind})`, t.name)));
+  if (keep in templates) $('tpl').value = keep;
+  showTemplate();
+}
+
+function showTemplate() {
+  const t = templates[$('tpl').value];
+  if (!t) return;
+  $('tpl-desc').textContent = t.description + (t.chat ? ' · a chat template' : '');
+  $('tpl-cot').disabled = !t.cot;
+  if (!t.cot) $('tpl-cot').checked = false;
+  $('tpl-vars').replaceChildren(...t.variables.map(v => el('label', {}, v,
+    el('textarea', {rows: 1, value: t.example[v] ?? '', className: 'tpl-var', name: v}))));
+  if (t.own) { $('own-name').value = t.name.slice(3); $('own-text').value = t.template; }
+}
+$('tpl').onchange = showTemplate;
+
+function templateBody() {
+  const t = templates[$('tpl').value], variables = {};
+  for (const e of document.querySelectorAll('.tpl-var')) variables[e.name] = e.value;
+  let examples = [];
+  const k = Number($('tpl-k').value);
+  if (k > 0) examples = $('tpl-examples').value.split('\n').filter(l => l.trim()).map(l => JSON.parse(l));
+  return {model: model(), variables, cot: $('tpl-cot').checked, shots: {examples, k, seed: Number($('tpl-seed').value)},
+          ...(t.own ? {text: t.template} : {template: t.name})};
+}
+
+async function previewTemplate() {
+  const j = await api('/v1/templates/render', templateBody());
+  $('tpl-preview').textContent = j.chat ? j.prompt.map(m => `[${m.role}]\n${m.content}`).join('\n\n') : j.prompt;
+  $('tpl-preview').dataset.tokens = JSON.stringify(j.tokens);
+  $('tpl-count').textContent = `${j.count} tokens of ${model()}'s ${j.max_model_len}` +
+    (j.count >= j.max_model_len ? ': too long for its context' : '');
+  return j;
+}
+$('tpl-preview-btn').onclick = () => guard($('tpl-count'), previewTemplate);
+
+$('tpl-use').onclick = () => guard($('tpl-count'), async () => {  // into the chat: system turn and message
+  const j = await previewTemplate();
+  const msgs = j.chat ? j.prompt : [{role: 'user', content: j.prompt}];
+  const system = msgs.find(m => m.role === 'system');
+  $('system').value = system ? system.content : $('system').value;
+  saveSettings();
+  $('input').value = msgs.filter(m => m.role === 'user').at(-1).content;
+  showTab('chat');
+});
+
+$('own-save').onclick = () => guard($('tpl-count'), async () => {
+  const name = $('own-name').value.trim(), text = $('own-text').value;
+  if (!/^\w+$/.test(name)) throw new Error('name your template with letters, digits or _');
+  if (!text.trim()) throw new Error('write the template text, with {variables}');
+  localStorage.setItem('nanolab.templates', JSON.stringify({...ownTemplates(), [name]: text}));
+  await loadTemplates();
+  $('tpl').value = 'my:' + name;
+  showTemplate();
+});
+$('own-delete').onclick = () => guard($('tpl-count'), async () => {
+  const own = ownTemplates();
+  delete own[$('own-name').value.trim()];
+  localStorage.setItem('nanolab.templates', JSON.stringify(own));
+  await loadTemplates();
+});
+
+// -----------------------------------------------------------------------------
 // 9) the arena: two replies to one prompt, from two models or two settings, shown blind in random order; the vote
 // (and optional 1-5 ratings) goes to POST /v1/arena/judgments, then the names show. "Judge an item again" serves an
 // item another annotator judged, with the same replies, so agreement can be measured (evaluate.py --arena).
@@ -1015,6 +1094,6 @@ guard($('chat-status'), async () => {
   // a first visit lands on the overview; later ones on the chat, or on the tab in the address (#inspect)
   const first = !localStorage.getItem('nanolab.visited');
   localStorage.setItem('nanolab.visited', '1');
-  const tabs = {overview: 1, chat: 1, inspect: 1, compare: 1, arch: 1, arena: 1, runs: 1};
+  const tabs = {overview: 1, chat: 1, inspect: 1, compare: 1, arch: 1, prompts: 1, arena: 1, runs: 1};
   showTab(location.hash.slice(1) in tabs ? location.hash.slice(1) : first ? 'overview' : 'chat');
 });
