@@ -112,6 +112,14 @@ def variables(name):
                 out.append(f)
     return out
 
+def _check(want, values, what):
+    """ValueError naming every missing and every unknown variable at once."""
+    missing, unknown = [v for v in want if v not in values], [v for v in values if v not in want]
+    if missing or unknown:
+        raise ValueError(f"{what} takes {', '.join(want) or 'no variables'}" +
+                         (f"; missing {', '.join(missing)}" if missing else '') +
+                         (f"; unknown {', '.join(unknown)}" if unknown else ''))
+
 def get(name):
     """The template named `name` (KeyError naming the close ones and the count otherwise)."""
     if name not in TEMPLATES:
@@ -124,12 +132,8 @@ def get(name):
 def render(name, cot=False, **values):
     """Fill a template: a str for a text template, a list of {role, content} for a chat one. Every missing and
     every unknown variable is named in one ValueError; cot=True appends the template's chain-of-thought cue."""
-    t, want = get(name), variables(name)
-    missing, unknown = [v for v in want if v not in values], [v for v in values if v not in want]
-    if missing or unknown:
-        raise ValueError(f"template '{name}' takes {', '.join(want) or 'no variables'}" +
-                         (f"; missing {', '.join(missing)}" if missing else '') +
-                         (f"; unknown {', '.join(unknown)}" if unknown else ''))
+    t = get(name)
+    _check(variables(name), values, f"template '{name}'")
     if cot and 'cot' not in t:
         raise ValueError(f"template '{name}' has no chain-of-thought cue; those that do: "
                          f"{', '.join(n for n, x in TEMPLATES.items() if 'cot' in x)}")
@@ -161,12 +165,7 @@ def text_variables(text):
 
 def render_text(text, **values):
     """A template text of one's own filled in, with render's errors for missing and unknown variables."""
-    want = text_variables(text)
-    missing, unknown = [v for v in want if v not in values], [v for v in values if v not in want]
-    if missing or unknown:
-        raise ValueError(f"the template takes {', '.join(want) or 'no variables'}" +
-                         (f"; missing {', '.join(missing)}" if missing else '') +
-                         (f"; unknown {', '.join(unknown)}" if unknown else ''))
+    _check(text_variables(text), values, 'the template')
     return text.format(**{k: str(v) for k, v in values.items()})
 
 def is_chat(name):
