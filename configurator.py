@@ -5,7 +5,8 @@ its first two rule lines (`# -----...`), then calls
     config = configure(globals(), choices={'dtype': DTYPES})
 The settings are exactly the names that block assigns (settings_names), so the constants, imports and helpers
 after it are never settings, whatever their type.
-and runs as `python train.py [configs/x.py ...] [--key=value ...]` or `python train.py --help`.
+and runs as `python train.py [configs/x.py ...] [--key=value ...]` or `python train.py --help`. A config file may
+also be JSON, such as the config.json a run writes: `python train.py out-x/config.json --out_dir=out-y` repeats it.
 
 The rules are STYLE.md "Configuration": files apply first, in order, then flags, whatever
 their order; an unknown key is an error that suggests the closest ones; a value must have its
@@ -14,6 +15,7 @@ is SystemExit('config error: ...'): one message, exit code 1, no traceback.
 """
 import ast
 import difflib
+import json
 import os
 import sys
 import traceback
@@ -150,10 +152,10 @@ def configure(g, argv=None, choices=None, verbose=True):
         if arg.startswith('--'):
             key, eq, raw = arg[2:].partition('=')  # first '=' only: --start=a=b gives 'a=b'
             flags.append((key, raw if eq else None, arg))
-        elif arg.endswith('.py'):
+        elif arg.endswith(('.py', '.json')):
             files.append(arg)
         else:
-            _fail(f"unexpected argument '{arg}': pass config files (configs/x.py) or --key=value")
+            _fail(f"unexpected argument '{arg}': pass config files (configs/x.py, out_dir/config.json) or --key=value")
 
     config, applied = dict(defaults), {}  # applied: key -> source, in the order first set
 
@@ -167,6 +169,19 @@ def configure(g, argv=None, choices=None, verbose=True):
     for path in files:
         if not os.path.isfile(path):
             _fail(f'config file not found: {path}')
+        if path.endswith('.json'):  # a run's config.json: every key a setting, every value of its type
+            try:
+                with open(path, encoding='utf-8') as f:
+                    saved = json.load(f)
+            except (OSError, ValueError) as e:
+                _fail(f'{path}: not a JSON object of settings ({e})')
+            if not isinstance(saved, dict):
+                _fail(f'{path}: not a JSON object of settings')
+            for key, value in saved.items():
+                if key not in defaults:
+                    _unknown(key, defaults, path)
+                assign(key, value, path)
+            continue
         ns = dict(config)
         try:
             with open(path) as f:

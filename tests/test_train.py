@@ -375,3 +375,14 @@ def test_recipes_are_valid_and_the_default_is_shakespeare_char():
     ns = {}
     exec(open(os.path.join(ROOT, 'configs', 'shakespeare_char.py')).read(), ns)
     assert {k: v for k, v in ns.items() if k in defaults} == {k: defaults[k] for k in ns if k in defaults}
+
+
+def test_a_run_repeats_from_its_own_config_json(data_dir, tmp_path):
+    """`python train.py OUT/config.json --out_dir=NEW` repeats the run: the same losses, bit for bit on CPU."""
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    train(*TINY, f'--data_dir={data_dir}', f'--out_dir={a}', '--max_iters=12', '--lr_decay_iters=12', '--dropout=0.1')
+    train(str(a / 'config.json'), f'--out_dir={b}')
+    assert curve(b) == curve(a) and len(curve(a)) > 12
+    (tmp_path / 'bad.json').write_text('{"learning_rat": 1}')
+    with pytest.raises(SystemExit, match="unknown key 'learning_rat'.*Did you mean learning_rate"):
+        train(str(tmp_path / 'bad.json'))
