@@ -138,7 +138,7 @@ def test_overview_is_the_first_visit_and_its_embeddings_turn(site, page):
     set_value(page, 'model', 'char')
     j = call(site, 'POST', '/v1/embedding_map', {'model': 'char', 'n': 512})[1]
     assert len(j['points']) == len(j['tokens']) == site.engines['char'].V and all(len(p) == 3 for p in j['points'])
-    assert 'tokens of char' in wait(lambda: page.find_element('id', 'embed-info').text)
+    wait(lambda: 'tokens of char' in page.find_element('id', 'embed-info').text)  # 'loading' until then
     def pixels():
         return js(page, "const c = document.getElementById('embed3d');"
                         "return [...c.getContext('2d').getImageData(0, 0, c.width, c.height).data].filter((v, i) => i % 4 == 3 && v > 0).length")
@@ -433,7 +433,7 @@ def test_arena_blind_vote_and_judging_again(site, page):
     assert judged[1][judged[1]['winner']]['text'] == judged[0]['a']['text']
     stats = call(site, 'GET', '/v1/arena/stats')[1]
     assert stats['judgments'] == 2 and stats['cohen_kappa']['ann1|ann2']['items'] == 1
-    assert 'Cohen' in wait(lambda: page.find_element('id', 'arena-stats').text)
+    wait(lambda: 'Cohen' in page.find_element('id', 'arena-stats').text)  # refreshed after the second vote
     status, body = call(site, 'POST', '/v1/arena/judgments', {'id': 'x', 'prompt': 'p', 'winner': 'maybe'})
     assert status == 400 and 'bad judgment' in body['error']['message']
 
