@@ -186,3 +186,46 @@ def to_pairs(judgments):
     return [{'prompt': [{'role': 'user', 'content': j['prompt']}], 'chosen': j[j['winner']]['text'],
              'rejected': j['b' if j['winner'] == 'a' else 'a']['text']}
             for j in judgments if j['winner'] in ('a', 'b') and j['a']['text'] != j['b']['text']]
+
+# -----------------------------------------------------------------------------
+# 3) the report: `python evaluate.py --arena=PATH [--arena_judge=DIR] [--arena_to_pairs=OUT]`
+
+def judge_with(judgments, reward_dir):
+    """The judgments plus one by a reward model (reward.py's out_dir) on every item, annotator 'reward:<dir>': its
+    verdict is the order of its rewards for the two replies, so arena_stats gives its kappa with each human."""
+    from reward import load_reward_model
+    rm, tok = load_reward_model(reward_dir)
+    out = list(judgments)
+    for j in {j['id']: j for j in judgments}.values():
+        ra, rb = rm.score(tok, [{'role': 'user', 'content': j['prompt']}], [j['a']['text'], j['b']['text']])
+        out.append({**j, 'annotator': f'reward:{reward_dir}', 'ratings': None,
+                    'winner': 'a' if ra > rb else 'b' if rb > ra else 'tie'})
+    return out
+
+def report(path, n_boot=1000, seed=1337, judge='', pairs_out=''):
+    """Print arena_stats of the judgments at path and write them to arena.json beside them (and with pairs_out the
+    decided judgments as preference pairs); judge: a reward model's out_dir to judge every item too. -> the stats."""
+    from model import write_atomic
+    from results import finite
+    judged = read_judgments(path)
+    if judge:
+        judged = judge_with(judged, judge)
+    stats = arena_stats(judged, n_boot, seed)
+    out = os.path.join(path if os.path.isdir(path) else os.path.dirname(path) or '.', 'arena.json')
+    write_atomic(out, lambda f: f.write(json.dumps(finite(stats), indent=1).encode()))
+    fmt = lambda k: 'none' if k is None else round(k, 3)
+    print(f"{stats['judgments']} judgments of {stats['items']} items by {len(stats['annotators'])} annotators")
+    for m, r in stats['bradley_terry'].items():
+        lo, hi = r['ci95'] or (None, None)
+        print(f"  {m:30s} {r['rating']:7.1f}" + (f"  [{lo:.1f}, {hi:.1f}]" if lo is not None else ''))
+    for k, v in stats['cohen_kappa'].items():
+        print(f"  cohen kappa {k}: {fmt(v['kappa'])} over {v['items']} items")
+    if stats['fleiss_kappa']:
+        f = stats['fleiss_kappa']
+        print(f"  fleiss kappa: {fmt(f['kappa'])} over {f['items']} items x {f['annotators_per_item']} annotators")
+    print(f'wrote {out}')
+    if pairs_out:
+        pairs = to_pairs(judged)
+        write_atomic(pairs_out, lambda f: f.write(''.join(json.dumps(p) + '\n' for p in pairs).encode()))
+        print(f'wrote {len(pairs)} pairs to {pairs_out} (dpo.py --train_file=..., reward.py)')
+    return stats

@@ -415,44 +415,17 @@ def template_table(results, n_boot=1000, seed=1337):
 if __name__ == '__main__':
     from configurator import configure
     from model import DTYPES, autocast_ctx, load_model, resolve_device, resolve_dtype
-    from results import checkpoint_sources, finite, save_result, show_leaderboard, update_model_card
+    from results import checkpoint_sources, save_result, show_leaderboard, update_model_card
     from common import fail  # bad input: one line that names the problem and the fix, exit 1, no traceback
     config = configure(globals(), choices={'normalize': ('strip', 'lower', 'tasks'),
                                            'dtype': DTYPES})
 
     if arena:  # the arena's statistics (arena.py), then exit
-        import arena as arena_stats_module
-        from model import write_atomic
+        import arena as arena_stats_module  # `arena` is the setting
         try:
-            judged = arena_stats_module.read_judgments(arena)
-            if arena_judge:  # the automatic judge: the reward model's verdict on each item, beside the humans'
-                from reward import load_reward_model
-                rm, rm_tok = load_reward_model(arena_judge)
-                items = {j['id']: j for j in judged}
-                for j in items.values():
-                    ra, rb = rm.score(rm_tok, [{'role': 'user', 'content': j['prompt']}], [j['a']['text'], j['b']['text']])
-                    judged.append({**j, 'annotator': f'reward:{arena_judge}', 'ratings': None,
-                                   'winner': 'a' if ra > rb else 'b' if rb > ra else 'tie'})
-            stats = arena_stats_module.arena_stats(judged, bootstrap, seed)
+            arena_stats_module.report(arena, bootstrap, seed, arena_judge, arena_to_pairs)
         except ValueError as e:
             fail(e)
-        out = os.path.join(arena if os.path.isdir(arena) else os.path.dirname(arena) or '.', 'arena.json')
-        write_atomic(out, lambda f: f.write(json.dumps(finite(stats), indent=1).encode()))
-        print(f"{stats['judgments']} judgments of {stats['items']} items by {len(stats['annotators'])} annotators")
-        for m, r in stats['bradley_terry'].items():
-            lo, hi = r['ci95'] or (None, None)
-            print(f"  {m:30s} {r['rating']:7.1f}" + (f"  [{lo:.1f}, {hi:.1f}]" if lo is not None else ''))
-        for k, v in stats['cohen_kappa'].items():
-            print(f"  cohen kappa {k}: {v['kappa'] if v['kappa'] is None else round(v['kappa'], 3)} over {v['items']} items")
-        if stats['fleiss_kappa']:
-            f = stats['fleiss_kappa']
-            print(f"  fleiss kappa: {f['kappa'] if f['kappa'] is None else round(f['kappa'], 3)} over {f['items']} items "
-                  f"x {f['annotators_per_item']} annotators")
-        print(f'wrote {out}')
-        if arena_to_pairs:
-            pairs = arena_stats_module.to_pairs(judged)
-            write_atomic(arena_to_pairs, lambda f: f.write(''.join(json.dumps(p) + '\n' for p in pairs).encode()))
-            print(f'wrote {len(pairs)} pairs to {arena_to_pairs} (dpo.py --train_file=..., reward.py)')
         sys.exit(0)
     if leaderboard:
         try:

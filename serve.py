@@ -325,10 +325,11 @@ def _stream(h, call, events):
             continue
         i = ev.prompt_index * n + ev.sample_index
         tok = [ev.token] if ev.token is not None else []
-        done.setdefault(i, []).extend(tok)
-        # beam_tree: the finishing chunk of each choice carries its tree (a beam search's tokens all come at its end)
-        extra = {'beam_tree': beam_tree(steps.get(ev.prompt_index, []), w.tok, done[i])} \
-            if call.beam_tree and ev.finish_reason else {}
+        extra = {}
+        if call.beam_tree:  # the finishing chunk of each choice carries its tree (a beam search's tokens come at its end)
+            done.setdefault(i, []).extend(tok)
+            if ev.finish_reason:
+                extra = {'beam_tree': beam_tree(steps.get(ev.prompt_index, []), w.tok, done[i])}
         usage['completion_tokens'] += len(tok)
         if call.chat:
             lp = _chat_logprobs(w, tok, [ev.logprob], [ev.top_logprobs]) if call.logprobs is not None and tok else None
