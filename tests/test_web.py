@@ -97,6 +97,29 @@ def reply_done(driver):
                       "m.querySelector('.text').textContent : null")
 
 
+def widest(driver, css):
+    """The widest element matching css (a token such as a newline can be zero pixels wide, and cannot be hovered)."""
+    return js(driver, "return [...document.querySelectorAll(arguments[0])].reduce((a, b) => "
+                      "b.getBoundingClientRect().width > a.getBoundingClientRect().width ? b : a)", css)
+
+
+def hover(driver, element, shown, tries=5):
+    """Move the mouse onto element, as a user would, until shown() is truthy -> its value.
+    subtle: scrolling it into view fires a scroll event a frame later (the page hides its tooltip on scroll), and
+    a pointer already resting there sends no new mouseover; so wait two frames, come in from elsewhere, retry."""
+    from selenium.webdriver import ActionChains
+    for _ in range(tries):
+        js(driver, "arguments[0].scrollIntoView({block: 'center'})", element)  # not under the sticky header
+        driver.execute_async_script("const done = arguments[arguments.length - 1];"
+                                    "requestAnimationFrame(() => requestAnimationFrame(() => done()))")
+        ActionChains(driver).move_to_element(driver.find_element('tag name', 'header')).move_to_element(element).perform()
+        try:
+            return wait(shown, timeout=2)
+        except AssertionError:
+            pass
+    raise AssertionError(f'hovering {element.get_attribute("outerHTML")[:80]} never showed what was waited for')
+
+
 @contextmanager
 def slow(worker, seconds):
     """Each forward of the worker's model takes `seconds` longer, so a stream lasts long enough to watch."""
@@ -174,12 +197,8 @@ def test_chat_streams_the_greedy_reply_then_another_model(site, page):
     # 2) each token has its probability and alternatives, shown on hover
     tok = js(page, "return document.querySelector('#messages .msg.assistant .tk').tok")
     assert tok[2] <= 0 and len(tok[3]) == 5
-    from selenium.webdriver import ActionChains
-    first = page.find_element('css selector', '#messages .msg.assistant .tk')
-    js(page, "arguments[0].scrollIntoView({block: 'center'})", first)  # not under the sticky header
-    ActionChains(page).move_to_element(first).perform()
-    assert 'top alternatives' in wait(lambda: js(page, "const t = document.getElementById('tip');"
-                                                       "return !t.hidden && t.textContent"))
+    assert 'top alternatives' in hover(page, widest(page, '#messages .msg.assistant .tk'),
+                                       lambda: js(page, "const t = document.getElementById('tip'); return !t.hidden && t.textContent"))
     # 3) the other model, second turn of the same conversation: the history goes along; max_tokens is cut to fit
     #    bpe's 64-token context
     set_value(page, 'model', 'bpe')
