@@ -12,7 +12,8 @@ import os
 import torch
 
 from model import GPTConfig
-from tokenizer import EOT, GPT2_REGEX_ENCODINGS, GPT2_SPLIT_PATTERN, BPETokenizer, Tokenizer, _atomic_write, bytes_to_unicode
+from tokenizer import (EOT, GPT2_REGEX_ENCODINGS, GPT2_SPLIT_PATTERN, TEXT_END, TEXT_MARKERS, BPETokenizer, Tokenizer,
+                       _atomic_write, bytes_to_unicode)
 
 # -----------------------------------------------------------------------------
 # 1) models: config and tensor names.  Ours: transformer.{wte,wpe,h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj},ln_f}, lm_head.
@@ -229,6 +230,61 @@ class HFTokenizer(Tokenizer):
         return {'kind': 'hf', 'name': self.name, 'files': self.files}
 
 
+def byte_level_vocab(tok, unlisted_merges=False):
+    """tok as a GPT-2-style byte-level BPE: (text_of {id: token text}, merges [(text, text)] in rank order, specials
+    {text: id}), each token's bytes spelled in bytes_to_unicode chars (space -> 'Ġ'), as vocab.json + merges.txt and a
+    GGUF file's token list hold them. A char vocabulary is such a BPE: its one-byte chars need no merges (the
+    byte-level pre-tokenizer makes each its own token, as CharTokenizer does); a char of several bytes is a chain of
+    merges through prefixes that have no id, which only a reader that allows unlisted merges (llama.cpp) takes:
+    unlisted_merges=True. Hugging Face's BPE requires every merge's parts in the vocabulary."""
+    b2u = bytes_to_unicode()
+    if tok.kind == 'char':
+        wide = [c for c in tok.chars if len(c.encode('utf-8')) > 1]
+        if wide and not unlisted_merges:
+            raise ValueError(f"this char vocabulary has chars of more than one byte ({''.join(wide[:10])!r}), which "
+                             "a Hugging Face byte-level vocabulary cannot hold without ids for their bytes; export "
+                             "--format=gguf (llama.cpp takes it), rebuild the vocabulary from ASCII text, or train "
+                             "with a BPE (BPETokenizer.train or 'gpt2')")
+        spell = lambda bs: ''.join(b2u[b] for b in bs)  # noqa: E731
+        merges = {}  # (prefix, next byte) -> None, in order: a char's bytes join left to right
+        for c in wide:
+            bs = c.encode('utf-8')
+            merges.update({(spell(bs[:k]), spell(bs[k:k + 1])): None for k in range(1, len(bs))})
+        return {i: spell(c.encode('utf-8')) for i, c in enumerate(tok.chars)}, list(merges), {}
+    if tok.kind == 'hf' and tok.tk is not None:  # a tokenizer.json: only the plain GPT-2 byte-level BPE
+        j = json.loads(tok.files['tokenizer.json'])
+        pre = j.get('pre_tokenizer') or {}
+        if j['model'].get('type') != 'BPE' or pre.get('type') != 'ByteLevel' or not pre.get('use_regex', True):
+            raise ValueError(f"{tok.name}'s tokenizer.json is not GPT-2's byte-level BPE (model "
+                             f"{j['model'].get('type')}, pre-tokenizer {pre.get('type')}); export the model with "
+                             "--format=hf and convert that with llama.cpp's convert_hf_to_gguf.py, which knows it")
+        text_of = {i: t for t, i in tok.tk.get_vocab(with_added_tokens=False).items()}
+        merges = [tuple(m.split(' ', 1)) if isinstance(m, str) else tuple(m) for m in j['model']['merges']]
+        return text_of, merges, dict(tok.special_tokens)
+    if tok.kind == 'hf':
+        bpe = tok.bpe  # vocab.json + merges.txt: GPT-2's own format
+    elif tok.kind == 'tiktoken' and tok.name in GPT2_REGEX_ENCODINGS:
+        bpe = BPETokenizer.from_tiktoken(tok.enc)  # tiktoken's pattern is a rewrite of GPT-2's regex
+    elif tok.kind == 'bpe' and tok.pattern == GPT2_SPLIT_PATTERN:
+        bpe = tok
+    else:
+        raise ValueError(f"{tok!r} splits text with a regex other than GPT-2's, which HF's ByteLevel pre-tokenizer "
+                         f"and llama.cpp's 'gpt-2' one don't implement; export our BPE, a char vocabulary, or a "
+                         f"tiktoken encoding in {GPT2_REGEX_ENCODINGS}")
+    text_of = {i: ''.join(b2u[b] for b in bs) for i, bs in bpe.vocab.items()}
+    return text_of, [(text_of[a], text_of[b]) for a, b in bpe.merges], dict(bpe.special_tokens)
+
+def chat_jinja(tok):
+    """The chat template (tokenizer.py's CHAT_TEMPLATE_DOC) as Jinja, the language of transformers'
+    apply_chat_template and of GGUF's tokenizer.chat_template: role tokens where tok has them, else text markers."""
+    if tok._has_chat_tokens():
+        return ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    end = json.dumps(EOT if tok.eot is not None else TEXT_END)
+    return (f"{{% set markers = {json.dumps(TEXT_MARKERS)} %}}{{% for m in messages %}}{{{{ markers[m['role']] }}}}"
+            f"{{{{ m['content'] }}}}{{{{ {end} }}}}{{% endfor %}}{{% if add_generation_prompt %}}"
+            f"{{{{ markers['assistant'] }}}}{{% endif %}}")
+
 def save_tokenizer_files(tok, out_dir):
     """Write tok as a Hugging Face tokenizer directory: vocab.json + merges.txt (GPT-2's format),
     tokenizer.json (the `tokenizers` library's), tokenizer_config.json (with the chat template as
@@ -239,41 +295,25 @@ def save_tokenizer_files(tok, out_dir):
         for name, text in tok.files.items():
             _atomic_write(os.path.join(out_dir, name), text)
         return
-    # 1) a BPE with GPT-2's regex: the one HF's ByteLevel pre-tokenizer implements
-    if tok.kind == 'char':
-        raise ValueError("char vocabularies can't be exported as Hugging Face tokenizers (HF has no char-level "
-                         "tokenizer without <unk>); use a BPE (BPETokenizer.train or 'gpt2') for models you export")
-    elif tok.kind == 'tiktoken' and tok.name in GPT2_REGEX_ENCODINGS:
-        bpe = BPETokenizer.from_tiktoken(tok.enc)  # tiktoken's pattern is a rewrite of GPT-2's regex
-    elif tok.kind == 'bpe' and tok.pattern == GPT2_SPLIT_PATTERN:
-        bpe = tok
-    else:
-        raise ValueError(f"{tok!r} splits text with a regex other than GPT-2's, which HF's ByteLevel pre-tokenizer "
-                         f"doesn't implement; export our BPE or a tiktoken encoding in {GPT2_REGEX_ENCODINGS}")
+    # 1) GPT-2's files: each token's bytes written as bytes_to_unicode chars
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTok
-    # 2) GPT-2's files: each token's bytes written as bytes_to_unicode chars (space -> 'Ġ')
-    b2u = bytes_to_unicode()
-    text_of = {i: ''.join(b2u[b] for b in bs) for i, bs in bpe.vocab.items()}
+    text_of, merges, specials = byte_level_vocab(tok)
     vocab = {s: i for i, s in text_of.items()}
     if len(vocab) != len(text_of):
         raise ValueError('two token ids share the same bytes, which vocab.json cannot represent')
-    vocab.update(bpe.special_tokens)  # as GPT-2's vocab.json lists <|endoftext|>
-    merges = [(text_of[a], text_of[b]) for a, b in bpe.merges]
+    vocab.update(specials)  # as GPT-2's vocab.json lists <|endoftext|>
     _atomic_write(os.path.join(out_dir, 'vocab.json'), json.dumps(vocab, ensure_ascii=False))
     _atomic_write(os.path.join(out_dir, 'merges.txt'), '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
-    # 3) tokenizer.json: BPE model + ByteLevel pre-tokenizer (its regex is GPT2_SPLIT_PATTERN)
+    # 2) tokenizer.json: BPE model + ByteLevel pre-tokenizer (its regex is GPT2_SPLIT_PATTERN)
     hf = HFTok(models.BPE(vocab=vocab, merges=merges))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in bpe.special_tokens])  # ids from vocab
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])  # ids from vocab
     _atomic_write(os.path.join(out_dir, 'tokenizer.json'), hf.to_str())
-    # 4) configs: GPT-2's convention is one token for bos, eos and unk; no clean-up, so decode round-trips
-    eot = {'bos_token': EOT, 'eos_token': EOT, 'unk_token': EOT} if EOT in bpe.special_tokens else {}
+    # 3) configs: GPT-2's convention is one token for bos, eos and unk; no clean-up, so decode round-trips
+    eot = {'bos_token': EOT, 'eos_token': EOT, 'unk_token': EOT} if EOT in specials else {}
     config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'add_prefix_space': False,
-              'clean_up_tokenization_spaces': False, **eot}
-    if tok._has_chat_tokens():  # CHAT_TEMPLATE_DOC in Jinja, for transformers' apply_chat_template
-        config['chat_template'] = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+              'clean_up_tokenization_spaces': False, 'chat_template': chat_jinja(tok), **eot}
     _atomic_write(os.path.join(out_dir, 'tokenizer_config.json'), json.dumps(config, indent=2))
     _atomic_write(os.path.join(out_dir, 'special_tokens_map.json'), json.dumps(eot, indent=2))

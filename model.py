@@ -18,6 +18,7 @@ Quick check (CPU, random weights):
 import json
 import math
 import os
+import sys
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -522,14 +523,23 @@ class GPT(nn.Module):
         from safetensors.torch import save_file
         import hf
         hf_config = hf.config_to_hf(self.config, eot=getattr(tokenizer, 'eot', None))  # refuses what HF can't hold
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(f"the tokenizer has ids up to {tokenizer.vocab_size - 1}, beyond the model's embedding of "
+                             f"{self.config.vocab_size} rows (e.g. chat tokens above GPT-2's 50257): those ids have no "
+                             "weights. Train with vocab_size >= the tokenizer's (50304 pads GPT-2's), or drop them")
         os.makedirs(out_dir, exist_ok=True)
         hf_config['torch_dtype'] = hf_config['dtype'] = str(next(self.parameters()).dtype).replace('torch.', '')
         sd = {k: v.contiguous() for k, v in hf.state_dict_to_hf(self.state_dict(), self.config).items()}
         save_file(sd, os.path.join(out_dir, 'model.safetensors.tmp'), metadata={'format': 'pt'})
         os.replace(os.path.join(out_dir, 'model.safetensors.tmp'), os.path.join(out_dir, 'model.safetensors'))
         write_json(os.path.join(out_dir, 'config.json'), hf_config)
-        if tokenizer is not None and tokenizer.kind != 'char':
-            hf.save_tokenizer_files(tokenizer, out_dir)
+        if tokenizer is not None:
+            try:
+                hf.save_tokenizer_files(tokenizer, out_dir)
+            except ValueError as e:  # a char vocabulary of multi-byte chars has no HF form; the weights are still good
+                if tokenizer.kind != 'char':
+                    raise
+                print(f'note: {out_dir} gets no tokenizer files: {e}', file=sys.stderr)
 
 # -----------------------------------------------------------------------------
 # 5) checkpoints and model sources
@@ -575,6 +585,26 @@ def load_checkpoint(path, map_location='cpu'):
         raise ValueError(f"{path} is not a nanolab checkpoint (it has no 'model_args'/'model' entries)")
     return ckpt
 
+def load_weights_file(path):
+    """A weights-only .safetensors file that export.py wrote, as a checkpoint dict (model_args, model, tokenizer)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    try:
+        with safe_open(path, 'pt') as f:
+            meta = f.metadata() or {}
+        sd = load_file(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:120]}); "
+                         "export it again (python export.py --format=safetensors)") from None
+    if 'nanolab' not in meta:
+        raise ValueError(f"{path} has no 'nanolab' metadata, so it was not written by export.py and says nothing of "
+                         "the model's shape; for a Hugging Face model, give its directory instead")
+    info = json.loads(meta['nanolab'])
+    sd = {k: v.float() for k, v in sd.items()}
+    if GPTConfig(**info['model_args']).tie_embeddings:  # stored once, as the token embedding
+        sd['lm_head.weight'] = sd['transformer.wte.weight']
+    return {'model_args': info['model_args'], 'model': sd, 'tokenizer': info.get('tokenizer'), 'source': info.get('source')}
+
 def model_from_checkpoint(ckpt, path='checkpoint'):
     """Build the GPT that a checkpoint describes and load its weights, naming any mismatch."""
     known = {f.name for f in fields(GPTConfig)}
@@ -596,11 +626,16 @@ def model_from_checkpoint(ckpt, path='checkpoint'):
 
 def load_model(source, device='cpu', dtype=torch.float32):
     """The one function that opens any model source, with its tokenizer (None if the source has none):
-      - an out_dir holding ckpt.pt, or a .pt file, that nanolab wrote
+      - an out_dir holding ckpt.pt, or a .pt file, that nanolab wrote; or export.py's weights-only .safetensors
       - a Hugging Face directory (config.json + safetensors/bin) of GPT-2 or Llama weights
       - a hub name such as 'gpt2' (needs the network)
     Returns (model in eval mode, tokenizer, checkpoint dict or {} for HF sources)."""
     import tokenizer as tok_lib
+    if source.endswith('.safetensors') and os.path.isfile(source):  # export.py's weights-only file
+        ckpt = load_weights_file(source)
+        model = model_from_checkpoint(ckpt, source)
+        tok = tok_lib.from_spec(ckpt['tokenizer']) if ckpt.get('tokenizer') else None
+        return model.to(device=device, dtype=dtype).eval(), tok, ckpt
     is_ckpt = source.endswith('.pt') or (os.path.isdir(source) and os.path.exists(os.path.join(source, 'ckpt.pt')))
     if is_ckpt:
         ckpt = load_checkpoint(source)

@@ -255,9 +255,21 @@ def test_hf_export_matches_transformers(which, gpt2, small_bpe, tmp_path):
     assert HFTokenizer(tmp_path).encode(UNSEEN) == tok.encode(UNSEEN)
 
 
-def test_hf_export_refuses_char(tmp_path):
-    with pytest.raises(ValueError, match="char vocabularies can't be exported"):
-        save_hf_tokenizer_files(CharTokenizer(text='abc'), tmp_path)
+def test_hf_export_of_a_char_vocabulary(tmp_path):
+    """A char vocabulary of one-byte chars is a byte-level BPE without merges: transformers encodes each char to our
+    id, and its chat template (text markers, turns ended by a blank line) renders as render_chat does."""
+    from transformers import AutoTokenizer
+    text = 'ROMEO:\nBut soft, what light through yonder window breaks?\n\n' + ''.join(MSGS[i]['content'] for i in range(3))
+    tok = CharTokenizer(text=text + 'System: User: Assistant: \n')
+    save_hf_tokenizer_files(tok, tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    for t in [text, ' \n\n  soft', 'ROMEO']:
+        assert hf.encode(t, add_special_tokens=False) == tok.encode(t) and hf.decode(tok.encode(t)) == t
+    for msgs, gen in [(MSGS, False), (MSGS[:2], True)]:
+        theirs = hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True, return_dict=True)
+        assert theirs['input_ids'] == tok.render_chat(msgs, add_generation_prompt=gen)[0]
+    with pytest.raises(ValueError, match='more than one byte.*--format=gguf'):  # 'ï' is two bytes in UTF-8: no id for each
+        save_hf_tokenizer_files(CharTokenizer(text='naïve'), tmp_path)
 
 
 def test_continue_final_message_leaves_the_reply_open(gpt2):
