@@ -7,7 +7,8 @@ The training pieces that train.py, finetune.py and dpo.py share, each defined on
   3) checkpoint_dict       everything exact resume needs, RNG states included; set_rng_states undoes it;
      resume_config         --init_from=resume: the checkpoint and the run's saved config, flags on top (a damaged
                            metrics.jsonl or checkpoint is refused)
-  4) MetricsLogger         out_dir/metrics.jsonl, one JSON object per line (results.read_metrics reads it)
+  4) MetricsLogger         out_dir/metrics.jsonl, one JSON object per line (results.read_metrics reads it), and
+     open_trackers         the same rows, the config and the run's files to MLflow and W&B (Trackers), when on
   5) plot_loss_svg         the loss curve as a dependency-free SVG
   6) write_model_card      out_dir/README.md, with the evaluations table of results.py
   7) the loop's scaffolding: fail (bad input), catch_stop (Ctrl-C), StepTimer (elapsed, ms/iter), restore_training
@@ -15,6 +16,7 @@ The training pieces that train.py, finetune.py and dpo.py share, each defined on
   8) LoRA (peft): add_lora with its checks, lora_layers, lora_disabled, merged_state_dict
 Each script keeps its own visible training loop; these are the pieces the loops share.
 """
+import json
 import math
 import os
 import random
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 import results
-from model import write_atomic
+from model import write_atomic, write_json
 from results import read_metrics  # the one reader of metrics.jsonl
 
 # -----------------------------------------------------------------------------
@@ -199,9 +201,10 @@ def resume_config(out_dir, config, script, choices=None, fixed=()):
 class MetricsLogger:
     """Appends one JSON object per line to `path` and flushes, so a killed run keeps every row it printed.
     resume_iter=None (or 0) starts a new file; resume_iter=k keeps the rows of iterations before k, since a resumed
-    run logs iteration k (and evaluates it) again, so the file never holds an iteration twice."""
-    def __init__(self, path, resume_iter=None):
-        self.path = path
+    run logs iteration k (and evaluates it) again, so the file never holds an iteration twice. Each row also goes
+    to the run's trackers (MLflow, W&B; open_trackers), which close() finishes."""
+    def __init__(self, path, resume_iter=None, trackers=None):
+        self.path, self.trackers = path, trackers
         rows = []
         if resume_iter and os.path.exists(path):  # a line torn by a crash mid-write is dropped
             rows = [r for r in read_metrics(path) if r.get('iter', 0) < resume_iter]
@@ -211,9 +214,77 @@ class MetricsLogger:
     def log(self, **row):
         self.f.write(results.dumps(row) + '\n')  # a diverged loss (NaN, inf) is written as null: JSON has no NaN
         self.f.flush()
+        if self.trackers:
+            self.trackers.log(row)
 
     def close(self):
         self.f.close()
+        if self.trackers:
+            self.trackers.finish()
+
+# -----------------------------------------------------------------------------
+# 4b) experiment trackers: MLflow and Weights & Biases, fed by MetricsLogger
+
+TRACKED_FILES = ('config.json', 'loss.svg', 'README.md')  # a run's artifacts: resolved config, loss curve, model card
+
+class Trackers:
+    """The trackers a run logs to, each imported only when it is on: the resolved config as params, every
+    metrics.jsonl row as metrics at its iteration, TRACKED_FILES as artifacts when the run ends. A resumed run goes on
+    in the same tracker runs (their ids are kept in out_dir/trackers.json); the rows a resumed run logs again are
+    logged again (MLflow keeps both values at that step; W&B drops a step it has seen)."""
+    def __init__(self, out_dir, config, resumed):
+        self.out_dir, self.mlflow, self.wandb = out_dir, None, None
+        path = os.path.join(out_dir, 'trackers.json')
+        ids = json.load(open(path)) if resumed and os.path.exists(path) else {}
+        name = config.get('wandb_run_name') or os.path.basename(os.path.abspath(out_dir))
+        project = config.get('wandb_project') or 'nanolab'
+        if config.get('mlflow_log'):
+            try:
+                import mlflow
+                mlflow.set_experiment(project)  # MLFLOW_TRACKING_URI, else MLflow's default: ./mlflow.db
+                run = mlflow.start_run(run_id=ids.get('mlflow'), run_name=None if ids.get('mlflow') else name)
+            except Exception as e:  # ImportError, or a store this install cannot open
+                raise ValueError(f"--mlflow_log=True could not start an MLflow run ({type(e).__name__}: "
+                                 f"{str(e)[:200]}); pip install mlflow (its sqlite store and `mlflow ui`), or point "
+                                 "MLFLOW_TRACKING_URI at a tracking server") from None
+            if 'mlflow' not in ids:  # params are fixed once logged; a resume keeps the first run's
+                mlflow.log_params({k: str(v)[:6000] for k, v in config.items()})
+            self.mlflow, ids['mlflow'] = mlflow, run.info.run_id
+        if config.get('wandb_log'):
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("--wandb_log=True needs wandb: pip install wandb (and wandb login, or "
+                                 "WANDB_MODE=offline to keep the run on disk)") from None
+            self.wandb = wandb.init(project=project, name=name, config=config, dir=out_dir, id=ids.get('wandb'),
+                                    resume='allow')
+            ids['wandb'] = self.wandb.id
+        write_json(path, ids)
+
+    def log(self, row):
+        step = int(row.get('iter', 0))
+        values = {k: float(v) for k, v in row.items() if k != 'iter' and isinstance(v, (int, float))
+                  and not isinstance(v, bool) and math.isfinite(v)}  # a diverged NaN is left out, as JSON's null
+        if self.mlflow:
+            self.mlflow.log_metrics(values, step=step)
+        if self.wandb:
+            self.wandb.log(values, step=step)
+
+    def finish(self):
+        files = [os.path.join(self.out_dir, f) for f in TRACKED_FILES if os.path.exists(os.path.join(self.out_dir, f))]
+        if self.mlflow:
+            for f in files:
+                self.mlflow.log_artifact(f)
+            self.mlflow.end_run()
+        if self.wandb:
+            for f in files:
+                self.wandb.save(f, base_path=self.out_dir, policy='now')
+            self.wandb.finish()
+
+def open_trackers(out_dir, config, resumed):
+    """The one way a trainer turns on experiment tracking: Trackers when config has mlflow_log or wandb_log on, else
+    None (and neither library is imported)."""
+    return Trackers(out_dir, config, resumed) if config.get('mlflow_log') or config.get('wandb_log') else None
 
 # -----------------------------------------------------------------------------
 # 5) the loss curve, as SVG text: no plotting dependency
@@ -386,12 +457,17 @@ def open_run(out_dir, init_from, overwrite, script, config, choices=None, fixed=
         fail(e)
     return None, config
 
-def start_loop(out_dir, iter_num, elapsed0):
+def start_loop(out_dir, iter_num, elapsed0, config):
     """What a trainer's loop needs before its first step -> (stop, restore_signals) of catch_stop, a StepTimer that
     goes on from elapsed0, and out_dir/metrics.jsonl's MetricsLogger, which keeps a resumed run's rows before
-    iter_num (0 for a new run: a new file)."""
+    iter_num (0 for a new run: a new file) and feeds the trackers config turns on (open_trackers)."""
+    try:
+        trackers = open_trackers(out_dir, config, resumed=iter_num > 0)
+    except ValueError as e:
+        fail(e)
     stop, restore_signals = catch_stop()
-    return stop, restore_signals, StepTimer(elapsed0), MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), iter_num)
+    metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), iter_num, trackers)
+    return stop, restore_signals, StepTimer(elapsed0), metrics
 
 def save_on_stop(stopped, saved_at, iter_num, save, out_dir):
     """The end of a loop that Ctrl-C (or SIGTERM) stopped: write ckpt.pt, unless the last eval just did (saved_at)."""

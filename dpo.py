@@ -54,6 +54,10 @@ from formats import read_preferences
 out_dir = 'out-dpo-tasks'     # checkpoint, metrics, loss curve and model card go here
 init_from = 'out-sft-tasks'   # the policy's start and the reference: a model source (out_dir, .pt, HF dir, hub name) | 'resume'
 overwrite = False             # True: a fresh run may replace the trained run in out_dir (its files are lost)
+mlflow_log = False            # log params, metrics and artifacts to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db)
+wandb_log = False             # the same to Weights & Biases (WANDB_MODE=offline keeps it on disk)
+wandb_project = 'nanolab'     # the W&B project and the MLflow experiment
+wandb_run_name = ''           # the run's name in both; '' = out_dir's name
 eval_interval = 50            # evaluate on held-out pairs, and write ckpt.pt, every this many iterations (and at the end)
 log_interval = 10             # print and log a metrics row every this many iterations
 eval_pairs = 200              # held-out pairs per eval; 0 = all
@@ -348,7 +352,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
 
     # Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
     last_eval, saved_at, bad = None, None, False
-    stop, restore_signals, timer, metrics = start_loop(out_dir, iter_num, elapsed0)
+    stop, restore_signals, timer, metrics = start_loop(out_dir, iter_num, elapsed0, config)
     update_card()
 
     # training loop
@@ -389,6 +393,6 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
 
     # the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
     save_on_stop(stop and not bad and not eval_only, saved_at, iter_num, save, out_dir)
-    metrics.close()
     update_card(last_eval)
+    metrics.close()  # after the card: the trackers take it
     restore_signals()

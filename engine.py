@@ -191,14 +191,17 @@ def start(build, idle_release=60.0):
             return ready.set()
         wake = threading.Event()
         for e in engines:
-            e.wake, e.thread = wake, threading.current_thread()
-        out.append(engines)
+            e.wake, e.thread, e.pool = wake, threading.current_thread(), engines
+        out.append(list(engines))
         ready.set()
-        while not all(e.stopped for e in engines):
+        while engines:  # adopt() adds to it; a stopped engine leaves it once its requests are done
             wake.clear()
-            for e in engines:
+            for e in list(engines):
                 e._run_calls()
-            busy = [e for e in engines if e.busy() and not e.stopped]
+                if e.stopped and not e.busy():
+                    engines.remove(e)
+                    e._release()
+            busy = [e for e in engines if e.busy()]
             if not busy:
                 if not wake.wait(idle_release) and not any(e.busy() for e in engines):
                     for e in engines:
@@ -215,6 +218,17 @@ def start(build, idle_release=60.0):
     if isinstance(out[0], BaseException):
         raise out[0]
     return out[0]
+
+def adopt(engine, build):
+    """build() -> a new Engine, run on the thread that steps `engine` (start's), which then steps the new one beside
+    the others (serve.py's POST /v1/models/load) -> the new Engine. Loading blocks that thread's decoding meanwhile:
+    the price of one OpenMP team (see start)."""
+    def run():
+        new = build()
+        new.wake, new.thread, new.pool = engine.wake, threading.current_thread(), engine.pool
+        engine.pool.append(new)
+        return new
+    return engine.call(run)
 
 class Engine:
     """Continuous batching on one KV cache of `max_batch` slots (see the module docstring). Limits (None = none):
@@ -234,7 +248,7 @@ class Engine:
         self.V = min(model.config.vocab_size, getattr(tokenizer, 'vocab_size', None) or model.config.vocab_size)
         self.slots = [None] * max_batch  # the Row in each slot (a Beams group: reserved for its beams), None = free
         self.cache, self.inbox, self.waiting, self.calls = None, deque(), deque(), deque()
-        self.thread, self.wake, self.stopped = None, threading.Event(), False
+        self.thread, self.wake, self.stopped, self.pool, self.lock = None, threading.Event(), False, None, threading.Lock()
         self.stats = dict(steps=0, peak_batch=0, rows_finished=0, rows_cancelled=0, rows_preempted=0, prefill_tokens=0,
                           chunks=0)
 
@@ -276,16 +290,26 @@ class Engine:
     # -- on the engine thread (serve.py): see start() above -----------------------------------------------------
 
     def stop(self):
+        """Take no more requests (a caller that stops sending them, as serve.py's unload); the engine thread finishes
+        the ones it has, then lets the engine go (its KV cache too)."""
         self.stopped = True
         self.wake.set()
 
     def call(self, fn):
         """Run fn() between two steps, on the engine's thread (the model is only ever used by one), -> its result."""
-        if self.thread is None:
-            return fn()
-        self.calls.append((fn, done := Future()))
-        self.wake.set()
-        return done.result()
+        with self.lock:  # subtle: not between _release's check and its last _run_calls, or fn would never run
+            queued = self.thread is not None
+            if queued:
+                done = Future()
+                self.calls.append((fn, done))
+                self.wake.set()
+        return done.result() if queued else fn()
+
+    def _release(self):
+        """The engine thread lets a stopped, idle engine go: later calls run on their caller's thread."""
+        with self.lock:
+            self.thread, self.cache = None, None
+        self._run_calls()  # any that came in before the lock
 
     def busy(self):
         return bool(self.inbox or self.waiting or any(r is not None for r in self.slots))

@@ -63,6 +63,10 @@ eval_only = False             # evaluate once and exit
 keep_checkpoints = False      # also keep a copy of each eval's checkpoint as out_dir/checkpoints/ckpt_<iter>.pt (for evaluate.py --checkpoints)
 init_from = 'out-tasks-base'  # 'resume' (out_dir/ckpt.pt) | a model source: out_dir, .pt, HF dir, hub name
 overwrite = False             # True: a fresh run may replace the trained run in out_dir (its files are lost)
+mlflow_log = False            # log params, metrics and artifacts to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db)
+wandb_log = False             # the same to Weights & Biases (WANDB_MODE=offline keeps it on disk)
+wandb_project = 'nanolab'     # the W&B project and the MLflow experiment
+wandb_run_name = ''           # the run's name in both; '' = out_dir's name
 # data
 dataset = 'tasks'             # data_dir/<dataset>/{train,val}.jsonl (named sets are prepared), or a .json/.jsonl file
 data_dir = 'data'             # where datasets live
@@ -347,7 +351,7 @@ def update_card(last_eval=None):
                      command=f'python finetune.py --init_from=resume --out_dir={out_dir}   # train on', evals=evals)
 
 # Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
-stop, restore_signals, timer, metrics = start_loop(out_dir, iter_num, elapsed0)
+stop, restore_signals, timer, metrics = start_loop(out_dir, iter_num, elapsed0, config)
 update_card()
 
 # -----------------------------------------------------------------------------
@@ -400,6 +404,6 @@ save_on_stop(stop and not bad, saved_at, iter_num, save, out_dir)
 if lora_r > 0 and not eval_only and not bad:
     save_adapter(raw_model, lora_base)
     print(f'wrote {out_dir}/adapter (peft, Hugging Face names) for the base model {lora_base}')
-metrics.close()
 update_card(last_eval)
+metrics.close()  # after the card: the trackers take it
 restore_signals()  # leave the caller's Ctrl-C handling as it was

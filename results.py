@@ -203,6 +203,72 @@ def checkpoint_sources(run_dir):
                                  'delete it, or restore it from a backup') from None
     return [by_iter[k] for k in sorted(by_iter)]
 
+def _checkpoint_info(path, cache={}):
+    """(iter_num, model_args, tokenizer kind) of a checkpoint, read through mmap (not its weights), cached by
+    (path, size, mtime) so that the page's refreshes do not read it again."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in cache:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        cache[key] = (ckpt.get('iter_num'), ckpt['model_args'], (ckpt.get('tokenizer') or {}).get('kind'))
+    return cache[key]
+
+def _n_params(model_args):
+    """Parameters of a model, counted on the meta device (shapes only: nothing is allocated)."""
+    from model import GPT, GPTConfig
+    with torch.device('meta'):
+        return GPT(GPTConfig(**model_args)).num_params(non_embedding=False)
+
+def model_registry(root):
+    """What is on disk under root, for the page's model registry and checkpoint browser: each run (a subdirectory
+    holding ckpt.pt) with its size, shape, parameters, tokenizer, latest evals and every checkpoint (iteration, the
+    val loss metrics.jsonl logged there, that checkpoint's evals); each Hugging Face directory (config.json +
+    weights) and each export.py file (.gguf, .safetensors) under root or a run. -> ([entry], [(path, why)] skipped).
+    A file that cannot be read is skipped with the reason, never fatal."""
+    entries, skipped, top = [], [], os.path.realpath(root)
+    for d in sorted(os.listdir(root)):
+        run = os.path.join(root, d)
+        if not os.path.isdir(run) or not os.path.realpath(run).startswith(top + os.sep):
+            continue
+        files = [os.path.join(r, f) for r, _, fs in os.walk(run) for f in fs]
+        size = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+        exports = [{'path': f, 'format': f.rsplit('.', 1)[1], 'size': os.path.getsize(f)}
+                   for f in sorted(files) if f.endswith(('.gguf', '.safetensors')) and os.sep + 'hf' + os.sep not in f]
+        if os.path.isfile(os.path.join(run, 'ckpt.pt')):
+            try:
+                evals, _ = read_results(glob.glob(os.path.join(run, 'eval', '*.json')))
+                val = {r['iter']: r['val_loss'] for r in (read_metrics(os.path.join(run, 'metrics.jsonl'))
+                                                          if os.path.isfile(os.path.join(run, 'metrics.jsonl')) else [])
+                       if 'val_loss' in r}
+                checkpoints = []
+                for path in checkpoint_sources(run):
+                    it, args, tok = _checkpoint_info(path)
+                    mine = {r['task']: r['metrics'] for r in evals
+                            if os.path.realpath(r['checkpoint']) in (os.path.realpath(path), os.path.realpath(run))
+                            and r.get('iter') == it}
+                    checkpoints.append({'path': path, 'file': os.path.relpath(path, run), 'iter': it,
+                                        'val_loss': val.get(it), 'evals': mine})
+                it, args, tok = _checkpoint_info(os.path.join(run, 'ckpt.pt'))
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                skipped.append((run, f'{type(e).__name__}: {str(e)[:120]}'))
+                continue
+            entries.append({'name': d, 'path': run, 'kind': 'run', 'size': size, 'arch': args.get('arch'),
+                            'n_params': _n_params(args), 'block_size': args.get('block_size'), 'tokenizer': tok,
+                            'iter': it, 'checkpoints': checkpoints, 'exports': exports,
+                            'evals': {r['task']: r['metrics'] for r in sorted(evals, key=lambda r: r['created'])}})
+        elif os.path.isfile(os.path.join(run, 'config.json')) and glob.glob(os.path.join(run, '*.safetensors')) + \
+                glob.glob(os.path.join(run, '*.bin')):
+            try:
+                hf = json.load(open(os.path.join(run, 'config.json')))
+            except (OSError, ValueError) as e:
+                skipped.append((run, f'config.json: {type(e).__name__}'))
+                continue
+            entries.append({'name': d, 'path': run, 'kind': 'hf', 'size': size, 'arch': hf.get('model_type'),
+                            'n_params': None, 'block_size': hf.get('n_positions') or hf.get('max_position_embeddings'),
+                            'tokenizer': 'hf' if os.path.exists(os.path.join(run, 'tokenizer.json')) else None,
+                            'checkpoints': [], 'exports': [], 'evals': {}})
+    return entries, skipped
+
 def _bootstrap_means(x, n_boot, seed):
     """Means of n_boot resamples of x (with replacement), drawn 256 at a time to bound memory."""
     import numpy as np

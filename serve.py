@@ -19,6 +19,7 @@ Endpoints (errors are OpenAI's body {"error": {message, type, param, code}}; "mo
          both take OpenAI's sampling fields and ours: top_k, min_p, repetition_penalty, num_beams, length_penalty
     POST /tokenize, /detokenize; GET /tokenizer_info: in vLLM's shapes, which lm-eval's remote tokenizer reads
     POST /v1/attention: every layer's attention maps;  GET /runs, /leaderboard: runs_dir's runs and eval results
+    GET /v1/registry: runs_dir's models, checkpoints and exports; POST /v1/models/load {source}, /unload {model}
     GET /: files from web/
 
 Bounded work: a request over max_rows or max_prompt_tokens is a 400 naming the flag; a client that hangs up frees
@@ -30,6 +31,8 @@ import hmac
 import json
 import mimetypes
 import os
+import re
+import threading
 import time
 import traceback
 import uuid
@@ -42,11 +45,11 @@ import torch
 
 import arena
 import prompts as library  # prompts.py: `prompts` is the token lists of a request
-from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, beam_tree, start
+from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, adopt, beam_tree, start
 from httpd import ApiError, GuardedHandler, Server
 from model import DTYPES, load_model, model_sources, resolve_device, resolve_dtype
 from quantize import for_inference
-from results import LOWER_IS_BETTER, read_results, read_runs
+from results import LOWER_IS_BETTER, model_registry, read_results, read_runs
 
 # -----------------------------------------------------------------------------
 init_from = 'out-shakespeare-char'  # model sources, comma-separated (out_dir, HF dir, hub name), or a dir of runs
@@ -68,6 +71,7 @@ quantize = ''               # '' (off) | int8: int8 weights in every linear and 
 runs_dir = '.'              # GET /runs lists its subdirectories that hold metrics.jsonl (the run dashboard)
 allowed_hosts = ''          # Host names to answer besides loopback names, IP addresses and `host`; comma list, * = any
 cors_origins = ''           # web origins (https://app.example) whose pages may call the API; comma list, * = any
+max_models = 8              # models loaded at once, counting POST /v1/models/load's; beyond: 409
 # -----------------------------------------------------------------------------
 MAX_STOPS = 4               # stop strings per request, as OpenAI
 MAX_TOP_LOGPROBS = 20       # alternatives per token, as OpenAI's chat API
@@ -358,11 +362,71 @@ def _stream(h, call, events):
 # -----------------------------------------------------------------------------
 # the other endpoints
 
+def _model_entry(h, name, w):
+    return {'id': name, 'object': 'model', 'created': getattr(w, 'created', h.server.started), 'owned_by': 'nanolab',
+            'max_model_len': w.block_size, 'arch': w.model.config.arch, 'n_params': w.model.num_params(),
+            'tokenizer': w.tok.kind, 'config': asdict(w.model.config), 'source': getattr(w, 'source', None)}
+
 def _models(h, body):
-    h.send_json(200, {'object': 'list', 'data': [
-        {'id': name, 'object': 'model', 'created': h.server.started, 'owned_by': 'nanolab',
-         'max_model_len': w.block_size, 'arch': w.model.config.arch, 'n_params': w.model.num_params(),
-         'tokenizer': w.tok.kind, 'config': asdict(w.model.config)} for name, w in h.server.engines.items()]})
+    h.send_json(200, {'object': 'list', 'data': [_model_entry(h, name, w) for name, w in h.server.engines.items()]})
+
+def _registry(h, body):
+    """GET /v1/registry: what is on disk under runs_dir (results.model_registry: runs with their checkpoints and
+    evals, Hugging Face directories, exports), each marked with the name it is served under, if it is."""
+    entries, skipped = model_registry(h.server.runs_dir)
+    served = {os.path.realpath(w.source): name for name, w in h.server.engines.items() if getattr(w, 'source', None)}
+    for e in entries:
+        e['served'] = served.get(os.path.realpath(e['path']))
+        for c in e['checkpoints']:
+            c['served'] = served.get(os.path.realpath(c['path']))
+    h.send_json(200, {'object': 'list', 'data': entries, 'skipped': [p for p, _ in skipped]})
+
+MODEL_NAME = re.compile(r'[A-Za-z0-9][\w.\-]{0,63}')
+
+def _load(h, body):
+    """POST /v1/models/load {"source": a run directory, ckpt.pt, .safetensors, Hugging Face directory or hub name,
+    relative paths under runs_dir first; "name": optional}: load it with the server's device, dtype and quantize,
+    beside the others (engine.adopt), -> the model's GET /v1/models entry. One load at a time; max_models at once."""
+    source, name = body.get('source'), body.get('name')
+    if not isinstance(source, str) or not source.strip():
+        raise ApiError(400, '"source" must be a model source: a run directory, a checkpoint, a Hugging Face '
+                       'directory or hub name', 'source', 'invalid_source')
+    path = os.path.join(h.server.runs_dir, source)
+    path = path if not os.path.isabs(source) and os.path.exists(path) else source
+    with h.server.models_lock:
+        engines = h.server.engines
+        if len(engines) >= h.server.max_models:
+            raise ApiError(409, f"{len(engines)} models are loaded, this server's --max_models; unload one first "
+                           "(POST /v1/models/unload)", None, 'too_many_models')
+        name = name if name is not None else os.path.basename(os.path.normpath(source.removesuffix('/ckpt.pt')))
+        if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+            raise ApiError(400, f'"name" must be 1-64 letters, digits, ".", "_" or "-", got {json.dumps(name)[:70]}',
+                           'name', 'invalid_name')
+        if name in engines:
+            raise ApiError(409, f"a model named {name!r} is loaded already; unload it, or give another \"name\"",
+                           'name', 'model_exists')
+        first = next(iter(engines.values()))
+        try:
+            engine = adopt(first, lambda: _engine(path, **first.options))
+        except ValueError as e:  # load_model names what is wrong with the source and what to do
+            raise ApiError(400, str(e), 'source', 'invalid_source') from None
+        h.server.engines = {**engines, name: engine}  # a new dict: a request reading the old one is unaffected
+    h.send_json(200, _model_entry(h, name, engine))
+
+def _unload(h, body):
+    """POST /v1/models/unload {"model": name}: no new requests go to it; the ones it has finish, then it is let go."""
+    name = body.get('model')
+    with h.server.models_lock:
+        engines = h.server.engines
+        if not isinstance(name, str) or name not in engines:
+            raise ApiError(404, f"no model {json.dumps(name)[:60]} is loaded; this server has {', '.join(engines)}",
+                           'model', 'model_not_found')
+        if len(engines) == 1:
+            raise ApiError(409, f"{name} is the only model loaded; load another first (POST /v1/models/load)",
+                           'model', 'last_model')
+        h.server.engines = {k: v for k, v in engines.items() if k != name}
+        engines[name].stop()
+    h.send_json(200, {'id': name, 'object': 'model', 'unloaded': True})
 
 def _templates(h, body):
     h.send_json(200, {'object': 'list', 'data': library.catalog()})
@@ -588,7 +652,8 @@ API = {'/v1/models': ('GET', _models), '/v1/completions': ('POST', lambda h, b: 
        '/v1/tokenizers': ('POST', _tokenizers), '/v1/embedding_map': ('POST', _embedding_map),
        '/v1/templates': ('GET', _templates), '/v1/templates/render': ('POST', _render_template), '/runs': ('GET', _runs), '/leaderboard': ('GET', _leaderboard),
        '/v1/arena/judgments': ('POST', _arena_judge), '/v1/arena/items': ('GET', _arena_items),
-       '/v1/arena/stats': ('GET', _arena_stats)}
+       '/v1/arena/stats': ('GET', _arena_stats), '/v1/registry': ('GET', _registry),
+       '/v1/models/load': ('POST', _load), '/v1/models/unload': ('POST', _unload)}
 
 # -----------------------------------------------------------------------------
 # HTTP
@@ -671,24 +736,32 @@ class Handler(GuardedHandler):
         with open(full, 'rb') as f:
             self.send(200, f.read(), mimetypes.guess_type(full)[0] or 'application/octet-stream')
 
+def _engine(source, device, dtype, quantize, limits):
+    """One model source, ready for inference (int8: quantize='int8'), in an Engine that remembers how it was made
+    (source, options), so POST /v1/models/load makes the next one alike."""
+    model, tok, _ = load_model(source, device, dtype)
+    if tok is None:
+        raise ValueError(f"{source} comes without a tokenizer, so text cannot be encoded; serve a source with "
+                         "tokenizer files (a nanolab out_dir, or a Hugging Face dir with tokenizer.json)")
+    engine = Engine(for_inference(model, quantize), tok, **limits)
+    engine.source, engine.created = source, int(time.time())
+    engine.options = dict(device=device, dtype=dtype, quantize=quantize, limits=limits)
+    return engine
+
 def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0, **limits):
-    """Every model of init_from, ready for inference (int8: quantize='int8'), in an Engine, loaded and stepped on the
-    engine thread (engine.start) -> {name: Engine}. threads: torch's, 0 = its default. limits: Engine's."""
+    """Every model of init_from in an Engine (_engine), loaded and stepped on the engine thread (engine.start)
+    -> {name: Engine}. threads: torch's, 0 = its default. limits: Engine's."""
     sources = model_sources(spec)
 
     def build():
         if threads:
             torch.set_num_threads(threads)
         for name, source in sources:
-            model, tok, _ = load_model(source, device, dtype)
-            if tok is None:
-                raise ValueError(f"{source} comes without a tokenizer, so text cannot be encoded; serve a source with "
-                                 "tokenizer files (a nanolab out_dir, or a Hugging Face dir with tokenizer.json)")
-            yield Engine(for_inference(model, quantize), tok, **limits)
+            yield _engine(source, device, dtype, quantize, limits)
     return dict(zip([name for name, _ in sources], start(build)))
 
 def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(), cors_origins=(),
-                max_connections=256, read_timeout=10.0):
+                max_connections=256, read_timeout=10.0, max_models=8):
     """The HTTP server for the engines ({name: Engine}); call serve_forever() on it. allowed_hosts: Host names
     answered besides loopback names, addresses and host; cors_origins: origins whose pages may call the API."""
     if host not in LOCAL_HOSTS and not api_key:
@@ -697,6 +770,7 @@ def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', all
     server = Server((host, port), Handler)
     server.max_connections, server.read_timeout = max_connections, read_timeout
     server.engines, server.api_key, server.runs_dir, server.started = engines, api_key, runs_dir, int(time.time())
+    server.max_models, server.models_lock = max_models, threading.Lock()
     server.allowed_hosts = {'localhost', host.lower(), *(h.strip().lower() for h in allowed_hosts if h.strip())}
     server.cors_origins = {o.strip().rstrip('/') for o in cors_origins if o.strip()}
     return server
@@ -710,7 +784,7 @@ def main():
                            max_rows=max_rows, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
                            max_beam_slots=max_batch // 2)  # beam searches leave half the slots to the others
     server = make_server(engines, host, port, key, runs_dir, allowed_hosts.split(','), cors_origins.split(','),
-                         max_connections, read_timeout)
+                         max_connections, read_timeout, max_models)
     print(f"serving {', '.join(engines)} on http://{host}:{server.server_address[1]}  (Ctrl-C stops)")
     try:
         server.serve_forever()

@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datasets
 from common import (MetricsLogger, StepTimer, catch_stop, checkpoint_dict, configure_optimizer, diverged, fail,
-                    get_lr, open_run, optimizer_step, plot_loss_svg, restore_training, save_on_stop, set_lr,
-                    write_model_card)
+                    get_lr, open_run, open_trackers, optimizer_step, plot_loss_svg, restore_training, save_on_stop,
+                    set_lr, write_model_card)
 from model import (GPT, GPTConfig, autocast_ctx, load_model, model_from_checkpoint, resolve_device,
                    resolve_dtype, save_checkpoint, write_atomic, write_json)
 
@@ -51,10 +51,11 @@ always_save_checkpoint = True # write ckpt.pt at every eval; False: only at the 
 keep_checkpoints = False      # also keep a copy of each eval's checkpoint as out_dir/checkpoints/ckpt_<iter>.pt (for evaluate.py --checkpoints)
 init_from = 'scratch'         # 'scratch' | 'resume' (out_dir/ckpt.pt) | a model source: out_dir, .pt, HF dir, hub name
 overwrite = False             # True: a fresh run may replace the trained run in out_dir (its files are lost)
-# wandb logging (imported only when on)
-wandb_log = False             # log to Weights & Biases
-wandb_project = 'nanolab'     # wandb project
-wandb_run_name = 'run'        # wandb run name
+# experiment tracking (each imported only when on)
+mlflow_log = False            # log params, metrics and artifacts to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db)
+wandb_log = False             # the same to Weights & Biases (WANDB_MODE=offline keeps it on disk)
+wandb_project = 'nanolab'     # the W&B project and the MLflow experiment
+wandb_run_name = ''           # the run's name in both; '' = out_dir's name
 # data
 dataset = 'shakespeare_char'  # data_dir/<dataset>/ from data.py; named datasets are prepared when missing
 data_dir = 'data'             # where datasets live
@@ -267,12 +268,13 @@ stop, restore_signals = catch_stop(say=master_process)
 
 # logging
 timer = StepTimer(elapsed0)
-if master_process:  # a resumed run drops the rows it will log again
-    metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), resume_iter=iter_num if init_from == 'resume' else None)
+if master_process:  # a resumed run drops the rows it will log again; the trackers get every row
+    try:
+        trackers = open_trackers(out_dir, config, resumed=init_from == 'resume')
+    except ValueError as e:
+        fail(e)
+    metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), iter_num if init_from == 'resume' else None, trackers)
     update_card()
-if wandb_log and master_process:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume='allow')
 peak = peak_flops or (989e12 if device_type == 'cuda' else 163e9)  # per device
 
 # training loop
@@ -291,8 +293,6 @@ while True:
                    lr=lr, time=round(timer.elapsed(), 2))
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (ppl {row['val_ppl']:.2f})")
         metrics.log(**row)
-        if wandb_log:
-            wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
         if diverged(losses['val'], iter_num, saved_at, out_dir):  # keep the last good checkpoint, and stop
             bad = True
             stop.append('diverged')  # the ranks stop together at the next log step (DDP), as on Ctrl-C
@@ -341,17 +341,13 @@ while True:
                   f'{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%')
             metrics.log(iter=iter_num, loss=lossf, lr=lr, grad_norm=gnorm, tokens_per_sec=tokens_per_iter / dt,
                         ms_per_iter=dt * 1000, mfu=mfu, time=round(timer.elapsed(), 2))
-            if wandb_log:
-                wandb.log({'iter': iter_num, 'loss': lossf, 'lr': lr, 'grad_norm': gnorm, 'mfu': mfu})
     iter_num += 1
 
 # the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
 if master_process:
     save_on_stop(stopping and not bad, saved_at, iter_num, lambda: save('ckpt.pt'), out_dir)
-    metrics.close()
     update_card(last_eval)
-    if wandb_log:
-        wandb.finish()
+    metrics.close()  # after the card: the trackers take it
 if ddp:
     dist.destroy_process_group()
 restore_signals()  # leave the caller's Ctrl-C handling as it was

@@ -200,3 +200,18 @@ def test_a_diverged_run_stops_without_writing_a_checkpoint(setup, tmp_path, caps
     rows = read_metrics(out / 'metrics.jsonl')
     assert [r['iter'] for r in rows] == [0] and rows[0]['val_loss'] is None  # NaN is written as null
     assert not (out / 'ckpt.pt').exists() and not (out / 'adapter').exists()
+
+
+def test_mlflow_gets_every_metrics_row(setup, tmp_path, monkeypatch):
+    """finetune.py (and dpo.py, reward.py, rl.py: the same common.start_loop) log to MLflow as train.py does."""
+    mlflow = pytest.importorskip('mlflow')
+    monkeypatch.setenv('MLFLOW_TRACKING_URI', (tmp_path / 'mlruns').as_uri())
+    monkeypatch.setenv('MLFLOW_ALLOW_FILE_STORE', 'true')
+    finetune(*tiny(setup, tmp_path / 'sft'), '--mlflow_log=True')
+    client = mlflow.tracking.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name('nanolab').experiment_id])
+    rows = read_metrics(tmp_path / 'sft' / 'metrics.jsonl')
+    for key in ('loss', 'val_loss', 'exact_match'):
+        want = [(r['iter'], r[key]) for r in rows if key in r]
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)) == want and want, key
+    assert 'README.md' in {a.path for a in client.list_artifacts(run.info.run_id)}

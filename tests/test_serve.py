@@ -596,3 +596,63 @@ def test_int8_server_serves_what_the_int8_model_generates(runs, ref):
         engines['char'].stop()
     out = subprocess.run([sys.executable, 'serve.py', '--quantize=int4'], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1 and 'int8' in out.stderr
+
+
+def test_models_load_and_unload_at_run_time(tmp_path):
+    """POST /v1/models/load puts a run beside the served one (its greedy reply is generate's); a stream on a model
+    being unloaded finishes; unload frees it; GET /v1/registry lists runs_dir's models, checkpoints and evals; bad
+    sources, names, a full server and cross-site pages are refused with 4xx."""
+    d = two_runs(tmp_path)
+    for name in ('char', 'bpe'):  # checkpoints as train.py writes them: with their iteration
+        ckpt = torch.load(d / name / 'ckpt.pt', weights_only=True)
+        save_checkpoint({**ckpt, 'iter_num': 10}, str(d / name / 'ckpt.pt'))
+    (d / 'bpe' / 'metrics.jsonl').write_text('{"iter": 10, "val_loss": 3.5}\n')
+    engines = serve.load_engines(str(d / 'char'), 'cpu', torch.float32, max_batch=4)
+    srv = serve.make_server(engines, port=0, runs_dir=str(d), max_models=2)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        status, body = call(srv, 'POST', '/v1/models/load', {'source': 'bpe'})  # under runs_dir
+        assert status == 200 and body['id'] == 'bpe' and body['arch'] == 'llama'
+        assert [m['id'] for m in call(srv, 'GET', '/v1/models')[1]['data']] == ['char', 'bpe']
+        model, tok, _ = load_model(str(d / 'bpe'))
+        want = generate(model, tok.encode('Hello'), 12, temperature=0.0, tokenizer=tok)[0].text
+        req = {'model': 'bpe', 'prompt': 'Hello', 'max_tokens': 12, 'temperature': 0}
+        assert call(srv, 'POST', '/v1/completions', req)[1]['choices'][0]['text'] == want
+        reg = {e['name']: e for e in call(srv, 'GET', '/v1/registry')[1]['data']}
+        assert reg['bpe']['served'] == 'bpe' and reg['char']['served'] == 'char' and reg['bpe']['tokenizer'] == 'tiktoken'
+        assert reg['bpe']['n_params'] == model.num_params(non_embedding=False)
+        (c,) = reg['bpe']['checkpoints']
+        assert (c['file'], c['iter'], c['val_loss']) == ('ckpt.pt', 10, 3.5)
+        # refusals: a full server, a name in use, a missing source, bad fields, a cross-site page
+        for bad, status_, code in [({'source': 'char'}, 409, 'too_many_models'), ({'source': 5}, 400, 'invalid_source')]:
+            got = call(srv, 'POST', '/v1/models/load', bad)
+            assert got[0] == status_ and got[1]['error']['code'] == code, got
+        srv.max_models = 3
+        for bad, status_, code in [({'source': 'char'}, 409, 'model_exists'), ({'source': 'nope/x'}, 400, 'invalid_source'),
+                                   ({'source': 'char', 'name': '../x'}, 400, 'invalid_name')]:
+            got = call(srv, 'POST', '/v1/models/load', bad)
+            assert got[0] == status_ and got[1]['error']['code'] == code, got
+        assert 'not a local directory' in call(srv, 'POST', '/v1/models/load', {'source': 'nope/x'})[1]['error']['message']
+        assert call(srv, 'POST', '/v1/models/load', {'source': 'char', 'name': 'c2'},
+                    headers={'Origin': 'https://evil.example'})[0] == 403
+        # unload while a stream runs on it: the stream ends whole; then the model is gone and let go
+        conn = http.client.HTTPConnection('127.0.0.1', srv.server_address[1], timeout=60)
+        conn.request('POST', '/v1/completions', json.dumps({**req, 'stream': True}), {'Content-Type': 'application/json'})
+        r = conn.getresponse()
+        assert call(srv, 'POST', '/v1/models/unload', {'model': 'bpe'}) == (200, {'id': 'bpe', 'object': 'model', 'unloaded': True})
+        got = events(r.read())
+        conn.close()
+        assert got[-1] == '[DONE]' and ''.join(e['choices'][0]['text'] for e in got[:-1] if e['choices']) == want
+        assert call(srv, 'POST', '/v1/completions', req)[0] == 404
+        old = engines['char'].pool
+        deadline = time.time() + 10
+        while any(e.model.config.arch == 'llama' for e in old) and time.time() < deadline:
+            time.sleep(0.02)
+        assert [e.model.config.arch for e in old] == ['gpt2']  # the engine thread let it go
+        assert call(srv, 'POST', '/v1/models/unload', {'model': 'char'})[1]['error']['code'] == 'last_model'
+        assert call(srv, 'POST', '/v1/models/unload', {'model': 'bpe'})[0] == 404
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        for w in srv.engines.values():
+            w.stop()

@@ -386,3 +386,60 @@ def test_a_run_repeats_from_its_own_config_json(data_dir, tmp_path):
     (tmp_path / 'bad.json').write_text('{"learning_rat": 1}')
     with pytest.raises(SystemExit, match="unknown key 'learning_rat'.*Did you mean learning_rate"):
         train(str(tmp_path / 'bad.json'))
+
+
+# -----------------------------------------------------------------------------
+# experiment trackers (common.open_trackers), for every trainer
+
+def test_mlflow_gets_the_config_every_metrics_row_and_the_files(data_dir, tmp_path, monkeypatch):
+    """A real MLflow file store: each metric's history (step, value) is exactly metrics.jsonl's; the params are the
+    resolved config; config.json, loss.svg and the model card are artifacts; a resume goes on in the same run."""
+    mlflow = pytest.importorskip('mlflow')
+    monkeypatch.setenv('MLFLOW_TRACKING_URI', (tmp_path / 'mlruns').as_uri())
+    monkeypatch.setenv('MLFLOW_ALLOW_FILE_STORE', 'true')  # MLflow 3 keeps the file store, in maintenance mode
+    out = tmp_path / 'out'
+    args = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--lr_decay_iters=20', '--mlflow_log=True',
+            '--wandb_project=tiny-exp']
+    train(*args, '--max_iters=10')
+    train(*args, '--max_iters=20', '--init_from=resume')
+    client = mlflow.tracking.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name('tiny-exp').experiment_id])
+    assert run.info.run_name == 'out' and run.info.run_id == json.load(open(out / 'trackers.json'))['mlflow']
+    rows = read_metrics(out / 'metrics.jsonl')
+    for key in ('loss', 'lr', 'grad_norm', 'val_loss', 'train_loss'):
+        want = [(r['iter'], r[key]) for r in rows if key in r]
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        # the resume logs its first iteration again (10: the eval and the step), which MLflow keeps twice
+        assert sorted(set(got)) == sorted(set(want)) and len(want) >= 3, key
+    cfg = json.load(open(out / 'config.json'))
+    assert run.data.params['n_embd'] == '32' and set(run.data.params) == set(cfg)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {'config.json', 'loss.svg', 'README.md'}
+
+
+def test_wandb_gets_every_row_and_runs_offline(data_dir, tmp_path, monkeypatch):
+    """What train.py sends W&B (a stand-in module records it) equals metrics.jsonl; then the real wandb, offline,
+    keeps the run on disk with the run's files, under the id that trackers.json holds."""
+    import types
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(('init', kw)) or fake_run)
+    fake_run = types.SimpleNamespace(id='abc123', log=lambda values, step: calls.append(('log', step, values)),
+                                     save=lambda f, **kw: calls.append(('save', os.path.basename(f))),
+                                     finish=lambda: calls.append(('finish',)))
+    monkeypatch.setitem(sys.modules, 'wandb', fake)
+    out = tmp_path / 'fake'
+    train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=10', '--lr_decay_iters=10', '--wandb_log=True')
+    assert calls[0][1]['config'] == json.load(open(out / 'config.json')) and calls[0][1]['name'] == 'fake'
+    logged = [(c[1], c[2]) for c in calls if c[0] == 'log']
+    want = [(r['iter'], {k: v for k, v in r.items() if k != 'iter'}) for r in read_metrics(out / 'metrics.jsonl')]
+    assert logged == want
+    assert {c[1] for c in calls if c[0] == 'save'} == {'config.json', 'loss.svg', 'README.md'} and calls[-1] == ('finish',)
+    monkeypatch.undo()
+    pytest.importorskip('wandb')
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    out = tmp_path / 'real'
+    train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=10', '--lr_decay_iters=10', '--wandb_log=True')
+    run_id = json.load(open(out / 'trackers.json'))['wandb']
+    (run_dir,) = (out / 'wandb').glob(f'offline-run-*-{run_id}')
+    assert {'config.json', 'loss.svg', 'README.md'} <= {p.name for p in (run_dir / 'files').iterdir()}
+    assert (run_dir / f'run-{run_id}.wandb').stat().st_size > 1000
