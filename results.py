@@ -204,24 +204,20 @@ def checkpoint_sources(run_dir):
     return [by_iter[k] for k in sorted(by_iter)]
 
 def _checkpoint_info(path, cache={}):
-    """(iter_num, model_args, tokenizer kind) of a checkpoint, read through mmap (not its weights), cached by
-    (path, size, mtime) so that the page's refreshes do not read it again."""
+    """(iter_num, model_args, tokenizer kind, kind, parameters) of a checkpoint, read through mmap (the weights'
+    shapes, not their values), cached by (path, size, mtime) so that the page's refreshes do not read it again."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     if key not in cache:
         ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        cache[key] = (ckpt.get('iter_num'), ckpt['model_args'], (ckpt.get('tokenizer') or {}).get('kind'))
+        shared = {(t.data_ptr(), t.shape): t.numel() for t in ckpt['model'].values()}  # a tied weight counts once
+        cache[key] = (ckpt.get('iter_num'), ckpt['model_args'], (ckpt.get('tokenizer') or {}).get('kind'),
+                      'reward' if 'reward_head' in ckpt else 'run', sum(shared.values()))  # reward.py's scores text
     return cache[key]
-
-def _n_params(model_args):
-    """Parameters of a model, counted on the meta device (shapes only: nothing is allocated)."""
-    from model import GPT, GPTConfig
-    with torch.device('meta'):
-        return GPT(GPTConfig(**model_args)).num_params(non_embedding=False)
 
 def model_registry(root):
     """What is on disk under root, for the page's model registry and checkpoint browser: each run (a subdirectory
-    holding ckpt.pt) with its size, shape, parameters, tokenizer, latest evals and every checkpoint (iteration, the
+    holding ckpt.pt; kind 'run', or 'reward' for reward.py's) with its size, shape, parameters, tokenizer, latest evals and every checkpoint (iteration, the
     val loss metrics.jsonl logged there, that checkpoint's evals); each Hugging Face directory (config.json +
     weights) and each export.py file (.gguf, .safetensors) under root or a run. -> ([entry], [(path, why)] skipped).
     A file that cannot be read is skipped with the reason, never fatal."""
@@ -242,18 +238,18 @@ def model_registry(root):
                        if 'val_loss' in r}
                 checkpoints = []
                 for path in checkpoint_sources(run):
-                    it, args, tok = _checkpoint_info(path)
+                    it, args, tok, _, _ = _checkpoint_info(path)
                     mine = {r['task']: r['metrics'] for r in evals
                             if os.path.realpath(r['checkpoint']) in (os.path.realpath(path), os.path.realpath(run))
                             and r.get('iter') == it}
                     checkpoints.append({'path': path, 'file': os.path.relpath(path, run), 'iter': it,
                                         'val_loss': val.get(it), 'evals': mine})
-                it, args, tok = _checkpoint_info(os.path.join(run, 'ckpt.pt'))
+                it, args, tok, kind, n_params = _checkpoint_info(os.path.join(run, 'ckpt.pt'))
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 skipped.append((run, f'{type(e).__name__}: {str(e)[:120]}'))
                 continue
-            entries.append({'name': d, 'path': run, 'kind': 'run', 'size': size, 'arch': args.get('arch'),
-                            'n_params': _n_params(args), 'block_size': args.get('block_size'), 'tokenizer': tok,
+            entries.append({'name': d, 'path': run, 'kind': kind, 'size': size, 'arch': args.get('arch'),
+                            'n_params': n_params, 'block_size': args.get('block_size'), 'tokenizer': tok,
                             'iter': it, 'checkpoints': checkpoints, 'exports': exports,
                             'evals': {r['task']: r['metrics'] for r in sorted(evals, key=lambda r: r['created'])}})
         elif os.path.isfile(os.path.join(run, 'config.json')) and glob.glob(os.path.join(run, '*.safetensors')) + \

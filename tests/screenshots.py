@@ -80,6 +80,18 @@ time.sleep(1)
 js("document.getElementById('beam-box').scrollIntoView()")
 d.save_screenshot(f'{out}/view_beam_tree.png')
 print('beam tree drawn in', js("return document.getElementById('beam-box').dataset.ms"), 'ms')
+# runs: three Shakespeare runs compared, then the models on disk with a checkpoint browser open
+tab('runs')
+wait(lambda: d.find_elements('css selector', '.run .cmp-tick') and d.find_elements('css selector', '#registry table'))
+for name in ('out-shakespeare-char', 'out-shakespeare-gpt2', 'out-sft-tasks', 'out-rl-tasks'):
+    d.find_element('css selector', f'.run[data-name="{name}"] .cmp-tick').click()
+setv('cmp-y', 'both')
+time.sleep(0.5)
+js("document.getElementById('cmp-hint').scrollIntoView(); scrollBy(0, -100)")
+d.save_screenshot(f'{out}/view_compare_runs.png')
+js("document.querySelector('#registry details').open = true; document.getElementById('registry').scrollIntoView(); scrollBy(0, -140)")
+time.sleep(0.3)
+d.save_screenshot(f'{out}/view_registry.png')
 # model
 tab('arch'); time.sleep(0.5)
 d.save_screenshot(f'{out}/view_model.png')

@@ -513,6 +513,63 @@ def test_runs_curves_refresh_and_leaderboard(site, page):
     wait(lambda: 'iter 20' in card.text, timeout=8)
 
 
+def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, browser):
+    """Two runs ticked: their curves overlaid, the settings they differ in, their evals side by side; the models on
+    disk with a checkpoint browser; 'serve' loads a run beside the served one (the model menu picks it), '-' unloads."""
+    import threading
+    import torch
+    from model import save_checkpoint
+    d = two_runs(tmp_path)
+    (d / 'char2').mkdir()
+    ckpt = torch.load(d / 'char' / 'ckpt.pt', weights_only=True)
+    for name, lr, em in (('char', 3e-3, 0.25), ('char2', 1e-3, 0.5)):
+        save_checkpoint({**ckpt, 'iter_num': 10}, str(d / name / 'ckpt.pt'))
+        (d / name / 'config.json').write_text(json.dumps({'learning_rate': lr, 'n_layer': 2, 'batch_size': 4,
+                                                          'block_size': 16}))
+        (d / name / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in [
+            {'iter': 0, 'loss': 4.1, 'time': 0.0}, {'iter': 0, 'val_loss': 4.0, 'time': 0.1},
+            {'iter': 10, 'loss': 3.0 + em, 'time': 1.0}, {'iter': 10, 'val_loss': 3.1 + em, 'time': 1.1}]))
+        results.save_result(str(d / name), {'model': name, 'checkpoint': str(d / name / 'ckpt.pt'), 'iter': 10,
+                                             'task': 'benchmark:demo', 'metrics': {'exact_match': em}, 'n': 4})
+    engines = serve.load_engines(str(d / 'char'), 'cpu', torch.float32, max_batch=4)
+    srv = serve.make_server(engines, port=0, runs_dir=str(d))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        browser.get(f'http://127.0.0.1:{srv.server_address[1]}/#runs')
+        js(browser, "localStorage.clear(); localStorage.setItem('nanolab.visited', '1')")
+        browser.refresh()
+        for name in ('char', 'char2'):
+            wait(lambda: browser.find_elements('css selector', f'.run[data-name={name}] .cmp-tick'))[0].click()
+        wait(lambda: js(browser, "const c = document.getElementById('cmp-plot'); return c.classList.contains('on') && "
+                                 "c.series.length == 2 && [...c.getContext('2d').getImageData(0, 0, c.width, c.height)"
+                                 ".data].some(v => v > 0)"))  # val loss of both runs
+        cells = [r.text for r in browser.find_elements('css selector', '#cmp-config tr')]
+        assert cells == ['config: 1 of 4 settings differ char char2', 'learning_rate 0.003 0.001']
+        evals = wait(lambda: [r.text for r in browser.find_elements('css selector', '#cmp-evals tr')])
+        assert evals[1] == 'benchmark:demo exact_match 0.2500 0.5000'
+        set_value(browser, 'cmp-x', 'tokens')  # iteration x batch_size x block_size: the last point at 640
+        assert wait(lambda: js(browser, "return Math.max(...document.getElementById('cmp-plot').series"
+                                        ".flatMap(s => s.points.map(p => p[0])))")) == 640
+        # the checkpoint browser: char2's ckpt.pt at iteration 10, its val loss and eval; then serve it
+        row = wait(lambda: [r for r in browser.find_elements('css selector', '#registry > table > tr')
+                            if r.text.startswith('char2')])[0]
+        row.find_element('tag name', 'summary').click()
+        assert 'ckpt.pt 10 3.6000 benchmark:demo: exact_match 0.5000' in row.text
+        row.find_element('css selector', 'details button').click()  # that checkpoint's "serve"
+        wait(lambda: js(browser, "return document.getElementById('model').value") == 'char2-10')
+        assert [m['id'] for m in call(srv, 'GET', '/v1/models')[1]['data']] == ['char', 'char2-10']
+        wait(lambda: js(browser, "return [...document.querySelectorAll('#registry details[open] button')]"
+                                 ".map(b => b.textContent)") == ['served', 'evaluate'])  # still open, refreshed
+        click(browser, 'model-remove')  # unload what the menu shows
+        wait(lambda: js(browser, "return [...document.querySelectorAll('#model option')].map(o => o.value)") == ['char'])
+        assert console_errors(browser) == []
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        for w in srv.engines.values():
+            w.stop()
+
+
 def test_the_page_asks_for_the_api_key_and_sends_it(site, browser):
     import threading
     keyed = serve.make_server(site.engines, port=0, api_key='sekrit', runs_dir=str(site.dir))  # a second door

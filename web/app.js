@@ -9,7 +9,8 @@
 //   8) overview: the token embeddings in 3-D behind the pipeline (/v1/embedding_map)
 //  10) prompts: the template library, variables, few-shot examples, the exact prompt and its token count
 //   9) arena: two replies shown blind, a vote and ratings (/v1/arena/*), the ratings and agreement so far
-//   7) runs: loss curves from /runs (polled while a run trains) and the leaderboard (/leaderboard)
+//   7) runs: loss curves from /runs (polled while a run trains), chosen runs compared, the models on disk and their
+//      checkpoints (/v1/registry, served with /v1/models/load), and the leaderboard (/leaderboard)
 'use strict';
 
 // -----------------------------------------------------------------------------
@@ -98,14 +99,31 @@ async function guard(statusEl, fn) {
 const models = {};  // id -> its /v1/models entry (max_model_len, arch, n_params, tokenizer)
 const model = () => $('model').value;
 
-async function loadModels() {
-  for (const m of (await api('/v1/models')).data) {
-    models[m.id] = m;
-    $('model').add(new Option(m.id, m.id));
-  }
-  if (localStorage.getItem('nanolab.model') in models) $('model').value = localStorage.getItem('nanolab.model');
+// the model menu from /v1/models, again after a load or an unload (select: the model to pick, if it is there)
+async function loadModels(select) {
+  const data = (await api('/v1/models')).data;
+  for (const k of Object.keys(models)) delete models[k];
+  for (const m of data) models[m.id] = m;
+  $('model').replaceChildren(...data.map(m => new Option(m.id, m.id)));
+  const want = select || localStorage.getItem('nanolab.model');
+  if (want in models) $('model').value = want;
+  if ($('arena-m1').options.length) arenaModels();
   showModel();
 }
+$('model-add').onclick = () => { showTab('runs'); $('load-source').focus(); };
+$('model-remove').onclick = () => guard($('model-info'), async () => {
+  await api('/v1/models/unload', {model: model()});  // the server keeps at least one
+  await loadModels();
+});
+
+// POST /v1/models/load: the source (a path under the server's runs_dir, or a hub name) joins the model menu
+async function serveModel(source, name) {
+  const m = await api('/v1/models/load', name ? {source, name} : {source});
+  await loadModels(m.id);
+  await refreshRegistry();
+  $('registry-status').textContent = `serving ${m.id}: it is the model menu's choice now`;
+}
+$('load-btn').onclick = () => guard($('registry-status'), () => serveModel($('load-source').value.trim()));
 
 function showModel() {
   const m = models[model()];
@@ -992,7 +1010,7 @@ $('embed3d').onpointerup = $('embed3d').onpointercancel = () => { embed.drag = n
 
 const finite = v => typeof v === 'number' && isFinite(v);  // a diverged run logs NaN/inf: left out
 
-// a line chart on a canvas: series [{name, color, points: [[x, y], ...]}], with axes, ticks and a legend
+// a line chart on a canvas: series [{name, color, dash, points: [[x, y], ...]}], with axes, ticks and a legend
 function plot(cv, series) {
   cv.series = series;  // kept, to draw again at a new size (a phone turned sideways)
   const dpr = devicePixelRatio || 1, W = cv.clientWidth, H = cv.clientHeight;
@@ -1020,35 +1038,146 @@ function plot(cv, series) {
   }
   series.forEach((s, i) => {
     ctx.strokeStyle = ctx.fillStyle = s.color;
+    ctx.setLineDash(s.dash || []);
     ctx.beginPath();
     s.points.forEach(([x, y], j) => j ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y)));
     ctx.stroke();
+    ctx.setLineDash([]);
     ctx.textAlign = 'right';
     ctx.fillText(s.name, W - m.r - 4, m.t + 12 + 14 * i);
   });
 }
 
+let runsData = [], registry = [];  // the last GET /runs and GET /v1/registry, for the comparison
+const chosen = new Set(JSON.parse(localStorage.getItem('nanolab.compare') || '[]'));  // runs ticked to compare
+
 async function refreshRuns() {
-  const runs = (await api('/runs')).data;
+  const runs = runsData = (await api('/runs')).data;
   $('runs-status').textContent = `${runs.length} runs with metrics.jsonl · updated ${new Date().toLocaleTimeString()}`;
   for (const r of runs) {
     let card = document.querySelector(`.run[data-name="${CSS.escape(r.name)}"]`);
     if (!card) {
-      card = el('div', {className: 'run'}, el('h4', {}), el('canvas'), el('div', {className: 'dim'}));
+      const tick = el('input', {type: 'checkbox', checked: chosen.has(r.name), className: 'cmp-tick'});
+      tick.onchange = () => {
+        tick.checked ? chosen.add(r.name) : chosen.delete(r.name);
+        localStorage.setItem('nanolab.compare', JSON.stringify([...chosen]));
+        drawComparison();
+      };
+      card = el('div', {className: 'run'}, el('h4', {}, el('span'), el('label', {}, tick, ' compare')), el('canvas'),
+                el('div', {className: 'dim'}));
       card.dataset.name = r.name;
       $('run-list').append(card);
     }
     // the same two curves as common.plot_loss_svg: train loss (log rows) and val loss (eval rows)
     const train = r.metrics.filter(x => finite(x.loss)).map(x => [x.iter, x.loss]);
     const val = r.metrics.filter(x => finite(x.val_loss)).map(x => [x.iter, x.val_loss]);
-    card.querySelector('h4').textContent = r.name + (r.served ? ' (served)' : '');
+    card.querySelector('h4 span').textContent = r.name + (r.served ? ' (served)' : '');
     plot(card.querySelector('canvas'), [{name: 'train loss', color: '#1f77b4', points: train},
                                         {name: 'val loss', color: '#d62728', points: val}]);
     const last = r.metrics[r.metrics.length - 1] || {}, best = Math.min(...val.map(p => p[1]));
     card.querySelector('.dim').textContent = `iter ${last.iter ?? '-'} · train loss ${fmt(train.at(-1)?.[1])} · ` +
       `best val loss ${val.length ? fmt(best) : '-'}` + (r.config?.dataset ? ` · ${r.config.dataset}` : '');
   }
+  await refreshRegistry();
+  drawComparison();
   await leaderboard();
+}
+
+// the chosen runs side by side: their curves on one chart (by iteration, tokens seen or time), the settings in
+// which their config.json differ, and their latest evals
+const PALETTE = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf'];
+function drawComparison() {
+  const runs = runsData.filter(r => chosen.has(r.name));
+  $('cmp-plot').classList.toggle('on', runs.length > 0);
+  $('cmp-hint').textContent = runs.length ? `${runs.length} runs: ${runs.map(r => r.name).join(', ')}` :
+    'Tick "compare" on two or more runs above.';
+  if (!runs.length) {
+    $('cmp-config').replaceChildren();
+    return $('cmp-evals').replaceChildren();
+  }
+  // x: the iteration; tokens = iteration x batch_size x block_size x accumulation (train.py's tokens per
+  // iteration on one process); time = the seconds of training the row logged
+  const xs = $('cmp-x').value, ys = $('cmp-y').value;
+  const perIter = c => (c?.batch_size || 0) * (c?.block_size || 0) * (c?.gradient_accumulation_steps || 1);
+  const X = (r, row) => xs === 'time' ? row.time : xs === 'tokens' ? row.iter * perIter(r.config) : row.iter;
+  const series = [];
+  runs.forEach((r, i) => {
+    for (const [key, label, dash] of [['val_loss', 'val', []], ['loss', 'train', [4, 3]]]) {
+      if (ys !== 'both' && ys !== label) continue;
+      const points = r.metrics.filter(row => finite(row[key]) && finite(X(r, row))).map(row => [X(r, row), row[key]]);
+      if (points.length) series.push({name: `${r.name} ${label}`, color: PALETTE[i % PALETTE.length], dash, points});
+    }
+  });
+  plot($('cmp-plot'), series);
+  // 1) the config diff: every key whose value is not the same in all chosen runs
+  const keys = [...new Set(runs.flatMap(r => Object.keys(r.config || {})))].sort();
+  const show = v => v === undefined ? '(none)' : JSON.stringify(v);
+  const differ = keys.filter(k => new Set(runs.map(r => show(r.config?.[k]))).size > 1);
+  $('cmp-config').replaceChildren(el('table', {},
+    el('tr', {}, el('th', {}, `config: ${differ.length} of ${keys.length} settings differ`), ...runs.map(r => el('th', {}, r.name))),
+    ...differ.map(k => el('tr', {}, el('td', {}, k), ...runs.map(r => el('td', {className: 'diff'}, show(r.config?.[k])))))));
+  // 2) the evals: the registry's latest result per task, one column per run, the best in bold
+  const evals = Object.fromEntries(registry.map(e => [e.name, e.evals || {}]));
+  const rows = [...new Set(runs.flatMap(r => Object.entries(evals[r.name] || {}).flatMap(
+    ([task, m]) => Object.keys(m).map(k => `${task}\t${k}`))))].sort();
+  $('cmp-evals').replaceChildren(rows.length ? el('table', {},
+    el('tr', {}, el('th', {}, 'task'), el('th', {}, 'metric'), ...runs.map(r => el('th', {}, r.name))),
+    ...rows.map(row => {
+      const [task, k] = row.split('\t'), vals = runs.map(r => evals[r.name]?.[task]?.[k]);
+      const known = vals.filter(finite), lower = LOWER.some(w => k.includes(w));
+      const best = known.length ? (lower ? Math.min(...known) : Math.max(...known)) : null;
+      return el('tr', {}, el('td', {}, task), el('td', {}, k),
+                ...vals.map(v => el('td', {className: v === best && known.length > 1 ? 'best' : ''}, fmt(v, 4))));
+    })) : el('span', {className: 'dim'}, 'No evaluations of these runs yet (python evaluate.py --init_from=RUN).'));
+}
+const LOWER = ['loss', 'perplexity', 'bits_per_byte'];  // results.LOWER_IS_BETTER's stems: lower is better
+$('cmp-x').onchange = $('cmp-y').onchange = drawComparison;
+
+// the models on disk (GET /v1/registry): each run with its size, shape and evals, and a checkpoint browser under
+// it; "serve" loads one beside the served models, "evaluate" gives the command that evaluates it
+const opened = new Set();  // runs whose checkpoint list is open: it stays open as the registry refreshes
+const mb = n => n == null ? '' : n >= 1e9 ? (n / 1e9).toFixed(2) + ' GB' : (n / 1e6).toFixed(1) + ' MB';
+async function refreshRegistry() {
+  const j = await api('/v1/registry');
+  registry = j.data;
+  const serveBtn = (source, name, served, kind) => {
+    const b = el('button', {className: 'small', textContent: served ? 'served' : 'serve', disabled: !!served ||
+      kind === 'reward', title: served ? `served as ${served}` : kind === 'reward' ? 'a reward model scores text, ' +
+      'it does not write it' : `load it beside the served models, as ${name}`});
+    b.onclick = () => guard($('registry-status'), () => serveModel(source, name));
+    return b;
+  };
+  const evalBtn = path => {
+    const b = el('button', {className: 'small', textContent: 'evaluate', title: 'the command that evaluates it'});
+    b.onclick = () => {  // evaluation runs as its own process; the page gives its command, copied
+      const cmd = `python evaluate.py --init_from=${path}   # add --benchmark=FILE or --tasks=NAME`;
+      navigator.clipboard?.writeText(cmd).catch(() => {});
+      $('registry-status').textContent = cmd;
+    };
+    return b;
+  };
+  const safe = s => s.replace(/[^\w.-]/g, '_').slice(0, 64);
+  const rows = registry.map(e => {
+    const evals = Object.entries(e.evals || {}).map(([t, m]) => `${t}: ` + Object.entries(m).slice(0, 2)
+      .map(([k, v]) => `${k} ${fmt(v, 4)}`).join(', ')).join('; ');
+    const cks = e.checkpoints.map(c => el('tr', {}, el('td', {}, c.file), el('td', {}, String(c.iter ?? '-')),
+      el('td', {}, fmt(c.val_loss, 4)), el('td', {}, Object.entries(c.evals).map(([t, m]) => `${t}: ` +
+        Object.entries(m).slice(0, 2).map(([k, v]) => `${k} ${fmt(v, 4)}`).join(', ')).join('; ')),
+      el('td', {}, serveBtn(c.path, safe(`${e.name}-${c.iter}`), c.served, e.kind), ' ', evalBtn(c.path))));
+    const browser = e.checkpoints.length ? el('details', {open: opened.has(e.name)}, el('summary', {},
+      `${e.checkpoints.length} checkpoint` + (e.checkpoints.length > 1 ? 's' : '')), el('table', {}, el('tr', {},
+        ...['file', 'iter', 'val loss', 'evals', ''].map(h => el('th', {}, h))), ...cks)) : '';
+    if (browser) browser.ontoggle = () => browser.open ? opened.add(e.name) : opened.delete(e.name);  // kept open
+    const exports = e.exports.map(x => `${x.path.split('/').pop()} (${x.format}, ${mb(x.size)})`).join(', ');
+    return el('tr', {}, el('td', {}, el('b', {}, e.name), browser),
+      el('td', {}, serveBtn(e.path, safe(e.name), e.served, e.kind), ' ', evalBtn(e.path)), el('td', {}, e.kind),
+      el('td', {}, mb(e.size)), el('td', {}, e.n_params ? (e.n_params / 1e6).toFixed(2) + 'M' : ''),
+      el('td', {}, [e.arch, e.tokenizer, e.block_size].filter(x => x != null).join(' · ')),
+      el('td', {}, String(e.iter ?? '')), el('td', {}, evals), el('td', {}, exports));
+  });
+  $('registry').replaceChildren(registry.length ? el('table', {}, el('tr', {}, ...['model', '', 'kind', 'on disk',
+    'params', 'arch · tokenizer · context', 'iter', 'latest evals', 'exports'].map(h => el('th', {}, h))), ...rows) :
+    el('span', {className: 'dim'}, "No runs under the server's runs_dir (python serve.py --runs_dir=DIR)."));
 }
 
 // the leaderboard: each task's results, best first by its first metric (lower first for losses), as evaluate.py
@@ -1077,7 +1206,7 @@ async function leaderboard() {
 }
 
 addEventListener('resize', () => {
-  for (const cv of document.querySelectorAll('.run canvas')) if (cv.series) plot(cv, cv.series);
+  for (const cv of document.querySelectorAll('.run canvas, #cmp-plot')) if (cv.series) plot(cv, cv.series);
 });
 
 setInterval(() => {  // poll while the Runs tab is open, so a run being trained draws itself
