@@ -1,14 +1,14 @@
 """
 Export a model for the tools people run next to nanolab: a Hugging Face directory (transformers, vLLM, peft, and
-llama.cpp's own convert_hf_to_gguf.py), a GGUF file that llama.cpp and Ollama load directly, or weights-only
-safetensors (the weights and what it takes to rebuild the model; no optimizer state).
+llama.cpp's own convert_hf_to_gguf.py), a GGUF file that llama.cpp loads directly (Ollama reads GGUF too), or
+weights-only safetensors (the weights and what it takes to rebuild the model; no optimizer state).
 
-    python export.py --init_from=out-shakespeare-char --format=gguf                    # -> out-shakespeare-char/model-f32.gguf
+    python export.py --init_from=out-shakespeare-char --format=gguf      # -> out-shakespeare-char/model-f32.gguf
     python export.py --init_from=out-tasks-base --format=gguf --outtype=q8_0 --out=tasks.gguf
-    python export.py --init_from=out-sft-tasks --format=hf --out=hf-sft-tasks          # AutoModelForCausalLM loads it
-    python export.py --init_from=out-tinystories --format=safetensors --outtype=bf16   # python sample.py --init_from=FILE
-    python export.py --init_from=out-shakespeare-char --check_with=LLAMA_CPP_DIR        # + llama.cpp's greedy text vs ours
-    llama-cli -m out-shakespeare-char/model-f32.gguf -p "ROMEO:" -n 200 --temp 0       # llama.cpp; Ollama: FROM ./x.gguf
+    python export.py --init_from=out-shakespeare-char --format=hf --out=hf-shakespeare  # AutoModelForCausalLM loads it
+    python export.py --init_from=out-tinystories-15m --format=safetensors --outtype=bf16  # --init_from=FILE reads it
+    python export.py --init_from=out-shakespeare-char --check_with=LLAMA_CPP_DIR   # + llama.cpp's greedy vs ours
+    llama-server -m out-shakespeare-char/model-f32.gguf --port 8080                 # llama.cpp (Ollama reads GGUF too)
 
 Any model source load_model reads goes in (a run directory, a ckpt.pt, a Hugging Face directory or hub name).
 What each format holds:
@@ -36,12 +36,12 @@ import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------
-init_from = 'out-shakespeare-char'  # model source: out_dir, ckpt.pt, Hugging Face dir or hub name, export.py's .safetensors
+init_from = 'out-shakespeare-char'  # model source: out_dir, ckpt.pt, HF dir or hub name, export.py's .safetensors
 format = 'gguf'               # hf | gguf | safetensors
 outtype = 'f32'               # f32 | f16 | bf16 | q8_0 (gguf only): the weights' precision in the file
 out = ''                      # output path; '' = inside init_from: model-<outtype>.gguf, hf/, model.safetensors
 overwrite = False             # replace an existing --out
-check_with = ''               # gguf: a llama.cpp build (DIR/bin/llama-server); compare its tokens and greedy text with ours
+check_with = ''               # gguf: a llama.cpp build (DIR/bin/llama-server): compare its tokens and greedy text
 check_prompt = 'ROMEO:\n'     # the prompt of that check
 check_tokens = 100            # greedy tokens compared
 # -----------------------------------------------------------------------------
@@ -70,12 +70,14 @@ def gguf_tensors(model):
 
     for i in range(c.n_layer):
         o, b = f'transformer.h.{i}.', f'blk.{i}.'
-        names = [('ln_1', 'attn_norm'), ('attn.c_proj', 'attn_output'), ('ln_2', 'ffn_norm'), ('mlp.c_proj', 'ffn_down')]
+        names = [('ln_1', 'attn_norm'), ('attn.c_proj', 'attn_output'), ('ln_2', 'ffn_norm'),
+                 ('mlp.c_proj', 'ffn_down')]
         if c.arch == 'gpt2':
             names += [('attn.c_attn', 'attn_qkv'), ('mlp.c_fc', 'ffn_up')]
             for ours, theirs in names:
                 w = sd[o + ours + '.weight']
-                rows += [(b + theirs + '.weight', w), (b + theirs + '.bias', sd.get(o + ours + '.bias', zeros(w.shape[0])))]
+                bias = sd.get(o + ours + '.bias', zeros(w.shape[0]))
+                rows += [(b + theirs + '.weight', w), (b + theirs + '.bias', bias)]
         else:
             rows += [(b + theirs + '.weight', sd[o + ours + '.weight']) for ours, theirs in names]
             q, k, v = sd[o + 'attn.c_attn.weight'].split([c.n_head * c.head_size, c.n_kv_head * c.head_size,
@@ -100,9 +102,10 @@ def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
     text_of, merges, specials = hf.byte_level_vocab(tok, unlisted_merges=True)  # refuses what it cannot say
     # 1) the tokenizer: every embedding row gets a token; rows past the tokenizer's ids are padding
     control = set(specials.values())
-    tokens = [text_of.get(i) or next((t for t, j in specials.items() if j == i), f'[PAD{i}]') for i in range(c.vocab_size)]
-    types = [gguf.TokenType.CONTROL if i in control else gguf.TokenType.NORMAL if i in text_of else gguf.TokenType.UNUSED
-             for i in range(c.vocab_size)]
+    special_text = {i: t for t, i in specials.items()}
+    tokens = [text_of.get(i) or special_text.get(i) or f'[PAD{i}]' for i in range(c.vocab_size)]
+    types = [gguf.TokenType.CONTROL if i in control else gguf.TokenType.NORMAL if i in text_of
+             else gguf.TokenType.UNUSED for i in range(c.vocab_size)]
     tmp = f'{path}.{os.getpid()}.tmp'
     w = gguf.GGUFWriter(tmp, c.arch)  # 'gpt2' and 'llama' are llama.cpp's names for them too
     w.add_name(name)
@@ -178,7 +181,8 @@ def write_safetensors(model, tok, path, outtype='f32', source=''):
 def check_llama_cpp(path, model, tok, llama_dir, prompt, n=100):
     """Serve path with llama.cpp's llama-server and compare: its tokens for prompt, and its greedy continuation
     (temperature 0, eos ignored) with sample.generate's, up to n tokens inside the context. -> {'tokenize_equal',
-    'agree' (leading tokens equal), 'n' (compared), 'text' (llama.cpp's)}. With f32 weights the two agree token for token (tests/test_export.py)."""
+    'agree' (leading tokens equal), 'n' (compared), 'text' (llama.cpp's)}. With f32 weights the two agree token for
+    token (tests/test_export.py)."""
     import socket
     import subprocess
     import time
@@ -186,8 +190,8 @@ def check_llama_cpp(path, model, tok, llama_dir, prompt, n=100):
     from sample import generate
     server_bin = os.path.join(llama_dir, 'bin', 'llama-server')
     if not os.path.exists(server_bin):
-        raise ValueError(f"no llama-server in {llama_dir}/bin; build llama.cpp with ../shared/tools/build-llama-cpp.sh DIR "
-                         "(or its README), then --check_with=DIR")
+        raise ValueError(f"no llama-server in {llama_dir}/bin; build llama.cpp (../shared/tools/build-llama-cpp.sh "
+                         "DIR, or llama.cpp's README), then --check_with=DIR")
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
@@ -211,7 +215,8 @@ def check_llama_cpp(path, model, tok, llama_dir, prompt, n=100):
         ids = tok.encode(prompt)
         n = min(n, model.config.block_size - len(ids))  # llama.cpp stops where its context ends; we would slide on
         if n < 1:
-            raise ValueError(f"the check's prompt fills the model's {model.config.block_size}-token context; give a shorter --check_prompt")
+            raise ValueError(f"the check's prompt fills the model's {model.config.block_size}-token context; give "
+                             "a shorter --check_prompt")
         same = post('/tokenize', {'content': prompt})['tokens'] == ids
         theirs = post('/completion', {'prompt': ids, 'n_predict': n, 'temperature': 0, 'ignore_eos': True,
                                       'return_tokens': True, 'cache_prompt': False})['tokens']
