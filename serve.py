@@ -407,6 +407,9 @@ def _load(h, body):
                            'name', 'model_exists')
         first = next(iter(engines.values()))
         try:
+            if not os.path.exists(path):  # a hub name: download here, not on the engine thread the others decode on
+                import hf
+                path = hf.local_dir(path)
             engine = adopt(first, lambda: _engine(path, **first.options))
         except ValueError as e:  # load_model names what is wrong with the source and what to do
             raise ApiError(400, str(e), 'source', 'invalid_source') from None
