@@ -1,8 +1,8 @@
 """
 Serve models over HTTP: an OpenAI-compatible API with streaming, the tokenizer, and the web page in web/. Standard
 library only (http.server); several models at once. This file is HTTP and OpenAI's formats: the decoding, batching
-and fairness between clients are engine.py's (one Engine per model, all stepped on one engine thread), and the
-guards against hostile pages and clients httpd.py's.
+and fairness between clients are engine.py's (one Engine per model, all stepped on one engine thread), the guards
+against hostile pages and clients httpd.py's, and the endpoints of the page's learning views views.py's.
 
     python serve.py --init_from=out-shakespeare-char                      # CPU: open http://127.0.0.1:8000
     python serve.py --init_from=out-a,out-b --device=cuda                  # one GPU, two models
@@ -18,15 +18,15 @@ Endpoints (errors are OpenAI's body {"error": {message, type, param, code}}; "mo
          logprobs scores a text, first token null); POST /v1/chat/completions (logprobs: true, top_logprobs: k);
          both take OpenAI's sampling fields and ours: top_k, min_p, repetition_penalty, num_beams, length_penalty
     POST /tokenize, /detokenize; GET /tokenizer_info: in vLLM's shapes, which lm-eval's remote tokenizer reads
-    POST /v1/attention: every layer's attention maps;  GET /runs, /leaderboard: runs_dir's runs and eval results
-    GET /v1/registry: runs_dir's models, checkpoints and exports; POST /v1/models/load {source}, /unload {model}
+    POST /v1/models/load {source}, /v1/models/unload {model}: models at run time, beside the others
+    the page's views (views.py): /v1/attention, /v1/inspect, /v1/tokenizers, /v1/embedding_map, /v1/templates,
+    /v1/arena/*, /runs, /leaderboard, /v1/registry (runs_dir's models, checkpoints and exports)
     GET /: files from web/
 
 Bounded work: a request over max_rows or max_prompt_tokens is a 400 naming the flag; a client that hangs up frees
 its rows within a step; a seeded request gives sample.generate's text, for any n (engine.py's seeding rule).
 """
 import difflib
-import glob
 import hmac
 import json
 import mimetypes
@@ -37,19 +37,18 @@ import time
 import traceback
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from itertools import accumulate
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 
-import arena
 import prompts as library  # prompts.py: `prompts` is the token lists of a request
 from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, adopt, beam_tree, start
 from httpd import ApiError, GuardedHandler, Server
 from model import DTYPES, load_model, model_sources, resolve_device, resolve_dtype
 from quantize import for_inference
-from results import LOWER_IS_BETTER, model_registry, read_results, read_runs
+import views  # the endpoints behind the page's views
+from views import encode, flag, is_ids, number
 
 # -----------------------------------------------------------------------------
 init_from = 'out-shakespeare-char'  # model sources, comma-separated (out_dir, HF dir, hub name), or a dir of runs
@@ -75,8 +74,6 @@ max_models = 8              # models loaded at once, counting POST /v1/models/lo
 # -----------------------------------------------------------------------------
 MAX_STOPS = 4               # stop strings per request, as OpenAI
 MAX_TOP_LOGPROBS = 20       # alternatives per token, as OpenAI's chat API
-ATTENTION_LIMIT = 128       # prompt tokens for /v1/attention: the maps grow as layers * heads * T^2
-ATTENTION_VALUES = 1 << 20  # numbers one /v1/attention answer may hold (about 8 MB of JSON)
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'web')
 LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
 PARAMS = {'max_new_tokens': 'max_tokens', 'num_samples': 'n', 'stop_strings': 'stop', 'prompt_logprobs': 'echo'}
@@ -104,36 +101,6 @@ class Call:
     include_usage: bool
     beam_tree: bool = False  # each choice also carries its beam search's tree (engine.beam_tree)
 
-def _number(body, name, default, lo, hi, integer=False):
-    """body[name] as a number in [lo, hi]; absent or JSON null = default."""
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)[:60]}",
-                       name, 'invalid_type')
-    if not lo <= v <= hi:  # also catches NaN, which Python's json accepts
-        raise ApiError(400, f"'{name}'={v} is out of range: it must be between {lo} and {hi}", name, 'invalid_value')
-    return v
-
-def _flag(body, name):
-    v = body.get(name)
-    if v is not None and not isinstance(v, bool):
-        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)[:60]}", name, 'invalid_type')
-    return bool(v)
-
-def _is_ids(x):
-    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-def _encode(w, text, param):
-    cap = 8 * (w.max_prompt_tokens or max_prompt_tokens)  # bound the tokenizer's work before it starts
-    if len(text) > cap:
-        raise ApiError(400, f"'{param}' holds {len(text)} characters, over {cap} (8 per token of max_prompt_tokens); "
-                       "send a shorter text", param, 'request_too_large')
-    try:
-        return w.tok.encode(text)
-    except ValueError as e:  # e.g. a character the char vocabulary lacks
-        raise ApiError(400, f"'{param}': {e}", param, 'invalid_value') from None
 
 def _read_request(name, w, body, chat):
     """A completions or chat body, checked against the model -> Call. Every problem is an ApiError(400) that names
@@ -152,7 +119,7 @@ def _read_request(name, w, body, chat):
             raise ApiError(400, "'template' must be a template's name (GET /v1/templates) and 'variables' an object",
                            'template')
         try:
-            filled = library.render(name_, cot=_flag(body, 'cot'), **values)
+            filled = library.render(name_, cot=flag(body, 'cot'), **values)
         except (KeyError, ValueError) as e:
             raise ApiError(400, f"'template': {e.args[0]}", 'template') from None
         if chat:
@@ -173,18 +140,18 @@ def _read_request(name, w, body, chat):
                                    'messages', 'invalid_type')
                 m['content'] = ''.join(p['text'] for p in m['content'])
         try:
-            cont = _flag(body, 'continue_final_message')  # the last (assistant) message goes on: no new turn
+            cont = flag(body, 'continue_final_message')  # the last (assistant) message goes on: no new turn
             prompts = [tok.render_chat(messages, add_generation_prompt=not cont, continue_final_message=cont)[0]]
         except ValueError as e:
             raise ApiError(400, f"'messages': {e}", 'messages') from None
         stop_tokens, stop_strings = tok.chat_stop_tokens, list(tok.stop_strings)
     else:
         p = body.get('prompt')
-        if isinstance(p, str) or (_is_ids(p) and p):
+        if isinstance(p, str) or (is_ids(p) and p):
             p = [p]
-        if not isinstance(p, list) or not p or not all(isinstance(x, str) or _is_ids(x) for x in p):
+        if not isinstance(p, list) or not p or not all(isinstance(x, str) or is_ids(x) for x in p):
             raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either", 'prompt')
-        prompts = [_encode(w, x, 'prompt') if isinstance(x, str) else x for x in p]
+        prompts = [encode(w, x, 'prompt') if isinstance(x, str) else x for x in p]
         prompts = [x or ([tok.eot] if tok.eot is not None else []) for x in prompts]  # '' = from end-of-text
         if any(not x for x in prompts):
             raise ApiError(400, "empty prompt; give at least one token", 'prompt')
@@ -193,8 +160,8 @@ def _read_request(name, w, body, chat):
     # 2) the sampling settings
     longest = max(map(len, prompts))
     default_max = min(max_tokens_limit, w.block_size - longest) if chat else min(16, w.block_size - longest)
-    max_tokens = _number(body, 'max_completion_tokens', None, 0, max_tokens_limit, integer=True) if chat else None
-    max_tokens = _number(body, 'max_tokens', max_tokens, 0, max_tokens_limit, integer=True)
+    max_tokens = number(body, 'max_completion_tokens', None, 0, max_tokens_limit, integer=True) if chat else None
+    max_tokens = number(body, 'max_tokens', max_tokens, 0, max_tokens_limit, integer=True)
     max_tokens = max(0, default_max) if max_tokens is None else max_tokens
     if longest + max_tokens > w.block_size:
         what = 'messages' if chat else 'prompt'  # OpenAI's message, which clients parse
@@ -206,31 +173,31 @@ def _read_request(name, w, body, chat):
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", 'stop')
     if chat:
-        k = _number(body, 'top_logprobs', None, 0, MAX_TOP_LOGPROBS, integer=True)
-        if k is not None and not _flag(body, 'logprobs'):
+        k = number(body, 'top_logprobs', None, 0, MAX_TOP_LOGPROBS, integer=True)
+        if k is not None and not flag(body, 'logprobs'):
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", 'top_logprobs')
-        logprobs = (k or 0) if _flag(body, 'logprobs') else None
+        logprobs = (k or 0) if flag(body, 'logprobs') else None
     else:
-        logprobs = _number(body, 'logprobs', None, 0, MAX_TOP_LOGPROBS, integer=True)
+        logprobs = number(body, 'logprobs', None, 0, MAX_TOP_LOGPROBS, integer=True)
     opts = body.get('stream_options')
     if opts is not None and not (isinstance(opts, dict) and set(opts) <= {'include_usage'}):
         raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}", 'stream_options')
-    echo, inf = not chat and _flag(body, 'echo'), float('inf')
+    echo, inf = not chat and flag(body, 'echo'), float('inf')
     settings = Settings(
-        max_new_tokens=max_tokens, temperature=_number(body, 'temperature', 1.0, -inf, 2.0),
-        top_k=_number(body, 'top_k', 0, 0, w.V, integer=True), top_p=_number(body, 'top_p', 1.0, -inf, inf),
-        min_p=_number(body, 'min_p', 0.0, -inf, inf), repetition_penalty=_number(body, 'repetition_penalty', 1.0, 0.01, 10.0),
-        presence_penalty=_number(body, 'presence_penalty', 0.0, -inf, inf),
-        frequency_penalty=_number(body, 'frequency_penalty', 0.0, -inf, inf),
-        num_beams=_number(body, 'num_beams', 1, 1, n_limit, integer=True),
-        length_penalty=_number(body, 'length_penalty', 1.0, -10.0, 10.0),
-        num_samples=_number(body, 'n', 1, -inf, n_limit, integer=True), stop_tokens=tuple(stop_tokens),
-        stop_strings=tuple(stop_strings + stop), seed=_number(body, 'seed', None, 0, 2**62, integer=True),
+        max_new_tokens=max_tokens, temperature=number(body, 'temperature', 1.0, -inf, 2.0),
+        top_k=number(body, 'top_k', 0, 0, w.V, integer=True), top_p=number(body, 'top_p', 1.0, -inf, inf),
+        min_p=number(body, 'min_p', 0.0, -inf, inf), repetition_penalty=number(body, 'repetition_penalty', 1.0, 0.01, 10.0),
+        presence_penalty=number(body, 'presence_penalty', 0.0, -inf, inf),
+        frequency_penalty=number(body, 'frequency_penalty', 0.0, -inf, inf),
+        num_beams=number(body, 'num_beams', 1, 1, n_limit, integer=True),
+        length_penalty=number(body, 'length_penalty', 1.0, -10.0, 10.0),
+        num_samples=number(body, 'n', 1, -inf, n_limit, integer=True), stop_tokens=tuple(stop_tokens),
+        stop_strings=tuple(stop_strings + stop), seed=number(body, 'seed', None, 0, 2**62, integer=True),
         logprobs=min(logprobs or 0, w.V), prompt_logprobs=echo and logprobs is not None)  # a tiny vocabulary: all of it
-    tree = _flag(body, 'beam_tree')
+    tree = flag(body, 'beam_tree')
     if tree and settings.num_beams < 2:
         raise ApiError(400, "'beam_tree' shows a beam search: set 'num_beams' to 2 or more", 'beam_tree')
-    return Call(w, name, chat, prompts, settings, logprobs, echo, _flag(body, 'stream'),
+    return Call(w, name, chat, prompts, settings, logprobs, echo, flag(body, 'stream'),
                 bool((opts or {}).get('include_usage')), tree)
 
 def _legacy_logprobs(w, tokens, lps, tops):
@@ -370,16 +337,6 @@ def _model_entry(h, name, w):
 def _models(h, body):
     h.send_json(200, {'object': 'list', 'data': [_model_entry(h, name, w) for name, w in h.server.engines.items()]})
 
-def _registry(h, body):
-    """GET /v1/registry: what is on disk under runs_dir (results.model_registry: runs with their checkpoints and
-    evals, Hugging Face directories, exports), each marked with the name it is served under, if it is."""
-    entries, skipped = model_registry(h.server.runs_dir)
-    served = {os.path.realpath(w.source): name for name, w in h.server.engines.items() if getattr(w, 'source', None)}
-    for e in entries:
-        e['served'] = served.get(os.path.realpath(e['path']))
-        for c in e['checkpoints']:
-            c['served'] = served.get(os.path.realpath(c['path']))
-    h.send_json(200, {'object': 'list', 'data': entries, 'skipped': [p for p, _ in skipped]})
 
 MODEL_NAME = re.compile(r'[A-Za-z0-9][\w.\-]{0,63}')
 
@@ -431,49 +388,19 @@ def _unload(h, body):
         engines[name].stop()
     h.send_json(200, {'id': name, 'object': 'model', 'unloaded': True})
 
-def _templates(h, body):
-    h.send_json(200, {'object': 'list', 'data': library.catalog()})
-
-def _render_template(h, body):
-    """The page's template tool: a library template ('template') or one's own text ('text'), its 'variables',
-    'cot', and few-shot examples ('shots': {examples, k, seed}, formatted by prompts.few_shot) before it -> the exact
-    prompt (text, or chat messages), its token ids as the model sees them, and their count."""
-    name, w = h.engine(body)
-    values, shots = body.get('variables') or {}, body.get('shots') or {}
-    if not isinstance(values, dict) or not isinstance(shots, dict):
-        raise ApiError(400, "'variables' and 'shots' must be objects", 'variables')
-    try:
-        if isinstance(body.get('text'), str):
-            out = library.render_text(body['text'], **values)
-        else:
-            out = library.render(str(body.get('template')), cot=_flag(body, 'cot'), **values)
-        ex = shots.get('examples') or []
-        if not isinstance(ex, list) or not all(isinstance(e, dict) for e in ex):
-            raise ValueError("'shots': examples must be a list of {question, answer} objects")
-        prefix = library.few_shot(ex, int(shots.get('k', 0)), int(shots.get('seed', 0))) + '\n\n' if shots.get('k') else ''
-        if isinstance(out, list):
-            out = out[:-1] + [{**out[-1], 'content': prefix + out[-1]['content']}]
-            ids = w.tok.render_chat(out, add_generation_prompt=True)[0]
-        else:
-            out = prefix + out
-            ids = _encode(w, out, 'text')
-    except (KeyError, ValueError, TypeError) as e:
-        raise ApiError(400, f"'template': {e.args[0] if e.args else e}", 'template') from None
-    h.send_json(200, {'prompt': out, 'chat': isinstance(out, list), 'tokens': ids, 'count': len(ids),
-                      'max_model_len': w.block_size})
 
 def _tokenize(h, body):
     name, w = h.engine(body)
     text = body.get('prompt')
     if 'template' in body:  # the ids a completion with this template decodes from (prompts.prompt_ids)
         try:
-            ids = library.prompt_ids(w.tok, body['template'], body.get('variables') or {}, _flag(body, 'cot'))
+            ids = library.prompt_ids(w.tok, body['template'], body.get('variables') or {}, flag(body, 'cot'))
         except (KeyError, ValueError, TypeError) as e:
             raise ApiError(400, f"'template': {e.args[0] if e.args else e}", 'template') from None
     elif 'messages' in body:  # the chat template's tokens, as /v1/chat/completions would decode from
         try:
-            ids = w.tok.render_chat(body['messages'], add_generation_prompt=_flag(body, 'add_generation_prompt'),
-                                    continue_final_message=_flag(body, 'continue_final_message'))[0]
+            ids = w.tok.render_chat(body['messages'], add_generation_prompt=flag(body, 'add_generation_prompt'),
+                                    continue_final_message=flag(body, 'continue_final_message'))[0]
         except ValueError as e:
             raise ApiError(400, f"'messages': {e}", 'messages') from None
     elif not isinstance(text, str):
@@ -483,14 +410,14 @@ def _tokenize(h, body):
         # eos_token string, so a prompt that IS a special token's text gets that token's id
         ids = [w.tok.special_tokens[text]]
     else:
-        ids = _encode(w, text, 'prompt')
+        ids = encode(w, text, 'prompt')
     h.send_json(200, {'tokens': ids, 'count': len(ids), 'max_model_len': w.block_size,
                       'token_strs': [w.tok.decode([t]) for t in ids]})
 
 def _detokenize(h, body):
     name, w = h.engine(body)
     ids = body.get('tokens')
-    if not _is_ids(ids) or any(not 0 <= t < w.V for t in ids):
+    if not is_ids(ids) or any(not 0 <= t < w.V for t in ids):
         raise ApiError(400, f"'tokens' must be a list of token ids in [0, {w.V})", 'tokens')
     h.send_json(200, {'prompt': w.tok.decode(ids)})
 
@@ -503,160 +430,14 @@ def _tokenizer_info(h, body):
                       'special_tokens': tok.special_tokens, 'chat_stop_tokens': tok.chat_stop_tokens,
                       'chat_stop_strings': tok.stop_strings})
 
-TOKCMP_CHARS = 20000  # text /v1/tokenizers compares: each answer lists every token
-_GPT2 = []  # GPT-2's tokenizer, once loaded
-
-def _gpt2_tokenizer():
-    """GPT-2's BPE (tiktoken), loaded on first use; ValueError offline without tiktoken's cached files."""
-    if not _GPT2:
-        from tokenizer import TiktokenTokenizer
-        _GPT2.append(TiktokenTokenizer('gpt2'))
-    return _GPT2[0]
-
-def _tokenizers(h, body):
-    """The same text under three tokenizers: one character per token, GPT-2's BPE and the model's own: each one's
-    tokens (as text), count, vocabulary and bytes per token. One that cannot load or encode the text says why."""
-    name, w = h.engine(body)
-    text = body.get('text')
-    if not isinstance(text, str) or not 0 < len(text) <= TOKCMP_CHARS:
-        raise ApiError(400, f"'text' must be a string of 1 to {TOKCMP_CHARS} characters", 'text')
-    n_bytes = len(text.encode('utf-8'))
-
-    def row(label, get):
-        try:
-            tok = get()
-            if tok is None:  # one token per character, from a vocabulary of the text's characters
-                pieces, vocab = list(text), len(set(text))
-            else:
-                pieces, vocab = [tok.decode([i]) for i in tok.encode(text)], tok.vocab_size
-        except ValueError as e:  # offline without tiktoken's files, or a character outside a char vocabulary
-            return {'name': label, 'error': str(e)}
-        return {'name': label, 'tokens': pieces, 'count': len(pieces), 'vocab_size': vocab,
-                'bytes_per_token': n_bytes / len(pieces)}
-    h.send_json(200, {'model': name, 'bytes': n_bytes, 'data': [
-        row('characters', lambda: None), row('GPT-2 BPE (tiktoken)', _gpt2_tokenizer),
-        row(f'{name} ({w.tok.kind})', lambda: w.tok)]})
-
-def _short_prompt(w, body):
-    """body['prompt'] (text or token ids) as ids, 1 to ATTENTION_LIMIT tokens (and within the model's context)."""
-    p = body.get('prompt')
-    ids = _encode(w, p, 'prompt') if isinstance(p, str) else p
-    if not _is_ids(ids) or not 0 < len(ids) <= min(ATTENTION_LIMIT, w.block_size) or any(not 0 <= t < w.V for t in ids):
-        raise ApiError(400, f"'prompt' must be text or token ids, 1 to {min(ATTENTION_LIMIT, w.block_size)} tokens",
-                       'prompt')
-    return ids
-
-def _attention(h, body):
-    """Every layer's attention maps for a short prompt, or one layer's ('layer': i); at most ATTENTION_VALUES numbers,
-    since the maps grow as layers x heads x T^2."""
-    name, w = h.engine(body)
-    ids, cfg = _short_prompt(w, body), w.model.config
-    layer = _number(body, 'layer', None, 0, cfg.n_layer - 1, integer=True)
-    values = (1 if layer is not None else cfg.n_layer) * cfg.n_head * len(ids) ** 2
-    if values > ATTENTION_VALUES:
-        raise ApiError(400, f"the maps would hold {values} numbers, over {ATTENTION_VALUES}; send a shorter prompt, "
-                       "or 'layer': i for one layer", 'prompt', 'invalid_value')
-    maps = w.call(lambda: w.model.attention_maps(torch.tensor([ids], device=w.device)))  # [(1, nh, T, T)] per layer
-    maps = maps if layer is None else maps[layer:layer + 1]
-    h.send_json(200, {'model': name, 'tokens': [w.tok.decode([t]) for t in ids], 'layer': layer,
-                      'attentions': [[[[round(x, 4) for x in r] for r in head] for head in a[0].float().tolist()]
-                                     for a in maps]})
-
-def _inspect(h, body):
-    """What happens inside the model for a short prompt, from one traced forward (GPT.trace): the logit lens (each
-    layer's top 'top' predictions at each position, with probabilities) and the activation flow (norms of the
-    residual stream and of what attention and the MLP add, per layer and position; each head's attention entropy)."""
-    name, w = h.engine(body)
-    ids, top = _short_prompt(w, body), _number(body, 'top', 3, 1, 10, integer=True)
-
-    def run():
-        idx = torch.tensor([ids], device=w.device)
-        _, trace = w.model.trace(idx)
-        lp, ix = w.model.logit_lens(idx, trace)[:, 0].topk(min(top, w.V), dim=-1)  # (L, T, top)
-        return lp.exp().tolist(), ix.tolist(), {k: v.tolist() for k, v in w.model.activation_flow(idx, trace).items()}
-    probs, index, flow = w.call(run)
-    r4 = lambda xs: [round(x, 4) for x in xs]
-    lens = [[[{'token': w.tok.decode([i]), 'id': i, 'prob': round(p, 4)} for i, p in zip(ii, pp)]
-             for ii, pp in zip(li, lp)] for li, lp in zip(index, probs)]  # [layer][position][rank]
-    h.send_json(200, {'model': name, 'tokens': [w.tok.decode([t]) for t in ids], 'lens': lens,
-                      'flow': {'embed': r4(flow['embed'][0]), **{k: [r4(x[0]) for x in flow[k]] for k in ('resid', 'attn', 'mlp')},
-                               'entropy': [[r4(hd) for hd in x[0]] for x in flow['entropy']]}})
-
-EMBED_POINTS = 4096  # token embeddings /v1/embedding_map projects at most
-
-def _embedding_map(h, body):
-    """The token embedding table (wte) projected to 3-D by PCA (the three directions of most variance of its first
-    'n' rows, centred): what the page's overview turns in 3-D. explained: each axis's share of the variance."""
-    name, w = h.engine(body)
-    n = _number(body, 'n', 512, 1, EMBED_POINTS, integer=True)
-
-    def run():
-        ids = torch.arange(min(n, w.V), device=w.device)
-        E = w.model.transformer.wte(ids).detach().float()  # (n, C); through the module: int8 tables too
-        E = E - E.mean(0)
-        U, S, _ = torch.linalg.svd(E, full_matrices=False)  # E = U S V^T: U S are the rows in V's basis
-        pts = (U[:, :3] * S[:3]) / (S[0] if S[0] > 0 else 1)  # 3-D, the widest axis scaled to about [-1, 1]
-        return pts.tolist(), (S[:3] ** 2 / (S ** 2).sum().clamp_min(1e-12)).tolist()
-    points, explained = w.call(run)
-    h.send_json(200, {'model': name, 'tokens': [w.tok.decode([i]) for i in range(len(points))],
-                      'points': [[round(x, 4) for x in p] for p in points], 'explained': [round(x, 4) for x in explained]})
 
 # the arena: blind pairwise judgments, kept in <runs_dir>/arena/judgments.jsonl (arena.py)
 
-def _arena_file(h):
-    return os.path.join(h.server.runs_dir, 'arena', 'judgments.jsonl')
-
-def _arena_judge(h, body):
-    """Append one judgment (arena.py's format; the server stamps its time) -> {"id", "judgments": how many now}."""
-    j = {**body, 'time': datetime.now(timezone.utc).isoformat(timespec='seconds')}
-    try:
-        arena.append_judgment(_arena_file(h), j)
-    except ValueError as e:
-        raise ApiError(400, f'bad judgment: {e}', None, 'invalid_value') from None
-    h.send_json(200, {'id': j['id'], 'judged': True})
-
-def _arena_judged(h):
-    try:
-        return arena.read_judgments(_arena_file(h)) if os.path.isfile(_arena_file(h)) else []
-    except ValueError as e:  # a damaged file: say where, and keep serving
-        raise ApiError(409, f'the arena file is damaged: {e}', None, 'conflict') from None
-
-def _arena_items(h, body):
-    """Items for judging again (agreement): the latest version of each item others judged and `annotator` has not."""
-    who = body.get('annotator', '')
-    items = {}
-    for j in _arena_judged(h):
-        items.setdefault(j['id'], {'id': j['id'], 'prompt': j['prompt'], 'a': j['a'], 'b': j['b'], 'by': set()})['by'].add(j['annotator'])
-    todo = [{k: v for k, v in it.items() if k != 'by'} for it in items.values() if who not in it['by']]
-    h.send_json(200, {'object': 'list', 'data': todo[:50], 'remaining': len(todo)})
-
-def _arena_stats(h, body):
-    """arena.arena_stats of the judgments so far (200 bootstrap resamples), or {"judgments": 0}."""
-    judged = _arena_judged(h)
-    h.send_json(200, arena.arena_stats(judged, n_boot=200) if judged else {'judgments': 0})
-
-def _runs(h, body):
-    runs, skipped = read_runs(h.server.runs_dir)
-    h.send_json(200, {'object': 'list', 'skipped': skipped,
-                      'data': [{**r, 'served': r['name'] in h.server.engines} for r in runs]})
-
-def _leaderboard(h, body):
-    """The latest evaluate.py result per (checkpoint, task) under runs_dir/*/eval/, read by results.read_results as
-    the model cards and evaluate.py's leaderboard read them; per-item scores and configs are left out (size)."""
-    results, skipped = read_results(glob.glob(os.path.join(h.server.runs_dir, '*', 'eval', '*.json')))
-    keep = ('model', 'checkpoint', 'iter', 'task', 'n', 'metrics', 'stderr', 'created')
-    h.send_json(200, {'object': 'list', 'lower_is_better': LOWER_IS_BETTER, 'skipped': len(skipped),
-                      'data': [{k: r.get(k) for k in keep} for r in results]})
 
 API = {'/v1/models': ('GET', _models), '/v1/completions': ('POST', lambda h, b: _completion(h, b, False)),
        '/v1/chat/completions': ('POST', lambda h, b: _completion(h, b, True)), '/tokenize': ('POST', _tokenize),
        '/detokenize': ('POST', _detokenize), '/tokenizer_info': ('GET', _tokenizer_info),
-       '/v1/attention': ('POST', _attention), '/v1/inspect': ('POST', _inspect),
-       '/v1/tokenizers': ('POST', _tokenizers), '/v1/embedding_map': ('POST', _embedding_map),
-       '/v1/templates': ('GET', _templates), '/v1/templates/render': ('POST', _render_template), '/runs': ('GET', _runs), '/leaderboard': ('GET', _leaderboard),
-       '/v1/arena/judgments': ('POST', _arena_judge), '/v1/arena/items': ('GET', _arena_items),
-       '/v1/arena/stats': ('GET', _arena_stats), '/v1/registry': ('GET', _registry),
-       '/v1/models/load': ('POST', _load), '/v1/models/unload': ('POST', _unload)}
+       '/v1/models/load': ('POST', _load), '/v1/models/unload': ('POST', _unload), **views.ROUTES}
 
 # -----------------------------------------------------------------------------
 # HTTP
