@@ -1,11 +1,14 @@
 """
 Evaluate any model source: perplexity and bits per byte, lm-evaluation-harness tasks (our model as an lm-eval LM),
-custom benchmarks (exact match, contains, BLEU, ROUGE-L), and a results store with a leaderboard.
+custom benchmarks (exact match, contains, BLEU, ROUGE-L, METEOR; code with pass@k), and a results store with a
+leaderboard.
 
     python evaluate.py --init_from=out-shakespeare-char                   # perplexity on the run's own val.bin
     python evaluate.py --init_from=out-x --perplexity=notes.txt --stride=256   # any text file; smaller stride = tighter
     python evaluate.py --init_from=out-sft-tasks --benchmark=tasks         # the synthetic instruction suite (tasks.py)
     python evaluate.py --init_from=out-x --benchmark=qa.jsonl --max_new_tokens=64   # {prompt, reference} rows
+    python evaluate.py --init_from=out-x --benchmark=code.jsonl --n_samples=10 --pass_k=1,10 --temperature=0.8 \
+        --confirm_run_unsafe_code=True      # HumanEval rows: programs run in a limited process (scoring.py)
     python evaluate.py --init_from=out-x --tasks=hellaswag --num_fewshot=0 --limit=200   # lm-eval, by its own flag names
     python evaluate.py --init_from=out-x --tasks=mytask --include_path=my_yamls/           # local YAML tasks, offline
     python evaluate.py --init_from=out-x --benchmark=tasks --checkpoints=True  # every saved checkpoint of the run
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from sample import generate
+from scoring import CODE_STOPS, GENERATION_METRICS, check_program, pass_at_k, score_generation  # evaluate.pass_at_k
 
 # -----------------------------------------------------------------------------
 # defaults: perplexity of the CPU default model on its own validation split
@@ -43,12 +47,17 @@ max_tokens = 0                # score at most this many tokens; 0 = all
 data_dir = 'data'             # where datasets live
 # custom benchmarks: a JSONL of {prompt, reference} or {prompt, choices, answer} rows, or 'tasks'
 benchmark = ''                # path, or 'tasks' (the post-training suite's held-out split, data_dir/tasks/val.jsonl)
-bench_metrics = 'exact_match,contains,bleu,rouge_l'  # generation metrics (choice rows: acc, acc_norm); tasks: exact_match,contains (one-word answers have no BLEU)
+bench_metrics = 'exact_match,contains,bleu,rouge_l'  # generation metrics, of exact_match,contains,bleu,rouge_l,meteor (choice rows: acc, acc_norm); tasks: exact_match,contains (one-word answers have no BLEU)
 template = ''                 # benchmark: comma list of prompts.py templates to score it under ('' = its rows as written, e.g. ',instruction_concise'); each fills its one variable with the row's prompt
 shots = '0'                   # benchmark: comma list of few-shot counts, each run with each template (examples prefixed, drawn by seed)
 shots_file = ''               # few-shot examples: JSONL of {question, answer}; '' with benchmark=tasks = the suite's training instructions
 normalize = 'strip'           # answers compare after: 'strip' | 'lower' (strip + lowercase) | 'tasks' (also drops the suite's filler)
 chat = True                   # wrap prompts in the chat template (a model without one gets them raw)
+n_samples = 1                 # code benchmarks (HumanEval's rows): programs sampled per problem; pass@k needs n >= k
+pass_k = '1'                  # code benchmarks: comma list of k for pass@k, e.g. 1,10
+code_timeout = 10.0           # code benchmarks: seconds each program and its tests may run (CPU time too)
+code_memory_mb = 1024         # code benchmarks: address space each program may take, MB
+confirm_run_unsafe_code = False  # run model-written code: our code benchmarks, and lm-eval tasks marked unsafe (humaneval, mbpp)
 max_new_tokens = 32           # answer length limit, tokens
 temperature = 0.0             # 0 = greedy
 top_k = 0                     # sampling filters, as sample.py (only when temperature > 0)
@@ -258,8 +267,9 @@ def read_benchmark(path):
     """Rows of a benchmark JSONL, one schema: {'id', 'prompt': text or messages, 'references': [text, ...]} for
     generation, or {'id', 'prompt', 'choices': [text, ...], 'answer': index} for multiple choice. Accepted rows:
     {prompt, reference (text or list)}, {prompt, choices, answer (index or the choice's text)}, SFT rows
-    ({messages} ending in the assistant's reference) and Alpaca rows ({instruction, input, output}).
-    A malformed row is an error naming the file and the 1-based line."""
+    ({messages} ending in the assistant's reference), Alpaca rows ({instruction, input, output}), and code rows in
+    HumanEval's format ({task_id, prompt, canonical_solution, test, entry_point} -> {'id', 'prompt', 'test',
+    'entry_point', 'canonical_solution'}). A malformed row is an error naming the file and the 1-based line."""
     rows = []
     with open(path, encoding='utf-8') as f:
         for n, line in enumerate(f, 1):
@@ -281,6 +291,11 @@ def read_benchmark(path):
             elif 'instruction' in r and 'output' in r:
                 prompt = r['instruction'] + (f"\n\n{r['input']}" if r.get('input') else '')
                 rows.append({'id': rid, 'prompt': [{'role': 'user', 'content': prompt}], 'references': [r['output']]})
+            elif {'task_id', 'prompt', 'test', 'entry_point'} <= set(r):  # HumanEval's own row format
+                if not all(isinstance(r[k], str) and r[k] for k in ('task_id', 'prompt', 'test', 'entry_point')):
+                    raise ValueError(f"{where}: a code row's task_id, prompt, test and entry_point must be non-empty text")
+                rows.append({'id': r['task_id'], 'prompt': r['prompt'], 'test': r['test'],
+                             'entry_point': r['entry_point'], 'canonical_solution': r.get('canonical_solution')})
             elif 'prompt' in r and 'choices' in r:
                 ch, a = r['choices'], r.get('answer')
                 if not (isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c for c in ch)):
@@ -297,39 +312,16 @@ def read_benchmark(path):
                 rows.append({'id': rid, 'prompt': r['prompt'], 'references': ref})
             else:
                 raise ValueError(f'{where}: has keys {sorted(r)}; a benchmark row needs prompt + reference, prompt + '
-                                 'choices + answer, messages, or instruction + output')
+                                 'choices + answer, messages, instruction + output, or HumanEval\'s task_id + prompt + '
+                                 'test + entry_point')
     if not rows:
         raise ValueError(f'{path} holds no rows')
-    if len({'choices' in r for r in rows}) > 1:
-        raise ValueError(f'{path} mixes multiple-choice rows with generation rows; put them in two files')
+    if len({'choices' in r for r in rows}) > 1 or len({'test' in r for r in rows}) > 1:
+        raise ValueError(f'{path} mixes kinds of rows (multiple choice, generation, code); put each kind in its file')
     return rows
 
 def _as_chat(prompt):
     return prompt if isinstance(prompt, list) else [{'role': 'user', 'content': prompt}]
-
-def score_generation(answers, rows, metrics, normalize=str.strip):
-    """Per-item scores of answers against each row's references (the best reference counts) and headline
-    metrics: exact_match and contains (0/1, after normalize), rouge_l (ROUGE-L F1, rouge-score, stemmed), all
-    averaged over items; bleu is sacrebleu's corpus BLEU (0-100), with sentence BLEU per item."""
-    items = {}
-    refs = [[normalize(x) for x in r['references']] for r in rows]
-    outs = [normalize(a) for a in answers]
-    if 'exact_match' in metrics:
-        items['exact_match'] = [float(any(o == x for x in rs)) for o, rs in zip(outs, refs)]
-    if 'contains' in metrics:
-        items['contains'] = [float(any(x in o for x in rs)) for o, rs in zip(outs, refs)]
-    if 'rouge_l' in metrics:
-        from rouge_score import rouge_scorer
-        scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
-        items['rouge_l'] = [max(scorer.score(x, o)['rougeL'].fmeasure for x in rs) for o, rs in zip(outs, refs)]
-    headline = {k: sum(v) / len(v) for k, v in items.items()}
-    if 'bleu' in metrics:
-        import sacrebleu
-        k = max(map(len, refs))  # sacrebleu wants k reference streams of equal length; pad with the first reference
-        streams = [[rs[i] if i < len(rs) else rs[0] for rs in refs] for i in range(k)]
-        headline['bleu'] = sacrebleu.corpus_bleu(outs, streams).score
-        items['bleu_sentence'] = [sacrebleu.sentence_bleu(o, rs).score for o, rs in zip(outs, refs)]
-    return headline, items
 
 def templated(template='', shots=0, examples=(), seed=1337):
     """A prompt transform for run_benchmark: k few-shot examples (prompts.few_shot, 'qa_pair', picked by seed) and
@@ -349,10 +341,40 @@ def templated(template='', shots=0, examples=(), seed=1337):
         return prefix + filled if isinstance(prompt, str) else prompt[:-1] + [{**prompt[-1], 'content': prefix + filled}]
     return transform
 
+def run_code(model, tok, rows, max_new_tokens=256, n_samples=1, ks=(1,), timeout_s=10.0, memory_mb=1024,
+             confirm=False, seed=1337, **sampling):
+    """Code rows (HumanEval's format): n_samples completions of each prompt through sample.generate (raw text, no
+    chat template; stopped at CODE_STOPS; greedy unless sampling says otherwise), each program (prompt +
+    completion) run with its tests by check_program -> metrics pass@k for each k (the mean over problems of
+    pass_at_k(n, c, k)), per-problem scores, and every sample's verdict. confirm: running model-written code is
+    unsafe (scoring.py says what the sandbox does not stop); nothing runs without it."""
+    if not confirm:
+        raise ValueError('a code benchmark runs the programs the model writes; pass --confirm_run_unsafe_code=True '
+                         "once you have read what the sandbox does not protect against (scoring.py, README)")
+    bad = [k for k in ks if k > n_samples]
+    if bad:
+        raise ValueError(f'pass@{bad[0]} needs at least {bad[0]} samples per problem; raise --n_samples to {bad[0]}')
+    done = generate(model, [tok.encode(r['prompt']) for r in rows], max_new_tokens, num_samples=n_samples,
+                    stop_strings=CODE_STOPS, tokenizer=tok, seed=seed, **{'temperature': 0.0, **sampling})
+    verdicts = [[] for _ in rows]
+    for c in done:  # one process at a time: each is limited, and the machine is shared
+        r = rows[c.prompt_index]
+        verdicts[c.prompt_index].append((c.text,) + check_program(r['prompt'] + c.text, r['test'], r['entry_point'],
+                                                                 timeout_s, memory_mb))
+    passed = [sum(ok for _, ok, _ in v) for v in verdicts]
+    items = {f'pass@{k}': [pass_at_k(n_samples, c, k) for c in passed] for k in ks}
+    return {'metrics': {k: sum(v) / len(v) for k, v in items.items()}, 'items': items,
+            'stderr': {k: (sum((x - sum(v) / len(v)) ** 2 for x in v) / max(1, len(v) - 1) / len(v)) ** 0.5
+                       for k, v in items.items()},
+            'samples': [[{'completion': t, 'passed': ok, 'why': why} for t, ok, why in v] for v in verdicts],
+            'settings': {'n_samples': n_samples, 'ks': list(ks), 'timeout_s': timeout_s, 'memory_mb': memory_mb,
+                         'max_new_tokens': max_new_tokens, 'stop': CODE_STOPS, 'seed': seed, **sampling}}
+
 def run_benchmark(model, tok, path, metrics=('exact_match',), normalize=str.strip, chat=True, max_new_tokens=32,
-                  batch_size=16, limit=0, ctx=None, name='', prompt_fn=None, **sampling):
+                  batch_size=16, limit=0, ctx=None, name='', prompt_fn=None, code=None, **sampling):
     """Score a model on a benchmark file (read_benchmark) -> a result dict (metrics, stderr, per-item scores).
     prompt_fn: maps each row's prompt before it is asked (templated(): a template and few-shot examples).
+    Code rows: run_code, with code's settings (n_samples, ks, timeout_s, memory_mb, confirm, seed).
     Generation rows: the model's answers (answer(), through sample.generate) scored by score_generation.
     Multiple-choice rows: accuracy (the likeliest choice is the answer) and acc_norm (likelihood per byte)."""
     rows = read_benchmark(path)[:limit or None]
@@ -361,6 +383,8 @@ def run_benchmark(model, tok, path, metrics=('exact_match',), normalize=str.stri
     name = name or os.path.splitext(os.path.basename(path))[0]
     out = {'task': f'benchmark:{name}', 'n': len(rows), 'item_ids': [r['id'] for r in rows],
            'settings': {'chat': chat, 'max_new_tokens': max_new_tokens, **sampling}}
+    if 'test' in rows[0]:
+        return {**out, 'task': f'code:{name}', **run_code(model, tok, rows, max_new_tokens, **(code or {}), **sampling)}
     if 'choices' in rows[0]:
         def context(r):
             return tok.render_chat(_as_chat(r['prompt']), add_generation_prompt=True)[0] if chat else tok.encode(r['prompt'])
@@ -433,9 +457,17 @@ if __name__ == '__main__':
         except ValueError as e:
             fail(e)
         sys.exit(0)
-    unknown = set(bench_metrics.split(',')) - {'exact_match', 'contains', 'bleu', 'rouge_l'}
+    unknown = set(bench_metrics.split(',')) - set(GENERATION_METRICS)
     if unknown:
-        fail(f'unknown bench_metrics {sorted(unknown)}; choose from exact_match, contains, bleu, rouge_l')
+        fail(f"unknown bench_metrics {sorted(unknown)}; choose from {','.join(GENERATION_METRICS)}")
+    try:
+        ks = sorted({int(k) for k in pass_k.split(',')})
+        if ks[0] < 1:
+            raise ValueError
+    except ValueError:
+        fail(f'--pass_k must be a comma list of counts >= 1, like 1,10, not {pass_k!r}')
+    code = {'n_samples': n_samples, 'ks': ks, 'timeout_s': code_timeout, 'memory_mb': code_memory_mb,
+            'confirm': confirm_run_unsafe_code, 'seed': seed}
     try:
         device = resolve_device(device)
         ptdtype = resolve_dtype(dtype, device)
@@ -507,7 +539,7 @@ if __name__ == '__main__':
         if tasks:
             from harness import run_harness
             jobs.append(lambda: run_harness(model, tok, tasks, include_path, num_fewshot, limit, batch_size, output_path, ctx,
-                                            os.path.basename(os.path.normpath(source))))
+                                            os.path.basename(os.path.normpath(source)), confirm_run_unsafe_code))
         if bench_path:  # one result per (template, shots): benchmark:NAME, or benchmark:NAME[template=T,shots=K]
             def bench_jobs():
                 out = []
@@ -517,7 +549,7 @@ if __name__ == '__main__':
                         tag = f"{name}[template={t or 'none'},shots={k}]" if (template or shots != '0') else name
                         out.append(run_benchmark(model, tok, bench_path, bench_metrics.split(','), norm, chat,
                                                  max_new_tokens, batch_size, limit, ctx, tag,
-                                                 templated(t.strip(), k, shot_examples, seed), **sampling))
+                                                 templated(t.strip(), k, shot_examples, seed), code, **sampling))
                         out[-1]['settings'].update(template=t.strip(), shots=k)
                 return out
             jobs.append(bench_jobs)

@@ -157,13 +157,16 @@ def _task_manager(include_path, names):
                      f'; {HARNESS_DATA_HELP}')
 
 def run_harness(model, tok, tasks, include_path='', num_fewshot=-1, limit=0, batch_size=16, output_path='', ctx=None,
-                model_name='nanolab'):
+                model_name='nanolab', confirm_run_unsafe_code=False):
     """lm-eval's simple_evaluate on our model -> one result dict per task (and group): metrics and stderr under
     lm-eval's names (the default filter's ',none' dropped, another filter's name appended: 'exact_match_strict-match'),
     per-item scores from its logged samples, and settings. tasks: comma-separated names (or a list);
     num_fewshot -1 = each task's default; limit 0 = every document. output_path: also write lm-eval's own results
     JSON, as its CLI's --output_path does: a directory gets DIR/<model_name>/results_<time>.json, a path ending in
-    .json gets <stem>_<time>.json beside it."""
+    .json gets <stem>_<time>.json beside it. confirm_run_unsafe_code: lm-eval runs tasks marked unsafe (humaneval,
+    mbpp: they execute the model's programs) only with it; it also sets HF_ALLOW_CODE_EVAL=1, the switch of the
+    `evaluate` library's code_eval metric that those tasks use. Groups (MMLU and its categories) keep their tree:
+    a group's result lists its 'subtasks', each subtask names its 'group'."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
     names = [t.strip() for t in tasks.split(',') if t.strip()] if isinstance(tasks, str) else list(tasks)
@@ -174,10 +177,17 @@ def run_harness(model, tok, tasks, include_path='', num_fewshot=-1, limit=0, bat
     tracker = EvaluationTracker(output_path=output_path) if output_path else None
     was_training = model.training
     model.eval()  # no dropout while scoring (a training loop may call this); restored below
+    if confirm_run_unsafe_code:
+        os.environ['HF_ALLOW_CODE_EVAL'] = '1'
     try:
         res = lm_eval.simple_evaluate(lm, {'model': model_name}, names, num_fewshot=None if num_fewshot < 0 else
                                       num_fewshot, limit=limit or None, task_manager=manager, log_samples=True,
-                                      evaluation_tracker=tracker)
+                                      evaluation_tracker=tracker, confirm_run_unsafe_code=confirm_run_unsafe_code)
+    except ValueError as e:
+        if 'unsafe' in str(e):  # lm-eval's refusal, in our terms
+            raise ValueError(f'{e} With evaluate.py: --confirm_run_unsafe_code=True (the programs run unsandboxed '
+                             "inside lm-eval's code_eval; read its warning first)") from None
+        raise
     except Exception as e:
         # a dataset that cannot be read (offline and not cached) fails in there: find the task by loading each one
         # alone; an error that is not about loading a task is not ours to rename
@@ -210,7 +220,11 @@ def run_harness(model, tok, tasks, include_path='', num_fewshot=-1, limit=0, bat
                 if isinstance(s.get(m), (int, float)):
                     items.setdefault(metric(m, s['filter']), []).append(float(s[m]))
         n = sum(res['n-samples'].get(t, {}).get('effective', 0) for t in res['group_subtasks'].get(name) or [name])
-        out.append({'task': f'lm_eval:{name}', 'metrics': metrics, 'stderr': stderr, 'n': n,
+        tree = {'subtasks': [f'lm_eval:{t}' for t in res['group_subtasks'][name]]} if res['group_subtasks'].get(name) \
+            else {}
+        parent = next((g for g, subs in res['group_subtasks'].items() if name in subs), None)
+        tree.update({'group': f'lm_eval:{parent}'} if parent else {})
+        out.append({'task': f'lm_eval:{name}', **tree, 'metrics': metrics, 'stderr': stderr, 'n': n,
                     'settings': {'num_fewshot': res['n-shot'].get(name, num_fewshot), 'limit': limit,
                                  'include_path': include_path, 'batch_size': batch_size},
                     'items': items, 'item_ids': [s['doc_id'] for s in samples if s['filter'] == samples[0]['filter']]})

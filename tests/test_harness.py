@@ -176,3 +176,27 @@ def test_errors(task_dir, tok, tmp_path):
     os.remove(tmp_path / 'gone' / 't_gone.jsonl')
     with pytest.raises(ValueError, match="lm-eval task 't_gone' could not load its data.*HF_DATASETS_OFFLINE"):
         harness.run_harness(model, tok, 't_gone', include_path=str(tmp_path / 'gone'))
+
+
+def test_groups_keep_their_tree_and_unsafe_tasks_need_confirmation(task_dir, tok, tmp_path, monkeypatch):
+    """A group (as MMLU's categories are) gives its aggregate with its 'subtasks', each subtask names its 'group';
+    a task marked unsafe_code (as humaneval is) runs only with confirm_run_unsafe_code, which reaches lm-eval."""
+    import shutil
+    monkeypatch.setenv('HF_ALLOW_CODE_EVAL', '0')  # restored afterwards: run_harness switches it on for its process
+    d = tmp_path / 'g'
+    shutil.copytree(task_dir, d, ignore=shutil.ignore_patterns('cache'))
+    spec = open(d / 't_mc.yaml').read().replace('task: t_mc', 'task: t_mc2')
+    (d / 't_mc2.yaml').write_text(spec)
+    (d / 't_grp.yaml').write_text('group: t_grp\ntask:\n  - t_mc\n  - t_mc2\naggregate_metric_list:\n'
+                                  '  - metric: acc\n    weight_by_size: true\n')
+    model = tiny('gpt2')
+    out = {r['task']: r for r in harness.run_harness(model, tok, 't_grp', include_path=str(d), limit=4)}
+    assert out['lm_eval:t_grp']['subtasks'] == ['lm_eval:t_mc', 'lm_eval:t_mc2']
+    assert out['lm_eval:t_mc']['group'] == out['lm_eval:t_mc2']['group'] == 'lm_eval:t_grp'
+    assert out['lm_eval:t_grp']['metrics']['acc'] == pytest.approx(
+        (out['lm_eval:t_mc']['metrics']['acc'] + out['lm_eval:t_mc2']['metrics']['acc']) / 2)
+    (d / 't_unsafe.yaml').write_text(spec.replace('task: t_mc2', 'task: t_unsafe') + 'unsafe_code: true\n')
+    with pytest.raises(ValueError, match='--confirm_run_unsafe_code=True'):
+        harness.run_harness(model, tok, 't_unsafe', include_path=str(d), limit=2)
+    [r] = harness.run_harness(model, tok, 't_unsafe', include_path=str(d), limit=2, confirm_run_unsafe_code=True)
+    assert r['n'] == 2 and os.environ['HF_ALLOW_CODE_EVAL'] == '1'
