@@ -30,11 +30,13 @@ def evals_markdown(out_dir):
     if not results:
         return ''
     lines = ['| task | checkpoint | iter | n | metrics (± standard error) | date |', '|---|---|---|---|---|---|']
-    for r in sorted(results, key=lambda r: (r['task'], r.get('iter') or 0, r['checkpoint'])):
+    groups = {r['task']: r['group'] for r in results if r.get('group')}
+    for r in sorted(results, key=lambda r: (task_path(r, groups), r.get('iter') or 0, r['checkpoint'])):
         shown = ', '.join(f'{k} {v:.4f}' + (f" ± {r['stderr'][k]:.4f}" if k in (r.get('stderr') or {}) else '')
                           for k, v in r['metrics'].items())
         it = '-' if r.get('iter') is None else r['iter']
-        lines.append(f"| {r['task']} | {os.path.basename(os.path.normpath(r['checkpoint']))} | {it} | "
+        task = '&nbsp;&nbsp;' * (len(task_path(r, groups)) - 1) + ('↳ ' if r.get('group') else '') + r['task']
+        lines.append(f"| {task} | {os.path.basename(os.path.normpath(r['checkpoint']))} | {it} | "
                      f"{r['n']:,} | {shown} | {r['created'][:10]} |")
     return '\n'.join(lines + ['', 'Each result, with its settings and per-item scores, is a file in `eval/`; compare '
                                    'models with `python evaluate.py --leaderboard=DIR,DIR,...`.'])
@@ -300,6 +302,79 @@ def _paired_items(r, best, metric):
     where = {i: k for k, i in enumerate(ids_b)}
     return a, [b[where[i]] for i in ids_a]
 
+def task_path(result, groups):
+    """[top group, ..., task] of a result, from the 'group' its subtasks name (lm-eval's tree: MMLU, its four
+    categories, their subjects); groups: {task: its group}. Sorting by it puts each group before its members."""
+    path, t = [result['task']], result['task']
+    while groups.get(t) and groups[t] not in path:
+        t = groups[t]
+        path.insert(0, t)
+    return path
+
+def leaderboard_rows(results, sort_by='', n_boot=1000, seed=1337):
+    """One row per result, task by task (each lm-eval group followed by its subtasks), best first by sort_by (or
+    the task's first metric): each metric's value, 95% percentile-bootstrap interval over its per-item scores
+    (stderr where there are none), and a paired test of the sort metric against the task's best on the same items
+    (p_vs_best, with the test's name). What the leaderboard prints and the page's grid draws."""
+    import numpy as np
+    groups = {r['task']: r['group'] for r in results if r.get('group')}
+    rows = []
+    for task in sorted({r['task'] for r in results}, key=lambda t: task_path({'task': t}, groups)):
+        group = [r for r in results if r['task'] == task]
+        key = sort_by if any(sort_by in r['metrics'] for r in group) else next(iter(group[0]['metrics']), '')
+        sign = 1 if key in LOWER_IS_BETTER else -1
+        group.sort(key=lambda r: (key not in r['metrics'], sign * r['metrics'].get(key, 0), r['checkpoint']))
+        for r in group:
+            row = {k: r.get(k) for k in ('model', 'checkpoint', 'iter', 'task', 'n', 'created', 'file', 'group',
+                                         'subtasks')}
+            row.update(sorted_by=key, metrics={}, p_vs_best=None, test='best' if r is group[0] else None,
+                       depth=len(task_path(r, groups)) - 1)
+            for m, v in r['metrics'].items():
+                items = (r.get('items') or {}).get(m)
+                ci = np.percentile(_bootstrap_means(np.asarray(items, dtype=float), n_boot, seed), [2.5, 97.5]).tolist() \
+                    if items else None
+                row['metrics'][m] = {'value': v, 'ci95': ci, 'stderr': (r.get('stderr') or {}).get(m)}
+            pair = _paired_items(r, group[0], key) if r is not group[0] else None
+            if pair:
+                row['p_vs_best'], row['test'] = paired_test(*pair, n_boot, seed)
+            rows.append(row)
+    return rows
+
+def run_of(checkpoint):
+    """The run directory a result's checkpoint belongs to: out_dir for out_dir/ckpt.pt, best.pt or
+    out_dir/checkpoints/ckpt_N.pt (train.py's keep_checkpoints), the path itself otherwise."""
+    d = os.path.dirname(os.path.normpath(checkpoint)) if checkpoint.endswith('.pt') else os.path.normpath(checkpoint)
+    return os.path.dirname(d) if os.path.basename(d) == 'checkpoints' else d
+
+def checkpoint_history(results, n_boot=1000, seed=1337, alpha=0.05):
+    """Each run's results on each task across its checkpoints (evaluate.py --checkpoints), oldest first, and a
+    flag wherever a metric got significantly worse than at the previous checkpoint: lower for accuracy-like metrics
+    (higher for LOWER_IS_BETTER) with a paired test on the same items below alpha. -> [{run, task, points: [{iter,
+    checkpoint, metrics}], flags: [{metric, from_iter, to_iter, before, after, p, test}]}] for the runs with two or
+    more checkpoints scored on a task."""
+    by = {}
+    for r in results:
+        if r.get('iter') is not None:
+            by.setdefault((run_of(r['checkpoint']), r['task']), {})[r['iter']] = r  # one result per iteration
+    out = []
+    for (run, task), at in sorted(by.items()):
+        if len(at) < 2:
+            continue
+        seq = [at[i] for i in sorted(at)]
+        flags = []
+        for a, b in zip(seq, seq[1:]):
+            for m in b['metrics']:
+                pair = _paired_items(b, a, m) if m in a['metrics'] else None
+                worse = (b['metrics'][m] > a['metrics'][m]) if m in LOWER_IS_BETTER else (b['metrics'][m] < a['metrics'][m])
+                if pair and worse:
+                    p, test = paired_test(*pair, n_boot, seed)
+                    if p < alpha:
+                        flags.append({'metric': m, 'from_iter': a['iter'], 'to_iter': b['iter'], 'before':
+                                      a['metrics'][m], 'after': b['metrics'][m], 'p': p, 'test': test})
+        out.append({'run': run, 'task': task, 'flags': flags,
+                    'points': [{'iter': r['iter'], 'checkpoint': r['checkpoint'], 'metrics': r['metrics']} for r in seq]})
+    return out
+
 def show_leaderboard(dirs, sort_by='', out_stem='leaderboard', n_boot=1000, seed=1337):
     """Compare the results under dirs (run directories, whose eval/ is read, or folders of result files, read
     recursively): one row per (checkpoint, task), its latest result. Each task's rows are sorted by sort_by (or,
@@ -309,7 +384,6 @@ def show_leaderboard(dirs, sort_by='', out_stem='leaderboard', n_boot=1000, seed
     Prints the table and writes <out_stem>.md, .csv and .json. Returns the rows."""
     import csv
     import io
-    import numpy as np
     if n_boot < 1:
         raise ValueError(f'bootstrap={n_boot}: the leaderboard needs at least 1 bootstrap resample (1000 is usual)')
     paths = []
@@ -326,25 +400,7 @@ def show_leaderboard(dirs, sort_by='', out_stem='leaderboard', n_boot=1000, seed
     names = list(dict.fromkeys(m for r in results for m in r['metrics']))  # every metric, first seen first
     if sort_by and sort_by not in names:
         raise ValueError(f"unknown sort_by '{sort_by}'; the results have: {', '.join(names)}")
-    # 1) rows, task by task, best first, each with its intervals and its test against the task's best
-    rows = []
-    for task in sorted({r['task'] for r in results}):
-        group = [r for r in results if r['task'] == task]
-        key = sort_by if any(sort_by in r['metrics'] for r in group) else next(iter(group[0]['metrics']), '')
-        sign = 1 if key in LOWER_IS_BETTER else -1
-        group.sort(key=lambda r: (key not in r['metrics'], sign * r['metrics'].get(key, 0), r['checkpoint']))
-        for r in group:
-            row = {k: r.get(k) for k in ('model', 'checkpoint', 'iter', 'task', 'n', 'created', 'file')}
-            row.update(sorted_by=key, metrics={}, p_vs_best=None, test='best' if r is group[0] else None)
-            for m, v in r['metrics'].items():
-                items = (r.get('items') or {}).get(m)
-                ci = np.percentile(_bootstrap_means(np.asarray(items, dtype=float), n_boot, seed), [2.5, 97.5]).tolist() \
-                    if items else None
-                row['metrics'][m] = {'value': v, 'ci95': ci, 'stderr': (r.get('stderr') or {}).get(m)}
-            pair = _paired_items(r, group[0], key) if r is not group[0] else None
-            if pair:
-                row['p_vs_best'], row['test'] = paired_test(*pair, n_boot, seed)
-            rows.append(row)
+    rows = leaderboard_rows(results, sort_by, n_boot, seed)
     # 2) the table, as Markdown (printed and written), CSV and JSON
     def cell(s):
         if s is None:
@@ -359,7 +415,8 @@ def show_leaderboard(dirs, sort_by='', out_stem='leaderboard', n_boot=1000, seed
     md = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for row in rows:
         ck = os.path.basename(row['checkpoint']) if row['checkpoint'].endswith('.pt') else ''
-        md.append('| ' + ' | '.join([row['model'], ck, '-' if row['iter'] is None else str(row['iter']), row['task'],
+        task = '&nbsp;&nbsp;' * row['depth'] + ('↳ ' if row['group'] else '') + row['task']  # a group's subtask
+        md.append('| ' + ' | '.join([row['model'], ck, '-' if row['iter'] is None else str(row['iter']), task,
                                      f"{row['n']:,}", *(cell(row['metrics'].get(m)) for m in names), versus(row)]) + ' |')
     md += ['', f'[lo, hi]: 95% percentile-bootstrap interval over the items ({n_boot} resamples); ± standard error '
                'where there are no per-item scores. vs best: a paired test against the task\'s top row on the same items '

@@ -15,7 +15,8 @@ import torch
 import arena
 import prompts as library  # prompts.py: serve.py's `prompts` is the token lists of a request
 from httpd import ApiError
-from results import LOWER_IS_BETTER, model_registry, read_results, read_runs
+from results import (LOWER_IS_BETTER, checkpoint_history, finite, leaderboard_rows, model_registry, read_results,
+                     read_runs)
 
 # -----------------------------------------------------------------------------
 # 1) a request's fields
@@ -227,13 +228,23 @@ def _runs(h, body):
     h.send_json(200, {'object': 'list', 'skipped': skipped,
                       'data': [{**r, 'served': r['name'] in h.server.engines} for r in runs]})
 
+LEADERBOARD_BOOT = 1000  # bootstrap resamples of the page's intervals and paired tests (evaluate.py's default)
+_BOARD = {}  # (the result files and their mtimes) -> the last answer, so the page's polling costs nothing
+
 def _leaderboard(h, body):
-    """The latest evaluate.py result per (checkpoint, task) under runs_dir/*/eval/, read by results.read_results as
-    the model cards and evaluate.py's leaderboard read them; per-item scores and configs are left out (size)."""
-    results, skipped = read_results(glob.glob(os.path.join(h.server.runs_dir, '*', 'eval', '*.json')))
-    keep = ('model', 'checkpoint', 'iter', 'task', 'n', 'metrics', 'stderr', 'created')
-    h.send_json(200, {'object': 'list', 'lower_is_better': LOWER_IS_BETTER, 'skipped': len(skipped),
-                      'data': [{k: r.get(k) for k in keep} for r in results]})
+    """The latest evaluate.py result per (checkpoint, task) under runs_dir/*/eval/ (results.read_results), as the
+    page's grid, radar and history draw them: results.leaderboard_rows (each metric's value, 95% interval, the
+    paired test against the task's best; lm-eval groups before their subtasks) and results.checkpoint_history (a
+    flag on each metric that dropped significantly from one checkpoint to the next). Per-item scores stay on disk."""
+    paths = sorted(glob.glob(os.path.join(h.server.runs_dir, '*', 'eval', '*.json')))
+    key = tuple((p, os.path.getmtime(p)) for p in paths if os.path.exists(p))
+    if key not in _BOARD:
+        results, skipped = read_results(paths)
+        _BOARD.clear()
+        _BOARD[key] = finite({'object': 'leaderboard', 'lower_is_better': LOWER_IS_BETTER, 'skipped': len(skipped),
+                              'n_boot': LEADERBOARD_BOOT, 'rows': leaderboard_rows(results, n_boot=LEADERBOARD_BOOT),
+                              'history': checkpoint_history(results, n_boot=LEADERBOARD_BOOT)})
+    h.send_json(200, _BOARD[key])
 
 def _registry(h, body):
     """GET /v1/registry: what is on disk under runs_dir (results.model_registry: runs with their checkpoints and

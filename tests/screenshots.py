@@ -92,6 +92,16 @@ d.save_screenshot(f'{out}/view_compare_runs.png')
 js("document.querySelector('#registry details').open = true; document.getElementById('registry').scrollIntoView(); scrollBy(0, -140)")
 time.sleep(0.3)
 d.save_screenshot(f'{out}/view_registry.png')
+# the leaderboard: the tasks models on configs/eval_tasks_suite.py's five benchmarks, four of them on the radar
+wait(lambda: d.find_elements('css selector', '#leaderboard .radar-tick'))
+for row in d.find_elements('css selector', '#leaderboard tr'):
+    if row.text.split(' ')[0] in ('out-tasks-base', 'out-sft-tasks', 'out-dpo-tasks', 'out-rl-tasks'):
+        row.find_element('css selector', '.radar-tick').click()
+time.sleep(0.5)
+js("document.getElementById('leaderboard').scrollIntoView(); scrollBy(0, -120)")
+d.save_screenshot(f'{out}/view_leaderboard.png')
+js("document.getElementById('radar').scrollIntoView(); scrollBy(0, -100)")
+d.save_screenshot(f'{out}/view_radar_history.png')
 # model
 tab('arch'); time.sleep(0.5)
 d.save_screenshot(f'{out}/view_model.png')

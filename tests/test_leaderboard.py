@@ -157,3 +157,34 @@ def test_end_to_end_checkpoints_and_leaderboard(tmp_path):
     assert sorted(r['iter'] for r in rows) == [10, 20] and rows[1]['test'] == 'McNemar'  # the same 8 items
     done = subprocess.run(cmd + ['--leaderboard=nowhere'], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith('error: nowhere is not a directory'), done.stderr
+
+
+def test_checkpoint_history_flags_a_significant_drop_only():
+    """Three checkpoints of one run: 900 -> 1000 loses 10 of 40 items (McNemar p = 2/1024: flagged), 1000 -> 1100
+    changes one item (p = 1: not flagged); a lower perplexity is no regression, a higher one significant is."""
+    a = [1.0] * 30 + [0.0] * 10
+    b = [1.0] * 20 + [0.0] * 20  # items 20-29 lost
+    c = [1.0] * 21 + [0.0] * 19  # item 20 back
+    rs = [{**result('out-x', s, it=it), 'checkpoint': f'out-x/checkpoints/ckpt_{it}.pt'} for s, it in
+          ((a, 900), (b, 1000), (c, 1100))]
+    rs[-1]['checkpoint'] = 'out-x/ckpt.pt'  # the last one is the run's ckpt.pt: the same run
+    (h,) = results.checkpoint_history(rs)
+    assert h['run'] == 'out-x' and [p['iter'] for p in h['points']] == [900, 1000, 1100]
+    (flag,) = h['flags']
+    assert (flag['metric'], flag['from_iter'], flag['to_iter'], flag['test']) == ('exact_match', 900, 1000, 'McNemar')
+    assert flag['p'] == pytest.approx(mcnemar_p(0, 10)) and flag['p'] < 0.05
+    assert results.checkpoint_history([rs[0]]) == []  # one checkpoint: no history
+
+
+def test_groups_come_before_their_subtasks_in_the_leaderboard_and_the_card(tmp_path):
+    rs = [result('m', [1.0, 0.0], task='lm_eval:mmlu_stem'), result('m', [1.0, 1.0], task='lm_eval:aaa'),
+          result('m', [0.0, 1.0], task='lm_eval:mmlu_abstract_algebra'), result('m', [1.0, 0.0], task='lm_eval:mmlu')]
+    rs[0]['group'], rs[2]['group'], rs[3]['subtasks'] = 'lm_eval:mmlu', 'lm_eval:mmlu_stem', ['lm_eval:mmlu_stem']
+    rows = results.leaderboard_rows(rs, n_boot=50)
+    assert [(r['task'], r['depth']) for r in rows] == [('lm_eval:aaa', 0), ('lm_eval:mmlu', 0),
+                                                       ('lm_eval:mmlu_stem', 1), ('lm_eval:mmlu_abstract_algebra', 2)]
+    for r in rs:
+        save_result(str(tmp_path), r)
+    card = [line.split(' | ')[0] for line in evals_markdown(str(tmp_path)).splitlines()[2:6]]
+    assert card == ['| lm_eval:aaa', '| lm_eval:mmlu', '| &nbsp;&nbsp;↳ lm_eval:mmlu_stem',
+                    '| &nbsp;&nbsp;&nbsp;&nbsp;↳ lm_eval:mmlu_abstract_algebra']

@@ -139,9 +139,9 @@ def test_leaderboard_endpoint(site):
     """GET /leaderboard (what the Runs tab reads): each run's latest result per task, without per-item scores."""
     status, body = call(site, 'GET', '/leaderboard')
     assert status == 200 and 'loss' in body['lower_is_better'] and body['skipped'] == 0
-    got = sorted((r['model'], r['task'], r['iter'], r['metrics']['exact_match']) for r in body['data'])
-    assert got == [('bpe', 'benchmark:demo', 10, 0.75), ('char', 'benchmark:demo', 10, 0.25)]
-    assert all('items' not in r and 'config' not in r for r in body['data'])
+    got = [(r['model'], r['task'], r['iter'], r['metrics']['exact_match']['value'], r['test']) for r in body['rows']]
+    assert got == [('bpe', 'benchmark:demo', 10, 0.75, 'best'), ('char', 'benchmark:demo', 10, 0.25, None)]
+    assert all('items' not in r and 'config' not in r for r in body['rows']) and body['history'] == []
 
 
 def test_page_loads_every_tab(page):
@@ -507,7 +507,7 @@ def test_runs_curves_refresh_and_leaderboard(site, page):
     assert js(page, "const c = document.querySelector('.run canvas');"
                     "return [...c.getContext('2d').getImageData(0, 0, c.width, c.height).data].some(v => v > 0)")
     rows = wait(lambda: [r.text for r in page.find_elements('css selector', '#leaderboard tr')])  # a request later
-    assert rows[1].startswith('benchmark:demo bpe') and rows[2].startswith('benchmark:demo char')
+    assert rows[2].startswith('bpe @10 0.7500') and rows[3].startswith('char @10 0.2500')  # best first
     with open(site.dir / 'char' / 'metrics.jsonl', 'a') as f:  # the run trains on: the page polls every 5 s
         f.write(json.dumps({'iter': 20, 'loss': 2.5}) + '\n')
     wait(lambda: 'iter 20' in card.text, timeout=8)
@@ -562,6 +562,81 @@ def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, brows
                                  ".map(b => b.textContent)") == ['served', 'evaluate'])  # still open, refreshed
         click(browser, 'model-remove')  # unload what the menu shows
         wait(lambda: js(browser, "return [...document.querySelectorAll('#model option')].map(o => o.value)") == ['char'])
+        assert console_errors(browser) == []
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        for w in srv.engines.values():
+            w.stop()
+
+
+def test_leaderboard_grid_radar_and_regression_flag(tmp_path, browser):
+    """Results files for three models on three benchmarks, and one run at two checkpoints that lost 10 of 40
+    items: the grid shows each value with the interval and paired test results.leaderboard_rows computes, sorts by
+    a column both ways, draws the ticked models on the radar (each axis scaled as the page says), and the history
+    flags the drop with McNemar's p."""
+    import threading
+    import torch
+    import results as res
+    d = two_runs(tmp_path)
+
+    def result(model, task, metric, scores=None, value=None, it=100, ckpt='ckpt.pt'):
+        v = sum(scores) / len(scores) if scores else value
+        return {'model': model, 'checkpoint': str(d / model / ckpt), 'iter': it, 'task': task, 'n': len(scores or [1]),
+                'metrics': {metric: v}, **({'items': {metric: scores}, 'item_ids': [str(i) for i in range(len(scores))]}
+                                           if scores else {})}
+    rs = []
+    for m, em, acc, ppl in (('a', 30, 12, 9.0), ('b', 20, 16, 6.0), ('c', 26, 8, 12.0)):
+        rs += [result(m, 'benchmark:qa', 'exact_match', [1.0] * em + [0.0] * (40 - em)),
+               result(m, 'lm_eval:choice', 'acc', [1.0] * acc + [0.0] * (20 - acc)),
+               result(m, 'perplexity:val', 'perplexity', value=ppl)]
+    rs.append(result('c', 'benchmark:qa', 'exact_match', [1.0] * 36 + [0.0] * 4, it=50,
+                     ckpt='checkpoints/ckpt_50.pt'))  # c at iteration 50: 36 of 40; at 100: 26 of 40 (a subset)
+    for r in rs:
+        (d / r['model']).mkdir(exist_ok=True)
+        res.save_result(str(d / r['model']), r)
+    want = {(r['model'], r['task']): r for r in res.leaderboard_rows(res.read_results(
+        [str(p) for p in d.glob('*/eval/*.json')])[0])}
+    engines = serve.load_engines(str(d / 'char'), 'cpu', torch.float32, max_batch=4)
+    srv = serve.make_server(engines, port=0, runs_dir=str(d))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        browser.get(f'http://127.0.0.1:{srv.server_address[1]}/#runs')
+        js(browser, "localStorage.clear(); localStorage.setItem('nanolab.visited', '1')")
+        browser.refresh()
+        grid = lambda: [[c.text for c in r.find_elements('css selector', 'td')]  # noqa: E731
+                        for r in browser.find_elements('css selector', '#leaderboard tr')][2:]
+        rows = wait(lambda: len(grid()) == 4 and grid())
+        assert {r[0] for r in rows} == {'a @100', 'b @100', 'c @100', 'c ckpt_50.pt @50'}
+        heads = [h.text for h in browser.find_elements('css selector', '#leaderboard tr:first-child th')][2:]
+        assert heads == ['qa', 'choice', 'val']  # benchmark:qa, lm_eval:choice, perplexity:val: by task name
+        for row in rows:  # a qa cell: value, interval, and the test against the best, as leaderboard_rows has them
+            if row[0] in ('a @100', 'b @100'):
+                r = want[(row[0][0], 'benchmark:qa')]
+                (lo, hi), p = r['metrics']['exact_match']['ci95'], r['p_vs_best']
+                shown = js(browser, 'return arguments[0].toPrecision(2)', p)
+                assert row[2].split('\n') == [f"{r['metrics']['exact_match']['value']:.4f}", f'[{lo:.3f}, {hi:.3f}]',
+                                               f'p={shown} vs best'], row
+        # sort by qa: best first (c@50 36/40, a 30, c 26, b 20), then worst first
+        browser.find_elements('css selector', '#leaderboard tr:first-child th')[2].click()
+        assert [r[0] for r in grid()] == ['c ckpt_50.pt @50', 'a @100', 'c @100', 'b @100']
+        browser.find_elements('css selector', '#leaderboard tr:first-child th')[2].click()
+        assert [r[0] for r in grid()] == ['b @100', 'c @100', 'a @100', 'c ckpt_50.pt @50']
+        # the radar: a and b, on qa (exact match as is), choice (acc as is), val (perplexity: best / value)
+        for label in ('a @100', 'b @100'):
+            row = [r for r in browser.find_elements('css selector', '#leaderboard tr') if r.text.startswith(label)][0]
+            row.find_element('css selector', '.radar-tick').click()
+        series = wait(lambda: js(browser, "const c = document.getElementById('radar'); return !c.hidden && c.series"))
+        assert [s['name'] for s in series] == ['a @100', 'b @100']
+        assert series[0]['points'] == pytest.approx([30 / 40, 12 / 20, 6.0 / 9.0])
+        assert series[1]['points'] == pytest.approx([20 / 40, 16 / 20, 1.0])
+        assert js(browser, "const c = document.getElementById('radar'); return [...c.getContext('2d')"
+                           ".getImageData(0, 0, c.width, c.height).data].some(v => v > 0)")
+        # the history: c's exact match fell from 36/40 to 26/40 on the same items: McNemar p = P(10 of 10 one way)
+        flagged = wait(lambda: browser.find_elements('css selector', '#history td.drop'))
+        assert len(flagged) == 1 and flagged[0].text.startswith('▼ 0.6500')
+        shown = js(browser, 'return arguments[0].toPrecision(2)', res.mcnemar_p(0, 10))
+        assert f'p={shown} (McNemar)' in flagged[0].get_attribute('title') and 'at 50' in flagged[0].get_attribute('title')
         assert console_errors(browser) == []
     finally:
         srv.shutdown()

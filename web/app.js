@@ -1180,33 +1180,151 @@ async function refreshRegistry() {
     el('span', {className: 'dim'}, "No runs under the server's runs_dir (python serve.py --runs_dir=DIR)."));
 }
 
-// the leaderboard: each task's results, best first by its first metric (lower first for losses), as evaluate.py
+// the leaderboard (GET /leaderboard, results.leaderboard_rows): a model x benchmark grid, sortable by any column,
+// each cell its value, 95% interval and paired test against the column's best; the models ticked in it on a radar
+// chart; each run's checkpoints, with a flag on every metric that dropped significantly (results.checkpoint_history)
+let board = null;
+const boardSort = {col: null, dir: 1};  // col: a task (its sorted_by metric), or 'model'; dir: 1 best first
+const radarPick = new Set(JSON.parse(localStorage.getItem('nanolab.radar') || '[]'));
 async function leaderboard() {
   await arenaStats();  // the arena's ratings show here too
   $('runs-arena').replaceChildren(...[...$('arena-stats').childNodes].map(n => n.cloneNode(true)));
-  const j = await api('/leaderboard');
-  if (!j.data.length) {
+  board = await api('/leaderboard');
+  drawBoard();
+  drawHistory();
+}
+
+const big = v => Math.abs(v) >= 1e6 ? v.toExponential(3) : fmt(v, 4);  // a word perplexity can be 1e18
+const rowLabel = r => r.model + (/\/(ckpt|best)\.pt$/.test(r.checkpoint) || !r.checkpoint.endsWith('.pt') ? '' :
+  ' ' + r.checkpoint.split('/').pop()) + (r.iter != null ? ` @${r.iter}` : '');
+const lowerBetter = m => board.lower_is_better.includes(m);
+
+function drawBoard() {
+  if (!board.rows.length) {
     $('leaderboard').textContent = 'No evaluations yet: python evaluate.py --init_from=RUN writes them to RUN/eval/.';
+    $('radar').hidden = true;
     return;
   }
-  const names = [...new Set(j.data.flatMap(r => Object.keys(r.metrics)))];
-  const head = el('tr', {}, ...['task', 'model', 'checkpoint', 'iter', 'n', ...names, 'date'].map(h => el('th', {}, h)));
-  const rows = [];
-  for (const task of [...new Set(j.data.map(r => r.task))].sort()) {
-    const group = j.data.filter(r => r.task === task), key = Object.keys(group[0].metrics)[0];
-    const sign = j.lower_is_better.includes(key) ? 1 : -1, v = r => key in r.metrics ? sign * r.metrics[key] : Infinity;
-    group.sort((a, b) => (v(a) - v(b)) || 0);  // rows without the key last (Infinity - Infinity is NaN: || 0)
-    group.forEach((r, i) => rows.push(el('tr', {}, ...[task, r.model, r.checkpoint.split('/').pop(), r.iter ?? '-', r.n,
-      ...names.map(m => r.metrics[m] == null ? '' : fmt(r.metrics[m], 4) +
-                   (r.stderr?.[m] != null ? ` ± ${fmt(r.stderr[m], 4)}` : '')),
-      r.created.slice(0, 10)].map((v, c) => el('td', {className: i === 0 && c > 4 && c < 5 + names.length ? 'best' : ''},
-                                              String(v))))));
+  const tasks = [...new Map(board.rows.map(r => [r.task, r])).values()];  // one column each, groups first
+  const cell = new Map(board.rows.map(r => [rowLabel(r) + '\t' + r.task, r]));
+  const value = (m, t) => cell.get(m + '\t' + t.task)?.metrics[t.sorted_by]?.value;
+  const models = [...new Set(board.rows.map(rowLabel))];
+  if (boardSort.col === 'model') models.sort((a, b) => boardSort.dir * a.localeCompare(b));
+  else if (boardSort.col) {
+    const t = tasks.find(x => x.task === boardSort.col), sign = lowerBetter(t.sorted_by) ? 1 : -1;
+    models.sort((a, b) => {  // best first (dir 1) or worst first; models without the result last either way
+      const va = value(a, t), vb = value(b, t);
+      return va == null ? 1 : vb == null ? -1 : boardSort.dir * sign * (va - vb);
+    });
   }
-  $('leaderboard').replaceChildren(el('table', {}, head, ...rows));
+  const sorter = (col, text, title) => {
+    const th = el('th', {className: 'sort', title}, text + (boardSort.col === col ? (boardSort.dir > 0 ? ' ▼' : ' ▲') : ''));
+    th.onclick = () => {
+      boardSort.dir = boardSort.col === col ? -boardSort.dir : 1;
+      boardSort.col = col;
+      drawBoard();
+    };
+    return th;
+  };
+  const head = el('tr', {}, sorter('model', 'model', 'sort by name'), el('th', {}, 'radar'),
+    ...tasks.map(t => sorter(t.task, '↳ '.repeat(t.depth ? 1 : 0) + t.task.replace(/^\w+:/, ''),
+                             `${t.task}: ${t.sorted_by} (${lowerBetter(t.sorted_by) ? 'lower' : 'higher'} is better)` +
+                             (t.group ? `, in ${t.group}` : ''))));
+  const units = el('tr', {}, el('th', {}), el('th', {}), ...tasks.map(t => el('th', {className: 'dim'}, t.sorted_by)));
+  const rows = models.map(m => {
+    const tick = el('input', {type: 'checkbox', checked: radarPick.has(m), className: 'radar-tick'});
+    tick.onchange = () => {
+      tick.checked ? radarPick.add(m) : radarPick.delete(m);
+      localStorage.setItem('nanolab.radar', JSON.stringify([...radarPick]));
+      drawRadar(tasks, value);
+    };
+    return el('tr', {}, el('td', {}, m), el('td', {}, tick), ...tasks.map(t => {
+      const r = cell.get(m + '\t' + t.task), s = r?.metrics[t.sorted_by];
+      if (!s) return el('td', {});
+      const ci = s.ci95 ? `[${fmt(s.ci95[0], 3)}, ${fmt(s.ci95[1], 3)}]` : s.stderr != null ? `± ${fmt(s.stderr, 3)}` : '';
+      const vs = r.test === 'best' ? 'best' : r.p_vs_best != null ? `p=${r.p_vs_best.toPrecision(2)} vs best` : '';
+      return el('td', {className: r.test === 'best' ? 'best' : '', title: r.test && r.test !== 'best' ? r.test : ''},
+                big(s.value), el('small', {}, ci), el('small', {}, vs));
+    }));
+  });
+  $('leaderboard').replaceChildren(el('table', {}, head, units, ...rows));
+  drawRadar(tasks, value);
+}
+
+// the radar: one axis per benchmark, one polygon per ticked model; each axis from 0 to its best value among all
+// models (a score in [0, 1] such as accuracy is drawn as is; a lower-is-better metric as best / value)
+function drawRadar(tasks, value) {
+  const cv = $('radar'), picked = [...radarPick].filter(m => board.rows.some(r => rowLabel(r) === m));
+  cv.hidden = picked.length === 0;
+  $('radar-hint').textContent = picked.length ? `radar: ${picked.join(', ')} (each axis: 0 at the centre, the best ` +
+    'model at the rim; scores in [0, 1] as they are)' : 'Tick models in the grid to compare them on a radar chart.';
+  if (cv.hidden) return;
+  const all = [...new Set(board.rows.map(rowLabel))];
+  const scale = t => {  // value -> [0, 1] on this axis
+    const vs = all.map(m => value(m, t)).filter(finite);
+    if (lowerBetter(t.sorted_by)) { const best = Math.min(...vs); return v => v > 0 ? best / v : 0; }
+    const unit = vs.every(v => v >= 0 && v <= 1), best = Math.max(...vs);
+    return v => unit ? v : best > 0 ? v / best : 0;
+  };
+  const scales = tasks.map(scale);
+  const series = picked.map((m, i) => ({name: m, color: PALETTE[i % PALETTE.length],
+    points: tasks.map((t, k) => finite(value(m, t)) ? scales[k](value(m, t)) : 0)}));
+  cv.series = series;  // kept: what the tests read, and a redraw at a new size
+  const dpr = devicePixelRatio || 1, W = cv.clientWidth, H = cv.clientHeight;
+  cv.width = W * dpr;
+  cv.height = H * dpr;
+  const ctx = cv.getContext('2d');
+  ctx.scale(dpr, dpr);
+  const cx = W / 2, cy = H / 2 + 10, R = Math.min(W, H) / 2 - 70, n = tasks.length;
+  const at = (k, r) => [cx + r * Math.sin(2 * Math.PI * k / n), cy - r * Math.cos(2 * Math.PI * k / n)];
+  ctx.strokeStyle = '#ddd';
+  ctx.font = '11px system-ui';
+  for (const ring of [0.25, 0.5, 0.75, 1]) {  // the grid: rings and spokes
+    ctx.beginPath();
+    for (let k = 0; k <= n; k++) ctx[k ? 'lineTo' : 'moveTo'](...at(k % n, R * ring));
+    ctx.stroke();
+  }
+  tasks.forEach((t, k) => {
+    ctx.beginPath(); ctx.moveTo(cx, cy); ctx.lineTo(...at(k, R)); ctx.stroke();
+    const [x, y] = at(k, R + 14);
+    ctx.fillStyle = '#555';
+    ctx.textAlign = Math.abs(x - cx) < 5 ? 'center' : x > cx ? 'left' : 'right';
+    ctx.fillText(t.task.replace(/^\w+:/, ''), x, y + 4);
+  });
+  series.forEach((s, i) => {
+    ctx.strokeStyle = ctx.fillStyle = s.color;
+    ctx.beginPath();
+    s.points.forEach((v, k) => ctx[k ? 'lineTo' : 'moveTo'](...at(k, R * v)));
+    ctx.closePath();
+    ctx.globalAlpha = 0.15; ctx.fill(); ctx.globalAlpha = 1; ctx.stroke();
+    ctx.textAlign = 'left';
+    ctx.fillText(s.name, 8, 16 + 14 * i);
+  });
+}
+
+// each run's results across its checkpoints, a flag on each metric that dropped significantly from the one before
+function drawHistory() {
+  if (!board.history.length) return;
+  $('history').classList.remove('dim');
+  $('history').replaceChildren(...board.history.map(h => {
+    const metrics = [...new Set(h.points.flatMap(p => Object.keys(p.metrics)))];
+    const flag = (it, m) => h.flags.find(f => f.to_iter === it && f.metric === m);
+    return el('div', {className: 'scroll'}, el('b', {}, `${h.run.split('/').pop()} · ${h.task}`),
+      h.flags.length ? el('span', {className: 'err'}, `  ${h.flags.length} significant drop` + (h.flags.length > 1 ? 's' : ''))
+        : el('span', {className: 'dim'}, '  no significant drop (paired tests, p < 0.05)'),
+      el('table', {}, el('tr', {}, el('th', {}, 'iter'), ...metrics.map(m => el('th', {}, m))),
+        ...h.points.map(p => el('tr', {}, el('td', {}, String(p.iter)), ...metrics.map(m => {
+          const f = flag(p.iter, m);
+          return el('td', {className: f ? 'drop' : '', title: f ? `dropped from ${fmt(f.before, 4)} at ${f.from_iter}: ` +
+                           `p=${f.p.toPrecision(2)} (${f.test})` : ''}, (f ? '▼ ' : '') + fmt(p.metrics[m], 4),
+                    f ? el('small', {}, `p=${f.p.toPrecision(2)} vs ${f.from_iter}`) : '');
+        })))));
+  }));
 }
 
 addEventListener('resize', () => {
   for (const cv of document.querySelectorAll('.run canvas, #cmp-plot')) if (cv.series) plot(cv, cv.series);
+  if (board && board.rows.length) drawBoard();  // the radar at its new size
 });
 
 setInterval(() => {  // poll while the Runs tab is open, so a run being trained draws itself
