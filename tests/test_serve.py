@@ -60,20 +60,21 @@ def runs(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def serving(runs_dir, max_batch=4, **limits):
-    """serve.py in this process on a free port, over a directory of runs; tests/test_web.py uses it too."""
+def serving(runs_dir, max_batch=4, source=None, max_models=8, **limits):
+    """serve.py in this process on a free port, over a directory of runs (serving source, default all of them);
+    tests/test_web.py uses it too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and the machine is shared
-    engines = serve.load_engines(str(runs_dir), 'cpu', torch.float32, max_batch=max_batch,
+    engines = serve.load_engines(str(source or runs_dir), 'cpu', torch.float32, max_batch=max_batch,
                                  **{'max_rows': 64, 'max_prompt_tokens': 4096, 'prefill_chunk': 16, **limits})
-    srv = serve.make_server(engines, port=0, runs_dir=str(runs_dir))
+    srv = serve.make_server(engines, port=0, runs_dir=str(runs_dir), max_models=max_models)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         yield srv
     finally:
         srv.shutdown()
         srv.server_close()
-        for w in engines.values():
+        for w in srv.engines.values():  # what is loaded now: POST /v1/models/load may have changed it
             w.stop()
         torch.set_num_threads(threads)
 
@@ -607,10 +608,8 @@ def test_models_load_and_unload_at_run_time(tmp_path):
         ckpt = torch.load(d / name / 'ckpt.pt', weights_only=True)
         save_checkpoint({**ckpt, 'iter_num': 10}, str(d / name / 'ckpt.pt'))
     (d / 'bpe' / 'metrics.jsonl').write_text('{"iter": 10, "val_loss": 3.5}\n')
-    engines = serve.load_engines(str(d / 'char'), 'cpu', torch.float32, max_batch=4)
-    srv = serve.make_server(engines, port=0, runs_dir=str(d), max_models=2)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with serving(d, source=d / 'char', max_models=2) as srv:
+        engines = srv.engines
         status, body = call(srv, 'POST', '/v1/models/load', {'source': 'bpe'})  # under runs_dir
         assert status == 200 and body['id'] == 'bpe' and body['arch'] == 'llama'
         assert [m['id'] for m in call(srv, 'GET', '/v1/models')[1]['data']] == ['char', 'bpe']
@@ -651,8 +650,3 @@ def test_models_load_and_unload_at_run_time(tmp_path):
         assert [e.model.config.arch for e in old] == ['gpt2']  # the engine thread let it go
         assert call(srv, 'POST', '/v1/models/unload', {'model': 'char'})[1]['error']['code'] == 'last_model'
         assert call(srv, 'POST', '/v1/models/unload', {'model': 'bpe'})[0] == 404
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        for w in srv.engines.values():
-            w.stop()

@@ -516,7 +516,6 @@ def test_runs_curves_refresh_and_leaderboard(site, page):
 def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, browser):
     """Two runs ticked: their curves overlaid, the settings they differ in, their evals side by side; the models on
     disk with a checkpoint browser; 'serve' loads a run beside the served one (the model menu picks it), '-' unloads."""
-    import threading
     import torch
     from model import save_checkpoint
     d = two_runs(tmp_path)
@@ -531,10 +530,7 @@ def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, brows
             {'iter': 10, 'loss': 3.0 + em, 'time': 1.0}, {'iter': 10, 'val_loss': 3.1 + em, 'time': 1.1}]))
         results.save_result(str(d / name), {'model': name, 'checkpoint': str(d / name / 'ckpt.pt'), 'iter': 10,
                                              'task': 'benchmark:demo', 'metrics': {'exact_match': em}, 'n': 4})
-    engines = serve.load_engines(str(d / 'char'), 'cpu', torch.float32, max_batch=4)
-    srv = serve.make_server(engines, port=0, runs_dir=str(d))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with serving(d, source=d / 'char') as srv:
         browser.get(f'http://127.0.0.1:{srv.server_address[1]}/#runs')
         js(browser, "localStorage.clear(); localStorage.setItem('nanolab.visited', '1')")
         browser.refresh()
@@ -563,11 +559,6 @@ def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, brows
         click(browser, 'model-remove')  # unload what the menu shows
         wait(lambda: js(browser, "return [...document.querySelectorAll('#model option')].map(o => o.value)") == ['char'])
         assert console_errors(browser) == []
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        for w in srv.engines.values():
-            w.stop()
 
 
 def test_leaderboard_grid_radar_and_regression_flag(tmp_path, browser):
@@ -575,8 +566,6 @@ def test_leaderboard_grid_radar_and_regression_flag(tmp_path, browser):
     items: the grid shows each value with the interval and paired test results.leaderboard_rows computes, sorts by
     a column both ways, draws the ticked models on the radar (each axis scaled as the page says), and the history
     flags the drop with McNemar's p."""
-    import threading
-    import torch
     import results as res
     d = two_runs(tmp_path)
 
@@ -597,10 +586,7 @@ def test_leaderboard_grid_radar_and_regression_flag(tmp_path, browser):
         res.save_result(str(d / r['model']), r)
     want = {(r['model'], r['task']): r for r in res.leaderboard_rows(res.read_results(
         [str(p) for p in d.glob('*/eval/*.json')])[0])}
-    engines = serve.load_engines(str(d / 'char'), 'cpu', torch.float32, max_batch=4)
-    srv = serve.make_server(engines, port=0, runs_dir=str(d))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with serving(d, source=d / 'char') as srv:
         browser.get(f'http://127.0.0.1:{srv.server_address[1]}/#runs')
         js(browser, "localStorage.clear(); localStorage.setItem('nanolab.visited', '1')")
         browser.refresh()
@@ -638,11 +624,6 @@ def test_leaderboard_grid_radar_and_regression_flag(tmp_path, browser):
         shown = js(browser, 'return arguments[0].toPrecision(2)', res.mcnemar_p(0, 10))
         assert f'p={shown} (McNemar)' in flagged[0].get_attribute('title') and 'at 50' in flagged[0].get_attribute('title')
         assert console_errors(browser) == []
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        for w in srv.engines.values():
-            w.stop()
 
 
 def test_the_page_asks_for_the_api_key_and_sends_it(site, browser):
