@@ -28,7 +28,28 @@ def _fail(msg):
     raise SystemExit(f'config error: {msg}')
 
 
+# names users bring from nanoGPT's guides, Hugging Face and other tools -> what we call the setting (and a note);
+# suggested in the error, never accepted: one name per setting
+ALIASES = {
+    'prompt': ('start', ''), 'num_tokens': ('max_new_tokens', ''), 'max_tokens': ('max_new_tokens', ''),
+    'n_tokens': ('max_new_tokens', ''), 'length': ('max_new_tokens', ''), 'temp': ('temperature', ''),
+    'lr': ('learning_rate', ''), 'epochs': ('max_iters', ' (iterations, not epochs: an epoch is train tokens / '
+                                             '(batch_size x block_size x gradient_accumulation_steps) iterations)'),
+    'num_epochs': ('max_iters', ' (iterations, not epochs)'), 'steps': ('max_iters', ''), 'max_steps': ('max_iters', ''),
+    'num_train_epochs': ('max_iters', ' (iterations, not epochs)'), 'n_layers': ('n_layer', ''),
+    'num_layers': ('n_layer', ''), 'n_heads': ('n_head', ''), 'num_heads': ('n_head', ''), 'd_model': ('n_embd', ''),
+    'hidden_size': ('n_embd', ''), 'context_length': ('block_size', ''), 'seq_len': ('block_size', ''),
+    'ctx_len': ('block_size', ''), 'bs': ('batch_size', ''), 'batch': ('batch_size', ''), 'model': ('init_from', ''),
+    'checkpoint': ('init_from', ''), 'ckpt': ('init_from', ''), 'output_dir': ('out_dir', ''), 'out': ('out_dir', ''),
+    'samples': ('num_samples', ''), 'n': ('num_samples', ''), 'wd': ('weight_decay', ''), 'warmup': ('warmup_iters', ''),
+    'warmup_steps': ('warmup_iters', ''), 'clip': ('grad_clip', ''), 'max_grad_norm': ('grad_clip', ''),
+}
+
 def _unknown(key, keys, source):
+    alias, note = ALIASES.get(key, (None, ''))
+    if alias in keys:
+        _fail(f"unknown key '{key}' (from {source}): here it is called {alias}{note}: --{alias}=VALUE. "
+              "Run with --help to list all keys.")
     close = difflib.get_close_matches(key, keys, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ''
     _fail(f"unknown key '{key}' (from {source}).{hint} Run with --help to list all keys.")
@@ -154,6 +175,15 @@ def configure(g, argv=None, choices=None, verbose=True):
             flags.append((key, raw if eq else None, arg))
         elif arg.endswith(('.py', '.json')):
             files.append(arg)
+        elif flags and flags[-1][1] is None and not isinstance(defaults.get(flags[-1][0]), bool):
+            key = name = flags[-1][0]  # `--n_layer 8`: argparse's spelling
+            alias, note = ALIASES.get(key, (None, ''))
+            close = difflib.get_close_matches(key, defaults, n=1)
+            hint = ''
+            if key not in defaults:
+                name = alias if alias in defaults else close[0] if close else key
+                hint = f" (--{key} is not a key here{'; it is called ' + alias + note if alias in defaults else ''})"
+            _fail(f"unexpected argument '{arg}' after --{key}: write --{name}={arg}, one argument with '='{hint}")
         else:
             _fail(f"unexpected argument '{arg}': pass config files (configs/x.py, out_dir/config.json) or --key=value")
 

@@ -178,3 +178,20 @@ def test_subprocess_error_and_help(tmp_path):
     assert "one of: 'auto'" in r.stdout and 'RESULT' not in r.stdout  # exits before the script goes on
     r = run('--max_iters=3', '--compile')
     assert r.returncode == 0 and 'RESULT 3 0.0006 True' in r.stdout and 'max_iters = 3  (from --max_iters)' in r.stdout
+
+
+@pytest.mark.parametrize('argv, want', [
+    (['--max_iters', '8'], "write --max_iters=8, one argument with '='"),  # argparse's spelling
+    (['--prompt', 'ROMEO:'], "write --start=ROMEO:, one argument with '=' (--prompt is not a key here; it is called start)"),
+    (['--lerning_rate', '3e-4'], 'write --learning_rate=3e-4'),  # a typo, the close key
+    (['--prompt=ROMEO:'], "unknown key 'prompt' (from --prompt=ROMEO:): here it is called start: --start=VALUE"),
+    (['--lr=3e-4'], 'here it is called learning_rate: --learning_rate=VALUE'),
+    (['--epochs=2'], 'here it is called max_iters (iterations, not epochs'),
+])
+def test_flags_from_elsewhere_get_our_name_suggested_never_accepted(argv, want):
+    assert want in error(argv)
+
+
+def test_an_alias_is_only_suggested_when_the_script_has_that_setting():
+    msg = error(['--num_tokens=5'])  # SCRIPT has no max_new_tokens: no false lead
+    assert 'max_new_tokens' not in msg and "unknown key 'num_tokens'" in msg
