@@ -22,6 +22,7 @@ per document, never the token stream. A document goes to val by a hash of its te
 """
 import difflib
 import glob
+import gzip
 import hashlib
 import json
 import multiprocessing as mp
@@ -49,6 +50,8 @@ val_fraction = 0.1            # share held out for validation (by position for s
 seed = 1337                   # salts the per-document train/val hash; seeds the benchmark's text
 input = ''                    # text: comma-separated files, directories, globs; .txt .md .jsonl .json (.gz too)
 text_field = 'text'           # text: the field of each .jsonl/.json row that holds the document
+encoding = 'utf-8'            # text: how the input files are decoded (latin-1, cp1252, utf-16, ...)
+on_bad_file = 'error'         # text: a file that does not decode: 'error' (stop, naming it) | 'skip' (counted); binary files are always skipped
 doc_split = 'file'            # text: a .txt/.md file is one document | paragraph | line; <|endoftext|> always splits
 out_name = 'text'             # text: the dataset folder, data_dir/<out_name>
 normalize = True              # cleaning 1 (all cleaning is for text): Unicode NFC, newlines, control chars
@@ -202,18 +205,50 @@ def _input_files(spec):
         files += sorted(found)
     return list(dict.fromkeys(files))
 
+def _usable_files(files, cfg):
+    """The input files that are text in cfg's encoding -> (files, {'binary': [paths], 'undecodable': [paths]}).
+    A file with a NUL byte in its first 8 KB is binary (an image, a PDF, an archive): skipped, counted. A file that
+    does not decode is an error that names it and both ways out (--encoding, --on_bad_file=skip), or skipped and
+    counted with on_bad_file=skip. One streaming pass per file, before anything is written."""
+    good, skipped = [], {'binary': [], 'undecodable': []}
+    for path in files:
+        with (gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')) as f:
+            head = f.read(8192)
+        if b'\0' in head and not cfg['encoding'].lower().replace('-', '').startswith('utf16'):
+            skipped['binary'].append(path)
+            continue
+        try:
+            with open_text(path, cfg['encoding']) as f:
+                while f.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as e:
+            if cfg['on_bad_file'] == 'skip':
+                skipped['undecodable'].append(path)
+                continue
+            raise ValueError(f"{path} is not {cfg['encoding']} text (byte 0x{e.object[e.start]:02x} at offset "
+                             f"{e.start}: {e.reason}); give its encoding with --encoding=latin-1 (or cp1252, ...), "
+                             "or leave such files out with --on_bad_file=skip") from None
+        good.append(path)
+    for why, paths in skipped.items():
+        if paths:
+            print(f"skipped {len(paths)} {why} file(s): {', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''}")
+    if not good:
+        raise ValueError(f"no input file is usable text ({len(skipped['binary'])} binary, "
+                         f"{len(skipped['undecodable'])} not {cfg['encoding']}); check --input and --encoding")
+    return good, skipped
+
 def _read_docs(files, cfg):
     """Every document of the input files in order; empty fragments between separators are skipped."""
     for path in files:
         if path.removesuffix('.gz').endswith(('.jsonl', '.json')):
-            for where, row in read_rows(path):
+            for where, row in read_rows(path, cfg['encoding']):
                 text = row if isinstance(row, str) else row.get(cfg['text_field']) if isinstance(row, dict) else None
                 if not isinstance(text, str):
                     raise ValueError(f"{where}: no text field {cfg['text_field']!r} (the row has "
                                      f"{sorted(row) if isinstance(row, dict) else type(row).__name__}); set --text_field")
                 yield text
         else:
-            with open_text(path) as f:
+            with open_text(path, cfg['encoding']) as f:
                 yield from (d for d in _split_stream(f, cfg['doc_split']) if d.strip())
 
 def _stories(path, rel, lower):
@@ -319,6 +354,8 @@ def _config(overrides):
             raise ValueError(f'unknown setting {k!r}; did you mean {difflib.get_close_matches(k, cfg)}? '
                              f'Settings: {", ".join(cfg)}')
     cfg.update(overrides)
+    if cfg['on_bad_file'] not in ('error', 'skip'):
+        raise ValueError(f"on_bad_file={cfg['on_bad_file']!r} is 'error' or 'skip'")
     if cfg['tokenizer'] not in TOKENIZERS or cfg['doc_split'] not in DOC_SPLITS:
         raise ValueError(f"tokenizer={cfg['tokenizer']!r}, doc_split={cfg['doc_split']!r}: tokenizer is one of "
                          f'{TOKENIZERS}, doc_split one of {DOC_SPLITS}')
@@ -385,7 +422,7 @@ def prepare(name: str, data_dir: str = 'data', **overrides) -> str:
     if name == 'text':
         files = _input_files(cfg['input'])
         stat = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]  # an edited input means a new dataset
-        settings.update({k: cfg[k] for k in ('text_field', 'doc_split', 'seed', *CLEAN_KEYS)},
+        settings.update({k: cfg[k] for k in ('text_field', 'doc_split', 'seed', 'encoding', 'on_bad_file', *CLEAN_KEYS)},
                         inputs=hashlib.sha256(json.dumps(stat).encode()).hexdigest())
     if _up_to_date(folder, settings):
         print(f'{folder} is up to date (same settings); delete it to prepare it again')
@@ -405,8 +442,11 @@ def prepare(name: str, data_dir: str = 'data', **overrides) -> str:
         sources = [('train', lambda: _stories(tpath, trel, lower)), ('val', lambda: _stories(vpath, vrel, lower))]
         source = {'files': [trel, vrel], 'lowercased': lower}
     else:
+        files, skipped = _usable_files(files, cfg)
         sources = [(None, lambda: _read_docs(files, cfg))]
-        source = {'input': cfg['input'], 'files': len(files), 'bytes': sum(s for _, s, _ in stat)}
+        source = {'input': cfg['input'], 'files': len(files), 'bytes': sum(s for p, s, _ in stat if p in files),
+                  'encoding': cfg['encoding'], 'skipped_files': {k: len(v) for k, v in skipped.items()},
+                  'skipped': sorted(p for v in skipped.values() for p in v)[:100]}
 
     # 2) the tokenizer: the char vocabulary of all the (normalized) text, or a BPE learned from train text
     if kind == 'char':
@@ -538,7 +578,8 @@ def main(argv):
     name, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith('-') and not argv[0].endswith('.py') else (None, argv)
     if '--help' in rest or '-h' in rest:
         print(__doc__.split('\n\n')[1] + '\n')  # the commands, then configure() lists the settings
-    config = configure(globals(), argv=rest, choices={'tokenizer': TOKENIZERS, 'doc_split': DOC_SPLITS})
+    config = configure(globals(), argv=rest, choices={'tokenizer': TOKENIZERS, 'doc_split': DOC_SPLITS,
+                                                      'on_bad_file': ('error', 'skip')})
     if name is None:
         raise ValueError(f'name a dataset: python data.py NAME [--key=value ...] with NAME one of '
                          f'{", ".join([*DATASETS, *JSONL_SETS, "bench"])}')

@@ -24,14 +24,14 @@ def in_val(key: bytes, val_fraction: float, seed: int) -> bool:
     h = hashlib.blake2b(key, digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(h, 'big') < val_fraction * 2 ** 64
 
-def open_text(path):
-    return gzip.open(path, 'rt', encoding='utf-8') if path.endswith('.gz') else open(path, encoding='utf-8')
+def open_text(path, encoding='utf-8'):
+    return gzip.open(path, 'rt', encoding=encoding) if path.endswith('.gz') else open(path, encoding=encoding)
 
-def read_rows(path):
+def read_rows(path, encoding='utf-8'):
     """(where, row) for each row of a JSON list or a JSONL file; where = 'path row N' (1-based)."""
-    with open_text(path) as f:
+    with open_text(path, encoding) as f:
         is_list = f.read(1024).lstrip()[:1] == '['
-    with open_text(path) as f:
+    with open_text(path, encoding) as f:
         if is_list:
             try:
                 yield from ((f'{path} row {n}', row) for n, row in enumerate(json.load(f), 1))

@@ -285,3 +285,26 @@ def test_missing_dataset_and_cli_errors(tmp_path):
     r = subprocess.run([sys.executable, 'data.py', 'text', f'--data_dir={tmp_path}'], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith('error: `text` needs --input') and 'Traceback' not in r.stderr
+
+
+def test_bad_files_are_named_skipped_on_request_and_counted(tmp_path):
+    """A folder with a Latin-1 file and a binary one: the default stops, naming the file and both ways out, and
+    writes nothing; --on_bad_file=skip leaves it out and counts it in meta.json; --encoding=latin-1 reads it (its
+    'é' in the vocabulary); a binary file is skipped and counted either way."""
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    words = 'the quick brown fox jumps over a lazy dog and runs far away from home'.split()
+    for i in range(4):
+        (corpus / f'doc{i}.txt').write_text('\n\n'.join(' '.join(words[(i + j) % len(words):] + words) for j in range(30)))
+    (corpus / 'cafe.txt').write_bytes(('Le café ' + ' '.join(words * 3)).encode('latin-1'))
+    (corpus / 'scan.txt').write_bytes(b'%PDF-1.4\x00\x01\x02' + bytes(range(256)) * 4)
+    opts = dict(data_dir=str(tmp_path / 'data'), input=str(corpus), tokenizer='char', doc_split='paragraph',
+                num_proc=1, quality=False, lang_filter=False, near_dedup=False)
+    with pytest.raises(ValueError, match=r"cafe.txt is not utf-8 text \(byte 0xe9.*--encoding=latin-1.*--on_bad_file=skip"):
+        data.prepare('text', **opts)
+    assert not (tmp_path / 'data' / 'text' / 'meta.json').exists()
+    meta = json.load(open(os.path.join(data.prepare('text', on_bad_file='skip', **opts), 'meta.json')))
+    assert meta['source']['skipped_files'] == {'binary': 1, 'undecodable': 1} and meta['source']['files'] == 4
+    assert 'é' not in meta['tokenizer']['chars']
+    meta = json.load(open(os.path.join(data.prepare('text', encoding='latin-1', **opts), 'meta.json')))
+    assert meta['source']['skipped_files'] == {'binary': 1, 'undecodable': 0} and 'é' in meta['tokenizer']['chars']
