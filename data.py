@@ -37,6 +37,7 @@ import numpy as np
 
 import tasks
 from formats import in_val, open_text, read_preferences, read_rows, read_sft
+from progress import Progress
 from clean import PLACEHOLDERS, Deduper, clean_corpus, clean_doc, doc_key, minhash, report
 from clean import normalize as normalize_text  # `normalize` is the flag below
 from tokenizer import EOT, BPETokenizer, CharTokenizer, TiktokenTokenizer, from_spec
@@ -314,13 +315,15 @@ def _pipeline(chunks, num_proc, init_args):
         while pending:
             yield pending.popleft().get()
 
-def _write_bins(folder, tok, sources, cfg, clean_cfg):
+def _write_bins(folder, tok, sources, cfg, clean_cfg, total_chars):
     """Stream [(split, docs)] into folder/{train,val}.bin.tmp; split None sends each document where in_val
-    says. Returns the token counts and the cleaning counts."""
+    says. Returns the token counts and the cleaning counts. Progress (chars read of about total_chars, the input's
+    size), rate and ETA go to stderr as it goes."""
     dtype = np.uint16 if tok.vocab_size < 65536 else np.uint32
     eot = [np.array([tok.eot], dtype)] if tok.eot is not None else []
     files = {s: open(os.path.join(folder, f'{s}.bin.tmp'), 'wb') for s in ('train', 'val')}
-    n, stats, dd, t0, shown = Counter(train=0, val=0), Counter(), Deduper(clean_cfg), time.time(), time.time()
+    n, stats, dd = Counter(train=0, val=0), Counter(), Deduper(clean_cfg)
+    shown = Progress(max(1, total_chars), 'cleaning + tokenizing', 'chars')
     with files['train'], files['val']:
         for split, docs in sources:
             for keys, sigs, bands, tokens, st in _pipeline(_chunks(docs), cfg['num_proc'], (tok.spec(), clean_cfg, dtype)):
@@ -338,10 +341,8 @@ def _write_bins(folder, tok, sources, cfg, clean_cfg):
                     if parts:
                         np.concatenate(parts).tofile(files[s])
                         n[s] += sum(map(len, parts))
-                if time.time() - shown > 10:
-                    shown = time.time()
-                    print(f"  {stats['chars_in'] / 1e6:.0f}M chars, {stats['docs_in']} docs, "
-                          f"{stats['chars_in'] / 1e6 / (shown - t0):.1f}M chars/s", flush=True)
+                shown.update(min(stats['chars_in'], shown.total - 1), f"{stats['docs_in']:,} docs")
+    shown.update(shown.total, f"{stats['docs_in']:,} docs")  # the input's size was an estimate of its chars
     return n, stats
 
 # -----------------------------------------------------------------------------
@@ -436,17 +437,20 @@ def prepare(name: str, data_dir: str = 'data', **overrides) -> str:
             text = f.read()
         k = int(len(text) * (1 - cfg['val_fraction']))  # nanoGPT: first 90% train, last 10% val, by position
         sources, source = [('train', lambda: [text[:k]]), ('val', lambda: [text[k:]])], {'files': [rel]}
+        total_chars = len(text)
     elif name == 'tinystories':
         (tpath, trel), (vpath, vrel) = _fetch_source('tinystories_train', cache), _fetch_source('tinystories_val', cache)
         lower = trel.endswith('lowercased.txt')
         sources = [('train', lambda: _stories(tpath, trel, lower)), ('val', lambda: _stories(vpath, vrel, lower))]
         source = {'files': [trel, vrel], 'lowercased': lower}
+        total_chars = os.path.getsize(tpath) + os.path.getsize(vpath)
     else:
         files, skipped = _usable_files(files, cfg)
         sources = [(None, lambda: _read_docs(files, cfg))]
         source = {'input': cfg['input'], 'files': len(files), 'bytes': sum(s for p, s, _ in stat if p in files),
                   'encoding': cfg['encoding'], 'skipped_files': {k: len(v) for k, v in skipped.items()},
                   'skipped': sorted(p for v in skipped.values() for p in v)[:100]}
+        total_chars = source['bytes']  # about its chars: exact for ASCII, compressed for .gz
 
     # 2) the tokenizer: the char vocabulary of all the (normalized) text, or a BPE learned from train text
     if kind == 'char':
@@ -469,7 +473,7 @@ def prepare(name: str, data_dir: str = 'data', **overrides) -> str:
         tok = BPETokenizer.train('\n\n'.join(sample)[:int(cfg['bpe_train_mb'] * 1e6)], cfg['vocab_size'])
 
     # 3) clean + tokenize + write; both splits must get something
-    n, stats = _write_bins(folder, tok, [(s, docs()) for s, docs in sources], cfg, clean_cfg)
+    n, stats = _write_bins(folder, tok, [(s, docs()) for s, docs in sources], cfg, clean_cfg, total_chars)
     for s in ('train', 'val'):
         if n[s] == 0 and (s == 'train' or cfg['val_fraction'] > 0):
             raise ValueError(f"{folder}: the {s} split got no tokens ({stats['docs_out']} documents kept, val_fraction="

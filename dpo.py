@@ -208,6 +208,7 @@ def pair_order(n, it, micro_step, batch_size, accum, seed):
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # the script: a visible loop, as in train.py
+    from progress import at  # i/N (p%), ETA
     from common import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
                         lora_disabled, lora_state, open_run, optimizer_step, restore_training, save_on_stop, set_lr,
                         start_loop, write_model_card)
@@ -386,7 +387,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
         timer.step()
         if iter_num % log_interval == 0:
             row, (dt, _) = {k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]}, timer.window()
-            print(f"iter {iter_num}: loss {row['loss']:.4f}, accuracy {row['rewards/accuracies']:.2f}, "
+            print(f"iter {at(iter_num, max_iters, dt)}: loss {row['loss']:.4f}, accuracy {row['rewards/accuracies']:.2f}, "
                   f"margin {row['rewards/margins']:.3f}, kl {row['kl']:.3f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter")
             metrics.log(iter=iter_num, **row, lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000, time=round(timer.elapsed(), 2))
         iter_num += 1

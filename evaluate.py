@@ -33,6 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from progress import Progress
 from sample import generate
 from scoring import CODE_STOPS, GENERATION_METRICS, check_program, pass_at_k, score_generation  # evaluate.pass_at_k
 
@@ -87,21 +88,24 @@ seed = 1337                   # sampling (temperature > 0) and bootstrap
 
 
 
-def answer(model, tok, conversations, max_new_tokens=32, batch_size=64, **sampling):
+def answer(model, tok, conversations, max_new_tokens=32, batch_size=64, progress=False, **sampling):
     """The model's reply to each conversation (a list of messages ending before the assistant's turn): rendered
     with the chat template and its generation prompt, decoded in batches until the template's end of turn, and
-    stripped of surrounding whitespace. sampling: other generate() settings (default greedy)."""
+    stripped of surrounding whitespace. sampling: other generate() settings (default greedy). progress: report
+    rows done, rate and ETA on stderr after each batch (progress.Progress)."""
     was_training = model.training
     model.eval()
     sampling = {'temperature': 0.0, **sampling}
     stop_tokens = tok.chat_stop_tokens or ()  # char-level templates end turns with a string instead
-    out = []
+    out, shown = [], Progress(len(conversations), 'answering', 'rows') if progress else None
     try:
         for i in range(0, len(conversations), batch_size):
             prompts = [tok.render_chat(c, add_generation_prompt=True)[0] for c in conversations[i:i + batch_size]]
             done = generate(model, prompts, max_new_tokens, stop_tokens=stop_tokens, stop_strings=tok.stop_strings,
                             tokenizer=tok, **sampling)
             out += [c.text.strip() for c in done]
+            if shown:
+                shown.update(len(out))
     finally:
         model.train(was_training)
     return out
@@ -356,11 +360,12 @@ def run_code(model, tok, rows, max_new_tokens=256, n_samples=1, ks=(1,), timeout
         raise ValueError(f'pass@{bad[0]} needs at least {bad[0]} samples per problem; raise --n_samples to {bad[0]}')
     done = generate(model, [tok.encode(r['prompt']) for r in rows], max_new_tokens, num_samples=n_samples,
                     stop_strings=CODE_STOPS, tokenizer=tok, seed=seed, **{'temperature': 0.0, **sampling})
-    verdicts = [[] for _ in rows]
-    for c in done:  # one process at a time: each is limited, and the machine is shared
+    verdicts, shown = [[] for _ in rows], Progress(len(done), 'running programs', 'programs')
+    for k, c in enumerate(done, 1):  # one process at a time: each is limited, and the machine is shared
         r = rows[c.prompt_index]
         verdicts[c.prompt_index].append((c.text,) + check_program(r['prompt'] + c.text, r['test'], r['entry_point'],
                                                                  timeout_s, memory_mb))
+        shown.update(k)
     passed = [sum(ok for _, ok, _ in v) for v in verdicts]
     items = {f'pass@{k}': [pass_at_k(n_samples, c, k) for c in passed] for k in ks}
     return {'metrics': {k: sum(v) / len(v) for k, v in items.items()}, 'items': items,
@@ -401,7 +406,8 @@ def run_benchmark(model, tok, path, metrics=('exact_match',), normalize=str.stri
         headline = {k: sum(v) / len(v) for k, v in items.items()}
     else:
         if chat:
-            answers = answer(model, tok, [_as_chat(r['prompt']) for r in rows], max_new_tokens, batch_size, **sampling)
+            answers = answer(model, tok, [_as_chat(r['prompt']) for r in rows], max_new_tokens, batch_size, True,
+                             **sampling)
         else:
             if any(isinstance(r['prompt'], list) for r in rows):
                 raise ValueError(f'{path} has chat rows (messages), but chat=False asks for raw prompts')

@@ -50,6 +50,7 @@ from evaluate import exact_match
 from formats import ROLES, in_val, read_rows, read_sft
 from model import (autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint,
                    write_json)
+from progress import at  # i/N (p%), ETA
 from tokenizer import from_spec
 
 # -----------------------------------------------------------------------------
@@ -393,7 +394,7 @@ while True:
     timer.step(n_tokens)
     if iter_num % log_interval == 0:
         (dt, tps), lossf, gnorm = timer.window(), loss_sum.item(), grad_norm.item()
-        print(f'iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {gnorm:.3f}, {dt * 1000:.2f} ms/iter, '
+        print(f'iter {at(iter_num, max_iters, dt)}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {gnorm:.3f}, {dt * 1000:.2f} ms/iter, '
               f'{tps:,.0f} tok/s')
         metrics.log(iter=iter_num, loss=lossf, lr=lr, grad_norm=gnorm, ms_per_iter=dt * 1000,
                     tokens_per_sec=tps, time=round(timer.elapsed(), 2))

@@ -124,6 +124,7 @@ def load_reward_model(source, device='cpu'):
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # the script: a visible loop, as in train.py
+    from progress import at  # i/N (p%), ETA
     from common import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
                         lora_state, open_run, optimizer_step, restore_training, save_on_stop, set_lr, start_loop,
                         write_model_card)
@@ -259,7 +260,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
         timer.step()
         if iter_num % log_interval == 0:
             row, (dt, _) = {k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]}, timer.window()
-            print(f"iter {iter_num}: loss {row['loss']:.4f}, accuracy {row['accuracy']:.2f}, margin {row['margin']:.3f}, "
+            print(f"iter {at(iter_num, max_iters, dt)}: loss {row['loss']:.4f}, accuracy {row['accuracy']:.2f}, margin {row['margin']:.3f}, "
                   f"lr {lr:.2e}, {dt * 1000:.0f} ms/iter")
             metrics.log(iter=iter_num, **row, lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000,
                         time=round(timer.elapsed(), 2))

@@ -104,6 +104,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
     import data as datasets
     import evaluate
     import tasks
+    from progress import at  # i/N (p%), ETA
     from common import (LR_SCHEDULES, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr, open_run,
                         optimizer_step, restore_training, save_on_stop, set_lr, start_loop, write_model_card)
     from configurator import configure
@@ -249,7 +250,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
         if iter_num % log_interval == 0:
             (dt, _), r = timer.window(), sum(rewards) / len(rewards)
             row = {'loss': loss.item(), 'reward': r, **{k: v.mean().item() for k, v in s.items()}}
-            print(f"iter {iter_num}: loss {row['loss']:.4f}, reward {r:.3f}, kl {row['kl']:.4f}, "
+            print(f"iter {at(iter_num, max_iters, dt)}: loss {row['loss']:.4f}, reward {r:.3f}, kl {row['kl']:.4f}, "
                   f"entropy {row['entropy']:.3f}, length {row['length']:.1f}, {dt * 1000:.0f} ms/iter")
             metrics.log(iter=iter_num, **row, lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000,
                         time=round(timer.elapsed(), 2))

@@ -38,6 +38,7 @@ from common import (MetricsLogger, StepTimer, catch_stop, checkpoint_dict, confi
                     set_lr, write_model_card)
 from model import (GPT, GPTConfig, autocast_ctx, load_model, model_from_checkpoint, resolve_device,
                    resolve_dtype, save_checkpoint, write_atomic, write_json)
+from progress import at  # i/N (p%), ETA
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/shakespeare_char.py (see that file for the measured figures)
@@ -337,7 +338,7 @@ while True:
         if master_process:
             (dt, _), lossf, gnorm = timer.window(), loss_sum.item(), grad_norm.item()  # .item(): a GPU sync
             mfu = raw_model.estimate_mfu(tokens_per_iter / world_size / dt, peak, T=block_size)
-            print(f'iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {gnorm:.3f}, {dt * 1000:.2f} ms/iter, '
+            print(f'iter {at(iter_num, max_iters, dt)}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {gnorm:.3f}, {dt * 1000:.2f} ms/iter, '
                   f'{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%')
             metrics.log(iter=iter_num, loss=lossf, lr=lr, grad_norm=gnorm, tokens_per_sec=tokens_per_iter / dt,
                         ms_per_iter=dt * 1000, mfu=mfu, time=round(timer.elapsed(), 2))

@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -212,9 +213,10 @@ def test_tiny_model_overfits_one_batch():
 # train.py outputs
 
 
-def test_run_writes_metrics_checkpoints_curve_and_card(data_dir, tmp_path):
+def test_run_writes_metrics_checkpoints_curve_and_card(data_dir, tmp_path, capsys):
     out = str(tmp_path / 'out')
     train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=20', '--lr_decay_iters=20')
+    assert re.search(r'^iter 10/20 \(50%\), ETA \d+:\d\d: loss ', capsys.readouterr().out, re.M)  # progress
     rows = read_metrics(os.path.join(out, 'metrics.jsonl'))
     logs, evals = [r for r in rows if 'loss' in r], [r for r in rows if 'val_loss' in r]
     assert [r['iter'] for r in logs] == list(range(20)) and [r['iter'] for r in evals] == [0, 10, 20]
