@@ -338,7 +338,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
         """ckpt.pt: the merged policy (load_model reads it like any checkpoint) + what exact resume needs."""
         extra = {'lora': {'base': init_from, 'state': lora_state(model)}} if lora_r else {}
         save_checkpoint(checkpoint_dict(model, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(),
-                                        scaler=scaler, elapsed=timer.elapsed(), origin=init_from, ref_sum=ref_sum, **extra),
+                                        scaler=scaler, elapsed=timer.elapsed(), origin=init_from, ref_sum=ref_sum, stage='dpo', **extra),
                         os.path.join(out_dir, 'ckpt.pt'))
 
     def update_card(last=None):

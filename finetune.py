@@ -330,7 +330,7 @@ def estimate_loss():
 def save():
     """Atomically write out_dir/ckpt.pt: merged weights for every loader, and what resume needs."""
     ck = checkpoint_dict(raw_model, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(), sampler=sampler,
-                         scaler=scaler, elapsed=timer.elapsed(), origin=origin)
+                         scaler=scaler, elapsed=timer.elapsed(), origin=origin, stage='sft')
     if lora_r > 0:
         ck['lora'] = {'base': origin, 'base_sum': base_sum, 'adapter_base': lora_base, 'state': lora_state(raw_model)}
     save_checkpoint(ck, os.path.join(out_dir, 'ckpt.pt'))

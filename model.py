@@ -656,6 +656,20 @@ def load_model(source, device='cpu', dtype=torch.float32):
     model.to(device=device, dtype=dtype).eval()
     return model, tok, ckpt
 
+STAGES = ('pretrain', 'sft', 'dpo', 'rl', 'reward')  # the script that wrote a checkpoint: train, finetune, dpo, rl, reward
+TUNED = ('sft', 'dpo', 'rl')  # stages after which a model answers in the chat template
+
+def checkpoint_stage(ckpt):
+    """Which trainer wrote a checkpoint ('stage', written since issue 18; older ones by the settings their config
+    holds), or None for a source that is not ours (a Hugging Face model)."""
+    if not ckpt:
+        return None
+    if ckpt.get('stage') in STAGES:
+        return ckpt['stage']
+    cfg = ckpt.get('config') or {}
+    return ('reward' if 'reward_head' in ckpt else 'rl' if 'kl_coef' in cfg else 'dpo' if 'beta' in cfg
+            else 'sft' if 'em_rows' in cfg else 'pretrain')
+
 def model_sources(spec):
     """init_from -> [(name, source)]: comma-separated sources, where a directory that is neither a run nor a Hugging
     Face model stands for every subdirectory holding ckpt.pt. A model's name is its directory's name."""

@@ -166,7 +166,8 @@ def read_metrics(path):
     return rows
 
 def read_runs(root):
-    """Every run under root (a subdirectory holding metrics.jsonl) -> ([{name, metrics: [rows], config or None}],
+    """Every run under root (a subdirectory holding metrics.jsonl) -> ([{name, metrics: [rows], config or None,
+    updated: metrics.jsonl's mtime}],
     names of the runs skipped), what serve.py's GET /runs sends the page's run dashboard. A run that cannot be read
     (a config.json being written, a broken line mid-file) is skipped, not fatal; links that lead out of root are not
     followed."""
@@ -185,7 +186,7 @@ def read_runs(root):
         except (OSError, ValueError):
             skipped.append(d)
             continue
-        runs.append({'name': d, 'metrics': rows, 'config': config})
+        runs.append({'name': d, 'metrics': rows, 'config': config, 'updated': os.path.getmtime(path)})
     return runs, skipped
 
 def checkpoint_sources(run_dir):

@@ -214,7 +214,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
         extra = {'lora': {'base': init_from, 'state': lora_state(model.gpt)}} if lora_r else {}
         save_checkpoint(checkpoint_dict(model.gpt, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(),
                                         scaler=scaler, elapsed=timer.elapsed(), origin=init_from,
-                                        reward_head=model.head.state_dict(), **extra),
+                                        reward_head=model.head.state_dict(), stage='reward', **extra),
                         os.path.join(out_dir, 'ckpt.pt'))
 
     def update_card(last=None):

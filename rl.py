@@ -193,7 +193,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
 
     def save():
         save_checkpoint(checkpoint_dict(policy, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(),
-                                        scaler=scaler, elapsed=timer.elapsed(), origin=init_from),
+                                        scaler=scaler, elapsed=timer.elapsed(), origin=init_from, stage='rl'),
                         os.path.join(out_dir, 'ckpt.pt'))
 
     def update_card(last=None):

@@ -45,7 +45,7 @@ import torch
 import prompts as library  # prompts.py: `prompts` is the token lists of a request
 from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, adopt, beam_tree, start
 from httpd import ApiError, GuardedHandler, Server
-from model import DTYPES, load_model, model_sources, resolve_device, resolve_dtype
+from model import DTYPES, TUNED, checkpoint_stage, load_model, model_sources, resolve_device, resolve_dtype
 from quantize import for_inference
 import views  # the endpoints behind the page's views
 from views import encode, flag, is_ids, number
@@ -332,7 +332,8 @@ def _stream(h, call, events):
 def _model_entry(h, name, w):
     return {'id': name, 'object': 'model', 'created': getattr(w, 'created', h.server.started), 'owned_by': 'nanolab',
             'max_model_len': w.block_size, 'arch': w.model.config.arch, 'n_params': w.model.num_params(),
-            'tokenizer': w.tok.kind, 'config': asdict(w.model.config), 'source': getattr(w, 'source', None)}
+            'tokenizer': w.tok.kind, 'config': asdict(w.model.config), 'source': getattr(w, 'source', None),
+            'stage': getattr(w, 'stage', None), 'chat': getattr(w, 'stage', None) in TUNED}  # chat: fine-tuned
 
 def _models(h, body):
     h.send_json(200, {'object': 'list', 'data': [_model_entry(h, name, w) for name, w in h.server.engines.items()]})
@@ -523,12 +524,12 @@ class Handler(GuardedHandler):
 def _engine(source, device, dtype, quantize, limits):
     """One model source, ready for inference (int8: quantize='int8'), in an Engine that remembers how it was made
     (source, options), so POST /v1/models/load makes the next one alike."""
-    model, tok, _ = load_model(source, device, dtype)
+    model, tok, ckpt = load_model(source, device, dtype)
     if tok is None:
         raise ValueError(f"{source} comes without a tokenizer, so text cannot be encoded; serve a source with "
                          "tokenizer files (a nanolab out_dir, or a Hugging Face dir with tokenizer.json)")
     engine = Engine(for_inference(model, quantize), tok, **limits)
-    engine.source, engine.created = source, int(time.time())
+    engine.source, engine.created, engine.stage = source, int(time.time()), checkpoint_stage(ckpt)
     engine.options = dict(device=device, dtype=dtype, quantize=quantize, limits=limits)
     return engine
 

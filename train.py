@@ -241,7 +241,7 @@ def save(name, also_best=False):
     and with keep_checkpoints to checkpoints/ckpt_<iter>.pt, which no later save replaces."""
     path, best = os.path.join(out_dir, name), os.path.join(out_dir, 'best.pt')
     state = checkpoint_dict(raw_model, optimizer, model_args, iter_num, best_val_loss, config, tok_spec,
-                            sampler=sampler, scaler=scaler, elapsed=timer.elapsed(), origin=origin)
+                            sampler=sampler, scaler=scaler, elapsed=timer.elapsed(), origin=origin, stage='pretrain')
     # subtle: best.pt first, so no ckpt.pt ever records a best_val_loss whose model best.pt does not hold
     save_checkpoint(state, best if also_best else path)
     if also_best:

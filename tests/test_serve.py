@@ -29,25 +29,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :.,!?\n'  # holds the chat markers' characters
 
 
-def save_run(path, config, tok):
+def save_run(path, config, tok, stage=None):
     """A random model with sharp weights ~N(0, 0.3), so greedy paths vary and top-token margins dwarf float noise
-    (as tests/test_sample.py), saved as a run directory the way train.py leaves one."""
+    (as tests/test_sample.py), saved as a run directory the way train.py leaves one (stage: which trainer wrote it,
+    as model.checkpoint_stage reads it: 'sft' makes the page open it in chat mode)."""
     torch.manual_seed(0)
     m = GPT(config)
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
-    save_checkpoint({'model_args': asdict(config), 'model': m.state_dict(), 'tokenizer': tok.spec()},
-                    os.path.join(path, 'ckpt.pt'))
+    save_checkpoint({'model_args': asdict(config), 'model': m.state_dict(), 'tokenizer': tok.spec(),
+                     **({'stage': stage} if stage else {})}, os.path.join(path, 'ckpt.pt'))
 
 
 def two_runs(d):
     """d/char (a char-level GPT-2) and d/bpe (a Llama over GPT-2's BPE), random weights; test_web.py uses it too."""
     save_run(d / 'char', GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=256, vocab_size=len(CHARS)),
-             CharTokenizer(chars=''.join(sorted(CHARS))))
+             CharTokenizer(chars=''.join(sorted(CHARS))), stage='sft')
     save_run(d / 'bpe', GPTConfig(arch='llama', n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64),
-             TiktokenTokenizer('gpt2'))
+             TiktokenTokenizer('gpt2'), stage='sft')
     return d
 
 

@@ -213,7 +213,7 @@ def test_chat_streams_the_greedy_reply_then_another_model(site, page):
     assert page.find_elements('css selector', '.msg.assistant .meta')[1].text.startswith('bpe')
     # 4) the conversation is kept in localStorage across a reload, and exports as JSON and Markdown
     page.refresh()
-    wait(lambda: len(page.find_elements('css selector', '.msg')) == 4)
+    wait(lambda: len(page.find_elements('css selector', '#messages .msg')) == 4)
     js(page, "window.download = (name, text) => { window.saved = [name, text]; }")  # instead of a file
     click(page, 'export-json')
     name, saved = js(page, 'return window.saved')
@@ -508,9 +508,11 @@ def test_runs_curves_refresh_and_leaderboard(site, page):
                     "return [...c.getContext('2d').getImageData(0, 0, c.width, c.height).data].some(v => v > 0)")
     rows = wait(lambda: [r.text for r in page.find_elements('css selector', '#leaderboard tr')])  # a request later
     assert rows[2].startswith('bpe @10 0.7500') and rows[3].startswith('char @10 0.2500')  # best first
+    (site.dir / 'char' / 'config.json').write_text(json.dumps({'max_iters': 100}))
     with open(site.dir / 'char' / 'metrics.jsonl', 'a') as f:  # the run trains on: the page polls every 5 s
-        f.write(json.dumps({'iter': 20, 'loss': 2.5}) + '\n')
-    wait(lambda: 'iter 20' in card.text, timeout=8)
+        f.write(json.dumps({'iter': 20, 'loss': 2.5, 'time': 2.0}) + '\n' + json.dumps({'iter': 30, 'loss': 2.4, 'time': 3.0}) + '\n')
+    wait(lambda: 'iter 30' in card.text, timeout=8)  # and its progress: 10 iterations a second, 70 to go
+    assert 'training: 30/100 (30%), ETA 0:07' in card.text
 
 
 def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, browser):
@@ -623,6 +625,49 @@ def test_leaderboard_grid_radar_and_regression_flag(tmp_path, browser):
         assert len(flagged) == 1 and flagged[0].text.startswith('▼ 0.6500')
         shown = js(browser, 'return arguments[0].toPrecision(2)', res.mcnemar_p(0, 10))
         assert f'p={shown} (McNemar)' in flagged[0].get_attribute('title') and 'at 50' in flagged[0].get_attribute('title')
+        assert console_errors(browser) == []
+
+
+def test_completion_mode_for_a_base_model_and_the_phone_layout(tmp_path, browser):
+    """A model no trainer fine-tuned opens in completion mode, whose text is the prompt plus the API's greedy
+    continuation; a fine-tuned one opens in chat. On a phone, the conversation comes first, within the screen,
+    with the settings folded below it."""
+    from tokenizer import CharTokenizer
+    from model import GPTConfig
+    from test_serve import CHARS, save_run
+    d = two_runs(tmp_path)  # char and bpe: fine-tuned ('sft')
+    save_run(d / 'base', GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=256, vocab_size=len(CHARS)),
+             CharTokenizer(chars=''.join(sorted(CHARS))))  # no stage: what train.py wrote before issue 18 -> pretrain
+    with serving(d, source=f"{d / 'base'},{d / 'char'}") as srv:
+        assert [(m['id'], m['stage'], m['chat']) for m in call(srv, 'GET', '/v1/models')[1]['data']] == \
+            [('base', 'pretrain', False), ('char', 'sft', True)]
+        browser.get(f'http://127.0.0.1:{srv.server_address[1]}/#chat')
+        js(browser, "localStorage.clear(); localStorage.setItem('nanolab.visited', '1')")
+        browser.refresh()
+        wait(lambda: js(browser, "return document.getElementById('mode-complete').checked"))
+        assert js(browser, "return document.getElementById('chat-box').hidden && !document.getElementById('complete-box').hidden")
+        assert 'was not fine-tuned' in browser.find_element('id', 'mode-hint').text
+        set_value(browser, 'p-temperature', '0')
+        set_value(browser, 'p-max_tokens', '20')
+        browser.find_element('id', 'complete-input').send_keys('Hello there\n')  # Enter continues
+        wait(lambda: 'tokens in' in browser.find_element('id', 'complete-status').text)
+        want = call(srv, 'POST', '/v1/completions', {'model': 'base', 'prompt': 'Hello there', 'max_tokens': 20,
+                                                     'temperature': 0})[1]['choices'][0]['text']
+        assert js(browser, "return document.querySelector('#complete-out .text').textContent") == 'Hello there' + want
+        assert js(browser, "return document.querySelectorAll('#complete-out .tk').length") == 20  # a token each
+        set_value(browser, 'model', 'char')  # fine-tuned: the chat
+        assert js(browser, "return document.getElementById('mode-chat').checked && !document.getElementById('chat-box').hidden")
+        # a phone: the conversation and its input on the first screen, the settings folded below them
+        browser.set_window_size(390, 844)
+        try:
+            browser.refresh()
+            wait(lambda: js(browser, "return document.getElementById('mode-chat').checked"))
+            box = js(browser, "const r = e => document.getElementById(e).getBoundingClientRect();"
+                              "return [r('input').bottom, innerHeight, r('settings').top, r('input').top,"
+                              "document.getElementById('settings').open]")
+            assert box[0] <= box[1] and box[2] > box[3] and box[4] is False, box
+        finally:
+            browser.set_window_size(1200, 900)
         assert console_errors(browser) == []
 
 

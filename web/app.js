@@ -127,6 +127,7 @@ $('load-btn').onclick = () => guard($('registry-status'), () => serveModel($('lo
 
 function showModel() {
   const m = models[model()];
+  setMode(m.chat ? 'chat' : 'complete');  // a base model continues text; a fine-tuned one chats
   if ($('overview').classList.contains('on')) guard($('embed-info'), loadEmbeddings);
   localStorage.setItem('nanolab.model', m.id);
   $('model-info').textContent = `${m.arch}, ${(m.n_params / 1e6).toFixed(2)}M parameters, ` +
@@ -261,7 +262,7 @@ function showTip(e) {
   $('tip').style.top = (r.bottom + 4) + 'px';
 }
 const hideTip = () => { $('tip').hidden = true; };
-for (const box of [$('messages'), $('columns')]) {
+for (const box of [$('messages'), $('columns'), $('complete-out')]) {
   box.addEventListener('mouseover', showTip);
   box.addEventListener('mouseout', hideTip);
   box.addEventListener('click', showTip);  // a phone has no hover: tap a token
@@ -403,6 +404,68 @@ $('input').onkeydown = e => {  // Enter sends, Shift+Enter is a new line
   }
 };
 $('stop').onclick = () => controller?.abort();
+
+// completion mode, for base models: the text so far, which the model continues through /v1/completions (a model
+// that was never fine-tuned has not seen the chat template, so its chat replies are noise; GET /v1/models' chat
+// flag says which is which, and the mode follows the model until the user picks one)
+let completer = null;  // the AbortController of the completion being streamed
+function setMode(mode) {
+  $('mode-' + mode).checked = true;
+  $('complete-box').hidden = mode !== 'complete';
+  $('chat-box').hidden = mode === 'complete';
+  const m = models[model()];
+  $('mode-hint').textContent = m && !m.chat ? `${m.id} was not fine-tuned (${m.stage || 'not a nanolab run'}): ` +
+    'it continues text; in Chat it would see a template it never learned' : m ? `${m.id} was fine-tuned (${m.stage})` : '';
+}
+for (const mode of ['chat', 'complete']) $('mode-' + mode).onchange = () => setMode(mode);
+
+async function complete() {
+  const out = $('complete-out').querySelector('.text'), typed = $('complete-input').value;
+  if (typed) out.append(el('span', {className: 'typed', textContent: typed}));
+  $('complete-input').value = '';
+  const prompt = out.textContent, name = model(), p = params();
+  if (!prompt) throw new Error('type the start of a text first');
+  completer = new AbortController();
+  $('complete-go').disabled = true;
+  $('complete-stop').disabled = false;
+  const t0 = performance.now();
+  let k = 0, finish = 'stopped';
+  try {  // a prompt longer than the context slides: the engine keeps its last tokens (sample.py's rule)
+    const body = {...p, model: name, prompt, stream: true, logprobs: TOP_LOGPROBS};
+    for await (const chunk of sse('/v1/completions', body, completer.signal)) {
+      const c = chunk.choices[0];
+      if (!c) continue;
+      const lp = c.logprobs;
+      if (c.text || lp?.tokens?.length) {
+        const top = lp?.top_logprobs?.[0] || {};
+        const t = [c.text, lp?.tokens?.[0] ?? '', lp?.token_logprobs?.[0] ?? null, Object.entries(top)];
+        out.append(tokenSpan(t));
+        k += 1;
+      }
+      if (c.finish_reason) finish = c.finish_reason;
+    }
+  } catch (e) {
+    if (e.name !== 'AbortError') throw e;
+  } finally {
+    const sec = (performance.now() - t0) / 1000;
+    $('complete-status').textContent = `${name} · ${k} tokens in ${sec.toFixed(1)} s · ${finish}`;
+    completer = null;
+    $('complete-go').disabled = false;
+    $('complete-stop').disabled = true;
+  }
+}
+$('complete-form').onsubmit = e => {
+  e.preventDefault();
+  if (!completer) guard($('complete-status'), complete);
+};
+$('complete-input').onkeydown = e => {
+  if (e.key === 'Enter' && !e.shiftKey) {
+    e.preventDefault();
+    $('complete-form').requestSubmit();
+  }
+};
+$('complete-stop').onclick = () => completer?.abort();
+$('complete-clear').onclick = () => { $('complete-out').querySelector('.text').replaceChildren(); };
 
 // export: JSON (the messages as the API takes them, plus settings) or Markdown (for reading)
 function exportChat(kind) {
@@ -1048,6 +1111,18 @@ function plot(cv, series) {
   });
 }
 
+// a run short of its max_iters: how far it is, and while metrics.jsonl still grows (written in the last minute) the
+// time left at the pace of its logged rows (progress.py's ETA, from the rows' iteration and training seconds)
+function runProgress(r) {
+  const max = r.config?.max_iters, rows = r.metrics.filter(x => finite(x.iter) && finite(x.time));
+  if (!max || !rows.length || rows.at(-1).iter >= max) return '';
+  const a = rows[0], b = rows.at(-1), done = `${b.iter}/${max} (${Math.round(100 * b.iter / max)}%)`;
+  if (Date.now() / 1000 - r.updated > 60) return ` · stopped at ${done}`;
+  const rate = (b.iter - a.iter) / ((b.time - a.time) || Infinity);  // iterations per second of training
+  const left = rate > 0 ? (max - b.iter) / rate : null, s = Math.round(left);
+  return ` · training: ${done}, ETA ` + (left == null ? '?' : `${Math.floor(s / 60)}:${String(s % 60).padStart(2, '0')}`);
+}
+
 let runsData = [], registry = [];  // the last GET /runs and GET /v1/registry, for the comparison
 const chosen = new Set(JSON.parse(localStorage.getItem('nanolab.compare') || '[]'));  // runs ticked to compare
 
@@ -1076,7 +1151,8 @@ async function refreshRuns() {
                                         {name: 'val loss', color: '#d62728', points: val}]);
     const last = r.metrics[r.metrics.length - 1] || {}, best = Math.min(...val.map(p => p[1]));
     card.querySelector('.dim').textContent = `iter ${last.iter ?? '-'} · train loss ${fmt(train.at(-1)?.[1])} · ` +
-      `best val loss ${val.length ? fmt(best) : '-'}` + (r.config?.dataset ? ` · ${r.config.dataset}` : '');
+      `best val loss ${val.length ? fmt(best) : '-'}` + (r.config?.dataset ? ` · ${r.config.dataset}` : '') +
+      runProgress(r);
   }
   await refreshRegistry();
   drawComparison();
