@@ -655,6 +655,17 @@ def test_completion_mode_for_a_base_model_and_the_phone_layout(tmp_path, browser
                                                      'temperature': 0})[1]['choices'][0]['text']
         assert js(browser, "return document.querySelector('#complete-out .text').textContent") == 'Hello there' + want
         assert js(browser, "return document.querySelectorAll('#complete-out .tk').length") == 20  # a token each
+        # a text longer than the context (256): the model sees its last 236 tokens and writes 20 more
+        js(browser, "document.getElementById('complete-clear').click()")
+        long_text = ('Hello there, friend. ' * 15)[:300]
+        set_value(browser, 'complete-input', long_text)
+        browser.find_element('id', 'complete-go').click()
+        wait(lambda: 'tokens in' in browser.find_element('id', 'complete-status').text)
+        assert 'it saw the last 236 of the text' in browser.find_element('id', 'complete-status').text
+        ids = call(srv, 'POST', '/tokenize', {'model': 'base', 'prompt': long_text})[1]['tokens'][-236:]
+        want = call(srv, 'POST', '/v1/completions', {'model': 'base', 'prompt': ids, 'max_tokens': 20,
+                                                     'temperature': 0})[1]['choices'][0]['text']
+        assert js(browser, "return document.querySelector('#complete-out .text').textContent") == long_text + want
         set_value(browser, 'model', 'char')  # fine-tuned: the chat
         assert js(browser, "return document.getElementById('mode-chat').checked && !document.getElementById('chat-box').hidden")
         # a phone: the conversation and its input on the first screen, the settings folded below them

@@ -429,9 +429,16 @@ async function complete() {
   $('complete-go').disabled = true;
   $('complete-stop').disabled = false;
   const t0 = performance.now();
-  let k = 0, finish = 'stopped';
-  try {  // a prompt longer than the context slides: the engine keeps its last tokens (sample.py's rule)
-    const body = {...p, model: name, prompt, stream: true, logprobs: TOP_LOGPROBS};
+  let k = 0, finish = 'stopped', note = '';
+  try {
+    // the text and max_tokens must fit the model's context (the API refuses more): a long text is sent as its last
+    // tokens, keeping at least half the context for what the model writes
+    const L = models[name].max_model_len, ids = (await api('/tokenize', {model: name, prompt})).tokens;
+    const maxTok = Math.min(p.max_tokens, Math.max(L - ids.length, Math.floor(L / 2)));
+    const sent = ids.length + maxTok > L ? ids.slice(ids.length - (L - maxTok)) : ids;
+    if (sent.length < ids.length) note = ` · it saw the last ${sent.length} of the text's ${ids.length} tokens ` +
+      `(its context is ${L})`;
+    const body = {...p, model: name, prompt: sent, max_tokens: maxTok, stream: true, logprobs: TOP_LOGPROBS};
     for await (const chunk of sse('/v1/completions', body, completer.signal)) {
       const c = chunk.choices[0];
       if (!c) continue;
@@ -448,7 +455,7 @@ async function complete() {
     if (e.name !== 'AbortError') throw e;
   } finally {
     const sec = (performance.now() - t0) / 1000;
-    $('complete-status').textContent = `${name} · ${k} tokens in ${sec.toFixed(1)} s · ${finish}`;
+    $('complete-status').textContent = `${name} · ${k} tokens in ${sec.toFixed(1)} s · ${finish}${note}`;
     completer = null;
     $('complete-go').disabled = false;
     $('complete-stop').disabled = true;
