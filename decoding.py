@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 
+MIN_TEMPERATURE = 1e-5  # below it, a temperature is greedy: logits of up to 1e33 divided by it stay finite in fp32
+
 class SettingsError(ValueError):
     """A bad decoding setting; `field` names it (serve.py answers 400 with it as the param)."""
     def __init__(self, field, message):
@@ -86,6 +88,8 @@ class Settings:
                 raise SettingsError(field, f"{field}={getattr(s, field)!r} {why}")
         if stops and tokenizer is None:
             raise SettingsError('stop_strings', "stop_strings need a tokenizer to decode the text; pass tokenizer=")
+        if 0 < s.temperature < MIN_TEMPERATURE:  # subtle: logits / 1e-40 overflow to inf, and softmax(inf) is NaN
+            s = replace(s, temperature=0.0)       # what such a temperature stands for is the argmax anyway
         stop_tokens = s.stop_tokens
         if stop_tokens is None:  # default: stop at end-of-text; pass stop_tokens=() to generate through it
             stop_tokens = (tokenizer.eot,) if getattr(tokenizer, 'eot', None) is not None else ()
@@ -205,11 +209,18 @@ rarest tokens' odds."""
 
 def choose(logits, rows):
     """The one token choice, for a batch of rows of any requests: logits (B, V) raw -> (tokens (B,), raw logprobs of
-    those tokens (B,), logsumexp (B,) to turn any raw logit into its logprob). Rows with equal settings are processed
-    together (each processor works row by row, so a row gets the same distribution alone or in company); greedy
-    rows take the argmax; the others draw with their own rng. No (B, V) log-softmax is made: logprobs come from the
-    chosen logits and one logsumexp per row."""
+    those tokens (B,), logsumexp (B,) to turn any raw logit into its logprob, bad: the indices of rows whose logits
+    are not finite, [] almost always). Rows with equal settings are processed together (each processor works row by
+    row, so a row gets the same distribution alone or in company); greedy rows take the argmax; the others draw with
+    their own rng. No (B, V) log-softmax is made: logprobs come from the chosen logits and one logsumexp per row.
+    A row whose logits hold NaN or inf (an fp16 overflow) gets a placeholder token, so its neighbours go on; the
+    caller fails its request (engine.py). One host sync to know it, per step."""
     lse = torch.logsumexp(logits, dim=-1)
+    broken = ~torch.isfinite(lse)  # NaN anywhere, or +inf, makes the row's logsumexp non-finite
+    bad = broken.nonzero()[:, 0].tolist() if bool(broken.any()) else []
+    if bad:
+        logits = torch.where(broken[:, None], torch.zeros_like(logits), logits)
+        lse = torch.logsumexp(logits, dim=-1)
     nxt = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
     groups = {}
     for b, row in enumerate(rows):
@@ -229,7 +240,7 @@ def choose(logits, rows):
             nxt = t
         else:
             nxt[idx] = t
-    return nxt, logits.gather(1, nxt[:, None])[:, 0] - lse, lse
+    return nxt, logits.gather(1, nxt[:, None])[:, 0] - lse, lse, bad
 
 def extend_beams(logits, rows, k):
     """Beam search's choice, for the live beams of one search: logits (nb, V) raw -> the k best one-token extensions

@@ -36,6 +36,9 @@ from decoding import Settings, SettingsError, TextStream, choose, extend_beams, 
 from model import KVCache
 
 
+class NumericalError(RuntimeError):
+    """A request whose model output cannot be decoded (NaN or inf logits); serve.py answers 500 naming it."""
+
 class LimitError(ValueError):
     """A request over one of the engine's limits; `limit` names the Engine argument (and serve.py flag) that sets it."""
     def __init__(self, limit, message):
@@ -515,9 +518,19 @@ class Engine:
         return rows, torch.stack(out)
 
     def _sample(self, rows, logits):
-        """4) sampling rows choose, report and maybe finish."""
-        tokens, lps, lse = choose(logits, rows)
+        """4) sampling rows choose, report and maybe finish. A row whose logits are not finite fails its own
+        request (NumericalError), and only it: the others in the batch go on."""
+        tokens, lps, lse, bad = choose(logits, rows)
+        for b in bad:
+            req = rows[b].req
+            if not req.cancelled:
+                req.queue.put(NumericalError(
+                    "the model's next-token logits for this request are not finite (NaN or inf), so no token can be "
+                    "drawn: an overflow in half precision, or damaged weights; try dtype=float32 or bfloat16"))
+                req.cancelled = True  # its rows leave at the next step (_leave)
         for b, (r, t, lp) in enumerate(zip(rows, tokens.tolist(), lps.tolist())):
+            if r.req.cancelled:
+                continue
             s = r.req.settings
             r.tokens.append(t)
             delta, reason = r.text.push(t, len(r.tokens) - r.n_prompt == s.max_new_tokens)

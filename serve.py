@@ -43,7 +43,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import torch
 
 import prompts as library  # prompts.py: `prompts` is the token lists of a request
-from engine import BeamStep, Engine, LimitError, PromptScores, Settings, SettingsError, adopt, beam_tree, start
+from engine import (BeamStep, Engine, LimitError, NumericalError, PromptScores, Settings, SettingsError, adopt,
+                    beam_tree, start)
 from httpd import ApiError, GuardedHandler, Server
 from model import DTYPES, TUNED, checkpoint_stage, load_model, model_sources, resolve_device, resolve_dtype
 from quantize import for_inference
@@ -468,7 +469,9 @@ class Handler(GuardedHandler):
                 raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>' "
                                "with the key the server was started with (--api_key)", None, 'invalid_api_key')
             fn(self, self.body() if method == 'POST' else {k: v[-1] for k, v in parse_qs(url.query).items()})
-        except ApiError as e:
+        except (ApiError, NumericalError) as e:
+            if isinstance(e, NumericalError):  # this request's logits broke, not the server: only it fails
+                e = ApiError(500, str(e), None, 'numerical_error')
             if method != 'GET' and not self.body_read:  # an unread body would be parsed as the next request
                 self.close_connection = True
             if self.started:  # mid-stream: the status line is gone, so say it in the stream (no [DONE]) and close

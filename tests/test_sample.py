@@ -392,3 +392,18 @@ def test_cli_errors_are_one_line(ckpt_dir):
         assert r.returncode != 0, arg
         assert msg in r.stderr and 'error' in r.stderr, (arg, r.stderr)
         assert 'Traceback' not in r.stderr, arg
+
+
+def test_a_temperature_below_min_temperature_is_greedy():
+    """logits / 1e-40 overflow to inf and softmax(inf) is NaN: such a temperature decodes as greedy, which is what it
+    stands for, and Settings.check says so in the settings it returns."""
+    import torch
+    from decoding import MIN_TEMPERATURE, Settings
+    from model import GPT, GPTConfig
+    from sample import generate
+    assert Settings(temperature=1e-40).check(50).temperature == 0.0
+    assert Settings(temperature=MIN_TEMPERATURE).check(50).temperature == MIN_TEMPERATURE
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50)).eval()
+    want = generate(m, [1, 2, 3], 8, temperature=0.0)[0].tokens
+    assert all(generate(m, [1, 2, 3], 8, temperature=t, seed=1)[0].tokens == want for t in (1e-40, 1e-30, 1e-6))

@@ -61,6 +61,22 @@ def runs(tmp_path_factory):
 
 
 @contextlib.contextmanager
+def slow(worker, seconds):
+    """Each forward of the worker's model takes `seconds` longer, so a stream lasts long enough to watch (or to
+    share its steps with another request); tests/test_web.py uses it too."""
+    forward = worker.model.forward
+
+    def slowed(*a, **k):
+        time.sleep(seconds)
+        return forward(*a, **k)
+    worker.model.forward = slowed  # an instance attribute: nn.Module.__call__ calls it
+    try:
+        yield
+    finally:
+        del worker.model.forward
+
+
+@contextlib.contextmanager
 def serving(runs_dir, max_batch=4, source=None, max_models=8, **limits):
     """serve.py in this process on a free port, over a directory of runs (serving source, default all of them);
     tests/test_web.py uses it too."""
@@ -653,3 +669,40 @@ def test_models_load_and_unload_at_run_time(tmp_path):
         assert [e.model.config.arch for e in old] == ['gpt2']  # the engine thread let it go
         assert call(srv, 'POST', '/v1/models/unload', {'model': 'char'})[1]['error']['code'] == 'last_model'
         assert call(srv, 'POST', '/v1/models/unload', {'model': 'bpe'})[0] == 404
+
+
+def test_a_tiny_temperature_is_greedy_and_broken_logits_fail_only_their_request(runs, monkeypatch):
+    """temperature 1e-40 (inside the accepted range) once made NaN and failed every request in the batch; now it is
+    greedy. A row whose logits are NaN (an fp16 overflow, injected here for one request) fails that request with a
+    500 naming why, while a request decoding beside it in the same steps finishes with generate's text."""
+    ref = {'char': load_model(str(runs / 'char'))[:2]}
+    want = greedy(ref, 'char', 'To be', 30).text
+    with serving(runs, source=runs / 'char') as srv:
+        status, body = call(srv, 'POST', '/v1/completions', {'prompt': 'To be', 'max_tokens': 30, 'temperature': 1e-40})
+        assert status == 200 and body['choices'][0]['text'] == want
+        w = srv.engines['char']
+        sample_ = w._sample
+
+        def corrupt(rows, logits):  # the request with seed 666 gets a NaN logit at its 5th token
+            logits = logits.clone()
+            for b, r in enumerate(rows):
+                if r.req.settings.seed == 666 and len(r.tokens) - r.n_prompt == 4:
+                    logits[b, 3] = float('nan')
+            return sample_(rows, logits)
+        monkeypatch.setattr(w, '_sample', corrupt)
+        out = {}
+
+        def ask(name, body):
+            out[name] = call(srv, 'POST', '/v1/completions', body)
+        with slow(w, 0.01):  # both requests in flight together, decoded in the same steps
+            ts = [threading.Thread(target=ask, args=('bad', {'prompt': 'To be', 'max_tokens': 30, 'seed': 666})),
+                  threading.Thread(target=ask, args=('good', {'prompt': 'To be', 'max_tokens': 30, 'temperature': 0}))]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+        assert out['bad'][0] == 500 and out['bad'][1]['error']['code'] == 'numerical_error'
+        assert 'not finite' in out['bad'][1]['error']['message']
+        assert out['good'][0] == 200 and out['good'][1]['choices'][0]['text'] == want
+        assert call(srv, 'POST', '/v1/completions', {'prompt': 'To be', 'max_tokens': 30, 'temperature': 0})[1][
+            'choices'][0]['text'] == want  # and the engine serves on

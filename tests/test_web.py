@@ -8,13 +8,12 @@ chromium-driver); GET /leaderboard is checked without a browser."""
 import json
 import shutil
 import time
-from contextlib import contextmanager
 
 import pytest
 
 import results
 import serve
-from test_serve import call, serving, two_runs  # tests/ is on sys.path while pytest collects it
+from test_serve import call, serving, slow, two_runs  # tests/ is on sys.path while pytest collects it
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 CHROMEDRIVER = shutil.which('chromedriver')
@@ -118,21 +117,6 @@ def hover(driver, element, shown, tries=5):
         except AssertionError:
             pass
     raise AssertionError(f'hovering {element.get_attribute("outerHTML")[:80]} never showed what was waited for')
-
-
-@contextmanager
-def slow(worker, seconds):
-    """Each forward of the worker's model takes `seconds` longer, so a stream lasts long enough to watch."""
-    forward = worker.model.forward
-
-    def slowed(*a, **k):
-        time.sleep(seconds)
-        return forward(*a, **k)
-    worker.model.forward = slowed  # an instance attribute: nn.Module.__call__ calls it
-    try:
-        yield
-    finally:
-        del worker.model.forward
 
 
 def test_leaderboard_endpoint(site):
