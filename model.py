@@ -163,6 +163,19 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
+def attention(q, k, v, mask=None, causal=False, dropout=0.0):
+    """SDPA of q (B, nh, T, hs) over k, v (B, nkv, S, hs), with grouped-query attention (nkv < nh) on a fast kernel:
+    SDPA's enable_gqa is taken by CUDA's flash kernel alone, which refuses masks and fp32, so there (half precision
+    on CUDA, no mask) it is used, and otherwise keys and values are expanded to nh heads first, so the memory-efficient
+    kernel applies instead of the math one (which copies them per group anyway)."""
+    nh, nkv = q.size(1), k.size(1)
+    if nh != nkv:
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout, enable_gqa=True)
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+
+
 class KVCache:
     """Keys and values of every layer for `slots` sequences, each with its own length, kept between forward calls so
     each new token costs O(T), not O(T^2). engine.py keeps one per model; slot s holds one row's context.
@@ -233,7 +246,7 @@ class KVCache:
         self.pos = torch.tensor([pos], dtype=torch.long, device=self.device)
         return self.pos
 
-    def attend(self, layer, q, k, v, gqa):
+    def attend(self, layer, q, k, v):
         """Store this step's keys/values and attend over each row's own context. q (1, nh, N, hs), k/v (1, nkv, N, hs)
         -> (1, nh, N, hs)."""
         decode, real, rows, starts, S, dmask, segs = self.plan
@@ -245,17 +258,19 @@ class KVCache:
             else:
                 K[rows, :, starts] = k[0, :, :decode].transpose(0, 1)  # each at its own position
                 V[rows, :, starts] = v[0, :, :decode].transpose(0, 1)
-            qd = q[0, :, :decode].transpose(0, 1).unsqueeze(2)    # (decode, nh, 1, hs)
-            y = F.scaled_dot_product_attention(qd, K[:decode, :, :S], V[:decode, :, :S], attn_mask=dmask,
-                                               enable_gqa=gqa)    # (decode, nh, 1, hs)
-            ys.append(y.squeeze(2).transpose(0, 1).unsqueeze(0))  # (1, nh, decode, hs)
+            nh, nkv = q.size(1), K.size(1)
+            # grouped-query decode as one plain attention: the g = nh / nkv query heads that share a key/value head
+            # become g query positions of that head (one token each, the same keys and mask), so no kernel needs
+            # enable_gqa (only CUDA's flash kernel takes it, and flash refuses masks and fp32) and nothing is copied
+            qd = q[0, :, :decode].transpose(0, 1).reshape(decode, nkv, nh // nkv, -1)  # (decode, nkv, g, hs)
+            y = F.scaled_dot_product_attention(qd, K[:decode, :, :S], V[:decode, :, :S], attn_mask=dmask)
+            ys.append(y.reshape(decode, nh, -1).transpose(0, 1).unsqueeze(0))  # (1, nh, decode, hs)
         for slot, c, T, mask in segs:
             K[slot, :, c:c + T] = k[0, :, off:off + T]
             V[slot, :, c:c + T] = v[0, :, off:off + T]
             # subtle: is_causal aligns top-left, which is right only when the chunk starts the slot (c == 0)
-            ys.append(F.scaled_dot_product_attention(q[:, :, off:off + T], K[slot:slot + 1, :, :c + T],
-                                                     V[slot:slot + 1, :, :c + T], attn_mask=mask,
-                                                     is_causal=mask is None and T > 1, enable_gqa=gqa))
+            ys.append(attention(q[:, :, off:off + T], K[slot:slot + 1, :, :c + T], V[slot:slot + 1, :, :c + T],
+                                mask, mask is None and T > 1))
             off += T
         return torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
 
@@ -291,7 +306,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         gqa, att = self.n_kv_head != self.n_head, None
         if cache is not None:  # incremental decoding: each row attends over its own slot (KVCache.attend)
-            y = cache.attend(layer, q, k, v, gqa)
+            y = cache.attend(layer, q, k, v)
         elif need_weights:  # the explicit path, for attention heatmaps
             if gqa:
                 k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -301,8 +316,7 @@ class CausalSelfAttention(nn.Module):
             att = F.softmax(att.masked_fill(~causal, float('-inf')).float(), dim=-1).to(q.dtype)
             y = att @ v
         else:  # flash attention on GPU, fused kernels on CPU
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0,
-                                               enable_gqa=gqa)
+            y = attention(q, k, v, None, T > 1, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y)), att
 

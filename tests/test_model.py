@@ -288,3 +288,31 @@ def test_sinusoidal_positions_by_hand_and_through_the_cache(tmp_path):
     assert not (tmp_path / 'hf').exists()
     with pytest.raises(ValueError, match='unknown positions'):
         GPTConfig(positions='alibi')
+
+
+def test_grouped_query_attention_takes_the_fast_paths_with_the_same_result():
+    """model.attention (keys and values expanded where SDPA's enable_gqa would fall to the math kernel) and the
+    KV cache's grouped decode (query heads as query positions of their shared head) equal the reference: each
+    query head attending over its key/value head, explicitly, with and without a mask."""
+    import math
+    import torch.nn.functional as F
+    from model import attention
+    torch.manual_seed(0)
+    B, nh, nkv, T, hs = 3, 8, 2, 7, 16
+    q, k, v = torch.randn(B, nh, T, hs), torch.randn(B, nkv, T, hs), torch.randn(B, nkv, T, hs)
+    kk, vv = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+
+    def reference(q, mask):
+        att = (q @ kk.transpose(-2, -1)) / math.sqrt(hs)
+        return att.masked_fill(~mask, float('-inf')).softmax(-1) @ vv
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    assert torch.allclose(attention(q, k, v, None, True), reference(q, causal), atol=1e-5)
+    ragged = torch.rand(B, 1, T, T) > 0.3
+    ragged[..., 0] = True  # every query sees at least one key
+    assert torch.allclose(attention(q, k, v, ragged), reference(q, ragged), atol=1e-5)
+    # one decode token per row, each with its own visible length: the grouped form the KV cache uses
+    qd = torch.randn(B, nh, 1, hs)
+    lens = torch.tensor([3, 7, 5])
+    mask = (torch.arange(T)[None, :] < lens[:, None]).view(B, 1, 1, T)
+    grouped = F.scaled_dot_product_attention(qd.reshape(B, nkv, nh // nkv, hs), k, v, attn_mask=mask)
+    assert torch.allclose(grouped.reshape(B, nh, 1, hs), reference(qd, mask), atol=1e-5)
