@@ -53,7 +53,7 @@ import time
 import torch
 
 from common import configure_optimizer, optimizer_step
-from model import DTYPES, GPT, GPTConfig, autocast_ctx, resolve_device, resolve_dtype
+from model import DTYPES, GPT, GPTConfig, autocast_ctx, peak_flops, resolve_device, resolve_dtype
 from quantize import for_inference
 from sample import generate
 
@@ -186,7 +186,7 @@ def bench_train(name):
     for the blocks' matrices with AdamW for the rest)."""
     shape = TRAIN_SHAPES[name]
     B, T = shape['batch_size'], shape['model']['block_size']
-    peak = 989e12 if device.startswith('cuda') else 163e9
+    peak = peak_flops(device, ptdtype) or float('nan')  # model.PEAK_FLOPS; an unlisted GPU: MFU nan
     rows = []
     for comp in [m.strip() == 'True' for m in compile_modes.split(',')]:
         torch.manual_seed(seed)

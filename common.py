@@ -445,10 +445,17 @@ def diverged(val_loss, iter_num, saved_at, out_dir):
           f"{kept}; try a lower learning_rate, or grad_clip")
     return True
 
-def open_run(out_dir, init_from, overwrite, script, config, choices=None, fixed=()):
+def open_run(out_dir, init_from, overwrite, script, config, choices=None, fixed=(), distributed=False):
     """The start of every trainer: refuse to replace a trained run (check_out_dir), and with --init_from=resume read
     out_dir/ckpt.pt and the run's saved config with this command line on top (resume_config). -> (the checkpoint or
-    None, the config to run). Bad input exits with fail's one line."""
+    None, the config to run). Bad input exits with fail's one line. A trainer that is not `distributed` (all but
+    train.py) refuses to run under torchrun, where every rank would train the whole job into the same out_dir."""
+    ranks = int(os.environ.get('WORLD_SIZE', '1'))
+    if ranks > 1 and not distributed:
+        name = os.path.basename(script)
+        fail(f"{name} trains in one process (one GPU, or the CPU); under torchrun each of the {ranks} ranks would "
+             f"train the whole job into {out_dir}. Run it as `python {name} ...` (train.py is the one that takes "
+             "torchrun)")
     try:
         check_out_dir(out_dir, init_from, overwrite, os.path.basename(script))
         if init_from == 'resume':

@@ -35,13 +35,12 @@ DTYPES = ('auto', 'float32', 'bfloat16', 'float16')  # the dtype setting of ever
 # 1) device and dtype: chosen once here, used by every script
 
 def resolve_device(device='auto'):
-    """'auto' picks cuda, then mps, then cpu. An explicit device that is not there is an error."""
+    """'auto' picks cuda, then mps, then cpu. An explicit device that is not there is an error. On CUDA it also
+    turns TF32 on for fp32 matmuls (Ampere and later: ~8x the fp32 rate, 10-bit mantissas; nanoGPT does the same),
+    for every script, since every script comes through here."""
     if device == 'auto':
-        if torch.cuda.is_available():
-            return 'cuda'
-        if hasattr(torch.backends, 'mps') and torch.backends.mps.is_available():
-            return 'mps'
-        return 'cpu'
+        device = 'cuda' if torch.cuda.is_available() else \
+            'mps' if hasattr(torch.backends, 'mps') and torch.backends.mps.is_available() else 'cpu'
     kind = device.split(':')[0]
     if kind == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device='{device}' but CUDA is not available here; use --device=cpu (or --device=auto)")
@@ -49,6 +48,8 @@ def resolve_device(device='auto'):
         raise ValueError(f"device='{device}' but MPS is not available here; use --device=cpu (or --device=auto)")
     if kind not in ('cpu', 'cuda', 'mps'):
         raise ValueError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
+    if kind == 'cuda':
+        torch.set_float32_matmul_precision('high')
     return device
 
 def resolve_dtype(dtype, device):
@@ -67,6 +68,22 @@ def resolve_dtype(dtype, device):
     if table[dtype] is torch.float16 and kind == 'cpu':
         raise ValueError("dtype='float16' is not supported for CPU compute; use --dtype=float32 (or bfloat16)")
     return table[dtype]
+
+# dense peak FLOP/s by GPU (the vendors' datasheets): (bf16/fp16 tensor cores, fp32 matmuls with TF32 on).
+# MFU divides by these; an unlisted GPU gives None and the trainers print no MFU until --peak_flops says its peak.
+PEAK_FLOPS = {'H200': (989e12, 495e12), 'H100': (989e12, 495e12), 'A100': (312e12, 156e12), 'L40S': (362e12, 183e12),
+              'L4': (121e12, 60e12), 'A10': (125e12, 62e12), 'RTX 4090': (165e12, 83e12),
+              'RTX 3090': (71e12, 36e12), 'V100': (125e12, 16e12), 'T4': (65e12, 8e12)}
+CPU_PEAK_FLOPS = 163e9  # this project's 2-core development CPU, fp32 matmuls, measured (README, Training)
+
+def peak_flops(device, dtype):
+    """The peak FLOP/s MFU is measured against on device with dtype: the GPU's row of PEAK_FLOPS (by its name),
+    None for an unlisted GPU, CPU_PEAK_FLOPS on a CPU (a stand-in: every CPU differs; pass your own)."""
+    if not str(device).startswith('cuda'):
+        return CPU_PEAK_FLOPS
+    name = torch.cuda.get_device_name(torch.device(device))
+    half = dtype in (torch.float16, torch.bfloat16)
+    return next((v[0 if half else 1] for k, v in PEAK_FLOPS.items() if k in name), None)
 
 def autocast_ctx(device, dtype):
     """Mixed precision for the forward pass; a no-op in fp32."""

@@ -22,6 +22,7 @@ checkpoint with every other RNG state, so a run that is killed and resumed logs 
 on CPU, as one that never stopped (tests/test_train.py). Under DDP, every rank draws the same offsets for an
 iteration and takes its share, so N processes x accumulation k train on exactly the batches 1 process x N*k does.
 """
+import datetime
 import math
 import os
 import shutil
@@ -38,6 +39,7 @@ from common import (MetricsLogger, StepTimer, catch_stop, checkpoint_dict, confi
                     set_lr, write_model_card)
 from model import (GPT, GPTConfig, autocast_ctx, load_model, model_from_checkpoint, resolve_device,
                    resolve_dtype, save_checkpoint, write_atomic, write_json)
+from model import peak_flops as model_peak_flops
 from progress import at  # i/N (p%), ETA
 
 # -----------------------------------------------------------------------------
@@ -95,11 +97,12 @@ dtype = 'auto'                # 'auto' (bf16 on GPUs that have it, else fp16 wit
 compile = False               # torch.compile the model (faster steps after a compile of ~1 min)
 backend = 'auto'              # DDP backend: 'auto' (nccl on GPU, gloo on CPU) | 'nccl' | 'gloo'
 seed = 1337                   # model init, data order and dropout
-peak_flops = 0.0              # FLOP/s that MFU divides by; 0 = auto: 989e12 on CUDA (H100 bf16 dense), 163e9 on CPU (measured, SPEC.md)
+peak_flops = 0.0              # FLOP/s that MFU divides by; 0 = auto: the GPU's dense peak for dtype (model.PEAK_FLOPS), 163e9 on CPU (measured)
 # -----------------------------------------------------------------------------
 from configurator import configure
 from common import LR_SCHEDULES, OPTIMIZERS
 from model import ARCHS, DTYPES, POSITIONS
+DDP_TIMEOUT = datetime.timedelta(hours=1)  # collectives wait this long for rank 0's data preparation, evals and saves
 CHOICES = {'arch': ARCHS, 'positions': ('', *POSITIONS), 'lr_schedule': LR_SCHEDULES, 'backend': ('auto', 'nccl', 'gloo'), 'dtype': DTYPES,
            'optim': OPTIMIZERS}
 config = configure(globals(), choices=CHOICES)
@@ -112,7 +115,7 @@ master_process = rank == 0  # only it prints and writes files
 
 # resume = the run's saved config, then this command line on top (so `--max_iters=...` extends a run);
 # the model args always come from the checkpoint
-ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES)  # never replace a trained run
+ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES, distributed=True)  # never replace a trained run
 if ckpt is not None:
     globals().update(config)
     for k in MODEL_KEYS:  # (a key the checkpoint predates keeps its default: GPTConfig's for that checkpoint too)
@@ -124,20 +127,22 @@ if ckpt is not None:
 try:
     # 1) device and dtype, checked: asking for what this machine lacks is an error, not a silent fallback
     device = resolve_device(device)
-    if ddp and device == 'cuda':
+    if ddp and device.startswith('cuda'):  # under torchrun each rank takes its own GPU, whatever --device names
         device = f'cuda:{local_rank}'
     device_type = device.split(':')[0]
     ptdtype = resolve_dtype(dtype, device)
-    if device_type == 'cuda':
-        torch.set_float32_matmul_precision('high')  # TF32 for fp32 matmuls on Ampere and later (nanoGPT does too)
-    # 2) the dataset: rank 0 prepares a named one that is missing (data.py), then everyone reads meta.json
+    # 2) under DDP the process group first, with a timeout long enough for what rank 0 does alone (preparing the
+    #    data, evaluating, saving: NCCL's default 10 minutes would kill the others waiting for it)
+    if ddp:
+        if device_type == 'cuda':
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend,
+                                timeout=DDP_TIMEOUT)
+    # 3) the dataset: rank 0 prepares a named one that is missing (data.py), then everyone reads meta.json
     folder = os.path.join(data_dir, dataset)
     if master_process and dataset in datasets.DATASETS and not os.path.exists(os.path.join(folder, 'meta.json')):
         datasets.prepare(dataset, data_dir=data_dir)
     if ddp:
-        if device_type == 'cuda':
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
         dist.barrier()  # the other ranks wait for rank 0's data preparation
     meta = datasets.load_meta(folder)
 except ValueError as e:
@@ -276,7 +281,7 @@ if master_process:  # a resumed run drops the rows it will log again; the tracke
         fail(e)
     metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), iter_num if init_from == 'resume' else None, trackers)
     update_card()
-peak = peak_flops or (989e12 if device_type == 'cuda' else 163e9)  # per device
+peak = peak_flops or model_peak_flops(device, ptdtype)  # per device; None: an unlisted GPU, no MFU shown
 
 # training loop
 saved_at, stopping, last_eval, bad = None, False, None, False
@@ -337,9 +342,9 @@ while True:
             loss_sum, stopping = flags[0] / world_size, flags[1].item() > 0
         if master_process:
             (dt, _), lossf, gnorm = timer.window(), loss_sum.item(), grad_norm.item()  # .item(): a GPU sync
-            mfu = raw_model.estimate_mfu(tokens_per_iter / world_size / dt, peak, T=block_size)
+            mfu = raw_model.estimate_mfu(tokens_per_iter / world_size / dt, peak, T=block_size) if peak else None
             print(f'iter {at(iter_num, max_iters, dt)}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {gnorm:.3f}, {dt * 1000:.2f} ms/iter, '
-                  f'{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%')
+                  f'{tokens_per_iter / dt:,.0f} tok/s' + (f', mfu {mfu * 100:.2f}%' if mfu is not None else ''))
             metrics.log(iter=iter_num, loss=lossf, lr=lr, grad_norm=gnorm, tokens_per_sec=tokens_per_iter / dt,
                         ms_per_iter=dt * 1000, mfu=mfu, time=round(timer.elapsed(), 2))
     iter_num += 1

@@ -445,3 +445,13 @@ def test_wandb_gets_every_row_and_runs_offline(data_dir, tmp_path, monkeypatch):
     (run_dir,) = (out / 'wandb').glob(f'offline-run-*-{run_id}')
     assert {'config.json', 'loss.svg', 'README.md'} <= {p.name for p in (run_dir / 'files').iterdir()}
     assert (run_dir / f'run-{run_id}.wandb').stat().st_size > 1000
+
+
+@pytest.mark.parametrize('script', ['finetune.py', 'dpo.py', 'reward.py', 'rl.py'])
+def test_single_process_trainers_refuse_torchrun(script, tmp_path):
+    """Under torchrun (WORLD_SIZE > 1) these would train the whole job on every rank into one out_dir: refused."""
+    env = {**os.environ, 'WORLD_SIZE': '2', 'RANK': '0', 'LOCAL_RANK': '0'}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), f'--out_dir={tmp_path / "x"}'], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and f'{script} trains in one process' in p.stderr and 'torchrun' in p.stderr
+    assert not (tmp_path / 'x').exists()
