@@ -326,9 +326,10 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
         if win_rows:  # greedy answers of both models, scored by the rule the preferences encode
             prompts = [r['prompt'] for r in win_rows]
             if not ref_answers:  # the reference's answers never change
-                with reference():
+                with reference(), ctx:
                     ref_answers.extend(evaluate.answer(ref_model, tok, prompts, max_new_tokens))
-            answers = evaluate.answer(model, tok, prompts, max_new_tokens)
+            with ctx:  # generation under the run's autocast (bf16 on GPUs), as its forward passes
+                answers = evaluate.answer(model, tok, prompts, max_new_tokens)
             row['win_rate'], details = evaluate.win_rate(win_rows, answers, ref_answers, tasks.rule_score)
             row['win_score'] = sum(d['score'] for d in details) / len(details)  # the rule's mean score, policy
             row['ref_win_score'] = sum(d['ref_score'] for d in details) / len(details)  # and reference

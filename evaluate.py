@@ -144,8 +144,11 @@ def win_rate(rows, answers, ref_answers, score):
 # 2) log-likelihoods: perplexity, bits per byte, and scoring continuations (multiple choice, lm-eval)
 
 def _rows_per_forward(model, T, batch_size):
-    """Rows per forward pass, capped so the fp32 logits (rows x T x vocab) stay under ~512 MB."""
-    return max(1, min(batch_size, (1 << 27) // max(1, T * model.config.vocab_size)))
+    """Rows per forward pass, capped so the fp32 logits (rows x T x vocab, and their log-softmax: 8 bytes an element)
+    fit: in a quarter of the GPU's free memory on CUDA (torch.cuda.mem_get_info), in ~1 GB elsewhere."""
+    p = next(model.parameters())
+    budget = torch.cuda.mem_get_info(p.device)[0] // 4 if p.is_cuda else 1 << 30
+    return max(1, min(batch_size, budget // (8 * max(1, T * model.config.vocab_size))))
 
 def perplexity_of(model, ids, stride=0, batch_size=16, ctx=None):
     """Sliding-window negative log-likelihood of a token stream `ids` (1-D), every token but the first scored once.
@@ -567,7 +570,8 @@ if __name__ == '__main__':
         for job in jobs:
             t0 = time.time()
             try:
-                results = job()
+                with ctx:  # autocast on GPUs (bf16/fp16), for generation too; nothing on the CPU in fp32
+                    results = job()
             except (ValueError, FileNotFoundError) as e:
                 fail(e)
             for r in results:

@@ -368,7 +368,9 @@ while True:
         best_val_loss = min(best_val_loss, losses['val'])
         row = dict(train_loss=losses['train'], val_loss=losses['val'])
         if em_rows > 0:
-            row['exact_match'], _ = exact_match(raw_model, tok, val_rows[:em_rows], em_max_new_tokens, normalize=normalize)
+            with ctx:  # generation under the run's autocast (bf16 on GPUs), as its forward passes
+                row['exact_match'], _ = exact_match(raw_model, tok, val_rows[:em_rows], em_max_new_tokens,
+                                                    normalize=normalize)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
               (f", exact match {row['exact_match']:.1%}" if em_rows > 0 else ''))
         update_card(last_eval := row)  # then log, write ckpt.pt (or stop: diverged), loss.svg

@@ -173,13 +173,15 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
     config.update({k: globals()[k] for k in config})
     write_json(os.path.join(out_dir, 'config.json'), config)  # atomic: never a half-written config
     convs = [r['messages'][:-1] for r in val_rows]
-    ref_answers = evaluate.answer(ref, tok, convs, max_new_tokens)  # the reference never changes
+    with ctx:  # generation under the run's autocast (bf16 on GPUs), as its forward passes
+        ref_answers = evaluate.answer(ref, tok, convs, max_new_tokens)  # the reference never changes
     stops = dict(stop_tokens=tok.chat_stop_tokens or (), stop_strings=tok.stop_strings, tokenizer=tok)
 
     @torch.no_grad()
     def estimate():
         """Greedy answers to the held-out prompts: mean reward, exact match, win rate over the reference, and KL."""
-        answers = evaluate.answer(policy, tok, convs, max_new_tokens)
+        with ctx:
+            answers = evaluate.answer(policy, tok, convs, max_new_tokens)
         rewards = score(val_rows, answers)
         em = sum(tasks.normalize(a) == tasks.normalize(r['messages'][-1]['content']) for r, a in zip(val_rows, answers))
         win, _ = evaluate.win_rate(val_rows, answers, ref_answers, tasks.rule_score)
