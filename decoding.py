@@ -13,6 +13,7 @@ row's text depends on its prompt, its settings and s + i only: never on the othe
 of the batch, or on n. Without a seed, a sampling request draws s from torch's global RNG (torch.manual_seed
 repeats it); greedy and beam requests leave that RNG alone, so decoding inside a training run cannot change it.
 """
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -205,6 +206,8 @@ rarest tokens' odds."""
     inside = torch.where(idx < V, probs.gather(1, idx.clamp(max=V - 1)), 0).double().cumsum(-1)
     t = (idx.gather(1, torch.searchsorted(inside, u, right=True).clamp_(max=block - 1)))[:, 0]
     bad = probs.gather(1, t.clamp(max=V - 1)[:, None])[:, 0] <= 0  # subtle: float rounding can land past the mass
+    if probs.is_cuda:  # no host sync on a GPU: the argmax is cheaper than waiting for the device
+        return torch.where(bad, argmax(probs), t)
     return torch.where(bad, argmax(probs), t) if bool(bad.any()) else t
 
 def choose(logits, rows):
@@ -213,14 +216,13 @@ def choose(logits, rows):
     are not finite, [] almost always). Rows with equal settings are processed together (each processor works row by
     row, so a row gets the same distribution alone or in company); greedy rows take the argmax; the others draw with
     their own rng. No (B, V) log-softmax is made: logprobs come from the chosen logits and one logsumexp per row.
-    A row whose logits hold NaN or inf (an fp16 overflow) gets a placeholder token, so its neighbours go on; the
-    caller fails its request (engine.py). One host sync to know it, per step."""
+    A row whose logits hold NaN or inf (an fp16 overflow) is decoded from zeros instead, so its neighbours go on;
+    `broken` (B,) bool marks it and the caller fails its request (engine.py). Nothing here waits for the device
+    (but draw's rare check on the CPU): the caller fetches tokens, logprobs and broken in one transfer."""
     lse = torch.logsumexp(logits, dim=-1)
     broken = ~torch.isfinite(lse)  # NaN anywhere, or +inf, makes the row's logsumexp non-finite
-    bad = broken.nonzero()[:, 0].tolist() if bool(broken.any()) else []
-    if bad:
-        logits = torch.where(broken[:, None], torch.zeros_like(logits), logits)
-        lse = torch.logsumexp(logits, dim=-1)
+    logits = torch.where(broken[:, None], 0.0, logits)
+    lse = torch.where(broken, math.log(logits.size(-1)), lse)  # the logsumexp of a row of zeros
     nxt = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
     groups = {}
     for b, row in enumerate(rows):
@@ -240,7 +242,7 @@ def choose(logits, rows):
             nxt = t
         else:
             nxt[idx] = t
-    return nxt, logits.gather(1, nxt[:, None])[:, 0] - lse, lse, bad
+    return nxt, logits.gather(1, nxt[:, None])[:, 0] - lse, lse, broken
 
 def extend_beams(logits, rows, k):
     """Beam search's choice, for the live beams of one search: logits (nb, V) raw -> the k best one-token extensions

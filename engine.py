@@ -520,21 +520,34 @@ class Engine:
     def _sample(self, rows, logits):
         """4) sampling rows choose, report and maybe finish. A row whose logits are not finite fails its own
         request (NumericalError), and only it: the others in the batch go on."""
-        tokens, lps, lse, bad = choose(logits, rows)
-        for b in bad:
-            req = rows[b].req
-            if not req.cancelled:
-                req.queue.put(NumericalError(
+        tokens, lps, lse, broken = choose(logits, rows)
+        # one transfer from the device per step: tokens, their logprobs, the broken flags, and the top-k
+        # alternatives of the rows that asked for them (the largest k of the batch, cut per row below)
+        k = max(r.req.settings.logprobs for r in rows)
+        parts = [tokens.double(), lps.double(), broken.double()]
+        if k:
+            tv, ti = logits.topk(k, dim=-1)
+            parts += [ti.double().flatten(), (tv - lse[:, None]).double().flatten()]
+        host = torch.cat(parts).tolist()
+        B = len(rows)
+        toks, lps, bad = [int(x) for x in host[:B]], host[B:2 * B], host[2 * B:3 * B]
+        for b, r in enumerate(rows):
+            if bad[b] and not r.req.cancelled:
+                r.req.queue.put(NumericalError(
                     "the model's next-token logits for this request are not finite (NaN or inf), so no token can be "
                     "drawn: an overflow in half precision, or damaged weights; try dtype=float32 or bfloat16"))
-                req.cancelled = True  # its rows leave at the next step (_leave)
-        for b, (r, t, lp) in enumerate(zip(rows, tokens.tolist(), lps.tolist())):
+                r.req.cancelled = True  # its rows leave at the next step (_leave)
+        for b, (r, t, lp) in enumerate(zip(rows, toks, lps)):
             if r.req.cancelled:
                 continue
             s = r.req.settings
             r.tokens.append(t)
             delta, reason = r.text.push(t, len(r.tokens) - r.n_prompt == s.max_new_tokens)
-            top = top_logprobs(logits[b:b + 1], s.logprobs, lse[b:b + 1])[0]
+            top = None
+            if s.logprobs:
+                at = 3 * B + b * k
+                top = list(zip((int(i) for i in host[at:at + s.logprobs]),
+                               host[3 * B + B * k + b * k:3 * B + B * k + b * k + s.logprobs]))
             r.req.queue.put(Event(r.prompt_index, r.sample_index, t, delta, lp, top, reason))
             if reason is not None:
                 self._free(r.slot, 'rows_finished')
