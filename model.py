@@ -181,16 +181,20 @@ def apply_rope(x, cos, sin):
 
 
 def attention(q, k, v, mask=None, causal=False, dropout=0.0):
-    """SDPA of q (B, nh, T, hs) over k, v (B, nkv, S, hs), with grouped-query attention (nkv < nh) on a fast kernel:
-    SDPA's enable_gqa is taken by CUDA's flash kernel alone, which refuses masks and fp32, so there (half precision
-    on CUDA, no mask) it is used, and otherwise keys and values are expanded to nh heads first, so the memory-efficient
-    kernel applies instead of the math one (which copies them per group anyway)."""
+    """SDPA of q (B, nh, T, hs) over k, v (B, nkv, S, hs), with grouped-query attention (nkv < nh) on a fast kernel.
+    On CUDA, SDPA's enable_gqa is taken by the flash kernel alone, which refuses masks and fp32: there (half
+    precision, no mask) it is used, and otherwise keys and values are expanded to nh heads first (expand_kv), so the
+    memory-efficient kernel applies instead of the math one. On the CPU, SDPA takes enable_gqa in its own kernels,
+    as before (so CPU runs stay bit for bit what they were)."""
     nh, nkv = q.size(1), k.size(1)
-    if nh != nkv:
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout, enable_gqa=True)
-        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+    if nh != nkv and q.is_cuda and not (q.dtype in (torch.float16, torch.bfloat16) and mask is None):
+        k, v = expand_kv(k, v, nh)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                          enable_gqa=nh != k.size(1))
+
+def expand_kv(k, v, nh):
+    """Keys and values (B, nkv, S, hs) repeated to nh heads, each serving its group of query heads."""
+    return k.repeat_interleave(nh // k.size(1), dim=1), v.repeat_interleave(nh // k.size(1), dim=1)
 
 
 class KVCache:
