@@ -157,18 +157,21 @@ def process_logits(logits, seen=None, counts=None, *, temperature=1.0, top_k=0, 
 
 def penalty_state(prompts, outputs, vocab_size, device, repetition_penalty, presence_penalty, frequency_penalty):
     """seen (B, V) bool over prompt+output for the repetition penalty, counts (B, V) over outputs for the OpenAI
-    penalties; None where that penalty is off (it costs a (B, V) tensor per step)."""
+    penalties; None where that penalty is off. Built on the device from the rows' token ids (one copy of the ids,
+    not of a (B, V) table)."""
     seen = counts = None
+
+    def where(lists):  # (row index, token id) of every token, as two index tensors on the device
+        rows = torch.tensor([b for b, ids in enumerate(lists) for _ in ids], dtype=torch.long)
+        ids = torch.tensor([t for ids in lists for t in ids], dtype=torch.long)
+        return rows.to(device), ids.to(device)
     if repetition_penalty != 1.0:
-        seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool)
-        for b, (p, o) in enumerate(zip(prompts, outputs)):
-            seen[b, p + o] = True
-        seen = seen.to(device)
+        seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+        seen[where([p + o for p, o in zip(prompts, outputs)])] = True
     if presence_penalty != 0.0 or frequency_penalty != 0.0:
-        counts = torch.zeros(len(outputs), vocab_size)
-        for b, o in enumerate(outputs):
-            counts[b].index_add_(0, torch.tensor(o, dtype=torch.long), torch.ones(len(o)))
-        counts = counts.to(device)
+        counts = torch.zeros(len(outputs), vocab_size, device=device)
+        r, t = where(outputs)
+        counts.index_put_((r, t), torch.ones(len(t), device=device), accumulate=True)
     return seen, counts
 
 def argmax(x, block=1024):
