@@ -240,7 +240,7 @@ def default_out(source, fmt, otype):
 def main():
     import hf
     from configurator import configure
-    from model import load_model
+    from model import check_tokenizer_fits, load_model
     configure(globals(), choices={'format': FORMATS, 'outtype': OUTTYPES})
     if outtype == 'q8_0' and format != 'gguf':
         raise ValueError("--outtype=q8_0 is a GGUF block format; for hf and safetensors use f32, f16 or bf16")
@@ -251,10 +251,7 @@ def main():
     if tok is None and format != 'safetensors':
         raise ValueError(f"{init_from} has no tokenizer, and a {format} export needs one; export --format=safetensors, "
                          "or use a source with tokenizer files")
-    if tok is not None and tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has ids up to {tok.vocab_size - 1}, beyond the model's embedding of "
-                         f"{model.config.vocab_size} rows, so those tokens have no weights; train with vocab_size "
-                         ">= the tokenizer's (50304 pads GPT-2's 50257 with room for the chat tokens)")
+    check_tokenizer_fits(model.config, tok)  # for every format, before anything is written
     if format == 'gguf':
         write_gguf(model, tok, path, outtype, name=os.path.basename(os.path.normpath(init_from)))
         if tok.eot is None:

@@ -558,10 +558,7 @@ class GPT(nn.Module):
         from safetensors.torch import save_file
         import hf
         hf_config = hf.config_to_hf(self.config, eot=getattr(tokenizer, 'eot', None))  # refuses what HF can't hold
-        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
-            raise ValueError(f"the tokenizer has ids up to {tokenizer.vocab_size - 1}, beyond the model's embedding of "
-                             f"{self.config.vocab_size} rows (e.g. chat tokens above GPT-2's 50257): those ids have no "
-                             "weights. Train with vocab_size >= the tokenizer's (50304 pads GPT-2's), or drop them")
+        check_tokenizer_fits(self.config, tokenizer)
         os.makedirs(out_dir, exist_ok=True)
         hf_config['torch_dtype'] = hf_config['dtype'] = str(next(self.parameters()).dtype).replace('torch.', '')
         sd = {k: v.contiguous() for k, v in hf.state_dict_to_hf(self.state_dict(), self.config).items()}
@@ -578,6 +575,14 @@ class GPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 5) checkpoints and model sources
+
+def check_tokenizer_fits(config, tokenizer):
+    """ValueError when the tokenizer has ids the embedding has no rows for (e.g. chat tokens above GPT-2's 50257 on
+    a 50257-row model): an export would write tokens without weights. None (no tokenizer) passes."""
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has ids up to {tokenizer.vocab_size - 1}, beyond the model's embedding of "
+                         f"{config.vocab_size} rows, so those tokens have no weights; train with vocab_size >= the "
+                         "tokenizer's (50304 pads GPT-2's 50257 with room for the chat tokens), or drop them")
 
 def write_atomic(path, write):
     """Write a file so that a crash, or a second writer, never leaves it half-written: write(f) fills a temp file of
