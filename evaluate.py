@@ -371,9 +371,8 @@ def run_code(model, tok, rows, max_new_tokens=256, n_samples=1, ks=(1,), timeout
         shown.update(k)
     passed = [sum(ok for _, ok, _ in v) for v in verdicts]
     items = {f'pass@{k}': [pass_at_k(n_samples, c, k) for c in passed] for k in ks}
-    return {'metrics': {k: sum(v) / len(v) for k, v in items.items()}, 'items': items,
-            'stderr': {k: (sum((x - sum(v) / len(v)) ** 2 for x in v) / max(1, len(v) - 1) / len(v)) ** 0.5
-                       for k, v in items.items()},
+    headline = {k: sum(v) / len(v) for k, v in items.items()}
+    return {'metrics': headline, 'items': items, 'stderr': standard_errors(items, headline),
             'samples': [[{'completion': t, 'passed': ok, 'why': why} for t, ok, why in v] for v in verdicts],
             'settings': {'n_samples': n_samples, 'ks': list(ks), 'timeout_s': timeout_s, 'memory_mb': memory_mb,
                          'max_new_tokens': max_new_tokens, 'stop': CODE_STOPS, 'seed': seed, **sampling}}
@@ -419,12 +418,15 @@ def run_benchmark(model, tok, path, metrics=('exact_match',), normalize=str.stri
             answers = [c.text.strip() for c in done]
         headline, items = score_generation(answers, rows, metrics, normalize)
         out['answers'] = answers
-    n = len(rows)
     out['metrics'] = headline
-    out['stderr'] = {k: (sum((x - headline[k]) ** 2 for x in v) / max(1, n - 1) / n) ** 0.5
-                     for k, v in items.items() if k in headline}
+    out['stderr'] = standard_errors(items, headline)
     out['items'] = items
     return out
+
+def standard_errors(items, headline):
+    """The standard error of each headline mean over its per-item scores: sample standard deviation / sqrt(n)."""
+    return {k: (sum((x - headline[k]) ** 2 for x in v) / max(1, len(v) - 1) / len(v)) ** 0.5
+            for k, v in items.items() if k in headline}
 
 def template_table(results, n_boot=1000, seed=1337):
     """Print the benchmark's first metric under each (template, shots) with a 95% bootstrap interval, and the
