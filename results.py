@@ -199,8 +199,8 @@ def checkpoint_sources(run_dir):
     for path in sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt'))) + \
             [os.path.join(run_dir, name) for name in ('best.pt', 'ckpt.pt')]:
         if os.path.isfile(path):
-            try:  # mmap: read the iteration number without reading the weights
-                by_iter[int(torch.load(path, map_location='cpu', weights_only=True, mmap=True)['iter_num'])] = path
+            try:  # mmap: read the iteration number without reading the weights (cached for the page's registry)
+                by_iter[int(_checkpoint_info(path)[0])] = path
             except Exception as e:
                 raise ValueError(f'checkpoint {path} is unreadable or holds no iter_num ({type(e).__name__}); '
                                  'delete it, or restore it from a backup') from None
