@@ -15,7 +15,8 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
 decode: tokens/s of greedy decoding with the KV cache (sample.generate) for a GPT-2-124M-shaped and
 a Llama-shaped model with random weights, side by side with Hugging Face `generate` on identical
 weights (written with save_pretrained), at each batch size; the speed-up over no-cache generation
-at `nocache_tokens` new tokens; and time to first token for a `ttft_prompt`-token prompt.
+at `nocache_tokens` new tokens; and time to first token for a `ttft_prompt`-token prompt. With decode_compile,
+also sample.py --compile's path: the same generate on a torch.compile'd model (decode steps compiled, prefill eager).
 Ours and theirs run interleaved, best of `repeats`, so both see the same machine state.
 
 train: ms/iter, tokens/s and MFU of train.py's training step (forward, backward, clip, fused AdamW) on
@@ -67,6 +68,7 @@ nocache_tokens = 256          # new tokens for the cache vs no-cache comparison 
 ttft_prompt = 256             # prompt length for time to first token (batch 1)
 repeats = 2                   # best of this many runs, ours and Hugging Face interleaved
 hf = True                     # also time Hugging Face generate on identical weights
+decode_compile = True         # decode: also time sample.py --compile's path (torch.compile'd decode steps)
 device = 'cpu'                # 'cpu' | 'cuda' | 'auto'
 dtype = 'float32'             # 'auto' | 'float32' | 'bfloat16' | 'float16'
 seed = 1337                   # weights and prompts
@@ -135,19 +137,26 @@ def bench_decode(name):
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=ptdtype).to(device).eval()
     for_inference(model)  # what sample.py and serve.py decode with (the CPU head layout; a no-op elsewhere)
     V = model.config.vocab_size
+    compiled = torch.compile(model) if decode_compile else None
     rows = []
     # 1) decode tokens/s at each batch size (greedy, no stop token so every row makes new_tokens)
     for B in [int(b) for b in batch_sizes.split(',')]:
         x = torch.randint(0, V, (B, prompt_len), device=device)
-        ours = lambda: generate(model, x.tolist(), new_tokens, temperature=0.0, stop_tokens=())
+        ours = lambda m=model: generate(m, x.tolist(), new_tokens, temperature=0.0, stop_tokens=())
         fns = [ours] + ([lambda: hf_generate(hf_model, x, new_tokens)] if hf_model else [])
+        if compiled is not None:  # compiled once per batch size, untimed (the storage grows past 64 tokens: twice)
+            print(f"decode B={B}: torch.compile {timed(lambda: ours(compiled)):.1f} s (first call)")
+            fns.append(lambda: ours(compiled))
         t = best_of(fns)
         tps = [B * new_tokens / s for s in t]
         row = f"decode B={B}: ours {tps[0]:.1f} tok/s"
         if hf_model:
             row += f", HF generate {tps[1]:.1f} tok/s, ratio {tps[0] / tps[1]:.2f}x"
-        print(row)
         rows.append((name, f'decode tok/s, batch {B}', tps[0], tps[1] if hf_model else None))
+        if compiled is not None:
+            row += f", compiled {tps[-1]:.1f} tok/s ({tps[-1] / tps[0]:.2f}x eager)"
+            rows.append((name, f'decode tok/s, batch {B}, compiled', tps[-1], tps[1] if hf_model else None))
+        print(row)
     # 2) KV cache vs recomputing the whole context every step
     x = torch.randint(0, V, (1, prompt_len), device=device).tolist()
     t_cache, t_nocache = best_of([lambda: generate(model, x, nocache_tokens, temperature=0.0, stop_tokens=()),

@@ -241,7 +241,10 @@ class Engine:
     last block_size tokens)."""
     def __init__(self, model, tokenizer=None, *, max_batch=16, max_rows=None, max_prompt_tokens=None,
                  prefill_chunk=512, max_beam_slots=None, use_cache=True):
-        self.model, self.tok, self.max_batch, self.use_cache = model, tokenizer, max_batch, use_cache
+        # a torch.compile'd model decodes compiled and prefills eagerly: prompt chunks come in every length, and a
+        # compiled forward would compile again for each; decode steps keep their shapes (KVCache static)
+        self.model, self.decoder = getattr(model, '_orig_mod', model), model
+        self.tok, self.max_batch, self.use_cache = tokenizer, max_batch, use_cache
         self.max_beam_slots = max_batch if max_beam_slots is None else max_beam_slots
         self.max_rows, self.max_prompt_tokens, self.prefill_chunk = max_rows, max_prompt_tokens, prefill_chunk
         p = next(model.parameters())
@@ -429,7 +432,8 @@ class Engine:
     def _place(self, req, pi, slots):
         s, prompt = req.settings, req.prompts[pi]
         if self.cache is None and self.use_cache:
-            self.cache = KVCache(self.model.config, self.max_batch, min(self.block_size, 64), self.device, self.dtype)
+            self.cache = KVCache(self.model.config, self.max_batch, min(self.block_size, 64), self.device, self.dtype,
+                                 static=self.decoder is not self.model)
         req.running += len(slots)
         if s.num_beams > 1:
             g = Beams(req, pi, slots)
@@ -487,7 +491,7 @@ class Engine:
         self.stats['prefill_tokens'] += off - hi
         self.stats['chunks'] += len(chunks)
         c.schedule(decode=hi, real=real, chunks=[(r.slot, T) for r, T in chunks])
-        logits = self.model(torch.tensor([ids], device=self.device), cache=c,
+        logits = (self.model if chunks else self.decoder)(torch.tensor([ids], device=self.device), cache=c,
                             logits_at=torch.tensor(want, dtype=torch.long, device=self.device))[0][0, :, :self.V].float()
         for r, i, n, targets in scoring:  # the prompt's scores, kept as they come: no (T, V) logits are held
             lg = logits[i:i + n]

@@ -207,10 +207,13 @@ class KVCache:
       - chunks: (slot, T) runs of T tokens appended to one slot (a prompt being prefilled), attention per chunk
     so a step can prefill prompts and decode every other row in the same matrix multiplies. Without schedule(), a
     (B, T) input appends T tokens to each of slots 0..B-1.
+    static=True (a compiled decode step, engine.py): every decode step attends over the whole storage, masked, so
+    its shapes change only when the storage grows or the number of decoding slots changes, and torch.compile does
+    not compile again for every new length.
     """
-    def __init__(self, config, slots, max_len, device, dtype):
-        self.config, self.device, self.dtype = config, device, dtype
-        self.lengths = [0] * slots  # tokens held by each slot
+    def __init__(self, config, slots, max_len, device, dtype, static=False):
+        self.config, self.device, self.dtype, self.static = config, device, dtype, static
+        self.lengths = [0] * slots  # tokens held by each slot, counting those of the scheduled forward
         self.k, self.v, self.max_len, self.plan, self.pos = [], [], 0, None, None
         self.reserve(max_len)
 
@@ -246,14 +249,17 @@ class KVCache:
     def schedule(self, decode=0, real=None, chunks=()):
         """Lay out the next forward's tokens: one for each slot in [0, decode) (real[s] False: a throwaway token),
         then each (slot, T) chunk -> positions (1, N) of those tokens. Grows the storage if the tokens need room;
-        masks are built here, once for all layers."""
+        masks are built here, once for all layers, and the slots' lengths count the new tokens from here on.
+        subtle: all the bookkeeping is here, outside the forward, so a compiled forward reads no Python number that
+        changes every step (torch.compile would guard on it and compile again)."""
         real = [True] * decode if real is None else real
         self.reserve(max([self.lengths[s] + 1 for s in range(decode) if real[s]] +
                          [self.lengths[s] + T for s, T in chunks], default=0))
         starts = [min(self.lengths[s], self.max_len - 1) for s in range(decode)]
-        S = max(starts, default=-1) + 1
+        static = self.static and not chunks  # a compiled decode step (a step with chunks runs eagerly)
+        S = self.max_len if static else max(starts, default=-1) + 1
         dmask = None
-        if decode and min(starts) != S - 1:  # rows of different lengths: each sees only its own keys
+        if decode and (static or min(starts) != S - 1):  # rows of different lengths: each sees only its own keys
             dmask = torch.arange(S, device=self.device)[None, :] <= torch.tensor(starts, device=self.device)[:, None]
             dmask = dmask.view(decode, 1, 1, S)
         segs = []
@@ -262,15 +268,19 @@ class KVCache:
             mask = None if c == 0 else torch.ones(T, c + T, dtype=torch.bool, device=self.device).tril(c)
             segs.append((slot, c, T, mask))
         rows = torch.arange(decode, device=self.device)
-        self.plan = (decode, real, rows, torch.tensor(starts, dtype=torch.long, device=self.device), S, dmask, segs)
+        self.plan = (decode, rows, torch.tensor(starts, dtype=torch.long, device=self.device), S, dmask, segs)
         pos = starts + [p for _, c, T, _ in segs for p in range(c, c + T)]
         self.pos = torch.tensor([pos], dtype=torch.long, device=self.device)
+        for s in range(decode):  # throwaway tokens are not kept
+            self.lengths[s] += bool(real[s])
+        for slot, T in chunks:
+            self.lengths[slot] += T
         return self.pos
 
     def attend(self, layer, q, k, v):
         """Store this step's keys/values and attend over each row's own context. q (1, nh, N, hs), k/v (1, nkv, N, hs)
         -> (1, nh, N, hs)."""
-        decode, real, rows, starts, S, dmask, segs = self.plan
+        decode, rows, starts, S, dmask, segs = self.plan
         K, V, ys, off = self.k[layer], self.v[layer], [], decode
         if decode:
             if dmask is None:  # all at one position (S - 1): a slice write, cheaper than index_put
@@ -294,15 +304,6 @@ class KVCache:
                                 mask, mask is None and T > 1))
             off += T
         return torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
-
-    def advance(self):
-        """After the forward: each slot holds the tokens it was fed (throwaway tokens are not kept)."""
-        decode, real, _, _, _, _, segs = self.plan
-        for s in range(decode):
-            self.lengths[s] += bool(real[s])
-        for slot, _, T, _ in segs:
-            self.lengths[slot] += T
-        self.plan = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -459,7 +460,7 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.transformer.h):
             x = block(x, rope, cache, layer, trace)
         if cache is not None:
-            cache.advance()
+            cache.plan = None  # the layout is spent: the next forward needs its own schedule()
         x = self.transformer.ln_f(x)
         if hidden:
             return x, None

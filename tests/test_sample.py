@@ -77,6 +77,25 @@ def test_cache_equals_no_cache_and_single_prompts(arch):
 
 
 @pytest.mark.parametrize('arch', ARCHS)
+def test_compiled_decode_is_one_graph_and_equals_eager(arch):
+    """sample.py --compile: a torch.compile'd model decodes compiled (prefill stays eager). fullgraph=True raises at
+    any graph break in the decode step; the compiler's own counters show it compiled once, and once more when the
+    cache storage grew (64 -> 128 tokens; the size is dynamic from then on), not once per step; and the tokens and
+    logprobs are the eager cache path's. backend='eager' runs dynamo's capture alone (inductor: bench.py)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    m = tiny(arch, block_size=256)
+    compiled = torch.compile(m, backend='eager', fullgraph=True)
+    a = generate(m, PROMPTS, 90, temperature=0, num_samples=2, logprobs=2)
+    b = generate(compiled, PROMPTS, 90, temperature=0, num_samples=2, logprobs=2)
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    assert sum((c.token_logprobs for c in a), []) == pytest.approx(sum((c.token_logprobs for c in b), []), abs=1e-5)
+    assert counters['stats']['unique_graphs'] == 2, dict(counters['stats'])
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize('arch', ARCHS)
 def test_greedy_and_beam_match_huggingface(arch, tmp_path):
     transformers = pytest.importorskip('transformers')
     m = tiny(arch)
