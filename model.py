@@ -672,14 +672,10 @@ def load_model(source, device='cpu', dtype=torch.float32):
       - a hub name such as 'gpt2' (needs the network)
     Returns (model in eval mode, tokenizer, checkpoint dict or {} for HF sources)."""
     import tokenizer as tok_lib
-    if source.endswith('.safetensors') and os.path.isfile(source):  # export.py's weights-only file
-        ckpt = load_weights_file(source)
-        model = model_from_checkpoint(ckpt, source)
-        tok = tok_lib.from_spec(ckpt['tokenizer']) if ckpt.get('tokenizer') else None
-        return model.to(device=device, dtype=dtype).eval(), tok, ckpt
+    weights_only = source.endswith('.safetensors') and os.path.isfile(source)  # export.py's weights-only file
     is_ckpt = source.endswith('.pt') or (os.path.isdir(source) and os.path.exists(os.path.join(source, 'ckpt.pt')))
-    if is_ckpt:
-        ckpt = load_checkpoint(source)
+    if is_ckpt or weights_only:
+        ckpt = load_weights_file(source) if weights_only else load_checkpoint(source)
         model = model_from_checkpoint(ckpt, source)
         tok = tok_lib.from_spec(ckpt['tokenizer']) if ckpt.get('tokenizer') else None
     elif os.path.isdir(source) and not os.path.exists(os.path.join(source, 'config.json')):
