@@ -139,16 +139,27 @@ PRESETS = {
     'repetition': dict(temperature=0.0, repetition_penalty=1.3),    # greedy + CTRL penalty (Keskar et al. 2019)
 }
 
+def _file_or_text(value, what, flag):
+    """A flag's text, or with FILE:path the file's (what names it in the error)."""
+    if not value.startswith('FILE:'):
+        return value
+    try:
+        return open(value[5:], encoding='utf-8').read()
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} file {value[5:]} ({e.strerror}); check --{flag}=FILE:path") from None
+
+def _chat_stops(opts, tok):
+    """opts for a reply in the chat template: it ends at the end of its turn."""
+    return dict(opts, stop_tokens=set(tok.chat_stop_tokens), stop_strings=tok.stop_strings + opts['stop_strings'])
+
 def _prompt_ids(tok):
     if template:  # prompts.py: a text template is encoded, a chat one rendered with the chat template
         import json
         import prompts
-        raw = variables
+        raw = _file_or_text(variables, 'variables', 'variables')
         try:
-            if raw.startswith('FILE:'):
-                raw = open(raw[5:], encoding='utf-8').read()
             values = json.loads(raw) if raw.strip() else {}
-        except (OSError, ValueError) as e:
+        except ValueError as e:
             raise ValueError(f"--variables must be a JSON object or FILE:path of one ({e}); e.g. "
                              f"--variables='{{\"text\": \"...\"}}'") from None
         if not isinstance(values, dict):
@@ -157,12 +168,7 @@ def _prompt_ids(tok):
             return prompts.prompt_ids(tok, template, values, cot)
         except KeyError as e:
             raise ValueError(e.args[0]) from None
-    text = start
-    if text.startswith('FILE:'):
-        try:
-            text = open(text[5:], encoding='utf-8').read()
-        except OSError as e:
-            raise ValueError(f"cannot read the prompt file {start[5:]} ({e.strerror}); check --start=FILE:path") from None
+    text = _file_or_text(start, 'prompt', 'start')
     ids = [tok.eot] if text == '' and tok.eot is not None else tok.encode(text)  # '': unconditional, as GPT-2
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give --start=TEXT")
@@ -171,7 +177,7 @@ def _prompt_ids(tok):
 def _chat(model, tok, opts):
     """A REPL: the whole history is rendered with the chat template each turn; the reply stops at end-of-turn."""
     messages = []
-    opts = dict(opts, stop_tokens=set(tok.chat_stop_tokens), stop_strings=tok.stop_strings + opts['stop_strings'])
+    opts = _chat_stops(opts, tok)
     print('chat: type a message; /exit or Ctrl-D quits', file=sys.stderr)
     while True:
         try:
@@ -216,7 +222,7 @@ def main():
     if template:
         import prompts
         if prompts.is_chat(template):  # a chat template's reply ends at the end of its turn, as in --chat
-            opts.update(stop_tokens=set(tok.chat_stop_tokens), stop_strings=tok.stop_strings + opts['stop_strings'])
+            opts = _chat_stops(opts, tok)
     for name in presets:  # --compare: one labelled block per strategy, same prompt, same seed
         neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, num_beams=1, repetition_penalty=1.0,
                        presence_penalty=0.0, frequency_penalty=0.0)
