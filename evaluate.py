@@ -525,12 +525,9 @@ if __name__ == '__main__':
         else:
             fail('--shots needs --shots_file=JSONL of {question, answer} rows (or --benchmark=tasks)')
     if template:
-        import prompts
-        try:
+        try:  # each template checked before any model loads (templated's check)
             for t in template.split(','):
-                if t.strip() and len(prompts.variables(t.strip())) != 1:
-                    raise ValueError(f"template '{t.strip()}' takes {prompts.variables(t.strip())}; a benchmark "
-                                     "template takes one variable, which the row's prompt fills")
+                templated(t.strip())
         except (KeyError, ValueError) as e:
             fail(e.args[0])
     torch.manual_seed(seed)
