@@ -216,12 +216,12 @@ rarest tokens' odds."""
 
 def choose(logits, rows):
     """The one token choice, for a batch of rows of any requests: logits (B, V) raw -> (tokens (B,), raw logprobs of
-    those tokens (B,), logsumexp (B,) to turn any raw logit into its logprob, bad: the indices of rows whose logits
-    are not finite, [] almost always). Rows with equal settings are processed together (each processor works row by
+    those tokens (B,), logsumexp (B,) to turn any raw logit into its logprob, broken (B,) bool: the rows whose logits
+    are not finite). Rows with equal settings are processed together (each processor works row by
     row, so a row gets the same distribution alone or in company); greedy rows take the argmax; the others draw with
     their own rng. No (B, V) log-softmax is made: logprobs come from the chosen logits and one logsumexp per row.
     A row whose logits hold NaN or inf (an fp16 overflow) is decoded from zeros instead, so its neighbours go on;
-    `broken` (B,) bool marks it and the caller fails its request (engine.py). Nothing here waits for the device
+    `broken` marks it and the caller fails its request (engine.py). Nothing here waits for the device
     (but draw's rare check on the CPU): the caller fetches tokens, logprobs and broken in one transfer."""
     lse = torch.logsumexp(logits, dim=-1)
     broken = ~torch.isfinite(lse)  # NaN anywhere, or +inf, makes the row's logsumexp non-finite

@@ -548,10 +548,9 @@ class Engine:
             r.tokens.append(t)
             delta, reason = r.text.push(t, len(r.tokens) - r.n_prompt == s.max_new_tokens)
             top = None
-            if s.logprobs:
+            if s.logprobs:  # row b's ids at 3B + bk, their logprobs B*k further on
                 at = 3 * B + b * k
-                top = list(zip((int(i) for i in host[at:at + s.logprobs]),
-                               host[3 * B + B * k + b * k:3 * B + B * k + b * k + s.logprobs]))
+                top = list(zip((int(i) for i in host[at:at + s.logprobs]), host[at + B * k:at + B * k + s.logprobs]))
             r.req.queue.put(Event(r.prompt_index, r.sample_index, t, delta, lp, top, reason))
             if reason is not None:
                 self._free(r.slot, 'rows_finished')
