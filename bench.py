@@ -53,9 +53,9 @@ import time
 
 import torch
 
-from common import configure_optimizer, optimizer_step
+from nanolab.training import configure_optimizer, optimizer_step
 from model import DTYPES, GPT, GPTConfig, autocast_ctx, peak_flops, resolve_device, resolve_dtype
-from quantize import for_inference
+from nanolab.quantize import for_inference
 from sample import generate
 
 # -----------------------------------------------------------------------------
@@ -85,7 +85,7 @@ llama_cpp_dir = ''            # llamacpp: a llama.cpp build (bin/, convert.sh); 
 llama_threads = 0             # llamacpp: threads for both sides; 0 = torch's default (one per core)
 llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one round each
 # -----------------------------------------------------------------------------
-from configurator import configure
+from nanolab.configurator import configure
 config = configure(globals(), choices={'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp',
                                                  'quantize'),
                                        'dtype': DTYPES})
@@ -238,7 +238,7 @@ def bench_train_run(name):
     """One whole `python train.py` run in a fresh process: (wall s, final val loss, training s when val <= 1.70 first)."""
     import subprocess
     import sys
-    from common import read_metrics
+    from nanolab.training import read_metrics
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, 'train.py', *TRAIN_RUNS[name], f'--out_dir={d}/out']
         t0 = time.time()
@@ -299,8 +299,8 @@ def bench_harness():
     import transformers
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    import harness
-    from tokenizer import TiktokenTokenizer
+    from nanolab import harness
+    from nanolab.tokenizer import TiktokenTokenizer
     logging.disable(logging.WARNING)  # lm-eval warns about every default it fills in, for every run
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
@@ -342,7 +342,7 @@ def bench_harness():
 
 RSS_PROBE = """
 import json, os, sys, torch
-import quantize
+from nanolab import quantize
 from model import GPT, GPTConfig, load_model
 from sample import generate
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -362,7 +362,7 @@ def bench_quantize(src):
     import subprocess
     import sys
     import evaluate
-    import quantize
+    from nanolab import quantize
     from model import load_model
     torch.manual_seed(seed)
     if src in SHAPES:
@@ -397,7 +397,7 @@ def bench_quantize(src):
 
 
 if __name__ == '__main__' and which in ('serve', 'fairness', 'llamacpp'):
-    import bench_serve  # the serving benchmarks live there; they read this file's settings
+    from nanolab import bench_serving as bench_serve  # the serving benchmarks live there; they read this file's settings
     if which == 'llamacpp':
         bench_serve.bench_llamacpp(config)
     elif which == 'fairness':

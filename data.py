@@ -35,12 +35,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-import tasks
-from formats import in_val, open_text, read_preferences, read_rows, read_sft
-from progress import Progress
-from clean import PLACEHOLDERS, Deduper, clean_corpus, clean_doc, doc_key, minhash, report
-from clean import normalize as normalize_text  # `normalize` is the flag below
-from tokenizer import EOT, BPETokenizer, CharTokenizer, TiktokenTokenizer, from_spec
+from nanolab import synthetic as tasks
+from nanolab.formats import in_val, open_text, read_preferences, read_rows, read_sft
+from nanolab.progress import Progress
+from nanolab.cleaning import PLACEHOLDERS, Deduper, clean_corpus, clean_doc, doc_key, minhash, report
+from nanolab.cleaning import normalize as normalize_text  # `normalize` is the flag below
+from nanolab.tokenizer import EOT, BPETokenizer, CharTokenizer, TiktokenTokenizer, from_spec
 
 # -----------------------------------------------------------------------------
 data_dir = 'data'             # datasets go to data_dir/<name>/, downloads to data_dir/_downloads/
@@ -70,7 +70,7 @@ jaccard = 0.8                 # near_dedup: 5-gram Jaccard similarity from which
 num_proc = 2                  # worker processes that clean and tokenize
 mb = 100.0                    # bench: MB of synthetic text
 # -----------------------------------------------------------------------------
-from configurator import settings_names
+from nanolab.configurator import settings_names
 CONFIG_KEYS = settings_names(__file__)  # the settings block above, not the constants below
 TOKENIZERS, DOC_SPLITS = ('auto', 'char', 'gpt2', 'bpe'), ('file', 'paragraph', 'line')
 CLEAN_KEYS = ('normalize', 'quality', 'min_words', 'max_symbol_ratio', 'max_dup_lines', 'mean_word_len',
@@ -578,7 +578,7 @@ def bench(cfg):
     print(f'bench: {size / 1e6:.0f} MB in {dt:.1f} s = {size / 1e6 / dt:.2f} MB/s; 1 GB would take {1e3 / (size / 1e6 / dt) / 60:.1f} min')
 
 def main(argv):
-    from configurator import configure
+    from nanolab.configurator import configure
     name, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith('-') and not argv[0].endswith('.py') else (None, argv)
     if '--help' in rest or '-h' in rest:
         print(__doc__.split('\n\n')[1] + '\n')  # the commands, then configure() lists the settings

@@ -46,7 +46,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from formats import read_preferences
+from nanolab.formats import read_preferences
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/dpo_tasks.py (see that file for the measured figures)
@@ -208,11 +208,11 @@ def pair_order(n, it, micro_step, batch_size, accum, seed):
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # the script: a visible loop, as in train.py
-    from progress import at  # i/N (p%), ETA
-    from common import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
+    from nanolab.progress import at  # i/N (p%), ETA
+    from nanolab.training import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
                         lora_disabled, lora_state, open_run, optimizer_step, restore_training, save_on_stop, set_lr,
                         start_loop, write_model_card)
-    from configurator import configure
+    from nanolab.configurator import configure
     from model import (DTYPES, autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype,
                        save_checkpoint, write_json)
     CHOICES = {'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
@@ -276,7 +276,7 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
     win_rows, ref_answers = [], []  # held-out prompts for the win rate, and the reference's answers to them
     if win_rate_prompts and dataset == 'tasks':  # the one dataset with a rule to judge answers by
         import evaluate
-        import tasks
+        from nanolab import synthetic as tasks
         win_rows = read_preferences(paths[1])[:win_rate_prompts]  # rule_score reads a row's prompt and chosen answer
 
     # 4) optimizer (on the trainable parameters only), random state, output directory

@@ -33,9 +33,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from progress import Progress
+from nanolab.progress import Progress
 from sample import generate
-from scoring import CODE_STOPS, GENERATION_METRICS, check_program, pass_at_k, score_generation  # evaluate.pass_at_k
+from nanolab.sandbox import CODE_STOPS, GENERATION_METRICS, check_program, pass_at_k, score_generation  # evaluate.pass_at_k
 
 # -----------------------------------------------------------------------------
 # defaults: perplexity of the CPU default model on its own validation split
@@ -334,7 +334,7 @@ def templated(template='', shots=0, examples=(), seed=1337):
     """A prompt transform for run_benchmark: k few-shot examples (prompts.few_shot, 'qa_pair', picked by seed) and
     the row's prompt put into `template`'s one variable ('' = the prompt as it is). A chat prompt's last turn is the
     text that goes in; a text template's result becomes that turn again, a chat template's messages replace it."""
-    import prompts
+    from nanolab import prompts
     if template and len(prompts.variables(template)) != 1:
         raise ValueError(f"template '{template}' takes {prompts.variables(template)}; a benchmark template takes one "
                          "variable, which the row's prompt fills")
@@ -433,7 +433,7 @@ def template_table(results, n_boot=1000, seed=1337):
     difference from the zero-shot run without a template (the first result when there is none) with a paired test
     on the same items (results.paired_test: exact McNemar for 0/1 scores)."""
     import numpy as np
-    from results import _bootstrap_means, paired_test
+    from nanolab.results import _bootstrap_means, paired_test
     key = next(iter(results[0]['items']))
     base = next((r for r in results if not r['settings']['template'] and r['settings']['shots'] == 0), results[0])
     print(f"\n| template | shots | {key} | 95% interval | vs {base['settings']['template'] or 'none'}, "
@@ -448,15 +448,15 @@ def template_table(results, n_boot=1000, seed=1337):
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
-    from configurator import configure
+    from nanolab.configurator import configure
     from model import DTYPES, autocast_ctx, load_model, resolve_device, resolve_dtype
-    from results import checkpoint_sources, save_result, show_leaderboard, update_model_card
-    from common import fail  # bad input: one line that names the problem and the fix, exit 1, no traceback
+    from nanolab.results import checkpoint_sources, save_result, show_leaderboard, update_model_card
+    from nanolab.training import fail  # bad input: one line that names the problem and the fix, exit 1, no traceback
     config = configure(globals(), choices={'normalize': ('strip', 'lower', 'tasks'),
                                            'dtype': DTYPES})
 
     if arena:  # the arena's statistics (arena.py), then exit
-        import arena as arena_stats_module  # `arena` is the setting
+        from nanolab import arena as arena_stats_module  # `arena` is the setting
         try:
             arena_stats_module.report(arena, bootstrap, seed, arena_judge, arena_to_pairs)
         except ValueError as e:
@@ -491,7 +491,7 @@ if __name__ == '__main__':
     results_dir = out_dir or (init_from if is_run else os.path.dirname(init_from) or '.' if init_from.endswith('.pt')
                               else 'eval-' + os.path.basename(os.path.normpath(init_from)))
     if normalize == 'tasks':
-        import tasks as tasks_suite
+        from nanolab import synthetic as tasks_suite
         norm = tasks_suite.normalize
     else:
         norm = NORMALIZERS[normalize]
@@ -500,7 +500,7 @@ if __name__ == '__main__':
         import data
         bench_path = os.path.join(data.prepare('tasks', data_dir=data_dir), 'val.jsonl')
         if normalize == 'strip':
-            import tasks as tasks_suite
+            from nanolab import synthetic as tasks_suite
             norm = tasks_suite.normalize
         if bench_metrics == 'exact_match,contains,bleu,rouge_l':  # the default: BLEU needs 4-grams, ROUGE-L = EM here
             bench_metrics = 'exact_match,contains'
@@ -517,8 +517,8 @@ if __name__ == '__main__':
             with open(shots_file, encoding='utf-8') as f:
                 shot_examples = [json.loads(line) for line in f if line.strip()]
         elif benchmark == 'tasks':  # the suite's training instructions and their concise answers
-            from formats import read_sft
-            import tasks as tasks_suite
+            from nanolab.formats import read_sft
+            from nanolab import synthetic as tasks_suite
             train = read_sft(os.path.join(os.path.dirname(bench_path), 'train.jsonl'))[:1000]
             shot_examples = [{'question': r['messages'][-2]['content'], 'answer': tasks_suite.normalize(r['messages'][-1]['content'])}
                              for r in train]
@@ -545,7 +545,7 @@ if __name__ == '__main__':
         base = {'model': init_from, 'checkpoint': where, 'iter': ckpt.get('iter_num')}
         jobs = []
         if tasks:
-            from harness import run_harness
+            from nanolab.harness import run_harness
             jobs.append(lambda: run_harness(model, tok, tasks, include_path, num_fewshot, limit, batch_size, output_path, ctx,
                                             os.path.basename(os.path.normpath(source)), confirm_run_unsafe_code))
         if bench_path:  # one result per (template, shots): benchmark:NAME, or benchmark:NAME[template=T,shots=K]

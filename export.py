@@ -96,7 +96,7 @@ def gguf_tensors(model):
 def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
     """model + tok as one GGUF file at path (written to a temp file, fsynced, renamed)."""
     import gguf
-    import hf
+    from nanolab import hf
     c = model.config
     hf.config_to_hf(c)  # refuses positions the architecture lacks (GGUF's gpt2 is learned, its llama RoPE)
     text_of, merges, specials = hf.byte_level_vocab(tok, unlisted_merges=True)  # refuses what it cannot say
@@ -238,8 +238,8 @@ def default_out(source, fmt, otype):
 
 
 def main():
-    import hf
-    from configurator import configure
+    from nanolab import hf
+    from nanolab.configurator import configure
     from model import check_tokenizer_fits, load_model
     configure(globals(), choices={'format': FORMATS, 'outtype': OUTTYPES})
     if outtype == 'q8_0' and format != 'gguf':

@@ -43,15 +43,15 @@ from dataclasses import asdict
 import torch
 
 import data as datasets
-from common import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
+from nanolab.training import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
                     lora_layers, lora_state, open_run, optimizer_step, restore_training, save_on_stop, set_lr,
                     start_loop, write_model_card)
 from evaluate import exact_match
-from formats import ROLES, in_val, read_rows, read_sft
+from nanolab.formats import ROLES, in_val, read_rows, read_sft
 from model import (autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint,
                    write_json)
-from progress import at  # i/N (p%), ETA
-from tokenizer import from_spec
+from nanolab.progress import at  # i/N (p%), ETA
+from nanolab.tokenizer import from_spec
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/sft_tasks.py (see that file for the measured figures)
@@ -100,7 +100,7 @@ device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cu
 dtype = 'auto'                # 'auto' (bf16/fp16 on GPUs, fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
 seed = 1337                   # LoRA init, data order and dropout
 # -----------------------------------------------------------------------------
-from configurator import configure
+from nanolab.configurator import configure
 from model import DTYPES
 CHOICES = {'lr_schedule': LR_SCHEDULES, 'em_normalize': ('strip', 'tasks'), 'dtype': DTYPES}
 config = configure(globals(), choices=CHOICES)
@@ -310,7 +310,7 @@ ckpt = None  # free the memory
 ctx = autocast_ctx(device, ptdtype)
 normalize = str.strip
 if em_normalize == 'tasks':
-    from tasks import normalize
+    from nanolab.synthetic import normalize
 
 @torch.no_grad()
 def estimate_loss():

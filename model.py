@@ -546,7 +546,7 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir, dtype=torch.float32):
         """A GPT built from a Hugging Face GPT-2 or Llama checkpoint: a local directory
         (config.json + safetensors/bin) or, when online, a hub name such as 'gpt2'."""
-        import hf
+        from nanolab import hf
         path = hf.local_dir(name_or_dir)
         config = hf.config_from_hf(json.load(open(os.path.join(path, 'config.json'))))
         model = cls(config)
@@ -557,7 +557,7 @@ class GPT(nn.Module):
         """Write a Hugging Face directory that transformers.AutoModelForCausalLM.from_pretrained loads
         with the same logits, plus tokenizer files for BPE tokenizers (so AutoTokenizer works too)."""
         from safetensors.torch import save_file
-        import hf
+        from nanolab import hf
         hf_config = hf.config_to_hf(self.config, eot=getattr(tokenizer, 'eot', None))  # refuses what HF can't hold
         check_tokenizer_fits(self.config, tokenizer)
         os.makedirs(out_dir, exist_ok=True)
@@ -671,7 +671,7 @@ def load_model(source, device='cpu', dtype=torch.float32):
       - a Hugging Face directory (config.json + safetensors/bin) of GPT-2 or Llama weights
       - a hub name such as 'gpt2' (needs the network)
     Returns (model in eval mode, tokenizer, checkpoint dict or {} for HF sources)."""
-    import tokenizer as tok_lib
+    from nanolab import tokenizer as tok_lib
     weights_only = source.endswith('.safetensors') and os.path.isfile(source)  # export.py's weights-only file
     is_ckpt = source.endswith('.pt') or (os.path.isdir(source) and os.path.exists(os.path.join(source, 'ckpt.pt')))
     if is_ckpt or weights_only:
@@ -685,7 +685,7 @@ def load_model(source, device='cpu', dtype=torch.float32):
         raise ValueError(f"model source '{source}' does not exist; give an out_dir with ckpt.pt, a .pt file, "
                          "a Hugging Face directory, or a hub name like 'gpt2'")
     else:
-        import hf
+        from nanolab import hf
         path = hf.local_dir(source)
         model, ckpt = GPT.from_pretrained(path), {}
         tok = hf.HFTokenizer(path) if any(os.path.exists(os.path.join(path, f)) for f in

@@ -124,11 +124,11 @@ def load_reward_model(source, device='cpu'):
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # the script: a visible loop, as in train.py
-    from progress import at  # i/N (p%), ETA
-    from common import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
+    from nanolab.progress import at  # i/N (p%), ETA
+    from nanolab.training import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
                         lora_state, open_run, optimizer_step, restore_training, save_on_stop, set_lr, start_loop,
                         write_model_card)
-    from configurator import configure
+    from nanolab.configurator import configure
     from dpo import load_pairs, pair_order, preference_files
     from model import DTYPES, autocast_ctx, load_model, resolve_device, resolve_dtype, save_checkpoint, write_json
     CHOICES = {'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}

@@ -103,13 +103,13 @@ def exact_kl(model, ref, x, y):
 if __name__ == '__main__':  # the script: a visible loop, as in train.py
     import data as datasets
     import evaluate
-    import tasks
-    from progress import at  # i/N (p%), ETA
-    from common import (LR_SCHEDULES, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr, open_run,
+    from nanolab import synthetic as tasks
+    from nanolab.progress import at  # i/N (p%), ETA
+    from nanolab.training import (LR_SCHEDULES, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr, open_run,
                         optimizer_step, restore_training, save_on_stop, set_lr, start_loop, write_model_card)
-    from configurator import configure
+    from nanolab.configurator import configure
     from dpo import collate_responses, pair_order
-    from formats import read_sft
+    from nanolab.formats import read_sft
     from model import (DTYPES, autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype,
                        save_checkpoint, write_json)
     from sample import generate

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator
 
-from engine import BeamStep, Engine, Event, Settings, beam_tree as grow_tree, prompt_lists
+from nanolab.engine import BeamStep, Engine, Event, Settings, beam_tree as grow_tree, prompt_lists
 
 @dataclass
 class Completion:
@@ -155,7 +155,7 @@ def _chat_stops(opts, tok):
 def _prompt_ids(tok):
     if template:  # prompts.py: a text template is encoded, a chat one rendered with the chat template
         import json
-        import prompts
+        from nanolab import prompts
         raw = _file_or_text(variables, 'variables', 'variables')
         try:
             values = json.loads(raw) if raw.strip() else {}
@@ -197,9 +197,9 @@ def _chat(model, tok, opts):
 
 def main():
     import torch
-    from configurator import configure
+    from nanolab.configurator import configure
     from model import DTYPES, load_model, resolve_device, resolve_dtype
-    from quantize import for_inference
+    from nanolab.quantize import for_inference
     configure(globals(), choices={'dtype': DTYPES, 'device': None})
     presets = [n.strip() for n in compare.split(',') if n.strip()]
     if any(n not in PRESETS for n in presets):
@@ -220,7 +220,7 @@ def main():
         return _chat(model, tok, opts)
     ids = _prompt_ids(tok)
     if template:
-        import prompts
+        from nanolab import prompts
         if prompts.is_chat(template):  # a chat template's reply ends at the end of its turn, as in --chat
             opts = _chat_stops(opts, tok)
     for name in presets:  # --compare: one labelled block per strategy, same prompt, same seed

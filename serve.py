@@ -42,14 +42,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 
-import prompts as library  # prompts.py: `prompts` is the token lists of a request
-from engine import (BeamStep, Engine, LimitError, NumericalError, PromptScores, Settings, SettingsError, adopt,
+from nanolab import prompts as library  # prompts.py: `prompts` is the token lists of a request
+from nanolab.engine import (BeamStep, Engine, LimitError, NumericalError, PromptScores, Settings, SettingsError, adopt,
                     beam_tree, start)
-from httpd import ApiError, GuardedHandler, Server
+from nanolab.httpd import ApiError, GuardedHandler, Server
 from model import DTYPES, TUNED, checkpoint_stage, load_model, model_sources, resolve_device, resolve_dtype
-from quantize import for_inference
-import views  # the endpoints behind the page's views
-from views import encode, flag, is_ids, number
+from nanolab.quantize import for_inference
+from nanolab import page_api as views  # the endpoints behind the page's views
+from nanolab.page_api import encode, flag, is_ids, number
 
 # -----------------------------------------------------------------------------
 init_from = 'out-shakespeare-char'  # model sources, comma-separated (out_dir, HF dir, hub name), or a dir of runs
@@ -367,7 +367,7 @@ def _load(h, body):
         first = next(iter(engines.values()))
         try:
             if not os.path.exists(path):  # a hub name: download here, not on the engine thread the others decode on
-                import hf
+                from nanolab import hf
                 path = hf.local_dir(path)
             engine = adopt(first, lambda: _engine(path, **first.options))
         except ValueError as e:  # load_model names what is wrong with the source and what to do
@@ -564,7 +564,7 @@ def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', all
     return server
 
 def main():
-    from configurator import configure
+    from nanolab.configurator import configure
     configure(globals(), choices={'dtype': DTYPES, 'device': None, 'quantize': ('', 'int8')})
     key = api_key or os.environ.get('NANOLAB_API_KEY', '')  # the environment keeps it out of the process list
     dev = resolve_device(device)

@@ -34,13 +34,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datasets
-from common import (MetricsLogger, StepTimer, catch_stop, checkpoint_dict, configure_optimizer, diverged, fail,
+from nanolab.training import (MetricsLogger, StepTimer, catch_stop, checkpoint_dict, configure_optimizer, diverged, fail,
                     get_lr, open_run, open_trackers, optimizer_step, plot_loss_svg, restore_training, save_on_stop,
                     set_lr, write_model_card)
 from model import (GPT, GPTConfig, autocast_ctx, load_model, model_from_checkpoint, resolve_device,
                    resolve_dtype, save_checkpoint, write_atomic, write_json)
 from model import peak_flops as model_peak_flops
-from progress import at  # i/N (p%), ETA
+from nanolab.progress import at  # i/N (p%), ETA
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/shakespeare_char.py (see that file for the measured figures)
@@ -99,8 +99,8 @@ backend = 'auto'              # DDP backend: 'auto' (nccl on GPU, gloo on CPU) |
 seed = 1337                   # model init, data order and dropout
 peak_flops = 0.0              # FLOP/s that MFU divides by; 0 = auto: the GPU's dense peak for dtype (model.PEAK_FLOPS), 163e9 on CPU (measured)
 # -----------------------------------------------------------------------------
-from configurator import configure
-from common import LR_SCHEDULES, OPTIMIZERS
+from nanolab.configurator import configure
+from nanolab.training import LR_SCHEDULES, OPTIMIZERS
 from model import ARCHS, DTYPES, POSITIONS
 DDP_TIMEOUT = datetime.timedelta(hours=1)  # collectives wait this long for rank 0's data preparation, evals and saves
 CHOICES = {'arch': ARCHS, 'positions': ('', *POSITIONS), 'lr_schedule': LR_SCHEDULES, 'backend': ('auto', 'nccl', 'gloo'), 'dtype': DTYPES,

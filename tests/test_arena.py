@@ -7,7 +7,7 @@ import random
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from arena import (WINNERS, append_judgment, arena_stats, bradley_terry, cohen_kappa, fleiss_kappa, read_judgments,
+from nanolab.arena import (WINNERS, append_judgment, arena_stats, bradley_terry, cohen_kappa, fleiss_kappa, read_judgments,
                    to_pairs)
 
 
@@ -105,7 +105,7 @@ def test_evaluate_arena_writes_arena_json_and_pairs_dpo_reads(tmp_path):
     import os
     import runpy
     import sys
-    from formats import read_preferences
+    from nanolab.formats import read_preferences
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     d = tmp_path / 'arena'
     for k, (w, who) in enumerate([('a', 'x'), ('b', 'x'), ('a', 'y'), ('tie', 'y')]):
@@ -129,7 +129,7 @@ def test_evaluate_arena_writes_arena_json_and_pairs_dpo_reads(tmp_path):
     from dataclasses import asdict
     from model import GPT, GPTConfig, save_checkpoint
     from reward import RewardModel, load_reward_model
-    from tokenizer import CharTokenizer
+    from nanolab.tokenizer import CharTokenizer
     tok = CharTokenizer(chars=' 0123456789:?Aabcdefghijklmnopqrstuvwxyz\nSU')
     torch.manual_seed(0)
     rm = RewardModel(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=tok.vocab_size)))

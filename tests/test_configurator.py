@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # don't depend on conftest.py for the import
-from configurator import configure
+from nanolab.configurator import configure
 
 CHOICES = {'init_from': None, 'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
 
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""\
     betas = (0.9, 0.95)      # AdamW betas
     n_kv_head = None         # None = n_head
     # -----------------------------------------------------------------------------
-    from configurator import configure
+    from nanolab.configurator import configure
     config = configure(globals(), choices={CHOICES!r})
     print('RESULT', max_iters, learning_rate, compile)
     """).replace('{CHOICES!r}', repr(CHOICES))
@@ -44,7 +44,7 @@ def fake_globals(tmp=[]):
         with open(tmp[0], 'w') as f:
             f.write(SCRIPT)
     g = {'__name__': '__main__', '__file__': tmp[0], '_private': 1, 'configure': configure}
-    exec(SCRIPT.split('from configurator')[0], g)  # run only the hyperparameter block
+    exec(SCRIPT.split('from nanolab.configurator')[0], g)  # run only the hyperparameter block
     g['ARCHS'] = ('gpt2', 'llama')  # a tuple constant after the block: not a setting
     return g
 

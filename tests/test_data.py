@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import requests
 
-import clean
+from nanolab import cleaning as clean
 import data
-from tokenizer import from_spec
+from nanolab.tokenizer import from_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _rng = random.Random(0)

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import read_metrics  # tests/conftest.py puts the repo root on sys.path
+from nanolab.training import read_metrics  # tests/conftest.py puts the repo root on sys.path
 from evaluate import win_rate
 from dpo import collate, encode_pair, load_pairs, preference_loss, response_logps
 from model import GPT, GPTConfig, load_model, save_checkpoint
-from tokenizer import CharTokenizer
+from nanolab.tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DPO = os.path.join(ROOT, 'dpo.py')

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import BeamStep, Engine, Event, LimitError, PromptScores, Settings, SettingsError
+from nanolab.engine import BeamStep, Engine, Event, LimitError, PromptScores, Settings, SettingsError
 from sample import generate
 from test_sample import PROMPTS, tiny  # the same sharp tiny models
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import evaluate
 from model import GPT, GPTConfig
-from tokenizer import CharTokenizer
+from nanolab.tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = 'the cat sat on the mat. a dog ran to the cat; the cat ran away!\n'
@@ -150,7 +150,7 @@ def test_cli_errors_exit_cleanly(tmp_path):
 def test_templated_prompts_and_few_shot_prefixes():
     """evaluate.templated: a template's one variable takes the row's prompt (its last turn for chat rows), k seeded
     examples go first; a template with two variables is refused."""
-    import prompts
+    from nanolab import prompts
     from evaluate import templated
     ex = [{'question': f'q{i}', 'answer': f'a{i}'} for i in range(10)]
     chat = [{'role': 'user', 'content': 'Reverse kfeo'}]

@@ -16,7 +16,7 @@ import torch
 import export
 from model import GPTConfig, load_model
 from test_serve import ROOT, save_run  # tests/ is on sys.path while pytest collects it
-from tokenizer import CharTokenizer, TiktokenTokenizer, bytes_to_unicode
+from nanolab.tokenizer import CharTokenizer, TiktokenTokenizer, bytes_to_unicode
 
 gguf = pytest.importorskip('gguf')
 CHARS = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :.,!?\n' + 'é€'  # two chars of 2 and 3 bytes

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import tasks
-from common import read_metrics
+from nanolab import synthetic as tasks
+from nanolab.training import read_metrics
 from model import GPT, GPTConfig, load_model, save_checkpoint
-from tokenizer import CharTokenizer
+from nanolab.tokenizer import CharTokenizer
 
 FINETUNE = os.path.join(ROOT, 'finetune.py')
 TOK = CharTokenizer(chars=''.join(sorted(set(tasks.ALPHABET))))
@@ -179,7 +179,7 @@ def test_bad_input_is_an_error_naming_file_and_row_or_a_counted_skip(setup, tmp_
 
 
 def test_recipes_are_valid_and_the_default_is_sft_tasks():
-    from configurator import configure, read_settings
+    from nanolab.configurator import configure, read_settings
     defaults = read_settings(FINETUNE)
     for name in ('sft_tasks', 'sft_tasks_lora', 'sft_alpaca', 'sft_lora'):  # unknown keys, wrong types: errors
         configure(dict(defaults, __file__=FINETUNE), argv=[os.path.join(ROOT, 'configs', f'{name}.py')], verbose=False)

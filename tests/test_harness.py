@@ -11,10 +11,10 @@ import random
 import pytest
 import torch
 
-import harness
+from nanolab import harness
 from model import GPT, GPTConfig  # tests/conftest.py puts the repo root on sys.path
 from sample import generate
-from tokenizer import TiktokenTokenizer
+from nanolab.tokenizer import TiktokenTokenizer
 
 BLOCK = 64  # small, so long documents roll over several windows and long contexts get truncated
 WORDS = 'the cat dog sat on a mat red blue green sun moon star tree river hill , .'.split()

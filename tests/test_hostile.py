@@ -177,7 +177,7 @@ def test_idle_and_trickling_connections_cannot_lock_others_out(srv):
 
 
 def test_attention_maps_are_bounded(srv, monkeypatch):
-    import views
+    from nanolab import page_api as views
     body = {'model': 'char', 'prompt': 'abcd'}  # 2 layers x 4 heads x 4 x 4 = 128 numbers
     full = call(srv, 'POST', '/v1/attention', body)[1]['attentions']
     monkeypatch.setattr(views, 'ATTENTION_VALUES', 100)
@@ -208,8 +208,8 @@ def test_a_failure_mid_stream_sends_an_error_event_and_no_done(srv, monkeypatch)
 
 def test_json_writers_write_non_finite_numbers_as_null(tmp_path):
     import math
-    import results
-    from common import MetricsLogger
+    from nanolab import results
+    from nanolab.training import MetricsLogger
     strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f'bare {c} in JSON'))
     log = MetricsLogger(str(tmp_path / 'metrics.jsonl'))
     log.log(iter=10, loss=math.nan, val_loss=math.inf, lr=3e-4)

@@ -2,7 +2,7 @@
 every_s, the last always) and on a terminal (one line rewritten in place), and the trainers' log lines."""
 import io
 
-from progress import Progress, at, clock_text
+from nanolab.progress import Progress, at, clock_text
 
 
 class Clock:

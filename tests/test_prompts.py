@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-import prompts
-from prompts import TEMPLATES, few_shot, render, variables
+from nanolab import prompts
+from nanolab.prompts import TEMPLATES, few_shot, render, variables
 
 
 def test_library_counts_and_every_example_renders():
@@ -47,7 +47,7 @@ def test_few_shot_is_seeded(tmp_path):
 
 
 def test_chat_templates_render_through_the_chat_template():
-    from tokenizer import TiktokenTokenizer
+    from nanolab.tokenizer import TiktokenTokenizer
     tok = TiktokenTokenizer('gpt2')
     msgs = render('persona', persona='a pirate', message='Hello')
     assert [m['role'] for m in msgs] == ['system', 'user'] and 'a pirate' in msgs[0]['content']

@@ -11,10 +11,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from common import read_metrics
+from nanolab.training import read_metrics
 from model import GPT, GPTConfig, save_checkpoint
 from reward import RewardModel, bt_loss, collate, load_reward_model, pad
-from tokenizer import CharTokenizer
+from nanolab.tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REWARD = os.path.join(ROOT, 'reward.py')
@@ -100,7 +100,7 @@ def test_run_learns_resumes_exactly_and_loads(setup):
 
 
 def test_the_recipe_is_reward_pys_defaults():
-    from configurator import read_settings
+    from nanolab.configurator import read_settings
     defaults, ns = read_settings(REWARD), {}
     exec(open(os.path.join(ROOT, 'configs', 'reward_tasks.py')).read(), ns)
     assert {k: v for k, v in ns.items() if k in defaults} == {k: defaults[k] for k in ns if k in defaults}

@@ -13,12 +13,12 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import tasks
-from common import read_metrics
+from nanolab import synthetic as tasks
+from nanolab.training import read_metrics
 from dpo import collate_responses, token_logps
 from model import GPT, GPTConfig, save_checkpoint
 from rl import exact_kl, group_advantages, grpo_loss
-from tokenizer import CharTokenizer
+from nanolab.tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RL = os.path.join(ROOT, 'rl.py')
@@ -107,7 +107,7 @@ def test_run_evals_and_resumes_exactly(setup):
 
 
 def test_the_recipe_is_rl_pys_defaults():
-    from configurator import read_settings
+    from nanolab.configurator import read_settings
     defaults, ns = read_settings(RL), {}
     exec(open(os.path.join(ROOT, 'configs', 'rl_tasks.py')).read(), ns)
     assert {k: v for k, v in ns.items() if k in defaults} == {k: defaults[k] for k in ns if k in defaults}

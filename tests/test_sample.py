@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, save_checkpoint  # tests/conftest.py puts the repo root on sys.path
-import decoding
+from nanolab import decoding
 
 from sample import generate, generate_stream
 
@@ -389,7 +389,7 @@ def test_cli_samples_compares_and_chats(ckpt_dir, tmp_path):
 
 def test_cli_template_is_prompts_ids(ckpt_dir):
     """--template/--variables: the sample starts from prompts.prompt_ids (greedy, so the text is generate's)."""
-    import prompts
+    from nanolab import prompts
     from model import load_model
     model, tok, _ = load_model(ckpt_dir)
     ids = prompts.prompt_ids(tok, 'play_scene', {'speaker': 'ROMEO', 'line': 'hello'})
@@ -417,7 +417,7 @@ def test_a_temperature_below_min_temperature_is_greedy():
     """logits / 1e-40 overflow to inf and softmax(inf) is NaN: such a temperature decodes as greedy, which is what it
     stands for, and Settings.check says so in the settings it returns."""
     import torch
-    from decoding import MIN_TEMPERATURE, Settings
+    from nanolab.decoding import MIN_TEMPERATURE, Settings
     from model import GPT, GPTConfig
     from sample import generate
     assert Settings(temperature=1e-40).check(50).temperature == 0.0

@@ -10,7 +10,7 @@ from fractions import Fraction
 import pytest
 
 import evaluate
-from scoring import check_program, meteor, pass_at_k
+from nanolab.sandbox import check_program, meteor, pass_at_k
 
 ADD = {'task_id': 't/0', 'prompt': 'def add(a, b):\n    """a + b"""\n', 'canonical_solution': '    return a + b\n',
        'test': 'def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n',

@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import quantize
+from nanolab import quantize
 import serve
 from model import GPT, GPTConfig, load_model, save_checkpoint  # tests/conftest.py puts the repo root on sys.path
 from sample import generate
-from tokenizer import CharTokenizer, TiktokenTokenizer
+from nanolab.tokenizer import CharTokenizer, TiktokenTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :.,!?\n'  # holds the chat markers' characters
@@ -306,7 +306,7 @@ def test_templates_give_the_same_ids_as_python(server, ref):
     """prompts.py over the API: GET /v1/templates; /tokenize with a template == prompts.prompt_ids in Python; a
     completion from a text template == generate on those ids; a chat template renders the chat's ids; errors name
     the variable."""
-    import prompts
+    from nanolab import prompts
     model, tok = ref['char']
     status, body = call(server, 'GET', '/v1/templates')
     assert status == 200 and len(body['data']) == len(prompts.TEMPLATES) >= 20

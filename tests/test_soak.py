@@ -17,7 +17,7 @@ import torch
 import serve
 from model import GPTConfig
 from test_serve import CHARS, save_run  # the same tiny random char model as tests/test_serve.py
-from tokenizer import CharTokenizer
+from nanolab.tokenizer import CharTokenizer
 
 SOAK_SECONDS = float(os.environ.get('SOAK_SECONDS', 15))
 CLIENTS = 50

@@ -7,9 +7,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data
-import tasks
-from formats import read_preferences, read_sft
-from tokenizer import CharTokenizer
+from nanolab import synthetic as tasks
+from nanolab.formats import read_preferences, read_sft
+from nanolab.tokenizer import CharTokenizer
 
 
 def words(rows):

@@ -19,8 +19,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, read_metrics, restore_training
-from configurator import configure
+from nanolab.training import MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, read_metrics, restore_training
+from nanolab.configurator import configure
 from model import GPT, GPTConfig, load_checkpoint, load_model, save_checkpoint
 
 TRAIN = os.path.join(ROOT, 'train.py')
@@ -361,7 +361,7 @@ def test_a_diverged_run_says_so_and_stops_without_writing_a_checkpoint(data_dir,
 
 def train_defaults():
     """train.py's settings block, read without running it."""
-    from configurator import read_settings
+    from nanolab.configurator import read_settings
     return read_settings(TRAIN)
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import results
+from nanolab import results
 import serve
 from test_serve import call, serving, slow, two_runs  # tests/ is on sys.path while pytest collects it
 
@@ -400,7 +400,7 @@ def test_every_view_fits_a_phone(site, page):
 def test_arena_blind_vote_and_judging_again(site, page):
     """Two replies stream side by side with the names hidden; the vote writes one judgment line in arena.py's format
     and then shows the names; another annotator judges the same item again; the ratings and kappa come back."""
-    import arena
+    from nanolab import arena
     path = site.dir / 'arena' / 'judgments.jsonl'
     if path.exists():
         path.unlink()
@@ -445,7 +445,7 @@ def test_prompt_templates_on_the_page(site, page):
     """The template picker: its variable fields, a preview whose token ids are prompts.prompt_ids' in Python (and
     /tokenize's), few-shot examples picked by the seed as prompts.few_shot picks them, one's own template saved in
     the browser, and Use in chat."""
-    import prompts
+    from nanolab import prompts
     tok = site.engines['bpe'].tok
     page.find_element('css selector', '#tabs button[data-tab=prompts]').click()
     set_value(page, 'model', 'bpe')
@@ -552,7 +552,7 @@ def test_leaderboard_grid_radar_and_regression_flag(tmp_path, browser):
     items: the grid shows each value with the interval and paired test results.leaderboard_rows computes, sorts by
     a column both ways, draws the ticked models on the radar (each axis scaled as the page says), and the history
     flags the drop with McNemar's p."""
-    import results as res
+    from nanolab import results as res
     d = two_runs(tmp_path)
 
     def result(model, task, metric, scores=None, value=None, it=100, ckpt='ckpt.pt'):
@@ -616,7 +616,7 @@ def test_completion_mode_for_a_base_model_and_the_phone_layout(tmp_path, browser
     """A model no trainer fine-tuned opens in completion mode, whose text is the prompt plus the API's greedy
     continuation; a fine-tuned one opens in chat. On a phone, the conversation comes first, within the screen,
     with the settings folded below it."""
-    from tokenizer import CharTokenizer
+    from nanolab.tokenizer import CharTokenizer
     from model import GPTConfig
     from test_serve import CHARS, save_run
     d = two_runs(tmp_path)  # char and bpe: fine-tuned ('sft')

@@ -465,7 +465,7 @@ def from_spec(spec: dict) -> Tokenizer:
         elif kind == 'bpe':
             return BPETokenizer(spec['merges'], spec['special_tokens'], spec['pattern'], spec.get('byte_order'))
         elif kind == 'hf':
-            from hf import HFTokenizer
+            from nanolab.hf import HFTokenizer
             return HFTokenizer(spec.get('name', ''), files=spec['files'])
         else:
             raise ValueError(f'unknown tokenizer spec kind {kind!r}: expected a dict written by Tokenizer.spec(), '
@@ -486,7 +486,7 @@ def get_tokenizer(name_or_spec) -> Tokenizer:
         raise ValueError("a char tokenizer is built from its text: CharTokenizer(text=corpus); "
                          "a saved one comes back with from_spec(meta['tokenizer'])")
     if os.path.isdir(name):
-        from hf import HFTokenizer
+        from nanolab.hf import HFTokenizer
         return HFTokenizer(name)
     if name.endswith('.json') and os.path.isfile(name):
         return BPETokenizer.load(name)

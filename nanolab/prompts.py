@@ -3,7 +3,7 @@ Prompt templates: a curated library with variables, rendering that names every m
 builder. A template is plain text (a prompt for a base model) or a list of chat messages (rendered through the one
 chat template, tokenizer.render_chat), with {variables} in Python's str.format syntax.
 
-    from prompts import TEMPLATES, variables, render, few_shot
+    from nanolab.prompts import TEMPLATES, variables, render, few_shot
     variables('sentiment')                                   # ['text']
     render('sentiment', text='What a lovely day.')           # the prompt text
     render('qa_chat', context='...', question='...')         # a list of chat messages

@@ -12,10 +12,10 @@ from datetime import datetime, timezone
 
 import torch
 
-import arena
-import prompts as library  # prompts.py: serve.py's `prompts` is the token lists of a request
-from httpd import ApiError
-from results import (LOWER_IS_BETTER, checkpoint_history, finite, leaderboard_rows, model_registry, read_results,
+from nanolab import arena
+from nanolab import prompts as library  # prompts.py: serve.py's `prompts` is the token lists of a request
+from nanolab.httpd import ApiError
+from nanolab.results import (LOWER_IS_BETTER, checkpoint_history, finite, leaderboard_rows, model_registry, read_results,
                      read_runs)
 
 # -----------------------------------------------------------------------------
@@ -106,7 +106,7 @@ _GPT2 = []  # GPT-2's tokenizer, once loaded
 def _gpt2_tokenizer():
     """GPT-2's BPE (tiktoken), loaded on first use; ValueError offline without tiktoken's cached files."""
     if not _GPT2:
-        from tokenizer import TiktokenTokenizer
+        from nanolab.tokenizer import TiktokenTokenizer
         _GPT2.append(TiktokenTokenizer('gpt2'))
     return _GPT2[0]
 

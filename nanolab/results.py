@@ -3,7 +3,7 @@ The results store and the leaderboard: evaluate.py writes one JSON file per (che
 out_dir/eval/; the model card (common.write_model_card), the leaderboard (`python evaluate.py --leaderboard=...`) and
 serve.py's page read them back here.
 
-    from results import save_result, read_results, show_leaderboard
+    from nanolab.results import save_result, read_results, show_leaderboard
     save_result('out-x', result)                 # out-x/eval/<task>-<iter>-<time>.json, atomically, never overwriting
     show_leaderboard(['out-a', 'out-b'], 'exact_match')   # table + leaderboard.md/.csv/.json, 95% CIs, paired tests
 

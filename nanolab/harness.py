@@ -4,7 +4,7 @@ windowed as lm-eval's own Hugging Face backend does, so both give identical weig
 (tests/test_harness.py); scoring is evaluate.score_continuations, decoding sample.generate.
 
     python evaluate.py --init_from=out-x --tasks=hellaswag --num_fewshot=0 --limit=200
-    from harness import harness_lm_class; harness_lm_class()   # then lm_eval.simple_evaluate(model='nanolab', model_args='init_from=out-x')
+    from nanolab.harness import harness_lm_class; harness_lm_class()   # then lm_eval.simple_evaluate(model='nanolab', model_args='init_from=out-x')
 """
 import glob
 import json

@@ -27,9 +27,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-import results
+from nanolab import results
 from model import write_atomic, write_json
-from results import read_metrics  # the one reader of metrics.jsonl
+from nanolab.results import read_metrics  # the one reader of metrics.jsonl
 
 # -----------------------------------------------------------------------------
 # 1) optimizer and 2) learning-rate schedule
@@ -181,7 +181,7 @@ def resume_config(out_dir, config, script, choices=None, fixed=()):
     """--init_from=resume: (out_dir/ckpt.pt, the config to go on with) = the run's saved config with this command
     line applied on top again, so `--max_iters=...` extends a run. `fixed`: settings that can't change on resume
     (a trained adapter's shape). A missing or corrupt checkpoint, or a changed fixed setting, raises ValueError."""
-    from configurator import configure
+    from nanolab.configurator import configure
     from model import load_checkpoint
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     if os.path.exists(os.path.join(out_dir, 'metrics.jsonl')):

@@ -12,7 +12,7 @@ import os
 import torch
 
 from model import GPTConfig
-from tokenizer import (EOT, GPT2_REGEX_ENCODINGS, GPT2_SPLIT_PATTERN, TEXT_END, TEXT_MARKERS, BPETokenizer, Tokenizer,
+from nanolab.tokenizer import (EOT, GPT2_REGEX_ENCODINGS, GPT2_SPLIT_PATTERN, TEXT_END, TEXT_MARKERS, BPETokenizer, Tokenizer,
                        _atomic_write, bytes_to_unicode)
 
 # -----------------------------------------------------------------------------

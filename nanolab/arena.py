@@ -1,7 +1,7 @@
 """
 The arena: blind pairwise judgments of two replies, the file they are kept in, and the statistics read from them.
 
-    from arena import append_judgment, read_judgments, arena_stats, to_pairs
+    from nanolab.arena import append_judgment, read_judgments, arena_stats, to_pairs
     append_judgment('runs/arena/judgments.jsonl', judgment)   # validated, one line, atomic (serve.py's POST)
     stats = arena_stats(read_judgments('runs/arena'))         # what `python evaluate.py --arena=PATH` prints
 
@@ -206,7 +206,7 @@ def report(path, n_boot=1000, seed=1337, judge='', pairs_out=''):
     """Print arena_stats of the judgments at path and write them to arena.json beside them (and with pairs_out the
     decided judgments as preference pairs); judge: a reward model's out_dir to judge every item too. -> the stats."""
     from model import write_atomic
-    from results import finite
+    from nanolab.results import finite
     judged = read_judgments(path)
     if judge:
         judged = judge_with(judged, judge)

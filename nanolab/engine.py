@@ -2,7 +2,7 @@
 The one decoding engine. Every token nanolab generates is chosen here: sample.generate and the CLI call it, serve.py
 runs one per model in a thread, and evaluate.py and dpo.py decode through sample.generate.
 
-    from engine import Engine, Settings
+    from nanolab.engine import Engine, Settings
     engine = Engine(model, tokenizer)                 # one per model; start() steps them on a thread
     req = engine.submit([ids_a, ids_b], Settings(max_new_tokens=50, temperature=0.8, seed=7))
     for ev in req: print(ev.text_delta, end='')       # Events as tokens are chosen; req.cancel() frees its rows
@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from decoding import Settings, SettingsError, TextStream, choose, extend_beams, prompt_lists, top_logprobs
+from nanolab.decoding import Settings, SettingsError, TextStream, choose, extend_beams, prompt_lists, top_logprobs
 from model import KVCache
 
 

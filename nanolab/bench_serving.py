@@ -290,7 +290,7 @@ def ours_decode_rows(hf_dir, quantize, repeats):
     tok/s of a 256-token prompt (time to the first token), best of `repeats`."""
     import torch
     from model import GPT
-    from quantize import for_inference
+    from nanolab.quantize import for_inference
     from sample import generate
     model = for_inference(GPT.from_pretrained(hf_dir).eval(), quantize)
     out, gen = {}, torch.Generator().manual_seed(0)
@@ -317,10 +317,10 @@ def bench_llamacpp(cfg):
     if tools is None:
         return
     import torch
-    from engine import keep_freed_memory
+    from nanolab.engine import keep_freed_memory
     from model import GPT, GPTConfig
-    from quantize import for_inference
-    from tokenizer import TiktokenTokenizer
+    from nanolab.quantize import for_inference
+    from nanolab.tokenizer import TiktokenTokenizer
     keep_freed_memory()  # as serve.py's engine does, so 'alone' and 'served' run on the same allocator
     threads = cfg['llama_threads'] or torch.get_num_threads()
     tok = TiktokenTokenizer('gpt2')

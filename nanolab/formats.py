@@ -4,7 +4,7 @@ SFT and preference data: read every common raw format, return one normalized sch
     SFT         {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
     preference  {"prompt": [messages], "chosen": str, "rejected": str}
 
-    from formats import read_sft, read_preferences
+    from nanolab.formats import read_sft, read_preferences
     rows = read_sft('data/alpaca/train.jsonl')        # Alpaca, OpenAI messages, ShareGPT conversations, normalized
     pairs = read_preferences('hh.jsonl.gz')           # {prompt, chosen, rejected}, hh-rlhf transcripts, ShareGPT pairs
 

@@ -5,7 +5,7 @@ trains on, and preference pairs built from the same tasks: what the post-trainin
     python data.py tasks        # data/tasks/{train,val}.jsonl (SFT) and {pref_train,pref_val}.jsonl (preferences)
     python data.py tasks_base   # data/tasks_base: Shakespeare + WikiText-2 valid, char-level (the base's pretraining)
 
-    from tasks import normalize, rule_score
+    from nanolab.synthetic import normalize, rule_score
     rule_score(row, 'oefk')     # 1.0 correct and concise, 0.5 correct with filler, 0.0 wrong
 
 The families (one instruction each; words are 3-4 random lowercase letters):
@@ -30,7 +30,7 @@ the rule prefers to the SFT model's answers.
 import random
 import string
 
-from formats import in_val
+from nanolab.formats import in_val
 
 VERSION = 2                        # of the generator: bump it when a change alters the rows, so data.py remakes them
 FILLER = 'Sure! '

@@ -1,0 +1,1 @@
+"""nanolab's machinery: what the scripts at the repository's root share (the README's map lists each module)."""
