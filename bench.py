@@ -54,7 +54,8 @@ import time
 import torch
 
 from nanolab.training import configure_optimizer, optimizer_step
-from model import DTYPES, GPT, GPTConfig, autocast_ctx, peak_flops, resolve_device, resolve_dtype
+from model import GPT, GPTConfig
+from nanolab.device import DTYPES, autocast_ctx, peak_flops, resolve_device, resolve_dtype
 from nanolab.quantize import for_inference
 from sample import generate
 
@@ -363,7 +364,7 @@ def bench_quantize(src):
     import sys
     import evaluate
     from nanolab import quantize
-    from model import load_model
+    from nanolab.checkpoint import load_model
     torch.manual_seed(seed)
     if src in SHAPES:
         fp, tok, dataset = GPT(GPTConfig(**SHAPES[src])).eval(), None, None

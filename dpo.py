@@ -213,8 +213,9 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
                         lora_disabled, lora_state, open_run, optimizer_step, restore_training, save_on_stop, set_lr,
                         start_loop, write_model_card)
     from nanolab.configurator import configure
-    from model import (DTYPES, autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype,
-                       save_checkpoint, write_json)
+    from nanolab.checkpoint import load_model, model_from_checkpoint, save_checkpoint
+    from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
+    from nanolab.files import write_json
     CHOICES = {'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
     config = configure(globals(), choices=CHOICES)
 

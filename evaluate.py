@@ -214,7 +214,7 @@ def score_continuations(model, requests, batch_size=16, ctx=None):
             # logits only from the first position that predicts a continuation token: the output head and
             # log_softmax over the context positions are most of the cost of scoring short answers
             p0 = min(len(s) - 1 - n for _, s, n in chunk)
-            logp = F.log_softmax(model(x.to(device), logits_from=p0)[0].float(), dim=-1)
+            logp = F.log_softmax(model(x.to(device), logits_at=slice(p0, None))[0].float(), dim=-1)
             for r, (i, s, n) in enumerate(chunk):
                 lp = logp[r, len(s) - 1 - n - p0:len(s) - 1 - p0]  # the positions that predict the continuation
                 k = torch.tensor(s[-n:], device=lp.device)
@@ -449,7 +449,8 @@ def template_table(results, n_boot=1000, seed=1337):
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
     from nanolab.configurator import configure
-    from model import DTYPES, autocast_ctx, load_model, resolve_device, resolve_dtype
+    from nanolab.checkpoint import load_model
+    from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
     from nanolab.results import checkpoint_sources, save_result, show_leaderboard, update_model_card
     from nanolab.training import fail  # bad input: one line that names the problem and the fix, exit 1, no traceback
     config = configure(globals(), choices={'normalize': ('strip', 'lower', 'tasks'),

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
     import gguf
     from nanolab import hf
     c = model.config
-    hf.config_to_hf(c)  # refuses positions the architecture lacks (GGUF's gpt2 is learned, its llama RoPE)
+    hf.config_to_hf(asdict(c))  # refuses positions the architecture lacks (GGUF's gpt2 is learned, its llama RoPE)
     text_of, merges, specials = hf.byte_level_vocab(tok, unlisted_merges=True)  # refuses what it cannot say
     # 1) the tokenizer: every embedding row gets a token; rows past the tokenizer's ids are padding
     control = set(specials.values())
@@ -166,7 +167,7 @@ def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
 def write_safetensors(model, tok, path, outtype='f32', source=''):
     from dataclasses import asdict
     from safetensors.torch import save
-    from model import write_atomic
+    from nanolab.files import write_atomic
     sd = {k: v.detach().to(TORCH_DTYPES[outtype]).contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:  # one tensor under two names: safetensors stores it once, as wte
         del sd['lm_head.weight']
@@ -240,7 +241,8 @@ def default_out(source, fmt, otype):
 def main():
     from nanolab import hf
     from nanolab.configurator import configure
-    from model import check_tokenizer_fits, load_model
+    from nanolab.checkpoint import load_model
+    from nanolab.tokenizer import check_fits
     configure(globals(), choices={'format': FORMATS, 'outtype': OUTTYPES})
     if outtype == 'q8_0' and format != 'gguf':
         raise ValueError("--outtype=q8_0 is a GGUF block format; for hf and safetensors use f32, f16 or bf16")
@@ -251,7 +253,7 @@ def main():
     if tok is None and format != 'safetensors':
         raise ValueError(f"{init_from} has no tokenizer, and a {format} export needs one; export --format=safetensors, "
                          "or use a source with tokenizer files")
-    check_tokenizer_fits(model.config, tok)  # for every format, before anything is written
+    check_fits(tok, model.config.vocab_size)  # for every format, before anything is written
     if format == 'gguf':
         write_gguf(model, tok, path, outtype, name=os.path.basename(os.path.normpath(init_from)))
         if tok.eot is None:

@@ -48,8 +48,9 @@ from nanolab.training import (LR_SCHEDULES, add_lora, checkpoint_dict, configure
                     start_loop, write_model_card)
 from evaluate import exact_match
 from nanolab.formats import ROLES, in_val, read_rows, read_sft
-from model import (autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype, save_checkpoint,
-                   write_json)
+from nanolab.checkpoint import load_model, model_from_checkpoint, save_checkpoint
+from nanolab.device import autocast_ctx, resolve_device, resolve_dtype
+from nanolab.files import write_json
 from nanolab.progress import at  # i/N (p%), ETA
 from nanolab.tokenizer import from_spec
 
@@ -101,7 +102,7 @@ dtype = 'auto'                # 'auto' (bf16/fp16 on GPUs, fp32 on CPU) | 'float
 seed = 1337                   # LoRA init, data order and dropout
 # -----------------------------------------------------------------------------
 from nanolab.configurator import configure
-from model import DTYPES
+from nanolab.device import DTYPES
 CHOICES = {'lr_schedule': LR_SCHEDULES, 'em_normalize': ('strip', 'tasks'), 'dtype': DTYPES}
 config = configure(globals(), choices=CHOICES)
 

@@ -82,7 +82,7 @@ class RewardModel(nn.Module):
 
     def forward(self, x, last):
         """x (B, T) right-padded ids, last (B,) the index of each row's last real token -> rewards (B,)."""
-        h = self.gpt(x, hidden=True)[0]  # (B, T, C), after the final norm
+        h = self.gpt.hidden_states(x)  # (B, T, C), after the final norm
         return self.head(h[torch.arange(x.size(0), device=x.device), last]).squeeze(-1).float()
 
     @torch.no_grad()
@@ -112,7 +112,7 @@ def bt_loss(r_chosen, r_rejected):
 
 def load_reward_model(source, device='cpu'):
     """(RewardModel, tokenizer) of a reward.py run (its out_dir or ckpt.pt)."""
-    from model import load_checkpoint, load_model
+    from nanolab.checkpoint import load_checkpoint, load_model
     path = source if source.endswith('.pt') else os.path.join(source, 'ckpt.pt')
     ckpt = load_checkpoint(path)
     if 'reward_head' not in ckpt:
@@ -130,7 +130,9 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
                         write_model_card)
     from nanolab.configurator import configure
     from dpo import load_pairs, pair_order, preference_files
-    from model import DTYPES, autocast_ctx, load_model, resolve_device, resolve_dtype, save_checkpoint, write_json
+    from nanolab.checkpoint import load_model, save_checkpoint
+    from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
+    from nanolab.files import write_json
     CHOICES = {'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
     config = configure(globals(), choices=CHOICES)
     # never replace a trained run; resume = the run's saved config, this command line on top; an adapter's shape is

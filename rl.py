@@ -110,8 +110,9 @@ if __name__ == '__main__':  # the script: a visible loop, as in train.py
     from nanolab.configurator import configure
     from dpo import collate_responses, pair_order
     from nanolab.formats import read_sft
-    from model import (DTYPES, autocast_ctx, load_model, model_from_checkpoint, resolve_device, resolve_dtype,
-                       save_checkpoint, write_json)
+    from nanolab.checkpoint import load_model, model_from_checkpoint, save_checkpoint
+    from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
+    from nanolab.files import write_json
     from sample import generate
     CHOICES = {'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
     config = configure(globals(), choices=CHOICES)

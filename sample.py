@@ -198,7 +198,8 @@ def _chat(model, tok, opts):
 def main():
     import torch
     from nanolab.configurator import configure
-    from model import DTYPES, load_model, resolve_device, resolve_dtype
+    from nanolab.checkpoint import load_model
+    from nanolab.device import DTYPES, resolve_device, resolve_dtype
     from nanolab.quantize import for_inference
     configure(globals(), choices={'dtype': DTYPES, 'device': None})
     presets = [n.strip() for n in compare.split(',') if n.strip()]

@@ -46,7 +46,8 @@ from nanolab import prompts as library  # prompts.py: `prompts` is the token lis
 from nanolab.engine import (BeamStep, Engine, LimitError, NumericalError, PromptScores, Settings, SettingsError, adopt,
                     beam_tree, start)
 from nanolab.httpd import ApiError, GuardedHandler, Server
-from model import DTYPES, TUNED, checkpoint_stage, load_model, model_sources, resolve_device, resolve_dtype
+from nanolab.checkpoint import TUNED, checkpoint_stage, load_model, model_sources
+from nanolab.device import DTYPES, resolve_device, resolve_dtype
 from nanolab.quantize import for_inference
 from nanolab import page_api as views  # the endpoints behind the page's views
 from nanolab.page_api import encode, flag, is_ids, number

@@ -37,9 +37,11 @@ import data as datasets
 from nanolab.training import (MetricsLogger, StepTimer, catch_stop, checkpoint_dict, configure_optimizer, diverged, fail,
                     get_lr, open_run, open_trackers, optimizer_step, plot_loss_svg, restore_training, save_on_stop,
                     set_lr, write_model_card)
-from model import (GPT, GPTConfig, autocast_ctx, load_model, model_from_checkpoint, resolve_device,
-                   resolve_dtype, save_checkpoint, write_atomic, write_json)
-from model import peak_flops as model_peak_flops
+from model import GPT, GPTConfig
+from nanolab.checkpoint import load_model, model_from_checkpoint, save_checkpoint
+from nanolab.device import autocast_ctx, resolve_device, resolve_dtype
+from nanolab.files import write_atomic, write_json
+from nanolab.device import peak_flops as model_peak_flops
 from nanolab.progress import at  # i/N (p%), ETA
 
 # -----------------------------------------------------------------------------
@@ -101,7 +103,8 @@ peak_flops = 0.0              # FLOP/s that MFU divides by; 0 = auto: the GPU's 
 # -----------------------------------------------------------------------------
 from nanolab.configurator import configure
 from nanolab.training import LR_SCHEDULES, OPTIMIZERS
-from model import ARCHS, DTYPES, POSITIONS
+from model import ARCHS, POSITIONS
+from nanolab.device import DTYPES
 DDP_TIMEOUT = datetime.timedelta(hours=1)  # collectives wait this long for rank 0's data preparation, evals and saves
 CHOICES = {'arch': ARCHS, 'positions': ('', *POSITIONS), 'lr_schedule': LR_SCHEDULES, 'backend': ('auto', 'nccl', 'gloo'), 'dtype': DTYPES,
            'optim': OPTIMIZERS}

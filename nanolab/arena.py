@@ -205,8 +205,7 @@ def judge_with(judgments, reward_dir):
 def report(path, n_boot=1000, seed=1337, judge='', pairs_out=''):
     """Print arena_stats of the judgments at path and write them to arena.json beside them (and with pairs_out the
     decided judgments as preference pairs); judge: a reward model's out_dir to judge every item too. -> the stats."""
-    from model import write_atomic
-    from nanolab.results import finite
+    from nanolab.files import finite, write_atomic
     judged = read_judgments(path)
     if judge:
         judged = judge_with(judged, judge)

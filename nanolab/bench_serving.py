@@ -187,7 +187,7 @@ def loads(block):
 def bench_fairness(cfg):
     """A streaming client's time to first token and largest gap between tokens, alone and under each hostile load
     on cfg['serve_model'] (issue 10's targets: first token < 1 s, gap < 250 ms)."""
-    from model import load_checkpoint
+    from nanolab.checkpoint import load_checkpoint
     block = load_checkpoint(cfg['serve_model'])['model_args']['block_size']
     tokens, streams = min(cfg['serve_tokens'], block - 8), 6
     print(f"fairness: {cfg['serve_model']} (block {block}), a client streaming {streams} requests of {tokens} tokens "

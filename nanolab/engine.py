@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from nanolab.decoding import Settings, SettingsError, TextStream, choose, extend_beams, prompt_lists, top_logprobs
-from model import KVCache
+from nanolab.kv_cache import KVCache
 
 
 class NumericalError(RuntimeError):
@@ -490,8 +490,8 @@ class Engine:
             off += T
         self.stats['prefill_tokens'] += off - hi
         self.stats['chunks'] += len(chunks)
-        c.schedule(decode=hi, real=real, chunks=[(r.slot, T) for r, T in chunks])
-        logits = (self.model if chunks else self.decoder)(torch.tensor([ids], device=self.device), cache=c,
+        step = c.schedule(decode=hi, real=real, chunks=[(r.slot, T) for r, T in chunks])
+        logits = (self.model if chunks else self.decoder)(torch.tensor([ids], device=self.device), step=step,
                             logits_at=torch.tensor(want, dtype=torch.long, device=self.device))[0][0, :, :self.V].float()
         for r, i, n, targets in scoring:  # the prompt's scores, kept as they come: no (T, V) logits are held
             lg = logits[i:i + n]
@@ -518,7 +518,7 @@ class Engine:
         out = []
         for r in rows:
             ctx = torch.tensor([r.tokens[-self.block_size:]], device=self.device)
-            out.append(self.model(ctx, logits_from=ctx.size(1) - 1)[0][0, -1, :self.V].float())
+            out.append(self.model(ctx, logits_at=slice(ctx.size(1) - 1, None))[0][0, -1, :self.V].float())
         return rows, torch.stack(out)
 
     def _sample(self, rows, logits):

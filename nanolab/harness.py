@@ -41,7 +41,8 @@ def harness_lm_class():
                      max_batch_size=None):
             super().__init__()
             if model is None:  # lm-eval's own entry points: model='nanolab', model_args='init_from=...'
-                from model import autocast_ctx, load_model, resolve_device, resolve_dtype
+                from nanolab.checkpoint import load_model
+                from nanolab.device import autocast_ctx, resolve_device, resolve_dtype
                 device = resolve_device(device or 'auto')
                 model, tok, _ = load_model(init_from, device)
                 ctx = autocast_ctx(device, resolve_dtype(dtype, device))

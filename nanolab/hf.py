@@ -1,31 +1,37 @@
 """
-Hugging Face interop, in one place: what GPT.from_pretrained / save_pretrained and load_model need to read and write
-Hugging Face directories of GPT-2 and Llama models (config.json, tensor names, safetensors or bin weights, the hub),
-and their tokenizers (HFTokenizer reads tokenizer.json or vocab.json + merges.txt; save_tokenizer_files writes our
-tokenizers as files that transformers.AutoTokenizer loads with the same ids). tests/test_model.py and
-tests/test_tokenizer.py check both directions against transformers.
+Hugging Face interop, in one place: reading and writing Hugging Face directories of GPT-2 and Llama models
+(config.json, tensor names, safetensors or bin weights, the hub) and writing our tokenizers as the files
+transformers.AutoTokenizer loads with the same ids (tokenizer.HFTokenizer reads such files back).
+It speaks in plain values: a model's config is the dict of GPTConfig's arguments and its weights a state dict under
+our names, so GPT.from_pretrained and save_pretrained (model.py) are thin calls into read_pretrained and
+write_pretrained. tests/test_model.py and tests/test_tokenizer.py check both directions against transformers.
+
+    config, state_dict = read_pretrained('path/to/hf_dir')   # or a hub name such as 'gpt2', when online
+    write_pretrained('out/hf', config, state_dict, tokenizer)
 """
 import glob
 import json
 import os
+import sys
 
 import torch
 
-from model import GPTConfig
-from nanolab.tokenizer import (EOT, GPT2_REGEX_ENCODINGS, GPT2_SPLIT_PATTERN, TEXT_END, TEXT_MARKERS, BPETokenizer, Tokenizer,
-                       _atomic_write, bytes_to_unicode)
+from nanolab.files import replacing, write_json, write_text
+from nanolab.tokenizer import (EOT, GPT2_REGEX_ENCODINGS, GPT2_SPLIT_PATTERN, TEXT_END, TEXT_MARKERS, BPETokenizer,
+                               bytes_to_unicode, check_fits)
 
 # -----------------------------------------------------------------------------
 # 1) models: config and tensor names.  Ours: transformer.{wte,wpe,h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj},ln_f}, lm_head.
 
 def config_from_hf(hf):
+    """A Hugging Face config.json (a dict) -> the arguments of GPTConfig."""
     mt = hf.get('model_type')
     if mt == 'gpt2':
         if hf.get('activation_function', 'gelu_new') not in ('gelu_new', 'gelu_pytorch_tanh'):
             raise ValueError(f"unsupported GPT-2 activation '{hf['activation_function']}'; only gelu_new is implemented")
-        return GPTConfig(arch='gpt2', block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                         n_head=hf['n_head'], n_embd=hf['n_embd'], ffn_hidden=hf.get('n_inner') or 0, bias=True,
-                         tie_embeddings=hf.get('tie_word_embeddings', True), norm_eps=hf.get('layer_norm_epsilon', 1e-5))
+        return dict(arch='gpt2', block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                    n_head=hf['n_head'], n_embd=hf['n_embd'], ffn_hidden=hf.get('n_inner') or 0, bias=True,
+                    tie_embeddings=hf.get('tie_word_embeddings', True), norm_eps=hf.get('layer_norm_epsilon', 1e-5))
     if mt == 'llama':
         if hf.get('attention_bias') or hf.get('mlp_bias'):
             raise ValueError("Llama checkpoints with attention_bias/mlp_bias are not supported")
@@ -35,37 +41,39 @@ def config_from_hf(hf):
         head_dim = hf.get('head_dim') or hf['hidden_size'] // hf['num_attention_heads']
         if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
             raise ValueError("Llama checkpoints with head_dim * num_heads != hidden_size are not supported")
-        return GPTConfig(arch='llama', block_size=hf.get('max_position_embeddings', 2048), vocab_size=hf['vocab_size'],
-                         n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
-                         n_kv_head=hf.get('num_key_value_heads') or hf['num_attention_heads'], n_embd=hf['hidden_size'],
-                         ffn_hidden=hf['intermediate_size'], bias=False, tie_embeddings=hf.get('tie_word_embeddings', False),
-                         rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)), norm_eps=hf.get('rms_norm_eps', 1e-6))
+        return dict(arch='llama', block_size=hf.get('max_position_embeddings', 2048), vocab_size=hf['vocab_size'],
+                    n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
+                    n_kv_head=hf.get('num_key_value_heads') or hf['num_attention_heads'], n_embd=hf['hidden_size'],
+                    ffn_hidden=hf['intermediate_size'], bias=False, tie_embeddings=hf.get('tie_word_embeddings', False),
+                    rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)), norm_eps=hf.get('rms_norm_eps', 1e-6))
     raise ValueError(f"unsupported Hugging Face model_type '{mt}'; nanolab reads gpt2 and llama checkpoints")
 
 def config_to_hf(c, eot=None):
-    if c.positions != ('learned' if c.arch == 'gpt2' else 'rope'):
-        raise ValueError(f"Hugging Face's {c.arch} has no positions='{c.positions}'; export a model with its arch's own "
-                         f"positions ({'learned' if c.arch == 'gpt2' else 'rope'})")
-    eot = eot if eot is not None and eot < c.vocab_size else None
-    if c.arch == 'gpt2':
-        return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=c.vocab_size, n_positions=c.block_size,
-                    n_ctx=c.block_size,  # llama.cpp's converter reads n_ctx (older GPT-2 configs have both)
-                    n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=c.ffn_hidden, activation_function='gelu_new',
-                    layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0,
+    """GPTConfig's fields (a dict, as dataclasses.asdict gives them) -> a Hugging Face config.json; ValueError for
+    what Hugging Face's architecture cannot hold."""
+    if c['positions'] != ('learned' if c['arch'] == 'gpt2' else 'rope'):
+        raise ValueError(f"Hugging Face's {c['arch']} has no positions='{c['positions']}'; export a model with its arch's own "
+                         f"positions ({'learned' if c['arch'] == 'gpt2' else 'rope'})")
+    eot = eot if eot is not None and eot < c['vocab_size'] else None
+    if c['arch'] == 'gpt2':
+        return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=c['vocab_size'], n_positions=c['block_size'],
+                    n_ctx=c['block_size'],  # llama.cpp's converter reads n_ctx (older GPT-2 configs have both)
+                    n_embd=c['n_embd'], n_layer=c['n_layer'], n_head=c['n_head'], n_inner=c['ffn_hidden'], activation_function='gelu_new',
+                    layer_norm_epsilon=c['norm_eps'], tie_word_embeddings=c['tie_embeddings'], resid_pdrop=0.0, embd_pdrop=0.0,
                     attn_pdrop=0.0, bos_token_id=eot, eos_token_id=eot)
-    return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=c.vocab_size, hidden_size=c.n_embd,
-                intermediate_size=c.ffn_hidden, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                num_key_value_heads=c.n_kv_head, head_dim=c.head_size, max_position_embeddings=c.block_size,
-                rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                rope_parameters={'rope_type': 'default', 'rope_theta': c.rope_theta}, hidden_act='silu',
-                tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False, bos_token_id=eot, eos_token_id=eot)
+    return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=c['vocab_size'], hidden_size=c['n_embd'],
+                intermediate_size=c['ffn_hidden'], num_hidden_layers=c['n_layer'], num_attention_heads=c['n_head'],
+                num_key_value_heads=c['n_kv_head'], head_dim=c['n_embd'] // c['n_head'], max_position_embeddings=c['block_size'],
+                rms_norm_eps=c['norm_eps'], rope_theta=c['rope_theta'],
+                rope_parameters={'rope_type': 'default', 'rope_theta': c['rope_theta']}, hidden_act='silu',
+                tie_word_embeddings=c['tie_embeddings'], attention_bias=False, mlp_bias=False, bos_token_id=eot, eos_token_id=eot)
 
 def _hf_names(c):
     """(our name, HF name or list of HF names concatenated along dim 0, transpose?) for every tensor."""
-    rows = [('transformer.wte.weight', 'transformer.wte.weight' if c.arch == 'gpt2' else 'model.embed_tokens.weight', False)]
-    for i in range(c.n_layer):
+    rows = [('transformer.wte.weight', 'transformer.wte.weight' if c['arch'] == 'gpt2' else 'model.embed_tokens.weight', False)]
+    for i in range(c['n_layer']):
         o = f'transformer.h.{i}.'
-        if c.arch == 'gpt2':  # GPT-2 stores its linears as Conv1D: (in, out), the transpose of nn.Linear
+        if c['arch'] == 'gpt2':  # GPT-2 stores its linears as Conv1D: (in, out), the transpose of nn.Linear
             h = f'transformer.h.{i}.'
             for name, t in [('ln_1.weight', 0), ('ln_1.bias', 0), ('attn.c_attn.weight', 1), ('attn.c_attn.bias', 0),
                             ('attn.c_proj.weight', 1), ('attn.c_proj.bias', 0), ('ln_2.weight', 0), ('ln_2.bias', 0),
@@ -80,17 +88,18 @@ def _hf_names(c):
                      (o + 'ln_2.weight', h + 'post_attention_layernorm.weight', False),
                      (o + 'mlp.c_fc.weight', [h + 'mlp.gate_proj.weight', h + 'mlp.up_proj.weight'], False),
                      (o + 'mlp.c_proj.weight', h + 'mlp.down_proj.weight', False)]
-    if c.arch == 'gpt2':
+    if c['arch'] == 'gpt2':
         rows += [('transformer.wpe.weight', 'transformer.wpe.weight', False), ('transformer.ln_f.weight', 'transformer.ln_f.weight', False),
                  ('transformer.ln_f.bias', 'transformer.ln_f.bias', False)]
     else:
         rows += [('transformer.ln_f.weight', 'model.norm.weight', False)]
-    if not c.tie_embeddings:
+    if not c['tie_embeddings']:
         rows.append(('lm_head.weight', 'lm_head.weight', False))
     return rows
 
 def state_dict_from_hf(hf_sd, c):
-    if c.arch == 'gpt2' and not any(k.startswith('transformer.') for k in hf_sd):
+    """A Hugging Face state dict -> ours, for the model of config c (GPTConfig's fields)."""
+    if c['arch'] == 'gpt2' and not any(k.startswith('transformer.') for k in hf_sd):
         hf_sd = {'transformer.' + k if not k.startswith('lm_head') else k: v for k, v in hf_sd.items()}  # hub 'gpt2' omits the prefix
     sd = {}
     for ours, theirs, transpose in _hf_names(c):
@@ -100,11 +109,12 @@ def state_dict_from_hf(hf_sd, c):
             raise ValueError(f"Hugging Face checkpoint lacks tensor(s) {missing}; it does not match its config.json")
         w = torch.cat([hf_sd[n] for n in names], dim=0)
         sd[ours] = w.t() if transpose else w
-    if c.tie_embeddings:
+    if c['tie_embeddings']:
         sd['lm_head.weight'] = sd['transformer.wte.weight']
     return sd
 
 def state_dict_to_hf(sd, c):
+    """Our state dict -> Hugging Face's names and shapes, for the model of config c (GPTConfig's fields)."""
     hf = {}
     for ours, theirs, transpose in _hf_names(c):
         if ours not in sd:  # gpt2 with bias=False: HF GPT-2 always has biases, so write zeros
@@ -115,10 +125,10 @@ def state_dict_to_hf(sd, c):
             w = sd[ours].t() if transpose else sd[ours]
         if isinstance(theirs, list):  # split a fused matrix back into HF's separate projections
             if ours.endswith('c_attn.weight'):
-                hs = c.head_size
-                sizes = [c.n_head * hs, c.n_kv_head * hs, c.n_kv_head * hs]
+                hs = c['n_embd'] // c['n_head']
+                sizes = [c['n_head'] * hs, c['n_kv_head'] * hs, c['n_kv_head'] * hs]
             else:
-                sizes = [c.ffn_hidden, c.ffn_hidden]
+                sizes = [c['ffn_hidden'], c['ffn_hidden']]
             for n, part in zip(theirs, w.split(sizes, dim=0)):
                 hf[n] = part.clone()
         else:
@@ -155,80 +165,38 @@ def read_weights(path):
         return sd
     raise ValueError(f"{path} has a config.json but no *.safetensors or pytorch_model*.bin weights")
 
+def read_pretrained(name_or_dir):
+    """A Hugging Face directory of a GPT-2 or Llama model (config.json + safetensors/bin), or a hub name such as
+    'gpt2' when online -> (GPTConfig's arguments, the state dict under our names)."""
+    path = local_dir(name_or_dir)
+    with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
+        config = config_from_hf(json.load(f))
+    return config, state_dict_from_hf(read_weights(path), config)
+
+def write_pretrained(out_dir, config, state_dict, tokenizer=None):
+    """Write a directory that transformers.AutoModelForCausalLM.from_pretrained loads with the same logits: config
+    (GPTConfig's fields) as config.json, the weights as model.safetensors, and tokenizer files for BPE tokenizers (so
+    AutoTokenizer works too). Refused before anything is written: what Hugging Face's architecture cannot hold, and
+    a tokenizer with ids beyond the embedding."""
+    from safetensors.torch import save_file
+    hf_config = config_to_hf(config, eot=getattr(tokenizer, 'eot', None))
+    check_fits(tokenizer, config['vocab_size'])
+    os.makedirs(out_dir, exist_ok=True)
+    hf_config['torch_dtype'] = hf_config['dtype'] = str(next(iter(state_dict.values())).dtype).replace('torch.', '')
+    sd = {k: v.contiguous() for k, v in state_dict_to_hf(state_dict, config).items()}
+    with replacing(os.path.join(out_dir, 'model.safetensors')) as tmp:
+        save_file(sd, tmp, metadata={'format': 'pt'})
+    write_json(os.path.join(out_dir, 'config.json'), hf_config)
+    if tokenizer is not None:
+        try:
+            save_tokenizer_files(tokenizer, out_dir)
+        except ValueError as e:  # a char vocabulary of multi-byte chars has no HF form; the weights are still good
+            if tokenizer.kind != 'char':
+                raise
+            print(f'note: {out_dir} gets no tokenizer files: {e}', file=sys.stderr)
+
 # -----------------------------------------------------------------------------
 # 2) tokenizers
-
-class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer directory: tokenizer.json through the `tokenizers` library, else
-    GPT-2-style vocab.json + merges.txt through our BPETokenizer. The files are kept as text, so
-    spec() is self-contained: a checkpoint still loads after the directory is gone."""
-    kind = 'hf'
-    FILES = ('tokenizer.json', 'vocab.json', 'merges.txt', 'added_tokens.json', 'tokenizer_config.json',
-             'special_tokens_map.json')
-
-    def __init__(self, path, files=None):
-        if files is None:
-            if not os.path.isdir(path):
-                raise ValueError(f'{path} is not a directory; give a Hugging Face tokenizer directory '
-                                 '(tokenizer.json, or vocab.json + merges.txt)')
-            files = {}
-            for name in filter(lambda n: os.path.exists(os.path.join(path, n)), self.FILES):
-                with open(os.path.join(path, name), encoding='utf-8') as f:
-                    files[name] = f.read()
-        self.name, self.files, self.tk, self.bpe = str(path), files, None, None
-        if 'tokenizer.json' in files:
-            from tokenizers import Tokenizer as HFTok
-            self.tk = HFTok.from_str(files['tokenizer.json'])
-            # subtle: `tokenizers` finds added tokens inside raw text by default; switch that off so
-            # encode() stays plain text, like every other kind (a typed "<|end|>" is just text)
-            self.tk.encode_special_tokens = True
-            added = self.tk.get_added_tokens_decoder()  # id -> AddedToken
-            self.special_tokens, self.added_ids = {t.content: i for i, t in added.items() if t.special}, set(added)
-            ids = self.tk.get_vocab(with_added_tokens=True)
-            self.vocab_size = max(ids.values()) + 1
-            self.byte_level = (json.loads(files['tokenizer.json']).get('decoder') or {}).get('type') == 'ByteLevel'
-            self.u2b = {c: b for b, c in bytes_to_unicode().items()}  # decode_bytes' table, built once (streaming)
-        elif 'vocab.json' in files and 'merges.txt' in files:
-            self.bpe = BPETokenizer._from_gpt2_data(json.loads(files['vocab.json']), files['merges.txt'],
-                                                    json.loads(files.get('added_tokens.json', '{}')))
-            ids, self.vocab_size = self.bpe.special_tokens, self.bpe.vocab_size
-            self.special_tokens = dict(ids)
-        else:
-            raise ValueError(f'{path} has no tokenizer.json and no vocab.json + merges.txt; save the tokenizer there '
-                             'with transformers (tokenizer.save_pretrained(dir)) or hf.save_tokenizer_files')
-        # eot = the directory's eos token (tokenizer_config.json wins over special_tokens_map.json)
-        config = {**json.loads(files.get('special_tokens_map.json', '{}')),
-                  **json.loads(files.get('tokenizer_config.json', '{}'))}
-        eos = config.get('eos_token') or EOT
-        eos = eos.get('content') if isinstance(eos, dict) else eos
-        self.eot = ids.get(eos)
-        if self.eot is not None:
-            self.special_tokens.setdefault(eos, self.eot)
-
-    def encode(self, text):
-        return self.bpe.encode(text) if self.bpe else self.tk.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts, num_threads=2):
-        if self.bpe:
-            return self.bpe.encode_batch(texts, num_threads)
-        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids):
-        return self.bpe.decode(ids) if self.bpe else self.tk.decode(self._ids(ids), skip_special_tokens=False)
-
-    def decode_bytes(self, ids):
-        if self.bpe:
-            return self.bpe.decode_bytes(ids)
-        if not self.byte_level:  # e.g. SentencePiece-style vocabularies: whole characters only
-            return self.decode(ids).encode('utf-8')
-        # byte-level: each token is a string of bytes_to_unicode chars, so the bytes come out exact
-        # even mid-character (what streaming needs); added tokens are stored as plain text
-        tokens = [(i, self.tk.id_to_token(i)) for i in self._ids(ids)]
-        return b''.join(t.encode('utf-8') if i in self.added_ids else bytes(self.u2b[c] for c in t) for i, t in tokens)
-
-    def spec(self):
-        return {'kind': 'hf', 'name': self.name, 'files': self.files}
-
 
 def byte_level_vocab(tok, unlisted_merges=False):
     """tok as a GPT-2-style byte-level BPE: (text_of {id: token text}, merges [(text, text)] in rank order, specials
@@ -293,7 +261,7 @@ def save_tokenizer_files(tok, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     if tok.kind == 'hf':  # HF files already: write them back unchanged
         for name, text in tok.files.items():
-            _atomic_write(os.path.join(out_dir, name), text)
+            write_text(os.path.join(out_dir, name), text)
         return
     # 1) GPT-2's files: each token's bytes written as bytes_to_unicode chars
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
@@ -303,17 +271,17 @@ def save_tokenizer_files(tok, out_dir):
     if len(vocab) != len(text_of):
         raise ValueError('two token ids share the same bytes, which vocab.json cannot represent')
     vocab.update(specials)  # as GPT-2's vocab.json lists <|endoftext|>
-    _atomic_write(os.path.join(out_dir, 'vocab.json'), json.dumps(vocab, ensure_ascii=False))
-    _atomic_write(os.path.join(out_dir, 'merges.txt'), '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
+    write_text(os.path.join(out_dir, 'vocab.json'), json.dumps(vocab, ensure_ascii=False))
+    write_text(os.path.join(out_dir, 'merges.txt'), '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
     # 2) tokenizer.json: BPE model + ByteLevel pre-tokenizer (its regex is GPT2_SPLIT_PATTERN)
     hf = HFTok(models.BPE(vocab=vocab, merges=merges))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])  # ids from vocab
-    _atomic_write(os.path.join(out_dir, 'tokenizer.json'), hf.to_str())
+    write_text(os.path.join(out_dir, 'tokenizer.json'), hf.to_str())
     # 3) configs: GPT-2's convention is one token for bos, eos and unk; no clean-up, so decode round-trips
     eot = {'bos_token': EOT, 'eos_token': EOT, 'unk_token': EOT} if EOT in specials else {}
     config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'add_prefix_space': False,
               'clean_up_tokenization_spaces': False, 'chat_template': chat_jinja(tok), **eot}
-    _atomic_write(os.path.join(out_dir, 'tokenizer_config.json'), json.dumps(config, indent=2))
-    _atomic_write(os.path.join(out_dir, 'special_tokens_map.json'), json.dumps(eot, indent=2))
+    write_text(os.path.join(out_dir, 'tokenizer_config.json'), json.dumps(config, indent=2))
+    write_text(os.path.join(out_dir, 'special_tokens_map.json'), json.dumps(eot, indent=2))

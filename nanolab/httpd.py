@@ -13,7 +13,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from nanolab.results import dumps
+from nanolab.files import dumps
 
 MAX_BODY = 1 << 20  # request bodies over 1 MB get 413
 

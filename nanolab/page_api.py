@@ -15,7 +15,8 @@ import torch
 from nanolab import arena
 from nanolab import prompts as library  # prompts.py: serve.py's `prompts` is the token lists of a request
 from nanolab.httpd import ApiError
-from nanolab.results import (LOWER_IS_BETTER, checkpoint_history, finite, leaderboard_rows, model_registry, read_results,
+from nanolab.files import finite
+from nanolab.results import (LOWER_IS_BETTER, checkpoint_history, leaderboard_rows, model_registry, read_results,
                      read_runs)
 
 # -----------------------------------------------------------------------------

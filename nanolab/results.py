@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from model import write_atomic
+from nanolab.files import finite, write_text
 
 # -----------------------------------------------------------------------------
 # 1) reading results: the model card and the leaderboard
@@ -87,9 +87,6 @@ def read_results(paths):
 
 LOWER_IS_BETTER = ('loss', 'perplexity', 'bits_per_byte', 'word_perplexity', 'byte_perplexity')
 
-def _write_atomic(path, text):
-    write_atomic(path, lambda f: f.write(text.encode('utf-8')))
-
 def save_result(results_dir, result):
     """Write one result dict as results_dir/eval/<task>-<iter or 'final'>-<UTC time>.json, atomically, adding the
     'schema' marker and 'created' time that the model card and the leaderboard read (common.read_results).
@@ -107,7 +104,7 @@ def save_result(results_dir, result):
     result = {'schema': RESULT_SCHEMA, 'created': now.isoformat(timespec='microseconds'), **result}
     # one key a line, each value on its line: readable, without a line for each of thousands of per-item scores
     lines = [f' {json.dumps(k)}: {json.dumps(finite(v), default=str)}' for k, v in result.items()]  # NaN: null
-    _write_atomic(path, '{\n' + ',\n'.join(lines) + '\n}\n')
+    write_text(path, '{\n' + ',\n'.join(lines) + '\n}\n')
     return path
 
 def update_model_card(results_dir):
@@ -124,25 +121,7 @@ def update_model_card(results_dir):
     else:
         text = f"# {os.path.basename(os.path.abspath(results_dir))}\n\nEvaluated with nanolab's evaluate.py.\n\n{section}"
     os.makedirs(results_dir, exist_ok=True)
-    _write_atomic(path, text.rstrip('\n') + '\n')
-
-def finite(obj):
-    """obj with every NaN or infinite float (a diverged run's loss) replaced by None: JSON has no such numbers, and
-    json.dumps would write bare NaN, which browsers' JSON.parse rejects."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-def dumps(obj):
-    """json.dumps that writes NaN and infinities as null (finite)."""
-    try:
-        return json.dumps(obj, allow_nan=False)
-    except ValueError:
-        return json.dumps(finite(obj))
+    write_text(path, text.rstrip('\n') + '\n')
 
 def read_metrics(path):
     """The rows of a metrics.jsonl, the one reader of it (trainers on resume, the loss curve, GET /runs). The last
@@ -432,9 +411,9 @@ def show_leaderboard(dirs, sort_by='', out_stem='leaderboard', n_boot=1000, seed
         w.writerow([row[k] for k in head[:5]] + [x for m in names for x in numbers(row['metrics'].get(m))] +
                    [row['sorted_by'], row['p_vs_best'], row['test']])
     os.makedirs(os.path.dirname(out_stem) or '.', exist_ok=True)
-    _write_atomic(f'{out_stem}.md', '# Leaderboard\n\n' + '\n'.join(md) + '\n')
-    _write_atomic(f'{out_stem}.csv', buf.getvalue())
-    _write_atomic(f'{out_stem}.json', json.dumps(finite({'sort_by': sort_by, 'n_boot': n_boot, 'seed': seed,
+    write_text(f'{out_stem}.md', '# Leaderboard\n\n' + '\n'.join(md) + '\n')
+    write_text(f'{out_stem}.csv', buf.getvalue())
+    write_text(f'{out_stem}.json', json.dumps(finite({'sort_by': sort_by, 'n_boot': n_boot, 'seed': seed,
                                                          'skipped': len(skipped), 'rows': rows}), indent=1) + '\n')
     print(f'wrote {out_stem}.md, {out_stem}.csv and {out_stem}.json')
     return rows

@@ -3,7 +3,7 @@ Tokenizers: one interface over char-level, tiktoken, our own byte-level BPE and 
 tokenizer directories, plus the chat template, which is defined once, here.
 
     tok = get_tokenizer('gpt2')                     # or CharTokenizer(text=corpus),
-    tok = BPETokenizer.train(text, vocab_size=4096) # or hf.HFTokenizer('path/to/hf_dir')
+    tok = BPETokenizer.train(text, vocab_size=4096) # or HFTokenizer('path/to/hf_dir')
     ids = tok.encode('hello'); text = tok.decode(ids)
     tok = from_spec(tok.spec())                     # specs live in checkpoints and meta.json
 
@@ -47,6 +47,8 @@ import os
 from collections import Counter
 
 import regex  # tiktoken's own dependency; the stdlib `re` has no \p{L} (letter) classes
+
+from nanolab.files import write_text
 
 CHAT_TEMPLATE_DOC = __doc__[__doc__.index('Chat template'):]  # one copy; the README quotes it
 
@@ -389,7 +391,7 @@ class BPETokenizer(Tokenizer):
                 for (a, b), idx in self.merges.items()]
         # json.dumps(indent=...) would put every int on its own line; write one merge per line
         body = json.dumps(head, ensure_ascii=False, indent=1)[:-2] + ',\n "merges": [\n  ' + ',\n  '.join(rows)
-        _atomic_write(path, body + '\n ]\n}\n')
+        write_text(path, body + '\n ]\n}\n')
 
     @classmethod
     def load(cls, path):
@@ -447,11 +449,85 @@ class BPETokenizer(Tokenizer):
         return cls(merges, enc._special_tokens, enc._pat_str, [t[0] for t in by_rank[:256]])
 
 
-def _atomic_write(path, text):
-    tmp = os.fspath(path) + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(tmp, path)  # a crash never leaves a torn file
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer directory: tokenizer.json through the `tokenizers` library, else
+    GPT-2-style vocab.json + merges.txt through our BPETokenizer. The files are kept as text, so
+    spec() is self-contained: a checkpoint still loads after the directory is gone."""
+    kind = 'hf'
+    FILES = ('tokenizer.json', 'vocab.json', 'merges.txt', 'added_tokens.json', 'tokenizer_config.json',
+             'special_tokens_map.json')
+
+    def __init__(self, path, files=None):
+        if files is None:
+            if not os.path.isdir(path):
+                raise ValueError(f'{path} is not a directory; give a Hugging Face tokenizer directory '
+                                 '(tokenizer.json, or vocab.json + merges.txt)')
+            files = {}
+            for name in filter(lambda n: os.path.exists(os.path.join(path, n)), self.FILES):
+                with open(os.path.join(path, name), encoding='utf-8') as f:
+                    files[name] = f.read()
+        self.name, self.files, self.tk, self.bpe = str(path), files, None, None
+        if 'tokenizer.json' in files:
+            from tokenizers import Tokenizer as HFTok
+            self.tk = HFTok.from_str(files['tokenizer.json'])
+            # subtle: `tokenizers` finds added tokens inside raw text by default; switch that off so
+            # encode() stays plain text, like every other kind (a typed "<|end|>" is just text)
+            self.tk.encode_special_tokens = True
+            added = self.tk.get_added_tokens_decoder()  # id -> AddedToken
+            self.special_tokens, self.added_ids = {t.content: i for i, t in added.items() if t.special}, set(added)
+            ids = self.tk.get_vocab(with_added_tokens=True)
+            self.vocab_size = max(ids.values()) + 1
+            self.byte_level = (json.loads(files['tokenizer.json']).get('decoder') or {}).get('type') == 'ByteLevel'
+            self.u2b = {c: b for b, c in bytes_to_unicode().items()}  # decode_bytes' table, built once (streaming)
+        elif 'vocab.json' in files and 'merges.txt' in files:
+            self.bpe = BPETokenizer._from_gpt2_data(json.loads(files['vocab.json']), files['merges.txt'],
+                                                    json.loads(files.get('added_tokens.json', '{}')))
+            ids, self.vocab_size = self.bpe.special_tokens, self.bpe.vocab_size
+            self.special_tokens = dict(ids)
+        else:
+            raise ValueError(f'{path} has no tokenizer.json and no vocab.json + merges.txt; save the tokenizer there '
+                             'with transformers (tokenizer.save_pretrained(dir)) or hf.save_tokenizer_files')
+        # eot = the directory's eos token (tokenizer_config.json wins over special_tokens_map.json)
+        config = {**json.loads(files.get('special_tokens_map.json', '{}')),
+                  **json.loads(files.get('tokenizer_config.json', '{}'))}
+        eos = config.get('eos_token') or EOT
+        eos = eos.get('content') if isinstance(eos, dict) else eos
+        self.eot = ids.get(eos)
+        if self.eot is not None:
+            self.special_tokens.setdefault(eos, self.eot)
+
+    def encode(self, text):
+        return self.bpe.encode(text) if self.bpe else self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts, num_threads=2):
+        if self.bpe:
+            return self.bpe.encode_batch(texts, num_threads)
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.bpe.decode(ids) if self.bpe else self.tk.decode(self._ids(ids), skip_special_tokens=False)
+
+    def decode_bytes(self, ids):
+        if self.bpe:
+            return self.bpe.decode_bytes(ids)
+        if not self.byte_level:  # e.g. SentencePiece-style vocabularies: whole characters only
+            return self.decode(ids).encode('utf-8')
+        # byte-level: each token is a string of bytes_to_unicode chars, so the bytes come out exact
+        # even mid-character (what streaming needs); added tokens are stored as plain text
+        tokens = [(i, self.tk.id_to_token(i)) for i in self._ids(ids)]
+        return b''.join(t.encode('utf-8') if i in self.added_ids else bytes(self.u2b[c] for c in t) for i, t in tokens)
+
+    def spec(self):
+        return {'kind': 'hf', 'name': self.name, 'files': self.files}
+
+
+def check_fits(tok, vocab_size):
+    """ValueError when the tokenizer has ids that an embedding of vocab_size rows has no rows for (e.g. chat tokens
+    above GPT-2's 50257 on a 50257-row model): an export would write tokens without weights. None passes."""
+    if tok is not None and tok.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has ids up to {tok.vocab_size - 1}, beyond the model's embedding of "
+                         f"{vocab_size} rows, so those tokens have no weights; train with vocab_size >= the "
+                         "tokenizer's (50304 pads GPT-2's 50257 with room for the chat tokens), or drop them")
 
 
 def from_spec(spec: dict) -> Tokenizer:
@@ -465,7 +541,6 @@ def from_spec(spec: dict) -> Tokenizer:
         elif kind == 'bpe':
             return BPETokenizer(spec['merges'], spec['special_tokens'], spec['pattern'], spec.get('byte_order'))
         elif kind == 'hf':
-            from nanolab.hf import HFTokenizer
             return HFTokenizer(spec.get('name', ''), files=spec['files'])
         else:
             raise ValueError(f'unknown tokenizer spec kind {kind!r}: expected a dict written by Tokenizer.spec(), '
@@ -486,7 +561,6 @@ def get_tokenizer(name_or_spec) -> Tokenizer:
         raise ValueError("a char tokenizer is built from its text: CharTokenizer(text=corpus); "
                          "a saved one comes back with from_spec(meta['tokenizer'])")
     if os.path.isdir(name):
-        from nanolab.hf import HFTokenizer
         return HFTokenizer(name)
     if name.endswith('.json') and os.path.isfile(name):
         return BPETokenizer.load(name)

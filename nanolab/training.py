@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from nanolab import results
-from model import write_atomic, write_json
+from nanolab.files import dumps, write_atomic, write_json
 from nanolab.results import read_metrics  # the one reader of metrics.jsonl
 
 # -----------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def resume_config(out_dir, config, script, choices=None, fixed=()):
     line applied on top again, so `--max_iters=...` extends a run. `fixed`: settings that can't change on resume
     (a trained adapter's shape). A missing or corrupt checkpoint, or a changed fixed setting, raises ValueError."""
     from nanolab.configurator import configure
-    from model import load_checkpoint
+    from nanolab.checkpoint import load_checkpoint
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     if os.path.exists(os.path.join(out_dir, 'metrics.jsonl')):
         read_metrics(os.path.join(out_dir, 'metrics.jsonl'))  # a damaged log: refuse now, before anything is written
@@ -208,11 +208,11 @@ class MetricsLogger:
         rows = []
         if resume_iter and os.path.exists(path):  # a line torn by a crash mid-write is dropped
             rows = [r for r in read_metrics(path) if r.get('iter', 0) < resume_iter]
-        write_atomic(path, lambda f: f.write(''.join(results.dumps(r) + '\n' for r in rows).encode()))
+        write_atomic(path, lambda f: f.write(''.join(dumps(r) + '\n' for r in rows).encode()))
         self.f = open(path, 'a')
 
     def log(self, **row):
-        self.f.write(results.dumps(row) + '\n')  # a diverged loss (NaN, inf) is written as null: JSON has no NaN
+        self.f.write(dumps(row) + '\n')  # a diverged loss (NaN, inf) is written as null: JSON has no NaN
         self.f.flush()
         if self.trackers:
             self.trackers.log(row)

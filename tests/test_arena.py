@@ -127,7 +127,8 @@ def test_evaluate_arena_writes_arena_json_and_pairs_dpo_reads(tmp_path):
     # a reward model as the automatic judge: one more annotator, whose verdicts are its rewards' order
     import torch
     from dataclasses import asdict
-    from model import GPT, GPTConfig, save_checkpoint
+    from model import GPT, GPTConfig
+    from nanolab.checkpoint import save_checkpoint
     from reward import RewardModel, load_reward_model
     from nanolab.tokenizer import CharTokenizer
     tok = CharTokenizer(chars=' 0123456789:?Aabcdefghijklmnopqrstuvwxyz\nSU')

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from nanolab.training import read_metrics  # tests/conftest.py puts the repo root on sys.path
 from evaluate import win_rate
 from dpo import collate, encode_pair, load_pairs, preference_loss, response_logps
-from model import GPT, GPTConfig, load_model, save_checkpoint
+from model import GPT, GPTConfig
+from nanolab.checkpoint import load_model, save_checkpoint
 from nanolab.tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

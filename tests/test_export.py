@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import export
-from model import GPTConfig, load_model
+from model import GPTConfig
+from nanolab.checkpoint import load_model
 from test_serve import ROOT, save_run  # tests/ is on sys.path while pytest collects it
 from nanolab.tokenizer import CharTokenizer, TiktokenTokenizer, bytes_to_unicode
 

@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from nanolab import synthetic as tasks
 from nanolab.training import read_metrics
-from model import GPT, GPTConfig, load_model, save_checkpoint
+from model import GPT, GPTConfig
+from nanolab.checkpoint import load_model, save_checkpoint
 from nanolab.tokenizer import CharTokenizer
 
 FINETUNE = os.path.join(ROOT, 'finetune.py')

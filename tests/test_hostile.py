@@ -208,7 +208,7 @@ def test_a_failure_mid_stream_sends_an_error_event_and_no_done(srv, monkeypatch)
 
 def test_json_writers_write_non_finite_numbers_as_null(tmp_path):
     import math
-    from nanolab import results
+    from nanolab import files, results
     from nanolab.training import MetricsLogger
     strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f'bare {c} in JSON'))
     log = MetricsLogger(str(tmp_path / 'metrics.jsonl'))
@@ -217,7 +217,7 @@ def test_json_writers_write_non_finite_numbers_as_null(tmp_path):
     assert strict((tmp_path / 'metrics.jsonl').read_text()) == {'iter': 10, 'loss': None, 'val_loss': None, 'lr': 3e-4}
     path = results.save_result(str(tmp_path), {'model': 'm', 'task': 't', 'metrics': {'perplexity': math.inf}, 'n': 1})
     assert strict(open(path).read())['metrics'] == {'perplexity': None}
-    assert strict(results.dumps({'a': [1.5, -math.inf]})) == {'a': [1.5, None]}
+    assert strict(files.dumps({'a': [1.5, -math.inf]})) == {'a': [1.5, None]}
 
 
 def test_text_is_bounded_in_characters_before_it_is_tokenized(srv):

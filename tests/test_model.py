@@ -8,8 +8,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import (GPT, GPTConfig, KVCache, load_checkpoint, load_model, model_from_checkpoint,
-                   resolve_device, resolve_dtype, save_checkpoint)
+from model import GPT, GPTConfig
+from nanolab.checkpoint import load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
+from nanolab.device import resolve_device, resolve_dtype
+from nanolab.kv_cache import KVCache
 
 transformers = pytest.importorskip('transformers')
 transformers.logging.set_verbosity_error()
@@ -68,6 +70,11 @@ def test_scratch_model_exports_to_hf(arch, tmp_path):
         assert (hf(x).logits - m(x)[0]).abs().max().item() <= 1e-4
 
 
+def each_row(cache, B, T):
+    """The KV-cache step that appends T tokens to each of slots 0..B-1: prompt chunks, or one decode token each."""
+    return cache.schedule(chunks=[(b, T) for b in range(B)]) if T > 1 else cache.schedule(decode=B)
+
+
 @pytest.mark.parametrize('arch', ['gpt2', 'llama'])
 def test_kv_cache_matches_full_forward(arch):
     torch.manual_seed(0)
@@ -76,7 +83,8 @@ def test_kv_cache_matches_full_forward(arch):
     with torch.no_grad():
         full, _ = m(x)
         cache = KVCache(m.config, 2, 24, 'cpu', torch.float32)
-        parts = [m(x[:, :9], cache=cache)[0], m(x[:, 9:10], cache=cache)[0], m(x[:, 10:], cache=cache)[0]]
+        parts = [m(x[:, :9], step=each_row(cache, 2, 9))[0], m(x[:, 9:10], step=each_row(cache, 2, 1))[0],
+                 m(x[:, 10:], step=each_row(cache, 2, 10))[0]]
     assert cache.lengths == [20, 20]
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
 
@@ -90,11 +98,11 @@ def test_rows_of_different_lengths_equal_each_row_alone(arch):
     nxt, last = torch.randint(0, 96, (2, 3)), torch.randint(0, 96, (2, 1))
     with torch.no_grad():
         cache = KVCache(m.config, 3, 8, 'cpu', torch.float32)
-        cache.schedule(chunks=[(0, 12), (1, 7)])  # two prompt chunks in one flat row of 19 tokens
-        lp, _ = m(torch.cat([a, b], 1), cache=cache)
-        ls, _ = m(nxt, cache=cache)  # 3 more tokens for slots 0 and 1, which hold 12 and 7
-        cache.schedule(decode=3, real=[True, True, False])  # one token each; slot 2 holds no row: a throwaway token
-        ld, _ = m(torch.cat([last, torch.zeros(1, 1, dtype=torch.long)]).view(1, 3), cache=cache)
+        step = cache.schedule(chunks=[(0, 12), (1, 7)])  # two prompt chunks in one flat row of 19 tokens
+        lp, _ = m(torch.cat([a, b], 1), step=step)
+        ls, _ = m(nxt, step=each_row(cache, 2, 3))  # 3 more tokens for slots 0 and 1, which hold 12 and 7
+        step = cache.schedule(decode=3, real=[True, True, False])  # one token each; slot 2 holds no row: throwaway
+        ld, _ = m(torch.cat([last, torch.zeros(1, 1, dtype=torch.long)]).view(1, 3), step=step)
         ref_a, _ = m(torch.cat([a, nxt[:1], last[:1]], 1))
         ref_b, _ = m(torch.cat([b, nxt[1:], last[1:]], 1))
     assert cache.lengths == [16, 11, 0] and cache.max_len >= 16  # it grew (doubling) as the rows needed
@@ -105,8 +113,7 @@ def test_rows_of_different_lengths_equal_each_row_alone(arch):
     # a fork: slot 2 takes slot 1's first 9 tokens and continues differently, as row b alone would
     with torch.no_grad():
         cache.copy([1], [2], n=9)
-        cache.schedule(chunks=[(2, 2)])
-        lf, _ = m(nxt[:1, 1:], cache=cache)
+        lf, _ = m(nxt[:1, 1:], step=cache.schedule(chunks=[(2, 2)]))
         ref_f, _ = m(torch.cat([b, nxt[1:, :2], nxt[:1, 1:]], 1))
     assert cache.lengths[2] == 11 and (lf[0] - ref_f[0, 9:]).abs().max() < 1e-5
 
@@ -239,7 +246,7 @@ def test_bad_config_and_device():
 
 def test_write_atomic_keeps_the_old_file_on_a_crash_and_two_writers_never_mix(tmp_path):
     import threading
-    from model import write_atomic
+    from nanolab.files import write_atomic
     path = str(tmp_path / 'f.bin')
     write_atomic(path, lambda f: f.write(b'old'))
 
@@ -278,8 +285,8 @@ def test_sinusoidal_positions_by_hand_and_through_the_cache(tmp_path):
     with torch.no_grad():
         full, _ = m(x)
         cache = KVCache(m.config, 2, 16, 'cpu', torch.float32)
-        first, _ = m(x[:, :7], cache=cache)
-        rest = [m(x[:, t:t + 1], cache=cache)[0] for t in range(7, 12)]
+        first, _ = m(x[:, :7], step=each_row(cache, 2, 7))
+        rest = [m(x[:, t:t + 1], step=each_row(cache, 2, 1))[0] for t in range(7, 12)]
     torch.testing.assert_close(torch.cat([first] + rest, 1), full, atol=1e-5, rtol=1e-5)
     llama = GPT(GPTConfig(arch='llama', n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, positions='sinusoidal'))
     assert llama(torch.zeros(1, 8, dtype=torch.long))[0].shape == (1, 8, 20)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from nanolab.training import read_metrics
-from model import GPT, GPTConfig, save_checkpoint
+from model import GPT, GPTConfig
+from nanolab.checkpoint import save_checkpoint
 from reward import RewardModel, bt_loss, collate, load_reward_model, pad
 from nanolab.tokenizer import CharTokenizer
 
@@ -71,7 +72,7 @@ def test_the_head_reads_each_rows_last_token():
     with torch.no_grad():
         batched = rm(x, last)
         alone = [rm(torch.tensor([s]), torch.tensor([len(s) - 1])).item() for s in seqs]
-        h = rm.gpt(torch.tensor([seqs[1]]), hidden=True)[0][0, -1]  # by hand: the last hidden state through the head
+        h = rm.gpt.hidden_states(torch.tensor([seqs[1]]))[0, -1]  # by hand: the last hidden state through the head
     assert batched.tolist() == pytest.approx(alone, abs=1e-5)
     assert batched[1].item() == pytest.approx((rm.head.weight[0] @ h + rm.head.bias[0]).item(), abs=1e-5)
     x, last = collate([([1, 2], [3], [4, 5]), ([6], [7, 8], [9])])

@@ -16,7 +16,8 @@ import torch
 from nanolab import synthetic as tasks
 from nanolab.training import read_metrics
 from dpo import collate_responses, token_logps
-from model import GPT, GPTConfig, save_checkpoint
+from model import GPT, GPTConfig
+from nanolab.checkpoint import save_checkpoint
 from rl import exact_kl, group_advantages, grpo_loss
 from nanolab.tokenizer import CharTokenizer
 
@@ -126,7 +127,7 @@ def test_a_reward_model_can_be_the_reward(setup):
     evals = [r for r in read_metrics(d / 'with_rm' / 'metrics.jsonl') if 'exact_match' in r]
     rows = [json.loads(line) for line in (d / 'data' / 'tasks' / 'val.jsonl').read_text().splitlines()]
     import evaluate
-    from model import load_model
+    from nanolab.checkpoint import load_model
     sft, tok, _ = load_model(str(d / 'sft'))
     answers = evaluate.answer(sft, tok, [r['messages'][:-1] for r in rows], 6)
     want = sum(rm.eval().score(TOK, r['messages'][:-1], [a])[0] for r, a in zip(rows, answers)) / len(rows)

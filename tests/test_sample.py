@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model import GPT, GPTConfig, save_checkpoint  # tests/conftest.py puts the repo root on sys.path
+from model import GPT, GPTConfig
+from nanolab.checkpoint import save_checkpoint  # tests/conftest.py puts the repo root on sys.path
 from nanolab import decoding
 
 from sample import generate, generate_stream
@@ -351,9 +352,9 @@ def test_bad_parameters_are_value_errors(kw, name):
 
 @pytest.fixture(scope='module')
 def ckpt_dir(tmp_path_factory):
-    tokenizer = pytest.importorskip('tokenizer')
+    from nanolab.tokenizer import CharTokenizer
     d = tmp_path_factory.mktemp('run')
-    tok = tokenizer.CharTokenizer(text='ROMEO: Juliet, hello world!\nUser: Assistant: System: ')
+    tok = CharTokenizer(text='ROMEO: Juliet, hello world!\nUser: Assistant: System: ')
     # model vocabulary padded past the tokenizer's, as GPT-2's is: generation must never pick those ids
     m = tiny(vocab_size=64)
     save_checkpoint({'model_args': asdict(m.config), 'model': m.state_dict(), 'tokenizer': tok.spec(), 'config': {}},
@@ -390,7 +391,7 @@ def test_cli_samples_compares_and_chats(ckpt_dir, tmp_path):
 def test_cli_template_is_prompts_ids(ckpt_dir):
     """--template/--variables: the sample starts from prompts.prompt_ids (greedy, so the text is generate's)."""
     from nanolab import prompts
-    from model import load_model
+    from nanolab.checkpoint import load_model
     model, tok, _ = load_model(ckpt_dir)
     ids = prompts.prompt_ids(tok, 'play_scene', {'speaker': 'ROMEO', 'line': 'hello'})
     want = generate(model, ids, 8, temperature=0, tokenizer=tok)[0].text

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from nanolab import quantize
 import serve
-from model import GPT, GPTConfig, load_model, save_checkpoint  # tests/conftest.py puts the repo root on sys.path
+from model import GPT, GPTConfig
+from nanolab.checkpoint import load_model, save_checkpoint  # tests/conftest.py puts the repo root on sys.path
 from sample import generate
 from nanolab.tokenizer import CharTokenizer, TiktokenTokenizer
 

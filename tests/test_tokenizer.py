@@ -8,9 +8,8 @@ import pytest
 import tiktoken
 import torch
 
-from nanolab.hf import HFTokenizer, save_tokenizer_files as save_hf_tokenizer_files
-from nanolab.tokenizer import (BPETokenizer, CharTokenizer, TiktokenTokenizer, from_spec,
-                       get_tokenizer)
+from nanolab.hf import save_tokenizer_files as save_hf_tokenizer_files
+from nanolab.tokenizer import BPETokenizer, CharTokenizer, HFTokenizer, TiktokenTokenizer, from_spec, get_tokenizer
 
 CACHE = os.environ['TIKTOKEN_CACHE_DIR']  # conftest.py points it at the offline GPT-2 files
 

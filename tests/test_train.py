@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from nanolab.training import MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, read_metrics, restore_training
 from nanolab.configurator import configure
-from model import GPT, GPTConfig, load_checkpoint, load_model, save_checkpoint
+from model import GPT, GPTConfig
+from nanolab.checkpoint import load_checkpoint, load_model, save_checkpoint
 
 TRAIN = os.path.join(ROOT, 'train.py')
 CHARS = 'abcdefghijklmnop'  # a 16-token char vocabulary

@@ -503,7 +503,7 @@ def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, brows
     """Two runs ticked: their curves overlaid, the settings they differ in, their evals side by side; the models on
     disk with a checkpoint browser; 'serve' loads a run beside the served one (the model menu picks it), '-' unloads."""
     import torch
-    from model import save_checkpoint
+    from nanolab.checkpoint import save_checkpoint
     d = two_runs(tmp_path)
     (d / 'char2').mkdir()
     ckpt = torch.load(d / 'char' / 'ckpt.pt', weights_only=True)

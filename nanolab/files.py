@@ -1,0 +1,67 @@
+"""
+Files that are never left torn, and JSON that browsers can read.
+
+    write_atomic(path, lambda f: torch.save(ckpt, f))   # a temp file, fsynced, then renamed over path
+    with replacing(path) as tmp: writer.write(tmp)       # the same for a library that writes to a path itself
+    write_json(path, obj); write_text(path, text)
+    dumps(obj)                                           # json.dumps with NaN and infinities as null
+
+A crash, a Ctrl-C or a second writer at any moment leaves either the old file or the new one, never half of one:
+the bytes reach the disk (fsync) before the name points at them (os.replace is atomic on POSIX and Windows).
+"""
+import json
+import math
+import os
+import threading
+from contextlib import contextmanager
+
+
+@contextmanager
+def replacing(path):
+    """A temp path beside `path`, this process and thread's own, for the caller to write; when the block ends
+    without an exception, the file is fsynced and renamed over path; either way no temp file is left."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.{threading.get_ident()}.tmp'
+    try:
+        yield tmp
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_atomic(path, write):
+    """Write path atomically: write(f) fills the temp file (binary) that replacing() gives."""
+    with replacing(path) as tmp:
+        with open(tmp, 'wb') as f:
+            write(f)
+
+
+def write_text(path, text):
+    write_atomic(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def finite(obj):
+    """obj with every NaN or infinite float (a diverged run's loss) replaced by None: JSON has no such numbers, and
+    json.dumps would write bare NaN, which browsers' JSON.parse rejects."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj):
+    """json.dumps that writes NaN and infinities as null (finite)."""
+    try:
+        return json.dumps(obj, allow_nan=False)
+    except ValueError:
+        return json.dumps(finite(obj))
