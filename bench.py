@@ -239,7 +239,7 @@ def bench_train_run(name):
     """One whole `python train.py` run in a fresh process: (wall s, final val loss, training s when val <= 1.70 first)."""
     import subprocess
     import sys
-    from nanolab.training import read_metrics
+    from nanolab.results import read_metrics
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, 'train.py', *TRAIN_RUNS[name], f'--out_dir={d}/out']
         t0 = time.time()

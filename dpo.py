@@ -15,7 +15,7 @@ formats.read_preferences reads: {prompt, chosen, rejected} JSONL, hh-rlhf transc
 Writes to out_dir: ckpt.pt (the policy, LoRA merged in, so load_model reads it like any run; plus what exact resume
 needs: optimizer, LoRA weights, a checksum of the reference, which resume rebuilds from init_from); metrics.jsonl
 (log rows: loss and the statistics below; eval rows: val_loss and the same on held-out pairs, plus on the tasks
-suite win_rate: how often tasks.rule_score prefers the policy's greedy answer to the reference's, ties half);
+suite win_rate: how often synthetic.rule_score prefers the policy's greedy answer to the reference's, ties half);
 config.json, loss.svg and README.md (the model card).
 
 The math, per pair (x = prompt, y_w = chosen, y_l = rejected), with log-probabilities summed over the
@@ -39,14 +39,24 @@ Dropout is off throughout (trl's disable_dropout), so policy and reference agree
 import copy
 import functools
 import os
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 
+from nanolab import synthetic
+from nanolab.checkpoint import load_model, model_from_checkpoint, save_checkpoint
+from nanolab.configurator import cli_errors, configure, fail
+from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
+from nanolab.files import write_json
 from nanolab.formats import read_preferences
+from nanolab.lora import add_lora, lora_disabled, lora_state
+from nanolab.metrics import answer, win_rate
+from nanolab.preferences import collate, load_pairs, pair_order, preference_files, preference_loss, response_logps
+from nanolab.progress import at  # i/N (p%), ETA
+from nanolab.tracking import write_model_card
+from nanolab.training import (LR_SCHEDULES, checkpoint_dict, configure_optimizer, end_eval, get_lr, open_run,
+                              optimizer_step, restore_training, save_on_stop, set_lr, start_loop)
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/dpo_tasks.py (see that file for the measured figures)
@@ -78,7 +88,7 @@ label_smoothing = 0.0         # cDPO: assumed share of flipped labels, in [0, 0.
 lora_r = 0                    # rank of the update; 0 = off (all weights train, the reference is a frozen copy)
 lora_alpha = 16.0             # the update is scaled by lora_alpha / lora_r
 lora_targets = 'c_attn,c_proj,c_fc'  # comma-separated Linear module names (or suffixes like attn.c_proj)
-# win rate (evaluate.win_rate), tasks suite only: greedy answers of policy and reference, judged by tasks.rule_score
+# win rate (metrics.win_rate), tasks suite only: greedy answers of policy and reference, judged by synthetic.rule_score
 win_rate_prompts = 200        # held-out prompts answered by both models at each eval; 0 = off
 max_new_tokens = 16           # answer length limit for the win rate, tokens
 # AdamW optimizer
@@ -98,304 +108,177 @@ device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cu
 dtype = 'auto'                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
 seed = 1337                   # data order, LoRA init
 # -----------------------------------------------------------------------------
-# the DPO pieces, as plain functions: tests/test_dpo.py imports them without running the script below
+CHOICES = {'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
+config = configure(globals(), choices=CHOICES)
 
-def encode_pair(tok, row, max_len):
-    """(prompt ids, chosen ids, rejected ids, truncated) for one {prompt, chosen, rejected} row, cut to max_len
-    tokens by the rule in the module docstring."""
-    p = tok.render_chat(row['prompt'], add_generation_prompt=True)[0]
-    responses = []
-    for answer in (row['chosen'], row['rejected']):
-        ids = tok.render_chat(row['prompt'] + [{'role': 'assistant', 'content': answer}])[0]
-        if ids[:len(p)] != p:  # the template must render a prompt the same way with or without its answer
-            raise ValueError(f'the chat template renders the prompt {row["prompt"]!r:.80} differently before an answer')
-        responses.append(ids[len(p):])
-    longest = max(map(len, responses))
-    if len(p) + longest <= max_len:
-        return p, *responses, False
-    p = p[-max(max_len - longest, max_len // 2):]  # 1) the prompt, from the left
-    return p, *(r[:max_len - len(p)] for r in responses), True  # 2) the responses, from the right
+# never replace a trained run; resume = the run's saved config, this command line on top; an adapter's shape is
+# fixed once trained
+ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES,
+                       fixed=('lora_r', 'lora_alpha', 'lora_targets'))
+globals().update(config)
+if ckpt is not None:
+    init_from = config['init_from'] = ckpt['config']['init_from']  # the flags said 'resume': the run's model source
+if not 0 <= label_smoothing < 0.5 or beta <= 0:
+    fail(f'label_smoothing={label_smoothing} must be in [0, 0.5) and beta={beta} positive')
 
-def collate_responses(seqs, device='cpu'):
-    """[(prompt ids, response ids)] -> inputs x and targets y, both (N, T), right-padded. y is the next token at
-    response positions and -1 (ignored) at prompt and padding positions, so only the response's log-probabilities
-    count (dpo.py's pairs, rl.py's samples)."""
-    T = max(len(p) + len(s) for p, s in seqs) - 1
-    x = torch.zeros(len(seqs), T, dtype=torch.long)
-    y = torch.full((len(seqs), T), -1, dtype=torch.long)
-    for i, (p, s) in enumerate(seqs):
-        ids = torch.tensor(p + s)
-        x[i, :len(ids) - 1] = ids[:-1]
-        y[i, len(p) - 1:len(ids) - 1] = ids[len(p):]  # position t predicts token t+1: the response's tokens
-    return x.to(device), y.to(device)
-
-def collate(pairs, device='cpu'):
-    """[(prompt, chosen, rejected) ids] -> x and y (2B, T) of collate_responses: rows 0..B-1 the chosen sequences,
-    rows B..2B-1 the rejected ones."""
-    return collate_responses([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], device)
-
-def token_logps(logits, y):
-    """log p(y_t | x_<=t) at every position, (N, T): exactly 0 where y == -1 (prompt, padding)."""
-    logp = -F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction='none')
-    return logp.view(y.shape)
-
-def response_logps(model, x, y):
-    """Sum of log p(y_t | x_<=t) over the positions where y != -1: one log-probability per row, (2B,)."""
-    return token_logps(model(x)[0], y).sum(1)  # ignored positions contribute exactly 0
-
-def preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type='sigmoid', label_smoothing=0.0):
-    """Per-pair losses (B,) and per-pair statistics (trl's names, plus kl) from summed log-probs (B,) each."""
-    h = (pi_c - ref_c) - (pi_r - ref_r)  # how much more the policy prefers y_w over y_l than the reference does
-    if loss_type == 'sigmoid':
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == 'ipo':
-        losses = (h - 1 / (2 * beta)) ** 2  # regress h onto the margin 1/(2 beta) rather than push it to infinity
-    else:
-        raise ValueError(f"unknown loss_type '{loss_type}'; use 'sigmoid' or 'ipo'")
-    rc, rr = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()  # DPO's implicit rewards
-    stats = {'rewards/chosen': rc, 'rewards/rejected': rr, 'rewards/accuracies': (rc > rr).float() + 0.5 * (rc == rr).float(),
-             'rewards/margins': rc - rr, 'logps/chosen': pi_c.detach(), 'logps/rejected': pi_r.detach(),
-             'kl': (pi_c - ref_c).detach()}
-    return losses, stats
-
-def load_pairs(path, tok, max_len):
-    """Encoded pairs of a preference file. Skipped, counted and reported: what formats.py skips (an empty answer,
-    chosen == rejected, hh-rlhf prompts that differ), pairs that truncation makes identical, and pairs with text the
-    tokenizer cannot encode (a char-level vocabulary meeting a new character)."""
-    counts, pairs, truncated, why = Counter(), [], 0, ''
-    for row in read_preferences(path, counts):
-        try:
-            p, c, r, cut = encode_pair(tok, row, max_len)
-        except ValueError as e:
-            counts['skipped_unencodable'] += 1
-            why = why or f' (first: {e})'
-            continue
-        if c == r:
-            counts['skipped_identical_after_truncation'] += 1
-            continue
-        pairs.append((p, c, r))
-        truncated += cut
-    print(f'{path}: {len(pairs)} pairs, {truncated} truncated to {max_len} tokens' +
-          (f', skipped {dict(counts)}{why}' if counts else ''))
-    return pairs, counts
-
-def preference_files(data_dir, dataset, train_file='', val_file=''):
-    """[train path, val path] of preference pairs: train_file/val_file if they are paths (with a '/'), else those
-    names, else pref_{split}.jsonl (the tasks suite) or {split}.jsonl, in data_dir/dataset, which data.py prepares
-    when the folder is missing. ValueError if a file is not there. reward.py reads its pairs the same way."""
-    import data as datasets
-    folder = os.path.join(data_dir, dataset)
-    pick = lambda f, split: f if '/' in f else os.path.join(folder, f or (
-        f'pref_{split}.jsonl' if os.path.exists(os.path.join(folder, f'pref_{split}.jsonl')) else f'{split}.jsonl'))
-    if not os.path.isdir(folder) and '/' not in train_file + val_file:
-        datasets.prepare(dataset, data_dir=data_dir)
-    paths = [pick(train_file, 'train'), pick(val_file, 'val')]
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        raise ValueError(f'no preference file {missing[0]}; prepare it with `python data.py {dataset}` or set '
-                         'train_file/val_file')
-    return paths
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n, epoch, seed):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-
-def pair_order(n, it, micro_step, batch_size, accum, seed):
-    """Indices of the pairs of a micro-step: all n pairs in a fresh random order each epoch (seed + epoch), read in
-    turn. A function of the iteration alone, so exact resume needs no sampler state (dpo.py, reward.py)."""
-    start = (it * accum + micro_step) * batch_size
-    return [_epoch_order(n, k // n, seed)[k % n] for k in range(start, start + batch_size)]
-
-# -----------------------------------------------------------------------------
-if __name__ == '__main__':  # the script: a visible loop, as in train.py
-    from nanolab.progress import at  # i/N (p%), ETA
-    from nanolab.training import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
-                        lora_disabled, lora_state, open_run, optimizer_step, restore_training, save_on_stop, set_lr,
-                        start_loop, write_model_card)
-    from nanolab.configurator import configure
-    from nanolab.checkpoint import load_model, model_from_checkpoint, save_checkpoint
-    from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
-    from nanolab.files import write_json
-    CHOICES = {'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
-    config = configure(globals(), choices=CHOICES)
-
-    # never replace a trained run; resume = the run's saved config, this command line on top; an adapter's shape is
-    # fixed once trained
-    ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES, fixed=('lora_r', 'lora_alpha', 'lora_targets'))
-    globals().update(config)
+# 1) device, dtype; 2) the policy and the reference, from the SFT model
+with cli_errors():
+    device = resolve_device(device)
+    device_type = device.split(':')[0]
+    ptdtype = resolve_dtype(dtype, device)
+    sft, tok, _ = load_model(init_from)  # on resume, the reference is rebuilt from the same source
+if tok is None:
+    fail(f'{init_from} has no tokenizer, so its chat template is unknown; start from a model that has one')
+model_args = asdict(sft.config)
+block_size = min(block_size or model_args['block_size'], model_args['block_size'])
+ref_sum = float(sum(p.double().sum() for p in sft.state_dict().values()))  # a checksum of the reference
+if ckpt is not None and ref_sum != ckpt['ref_sum']:
+    fail(f"the reference {init_from} has changed since this run started, so it can't resume exactly; restore it, "
+         'or start a new run')
+n_params = sft.num_params(non_embedding=False)  # before LoRA adds its own
+policy = sft if lora_r else copy.deepcopy(sft)
+if ckpt is not None and not lora_r:
+    policy = model_from_checkpoint(ckpt, os.path.join(out_dir, 'ckpt.pt'))
+if lora_r:  # a LoRA SFT run's ckpt.pt holds merged weights, so adapter off = the SFT model, not its base
+    torch.manual_seed(seed)  # LoRA's A matrices start random (B starts at 0, so the policy starts as the SFT model)
+    with cli_errors():
+        model = add_lora(policy, lora_r, lora_alpha, 0.0, lora_targets)
     if ckpt is not None:
-        init_from = config['init_from'] = ckpt['config']['init_from']  # the flags said 'resume': the run's model source
-    if not 0 <= label_smoothing < 0.5 or beta <= 0:
-        fail(f'label_smoothing={label_smoothing} must be in [0, 0.5) and beta={beta} positive')
+        model.load_state_dict(ckpt['lora']['state'], strict=False)
+    ref_model, reference = model, functools.partial(lora_disabled, model)
+else:
+    model, ref_model, reference = policy, sft.requires_grad_(False), nullcontext
+model.to(device).eval()  # eval(): dropout off; the reference needs no grad but policy params do
+ref_model.to(device).eval()
+n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+print(f'{n_params / 1e6:.2f}M parameters, {f"LoRA r={lora_r}" if lora_r else "full"} {"IPO" if loss_type == "ipo" else "DPO"} (beta={beta}), '
+      f'{n_train / 1e6:.3f}M trainable, {device}, {str(ptdtype).replace("torch.", "")}')
 
-    # 1) device, dtype; 2) the policy and the reference, from the SFT model
-    try:
-        device = resolve_device(device)
-        device_type = device.split(':')[0]
-        ptdtype = resolve_dtype(dtype, device)
-        sft, tok, _ = load_model(init_from)  # on resume, the reference is rebuilt from the same source
-    except ValueError as e:
-        fail(e)
-    if tok is None:
-        fail(f'{init_from} has no tokenizer, so its chat template is unknown; start from a model that has one')
-    model_args = asdict(sft.config)
-    block_size = min(block_size or model_args['block_size'], model_args['block_size'])
-    ref_sum = float(sum(p.double().sum() for p in sft.state_dict().values()))  # a checksum of the reference
-    if ckpt is not None and ref_sum != ckpt['ref_sum']:
-        fail(f"the reference {init_from} has changed since this run started, so it can't resume exactly; restore it, "
-             'or start a new run')
-    n_params = sft.num_params(non_embedding=False)  # before LoRA adds its own
-    policy = sft if lora_r else copy.deepcopy(sft)
-    if ckpt is not None and not lora_r:
-        policy = model_from_checkpoint(ckpt, os.path.join(out_dir, 'ckpt.pt'))
-    if lora_r:  # a LoRA SFT run's ckpt.pt holds merged weights, so adapter off = the SFT model, not its base
-        torch.manual_seed(seed)  # LoRA's A matrices start random (B starts at 0, so the policy starts as the SFT model)
-        try:
-            model = add_lora(policy, lora_r, lora_alpha, 0.0, lora_targets)
-        except ValueError as e:
-            fail(e)
-        if ckpt is not None:
-            model.load_state_dict(ckpt['lora']['state'], strict=False)
-        ref_model, reference = model, functools.partial(lora_disabled, model)
-    else:
-        model, ref_model, reference = policy, sft.requires_grad_(False), nullcontext
-    model.to(device).eval()  # eval(): dropout off; the reference needs no grad but policy params do
-    ref_model.to(device).eval()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'{n_params / 1e6:.2f}M parameters, {f"LoRA r={lora_r}" if lora_r else "full"} {"IPO" if loss_type == "ipo" else "DPO"} (beta={beta}), '
-          f'{n_train / 1e6:.3f}M trainable, {device}, {str(ptdtype).replace("torch.", "")}')
+# 3) the pairs: a named dataset is prepared by data.py when its folder is missing
+with cli_errors():
+    paths = preference_files(data_dir, dataset, train_file, val_file)
+    (train_pairs, _), (val_pairs, _) = (load_pairs(p, tok, block_size + 1) for p in paths)
+if not train_pairs or not val_pairs:
+    fail(f'no usable pairs in {paths[0] if not train_pairs else paths[1]}; see the skip counts above')
+val_pairs = val_pairs[:eval_pairs or len(val_pairs)]
+win_rows, ref_answers = [], []  # held-out prompts for the win rate, and the reference's answers to them
+if win_rate_prompts and dataset == 'tasks':  # the one dataset with a rule to judge answers by
+    win_rows = read_preferences(paths[1])[:win_rate_prompts]  # rule_score reads a row's prompt and chosen answer
 
-    # 3) the pairs: a named dataset is prepared by data.py when its folder is missing
-    try:
-        paths = preference_files(data_dir, dataset, train_file, val_file)
-        (train_pairs, _), (val_pairs, _) = (load_pairs(p, tok, block_size + 1) for p in paths)
-    except ValueError as e:
-        fail(e)
-    if not train_pairs or not val_pairs:
-        fail(f'no usable pairs in {paths[0] if not train_pairs else paths[1]}; see the skip counts above')
-    val_pairs = val_pairs[:eval_pairs or len(val_pairs)]
-    win_rows, ref_answers = [], []  # held-out prompts for the win rate, and the reference's answers to them
-    if win_rate_prompts and dataset == 'tasks':  # the one dataset with a rule to judge answers by
-        import evaluate
-        from nanolab import synthetic as tasks
-        win_rows = read_preferences(paths[1])[:win_rate_prompts]  # rule_score reads a row's prompt and chosen answer
+# 4) optimizer (on the trainable parameters only), random state, output directory
+optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
+iter_num, best_val_loss, elapsed0 = 0, float('inf'), 0.0
+if ckpt is not None:  # exact resume: the optimizer, the fp16 loss scale, the RNG states
+    with cli_errors():
+        elapsed0 = restore_training(ckpt, optimizer, scaler)
+    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+ckpt = None
+ctx = autocast_ctx(device, ptdtype)
+os.makedirs(out_dir, exist_ok=True)
+config.update({k: globals()[k] for k in config})
+write_json(os.path.join(out_dir, 'config.json'), config)  # atomic: never a half-written config
+pairs_per_iter = batch_size * gradient_accumulation_steps
 
-    # 4) optimizer (on the trainable parameters only), random state, output directory
-    optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
-    iter_num, best_val_loss, elapsed0 = 0, float('inf'), 0.0
-    if ckpt is not None:  # exact resume: the optimizer, the fp16 loss scale, the RNG states
-        try:
-            elapsed0 = restore_training(ckpt, optimizer, scaler)
-        except ValueError as e:
-            fail(e)
-        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-    ckpt = None
-    ctx = autocast_ctx(device, ptdtype)
-    os.makedirs(out_dir, exist_ok=True)
-    config.update({k: globals()[k] for k in config})
-    write_json(os.path.join(out_dir, 'config.json'), config)  # atomic: never a half-written config
-    pairs_per_iter = batch_size * gradient_accumulation_steps
+def get_batch(it, micro_step):
+    return collate([train_pairs[i] for i in pair_order(len(train_pairs), it, micro_step, batch_size,
+                                                       gradient_accumulation_steps, seed)], device)
 
-    def get_batch(it, micro_step):
-        return collate([train_pairs[i] for i in pair_order(len(train_pairs), it, micro_step, batch_size,
-                                                           gradient_accumulation_steps, seed)], device)
+def forward(x, y, ref=None):
+    """Policy and reference log-probs of a collated batch -> (per-pair losses, stats). The reference runs under
+    no_grad: forward computes the same function in every mode, so step 0's loss is still exactly log 2."""
+    with ctx:
+        logps = response_logps(model, x, y)
+        if ref is None:
+            with reference(), torch.no_grad():
+                ref = response_logps(ref_model, x, y)
+    B = x.size(0) // 2
+    return preference_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta, loss_type, label_smoothing) + (ref,)
 
-    def forward(x, y, ref=None):
-        """Policy and reference log-probs of a collated batch -> (per-pair losses, stats). The reference runs under
-        no_grad: forward computes the same function in every mode, so step 0's loss is still exactly log 2."""
-        with ctx:
-            logps = response_logps(model, x, y)
-            if ref is None:
-                with reference(), torch.no_grad():
-                    ref = response_logps(ref_model, x, y)
-        B = x.size(0) // 2
-        return preference_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta, loss_type, label_smoothing) + (ref,)
+val_batches = [collate(val_pairs[i:i + batch_size], device) for i in range(0, len(val_pairs), batch_size)]
+val_refs = [None] * len(val_batches)  # the reference never changes: its val log-probs are computed once
 
-    val_batches = [collate(val_pairs[i:i + batch_size], device) for i in range(0, len(val_pairs), batch_size)]
-    val_refs = [None] * len(val_batches)  # the reference never changes: its val log-probs are computed once
+@torch.no_grad()
+def estimate():
+    """DPO loss and statistics on the held-out pairs; with a rule, the win rate over the reference."""
+    losses, stats = [], []
+    for k, (x, y) in enumerate(val_batches):
+        l, s, val_refs[k] = forward(x, y, val_refs[k])
+        losses.append(l), stats.append(s)
+    row = {'val_loss': torch.cat(losses).mean().item()}
+    row.update({k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]})
+    if win_rows:  # greedy answers of both models, scored by the rule the preferences encode
+        prompts = [r['prompt'] for r in win_rows]
+        if not ref_answers:  # the reference's answers never change
+            with reference(), ctx:
+                ref_answers.extend(answer(ref_model, tok, prompts, max_new_tokens))
+        with ctx:  # generation under the run's autocast (bf16 on GPUs), as its forward passes
+            answers = answer(model, tok, prompts, max_new_tokens)
+        row['win_rate'], details = win_rate(win_rows, answers, ref_answers, synthetic.rule_score)
+        row['win_score'] = sum(d['score'] for d in details) / len(details)  # the rule's mean score, policy
+        row['ref_win_score'] = sum(d['ref_score'] for d in details) / len(details)  # and reference
+    return row
 
-    @torch.no_grad()
-    def estimate():
-        """DPO loss and statistics on the held-out pairs; with a rule, the win rate over the reference."""
-        losses, stats = [], []
-        for k, (x, y) in enumerate(val_batches):
-            l, s, val_refs[k] = forward(x, y, val_refs[k])
-            losses.append(l), stats.append(s)
-        row = {'val_loss': torch.cat(losses).mean().item()}
-        row.update({k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]})
-        if win_rows:  # greedy answers of both models, scored by the rule the preferences encode
-            prompts = [r['prompt'] for r in win_rows]
-            if not ref_answers:  # the reference's answers never change
-                with reference(), ctx:
-                    ref_answers.extend(evaluate.answer(ref_model, tok, prompts, max_new_tokens))
-            with ctx:  # generation under the run's autocast (bf16 on GPUs), as its forward passes
-                answers = evaluate.answer(model, tok, prompts, max_new_tokens)
-            row['win_rate'], details = evaluate.win_rate(win_rows, answers, ref_answers, tasks.rule_score)
-            row['win_score'] = sum(d['score'] for d in details) / len(details)  # the rule's mean score, policy
-            row['ref_win_score'] = sum(d['ref_score'] for d in details) / len(details)  # and reference
-        return row
+def save():
+    """ckpt.pt: the merged policy (load_model reads it like any checkpoint) + what exact resume needs."""
+    extra = {'lora': {'base': init_from, 'state': lora_state(model)}} if lora_r else {}
+    save_checkpoint(checkpoint_dict(model, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(),
+                                    scaler=scaler, elapsed=timer.elapsed(), origin=init_from, ref_sum=ref_sum, stage='dpo', **extra),
+                    os.path.join(out_dir, 'ckpt.pt'))
 
-    def save():
-        """ckpt.pt: the merged policy (load_model reads it like any checkpoint) + what exact resume needs."""
-        extra = {'lora': {'base': init_from, 'state': lora_state(model)}} if lora_r else {}
-        save_checkpoint(checkpoint_dict(model, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(),
-                                        scaler=scaler, elapsed=timer.elapsed(), origin=init_from, ref_sum=ref_sum, stage='dpo', **extra),
-                        os.path.join(out_dir, 'ckpt.pt'))
+def update_card(last=None):
+    keys = ('val_loss', 'rewards/accuracies', 'rewards/margins', 'kl', 'win_rate')
+    stats = {'iterations': iter_num, 'pairs seen': iter_num * pairs_per_iter,
+             **{f'held-out {k}': last[k] for k in keys if last and k in last}, 'training time (s)': round(timer.elapsed(), 1)}
+    how = (f"{'IPO' if loss_type == 'ipo' else 'DPO'} (beta={beta}{f', LoRA r={lora_r} merged' if lora_r else ''}) with nanolab's "
+           f'dpo.py, starting from and referenced to {init_from}, on preference pairs from {dataset}.')
+    info = {'dataset': f'{dataset} ({paths[0]}, {paths[1]})', 'train pairs': len(train_pairs), 'val pairs': len(val_pairs)}
+    write_model_card(out_dir, os.path.basename(os.path.abspath(out_dir)), how, model_args, n_params, info, stats,
+                     command=f'python dpo.py --init_from=resume --out_dir={out_dir}   # train on')
 
-    def update_card(last=None):
-        keys = ('val_loss', 'rewards/accuracies', 'rewards/margins', 'kl', 'win_rate')
-        stats = {'iterations': iter_num, 'pairs seen': iter_num * pairs_per_iter,
-                 **{f'held-out {k}': last[k] for k in keys if last and k in last}, 'training time (s)': round(timer.elapsed(), 1)}
-        how = (f"{'IPO' if loss_type == 'ipo' else 'DPO'} (beta={beta}{f', LoRA r={lora_r} merged' if lora_r else ''}) with nanolab's "
-               f'dpo.py, starting from and referenced to {init_from}, on preference pairs from {dataset}.')
-        info = {'dataset': f'{dataset} ({paths[0]}, {paths[1]})', 'train pairs': len(train_pairs), 'val pairs': len(val_pairs)}
-        write_model_card(out_dir, os.path.basename(os.path.abspath(out_dir)), how, model_args, n_params, info, stats,
-                         command=f'python dpo.py --init_from=resume --out_dir={out_dir}   # train on')
+# Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
+last_eval, saved_at, bad = None, None, False
+stop, restore_signals, timer, metrics = start_loop(out_dir, iter_num, elapsed0, config)
+update_card()
 
-    # Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
-    last_eval, saved_at, bad = None, None, False
-    stop, restore_signals, timer, metrics = start_loop(out_dir, iter_num, elapsed0, config)
-    update_card()
+# training loop
+while True:
 
-    # training loop
-    while True:
+    lr = set_lr(optimizer, get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule))  # this iteration's learning rate
 
-        lr = set_lr(optimizer, get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule))  # this iteration's learning rate
+    # evaluate on the held-out pairs and write the checkpoint
+    if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
+        row = estimate()
+        best_val_loss = min(best_val_loss, row['val_loss'])
+        print(f"step {iter_num}: val loss {row['val_loss']:.4f}, reward accuracy {row['rewards/accuracies']:.3f}, "
+              f"margin {row['rewards/margins']:.3f}, kl {row['kl']:.3f}" +
+              (f", win rate {row['win_rate']:.3f}" if 'win_rate' in row else ''))
+        update_card(last_eval := row)  # then log, write ckpt.pt (or stop: diverged), loss.svg
+        bad, saved_at = end_eval(metrics, row, iter_num, lr, timer, saved_at, out_dir, save,
+                                 f'{out_dir}: {loss_type} on {dataset}', eval_only)
+    if iter_num >= max_iters or eval_only or stop or bad:
+        break
 
-        # evaluate on the held-out pairs and write the checkpoint
-        if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
-            row = estimate()
-            best_val_loss = min(best_val_loss, row['val_loss'])
-            print(f"step {iter_num}: val loss {row['val_loss']:.4f}, reward accuracy {row['rewards/accuracies']:.3f}, "
-                  f"margin {row['rewards/margins']:.3f}, kl {row['kl']:.3f}" +
-                  (f", win rate {row['win_rate']:.3f}" if 'win_rate' in row else ''))
-            update_card(last_eval := row)  # then log, write ckpt.pt (or stop: diverged), loss.svg
-            bad, saved_at = end_eval(metrics, row, iter_num, lr, timer, saved_at, out_dir, save,
-                                     f'{out_dir}: {loss_type} on {dataset}', eval_only)
-        if iter_num >= max_iters or eval_only or stop or bad:
-            break
+    # forward backward update, with gradient accumulation
+    stats = []
+    for micro_step in range(gradient_accumulation_steps):
+        x, y = get_batch(iter_num, micro_step)
+        losses, s, _ = forward(x, y)
+        scaler.scale(losses.mean() / gradient_accumulation_steps).backward()
+        stats.append({'loss': losses.detach(), **s})
+    grad_norm = optimizer_step(model.parameters(), optimizer, scaler, grad_clip, device_type)  # clip, step
 
-        # forward backward update, with gradient accumulation
-        stats = []
-        for micro_step in range(gradient_accumulation_steps):
-            x, y = get_batch(iter_num, micro_step)
-            losses, s, _ = forward(x, y)
-            scaler.scale(losses.mean() / gradient_accumulation_steps).backward()
-            stats.append({'loss': losses.detach(), **s})
-        grad_norm = optimizer_step(model.parameters(), optimizer, scaler, grad_clip, device_type)  # clip, step
+    # timing (evals excluded) and logging
+    timer.step()
+    if iter_num % log_interval == 0:
+        row, (dt, _) = {k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]}, timer.window()
+        print(f"iter {at(iter_num, max_iters, dt)}: loss {row['loss']:.4f}, accuracy {row['rewards/accuracies']:.2f}, "
+              f"margin {row['rewards/margins']:.3f}, kl {row['kl']:.3f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter")
+        metrics.log(iter=iter_num, **row, lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000, time=round(timer.elapsed(), 2))
+    iter_num += 1
 
-        # timing (evals excluded) and logging
-        timer.step()
-        if iter_num % log_interval == 0:
-            row, (dt, _) = {k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]}, timer.window()
-            print(f"iter {at(iter_num, max_iters, dt)}: loss {row['loss']:.4f}, accuracy {row['rewards/accuracies']:.2f}, "
-                  f"margin {row['rewards/margins']:.3f}, kl {row['kl']:.3f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter")
-            metrics.log(iter=iter_num, **row, lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000, time=round(timer.elapsed(), 2))
-        iter_num += 1
-
-    # the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
-    save_on_stop(stop and not bad and not eval_only, saved_at, iter_num, save, out_dir)
-    update_card(last_eval)
-    metrics.close()  # after the card: the trackers take it
-    restore_signals()
+# the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
+save_on_stop(stop and not bad and not eval_only, saved_at, iter_num, save, out_dir)
+update_card(last_eval)
+metrics.close()  # after the card: the trackers take it
+restore_signals()

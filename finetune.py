@@ -42,17 +42,19 @@ from dataclasses import asdict
 
 import torch
 
-import data as datasets
-from nanolab.training import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
-                    lora_layers, lora_state, open_run, optimizer_step, restore_training, save_on_stop, set_lr,
-                    start_loop, write_model_card)
-from evaluate import exact_match
-from nanolab.formats import ROLES, in_val, read_rows, read_sft
+from nanolab import datasets, synthetic
 from nanolab.checkpoint import load_model, model_from_checkpoint, save_checkpoint
-from nanolab.device import autocast_ctx, resolve_device, resolve_dtype
+from nanolab.configurator import cli_errors, configure, fail
+from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
 from nanolab.files import write_json
+from nanolab.formats import ROLES, in_val, read_rows, read_sft
+from nanolab.lora import add_lora, lora_layers, lora_state
+from nanolab.metrics import exact_match
 from nanolab.progress import at  # i/N (p%), ETA
 from nanolab.tokenizer import from_spec
+from nanolab.tracking import write_model_card
+from nanolab.training import (LR_SCHEDULES, checkpoint_dict, configure_optimizer, end_eval, get_lr, open_run,
+                              optimizer_step, restore_training, save_on_stop, set_lr, start_loop)
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/sft_tasks.py (see that file for the measured figures)
@@ -76,7 +78,7 @@ val_fraction = 0.05           # a file dataset: share of its rows held out for v
 batch_size = 32               # conversations per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
 block_size = 0                # max tokens per conversation (see Truncation); 0 = the model's context
-# exact match on held-out rows, at every eval (evaluate.exact_match: greedy, the chat template)
+# exact match on held-out rows, at every eval (metrics.exact_match: greedy, the chat template)
 em_rows = 500                 # val rows to score; 0 = off
 em_max_new_tokens = 16        # answer length limit, tokens
 em_normalize = 'tasks'        # answers compare after: 'strip' (whitespace) | 'tasks' (also drops the tasks suite's filler)
@@ -101,8 +103,6 @@ device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cu
 dtype = 'auto'                # 'auto' (bf16/fp16 on GPUs, fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
 seed = 1337                   # LoRA init, data order and dropout
 # -----------------------------------------------------------------------------
-from nanolab.configurator import configure
-from nanolab.device import DTYPES
 CHOICES = {'lr_schedule': LR_SCHEDULES, 'em_normalize': ('strip', 'tasks'), 'dtype': DTYPES}
 config = configure(globals(), choices=CHOICES)
 
@@ -235,7 +235,7 @@ def checksum(model):
 # -----------------------------------------------------------------------------
 # set-up: device, model, data, LoRA, optimizer
 
-try:
+with cli_errors():
     device = resolve_device(device)
     device_type = device.split(':')[0]
     ptdtype = resolve_dtype(dtype, device)
@@ -254,8 +254,6 @@ try:
              "or a Hugging Face directory with tokenizer files)")
     # 2) the data
     train_rows, val_rows, where = load_rows()
-except ValueError as e:
-    fail(e)
 if tok.vocab_size > raw_model.config.vocab_size:
     fail(f'the tokenizer has {tok.vocab_size} tokens but the model only {raw_model.config.vocab_size}; they do not belong together')
 block_size = block_size or raw_model.config.block_size
@@ -283,10 +281,8 @@ if lora_r > 0 and ckpt is None and lora_base.endswith('base_hf'):
     raw_model.save_pretrained(lora_base, tokenizer=tok)
 if lora_r > 0:
     torch.manual_seed(seed)  # LoRA's A is random (B starts at 0, so the model starts as the base)
-    try:
+    with cli_errors():
         raw_model = add_lora(raw_model, lora_r, lora_alpha, lora_dropout, lora_targets)
-    except ValueError as e:
-        fail(e)
     if ckpt is not None:
         raw_model.load_state_dict(ckpt['lora']['state'], strict=False)
 raw_model.to(device).train()
@@ -301,17 +297,13 @@ scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
 sampler = torch.Generator().manual_seed(seed)  # draws the training conversations
 elapsed0 = 0.0
 if ckpt is not None:
-    try:
+    with cli_errors():
         elapsed0 = restore_training(ckpt, optimizer, scaler, sampler)  # exact resume: data order, dropout, everything
-    except ValueError as e:
-        fail(e)
 else:
     torch.manual_seed(seed)
 ckpt = None  # free the memory
 ctx = autocast_ctx(device, ptdtype)
-normalize = str.strip
-if em_normalize == 'tasks':
-    from nanolab.synthetic import normalize
+normalize = synthetic.normalize if em_normalize == 'tasks' else str.strip
 
 @torch.no_grad()
 def estimate_loss():
@@ -347,7 +339,7 @@ def update_card(last_eval=None):
            f"({f'LoRA r={lora_r} on {lora_targets}, merged' if lora_r > 0 else 'full fine-tuning'}), loss on the assistant's tokens only.")
     info = {'dataset': where, 'tokenizer': tok.kind, 'train conversations': len(train_data), 'val conversations': len(val_data)}
     evals = (f"Exact match on {min(em_rows, len(val_rows))} held-out conversations of {dataset}: "
-             f"{last_eval['exact_match']:.1%} (greedy, `evaluate.exact_match`, normalize={em_normalize})."
+             f"{last_eval['exact_match']:.1%} (greedy, `metrics.exact_match`, normalize={em_normalize})."
              if last_eval and 'exact_match' in last_eval else None)
     write_model_card(out_dir, os.path.basename(os.path.abspath(out_dir)), how, model_args, n_all, info, stats,
                      command=f'python finetune.py --init_from=resume --out_dir={out_dir}   # train on', evals=evals)

@@ -8,11 +8,11 @@ prompt + response, trained with the Bradley-Terry loss (Stiennon et al. 2020, Ou
     python reward.py --init_from=resume --out_dir=out-reward-tasks   # go on from out_dir/ckpt.pt, exactly
     python reward.py --help                            # every setting, with its default
 
-    from reward import load_reward_model
+    from nanolab.reward_model import load_reward_model   # the model this trains, as rl.py and the arena use it
     rm, tok = load_reward_model('out-reward-tasks')   # rm.score(tok, prompt_messages, answers) -> rewards
 
-Data: what dpo.py reads (dpo.preference_files: the tasks suite's pref_{train,val}.jsonl, hh-rlhf, dpo_pairs, or any
-{prompt, chosen, rejected} file, the arena's included), encoded and truncated by dpo.encode_pair.
+Data: what dpo.py reads (preferences.preference_files: the tasks suite's pref_{train,val}.jsonl, hh-rlhf, dpo_pairs,
+or any {prompt, chosen, rejected} file, the arena's included), encoded and truncated by preferences.encode_pair.
 The model: r(x, y) = w . h_T + b, where h_T is the final norm's output at the last token of the chat template's
 prompt and answer (its end-of-turn token: the whole answer is in view) and the head starts at zero, so every reward
 starts at 0, the loss at exactly log 2 and the accuracy at 0.5 (ties count half).
@@ -25,8 +25,18 @@ import os
 from dataclasses import asdict
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+from nanolab.checkpoint import load_model, save_checkpoint
+from nanolab.configurator import cli_errors, configure, fail
+from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
+from nanolab.files import write_json
+from nanolab.lora import add_lora, lora_state
+from nanolab.preferences import load_pairs, pair_order, preference_files
+from nanolab.progress import at  # i/N (p%), ETA
+from nanolab.reward_model import RewardModel, bt_loss, collate
+from nanolab.tracking import write_model_card
+from nanolab.training import (LR_SCHEDULES, checkpoint_dict, configure_optimizer, end_eval, get_lr, open_run,
+                              optimizer_step, restore_training, save_on_stop, set_lr, start_loop)
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/reward_tasks.py (see that file for the measured figures)
@@ -70,206 +80,136 @@ device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cu
 dtype = 'auto'                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
 seed = 1337                   # data order, LoRA init
 # -----------------------------------------------------------------------------
-# the reward model's pieces, as plain functions: tests/test_reward.py imports them without running the script
+CHOICES = {'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
+config = configure(globals(), choices=CHOICES)
+# never replace a trained run; resume = the run's saved config, this command line on top; an adapter's shape is
+# fixed once trained
+ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES,
+                       fixed=('lora_r', 'lora_alpha', 'lora_targets'))
+globals().update(config)
+if ckpt is not None:
+    init_from = config['init_from'] = ckpt['config']['init_from']  # the flags said 'resume': the run's source
 
-class RewardModel(nn.Module):
-    """A GPT's final hidden state at one position of each row, through a scalar head: (B, T) ids -> (B,) rewards."""
-    def __init__(self, gpt):
-        super().__init__()
-        self.gpt, self.head = gpt, nn.Linear(gpt.config.n_embd, 1)
-        nn.init.zeros_(self.head.weight)  # every reward starts at 0: the loss at log 2, no pair preferred
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x, last):
-        """x (B, T) right-padded ids, last (B,) the index of each row's last real token -> rewards (B,)."""
-        h = self.gpt.hidden_states(x)  # (B, T, C), after the final norm
-        return self.head(h[torch.arange(x.size(0), device=x.device), last]).squeeze(-1).float()
-
-    @torch.no_grad()
-    def score(self, tok, prompt, answers):
-        """Rewards of answers (strings) to one prompt (a list of chat messages), each rendered as in training."""
-        seqs = [tok.render_chat(prompt + [{'role': 'assistant', 'content': a}])[0] for a in answers]
-        x, last = pad(seqs, next(self.parameters()).device)
-        return self(x, last).tolist()
-
-def pad(seqs, device='cpu'):
-    """Token lists -> (x (N, T) right-padded with 0, last (N,) the index of each one's last token)."""
-    T = max(map(len, seqs))
-    x = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, :len(s)] = torch.tensor(s)
-    return x.to(device), torch.tensor([len(s) - 1 for s in seqs], device=device)
-
-def collate(pairs, device='cpu'):
-    """[(prompt, chosen, rejected) ids] -> x, last over 2B rows: the chosen sequences, then the rejected ones."""
-    return pad([p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs], device)
-
-def bt_loss(r_chosen, r_rejected):
-    """Per-pair Bradley-Terry losses -log sigmoid(r_w - r_l) (B,) and per-pair statistics."""
-    d = r_chosen - r_rejected
-    return -F.logsigmoid(d), {'accuracy': (d > 0).float() + 0.5 * (d == 0).float(), 'margin': d.detach(),
-                              'reward/chosen': r_chosen.detach(), 'reward/rejected': r_rejected.detach()}
-
-def load_reward_model(source, device='cpu'):
-    """(RewardModel, tokenizer) of a reward.py run (its out_dir or ckpt.pt)."""
-    from nanolab.checkpoint import load_checkpoint, load_model
-    path = source if source.endswith('.pt') else os.path.join(source, 'ckpt.pt')
-    ckpt = load_checkpoint(path)
-    if 'reward_head' not in ckpt:
-        raise ValueError(f'{path} is not a reward model (no reward_head); train one with reward.py')
-    gpt, tok, _ = load_model(source, device)
-    rm = RewardModel(gpt)
-    rm.head.load_state_dict(ckpt['reward_head'])
-    return rm.to(device).eval(), tok
-
-# -----------------------------------------------------------------------------
-if __name__ == '__main__':  # the script: a visible loop, as in train.py
-    from nanolab.progress import at  # i/N (p%), ETA
-    from nanolab.training import (LR_SCHEDULES, add_lora, checkpoint_dict, configure_optimizer, end_eval, fail, get_lr,
-                        lora_state, open_run, optimizer_step, restore_training, save_on_stop, set_lr, start_loop,
-                        write_model_card)
-    from nanolab.configurator import configure
-    from dpo import load_pairs, pair_order, preference_files
-    from nanolab.checkpoint import load_model, save_checkpoint
-    from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
-    from nanolab.files import write_json
-    CHOICES = {'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
-    config = configure(globals(), choices=CHOICES)
-    # never replace a trained run; resume = the run's saved config, this command line on top; an adapter's shape is
-    # fixed once trained
-    ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES, fixed=('lora_r', 'lora_alpha', 'lora_targets'))
-    globals().update(config)
-    if ckpt is not None:
-        init_from = config['init_from'] = ckpt['config']['init_from']  # the flags said 'resume': the run's source
-
-    # 1) device, dtype, the transformer and the head (LoRA: on the transformer; the head trains whole)
-    try:
-        device = resolve_device(device)
-        device_type = device.split(':')[0]
-        ptdtype = resolve_dtype(dtype, device)
-        gpt, tok, _ = load_model(init_from)  # on resume, the base is rebuilt from the same source
-    except ValueError as e:
-        fail(e)
-    if tok is None:
-        fail(f'{init_from} has no tokenizer, so its chat template is unknown; start from a model that has one')
-    model_args, n_params = asdict(gpt.config), gpt.num_params(non_embedding=False)
-    block_size = min(block_size or model_args['block_size'], model_args['block_size'])
+# 1) device, dtype, the transformer and the head (LoRA: on the transformer; the head trains whole)
+with cli_errors():
+    device = resolve_device(device)
+    device_type = device.split(':')[0]
+    ptdtype = resolve_dtype(dtype, device)
+    gpt, tok, _ = load_model(init_from)  # on resume, the base is rebuilt from the same source
+if tok is None:
+    fail(f'{init_from} has no tokenizer, so its chat template is unknown; start from a model that has one')
+model_args, n_params = asdict(gpt.config), gpt.num_params(non_embedding=False)
+block_size = min(block_size or model_args['block_size'], model_args['block_size'])
+if lora_r:
+    torch.manual_seed(seed)
+    with cli_errors():
+        gpt = add_lora(gpt, lora_r, lora_alpha, 0.0, lora_targets)
+model = RewardModel(gpt)
+if ckpt is not None:
     if lora_r:
-        torch.manual_seed(seed)
-        try:
-            gpt = add_lora(gpt, lora_r, lora_alpha, 0.0, lora_targets)
-        except ValueError as e:
-            fail(e)
-    model = RewardModel(gpt)
-    if ckpt is not None:
-        if lora_r:
-            model.gpt.load_state_dict(ckpt['lora']['state'], strict=False)
-        else:
-            model.gpt.load_state_dict(ckpt['model'])
-        model.head.load_state_dict(ckpt['reward_head'])
-    model.to(device).eval()  # eval(): dropout off, so a pair's rewards do not depend on the draw
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'{n_params / 1e6:.2f}M parameters, {f"LoRA r={lora_r}" if lora_r else "full"} reward model, '
-          f'{n_train / 1e6:.3f}M trainable, {device}, {str(ptdtype).replace("torch.", "")}')
+        model.gpt.load_state_dict(ckpt['lora']['state'], strict=False)
+    else:
+        model.gpt.load_state_dict(ckpt['model'])
+    model.head.load_state_dict(ckpt['reward_head'])
+model.to(device).eval()  # eval(): dropout off, so a pair's rewards do not depend on the draw
+n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+print(f'{n_params / 1e6:.2f}M parameters, {f"LoRA r={lora_r}" if lora_r else "full"} reward model, '
+      f'{n_train / 1e6:.3f}M trainable, {device}, {str(ptdtype).replace("torch.", "")}')
 
-    # 2) the pairs
-    try:
-        paths = preference_files(data_dir, dataset, train_file, val_file)
-        (train_pairs, _), (val_pairs, _) = (load_pairs(p, tok, block_size) for p in paths)
-    except ValueError as e:
-        fail(e)
-    if not train_pairs or not val_pairs:
-        fail(f'no usable pairs in {paths[0] if not train_pairs else paths[1]}; see the skip counts above')
-    val_pairs = val_pairs[:eval_pairs or len(val_pairs)]
-    val_batches = [collate(val_pairs[i:i + batch_size], device) for i in range(0, len(val_pairs), batch_size)]
+# 2) the pairs
+with cli_errors():
+    paths = preference_files(data_dir, dataset, train_file, val_file)
+    (train_pairs, _), (val_pairs, _) = (load_pairs(p, tok, block_size) for p in paths)
+if not train_pairs or not val_pairs:
+    fail(f'no usable pairs in {paths[0] if not train_pairs else paths[1]}; see the skip counts above')
+val_pairs = val_pairs[:eval_pairs or len(val_pairs)]
+val_batches = [collate(val_pairs[i:i + batch_size], device) for i in range(0, len(val_pairs), batch_size)]
 
-    # 3) optimizer, random state, output directory
-    optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
-    iter_num, best_val_loss, elapsed0 = (ckpt['iter_num'], ckpt['best_val_loss'], 0.0) if ckpt else (0, float('inf'), 0.0)
-    try:  # exact resume: the optimizer, the fp16 loss scale, the RNG states
-        elapsed0 = restore_training(ckpt, optimizer, scaler) if ckpt else 0.0
-    except ValueError as e:
-        fail(e)
-    ckpt = None
-    ctx = autocast_ctx(device, ptdtype)
-    os.makedirs(out_dir, exist_ok=True)
-    config.update({k: globals()[k] for k in config})
-    write_json(os.path.join(out_dir, 'config.json'), config)  # atomic: never a half-written config
+# 3) optimizer, random state, output directory
+optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
+iter_num, best_val_loss, elapsed0 = (ckpt['iter_num'], ckpt['best_val_loss'], 0.0) if ckpt else (0, float('inf'), 0.0)
+with cli_errors():  # exact resume: the optimizer, the fp16 loss scale, the RNG states
+    elapsed0 = restore_training(ckpt, optimizer, scaler) if ckpt else 0.0
+ckpt = None
+ctx = autocast_ctx(device, ptdtype)
+os.makedirs(out_dir, exist_ok=True)
+config.update({k: globals()[k] for k in config})
+write_json(os.path.join(out_dir, 'config.json'), config)  # atomic: never a half-written config
 
-    def rewards(x, last):
-        with ctx:
-            r = model(x, last)
-        B = x.size(0) // 2
-        return bt_loss(r[:B], r[B:])
+def rewards(x, last):
+    with ctx:
+        r = model(x, last)
+    B = x.size(0) // 2
+    return bt_loss(r[:B], r[B:])
 
-    @torch.no_grad()
-    def estimate():
-        """Loss, accuracy, margin and mean rewards on the held-out pairs."""
-        parts = [rewards(x, last) for x, last in val_batches]
-        row = {'val_loss': torch.cat([l for l, _ in parts]).mean().item()}
-        row.update({k: torch.cat([s[k] for _, s in parts]).mean().item() for k in parts[0][1]})
-        return row
+@torch.no_grad()
+def estimate():
+    """Loss, accuracy, margin and mean rewards on the held-out pairs."""
+    parts = [rewards(x, last) for x, last in val_batches]
+    row = {'val_loss': torch.cat([l for l, _ in parts]).mean().item()}
+    row.update({k: torch.cat([s[k] for _, s in parts]).mean().item() for k in parts[0][1]})
+    return row
 
-    def save():
-        """ckpt.pt: the transformer (LoRA merged: load_model reads it), the head, and what exact resume needs."""
-        extra = {'lora': {'base': init_from, 'state': lora_state(model.gpt)}} if lora_r else {}
-        save_checkpoint(checkpoint_dict(model.gpt, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(),
-                                        scaler=scaler, elapsed=timer.elapsed(), origin=init_from,
-                                        reward_head=model.head.state_dict(), stage='reward', **extra),
-                        os.path.join(out_dir, 'ckpt.pt'))
+def save():
+    """ckpt.pt: the transformer (LoRA merged: load_model reads it), the head, and what exact resume needs."""
+    extra = {'lora': {'base': init_from, 'state': lora_state(model.gpt)}} if lora_r else {}
+    save_checkpoint(checkpoint_dict(model.gpt, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(),
+                                    scaler=scaler, elapsed=timer.elapsed(), origin=init_from,
+                                    reward_head=model.head.state_dict(), stage='reward', **extra),
+                    os.path.join(out_dir, 'ckpt.pt'))
 
-    def update_card(last=None):
-        stats = {'iterations': iter_num, **{f'held-out {k}': last[k] for k in ('val_loss', 'accuracy', 'margin')
-                                             if last and k in last}, 'training time (s)': round(timer.elapsed(), 1)}
-        how = (f"A reward model (scalar head on the last token, Bradley-Terry loss{f', LoRA r={lora_r} merged' if lora_r else ''})"
-               f" trained with nanolab's reward.py from {init_from} on preference pairs from {dataset}.")
-        info = {'dataset': f'{dataset} ({paths[0]}, {paths[1]})', 'train pairs': len(train_pairs), 'val pairs': len(val_pairs)}
-        write_model_card(out_dir, os.path.basename(os.path.abspath(out_dir)), how, model_args, n_params, info, stats,
-                         command=f'python reward.py --init_from=resume --out_dir={out_dir}   # train on')
+def update_card(last=None):
+    stats = {'iterations': iter_num, **{f'held-out {k}': last[k] for k in ('val_loss', 'accuracy', 'margin')
+                                         if last and k in last}, 'training time (s)': round(timer.elapsed(), 1)}
+    how = (f"A reward model (scalar head on the last token, Bradley-Terry loss{f', LoRA r={lora_r} merged' if lora_r else ''})"
+           f" trained with nanolab's reward.py from {init_from} on preference pairs from {dataset}.")
+    info = {'dataset': f'{dataset} ({paths[0]}, {paths[1]})', 'train pairs': len(train_pairs), 'val pairs': len(val_pairs)}
+    write_model_card(out_dir, os.path.basename(os.path.abspath(out_dir)), how, model_args, n_params, info, stats,
+                     command=f'python reward.py --init_from=resume --out_dir={out_dir}   # train on')
 
-    # Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
-    stop, restore_signals, timer, metrics = start_loop(out_dir, iter_num, elapsed0, config)
-    last_eval, saved_at, bad = None, None, False
-    update_card()
+# Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
+stop, restore_signals, timer, metrics = start_loop(out_dir, iter_num, elapsed0, config)
+last_eval, saved_at, bad = None, None, False
+update_card()
 
-    # training loop
-    while True:
-        lr = set_lr(optimizer, get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule))
+# training loop
+while True:
+    lr = set_lr(optimizer, get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule))
 
-        # evaluate on the held-out pairs and write the checkpoint
-        if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
-            row = estimate()
-            best_val_loss = min(best_val_loss, row['val_loss'])
-            print(f"step {iter_num}: val loss {row['val_loss']:.4f}, accuracy {row['accuracy']:.3f}, "
-                  f"margin {row['margin']:.3f}")
-            update_card(last_eval := row)  # then log, write ckpt.pt (or stop: diverged), loss.svg
-            bad, saved_at = end_eval(metrics, row, iter_num, lr, timer, saved_at, out_dir, save,
-                                     f'{out_dir}: reward model on {dataset}', eval_only)
-        if iter_num >= max_iters or eval_only or stop or bad:
-            break
+    # evaluate on the held-out pairs and write the checkpoint
+    if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
+        row = estimate()
+        best_val_loss = min(best_val_loss, row['val_loss'])
+        print(f"step {iter_num}: val loss {row['val_loss']:.4f}, accuracy {row['accuracy']:.3f}, "
+              f"margin {row['margin']:.3f}")
+        update_card(last_eval := row)  # then log, write ckpt.pt (or stop: diverged), loss.svg
+        bad, saved_at = end_eval(metrics, row, iter_num, lr, timer, saved_at, out_dir, save,
+                                 f'{out_dir}: reward model on {dataset}', eval_only)
+    if iter_num >= max_iters or eval_only or stop or bad:
+        break
 
-        # forward backward update, with gradient accumulation
-        stats = []
-        for micro_step in range(gradient_accumulation_steps):
-            idx = pair_order(len(train_pairs), iter_num, micro_step, batch_size, gradient_accumulation_steps, seed)
-            losses, s = rewards(*collate([train_pairs[i] for i in idx], device))
-            scaler.scale(losses.mean() / gradient_accumulation_steps).backward()
-            stats.append({'loss': losses.detach(), **s})
-        grad_norm = optimizer_step(model.parameters(), optimizer, scaler, grad_clip, device_type)  # clip, step
+    # forward backward update, with gradient accumulation
+    stats = []
+    for micro_step in range(gradient_accumulation_steps):
+        idx = pair_order(len(train_pairs), iter_num, micro_step, batch_size, gradient_accumulation_steps, seed)
+        losses, s = rewards(*collate([train_pairs[i] for i in idx], device))
+        scaler.scale(losses.mean() / gradient_accumulation_steps).backward()
+        stats.append({'loss': losses.detach(), **s})
+    grad_norm = optimizer_step(model.parameters(), optimizer, scaler, grad_clip, device_type)  # clip, step
 
-        # timing (evals excluded) and logging
-        timer.step()
-        if iter_num % log_interval == 0:
-            row, (dt, _) = {k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]}, timer.window()
-            print(f"iter {at(iter_num, max_iters, dt)}: loss {row['loss']:.4f}, accuracy {row['accuracy']:.2f}, margin {row['margin']:.3f}, "
-                  f"lr {lr:.2e}, {dt * 1000:.0f} ms/iter")
-            metrics.log(iter=iter_num, **row, lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000,
-                        time=round(timer.elapsed(), 2))
-        iter_num += 1
+    # timing (evals excluded) and logging
+    timer.step()
+    if iter_num % log_interval == 0:
+        row, (dt, _) = {k: torch.cat([s[k] for s in stats]).mean().item() for k in stats[0]}, timer.window()
+        print(f"iter {at(iter_num, max_iters, dt)}: loss {row['loss']:.4f}, accuracy {row['accuracy']:.2f}, margin {row['margin']:.3f}, "
+              f"lr {lr:.2e}, {dt * 1000:.0f} ms/iter")
+        metrics.log(iter=iter_num, **row, lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000,
+                    time=round(timer.elapsed(), 2))
+    iter_num += 1
 
-    # the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
-    save_on_stop(stop and not bad and not eval_only, saved_at, iter_num, save, out_dir)
-    update_card(last_eval)
-    metrics.close()  # after the card: the trackers take it
-    restore_signals()
+# the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
+save_on_stop(stop and not bad and not eval_only, saved_at, iter_num, save, out_dir)
+update_card(last_eval)
+metrics.close()  # after the card: the trackers take it
+restore_signals()

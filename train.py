@@ -33,16 +33,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import data as datasets
-from nanolab.training import (MetricsLogger, StepTimer, catch_stop, checkpoint_dict, configure_optimizer, diverged, fail,
-                    get_lr, open_run, open_trackers, optimizer_step, plot_loss_svg, restore_training, save_on_stop,
-                    set_lr, write_model_card)
-from model import GPT, GPTConfig
+from model import ARCHS, GPT, POSITIONS, GPTConfig
+from nanolab import datasets
 from nanolab.checkpoint import load_model, model_from_checkpoint, save_checkpoint
-from nanolab.device import autocast_ctx, resolve_device, resolve_dtype
-from nanolab.files import write_atomic, write_json
+from nanolab.configurator import cli_errors, configure, fail
+from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
 from nanolab.device import peak_flops as model_peak_flops
+from nanolab.files import write_atomic, write_json
 from nanolab.progress import at  # i/N (p%), ETA
+from nanolab.tracking import MetricsLogger, open_trackers, plot_loss_svg, write_model_card
+from nanolab.training import (LR_SCHEDULES, OPTIMIZERS, StepTimer, catch_stop, checkpoint_dict, configure_optimizer,
+                              diverged, get_lr, open_run, optimizer_step, restore_training, save_on_stop, set_lr)
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/shakespeare_char.py (see that file for the measured figures)
@@ -101,10 +102,6 @@ backend = 'auto'              # DDP backend: 'auto' (nccl on GPU, gloo on CPU) |
 seed = 1337                   # model init, data order and dropout
 peak_flops = 0.0              # FLOP/s that MFU divides by; 0 = auto: the GPU's dense peak for dtype (model.PEAK_FLOPS), 163e9 on CPU (measured)
 # -----------------------------------------------------------------------------
-from nanolab.configurator import configure
-from nanolab.training import LR_SCHEDULES, OPTIMIZERS
-from model import ARCHS, POSITIONS
-from nanolab.device import DTYPES
 DDP_TIMEOUT = datetime.timedelta(hours=1)  # collectives wait this long for rank 0's data preparation, evals and saves
 CHOICES = {'arch': ARCHS, 'positions': ('', *POSITIONS), 'lr_schedule': LR_SCHEDULES, 'backend': ('auto', 'nccl', 'gloo'), 'dtype': DTYPES,
            'optim': OPTIMIZERS}
@@ -127,7 +124,7 @@ if ckpt is not None:
                 print(f"resume: {k} = {ckpt['model_args'][k]!r} from the checkpoint (not {globals()[k]!r})")
             globals()[k] = ckpt['model_args'][k]
 
-try:
+with cli_errors():
     # 1) device and dtype, checked: asking for what this machine lacks is an error, not a silent fallback
     device = resolve_device(device)
     if ddp and device.startswith('cuda'):  # under torchrun each rank takes its own GPU, whatever --device names
@@ -148,8 +145,6 @@ try:
     if ddp:
         dist.barrier()  # the other ranks wait for rank 0's data preparation
     meta = datasets.load_meta(folder)
-except ValueError as e:
-    fail(e)
 if 'train_tokens' not in meta:
     fail(f"{folder} is a fine-tuning dataset (JSONL), not a token stream; train on it with finetune.py or dpo.py")
 if gradient_accumulation_steps % world_size:
@@ -159,7 +154,7 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 
 # 3) the model: from scratch, resumed, or any model source (continued pretraining)
 iter_num, best_val_loss, tok_spec, origin = 0, float('inf'), meta['tokenizer'], init_from
-try:
+with cli_errors():
     if init_from == 'scratch':
         vocab_size = vocab_size or meta['vocab_size']
         torch.manual_seed(seed)  # subtle: the same weights on every rank (DDP also broadcasts rank 0's)
@@ -175,8 +170,6 @@ try:
             if tok_spec != meta['tokenizer'] and master_process:
                 print(f"note: {init_from}'s tokenizer ({tok.kind}) is not the one {folder} was made with "
                       f"({meta['tokenizer'].get('kind')}); make sure their token ids mean the same")
-except ValueError as e:
-    fail(e)
 model_args = asdict(raw_model.config)
 if model_args['vocab_size'] < meta['vocab_size']:
     fail(f"vocabulary mismatch: the model ({'init_from=' + init_from if init_from != 'scratch' else 'vocab_size'}) has "
@@ -203,10 +196,8 @@ scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))  
 sampler = torch.Generator().manual_seed(seed)  # draws the training batches' offsets (the same on every rank)
 elapsed0 = 0.0  # training seconds before this process started (resume)
 if ckpt is not None:
-    try:
+    with cli_errors():
         elapsed0 = restore_training(ckpt, optimizer, scaler, sampler)  # exact resume: data order, dropout, everything
-    except ValueError as e:
-        fail(e)
 if ckpt is None or rank > 0:  # dropout: a different stream on each rank (rank 0 resumes its saved one)
     torch.manual_seed(seed + rank + iter_num)
 ckpt = None  # free the memory
@@ -278,10 +269,8 @@ stop, restore_signals = catch_stop(say=master_process)
 # logging
 timer = StepTimer(elapsed0)
 if master_process:  # a resumed run drops the rows it will log again; the trackers get every row
-    try:
+    with cli_errors():
         trackers = open_trackers(out_dir, config, resumed=init_from == 'resume')
-    except ValueError as e:
-        fail(e)
     metrics = MetricsLogger(os.path.join(out_dir, 'metrics.jsonl'), iter_num if init_from == 'resume' else None, trackers)
     update_card()
 peak = peak_flops or model_peak_flops(device, ptdtype)  # per device; None: an unlisted GPU, no MFU shown

@@ -193,7 +193,7 @@ def to_pairs(judgments):
 def judge_with(judgments, reward_dir):
     """The judgments plus one by a reward model (reward.py's out_dir) on every item, annotator 'reward:<dir>': its
     verdict is the order of its rewards for the two replies, so arena_stats gives its kappa with each human."""
-    from reward import load_reward_model
+    from nanolab.reward_model import load_reward_model
     rm, tok = load_reward_model(reward_dir)
     out = list(judgments)
     for j in {j['id']: j for j in judgments}.values():

@@ -270,7 +270,7 @@ def llama_bench_rows(tools, ggufs, threads):
 def alone(model, tok):
     """sample.generate_stream in this process, one request after another, as serve_round's one client -> a callable
     for rounds(): the library's own speed on the same requests, with no HTTP between."""
-    from sample import generate_stream
+    from nanolab.generation import generate_stream
 
     def round_(n, per_client, max_tokens, seed=1337):
         results, t0 = [], time.perf_counter()
@@ -291,7 +291,7 @@ def ours_decode_rows(hf_dir, quantize, repeats):
     import torch
     from model import GPT
     from nanolab.quantize import for_inference
-    from sample import generate
+    from nanolab.generation import generate
     model = for_inference(GPT.from_pretrained(hf_dir).eval(), quantize)
     out, gen = {}, torch.Generator().manual_seed(0)
 

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import traceback
+from contextlib import contextmanager
 
 CONFIG_TYPES = (int, float, bool, str, type(None), tuple, list)  # not modules, functions, classes
 
@@ -148,10 +149,14 @@ def _help(g, defaults, choices):
         print(line.rstrip())
 
 
-def configure(g, argv=None, choices=None, verbose=True):
+def configure(g, argv=None, choices=None, verbose=True, positional=None):
     """Apply config files and --key=value flags to g; return the resolved config. g is a script's globals (its
-    settings: the names its settings block assigns) or, without '__file__', a plain dict of settings."""
-    argv = sys.argv[1:] if argv is None else argv
+    settings: the names its settings block assigns) or, without '__file__', a plain dict of settings.
+    positional: a setting that a first argument which is neither a flag nor a config file gives, as
+    `python data.py shakespeare_char` gives dataset='shakespeare_char'."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if positional and argv and not argv[0].startswith('-') and not argv[0].endswith(('.py', '.json')):
+        argv[0] = f'--{positional}={argv[0]}'
     choices = choices or {}
     if g.get('__file__'):
         names = settings_names(g['__file__'])
@@ -251,3 +256,22 @@ def configure(g, argv=None, choices=None, verbose=True):
         for key, source in applied.items():
             print(f'{key} = {config[key]!r}  (from {source})')
     return config
+
+
+# -----------------------------------------------------------------------------
+# bad input at run time: one line that names the problem and the fix, exit status 1, no traceback
+
+def fail(msg):
+    """End the script with `error: msg` on stderr and exit status 1 (SystemExit: no traceback)."""
+    raise SystemExit(f'error: {msg}')
+
+
+@contextmanager
+def cli_errors(*kinds):
+    """A ValueError (or one of `kinds`) raised in the block is bad input: the script ends with fail's one line.
+    Every library function that refuses input raises ValueError with a message that names the problem and the fix,
+    so a script wraps the calls that read user input in this, and nothing else."""
+    try:
+        yield
+    except (ValueError, *kinds) as e:
+        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)  # a KeyError's str() would quote it

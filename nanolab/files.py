@@ -3,6 +3,7 @@ Files that are never left torn, and JSON that browsers can read.
 
     write_atomic(path, lambda f: torch.save(ckpt, f))   # a temp file, fsynced, then renamed over path
     with replacing(path) as tmp: writer.write(tmp)       # the same for a library that writes to a path itself
+    commit(tmp, path)                                    # or put a temp file written over time in place
     write_json(path, obj); write_text(path, text)
     dumps(obj)                                           # json.dumps with NaN and infinities as null
 
@@ -24,12 +25,18 @@ def replacing(path):
     tmp = f'{path}.{os.getpid()}.{threading.get_ident()}.tmp'
     try:
         yield tmp
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
+        commit(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def commit(tmp, path):
+    """Put a finished temp file in place: fsync it (the bytes are on disk before the name points at them), then
+    rename it over path."""
+    with open(tmp, 'rb+') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_atomic(path, write):

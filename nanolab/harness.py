@@ -11,8 +11,8 @@ import json
 import os
 import sys
 
-from evaluate import score_continuations
-from sample import generate
+from nanolab.likelihood import score_continuations
+from nanolab.generation import generate
 
 
 HARNESS_DATA_HELP = ("give a local YAML task with --include_path=DIR (dataset_path: json, dataset_kwargs: {data_files: "

@@ -247,7 +247,7 @@ def model_registry(root):
                             'checkpoints': [], 'exports': [], 'evals': {}})
     return entries, skipped
 
-def _bootstrap_means(x, n_boot, seed):
+def bootstrap_means(x, n_boot, seed):
     """Means of n_boot resamples of x (with replacement), drawn 256 at a time to bound memory."""
     import numpy as np
     rng = np.random.default_rng(seed)
@@ -270,7 +270,7 @@ def paired_test(x, y, n_boot=1000, seed=1337):
     if np.isin(x, (0, 1)).all() and np.isin(y, (0, 1)).all():
         return mcnemar_p(int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())), 'McNemar'
     d = x - y
-    means = _bootstrap_means(d, n_boot, seed)
+    means = bootstrap_means(d, n_boot, seed)
     return float((1 + (abs(means - d.mean()) >= abs(d.mean())).sum()) / (n_boot + 1)), 'paired bootstrap'
 
 def _paired_items(r, best, metric):
@@ -311,7 +311,7 @@ def leaderboard_rows(results, sort_by='', n_boot=1000, seed=1337):
                        depth=len(task_path(r, groups)) - 1)
             for m, v in r['metrics'].items():
                 items = (r.get('items') or {}).get(m)
-                ci = np.percentile(_bootstrap_means(np.asarray(items, dtype=float), n_boot, seed), [2.5, 97.5]).tolist() \
+                ci = np.percentile(bootstrap_means(np.asarray(items, dtype=float), n_boot, seed), [2.5, 97.5]).tolist() \
                     if items else None
                 row['metrics'][m] = {'value': v, 'ci95': ci, 'stderr': (r.get('stderr') or {}).get(m)}
             pair = _paired_items(r, group[0], key) if r is not group[0] else None

@@ -1,9 +1,6 @@
 """
-The scores evaluate.py gives generated text and programs, each a plain function:
+Running model-written programs, and scoring them: pass@k (code benchmarks, evaluate.py).
 
-  score_generation   exact match, contains, ROUGE-L (rouge-score), BLEU (sacrebleu) and METEOR of answers
-  meteor             METEOR (Banerjee & Lavie 2005): unigrams matched exactly, then by Porter stem, F-mean with
-                     recall weighted 9 to 1, and a fragmentation penalty for matches scattered in chunks
   pass_at_k          the unbiased pass@k estimator of Chen et al. 2021 (HumanEval)
   check_program      run a program and its tests in a separate, limited process -> (passed, why not)
 
@@ -17,81 +14,10 @@ container or VM that has nothing to lose.
 """
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
-
-# -----------------------------------------------------------------------------
-# 1) text: exact match, contains, ROUGE-L, BLEU, METEOR
-
-def _words(text):
-    """METEOR's unigrams: lowercase words and punctuation marks."""
-    return re.findall(r"\w+|[^\w\s]", text.lower())
-
-def meteor(hypothesis, reference, alpha=0.9, beta=3.0, gamma=0.5):
-    """METEOR of one hypothesis against one reference (texts, or lists of unigrams). Banerjee & Lavie 2005:
-      1) align unigrams in stages, each over the words the last left unmatched: exact forms, then Porter stems
-         (each word matches at most once; a hypothesis word takes the free reference position after the last one
-         matched, if it can, which keeps the chunks few)
-      2) P = m / len(hypothesis), R = m / len(reference), Fmean = P R / (alpha P + (1 - alpha) R) (alpha 0.9:
-         the paper's 10 P R / (R + 9 P))
-      3) chunks = runs of matches adjacent and in the same order in both; penalty = gamma (chunks / m)^beta
-      4) score = Fmean (1 - penalty). No synonym stage (it needs WordNet's data, which is not here offline)."""
-    from nltk.stem.porter import PorterStemmer
-    hyp = _words(hypothesis) if isinstance(hypothesis, str) else list(hypothesis)
-    ref = _words(reference) if isinstance(reference, str) else list(reference)
-    stem = PorterStemmer().stem
-    matches = {}  # hypothesis position -> reference position
-    for key in (lambda w: w, stem):
-        free = [j for j in range(len(ref)) if j not in matches.values()]
-        for i in (i for i in range(len(hyp)) if i not in matches):
-            options = [j for j in free if key(ref[j]) == key(hyp[i])]
-            if options:
-                last = max((matches[k] for k in matches if k < i), default=-1)
-                j = next((j for j in options if j > last), options[0])
-                matches[i] = j
-                free.remove(j)
-    m = len(matches)
-    if m == 0:
-        return 0.0
-    P, R = m / len(hyp), m / len(ref)
-    fmean = P * R / (alpha * P + (1 - alpha) * R)
-    pairs = sorted(matches.items())
-    chunks = 1 + sum(1 for (i0, j0), (i1, j1) in zip(pairs, pairs[1:]) if not (i1 == i0 + 1 and j1 == j0 + 1))
-    return fmean * (1 - gamma * (chunks / m) ** beta)
-
-def score_generation(answers, rows, metrics, normalize=str.strip):
-    """Per-item scores of answers against each row's references (the best reference counts) and headline
-    metrics: exact_match and contains (0/1, after normalize), rouge_l (ROUGE-L F1, rouge-score, stemmed), meteor
-    (above), all averaged over items; bleu is sacrebleu's corpus BLEU (0-100), with sentence BLEU per item."""
-    items = {}
-    refs = [[normalize(x) for x in r['references']] for r in rows]
-    outs = [normalize(a) for a in answers]
-    if 'exact_match' in metrics:
-        items['exact_match'] = [float(any(o == x for x in rs)) for o, rs in zip(outs, refs)]
-    if 'contains' in metrics:
-        items['contains'] = [float(any(x in o for x in rs)) for o, rs in zip(outs, refs)]
-    if 'rouge_l' in metrics:
-        from rouge_score import rouge_scorer
-        scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
-        items['rouge_l'] = [max(scorer.score(x, o)['rougeL'].fmeasure for x in rs) for o, rs in zip(outs, refs)]
-    if 'meteor' in metrics:
-        items['meteor'] = [max(meteor(o, x) for x in rs) for o, rs in zip(outs, refs)]
-    headline = {k: sum(v) / len(v) for k, v in items.items()}
-    if 'bleu' in metrics:
-        import sacrebleu
-        k = max(map(len, refs))  # sacrebleu wants k reference streams of equal length; pad with the first reference
-        streams = [[rs[i] if i < len(rs) else rs[0] for rs in refs] for i in range(k)]
-        headline['bleu'] = sacrebleu.corpus_bleu(outs, streams).score
-        items['bleu_sentence'] = [sacrebleu.sentence_bleu(o, rs).score for o, rs in zip(outs, refs)]
-    return headline, items
-
-GENERATION_METRICS = ('exact_match', 'contains', 'bleu', 'rouge_l', 'meteor')
-
-# -----------------------------------------------------------------------------
-# 2) programs: pass@k and the sandbox
 
 # where a HumanEval completion ends: the function body is done when a new top-level statement starts (Chen et al.)
 CODE_STOPS = ['\nclass', '\ndef', '\n#', '\nif', '\nprint']

@@ -129,7 +129,7 @@ def test_evaluate_arena_writes_arena_json_and_pairs_dpo_reads(tmp_path):
     from dataclasses import asdict
     from model import GPT, GPTConfig
     from nanolab.checkpoint import save_checkpoint
-    from reward import RewardModel, load_reward_model
+    from nanolab.reward_model import RewardModel, load_reward_model
     from nanolab.tokenizer import CharTokenizer
     tok = CharTokenizer(chars=' 0123456789:?Aabcdefghijklmnopqrstuvwxyz\nSU')
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""data.py and clean.py: cleaning on a corpus with planted duplicates, PII and junk; nanoGPT's
+"""data.py and cleaning.py: cleaning on a corpus with planted duplicates, PII and junk; nanoGPT's
 shakespeare_char split; the streaming `text` pipeline against a serial reference; downloads with and
 without a mirror or network; the SFT / preference readers. Data comes from NANOLAB_DATA_MIRROR (conftest)."""
 import gzip
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import requests
 
-from nanolab import cleaning as clean
-import data
+from nanolab import cleaning, datasets, downloads, formats
+from nanolab.configurator import read_settings
 from nanolab.tokenizer import from_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def shingles(text):
 
 def decode_docs(folder):
     """The documents in folder's train.bin and val.bin: the token stream split at <|endoftext|>."""
-    meta = data.load_meta(folder)
+    meta = datasets.load_meta(folder)
     tok = from_spec(meta['tokenizer'])
     out = {}
     for split in ('train', 'val'):
@@ -108,7 +108,7 @@ def test_cleaning_removes_planted_duplicates_pii_and_junk(tmp_path):
         assert 0.85 <= max(len(d & e) / len(d | e) for e in originals) < 1
     path = tmp_path / 'corpus.jsonl'
     path.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
-    folder = data.prepare('text', data_dir=str(tmp_path), input=str(path), tokenizer='gpt2', num_proc=1)
+    folder = datasets.prepare('text', data_dir=str(tmp_path), input=str(path), tokenizer='gpt2', num_proc=1)
     meta, out = decode_docs(folder)
     kept = out['train'] + out['val']
     assert len(out['val']) > 0 and meta['dtype'] == 'uint16'
@@ -135,8 +135,8 @@ def test_cleaning_removes_planted_duplicates_pii_and_junk(tmp_path):
 
 
 def test_shakespeare_char_matches_nanogpt(tmp_path, capsys):
-    folder = data.prepare('shakespeare_char', data_dir=str(tmp_path))
-    meta = data.load_meta(folder)
+    folder = datasets.prepare('shakespeare_char', data_dir=str(tmp_path))
+    meta = datasets.load_meta(folder)
     assert (meta['vocab_size'], meta['train_tokens'], meta['val_tokens']) == (65, 1_003_854, 111_540)
     train = np.memmap(os.path.join(folder, 'train.bin'), dtype=np.uint16, mode='r')
     assert len(train) == 1_003_854
@@ -145,7 +145,7 @@ def test_shakespeare_char_matches_nanogpt(tmp_path, capsys):
     assert from_spec(meta['tokenizer']).decode(train[:100].tolist()) == text[:100]
     before = os.stat(os.path.join(folder, 'train.bin')).st_mtime_ns
     capsys.readouterr()
-    assert data.prepare('shakespeare_char', data_dir=str(tmp_path)) == folder  # the second call: no work
+    assert datasets.prepare('shakespeare_char', data_dir=str(tmp_path)) == folder  # the second call: no work
     assert 'up to date' in capsys.readouterr().out
     assert os.stat(os.path.join(folder, 'train.bin')).st_mtime_ns == before
 
@@ -157,20 +157,21 @@ def test_text_pipeline_bpe_parallel_equals_serial(tmp_path, monkeypatch):
     (tmp_path / 'in').mkdir()
     (tmp_path / 'in' / 'a.jsonl').write_text(''.join(json.dumps({'body': d}) + '\n' for d in docs[:40]))
     (tmp_path / 'in' / 'b.txt').write_text('<|endoftext|>'.join(docs[40:]))  # <|endoftext|> splits documents
-    monkeypatch.setattr(data, 'CHUNK_CHARS', 3000)  # many chunks, so the workers really share the work
+    monkeypatch.setattr(datasets, 'CHUNK_CHARS', 3000)  # many chunks, so the workers really share the work
     opts = dict(data_dir=str(tmp_path), input=str(tmp_path / 'in'), text_field='body', tokenizer='bpe',
                 vocab_size=300, val_fraction=0.2)
-    serial = data.prepare('text', out_name='serial', num_proc=1, **opts)
-    data.prepare('text', out_name='parallel', num_proc=2, **opts)
+    serial = datasets.prepare('text', out_name='serial', num_proc=1, **opts)
+    datasets.prepare('text', out_name='parallel', num_proc=2, **opts)
     for f in ('train.bin', 'val.bin'):
         assert (tmp_path / 'serial' / f).read_bytes() == (tmp_path / 'parallel' / f).read_bytes()
     meta, out = decode_docs(serial)
     assert meta['dtype'] == 'uint16' and meta['vocab_size'] == 300
     assert os.path.getsize(os.path.join(serial, 'train.bin')) == 2 * meta['train_tokens']
-    cfg = {k: getattr(data, k) for k in data.CLEAN_KEYS}
-    want = list(clean.clean_corpus(docs, cfg, Counter()))
+    defaults = read_settings(datasets.DATA_SCRIPT)  # data.py's settings
+    cfg = {k: defaults[k] for k in datasets.CLEAN_KEYS}
+    want = list(cleaning.clean_corpus(docs, cfg, Counter()))
     assert len(want) == 60  # the 5 copies went
-    is_val = [data.in_val(clean.doc_key(d), 0.2, data.seed) for d in want]
+    is_val = [formats.in_val(cleaning.doc_key(d), 0.2, defaults['seed']) for d in want]
     assert out['train'] == [d for d, v in zip(want, is_val) if not v]
     assert out['val'] == [d for d, v in zip(want, is_val) if v]
 
@@ -187,14 +188,14 @@ def test_fetch_mirror_checksum_and_offline(tmp_path, monkeypatch):
         calls.append(args)
         raise requests.ConnectionError('no network')
     monkeypatch.setattr(requests, 'get', offline)
-    monkeypatch.setattr(data.time, 'sleep', lambda s: None)
+    monkeypatch.setattr(downloads.time, 'sleep', lambda s: None)
     cache = str(tmp_path / 'cache')
-    assert data.fetch('set/a.txt', 'https://example.com/a.txt', good, cache_dir=cache) == str(mirror / 'set' / 'a.txt')
+    assert downloads.fetch('set/a.txt', 'https://example.com/a.txt', good, cache_dir=cache) == str(mirror / 'set' / 'a.txt')
     with pytest.raises(ValueError, match='wrong sha256'):
-        data.fetch('set/a.txt', 'https://example.com/a.txt', '0' * 64, cache_dir=cache)
+        downloads.fetch('set/a.txt', 'https://example.com/a.txt', '0' * 64, cache_dir=cache)
     assert calls == []  # a mirror hit never touches the network
     with pytest.raises(ValueError) as e:
-        data.fetch('set/missing.txt', 'https://example.com/missing.txt', cache_dir=cache)
+        downloads.fetch('set/missing.txt', 'https://example.com/missing.txt', cache_dir=cache)
     assert 'NANOLAB_DATA_MIRROR' in str(e.value) and 'set/missing.txt' in str(e.value) and 'internet' in str(e.value)
     assert len(calls) == 3  # retried
 
@@ -206,9 +207,9 @@ def test_fetch_mirror_checksum_and_offline(tmp_path, monkeypatch):
         def iter_content(self, n): yield from (b'hel', b'lo')
     monkeypatch.setattr(requests, 'get', lambda *a, **k: Response())
     with pytest.raises(ValueError, match='sha256'):
-        data.fetch('set/new.txt', 'https://example.com/new.txt', '0' * 64, cache_dir=cache)
+        downloads.fetch('set/new.txt', 'https://example.com/new.txt', '0' * 64, cache_dir=cache)
     assert not os.path.exists(os.path.join(cache, 'set/new.txt'))  # a bad download is not kept
-    path = data.fetch('set/new.txt', 'https://example.com/new.txt', good, cache_dir=cache)
+    path = downloads.fetch('set/new.txt', 'https://example.com/new.txt', good, cache_dir=cache)
     assert path == os.path.join(cache, 'set/new.txt') and open(path).read() == 'hello'
 
 
@@ -222,23 +223,23 @@ def test_read_sft_formats(tmp_path):
                                          {'instruction': 'Hi', 'input': '', 'output': 'Hello'},
                                          {'instruction': 'Empty', 'input': '', 'output': '  '}], jsonl=False)
     counts = Counter()
-    assert data.read_sft(alpaca, counts) == [
+    assert formats.read_sft(alpaca, counts) == [
         {'messages': [{'role': 'user', 'content': 'Add.\n\n2 and 3'}, {'role': 'assistant', 'content': '5'}]},
         {'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]}]
     assert counts['skipped_empty'] == 1
     share = write(tmp_path / 's.jsonl', [{'conversations': [{'from': 'system', 'value': 'Be brief.'},
                                                             {'from': 'human', 'value': 'Hi'}, {'from': 'gpt', 'value': 'Yo'}]}])
     msgs = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Yo'}]
-    assert data.read_sft(share) == [{'messages': msgs}]
-    assert data.read_sft(write(tmp_path / 'm.jsonl', [{'messages': msgs}])) == [{'messages': msgs}]  # normalized: as is
+    assert formats.read_sft(share) == [{'messages': msgs}]
+    assert formats.read_sft(write(tmp_path / 'm.jsonl', [{'messages': msgs}])) == [{'messages': msgs}]  # normalized: as is
     bad = tmp_path / 'bad.jsonl'
     bad.write_text(json.dumps({'messages': msgs}) + '\n{"messages": [\n')
     with pytest.raises(ValueError, match=r'bad.jsonl row 2: invalid JSON'):
-        data.read_sft(str(bad))
+        formats.read_sft(str(bad))
     with pytest.raises(ValueError, match=r'x.jsonl row 1: an SFT row needs'):
-        data.read_sft(write(tmp_path / 'x.jsonl', [{'question': 'q', 'answer': 'a'}]))
+        formats.read_sft(write(tmp_path / 'x.jsonl', [{'question': 'q', 'answer': 'a'}]))
     with pytest.raises(ValueError, match=r'r.jsonl row 1: .*"role"'):
-        data.read_sft(write(tmp_path / 'r.jsonl', [{'messages': [{'role': 'robot', 'content': 'x'}]}]))
+        formats.read_sft(write(tmp_path / 'r.jsonl', [{'messages': [{'role': 'robot', 'content': 'x'}]}]))
 
 
 def test_read_preferences_formats(tmp_path):
@@ -248,7 +249,7 @@ def test_read_preferences_formats(tmp_path):
                             'rejected': '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Joke?\n\nAssistant: No.'}) + '\n')
         f.write(json.dumps({'chosen': '\n\nHuman: Hi\n\nAssistant: Same', 'rejected': '\n\nHuman: Hi\n\nAssistant: Same'}) + '\n')
     counts = Counter()
-    rows = data.read_preferences(str(hh), counts)
+    rows = formats.read_preferences(str(hh), counts)
     assert rows == [{'prompt': [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'},
                                 {'role': 'user', 'content': 'Joke?'}], 'chosen': 'A good one.', 'rejected': 'No.'}]
     assert counts == {'skipped_identical': 1}
@@ -257,31 +258,31 @@ def test_read_preferences_formats(tmp_path):
     plain = write(tmp_path / 'plain.jsonl', [{'prompt': 'Q', 'chosen': 'good', 'rejected': 'bad'},
                                              {'prompt': 'Q', 'chosen': '', 'rejected': 'bad'}])
     want = [{'prompt': [{'role': 'user', 'content': 'Q'}], 'chosen': 'good', 'rejected': 'bad'}]
-    assert data.read_preferences(pair) == want
+    assert formats.read_preferences(pair) == want
     counts = Counter()
-    assert data.read_preferences(plain, counts) == want and counts == {'skipped_empty': 1}
-    assert data.read_preferences(write(tmp_path / 'n.jsonl', want)) == want  # normalized: as is
+    assert formats.read_preferences(plain, counts) == want and counts == {'skipped_empty': 1}
+    assert formats.read_preferences(write(tmp_path / 'n.jsonl', want)) == want  # normalized: as is
     with pytest.raises(ValueError, match=r'q.jsonl row 2: a preference row needs "chosen" and "rejected"'):
-        data.read_preferences(write(tmp_path / 'q.jsonl', [want[0], {'prompt': 'Q', 'chosen': 'a'}]))
+        formats.read_preferences(write(tmp_path / 'q.jsonl', [want[0], {'prompt': 'Q', 'chosen': 'a'}]))
 
 
 def test_sft_and_preference_sets_from_the_mirror(tmp_path):
     for name, fmt, total in (('alpaca', 'sft', 999), ('chat', 'sft', 500), ('dpo_pairs', 'preference', 300),
                              ('hh_rlhf', 'preference', 2312 - 9)):
-        folder = data.prepare(name, data_dir=str(tmp_path))
-        meta = data.load_meta(folder)
+        folder = datasets.prepare(name, data_dir=str(tmp_path))
+        meta = datasets.load_meta(folder)
         assert meta['format'] == fmt and meta['train_rows'] + meta['val_rows'] == total and meta['val_rows'] > 0
         row = json.loads(open(os.path.join(folder, 'val.jsonl')).readline())
         assert set(row) == ({'messages'} if fmt == 'sft' else {'prompt', 'chosen', 'rejected'})
-        reread = data.read_sft if fmt == 'sft' else data.read_preferences  # the output reads back unchanged
+        reread = formats.read_sft if fmt == 'sft' else formats.read_preferences  # the output reads back unchanged
         assert reread(os.path.join(folder, 'val.jsonl'))[0] == row
 
 
 def test_missing_dataset_and_cli_errors(tmp_path):
     with pytest.raises(ValueError, match='python data.py shakespeare_char'):
-        data.load_meta(str(tmp_path / 'shakespeare_char'))
+        datasets.load_meta(str(tmp_path / 'shakespeare_char'))
     with pytest.raises(ValueError, match=r'unknown dataset .*shakespeare_char'):
-        data.prepare('shakespear_char', data_dir=str(tmp_path))
+        datasets.prepare('shakespear_char', data_dir=str(tmp_path))
     r = subprocess.run([sys.executable, 'data.py', 'text', f'--data_dir={tmp_path}'], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith('error: `text` needs --input') and 'Traceback' not in r.stderr
@@ -301,10 +302,10 @@ def test_bad_files_are_named_skipped_on_request_and_counted(tmp_path):
     opts = dict(data_dir=str(tmp_path / 'data'), input=str(corpus), tokenizer='char', doc_split='paragraph',
                 num_proc=1, quality=False, lang_filter=False, near_dedup=False)
     with pytest.raises(ValueError, match=r"cafe.txt is not utf-8 text \(byte 0xe9.*--encoding=latin-1.*--on_bad_file=skip"):
-        data.prepare('text', **opts)
+        datasets.prepare('text', **opts)
     assert not (tmp_path / 'data' / 'text' / 'meta.json').exists()
-    meta = json.load(open(os.path.join(data.prepare('text', on_bad_file='skip', **opts), 'meta.json')))
+    meta = json.load(open(os.path.join(datasets.prepare('text', on_bad_file='skip', **opts), 'meta.json')))
     assert meta['source']['skipped_files'] == {'binary': 1, 'undecodable': 1} and meta['source']['files'] == 4
     assert 'é' not in meta['tokenizer']['chars']
-    meta = json.load(open(os.path.join(data.prepare('text', encoding='latin-1', **opts), 'meta.json')))
+    meta = json.load(open(os.path.join(datasets.prepare('text', encoding='latin-1', **opts), 'meta.json')))
     assert meta['source']['skipped_files'] == {'binary': 1, 'undecodable': 0} and 'é' in meta['tokenizer']['chars']

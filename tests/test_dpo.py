@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanolab.training import read_metrics  # tests/conftest.py puts the repo root on sys.path
-from evaluate import win_rate
-from dpo import collate, encode_pair, load_pairs, preference_loss, response_logps
+from nanolab.results import read_metrics  # tests/conftest.py puts the repo root on sys.path
+from nanolab.metrics import win_rate
+from nanolab.preferences import collate, encode_pair, load_pairs, preference_loss, response_logps
 from model import GPT, GPTConfig
 from nanolab.checkpoint import load_model, save_checkpoint
 from nanolab.tokenizer import CharTokenizer

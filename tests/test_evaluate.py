@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluate
+from nanolab import benchmarks, likelihood, metrics
 from model import GPT, GPTConfig
 from nanolab.tokenizer import CharTokenizer
 
@@ -44,7 +44,7 @@ def test_sliding_window_matches_token_by_token(tiny):
     ids = tok.encode(TEXT)  # 65 tokens, block size 16
     T = model.config.block_size
     # stride 1: every token sees the longest context the block allows
-    r = evaluate.perplexity_of(model, ids, stride=1)
+    r = likelihood.perplexity_of(model, ids, stride=1)
     assert r['tokens'] == len(ids) - 1 and r['windows'] == len(ids) - T
     assert r['nll'] == pytest.approx(reference_nll(model, ids, [max(0, p - T) for p in range(len(ids))]), rel=1e-5)
     # stride = block size: windows of T+1 tokens every T tokens, the last one moved back to end at the end
@@ -55,35 +55,35 @@ def test_sliding_window_matches_token_by_token(tiny):
         for p in range(done, b + T + 1):
             ctx[p] = b
         done = b + T + 1
-    r = evaluate.perplexity_of(model, ids, stride=0, batch_size=2)
+    r = likelihood.perplexity_of(model, ids, stride=0, batch_size=2)
     assert r['windows'] == len(starts)
     assert r['nll'] == pytest.approx(reference_nll(model, ids, ctx), rel=1e-5)
     # a smaller stride never gives a token less context, and here it gives a lower loss
-    assert evaluate.perplexity_of(model, ids, stride=4)['nll'] < r['nll'] + 1e-3
+    assert likelihood.perplexity_of(model, ids, stride=4)['nll'] < r['nll'] + 1e-3
     with pytest.raises(ValueError, match='stride'):
-        evaluate.perplexity_of(model, ids, stride=T + 1)
+        likelihood.perplexity_of(model, ids, stride=T + 1)
 
 
 def test_perplexity_and_bits_per_byte_of_a_text_file(tiny, tmp_path):
     model, tok = tiny
     path = tmp_path / 'notes.txt'
     path.write_text(TEXT * 3)
-    r = evaluate.run_perplexity(model, tok, str(path), stride=8)
+    r = likelihood.run_perplexity(model, tok, str(path), stride=8)
     # one ASCII char = one token = one byte, so bits per byte = loss / ln 2
     assert r['metrics']['bits_per_byte'] == pytest.approx(r['metrics']['loss'] / math.log(2), rel=1e-6)
     assert r['metrics']['perplexity'] == pytest.approx(math.exp(r['metrics']['loss']))
     assert r['n'] == len(TEXT) * 3 - 1 and r['settings']['stride'] == 8
     (tmp_path / 'odd.txt').write_text('Zebra')  # 'Z' and 'b' are not in the vocabulary
     with pytest.raises(ValueError, match='cannot encode'):
-        evaluate.run_perplexity(model, tok, str(tmp_path / 'odd.txt'))
+        likelihood.run_perplexity(model, tok, str(tmp_path / 'odd.txt'))
 
 
 def test_score_continuations_truncates_from_the_left(tiny):
     model, tok = tiny
     T = model.config.block_size
     long_ctx, short_ctx, cont = tok.encode(TEXT[:30]), tok.encode('the '), tok.encode('cat')
-    out = evaluate.score_continuations(model, [(short_ctx, cont), (long_ctx, cont)], batch_size=1)
-    assert evaluate.score_continuations.truncated == 1
+    out = likelihood.score_continuations(model, [(short_ctx, cont), (long_ctx, cont)], batch_size=1)
+    assert likelihood.score_continuations.truncated == 1
     for (lp, greedy), ctx in zip(out, (short_ctx, long_ctx)):
         seq = (ctx + cont)[-(T + 1):]
         with torch.no_grad():
@@ -92,13 +92,13 @@ def test_score_continuations_truncates_from_the_left(tiny):
         assert lp == pytest.approx(sum(rows[i, t].item() for i, t in enumerate(cont)), abs=1e-4)
         assert greedy == all(rows[i].argmax().item() == t for i, t in enumerate(cont))
     with pytest.raises(ValueError, match='empty'):
-        evaluate.score_continuations(model, [(short_ctx, [])])
+        likelihood.score_continuations(model, [(short_ctx, [])])
 
 
 def test_generation_metrics_against_hand_values():
     rows = [{'references': ['The cat sat on the mat.']}, {'references': ['a dog', 'the dog']}, {'references': ['yes']}]
     answers = ['The cat sat on the mat.', 'I saw the dog', 'no']
-    m, items = evaluate.score_generation(answers, rows, ['exact_match', 'contains', 'rouge_l', 'bleu'])
+    m, items = metrics.score_generation(answers, rows, ['exact_match', 'contains', 'rouge_l', 'bleu'])
     assert items['exact_match'] == [1.0, 0.0, 0.0] and items['contains'] == [1.0, 1.0, 0.0]
     # ROUGE-L F1 of 'I saw the dog' against 'the dog' (the better reference): LCS 2, P 2/4, R 2/2 -> 2/3
     assert items['rouge_l'] == pytest.approx([1.0, 2 / 3, 0.0], abs=1e-6)
@@ -111,8 +111,8 @@ def test_multiple_choice_benchmark_picks_the_likeliest_choice(tiny, tmp_path):
     rows = [{'prompt': 'the cat sat on the', 'choices': [' mat', ' dog', ' cat'], 'answer': i % 3} for i in range(6)]
     path = tmp_path / 'mc.jsonl'
     path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    r = evaluate.run_benchmark(model, tok, str(path), chat=False)
-    lps = [evaluate.score_continuations(model, [(tok.encode(rows[0]['prompt']), tok.encode(c))])[0][0]
+    r = benchmarks.run_benchmark(model, tok, str(path), chat=False)
+    lps = [likelihood.score_continuations(model, [(tok.encode(rows[0]['prompt']), tok.encode(c))])[0][0]
            for c in rows[0]['choices']]
     best = int(np.argmax(lps))
     assert r['items']['acc'] == [float(i % 3 == best) for i in range(6)]
@@ -131,7 +131,7 @@ def test_bad_benchmark_files_name_the_line(tmp_path, lines, match):
     path = tmp_path / 'bad.jsonl'
     path.write_text('\n'.join(lines) + '\n')
     with pytest.raises(ValueError, match=match):
-        evaluate.read_benchmark(str(path))
+        benchmarks.read_benchmark(str(path))
 
 
 def test_cli_errors_exit_cleanly(tmp_path):
@@ -151,7 +151,7 @@ def test_templated_prompts_and_few_shot_prefixes():
     """evaluate.templated: a template's one variable takes the row's prompt (its last turn for chat rows), k seeded
     examples go first; a template with two variables is refused."""
     from nanolab import prompts
-    from evaluate import templated
+    from nanolab.benchmarks import templated
     ex = [{'question': f'q{i}', 'answer': f'a{i}'} for i in range(10)]
     chat = [{'role': 'user', 'content': 'Reverse kfeo'}]
     assert templated()(chat) == chat and templated()('plain') == 'plain'

@@ -209,7 +209,7 @@ def test_a_failure_mid_stream_sends_an_error_event_and_no_done(srv, monkeypatch)
 def test_json_writers_write_non_finite_numbers_as_null(tmp_path):
     import math
     from nanolab import files, results
-    from nanolab.training import MetricsLogger
+    from nanolab.tracking import MetricsLogger
     strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f'bare {c} in JSON'))
     log = MetricsLogger(str(tmp_path / 'metrics.jsonl'))
     log.log(iter=10, loss=math.nan, val_loss=math.inf, lr=3e-4)

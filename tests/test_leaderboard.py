@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nanolab import results
-from nanolab.training import write_model_card
+from nanolab.tracking import write_model_card
 from nanolab.results import (checkpoint_sources, evals_markdown, mcnemar_p, paired_test, save_result, show_leaderboard,
                      update_model_card)
 from test_train import CHARS, TINY, make_dataset, train  # tiny train.py runs

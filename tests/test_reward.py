@@ -11,10 +11,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from nanolab.training import read_metrics
+from nanolab.results import read_metrics
 from model import GPT, GPTConfig
 from nanolab.checkpoint import save_checkpoint
-from reward import RewardModel, bt_loss, collate, load_reward_model, pad
+from nanolab.reward_model import RewardModel, bt_loss, collate, load_reward_model, pad
 from nanolab.tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

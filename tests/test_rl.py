@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from nanolab import synthetic as tasks
-from nanolab.training import read_metrics
-from dpo import collate_responses, token_logps
+from nanolab.results import read_metrics
+from nanolab.preferences import collate_responses, token_logps
 from model import GPT, GPTConfig
 from nanolab.checkpoint import save_checkpoint
-from rl import exact_kl, group_advantages, grpo_loss
+from nanolab.grpo import exact_kl, group_advantages, grpo_loss
 from nanolab.tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +116,7 @@ def test_the_recipe_is_rl_pys_defaults():
 
 def test_a_reward_model_can_be_the_reward(setup):
     """--reward=<reward.py out_dir>: the samples are scored by its head (here a random one) instead of the rule."""
-    from reward import RewardModel
+    from nanolab.reward_model import RewardModel
     d = setup
     torch.manual_seed(1)
     rm = RewardModel(tiny_model())
@@ -126,9 +126,9 @@ def test_a_reward_model_can_be_the_reward(setup):
     run(setup, f"--out_dir={d / 'with_rm'}", '--max_iters=2', f"--reward={d / 'rm'}")
     evals = [r for r in read_metrics(d / 'with_rm' / 'metrics.jsonl') if 'exact_match' in r]
     rows = [json.loads(line) for line in (d / 'data' / 'tasks' / 'val.jsonl').read_text().splitlines()]
-    import evaluate
+    from nanolab import metrics
     from nanolab.checkpoint import load_model
     sft, tok, _ = load_model(str(d / 'sft'))
-    answers = evaluate.answer(sft, tok, [r['messages'][:-1] for r in rows], 6)
+    answers = metrics.answer(sft, tok, [r['messages'][:-1] for r in rows], 6)
     want = sum(rm.eval().score(TOK, r['messages'][:-1], [a])[0] for r, a in zip(rows, answers)) / len(rows)
     assert evals[0]['reward'] == pytest.approx(want, abs=1e-5)  # step 0: the SFT model's answers, by the head

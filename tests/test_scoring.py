@@ -1,7 +1,7 @@
 """scoring.py against references: pass@k against the binomial formula and hand values (Chen et al. 2021), the
 sandbox against programs that pass, fail, loop, allocate without end or write files, METEOR against NLTK's
 implementation (its WordNet synonym stage off: ours has none) and a hand computation of Banerjee & Lavie's
-formula, and a code benchmark end to end through evaluate.run_code. CPU, ~10 s."""
+formula, and a code benchmark end to end through benchmarks.run_code. CPU, ~10 s."""
 import math
 import os
 import time
@@ -9,8 +9,9 @@ from fractions import Fraction
 
 import pytest
 
-import evaluate
-from nanolab.sandbox import check_program, meteor, pass_at_k
+from nanolab import benchmarks, metrics, sandbox
+from nanolab.metrics import meteor
+from nanolab.sandbox import check_program, pass_at_k
 
 ADD = {'task_id': 't/0', 'prompt': 'def add(a, b):\n    """a + b"""\n', 'canonical_solution': '    return a + b\n',
        'test': 'def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n',
@@ -80,7 +81,7 @@ def test_meteor_matches_nltk_and_the_formula():
     P, R = 12 / 18, 12 / 16
     assert meteor(hyp, ref) == pytest.approx(P * R / (0.9 * P + 0.1 * R) * (1 - 0.5 * (4 / 12) ** 3))
     assert single_meteor_score(ref.lower().split(), hyp.lower().split(), wordnet=NoSynonyms()) == pytest.approx(0.6944, abs=1e-4)
-    m, items = evaluate.score_generation(['the cats sat', 'no'], [{'references': ['x', 'the cat sat']},
+    m, items = metrics.score_generation(['the cats sat', 'no'], [{'references': ['x', 'the cat sat']},
                                                                   {'references': ['yes']}], ['meteor'])
     assert items['meteor'] == [pytest.approx(1 - 0.5 / 27), 0.0] and m['meteor'] == pytest.approx((1 - 0.5 / 27) / 2)
 
@@ -89,29 +90,29 @@ def test_code_benchmark_scores_pass_at_k(tmp_path, monkeypatch):
     """HumanEval rows read; nothing runs without the confirmation; pass@k over n samples per problem, each program
     the prompt plus a completion (stand-in completions: 2 of 3 right for add, 0 of 3 for the other)."""
     import json
-    from sample import Completion
+    from nanolab.generation import Completion
     sub = {**ADD, 'task_id': 't/1', 'prompt': 'def sub(a, b):\n', 'entry_point': 'sub',
            'test': 'def check(f):\n    assert f(3, 1) == 2\n'}
     path = tmp_path / 'code.jsonl'
     path.write_text(''.join(json.dumps(r) + '\n' for r in (ADD, sub)))
-    rows = evaluate.read_benchmark(str(path))
+    rows = benchmarks.read_benchmark(str(path))
     assert [r['id'] for r in rows] == ['t/0', 't/1'] and rows[0]['test'] == ADD['test']
     texts = {0: ['    return a + b\n', '    return a * b\n', '    return b + a\n'], 1: ['    return a + b\n'] * 3}
 
     def fake_generate(model, prompts, n, num_samples=1, **kw):
-        assert kw['stop_strings'] == evaluate.CODE_STOPS and num_samples == 3 and kw['temperature'] == 0.8
+        assert kw['stop_strings'] == sandbox.CODE_STOPS and num_samples == 3 and kw['temperature'] == 0.8
         return [Completion(tokens=[], text=texts[i][k], finish_reason='stop', logprob=0.0, token_logprobs=[],
                            top_logprobs=None, prompt_index=i, sample_index=k) for i in range(2) for k in range(3)]
-    monkeypatch.setattr(evaluate, 'generate', fake_generate)
+    monkeypatch.setattr(benchmarks, 'generate', fake_generate)
 
     class Tok:
         def encode(self, text):
             return [1]
     with pytest.raises(ValueError, match='--confirm_run_unsafe_code=True'):
-        evaluate.run_code(None, Tok(), rows, n_samples=3, ks=(1, 2))
+        benchmarks.run_code(None, Tok(), rows, n_samples=3, ks=(1, 2))
     with pytest.raises(ValueError, match='--n_samples to 5'):
-        evaluate.run_code(None, Tok(), rows, n_samples=3, ks=(1, 5), confirm=True)
-    out = evaluate.run_code(None, Tok(), rows, n_samples=3, ks=(1, 2), confirm=True, temperature=0.8)
+        benchmarks.run_code(None, Tok(), rows, n_samples=3, ks=(1, 5), confirm=True)
+    out = benchmarks.run_code(None, Tok(), rows, n_samples=3, ks=(1, 2), confirm=True, temperature=0.8)
     assert out['items'] == {'pass@1': [pytest.approx(2 / 3), 0.0], 'pass@2': [1.0, 0.0]}
     assert out['metrics'] == {'pass@1': pytest.approx(1 / 3), 'pass@2': 0.5}
     assert [s['why'] for s in out['samples'][0]] == ['passed', 'AssertionError', 'passed']

@@ -6,7 +6,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data
+from nanolab import datasets
 from nanolab import synthetic as tasks
 from nanolab.formats import read_preferences, read_sft
 from nanolab.tokenizer import CharTokenizer
@@ -20,11 +20,11 @@ def words(rows):
 
 
 def test_prepare_is_deterministic_and_held_out_is_disjoint(tmp_path):
-    a = data.prepare('tasks', data_dir=str(tmp_path / 'a'))
-    b = data.prepare('tasks', data_dir=str(tmp_path / 'b'), seed=1337)
+    a = datasets.prepare('tasks', data_dir=str(tmp_path / 'a'))
+    b = datasets.prepare('tasks', data_dir=str(tmp_path / 'b'), seed=1337)
     for name in ('train', 'val', 'pref_train', 'pref_val'):
         assert open(os.path.join(a, f'{name}.jsonl')).read() == open(os.path.join(b, f'{name}.jsonl')).read()
-    meta = data.load_meta(a)
+    meta = datasets.load_meta(a)
     train, val = read_sft(os.path.join(a, 'train.jsonl')), read_sft(os.path.join(a, 'val.jsonl'))
     assert (len(train), len(val)) == (meta['train_rows'], meta['val_rows']) == (tasks.SIZES['train'], tasks.SIZES['val'])
     # no held-out word or sum appears anywhere in training, though both splits cover every family
@@ -43,7 +43,7 @@ def test_prepare_is_deterministic_and_held_out_is_disjoint(tmp_path):
         assert 0.4 < style < 0.6  # half style pairs, half correctness pairs
     assert not words([{'messages': p['prompt']} for p in read_preferences(os.path.join(a, 'pref_val.jsonl'))]) & seen
     # a different seed gives a different suite
-    c = data.prepare('tasks', data_dir=str(tmp_path / 'c'), seed=1)
+    c = datasets.prepare('tasks', data_dir=str(tmp_path / 'c'), seed=1)
     assert open(os.path.join(c, 'val.jsonl')).read() != open(os.path.join(a, 'val.jsonl')).read()
 
 
@@ -70,6 +70,6 @@ def test_rule_score_and_normalize():
 
 
 def test_tasks_base_vocabulary_covers_the_suite(tmp_path):
-    folder = data.prepare('tasks_base', data_dir=str(tmp_path))
-    meta = data.load_meta(folder)
+    folder = datasets.prepare('tasks_base', data_dir=str(tmp_path))
+    meta = datasets.load_meta(folder)
     assert set(tasks.ALPHABET) <= set(meta['tokenizer']['chars']) and meta['train_tokens'] > 1_500_000

@@ -19,7 +19,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from nanolab.training import MetricsLogger, checkpoint_dict, configure_optimizer, get_lr, read_metrics, restore_training
+from nanolab.results import read_metrics
+from nanolab.tracking import MetricsLogger
+from nanolab.training import checkpoint_dict, configure_optimizer, get_lr, restore_training
 from nanolab.configurator import configure
 from model import GPT, GPTConfig
 from nanolab.checkpoint import load_checkpoint, load_model, save_checkpoint
