@@ -1,63 +1,28 @@
 """
-The endpoints behind the page's views, which serve.py routes beside OpenAI's API (ROUTES): prompt templates, the
+The endpoints behind the page's views, which server.py routes beside OpenAI's API (ROUTES): prompt templates, the
 tokenizer comparison, attention maps, the logit lens and activation flow, the embedding map, the arena, the runs,
-the leaderboard and the models on disk; and the checks of a request's fields that the API shares (number, flag,
-encode). Each endpoint is fn(handler, body): it reads h.engine(body), h.server (engines, runs_dir) and answers with
-h.send_json; bad input is an httpd.ApiError, a 4xx. What runs a model goes through Engine.call, on the engine thread.
+the leaderboard and the models on disk. Each endpoint is fn(handler, body): it reads h.engine(body), h.server
+(engines, runs_dir) and answers with h.send_json; bad input is an httpd.ApiError, a 4xx. What runs a model goes
+through Engine.call, on the engine thread.
 """
 import glob
-import json
 import os
 from datetime import datetime, timezone
 
 import torch
 
 from nanolab import arena
-from nanolab import prompts as library  # prompts.py: serve.py's `prompts` is the token lists of a request
-from nanolab.httpd import ApiError
+from nanolab import prompts
 from nanolab.files import finite
+from nanolab.httpd import ApiError
+from nanolab.openai_api import encode, flag, is_ids, number
 from nanolab.results import (LOWER_IS_BETTER, checkpoint_history, leaderboard_rows, model_registry, read_results,
-                     read_runs)
+                             read_runs)
 
 # -----------------------------------------------------------------------------
-# 1) a request's fields
-
-def number(body, name, default, lo, hi, integer=False):
-    """body[name] as a number in [lo, hi]; absent or JSON null = default."""
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)[:60]}",
-                       name, 'invalid_type')
-    if not lo <= v <= hi:  # also catches NaN, which Python's json accepts
-        raise ApiError(400, f"'{name}'={v} is out of range: it must be between {lo} and {hi}", name, 'invalid_value')
-    return v
-
-def flag(body, name):
-    v = body.get(name)
-    if v is not None and not isinstance(v, bool):
-        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)[:60]}", name, 'invalid_type')
-    return bool(v)
-
-def is_ids(x):
-    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-def encode(w, text, param):
-    cap = 8 * (w.max_prompt_tokens or 32768)  # bound the tokenizer's work before it starts (serve.py's default)
-    if len(text) > cap:
-        raise ApiError(400, f"'{param}' holds {len(text)} characters, over {cap} (8 per token of max_prompt_tokens); "
-                       "send a shorter text", param, 'request_too_large')
-    try:
-        return w.tok.encode(text)
-    except ValueError as e:  # e.g. a character the char vocabulary lacks
-        raise ApiError(400, f"'{param}': {e}", param, 'invalid_value') from None
-
-# -----------------------------------------------------------------------------
-# 2) the views
+# the views
 
 ATTENTION_LIMIT = 128       # prompt tokens for /v1/attention: the maps grow as layers * heads * T^2
-
 ATTENTION_VALUES = 1 << 20  # numbers one /v1/attention answer may hold (about 8 MB of JSON)
 
 def _short_prompt(w, body):
@@ -70,7 +35,7 @@ def _short_prompt(w, body):
     return ids
 
 def _templates(h, body):
-    h.send_json(200, {'object': 'list', 'data': library.catalog()})
+    h.send_json(200, {'object': 'list', 'data': prompts.catalog()})
 
 def _render_template(h, body):
     """The page's template tool: a library template ('template') or one's own text ('text'), its 'variables',
@@ -82,13 +47,13 @@ def _render_template(h, body):
         raise ApiError(400, "'variables' and 'shots' must be objects", 'variables')
     try:
         if isinstance(body.get('text'), str):
-            out = library.render_text(body['text'], **values)
+            out = prompts.render_text(body['text'], **values)
         else:
-            out = library.render(str(body.get('template')), cot=flag(body, 'cot'), **values)
+            out = prompts.render(str(body.get('template')), cot=flag(body, 'cot'), **values)
         ex = shots.get('examples') or []
         if not isinstance(ex, list) or not all(isinstance(e, dict) for e in ex):
             raise ValueError("'shots': examples must be a list of {question, answer} objects")
-        prefix = library.few_shot(ex, int(shots.get('k', 0)), int(shots.get('seed', 0))) + '\n\n' if shots.get('k') else ''
+        prefix = prompts.few_shot(ex, int(shots.get('k', 0)), int(shots.get('seed', 0))) + '\n\n' if shots.get('k') else ''
         if isinstance(out, list):
             out = out[:-1] + [{**out[-1], 'content': prefix + out[-1]['content']}]
             ids = w.tok.render_chat(out, add_generation_prompt=True)[0]

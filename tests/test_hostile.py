@@ -177,10 +177,10 @@ def test_idle_and_trickling_connections_cannot_lock_others_out(srv):
 
 
 def test_attention_maps_are_bounded(srv, monkeypatch):
-    from nanolab import page_api as views
+    from nanolab import page_api
     body = {'model': 'char', 'prompt': 'abcd'}  # 2 layers x 4 heads x 4 x 4 = 128 numbers
     full = call(srv, 'POST', '/v1/attention', body)[1]['attentions']
-    monkeypatch.setattr(views, 'ATTENTION_VALUES', 100)
+    monkeypatch.setattr(page_api, 'ATTENTION_VALUES', 100)
     status, out = call(srv, 'POST', '/v1/attention', body)
     assert status == 400 and "'layer'" in out['error']['message']
     status, out = call(srv, 'POST', '/v1/attention', {**body, 'layer': 1})

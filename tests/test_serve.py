@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nanolab import quantize
-import serve
+from nanolab.server import load_engines, make_server
 from model import GPT, GPTConfig
 from nanolab.checkpoint import load_model, save_checkpoint  # tests/conftest.py puts the repo root on sys.path
 from sample import generate
@@ -83,9 +83,9 @@ def serving(runs_dir, max_batch=4, source=None, max_models=8, **limits):
     tests/test_web.py uses it too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and the machine is shared
-    engines = serve.load_engines(str(source or runs_dir), 'cpu', torch.float32, max_batch=max_batch,
+    engines = load_engines(str(source or runs_dir), 'cpu', torch.float32, max_batch=max_batch,
                                  **{'max_rows': 64, 'max_prompt_tokens': 4096, 'prefill_chunk': 16, **limits})
-    srv = serve.make_server(engines, port=0, runs_dir=str(runs_dir), max_models=max_models)
+    srv = make_server(engines, port=0, runs_dir=str(runs_dir), max_models=max_models)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         yield srv
@@ -527,8 +527,8 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server):
 
 def test_api_key(server):
     with pytest.raises(ValueError, match='api_key'):
-        serve.make_server(server.engines, host='0.0.0.0')
-    keyed = serve.make_server(server.engines, port=0, api_key='sekrit')  # the same workers behind a second door
+        make_server(server.engines, host='0.0.0.0')
+    keyed = make_server(server.engines, port=0, api_key='sekrit')  # the same workers behind a second door
     threading.Thread(target=keyed.serve_forever, daemon=True).start()
     try:
         for headers in ({}, {'Authorization': 'Bearer wrong'}, {'Authorization': 'sekrit'}):
@@ -602,8 +602,8 @@ def test_int8_logits_close_to_fp32_and_weights_at_most_half(ref):
 
 
 def test_int8_server_serves_what_the_int8_model_generates(runs, ref):
-    engines = serve.load_engines(str(runs / 'char'), 'cpu', torch.float32, 'int8', max_batch=2)
-    srv = serve.make_server(engines, port=0)
+    engines = load_engines(str(runs / 'char'), 'cpu', torch.float32, 'int8', max_batch=2)
+    srv = make_server(engines, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         model, tok = ref['char']

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-import serve
+from nanolab.server import load_engines, make_server
 from model import GPTConfig
 from test_serve import CHARS, save_run  # the same tiny random char model as tests/test_serve.py
 from nanolab.tokenizer import CharTokenizer
@@ -110,8 +110,8 @@ def test_soak(tmp_path):
              CharTokenizer(chars=''.join(sorted(CHARS))))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    engines = serve.load_engines(str(tmp_path / 'char'), 'cpu', torch.float32, max_batch=16)
-    srv = serve.make_server(engines, port=0)
+    engines = load_engines(str(tmp_path / 'char'), 'cpu', torch.float32, max_batch=16)
+    srv = make_server(engines, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     w, port, idle_threads = engines['char'], srv.server_address[1], threading.active_count()
     try:
