@@ -10,7 +10,7 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
     python bench.py --which=serve                     # serve.py under 1-16 streaming clients, ~30 s
     python bench.py --which=quantize                  # int8 vs fp32: bytes, RSS, tok/s, perplexity, ~1 minute
     python bench.py --which=fairness                  # a streaming client beside a flood, a beam search, a long prompt
-    LLAMA_CPP_DIR=DIR python bench.py --which=llamacpp   # against llama.cpp on the same GPT-2 weights, ~15 minutes
+    NANOLAB_LLAMA_CPP=DIR python bench.py --which=llamacpp   # against llama.cpp on the same GPT-2 weights, ~15 min
 
 decode: tokens/s of greedy decoding with the KV cache (sample.generate) for a GPT-2-124M-shaped and
 a Llama-shaped model with random weights, side by side with Hugging Face `generate` on identical
@@ -37,30 +37,44 @@ GPT-2-shaped model (block 1024, GPT-2 vocabulary), batch 8, on local tasks writt
 multiple choice (100 questions x 4 choices), rolling perplexity (16 documents of 50-1200 words) and greedy
 generation (32 answers of up to 32 tokens). Best of `repeats`, interleaved; progress bars go to stderr.
 
-serve, fairness, llamacpp: see bench_serve.py's docstring. Targets (issues 6 and 10): 16 clients >= 3x the single
+serve, fairness, llamacpp: see nanolab/bench_serving.py's docstring. Targets (issues 6 and 10): 16 clients >= 3x the single
 client's tokens/s and p95 time to first token < 500 ms at 10 clients; beside a flood, a beam search or a long
 prompt, a streaming client's first token < 1 s and its gaps < 250 ms; against llama-server on the same weights,
 int8 >= 1.0x Q8_0 at 16 clients and >= 0.75x at 1.
 
 quantize: each of `quantize_models` in fp32 and int8 (serve.py --quantize=int8): state-dict bytes, RSS of a fresh
 process holding the model after one generation, greedy decode tok/s at batch 1 and 8 (interleaved, best of `repeats`),
-and perplexity on the run's own dataset (evaluate.run_perplexity on val.bin) for trained runs; for the random-weight
+and perplexity on the run's own dataset (likelihood.run_perplexity on val.bin) for trained runs; for the random-weight
 shapes, the agreement of greedy tokens instead.
 """
+import copy
+import json
+import logging
+import math
 import os
+import random
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
 
-from nanolab.training import configure_optimizer, optimizer_step
 from model import GPT, GPTConfig
+from nanolab import bench_serving, llama_cpp, quantize
+from nanolab.checkpoint import load_model
+from nanolab.configurator import configure, fail
 from nanolab.device import DTYPES, autocast_ctx, peak_flops, resolve_device, resolve_dtype
+from nanolab.generation import generate
+from nanolab.likelihood import run_perplexity
+from nanolab.harness import harness_lm_class
 from nanolab.quantize import for_inference
-from sample import generate
+from nanolab.results import read_metrics
+from nanolab.tokenizer import TiktokenTokenizer
+from nanolab.training import configure_optimizer, optimizer_step
 
 # -----------------------------------------------------------------------------
-which = 'decode'              # 'decode' | 'train' | 'harness' | 'serve' | 'quantize'
+which = 'decode'              # 'decode' | 'train' | 'harness' | 'serve' | 'fairness' | 'llamacpp' | 'quantize'
 models = 'gpt2_124m,llama_56m'  # comma list of the shapes below
 batch_sizes = '1,8'           # comma list of batch sizes for the decode comparison
 new_tokens = 64               # tokens generated per decode measurement
@@ -82,11 +96,10 @@ clients = '1,4,10,16'         # serve: concurrent streaming clients, one round e
 requests_per_client = 4       # serve: requests each client sends, one after another (a round sends >= 16 in all)
 serve_tokens = 48             # serve: max_tokens per request (the default model's block_size is 64)
 quantize_models = 'out-shakespeare-char,out-shakespeare-llama,gpt2_124m'  # quantize: out_dirs and/or SHAPES names
-llama_cpp_dir = ''            # llamacpp: a llama.cpp build (bin/, convert.sh); '' = $LLAMA_CPP_DIR
+llama_cpp_dir = ''            # llamacpp: a llama.cpp build (bin/, convert.sh); '' = $NANOLAB_LLAMA_CPP
 llama_threads = 0             # llamacpp: threads for both sides; 0 = torch's default (one per core)
 llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one round each
 # -----------------------------------------------------------------------------
-from nanolab.configurator import configure
 config = configure(globals(), choices={'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp',
                                                  'quantize'),
                                        'dtype': DTYPES})
@@ -237,16 +250,13 @@ TRAIN_RUNS = {  # train.py's arguments for each whole run
 
 def bench_train_run(name):
     """One whole `python train.py` run in a fresh process: (wall s, final val loss, training s when val <= 1.70 first)."""
-    import subprocess
-    import sys
-    from nanolab.results import read_metrics
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, 'train.py', *TRAIN_RUNS[name], f'--out_dir={d}/out']
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.time() - t0
         if r.returncode:
-            raise SystemExit(f'error: {" ".join(cmd)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}')
+            fail(f'{" ".join(cmd)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}')
         evals = [row for row in read_metrics(f'{d}/out/metrics.jsonl') if 'val_loss' in row]
     reached = next((row['time'] for row in evals if row['val_loss'] <= 1.70), None)
     print(f"{name}: {wall:.1f} s wall, val loss {evals[-1]['val_loss']:.4f} at iteration {evals[-1]['iter']}, "
@@ -263,8 +273,6 @@ HARNESS_BATCH = 8  # requests per forward, both backends (SPEC.md measured hf at
 
 def write_harness_tasks(d):
     """Local lm-eval tasks on random words in d -> {task: (requests per run, what a request is)}."""
-    import json
-    import random
     rng = random.Random(seed)
     words = 'the cat dog sat on a mat red blue green sun moon star tree river hill and of to in is was for'.split()
 
@@ -294,14 +302,10 @@ def write_harness_tasks(d):
 
 def bench_harness():
     """Requests/s end to end (lm_eval.simple_evaluate, tokenizing, scoring, metrics) on identical random weights."""
-    import logging
-    import math
-    import lm_eval
+    import lm_eval  # lm-eval and transformers: only for this benchmark
     import transformers
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from nanolab import harness
-    from nanolab.tokenizer import TiktokenTokenizer
     logging.disable(logging.WARNING)  # lm-eval warns about every default it fills in, for every run
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
@@ -314,7 +318,7 @@ def bench_harness():
     with tempfile.TemporaryDirectory() as d:
         tasks = write_harness_tasks(d)
         model.save_pretrained(f'{d}/hf', tok)
-        ours = harness.harness_lm_class()(model, tok, batch_size=HARNESS_BATCH, ctx=autocast_ctx(device, ptdtype))
+        ours = harness_lm_class()(model, tok, batch_size=HARNESS_BATCH, ctx=autocast_ctx(device, ptdtype))
         theirs = HFLM(pretrained=f'{d}/hf', batch_size=HARNESS_BATCH, device=device, dtype=ptdtype) if hf else None
         manager = TaskManager(include_path=d, include_defaults=False)
         manager.load(list(tasks))  # builds the datasets' caches, so no timed run pays for it
@@ -343,9 +347,10 @@ def bench_harness():
 
 RSS_PROBE = """
 import json, os, sys, torch
+from model import GPT, GPTConfig
 from nanolab import quantize
-from model import GPT, GPTConfig, load_model
-from sample import generate
+from nanolab.checkpoint import load_model
+from nanolab.generation import generate
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 base = rss()
 src, quant = sys.argv[1], sys.argv[2] == 'int8'
@@ -358,13 +363,6 @@ print(rss() - base)
 
 
 def bench_quantize(src):
-    import copy
-    import json
-    import subprocess
-    import sys
-    import evaluate
-    from nanolab import quantize
-    from nanolab.checkpoint import load_model
     torch.manual_seed(seed)
     if src in SHAPES:
         fp, tok, dataset = GPT(GPTConfig(**SHAPES[src])).eval(), None, None
@@ -388,7 +386,7 @@ def bench_quantize(src):
         row[f'tps{B}'] = [B * n / s for s in t]
     # 3) perplexity on the run's validation set; for random weights, the greedy tokens' agreement instead
     if dataset:
-        row['ppl'] = [evaluate.run_perplexity(m, tok, dataset)['metrics']['perplexity'] for m in (fp, q)]
+        row['ppl'] = [run_perplexity(m, tok, dataset)['metrics']['perplexity'] for m in (fp, q)]
     else:
         x = torch.randint(0, V, (4, prompt_len)).tolist()
         a, b = (generate(m, x, 32, temperature=0.0, stop_tokens=()) for m in (fp, q))
@@ -397,26 +395,37 @@ def bench_quantize(src):
     return row
 
 
-if __name__ == '__main__' and which in ('serve', 'fairness', 'llamacpp'):
-    from nanolab import bench_serving as bench_serve  # the serving benchmarks live there; they read this file's settings
-    if which == 'llamacpp':
-        bench_serve.bench_llamacpp(config)
-    elif which == 'fairness':
-        bench_serve.bench_fairness(config)
-    else:
-        rows = bench_serve.bench_serve(config)
-        print("\n| clients | tokens/s | x single | TTFT p50 ms | TTFT p95 ms |\n|---|---|---|---|---|")
-        for n, tps, p50, p95 in rows:
-            print(f"| {n} | {tps:.0f} | {tps / rows[0][1]:.1f}x | {p50:.0f} | {p95:.0f} |")
-        by = {n: r for n, *r in rows}
-        if 1 in by and 16 in by:
-            print(f"target: 16 clients >= 3x single: {by[16][0] / by[1][0]:.1f}x "
-                  f"({'met' if by[16][0] >= 3 * by[1][0] else 'MISSED'})")
-        if 10 in by:
-            print(f"target: p95 time to first token at 10 clients < 500 ms: {by[10][2]:.0f} ms "
-                  f"({'met' if by[10][2] < 500 else 'MISSED'})")
+# -----------------------------------------------------------------------------
+# the benchmark asked for, and its table
 
-elif __name__ == '__main__' and which == 'quantize':
+if which == 'llamacpp':
+    build = llama_cpp.build_dir(llama_cpp_dir)
+    if llama_cpp.tools(build) is None:
+        print(f"llamacpp: skipped, {llama_cpp.ENV} (or --llama_cpp_dir) does not point at a llama.cpp build. Build "
+              f"one ({llama_cpp.HOW}; about 10 minutes on 2 cores), then {llama_cpp.ENV}=DIR python bench.py "
+              "--which=llamacpp")
+    else:
+        bench_serving.bench_llamacpp(build, llama_threads, [int(c) for c in llama_clients.split(',')],
+                                     requests_per_client, repeats, seed)
+
+elif which == 'fairness':
+    bench_serving.bench_fairness(serve_model, device, serve_quantize, serve_tokens)
+
+elif which == 'serve':
+    rows = bench_serving.bench_serve(serve_model, device, serve_quantize, [int(c) for c in clients.split(',')],
+                                     requests_per_client, serve_tokens)
+    print("\n| clients | tokens/s | x single | TTFT p50 ms | TTFT p95 ms |\n|---|---|---|---|---|")
+    for n, tps, p50, p95 in rows:
+        print(f"| {n} | {tps:.0f} | {tps / rows[0][1]:.1f}x | {p50:.0f} | {p95:.0f} |")
+    by = {n: r for n, *r in rows}
+    if 1 in by and 16 in by:
+        print(f"target: 16 clients >= 3x single: {by[16][0] / by[1][0]:.1f}x "
+              f"({'met' if by[16][0] >= 3 * by[1][0] else 'MISSED'})")
+    if 10 in by:
+        print(f"target: p95 time to first token at 10 clients < 500 ms: {by[10][2]:.0f} ms "
+              f"({'met' if by[10][2] < 500 else 'MISSED'})")
+
+elif which == 'quantize':
     rows = []
     for src in quantize_models.split(','):
         if src not in SHAPES and not os.path.exists(src):  # a run not trained here yet: say how, measure the rest
@@ -434,18 +443,18 @@ elif __name__ == '__main__' and which == 'quantize':
               f" | {mb(r['rss'][0])} -> {mb(r['rss'][1])} | {r['tps1'][0]:.0f} -> {r['tps1'][1]:.0f} | "
               f"{r['tps8'][0]:.0f} -> {r['tps8'][1]:.0f} | {ppl} |")
 
-elif __name__ == '__main__' and which == 'train':
+elif which == 'train':
     torch.manual_seed(seed)
     rows = []
     for name in train_models.split(','):
         if name not in TRAIN_SHAPES:
-            raise SystemExit(f"error: unknown training shape '{name}'; use one of {', '.join(TRAIN_SHAPES)}")
+            fail(f"unknown training shape '{name}'; use one of {', '.join(TRAIN_SHAPES)}")
         rows += bench_train(name)
     print("\n| model | compile | ms/iter | tokens/s | MFU |\n|---|---|---|---|---|")
     for name, comp, ms, tps, mfu in rows:
         print(f"| {name} | {comp} | {ms:.1f} | {tps:,.0f} | {mfu:.1f}% |")
     if bad := [n for n in train_runs.split(',') if n and n not in TRAIN_RUNS]:
-        raise SystemExit(f"error: unknown training run '{bad[0]}'; use one of {', '.join(TRAIN_RUNS)}")
+        fail(f"unknown training run '{bad[0]}'; use one of {', '.join(TRAIN_RUNS)}")
     runs = [bench_train_run(n) for n in train_runs.split(',') if n]  # back to back, the order given
     if runs:  # the machine's speed drifts between runs: compare each with the mean of the nanogpt runs
         walls = [w for n, w, _, _ in runs if n == 'nanogpt']
@@ -455,19 +464,19 @@ elif __name__ == '__main__' and which == 'train':
             print(f"| {n} | {w:.1f} | {loss:.4f} | {'never' if reached is None else f'{reached:.1f}'} | "
                   f"{f'{w / base:.2f}x' if base else ''} |")
 
-elif __name__ == '__main__' and which == 'harness':
+elif which == 'harness':
     rows = bench_harness()
     print("\n| task | nanolab requests/s | lm-eval hf requests/s | ratio |\n|---|---|---|---|")
     for task, ours, theirs in rows:
         print(f"| {task} | {ours:.1f} | {'' if theirs is None else f'{theirs:.1f}'} | "
               f"{'' if theirs is None else f'{ours / theirs:.2f}x'} |")
 
-elif __name__ == '__main__':
+else:  # decode
     torch.manual_seed(seed)
     rows = []
     for name in models.split(','):
         if name not in SHAPES:
-            raise SystemExit(f"error: unknown model shape '{name}'; use one of {', '.join(SHAPES)}")
+            fail(f"unknown model shape '{name}'; use one of {', '.join(SHAPES)}")
         rows += bench_decode(name)
     print("\n| model | measure | nanolab | Hugging Face | ratio |\n|---|---|---|---|---|")
     for name, what, ours, theirs in rows:

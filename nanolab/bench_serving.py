@@ -12,8 +12,8 @@ fairness: one streaming client on the Shakespeare default model while another cl
 llamacpp: GPT-2 124M (random weights, written with save_pretrained and converted by llama.cpp's own convert.sh to
   GGUF F32 and Q8_0): llama-bench against sample.generate at batch 1 and 8 (decode tok/s, 64 new tokens after a
   16-token prompt; prefill tok/s of a 256-token prompt), then llama-server -np 16 against serve.py at 1, 4 and 16
-  streaming clients, fp32 against F32 and int8 against Q8_0. Needs LLAMA_CPP_DIR (a build from
-  `bash ../shared/tools/build-llama-cpp.sh DIR`); without it those rows are skipped, saying how to get one.
+  streaming clients, fp32 against F32 and int8 against Q8_0. Needs a llama.cpp build (llama_cpp.py: NANOLAB_LLAMA_CPP);
+  without one bench.py skips it, saying how to get one.
 """
 import http.client
 import json
@@ -25,6 +25,9 @@ import tempfile
 import threading
 import time
 
+from nanolab import llama_cpp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where serve.py is, run as its own process
 PROMPTS = ['ROMEO:', 'JULIET:\nO ', 'First Citizen:\n', 'KING HENRY:\n', 'To be, or not', 'MENENIUS:\n']  # <= 16 chars
 
 
@@ -113,7 +116,7 @@ class Process:
 
 
 def serve_cmd(model, device, quantize='', threads=0, extra=()):
-    cmd = [sys.executable, 'serve.py', f'--init_from={model}', '--port=0', '--max_batch=16', f'--device={device}']
+    cmd = [sys.executable, os.path.join(ROOT, 'serve.py'), f'--init_from={model}', '--port=0', '--max_batch=16', f'--device={device}']
     return cmd + ([f'--quantize={quantize}'] if quantize else []) + ([f'--threads={threads}'] if threads else []) + \
         list(extra)
 
@@ -150,13 +153,13 @@ def rounds(servers, clients, per_client, max_tokens, repeats=1):
     return out
 
 
-def bench_serve(cfg):
-    """serve.py on cfg['serve_model'] under rounds of concurrent streaming clients."""
-    print(f"serve: {cfg['serve_model']}{' int8' if cfg['serve_quantize'] else ''}, {cfg['serve_tokens']} tokens a "
-          f"request, at least {cfg['requests_per_client']} requests a client and 16 a round, temperature 0.8, streaming")
-    with Process(serve_cmd(cfg['serve_model'], cfg['device'], cfg['serve_quantize'])) as p:
-        return rounds({'serve.py': p.port}, [int(c) for c in cfg['clients'].split(',')], cfg['requests_per_client'],
-                      cfg['serve_tokens'])['serve.py']
+def bench_serve(model, device, quantize, clients, per_client, tokens):
+    """serve.py on `model` under rounds of each number of concurrent streaming `clients`, each sending `per_client`
+    requests of `tokens` tokens -> rounds()'s rows."""
+    print(f"serve: {model}{' int8' if quantize else ''}, {tokens} tokens a request, at least {per_client} requests a "
+          f"client and 16 a round, temperature 0.8, streaming")
+    with Process(serve_cmd(model, device, quantize)) as p:
+        return rounds({'serve.py': p.port}, clients, per_client, tokens)['serve.py']
 
 
 # -----------------------------------------------------------------------------
@@ -184,16 +187,16 @@ def loads(block):
     }
 
 
-def bench_fairness(cfg):
+def bench_fairness(model, device, quantize, tokens):
     """A streaming client's time to first token and largest gap between tokens, alone and under each hostile load
-    on cfg['serve_model'] (issue 10's targets: first token < 1 s, gap < 250 ms)."""
+    on `model` (the targets: first token < 1 s, gap < 250 ms)."""
     from nanolab.checkpoint import load_checkpoint
-    block = load_checkpoint(cfg['serve_model'])['model_args']['block_size']
-    tokens, streams = min(cfg['serve_tokens'], block - 8), 6
-    print(f"fairness: {cfg['serve_model']} (block {block}), a client streaming {streams} requests of {tokens} tokens "
+    block = load_checkpoint(model)['model_args']['block_size']
+    tokens, streams = min(tokens, block - 8), 6
+    print(f"fairness: {model} (block {block}), a client streaming {streams} requests of {tokens} tokens "
           "one after another, alone and while 2 other clients send each load without pause")
     rows = []
-    with Process(serve_cmd(cfg['serve_model'], cfg['device'], cfg['serve_quantize'])) as p:
+    with Process(serve_cmd(model, device, quantize)) as p:
         def stream_client():
             out = [stream_once(p.port, {'prompt': PROMPTS[i % len(PROMPTS)], 'max_tokens': tokens,
                                         'temperature': 0.8, 'seed': i}) for i in range(streams)]
@@ -232,18 +235,6 @@ def bench_fairness(cfg):
 LLAMA_SHAPE = dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)  # GPT-2 124M
 # subtle: vocab 50304 (nanoGPT's padding), not 50257: our tokenizer files carry the chat tokens 50257-50260, and
 # llama.cpp's converter wants every token id inside the model's vocabulary
-
-
-def llama_tools(d):
-    """LLAMA_CPP_DIR's tools -> {name: path}, or None (with how to build them) when it has none."""
-    tools = {t: os.path.join(d or '', 'bin', t) for t in ('llama-bench', 'llama-batched-bench', 'llama-server')}
-    tools['convert'] = os.path.join(d or '', 'convert.sh')
-    if not d or not all(os.path.exists(tools[t]) for t in ('llama-bench', 'llama-server', 'convert')):
-        print("llamacpp: skipped, LLAMA_CPP_DIR does not point at a llama.cpp build. Build one from the PyPI sdist "
-              "(about 10 minutes on 2 cores): bash ../shared/tools/build-llama-cpp.sh DIR, then "
-              "LLAMA_CPP_DIR=DIR python bench.py --which=llamacpp")
-        return None
-    return tools
 
 
 def llama_bench_rows(tools, ggufs, threads):
@@ -311,21 +302,20 @@ def ours_decode_rows(hf_dir, quantize, repeats):
     return out
 
 
-def bench_llamacpp(cfg):
-    """Side by side with llama.cpp on identical weights (the module docstring) -> printed tables."""
-    tools = llama_tools(cfg['llama_cpp_dir'] or os.environ.get('LLAMA_CPP_DIR'))
-    if tools is None:
-        return
+def bench_llamacpp(build, threads, clients, per_client, repeats, seed):
+    """Side by side with llama.cpp (the build at `build`) on identical weights (the module docstring), `threads`
+    for both sides (0 = torch's default), rounds of each number of `clients` -> printed tables."""
+    tools = llama_cpp.tools(build)
     import torch
     from nanolab.engine import keep_freed_memory
     from model import GPT, GPTConfig
     from nanolab.quantize import for_inference
     from nanolab.tokenizer import TiktokenTokenizer
     keep_freed_memory()  # as serve.py's engine does, so 'alone' and 'served' run on the same allocator
-    threads = cfg['llama_threads'] or torch.get_num_threads()
+    llama_threads, threads = threads, threads or torch.get_num_threads()
     tok = TiktokenTokenizer('gpt2')
     with tempfile.TemporaryDirectory() as d:
-        torch.manual_seed(cfg['seed'])
+        torch.manual_seed(seed)
         GPT(GPTConfig(**LLAMA_SHAPE)).save_pretrained(f'{d}/hf', tok)
         ggufs = {}
         for kind, gtype in (('fp32', 'f32'), ('int8', 'q8_0')):
@@ -342,7 +332,7 @@ def bench_llamacpp(cfg):
         theirs = llama_bench_rows(tools, ggufs, threads)
         print("\n| measure | llama.cpp F32 | nanolab fp32 | ratio | llama.cpp Q8_0 | nanolab int8 | ratio |\n"
               "|---|---|---|---|---|---|---|")
-        ours = {kind: ours_decode_rows(f'{d}/hf', '' if kind == 'fp32' else 'int8', cfg['repeats'])
+        ours = {kind: ours_decode_rows(f'{d}/hf', '' if kind == 'fp32' else 'int8', repeats)
                 for kind in ('fp32', 'int8')}
         for m in ('decode batch 1', 'decode batch 8', 'prefill 256'):
             cells = []
@@ -351,7 +341,6 @@ def bench_llamacpp(cfg):
                 cells += [f'{t:.1f}' if t else 'n/a', f'{o:.1f}', f'{o / t:.2f}x' if t else '']
             print(f"| {m} tok/s | " + ' | '.join(cells) + ' |', flush=True)
         # 2) the servers: llama-server -np 16 against serve.py, streaming clients
-        clients = [int(c) for c in cfg['llama_clients'].split(',')]
         table = {}
         for kind in ('int8', 'fp32'):  # both servers up at once, their rounds interleaved
             port = free_port()
@@ -360,9 +349,9 @@ def bench_llamacpp(cfg):
             name = 'llama-server ' + ('F32' if kind == 'fp32' else 'Q8_0')
             model = for_inference(GPT.from_pretrained(f'{d}/hf').eval(), '' if kind == 'fp32' else 'int8')
             with Process(cmd, port, ready='/health') as lp, \
-                    Process(serve_cmd(f'{d}/hf', 'cpu', '' if kind == 'fp32' else 'int8', cfg['llama_threads'])) as sp:
+                    Process(serve_cmd(f'{d}/hf', 'cpu', '' if kind == 'fp32' else 'int8', llama_threads)) as sp:
                 got = rounds({name: lp.port, f'serve.py {kind}': sp.port, f'sample.generate {kind}': alone(model, tok)},
-                             clients, cfg['requests_per_client'], 64, cfg['repeats'])
+                             clients, per_client, 64, repeats)
             del model
             table['llama.cpp', kind], table['nanolab', kind] = got[name], got[f'serve.py {kind}']
             table['alone', kind] = got[f'sample.generate {kind}']

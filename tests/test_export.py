@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import export
+from nanolab import gguf_export, llama_cpp
 from model import GPTConfig
 from nanolab.checkpoint import load_model
 from test_serve import ROOT, save_run  # tests/ is on sys.path while pytest collects it
@@ -58,9 +58,9 @@ def tensors(path):
                                                 ('bpe', 'f32', 0.0)])  # subtle: GGUFReader takes 5 s over 50k tokens
 def test_gguf_tensors_read_back_equal_ours(runs, tmp_path, name, outtype, tol):
     model, tok, _ = load_model(str(runs / name))
-    export.write_gguf(model, tok, f'{tmp_path}/m.gguf', outtype)  # the CLI's path is tested below
+    gguf_export.write_gguf(model, tok, f'{tmp_path}/m.gguf', outtype)  # the CLI's path is tested below
     r, got = tensors(f'{tmp_path}/m.gguf')
-    want = dict(export.gguf_tensors(model))
+    want = dict(gguf_export.gguf_tensors(model))
     assert sorted(got) == sorted(want)
     for k, w in want.items():
         scale = np.abs(w).max() if w.ndim > 1 else 0  # 1-D tensors stay f32 whatever outtype
@@ -96,7 +96,7 @@ def test_gguf_llama_qk_permutation_gives_our_attention_scores(runs):
     """Our q/k use 'rotate half'; llama.cpp rotates adjacent pairs. With the permuted rows, its q.k equal ours."""
     from model import apply_rope, rope_tables
     model, _, _ = load_model(str(runs / 'bpe'))
-    c, t = model.config, dict(export.gguf_tensors(model))
+    c, t = model.config, dict(gguf_export.gguf_tensors(model))
     x = torch.randn(10, c.n_embd)
     q, k, _ = (x @ model.transformer.h[0].attn.c_attn.weight.T).split([c.n_embd, c.n_kv_head * c.head_size, c.n_kv_head * c.head_size], -1)
     cos, sin = (a[:10] for a in rope_tables(c))
@@ -167,7 +167,7 @@ def test_export_refuses(runs, tmp_path):
     assert p.returncode == 1 and "positions='sinusoidal'" in p.stderr
 
 
-LLAMA_CPP = os.environ.get('NANOLAB_LLAMA_CPP', '')
+LLAMA_CPP = llama_cpp.build_dir()  # $NANOLAB_LLAMA_CPP
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(LLAMA_CPP, 'bin', 'llama-server')),
@@ -175,7 +175,7 @@ LLAMA_CPP = os.environ.get('NANOLAB_LLAMA_CPP', '')
 @pytest.mark.parametrize('name', ['char', 'ascii', 'bpe'])
 def test_llama_cpp_tokens_and_greedy_equal_ours(runs, tmp_path, name):
     model, tok, _ = load_model(str(runs / name))
-    export.write_gguf(model, tok, f'{tmp_path}/m.gguf')
+    gguf_export.write_gguf(model, tok, f'{tmp_path}/m.gguf')
     text = {'char': TEXT, 'ascii': 'Hello there, you!\nUser: ok', 'bpe': 'The café costs 3€; ok? ' * 2}[name]
-    r = export.check_llama_cpp(f'{tmp_path}/m.gguf', model, tok, LLAMA_CPP, text, n=24)
+    r = llama_cpp.check_llama_cpp(f'{tmp_path}/m.gguf', model, tok, LLAMA_CPP, text, n=24)
     assert r['tokenize_equal'] and r['agree'] == 24, r
