@@ -1,8 +1,9 @@
 """
-The one decoding engine. Every token nanolab generates is chosen here: sample.generate and the CLI call it, serve.py
-runs one per model in a thread, and evaluate.py and dpo.py decode through sample.generate.
+The one decoding engine. Every token nanolab generates is chosen here: generate (generation.py) and sample.py call it,
+the server runs one per model on its engine thread, and evaluation and the trainers decode through generate.
 
-    from nanolab.engine import Engine, Settings
+    from nanolab.decoding import Settings
+    from nanolab.engine import Engine
     engine = Engine(model, tokenizer)                 # one per model; start() steps them on a thread
     req = engine.submit([ids_a, ids_b], Settings(max_new_tokens=50, temperature=0.8, seed=7))
     for ev in req: print(ev.text_delta, end='')       # Events as tokens are chosen; req.cancel() frees its rows
@@ -18,21 +19,22 @@ Each step (Engine.step):
   4) rows whose context is now fed choose their next token (`choose`); beam groups rank their extensions
      (`Engine._beam_step`); events go to each request's queue; finished rows free their slots
 
-The token choice itself (Settings, the logit processors, choose, the seeding rule, TextStream) is decoding.py's.
+The token choice itself (Settings, the logit processors, choose, the seeding rule, TextStream) is decoding.py's, the
+KV cache kv_cache.py's, and what a request yields (Request and its events) events.py's.
 """
 import ctypes
-import queue
 import random
 import sys
 import threading
 import traceback
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from nanolab.decoding import Settings, SettingsError, TextStream, choose, extend_beams, prompt_lists, top_logprobs
+from nanolab.events import BeamStep, Event, PromptScores, Request
 from nanolab.kv_cache import KVCache
 
 
@@ -46,98 +48,8 @@ class LimitError(ValueError):
         self.limit = limit
 
 
-@dataclass
-class Event:
-    """One new token of one row (sample_index: the sample, or the beam's rank once a beam search is done)."""
-    prompt_index: int
-    sample_index: int
-    token: int | None              # None only in a final event without a token (max_new_tokens=0)
-    text_delta: str                # text now safe to show: '' while a split UTF-8 char or a possible stop string waits
-    logprob: float | None          # raw-distribution logprob of token
-    top_logprobs: list[tuple[int, float]] | None
-    finish_reason: str | None      # 'stop' | 'length' on the row's last event, else None
-
-@dataclass
-class PromptScores:
-    """Settings.prompt_logprobs: each prompt token's raw logprob given the tokens before it (the first: None)."""
-    prompt_index: int
-    token_logprobs: list
-    top_logprobs: list
-
-@dataclass
-class BeamStep:
-    """One step of a beam search: every hypothesis it keeps, as nodes {id, parent (node id, None = the prompt),
-    step, token, logprob, cum_logprob (processed), score (length-normalized), finished}."""
-    prompt_index: int
-    step: int
-    nodes: list[dict]
-
-def beam_tree(steps, tokenizer=None, completion=()):
-    """The tree a beam search grew, from its BeamSteps (one prompt's): every node it kept, by id, each with 'text'
-    (its token decoded; None without a tokenizer), 'best' (on the path of `completion`, the tokens the search
-    returned, from the first step to the last) and 'pruned' (a live hypothesis that no later step extended and that
-    was not returned: a branch the search dropped). Parent ids point up the tree; the first step's parent is None
-    (the prompt). The path of `completion` is unique: a hypothesis is one sequence of tokens."""
-    nodes = sorted((dict(n) for st in steps for n in st.nodes), key=lambda n: n['id'])
-    children = {}
-    for n in nodes:
-        children.setdefault(n['parent'], {})[n['token']] = n
-    path, at = set(), None
-    for t in completion:  # walk down from the prompt along the returned tokens
-        n = children.get(at, {}).get(t)
-        if n is None:
-            break
-        path.add(n['id'])
-        at = n['id']
-    for n in nodes:
-        n['text'] = tokenizer.decode([n['token']]) if tokenizer is not None else None
-        n['best'] = n['id'] in path
-        n['pruned'] = not n['finished'] and not n['best'] and n['id'] not in children
-    return nodes
-
 # -----------------------------------------------------------------------------
-# requests, rows and beam groups
-
-class Request:
-    """What Engine.submit returns. Iterate it for its events (in a thread of your own when the engine runs in one;
-    otherwise iterating runs the engine's steps); cancel() frees its rows within one step."""
-    def __init__(self, engine, prompts, settings):
-        self.engine, self.prompts, self.settings = engine, prompts, settings
-        self.waiting = deque(range(len(prompts)))  # prompts not yet admitted
-        self.resume = deque()                       # its preempted rows, to admit again before new prompts
-        self.running = 0                            # slots it holds
-        self.outputs = len(prompts) * settings.num_samples  # final events to come
-        self.queue, self.cancelled = queue.SimpleQueue(), False
-
-    def cancel(self):
-        self.cancelled = True
-        self.engine.wake.set()
-
-    def get(self, timeout=None):
-        """The next event (or an exception from the engine), None after timeout seconds without one."""
-        while self.engine.thread is None and self.queue.empty():
-            self.engine.step()
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def __iter__(self):
-        return self.events()
-
-    def events(self, check=None, every=0.25):
-        """Its events until every row has finished. check(), if given, runs after each event and every `every`
-        seconds without one (serve.py's raises when the client has gone, and the caller then cancels)."""
-        left = self.outputs
-        while left:
-            ev = self.get(timeout=every if check else None)
-            if check:
-                check()
-            if isinstance(ev, Exception):
-                raise ev
-            if ev is not None:
-                left -= isinstance(ev, Event) and ev.finish_reason is not None
-                yield ev
+# rows and beam groups
 
 class Row:
     """One sequence in a slot of the batch: sample `sample_index` of prompt `prompt_index`, or one beam of a group.

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from nanolab.decoding import Settings, prompt_lists
-from nanolab.engine import BeamStep, Engine, Event, beam_tree as grow_tree
+from nanolab.engine import Engine
+from nanolab.events import BeamStep, Event, beam_tree as grow_tree
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None  # logprobs=k>0: the k likeliest (token, logprob) per step
     prompt_index: int
     sample_index: int
-    beam_tree: list[dict] | None = None  # beam_tree=True: the search's nodes (engine.beam_tree), this one's path 'best'
+    beam_tree: list[dict] | None = None  # beam_tree=True: the search's nodes (events.beam_tree), this one's path 'best'
 
 
 def generate_stream(model, prompts, max_new_tokens=100, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -73,7 +74,7 @@ def generate(model, prompts, max_new_tokens=100, *, temperature=1.0, top_k=0, to
              logprobs=0, beam_tree=False) -> list[Completion]:
     """One Completion per (prompt, sample), ordered by prompt then sample (see the module docstring).
     It collects generate_stream's events, so there is exactly one decoding loop. beam_tree=True (num_beams > 1):
-    each Completion also carries the tree its search grew (engine.beam_tree), its own path marked 'best'."""
+    each Completion also carries the tree its search grew (events.beam_tree), its own path marked 'best'."""
     if beam_tree and num_beams < 2:
         raise ValueError(f'beam_tree needs a beam search (num_beams > 1, not {num_beams})')
     args = dict(locals())  # every argument, as given

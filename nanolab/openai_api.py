@@ -18,7 +18,8 @@ from itertools import accumulate
 
 from nanolab import prompts as library  # the template library (`prompts` is a request's token lists)
 from nanolab.decoding import Settings, SettingsError
-from nanolab.engine import BeamStep, Engine, LimitError, PromptScores, beam_tree
+from nanolab.engine import Engine, LimitError
+from nanolab.events import BeamStep, PromptScores, beam_tree
 from nanolab.httpd import ApiError
 
 MAX_STOPS = 4               # stop strings per request, as OpenAI
@@ -81,7 +82,7 @@ class Call:
     echo: bool               # completions: the prompt comes first (with its logprobs when logprobs is set)
     stream: bool
     include_usage: bool
-    beam_tree: bool = False  # each choice also carries its beam search's tree (engine.beam_tree)
+    beam_tree: bool = False  # each choice also carries its beam search's tree (events.beam_tree)
 
 
 def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):

@@ -31,7 +31,8 @@ import torch
 
 from nanolab import hf, page_api, prompts
 from nanolab.checkpoint import TUNED, checkpoint_stage, load_model, model_sources
-from nanolab.engine import BeamStep, Engine, NumericalError, adopt, start
+from nanolab.engine import Engine, NumericalError, adopt, start
+from nanolab.events import BeamStep
 from nanolab.httpd import ApiError, GuardedHandler, Server
 from nanolab.openai_api import completion, encode, flag, is_ids
 from nanolab.quantize import for_inference

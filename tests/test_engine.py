@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanolab.engine import BeamStep, Engine, Event, LimitError, PromptScores, Settings, SettingsError
+from nanolab.decoding import Settings, SettingsError
+from nanolab.engine import Engine, LimitError
+from nanolab.events import BeamStep, Event, PromptScores
 from sample import generate
 from test_sample import PROMPTS, tiny  # the same sharp tiny models
 
