@@ -168,6 +168,18 @@ def test_page_loads_every_tab(page):
     assert console_errors(page) == []
 
 
+def test_settings_stay_across_reloads(page):
+    """The sliders, the system prompt and the shading are kept in localStorage, through any number of reloads."""
+    set_value(page, 'p-temperature', '0.3')
+    set_value(page, 'system', 'Be brief.')
+    click(page, 'shade')
+    for _ in range(2):
+        page.refresh()
+        wait(lambda: len(js(page, "return [...document.querySelectorAll('#model option')]")) == 2)
+        assert js(page, "const $ = id => document.getElementById(id); return [$('p-temperature').value, "
+                        "$('system').value, $('shade').checked]") == ['0.3', 'Be brief.', True]
+
+
 def test_overview_is_the_first_visit_and_its_embeddings_turn(site, page):
     """A first visit lands on the overview (later ones on the chat); its background is the served model's token
     embeddings from /v1/embedding_map, drawn in 3-D, and a drag turns them."""

@@ -30,14 +30,15 @@ export function saveSettings() {
                                                           shade: $('shade').checked}));
 }
 
+// subtle: the system prompt and shading first, since each slider's oninput saves all the settings
 function loadSettings(s) {
+  $('system').value = s.system || '';
+  $('shade').checked = !!s.shade;
   for (const [name, , , , , dflt] of PARAMS) {
     const range = $('p-' + name);
     range.value = s.params?.[name] ?? dflt;
     range.oninput();
   }
-  $('system').value = s.system || '';
-  $('shade').checked = !!s.shade;
 }
 loadSettings(JSON.parse(localStorage.getItem('nanolab.settings') || '{}'));
 $('system').oninput = saveSettings;
