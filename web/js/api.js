@@ -1,9 +1,10 @@
-// api: how the page talks to serve.py. Every request goes through keyedFetch (the API key flow); api() for JSON
-// answers, sse() for streamed ones; download() saves text the page made as a file.
+// api: how the page talks to serve.py. Every request goes through keyedFetch (the API key flow);
+// api() for JSON answers, sse() for streamed ones; download() saves text the page made as a file.
 import {el} from './dom.js';
 
-// fetch with the server's API key (serve.py --api_key): asked for when the server answers 401, then kept for this
-// browser session (sessionStorage: gone when the tab closes) and sent as 'Authorization: Bearer <key>'
+// fetch with the server's API key (serve.py --api_key): asked for when the server answers 401, then
+// kept for this browser session (sessionStorage: gone when the tab closes) and sent as
+// 'Authorization: Bearer <key>'
 async function keyedFetch(path, init) {
   for (;;) {
     const key = sessionStorage.getItem('nanolab_api_key');
@@ -16,19 +17,19 @@ async function keyedFetch(path, init) {
   }
 }
 
-// POST body (or GET when body is undefined) -> the parsed JSON; an API error body becomes a thrown Error
+// POST body (or GET when body is undefined) -> the parsed JSON; an API error becomes a thrown Error
 export async function api(path, body, signal) {
-  const init = body === undefined ? {signal, headers: {}} :
-    {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body), signal};
+  const init = body === undefined ? {signal, headers: {}} : {method: 'POST', signal,
+    headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)};
   const r = await keyedFetch(path, init);
   const j = await r.json();
   if (!r.ok || j.error) throw new Error(j.error ? j.error.message : r.statusText);
   return j;
 }
 
-// POST with "stream": true -> yields each server-sent event's JSON until "data: [DONE]". fetch + ReadableStream
-// rather than EventSource, which can only GET. Aborting `signal` closes the connection; serve.py notices the
-// closed socket between tokens and frees the request's batch slot.
+// POST with "stream": true -> yields each server-sent event's JSON until "data: [DONE]". fetch +
+// ReadableStream rather than EventSource, which can only GET. Aborting `signal` closes the
+// connection; serve.py notices the closed socket between tokens and frees the request's batch slot.
 export async function* sse(path, body, signal) {
   const r = await keyedFetch(path, {method: 'POST', headers: {'Content-Type': 'application/json'},
                                     body: JSON.stringify(body), signal});
@@ -37,10 +38,12 @@ export async function* sse(path, body, signal) {
   let buf = '';
   for (;;) {
     const {done, value} = await reader.read();
-    // a stream that ends without data: [DONE] was cut (the server failed or the connection dropped): not finished
+    // a stream that ends without data: [DONE] was cut (the server failed or the connection
+    // dropped): not finished
     if (done) throw new Error('the stream ended before it was complete (no [DONE]); try again');
-    // subtle: a network read may end mid-event (or mid-character: {stream: true} keeps the partial bytes), so
-    // only the complete events before the last blank line are parsed; the rest waits for the next read
+    // subtle: a network read may end mid-event (or mid-character: {stream: true} keeps the partial
+    // bytes), so only the complete events before the last blank line are parsed; the rest waits for
+    // the next read
     buf += decoder.decode(value, {stream: true});
     const events = buf.split('\n\n');
     buf = events.pop();
@@ -48,7 +51,7 @@ export async function* sse(path, body, signal) {
       const data = e.replace(/^data: /, '');
       if (data === '[DONE]') return;
       const j = JSON.parse(data);
-      if (j.error) throw new Error(j.error.message);  // an error after the stream began comes as an event
+      if (j.error) throw new Error(j.error.message);  // an error once the stream began is an event
       yield j;
     }
   }

@@ -1,11 +1,12 @@
-// canvas: the one HiDPI set-up every canvas on the page draws through, and the drawings more than one view
-// shares: a line chart (loss curves), a layers x positions grid of numbers, and a radar chart.
+// canvas: the one HiDPI set-up every canvas on the page draws through, and the drawings that more
+// than one view shares: a line chart (loss curves), a layers x positions grid, a radar chart.
 
-export const PALETTE = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf'];
+export const PALETTE = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2',
+                        '#17becf'];
 
-// a canvas ready to draw on in CSS pixels, W x H (by default the size CSS gives it), sharp on a HiDPI screen:
-// its bitmap holds devicePixelRatio pixels per CSS pixel, and the context is scaled to match. -> {ctx, W, H},
-// the canvas cleared
+// a canvas ready to draw on in CSS pixels, W x H (by default the size CSS gives it), sharp on a
+// HiDPI screen: its bitmap holds devicePixelRatio pixels per CSS pixel, and the context is scaled
+// to match. -> {ctx, W, H}, the canvas cleared
 export function hidpi(cv, W = cv.clientWidth, H = cv.clientHeight) {
   const dpr = devicePixelRatio || 1;
   if (cv.width !== Math.round(W * dpr) || cv.height !== Math.round(H * dpr)) {
@@ -18,9 +19,11 @@ export function hidpi(cv, W = cv.clientWidth, H = cv.clientHeight) {
   return {ctx, W, H};
 }
 
-// the charts sized by CSS draw again at a new size (a phone turned sideways): each keeps how in cv.redraw
+// the charts sized by CSS draw again at a new size (a phone turned sideways), each by its redraw
 addEventListener('resize', () => {
-  for (const cv of document.querySelectorAll('canvas')) if (cv.redraw && cv.offsetWidth) cv.redraw();
+  for (const cv of document.querySelectorAll('canvas')) {
+    if (cv.redraw && cv.offsetWidth) cv.redraw();
+  }
 });
 
 // a line chart: series [{name, color, dash, points: [[x, y], ...]}], with axes, ticks and a legend
@@ -58,8 +61,9 @@ export function plot(cv, series) {
   });
 }
 
-// a layers x positions grid of numbers m[layer][position], the top row the last layer; darker = larger within
-// the grid. CSS scales it to its box; onCell(layer, position) names the cell under the pointer.
+// a layers x positions grid of numbers m[layer][position], the top row the last layer; darker =
+// larger within the grid. CSS scales it to its box; onCell(layer, position) names the cell under
+// the pointer.
 export function grid(cv, m, onCell) {
   const L = m.length, T = m[0].length, cell = Math.max(6, Math.min(24, Math.floor(520 / T)));
   const max = Math.max(...m.flat(), 1e-9);
@@ -76,14 +80,17 @@ export function grid(cv, m, onCell) {
   };
 }
 
-// a radar chart: one axis per label, clockwise from the top; series [{name, color, points: [v per axis]}] with
-// each v in [0, 1], 0 at the centre and 1 at the rim
+// a radar chart: one axis per label, clockwise from the top; series [{name, color, points: [v per
+// axis]}] with each v in [0, 1], 0 at the centre and 1 at the rim
 export function radar(cv, labels, series) {
   cv.series = series;  // what the tests read
   cv.redraw = () => radar(cv, labels, series);
   const {ctx, W, H} = hidpi(cv);
   const cx = W / 2, cy = H / 2 + 10, R = Math.min(W, H) / 2 - 70, n = labels.length;
-  const at = (k, r) => [cx + r * Math.sin(2 * Math.PI * k / n), cy - r * Math.cos(2 * Math.PI * k / n)];
+  const at = (k, r) => {  // axis k, r from the centre
+    const a = 2 * Math.PI * k / n;
+    return [cx + r * Math.sin(a), cy - r * Math.cos(a)];
+  };
   ctx.strokeStyle = '#ddd';
   ctx.font = '11px system-ui';
   for (const ring of [0.25, 0.5, 0.75, 1]) {  // the grid: rings and spokes

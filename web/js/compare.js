@@ -1,11 +1,12 @@
-// compare: one prompt under several decoding strategies, one /v1/completions request each, all at once; and the
-// beam search's tree ("beam_tree": true, engine.beam_tree) drawn as SVG, step by step.
+// compare: one prompt under several decoding strategies, one /v1/completions request each, all at
+// once; and the beam search's tree ("beam_tree": true, engine.beam_tree) as SVG, step by step.
 import {api} from './api.js';
 import {$, el, fmt, guard, visible} from './dom.js';
 import {model, models} from './models.js';
 import {TOP_LOGPROBS, tokenSpan} from './tokens.js';
 
-const STRATEGIES = [  // [name, sampling fields]; sampled columns share one seed, so a rerun repeats them
+// [name, sampling fields]; the sampled columns share one seed, so a rerun repeats them
+const STRATEGIES = [
   ['greedy', {temperature: 0}],
   ['temperature 0.8', {temperature: 0.8}],
   ['top-k 40', {temperature: 1, top_k: 40}],
@@ -17,22 +18,25 @@ const STRATEGIES = [  // [name, sampling fields]; sampled columns share one seed
 async function compare() {
   const name = model(), prompt = $('compare-prompt').value;
   const n = (await api('/tokenize', {model: name, prompt})).count;
-  const max_tokens = Math.max(1, Math.min(Number($('compare-max').value), models[name].max_model_len - n));
+  const room = models[name].max_model_len - n;
+  const max_tokens = Math.max(1, Math.min(Number($('compare-max').value), room));
   $('columns').replaceChildren(...STRATEGIES.map(([title, s]) => {
-    const col = el('div', {className: 'col'}, el('h4', {}, title), el('span', {className: 'dim'}, JSON.stringify(s)),
-                   el('pre', {textContent: '…'}), el('div', {className: 'dim meta'}));
+    const col = el('div', {className: 'col'}, el('h4', {}, title),
+                   el('span', {className: 'dim'}, JSON.stringify(s)), el('pre', {textContent: '…'}),
+                   el('div', {className: 'dim meta'}));
     run(col, s);
     return col;
   }));
 
   async function run(col, s) {
-    const t0 = performance.now(), [pre, meta] = [col.querySelector('pre'), col.querySelector('.meta')];
+    const t0 = performance.now(), pre = col.querySelector('pre'), meta = col.querySelector('.meta');
     try {
-      const body = {model: name, prompt, max_tokens, seed: Number($('compare-seed').value), logprobs: TOP_LOGPROBS,
-                    ...s};
+      const body = {model: name, prompt, max_tokens, seed: Number($('compare-seed').value),
+                    logprobs: TOP_LOGPROBS, ...s};
       const c = (await api('/v1/completions', body)).choices[0], lp = c.logprobs;
       if (c.beam_tree) drawBeamTree(c.beam_tree);
-      // tokens with their probabilities when their pieces spell the text (a split UTF-8 character would not)
+      // tokens with their probabilities when their pieces spell the text (a split UTF-8 character
+      // would not)
       if (lp && lp.tokens.join('') === c.text) {
         pre.replaceChildren(...lp.tokens.map((t, i) =>
           tokenSpan([t, t, lp.token_logprobs[i], Object.entries(lp.top_logprobs[i] || {})])));
@@ -40,8 +44,10 @@ async function compare() {
         pre.textContent = c.text;
       }
       const sum = lp ? lp.token_logprobs.reduce((a, b) => a + b, 0) : null;
-      meta.textContent = `${lp ? lp.tokens.length : '?'} tokens, ${((performance.now() - t0) / 1000).toFixed(2)} s` +
-        (lp && lp.tokens.length ? ` · mean logprob ${fmt(sum / lp.tokens.length)}` : '') + ` · ${c.finish_reason}`;
+      const sec = (performance.now() - t0) / 1000;
+      meta.textContent = `${lp ? lp.tokens.length : '?'} tokens, ${sec.toFixed(2)} s` +
+        (lp && lp.tokens.length ? ` · mean logprob ${fmt(sum / lp.tokens.length)}` : '') +
+        ` · ${c.finish_reason}`;
     } catch (e) {
       pre.textContent = e.message;
       pre.classList.add('err');
@@ -77,12 +83,13 @@ function drawBeamTree(nodes) {
     const g = svgEl('g', {class: cls, 'data-step': n.step, 'data-id': n.id});
     const mark = n.finished ? svgEl('rect', {x: x - 5, y: y - 5, width: 10, height: 10}) :
       svgEl('circle', {cx: x, cy: y, r: 5});
+    const title = `step ${n.step}: ${JSON.stringify(n.text)} logprob ${fmt(n.logprob)}, ` +
+      `sum ${fmt(n.cum_logprob)}, score ${fmt(n.score)}` + (n.finished ? ' (finished)' : '') +
+      (n.pruned ? ' (dropped)' : '') + (n.best ? ' (returned)' : '');
     g.append(svgEl('line', {x1: px + 6, y1: py, x2: x - 6, y2: y}), mark,
              svgEl('text', {x: x + 8, y: y - 2}, visible(n.text ?? String(n.token))),
              svgEl('text', {x: x + 8, y: y + 10, fill: '#777'}, fmt(n.score, 2)),
-             svgEl('title', {}, `step ${n.step}: ${JSON.stringify(n.text)} logprob ${fmt(n.logprob)}, ` +
-                                `sum ${fmt(n.cum_logprob)}, score ${fmt(n.score)}` + (n.finished ? ' (finished)' : '') +
-                                (n.pruned ? ' (dropped)' : '') + (n.best ? ' (returned)' : '')));
+             svgEl('title', {}, title));
     kids.push(g);
   }
   svg.replaceChildren(...kids);
@@ -95,7 +102,9 @@ function drawBeamTree(nodes) {
 
 function showBeamSteps() {
   const s = Number($('beam-step').value);
-  for (const g of $('beam-tree').querySelectorAll('g')) g.style.display = Number(g.dataset.step) <= s ? '' : 'none';
+  for (const g of $('beam-tree').querySelectorAll('g')) {
+    g.style.display = Number(g.dataset.step) <= s ? '' : 'none';
+  }
   $('beam-step-n').textContent = `${s + 1} of ${Number($('beam-step').max) + 1}`;
 }
 $('beam-step').oninput = showBeamSteps;

@@ -1,9 +1,10 @@
-// dom: the small helpers every tab uses (find, build and format elements, run a button's action with its
-// error on a status line) and the tabs themselves, which each tab's module hooks with onTab.
+// dom: the small helpers every tab uses (find, build and format elements, run a button's action
+// with its error on a status line), and the tabs, which each tab's module hooks with onTab.
 
 export const $ = id => document.getElementById(id);
 
-export const el = (tag, props = {}, ...kids) => {  // el('b', {className: 'x'}, 'text', child) -> a new element
+// el('b', {className: 'x'}, 'text', child) -> a new element
+export const el = (tag, props = {}, ...kids) => {
   const e = Object.assign(document.createElement(tag), props);
   e.append(...kids);
   return e;
@@ -11,7 +12,8 @@ export const el = (tag, props = {}, ...kids) => {  // el('b', {className: 'x'}, 
 
 export const fmt = (x, d = 3) => x == null ? '' : Number(x).toFixed(d);
 
-export const finite = v => typeof v === 'number' && isFinite(v);  // a diverged run logs NaN/inf: left out
+// a number, and not NaN or inf (which a diverged run logs)
+export const finite = v => typeof v === 'number' && isFinite(v);
 
 // whitespace made visible, for tokens shown on their own
 export const visible = s => s.replace(/ /g, '·').replace(/\n/g, '↵').replace(/\t/g, '→');
@@ -31,16 +33,17 @@ export async function guard(statusEl, fn) {
   }
 }
 
-// the tabs: the buttons in #tabs name the sections; onTab(name, fn) runs fn each time that tab opens
+// the tabs: the buttons in #tabs name the sections; onTab(name, fn) runs fn each time one opens
 const opening = {};
 export const onTab = (name, fn) => { opening[name] = fn; };
-export const tabNames = () => [...document.querySelectorAll('#tabs button')].map(b => b.dataset.tab);
+const tabButtons = () => [...document.querySelectorAll('#tabs button')];
+export const tabNames = () => tabButtons().map(b => b.dataset.tab);
 export const tabOpen = name => $(name).classList.contains('on');
 
 export function showTab(name) {
-  for (const b of document.querySelectorAll('#tabs button')) b.classList.toggle('on', b.dataset.tab === name);
+  for (const b of tabButtons()) b.classList.toggle('on', b.dataset.tab === name);
   for (const s of document.querySelectorAll('.tab')) s.classList.toggle('on', s.id === name);
   history.replaceState(null, '', '#' + name);  // a reload comes back to this tab
   opening[name]?.();
 }
-for (const b of document.querySelectorAll('#tabs button')) b.onclick = () => showTab(b.dataset.tab);
+for (const b of tabButtons()) b.onclick = () => showTab(b.dataset.tab);

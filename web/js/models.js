@@ -1,16 +1,17 @@
-// models: the header's model menu over GET /v1/models, which every tab reads (model(), models), and its
-// "-" button (POST /v1/models/unload). Tabs that follow the menu register with onModels and onModel.
+// models: the header's model menu over GET /v1/models, which every tab reads (model(), models), and
+// its "-" button (POST /v1/models/unload). Tabs follow the menu through onModels and onModel.
 import {api} from './api.js';
 import {$, guard, showTab} from './dom.js';
 
-export const models = {};  // id -> its /v1/models entry (max_model_len, arch, n_params, tokenizer, config, chat)
+// id -> its /v1/models entry (max_model_len, arch, n_params, tokenizer, config, stage, chat)
+export const models = {};
 export const model = () => $('model').value;
 
 const listChanged = [], picked = [];
 export const onModels = fn => listChanged.push(fn);  // fn() after the list of models changes
-export const onModel = fn => picked.push(fn);        // fn(entry) when the menu's model changes (or the list)
+export const onModel = fn => picked.push(fn);  // fn(entry) when the menu's model (or list) changes
 
-// the model menu from /v1/models, again after a load or an unload (select: the model to pick, if it is there)
+// the model menu from /v1/models, again after a load or an unload (select: the model to pick)
 export async function loadModels(select) {
   const data = (await api('/v1/models')).data;
   for (const k of Object.keys(models)) delete models[k];
@@ -31,7 +32,10 @@ function showModel() {
 }
 $('model').onchange = showModel;
 
-$('model-add').onclick = () => { showTab('runs'); $('load-source').focus(); };  // Runs lists the models on disk
+$('model-add').onclick = () => {  // the Runs tab lists the models on disk
+  showTab('runs');
+  $('load-source').focus();
+};
 $('model-remove').onclick = () => guard($('model-info'), async () => {
   await api('/v1/models/unload', {model: model()});  // the server keeps at least one
   await loadModels();

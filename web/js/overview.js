@@ -1,6 +1,6 @@
 // overview: the page's landing tab. Behind its text, the served model's token embeddings in 3-D
-// (POST /v1/embedding_map), turning slowly until a drag (mouse or finger) turns them; `embed` is exported for
-// the browser tests.
+// (POST /v1/embedding_map), turning slowly until a drag (mouse or finger) turns them; `embed` is
+// exported for the browser tests.
 import {api} from './api.js';
 import {$, guard, onTab, tabOpen, visible} from './dom.js';
 import {hidpi} from './canvas.js';
@@ -18,15 +18,16 @@ onTab('overview', () => guard($('embed-info'), loadEmbeddings));
 onModel(() => { if (tabOpen('overview')) guard($('embed-info'), loadEmbeddings); });
 
 // a token's colour by what it is: letters, digits, spaces and newlines, punctuation, the rest
-const kindColour = t => /^\s+$/.test(t) ? '#999' : /\d/.test(t) ? '#16a34a' : /^[A-Z]/.test(t.trim()) ? '#d62728' :
-  /[a-z]/i.test(t) ? '#2563eb' : '#9333ea';
+const kindColour = t => /^\s+$/.test(t) ? '#999' : /\d/.test(t) ? '#16a34a' :
+  /^[A-Z]/.test(t.trim()) ? '#d62728' : /[a-z]/i.test(t) ? '#2563eb' : '#9333ea';
 
 function drawEmbeddings() {
   if (!tabOpen('overview') || !embed.points.length) return;
   const {ctx, W, H} = hidpi($('embed3d'));
-  const [cy, sy, cp, sp] = [Math.cos(embed.yaw), Math.sin(embed.yaw), Math.cos(embed.pitch), Math.sin(embed.pitch)];
+  const [cy, sy] = [Math.cos(embed.yaw), Math.sin(embed.yaw)];
+  const [cp, sp] = [Math.cos(embed.pitch), Math.sin(embed.pitch)];
   const R = Math.min(W, H) * 0.42, label = embed.points.length <= 128;
-  // rotate about the vertical axis (yaw), then the horizontal (pitch); perspective; far points first
+  // rotate about the vertical axis (yaw), then the horizontal (pitch); perspective; far ones first
   const proj = embed.points.map(([x, y, z], i) => {
     const x1 = cy * x + sy * z, z1 = -sy * x + cy * z, y1 = cp * y - sp * z1, z2 = sp * y + cp * z1;
     const f = 2.5 / (2.5 + z2);

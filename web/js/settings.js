@@ -1,9 +1,9 @@
-// settings: the chat's sampling sliders, system prompt and shading, kept in localStorage; params() is what a
-// chat or completion request sends.
+// settings: the chat's sampling sliders, system prompt and shading, kept in localStorage; params()
+// is what a chat or completion request sends.
 import {$, el} from './dom.js';
 
-// [field sent to the API, label, min, max, step, default]: the sliders' ranges, a comfortable span of what
-// serve.py accepts (it checks each field itself, and answers 400 outside its own limits)
+// [field sent to the API, label, min, max, step, default]: the sliders' ranges, a comfortable span
+// of what serve.py accepts (it checks each field itself, and answers 400 outside its own limits)
 const PARAMS = [
   ['temperature', 'temperature (0 = greedy)', 0, 2, 0.05, 0.8],
   ['top_k', 'top-k (0 = off)', 0, 200, 1, 0],
@@ -23,11 +23,12 @@ for (const [name, label, min, max, step, dflt] of PARAMS) {
   box.oninput = () => { range.value = box.value; saveSettings(); };
   $('params').append(el('label', {className: 'param'}, label, box, range));
 }
-export const params = () => Object.fromEntries(PARAMS.map(([name]) => [name, Number($('p-' + name).value)]));
+export const params = () =>
+  Object.fromEntries(PARAMS.map(([name]) => [name, Number($('p-' + name).value)]));
 
 export function saveSettings() {
-  localStorage.setItem('nanolab.settings', JSON.stringify({params: params(), system: $('system').value,
-                                                          shade: $('shade').checked}));
+  const settings = {params: params(), system: $('system').value, shade: $('shade').checked};
+  localStorage.setItem('nanolab.settings', JSON.stringify(settings));
 }
 
 // subtle: the system prompt and shading first, since each slider's oninput saves all the settings

@@ -1,5 +1,6 @@
-// tokens: a generated token as a span (chat, completion, compare), shaded by its probability when asked, and
-// the tooltip that shows its probability and the alternatives the model weighed, on hover or tap.
+// tokens: a generated token as a span (chat, completion, compare), shaded by its probability when
+// asked, and the tooltip that shows its probability and the alternatives the model weighed, on
+// hover or tap.
 import {$, el, fmt} from './dom.js';
 
 export const TOP_LOGPROBS = 5;  // alternatives asked for per generated token, for the tooltip
@@ -8,15 +9,19 @@ export const TOP_LOGPROBS = 5;  // alternatives asked for per generated token, f
 export function tokenSpan(t) {
   const s = el('span', {className: 'tk', textContent: t[0]});
   s.tok = t;
-  if ($('shade').checked && t[2] != null) s.style.background = `hsl(${120 * Math.exp(t[2])}, 75%, 85%)`;
+  if ($('shade').checked && t[2] != null) {
+    s.style.background = `hsl(${120 * Math.exp(t[2])}, 75%, 85%)`;
+  }
   return s;
 }
 
 function showTip(e) {
   const t = e.target.tok;
   if (!t) return hideTip();
-  const lines = [`${JSON.stringify(t[1])}  p=${fmt(Math.exp(t[2]))}  logprob=${fmt(t[2])}`, 'top alternatives:',
-                 ...t[3].map(([tok, lp]) => `  ${JSON.stringify(tok).padEnd(14)} ${fmt(Math.exp(lp))}`)];
+  const lines = [`${JSON.stringify(t[1])}  p=${fmt(Math.exp(t[2]))}  logprob=${fmt(t[2])}`,
+                 'top alternatives:',
+                 ...t[3].map(([tok, lp]) =>
+                   `  ${JSON.stringify(tok).padEnd(14)} ${fmt(Math.exp(lp))}`)];
   $('tip').textContent = lines.join('\n');
   $('tip').hidden = false;
   const r = e.target.getBoundingClientRect();  // below the token, kept on screen
