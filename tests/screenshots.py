@@ -3,6 +3,11 @@ after its data arrives on the real model: serve.py on out-shakespeare-char (`pyt
 process, driven in headless Chromium. Not a test (pytest does not collect it):
 
     python tests/screenshots.py assets
+
+The Runs pictures compare the runs of the README's other recipes (out-shakespeare-gpt2, out-sft-tasks,
+out-rl-tasks; the leaderboard's out-tasks-base and out-dpo-tasks, evaluated with configs/eval_tasks_suite.py)
+where they are in this directory; without them those views show what there is, and the leaderboard pictures
+are left out.
 """
 import os, shutil, sys, threading, time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +50,10 @@ d.get(url + '#overview')
 wait(lambda: 'tokens of' in d.find_element('id', 'embed-info').text)
 time.sleep(1.5)
 d.save_screenshot(f'{out}/view_overview.png')
-# chat: a reply, then its generation path
+# chat: a reply, then its generation path. A base model (train.py's) opens in Complete mode; Chat is picked here
 js("localStorage.setItem('nanolab.visited', '1')")
 tab('chat'); setv('p-temperature', '0.8'); setv('p-max_tokens', '120')
+d.find_element('id', 'mode-chat').click()
 d.find_element('id', 'input').send_keys('ROMEO:\n')
 wait(lambda: js("const m = [...document.querySelectorAll('#messages .msg.assistant')].pop(); return m && m.querySelector('.meta') && !document.getElementById('send').disabled"))
 js("document.getElementById('shade').click()")
@@ -84,24 +90,30 @@ print('beam tree drawn in', js("return document.getElementById('beam-box').datas
 tab('runs')
 wait(lambda: d.find_elements('css selector', '.run .cmp-tick') and d.find_elements('css selector', '#registry table'))
 for name in ('out-shakespeare-char', 'out-shakespeare-gpt2', 'out-sft-tasks', 'out-rl-tasks'):
-    d.find_element('css selector', f'.run[data-name="{name}"] .cmp-tick').click()
+    for tick in d.find_elements('css selector', f'.run[data-name="{name}"] .cmp-tick'):  # the runs there are
+        tick.click()
 setv('cmp-y', 'both')
 time.sleep(0.5)
 js("document.getElementById('cmp-hint').scrollIntoView(); scrollBy(0, -100)")
 d.save_screenshot(f'{out}/view_compare_runs.png')
-js("document.querySelector('#registry details').open = true; document.getElementById('registry').scrollIntoView(); scrollBy(0, -140)")
+js("const b = document.querySelector('#registry details'); if (b) b.open = true;"
+   "document.getElementById('registry').scrollIntoView(); scrollBy(0, -140)")
 time.sleep(0.3)
 d.save_screenshot(f'{out}/view_registry.png')
 # the leaderboard: the tasks models on configs/eval_tasks_suite.py's five benchmarks, four of them on the radar
-wait(lambda: d.find_elements('css selector', '#leaderboard .radar-tick'))
-for row in d.find_elements('css selector', '#leaderboard tr'):
-    if row.text.split(' ')[0] in ('out-tasks-base', 'out-sft-tasks', 'out-dpo-tasks', 'out-rl-tasks'):
-        row.find_element('css selector', '.radar-tick').click()
-time.sleep(0.5)
-js("document.getElementById('leaderboard').scrollIntoView(); scrollBy(0, -120)")
-d.save_screenshot(f'{out}/view_leaderboard.png')
-js("document.getElementById('radar').scrollIntoView(); scrollBy(0, -100)")
-d.save_screenshot(f'{out}/view_radar_history.png')
+wait(lambda: d.find_element('id', 'leaderboard').text)  # the grid, or the line that says there is none
+tasks = [row for row in d.find_elements('css selector', '#leaderboard tr')
+         if row.text.split(' ')[0] in ('out-tasks-base', 'out-sft-tasks', 'out-dpo-tasks', 'out-rl-tasks')]
+for row in tasks:
+    row.find_element('css selector', '.radar-tick').click()
+if tasks:
+    time.sleep(0.5)
+    js("document.getElementById('leaderboard').scrollIntoView(); scrollBy(0, -120)")
+    d.save_screenshot(f'{out}/view_leaderboard.png')
+    js("document.getElementById('radar').scrollIntoView(); scrollBy(0, -100)")
+    d.save_screenshot(f'{out}/view_radar_history.png')
+else:
+    print('leaderboard and radar left out: no evaluated out-*-tasks runs here')
 # model
 tab('arch'); time.sleep(0.5)
 d.save_screenshot(f'{out}/view_model.png')
@@ -110,5 +122,6 @@ d.set_window_size(390, 844)
 tab('inspect'); time.sleep(0.5)
 js("document.getElementById('lens-box').scrollIntoView()")
 d.save_screenshot(f'{out}/view_phone_lens.png')
+errors = [e['message'] for e in d.get_log('browser') if e['level'] == 'SEVERE']
 d.quit()
-print('done')
+print('done' if not errors else 'done, with console errors:\n' + '\n'.join(errors))

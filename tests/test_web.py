@@ -6,8 +6,11 @@ API's; the runs tab draws loss curves, refreshes while a run trains, and shows t
 The browser tests skip when Chromium or chromedriver is not installed (.ci/run installs Debian's chromium and
 chromium-driver); GET /leaderboard is checked without a browser."""
 import json
+import re
 import shutil
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +78,11 @@ def wait(cond, timeout=20, every=0.02):
     raise AssertionError(f'timed out after {timeout} s waiting for {cond}')
 
 
+def module(driver, name, expr, *args):
+    """expr evaluated on m, the page's module web/js/<name>.js: import() gives the instance the page runs."""
+    return js(driver, f"return import('/js/{name}.js').then(m => {expr})", *args)
+
+
 def console_errors(driver):
     return [e['message'] for e in driver.get_log('browser') if e['level'] == 'SEVERE']
 
@@ -128,12 +136,48 @@ def test_leaderboard_endpoint(site):
     assert all('items' not in r and 'config' not in r for r in body['rows']) and body['history'] == []
 
 
+def test_the_page_is_small_es_modules(site):
+    """index.html loads one entry module; every module under web/js is imported from it (directly or through
+    another), says what it is in its first line, and stays under 400 lines; serve.py sends them as JavaScript,
+    which a browser needs before it runs a module."""
+    web = Path(serve.WEB_DIR)
+    html = (web / 'index.html').read_text()
+    assert re.findall(r'<script\b[^>]*>', html) == ['<script type="module" src="js/main.js">']
+    mods = {p.name: p.read_text() for p in (web / 'js').glob('*.js')}
+    seen, todo = set(), ['main.js']
+    while todo:  # the import graph from main.js
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += re.findall(r"^import (?:.* from )?'\./([\w.]+)';$", mods[name], re.M)
+    assert seen == set(mods) and len(mods) >= 10
+    for name, text in mods.items():
+        lines = text.splitlines()
+        assert lines[0].startswith('// ' + name[:-3] + ': '), name
+        assert len(lines) <= 400, (name, len(lines))
+    with urllib.request.urlopen(site.url + 'js/main.js') as r:
+        assert r.headers['Content-Type'] in ('text/javascript', 'application/javascript')
+        assert r.read().decode() == mods['main.js']
+
+
 def test_page_loads_every_tab(page):
     for tab in ('overview', 'inspect', 'compare', 'arch', 'prompts', 'arena', 'runs', 'chat'):
         page.find_element('css selector', f'#tabs button[data-tab={tab}]').click()
         assert js(page, f"return document.getElementById('{tab}').offsetHeight > 0")
     assert js(page, "return document.getElementById('params').querySelectorAll('input[type=range]').length") == 8
     assert console_errors(page) == []
+
+
+def test_settings_stay_across_reloads(page):
+    """The sliders, the system prompt and the shading are kept in localStorage, through any number of reloads."""
+    set_value(page, 'p-temperature', '0.3')
+    set_value(page, 'system', 'Be brief.')
+    click(page, 'shade')
+    for _ in range(2):
+        page.refresh()
+        wait(lambda: len(js(page, "return [...document.querySelectorAll('#model option')]")) == 2)
+        assert js(page, "const $ = id => document.getElementById(id); return [$('p-temperature').value, "
+                        "$('system').value, $('shade').checked]") == ['0.3', 'Be brief.', True]
 
 
 def test_overview_is_the_first_visit_and_its_embeddings_turn(site, page):
@@ -151,11 +195,12 @@ def test_overview_is_the_first_visit_and_its_embeddings_turn(site, page):
                         "return [...c.getContext('2d').getImageData(0, 0, c.width, c.height).data].filter((v, i) => i % 4 == 3 && v > 0).length")
     assert wait(pixels) > 100
     from selenium.webdriver import ActionChains
-    before = js(page, 'return embed.yaw')
+    before = module(page, 'overview', 'm.embed.yaw')
     cv = page.find_element('id', 'embed3d')  # grab it right of the text column (which takes its own clicks)
     ActionChains(page).move_to_element_with_offset(cv, cv.size['width'] // 2 - 60, 0).click_and_hold() \
         .move_by_offset(-80, 10).release().perform()
-    assert abs(js(page, 'return embed.yaw') - before) > 0.5 and js(page, 'return embed.spin') is False
+    assert abs(module(page, 'overview', 'm.embed.yaw') - before) > 0.5
+    assert module(page, 'overview', 'm.embed.spin') is False
     page.get(site.url)  # a second visit: the chat
     wait(lambda: js(page, "return document.getElementById('chat').classList.contains('on')"))
 
@@ -198,12 +243,16 @@ def test_chat_streams_the_greedy_reply_then_another_model(site, page):
     # 4) the conversation is kept in localStorage across a reload, and exports as JSON and Markdown
     page.refresh()
     wait(lambda: len(page.find_elements('css selector', '#messages .msg')) == 4)
-    js(page, "window.download = (name, text) => { window.saved = [name, text]; }")  # instead of a file
+    js(page, "HTMLAnchorElement.prototype.click = function () { window.saved = [this.download, this.href]; }")
+    saved = ("return fetch(window.saved[1]).then(r => r.text().then(t => "  # the file's name, type and text
+             "[window.saved[0], r.headers.get('Content-Type'), t]))")
     click(page, 'export-json')
-    name, saved = js(page, 'return window.saved')
-    assert name == 'Hi_there.json' and [m['content'] for m in json.loads(saved)['messages']][::2] == ['Hi there', 'Hello']
+    name, kind, text = js(page, saved)
+    assert name == 'Hi_there.json' and kind == 'application/json'
+    assert [m['content'] for m in json.loads(text)['messages']][::2] == ['Hi there', 'Hello']
     click(page, 'export-md')
-    assert '**user:**\n\nHello\n' in js(page, 'return window.saved[1]')
+    name, kind, text = js(page, saved)
+    assert name == 'Hi_there.md' and kind == 'text/markdown' and '**user:**\n\nHello\n' in text
 
 
 def test_pending_reply_generation_path_and_branches(site, page):
@@ -370,7 +419,7 @@ def test_architecture_view_and_calculator(site, page):
                    positions=rng.choice(['', 'learned', 'rope', 'sinusoidal']),
                    n_kv_head=rng.choice([k for k in (1, 2, 4, 8) if n_head % k == 0]) if arch == 'llama' else 0)
         m = GPT(GPTConfig(**cfg))
-        got = js(page, 'return calc(arguments[0])', cfg)
+        got = module(page, 'arch', 'm.calc(arguments[0])', cfg)
         assert got['params'] == m.num_params(non_embedding=False), cfg
         assert got['params_non_embedding'] == m.num_params(), cfg
         assert got['flops_per_token'] == m.flops_per_token(), cfg
@@ -507,7 +556,7 @@ def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, brows
     d = two_runs(tmp_path)
     (d / 'char2').mkdir()
     ckpt = torch.load(d / 'char' / 'ckpt.pt', weights_only=True)
-    for name, lr, em in (('char', 3e-3, 0.25), ('char2', 1e-3, 0.5)):
+    for name, lr, em, ppl in (('char', 3e-3, 0.25, 5.0), ('char2', 1e-3, 0.5, 7.0)):
         save_checkpoint({**ckpt, 'iter_num': 10}, str(d / name / 'ckpt.pt'))
         (d / name / 'config.json').write_text(json.dumps({'learning_rate': lr, 'n_layer': 2, 'batch_size': 4,
                                                           'block_size': 16}))
@@ -516,6 +565,8 @@ def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, brows
             {'iter': 10, 'loss': 3.0 + em, 'time': 1.0}, {'iter': 10, 'val_loss': 3.1 + em, 'time': 1.1}]))
         results.save_result(str(d / name), {'model': name, 'checkpoint': str(d / name / 'ckpt.pt'), 'iter': 10,
                                              'task': 'benchmark:demo', 'metrics': {'exact_match': em}, 'n': 4})
+        results.save_result(str(d / name), {'model': name, 'checkpoint': str(d / name / 'ckpt.pt'), 'iter': 10,
+                                             'task': 'perplexity:val', 'metrics': {'perplexity': ppl}, 'n': 4})
     with serving(d, source=d / 'char') as srv:
         browser.get(f'http://127.0.0.1:{srv.server_address[1]}/#runs')
         js(browser, "localStorage.clear(); localStorage.setItem('nanolab.visited', '1')")
@@ -529,6 +580,10 @@ def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, brows
         assert cells == ['config: 1 of 4 settings differ char char2', 'learning_rate 0.003 0.001']
         evals = wait(lambda: [r.text for r in browser.find_elements('css selector', '#cmp-evals tr')])
         assert evals[1] == 'benchmark:demo exact_match 0.2500 0.5000'
+        assert evals[2] == 'perplexity:val perplexity 5.0000 7.0000'
+        # the best in bold: the higher exact match, the lower perplexity (GET /leaderboard's lower_is_better)
+        assert js(browser, "return [...document.querySelectorAll('#cmp-evals td.best')].map(td => td.textContent)") \
+            == ['0.5000', '5.0000']
         set_value(browser, 'cmp-x', 'tokens')  # iteration x batch_size x block_size: the last point at 640
         assert wait(lambda: js(browser, "return Math.max(...document.getElementById('cmp-plot').series"
                                         ".flatMap(s => s.points.map(p => p[0])))")) == 640

@@ -1,0 +1,129 @@
+// arch: the Model tab. The served model's blocks drawn from its GPTConfig (GET /v1/models' config),
+// and a calculator of parameters, FLOPs, memory and time for any shape; calc() is exported for the
+// browser tests.
+import {$, el, fmt, onTab} from './dom.js';
+import {model, models} from './models.js';
+
+// model.py's arithmetic for a GPTConfig-like object: parameters (tied weights once), FLOPs, memory,
+// time. tests/test_web.py checks params, params_non_embedding and flops_per_token against
+// GPT(config) for many configs.
+export function calc(c) {
+  const llama = c.arch === 'llama', C = c.n_embd, L = c.n_layer, H = c.n_head;
+  const KV = c.n_kv_head || H, hs = C / H, V = c.vocab_size, T = c.block_size;
+  const bias = !llama && c.bias;
+  const F = c.ffn_hidden || (llama ? 64 * Math.ceil(8 * C / 3 / 64) : 4 * C);
+  const tie = c.tie_embeddings ?? !llama, b = n => bias ? n : 0;
+  const norm = C + b(C);  // LayerNorm: weight (+ bias); RMSNorm: weight
+  const attn = C * (H + 2 * KV) * hs + b((H + 2 * KV) * hs) + C * C + b(C);
+  const mlp = C * (llama ? 2 : 1) * F + b((llama ? 2 : 1) * F) + F * C + b(C);
+  const pos = c.positions || (llama ? 'rope' : 'learned');
+  const wte = V * C, wpe = pos === 'learned' ? T * C : 0;
+  const params = wte + wpe + L * (2 * norm + attn + mlp) + norm + (tie ? 0 : V * C);
+  const flops = 6 * (params - wpe) + 12 * L * C * T;  // training FLOPs per token (PaLM, appendix B)
+  const bytes = {float32: 4, bfloat16: 2}[c.dtype || 'float32'], B = c.batch_size || 1;
+  // activations kept for the backward pass (Korthikanti et al. 2022, no recomputation): 34C + 5HT
+  // values of 2 bytes per token and layer in 16-bit, twice that in fp32; plus the logits and their
+  // gradient
+  const act = L * B * T * (34 * C + 5 * H * T) * bytes / 2 + 2 * B * T * V * 4;
+  const kv = 2 * L * KV * hs * bytes;  // keys and values, per token
+  return {params, params_non_embedding: params - wte - wpe, flops_per_token: flops,
+          kv_bytes_per_token: kv, kv_bytes_context: kv * T,
+          train_bytes: params * (bytes + 4 + 8) + act,  // weights, fp32 grads, AdamW's m and v; act
+          ms_per_iter: 1000 * flops * B * T / ((c.peak_gflops || 163) * 1e9 * (c.mfu || 50) / 100)};
+}
+
+const human = (n, unit = '') => n >= 1e12 ? `${(n / 1e12).toFixed(2)} T${unit}` :
+  n >= 1e9 ? `${(n / 1e9).toFixed(2)} G${unit}` : n >= 1e6 ? `${(n / 1e6).toFixed(2)} M${unit}` :
+  n >= 1e3 ? `${(n / 1e3).toFixed(1)} k${unit}` : `${Math.round(n)} ${unit}`;
+
+// -----------------------------------------------------------------------------
+// 1) the blocks of a config, bottom (embeddings) to top (the head), as nested boxes; the repeated
+//    block once, xL
+
+function drawArch(c) {
+  const llama = c.arch === 'llama';
+  const box = (cls, title, ...lines) => el('div', {className: 'blk ' + cls},
+    el('b', {}, title), ...lines.map(t => el('div', {className: 'dim'}, t)));
+  const norm = llama ? 'RMSNorm' : 'LayerNorm', hs = c.n_embd / c.n_head;
+  const pos = c.positions || (llama ? 'rope' : 'learned');
+  const gqa = c.n_kv_head !== c.n_head ? `, ${c.n_kv_head} key/value heads (grouped-query)` : '';
+  const block = el('div', {className: 'blk rep'},
+    el('b', {}, `Block × ${c.n_layer}  (model.py Block)`),
+    box('norm', `${norm} (ln_1)`),
+    box('attn', 'CausalSelfAttention', `${c.n_head} query heads${gqa} of size ${hs}`,
+      (pos === 'rope' ? 'RoPE rotates q and k by position; ' : '') +
+        'causal softmax(q k^T / sqrt(hs)) v',
+      '+ back into the residual stream'),
+    box('norm', `${norm} (ln_2)`),
+    box('mlp', llama ? 'MLP: SwiGLU' : 'MLP: GELU',
+      llama ? `silu(gate) * up: ${c.n_embd} -> 2x${c.ffn_hidden} -> ${c.n_embd}` :
+        `${c.n_embd} -> ${c.ffn_hidden} -> ${c.n_embd}`, '+ back into the residual stream'));
+  const positions = pos === 'learned' ?
+    [box('', '+ learned positions (wpe)', `${c.block_size} positions x ${c.n_embd}`)] :
+    pos === 'sinusoidal' ? [box('', '+ sinusoidal positions (fixed)',
+                                `sin/cos of position / 10000^(2i/${c.n_embd})`)] : [];
+  $('arch-view').replaceChildren(
+    box('', 'token embedding (wte)', `${c.vocab_size} tokens x ${c.n_embd}`), ...positions,
+    block, box('norm', `final ${norm} (ln_f)`),
+    box('', 'LM head', `${c.n_embd} -> ${c.vocab_size} logits` +
+      (c.tie_embeddings ? ', the embedding\'s weight (tied)' : '')));
+}
+
+// -----------------------------------------------------------------------------
+// 2) the calculator
+
+// its fields: [key, label, default]; the served model's config fills them in
+const CALC = [['arch', 'arch', 'gpt2'], ['positions', 'positions', 'learned'],
+              ['n_layer', 'layers', 4], ['n_head', 'heads', 4], ['n_kv_head', 'kv heads', 4],
+              ['n_embd', 'width', 128], ['ffn_hidden', 'MLP width (0 = default)', 0],
+              ['block_size', 'context', 64], ['vocab_size', 'vocabulary', 65],
+              ['batch_size', 'batch (training)', 12], ['dtype', 'dtype', 'float32'],
+              ['peak_gflops', 'peak GFLOP/s', 163], ['mfu', 'MFU %', 50]];
+const CHOICES = {arch: ['gpt2', 'llama'], positions: ['learned', 'rope', 'sinusoidal'],
+                 dtype: ['float32', 'bfloat16']};
+for (const [k, label, d] of CALC) {
+  const input = CHOICES[k] ?
+    el('select', {id: 'c-' + k}, ...CHOICES[k].map(v => new Option(v, v))) :
+    el('input', {type: 'number', id: 'c-' + k, value: d, min: 0});
+  input.value = d;
+  input.oninput = input.onchange = showCalc;
+  $('calc-form').append(el('label', {}, label, input));
+}
+$('calc-form').append(
+  el('label', {}, el('input', {type: 'checkbox', id: 'c-tie', checked: true, onchange: showCalc}),
+     ' tie embedding and head'),
+  el('label', {}, el('input', {type: 'checkbox', id: 'c-bias', onchange: showCalc}),
+     ' biases (gpt2)'));
+
+function calcConfig() {
+  const c = Object.fromEntries(CALC.map(([k, , d]) =>
+    [k, typeof d === 'string' ? $('c-' + k).value : Number($('c-' + k).value)]));
+  return {...c, tie_embeddings: $('c-tie').checked, bias: $('c-bias').checked};
+}
+
+function showCalc() {
+  const c = calcConfig(), r = calc(c), hs = c.n_embd / c.n_head;
+  const bad = !(hs % 1 === 0 && c.n_head % (c.n_kv_head || c.n_head) === 0 && (c.arch === 'llama' ||
+               !c.n_kv_head || c.n_kv_head === c.n_head) && (c.arch !== 'llama' || hs % 2 === 0));
+  const why = 'width must divide into heads, heads into kv heads (llama: even head size)';
+  const rows = bad ? [['this shape is not valid', why]] : [
+    ['parameters', human(r.params)], ['without the embeddings', human(r.params_non_embedding)],
+    ['training FLOPs per token', human(r.flops_per_token, 'FLOP')],
+    ['KV cache per token', human(r.kv_bytes_per_token, 'B')],
+    ['KV cache, full context', human(r.kv_bytes_context, 'B')],
+    ['training memory (batch)', human(r.train_bytes, 'B')],
+    ['time per iteration (batch)', `${fmt(r.ms_per_iter, 1)} ms`]];
+  $('calc-out').replaceChildren(...rows.map(([k, v]) =>
+    el('tr', {}, el('td', {}, k), el('td', {}, v))));
+  $('calc-out').dataset.params = bad ? '' : r.params;
+}
+
+// the tab opens on the served model: its blocks, and its shape in the calculator
+onTab('arch', () => {
+  const c = models[model()].config;
+  drawArch(c);
+  for (const [k] of CALC) if (k in c) $('c-' + k).value = c[k];
+  $('c-tie').checked = c.tie_embeddings;
+  $('c-bias').checked = c.bias;
+  showCalc();
+});
