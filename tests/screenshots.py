@@ -14,12 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
 import torch
-import serve
+from nanolab.server import load_engines, make_server
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 torch.set_num_threads(2)
-engines = serve.load_engines('out-shakespeare-char', 'cpu', torch.float32, max_batch=8, max_rows=64, max_prompt_tokens=4096, prefill_chunk=64)
-srv = serve.make_server(engines, port=0, runs_dir='.')
+engines = load_engines('out-shakespeare-char', 'cpu', torch.float32, max_batch=8, max_rows=64, max_prompt_tokens=4096, prefill_chunk=64)
+srv = make_server(engines, port=0, runs_dir='.')
 threading.Thread(target=srv.serve_forever, daemon=True).start()
 url = f'http://127.0.0.1:{srv.server_address[1]}/'
 opts = webdriver.ChromeOptions()

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nanolab import results
-import serve
+from nanolab import results, server
 from test_serve import call, serving, slow, two_runs  # tests/ is on sys.path while pytest collects it
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
@@ -140,7 +139,7 @@ def test_the_page_is_small_es_modules(site):
     """index.html loads one entry module; every module under web/js is imported from it (directly or through
     another), says what it is in its first line, and stays under 400 lines; serve.py sends them as JavaScript,
     which a browser needs before it runs a module."""
-    web = Path(serve.WEB_DIR)
+    web = Path(server.WEB_DIR)
     html = (web / 'index.html').read_text()
     assert re.findall(r'<script\b[^>]*>', html) == ['<script type="module" src="js/main.js">']
     mods = {p.name: p.read_text() for p in (web / 'js').glob('*.js')}
@@ -723,7 +722,7 @@ def test_completion_mode_for_a_base_model_and_the_phone_layout(tmp_path, browser
 
 def test_the_page_asks_for_the_api_key_and_sends_it(site, browser):
     import threading
-    keyed = serve.make_server(site.engines, port=0, api_key='sekrit', runs_dir=str(site.dir))  # a second door
+    keyed = server.make_server(site.engines, port=0, api_key='sekrit', runs_dir=str(site.dir))  # a second door
     threading.Thread(target=keyed.serve_forever, daemon=True).start()
     try:
         browser.get(f'http://127.0.0.1:{keyed.server_address[1]}/')
