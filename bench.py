@@ -100,9 +100,8 @@ llama_cpp_dir = ''            # llamacpp: a llama.cpp build (bin/, convert.sh); 
 llama_threads = 0             # llamacpp: threads for both sides; 0 = torch's default (one per core)
 llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one round each
 # -----------------------------------------------------------------------------
-config = configure(globals(), choices={'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp',
-                                                 'quantize'),
-                                       'dtype': DTYPES})
+CHOICES = {'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp', 'quantize'), 'dtype': DTYPES}
+config = configure(globals(), choices=CHOICES)
 
 SHAPES = {  # the sizes SPEC.md measured Hugging Face at, so figures compare
     'gpt2_124m': dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),

@@ -59,9 +59,9 @@ mb = 100.0                    # bench: MB of synthetic text
 # -----------------------------------------------------------------------------
 if '--help' in sys.argv or '-h' in sys.argv:
     print(__doc__.split('\n\n')[1] + '\n')  # the commands, then configure() lists the settings
-config = configure(globals(), positional='dataset', choices={'tokenizer': datasets.TOKENIZERS,
-                                                             'doc_split': datasets.DOC_SPLITS,
-                                                             'on_bad_file': ('error', 'skip')})
+CHOICES = {'dataset': ('', *datasets.DATASETS, *datasets.JSONL_SETS, 'bench'), 'tokenizer': datasets.TOKENIZERS,
+           'doc_split': datasets.DOC_SPLITS, 'on_bad_file': ('error', 'skip')}
+config = configure(globals(), positional='dataset', choices=CHOICES)
 if not dataset:
     fail(f'name a dataset: python data.py NAME [--key=value ...] with NAME one of '
          f'{", ".join([*datasets.DATASETS, *datasets.JSONL_SETS, "bench"])}')

@@ -68,8 +68,8 @@ code_memory_mb = 1024         # code benchmarks: address space each program may 
 confirm_run_unsafe_code = False  # run model-written code: our code benchmarks, and lm-eval tasks marked unsafe (humaneval, mbpp)
 max_new_tokens = 32           # answer length limit, tokens
 temperature = 0.0             # 0 = greedy
-top_k = 0                     # sampling filters, as sample.py (only when temperature > 0)
-top_p = 1.0
+top_k = 0                     # keep the k likeliest tokens, as sample.py (only when temperature > 0); 0 = off
+top_p = 1.0                   # nucleus: keep the smallest set with mass >= top_p (only when temperature > 0); 1.0 = off
 # lm-evaluation-harness, by its own flag names
 tasks = ''                    # comma-separated lm-eval task names
 include_path = ''             # a directory of task YAMLs (local tasks work offline)
@@ -91,7 +91,8 @@ device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cu
 dtype = 'auto'                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
 seed = 1337                   # sampling (temperature > 0) and bootstrap
 # -----------------------------------------------------------------------------
-config = configure(globals(), choices={'normalize': ('strip', 'lower', 'tasks'), 'dtype': DTYPES})
+CHOICES = {'normalize': ('strip', 'lower', 'tasks'), 'dtype': DTYPES}
+config = configure(globals(), choices=CHOICES)
 
 # 1) the modes that read results rather than models: the arena's statistics, the leaderboard
 if arena:

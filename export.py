@@ -47,9 +47,9 @@ check_with = ''               # gguf: a llama.cpp build (DIR/bin/llama-server): 
 check_prompt = 'ROMEO:\n'     # the prompt of that check
 check_tokens = 100            # greedy tokens compared
 # -----------------------------------------------------------------------------
-FORMATS = ('hf', 'gguf', 'safetensors')
+CHOICES = {'format': ('hf', 'gguf', 'safetensors'), 'outtype': OUTTYPES}
 TORCH_DTYPES = {'f32': torch.float32, 'f16': torch.float16, 'bf16': torch.bfloat16}
-configure(globals(), choices={'format': FORMATS, 'outtype': OUTTYPES})
+configure(globals(), choices=CHOICES)
 if outtype == 'q8_0' and format != 'gguf':
     fail("--outtype=q8_0 is a GGUF block format; for hf and safetensors use f32, f16 or bf16")
 if check_with and format != 'gguf':

@@ -21,7 +21,14 @@ import json
 import math
 import sys
 
+import torch
+
+from nanolab import prompts
+from nanolab.checkpoint import load_model
+from nanolab.configurator import cli_errors, configure
+from nanolab.device import DTYPES, resolve_device, resolve_dtype
 from nanolab.generation import Completion, generate, generate_stream  # noqa: F401 (the API this file exposes)
+from nanolab.quantize import for_inference
 
 # -----------------------------------------------------------------------------
 # the command line (nanoGPT's sample.py names)
@@ -51,6 +58,7 @@ chat = False                  # multi-turn chat REPL on stdin (a chat-tuned mode
 show_probs = False            # print each new token with its probability and the top-5 alternatives
 compare = ''                  # comma list of PRESETS run side by side on the same prompt and seed, e.g. greedy,beam,top_p
 # -----------------------------------------------------------------------------
+CHOICES = {'dtype': DTYPES}
 
 # --compare presets: each replaces the sampling flags; max_new_tokens, stop and seed still come from the flags
 PRESETS = {
@@ -78,7 +86,6 @@ def _chat_stops(opts, tok):
 
 def _prompt_ids(tok):
     if template:  # prompts.py: a text template is encoded, a chat one rendered with the chat template
-        from nanolab import prompts
         raw = _file_or_text(variables, 'variables', 'variables')
         try:
             values = json.loads(raw) if raw.strip() else {}
@@ -119,12 +126,7 @@ def _chat(model, tok, opts):
         messages.append({'role': 'assistant', 'content': reply})
 
 def main():
-    import torch
-    from nanolab.configurator import configure
-    from nanolab.checkpoint import load_model
-    from nanolab.device import DTYPES, resolve_device, resolve_dtype
-    from nanolab.quantize import for_inference
-    configure(globals(), choices={'dtype': DTYPES, 'device': None})
+    configure(globals(), choices=CHOICES)
     presets = [n.strip() for n in compare.split(',') if n.strip()]
     if any(n not in PRESETS for n in presets):
         raise ValueError(f"unknown --compare preset(s) {[n for n in presets if n not in PRESETS]}; "
@@ -144,7 +146,6 @@ def main():
         return _chat(model, tok, opts)
     ids = _prompt_ids(tok)
     if template:
-        from nanolab import prompts
         if prompts.is_chat(template):  # a chat template's reply ends at the end of its turn, as in --chat
             opts = _chat_stops(opts, tok)
     for name in presets:  # --compare: one labelled block per strategy, same prompt, same seed
@@ -164,6 +165,5 @@ def main():
         print('\n---------------')
 
 if __name__ == '__main__':
-    from nanolab.configurator import cli_errors
     with cli_errors():  # bad input: one line naming the problem and the fix, exit 1, no traceback
         main()

@@ -46,10 +46,11 @@ allowed_hosts = ''          # Host names to answer besides loopback names, IP ad
 cors_origins = ''           # web origins (https://app.example) whose pages may call the API; comma list, * = any
 max_models = 8              # models loaded at once, counting POST /v1/models/load's; beyond: 409
 # -----------------------------------------------------------------------------
+CHOICES = {'dtype': DTYPES, 'quantize': ('', 'int8')}
 
 
 def main():
-    configure(globals(), choices={'dtype': DTYPES, 'device': None, 'quantize': ('', 'int8')})
+    configure(globals(), choices=CHOICES)
     key = api_key or os.environ.get('NANOLAB_API_KEY', '')  # the environment keeps it out of the process list
     dev = resolve_device(device)
     engines = load_engines(init_from, dev, resolve_dtype(dtype, dev), quantize, threads, max_batch=max_batch,

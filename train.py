@@ -103,8 +103,8 @@ seed = 1337                   # model init, data order and dropout
 peak_flops = 0.0              # FLOP/s that MFU divides by; 0 = auto: the GPU's dense peak for dtype (model.PEAK_FLOPS), 163e9 on CPU (measured)
 # -----------------------------------------------------------------------------
 DDP_TIMEOUT = datetime.timedelta(hours=1)  # collectives wait this long for rank 0's data preparation, evals and saves
-CHOICES = {'arch': ARCHS, 'positions': ('', *POSITIONS), 'lr_schedule': LR_SCHEDULES, 'backend': ('auto', 'nccl', 'gloo'), 'dtype': DTYPES,
-           'optim': OPTIMIZERS}
+CHOICES = {'arch': ARCHS, 'positions': ('', *POSITIONS), 'lr_schedule': LR_SCHEDULES, 'backend': ('auto', 'nccl', 'gloo'),
+           'dtype': DTYPES, 'optim': OPTIMIZERS}
 config = configure(globals(), choices=CHOICES)
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name in config]  # settings that are model args
 

@@ -15,6 +15,7 @@ is SystemExit('config error: ...'): one message, exit code 1, no traceback.
 """
 import ast
 import difflib
+import importlib
 import json
 import os
 import sys
@@ -134,6 +135,39 @@ def read_settings(path):
     return {n.targets[0].id: ast.literal_eval(n.value) for n in _settings_block(path)}
 
 
+def read_choices(path):
+    """A script's allowed values: the `CHOICES = {...}` that follows its settings block, evaluated without running
+    the script. The names it uses are looked up where the script imports them from, which may only be the package or
+    model.py (`from nanolab.device import DTYPES`); anything else in it must be a literal."""
+    with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read())
+    node = next((n for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
+                 and n.targets[0].id == 'CHOICES'), None)
+    if node is None:
+        return {}
+    imported = {a.asname or a.name: (n.module, a.name) for n in tree.body if isinstance(n, ast.ImportFrom)
+                for a in n.names if n.module == 'model' or (n.module or '').startswith('nanolab')}
+    names = {}
+    for name in {x.id for x in ast.walk(node.value) if isinstance(x, ast.Name)}:
+        if name not in imported:
+            raise ValueError(f"{path}: CHOICES uses {name}, which is not imported from the package or model.py")
+        module, attr = imported[name]
+        try:  # `from nanolab import datasets`: a module
+            names[name] = importlib.import_module(f'{module}.{attr}')
+        except ImportError:  # `from nanolab.device import DTYPES`: a name in one
+            names[name] = getattr(importlib.import_module(module), attr)
+    return eval(compile(ast.Expression(node.value), path, 'eval'), {'__builtins__': {}}, names)
+
+
+def describe(path):
+    """Every setting of a script, read without running it: [{name, default, type, comment, choices}] in the order of
+    its settings block (choices: the allowed values, or None for any value of the type)."""
+    comments, choices = _comments(path), read_choices(path)
+    return [{'name': k, 'default': v, 'type': type(v).__name__, 'comment': comments.get(k, ''),
+             'choices': list(choices[k]) if choices.get(k) is not None else None}
+            for k, v in read_settings(path).items()]
+
+
 def _help(g, defaults, choices):
     comments = _comments(g['__file__']) if g.get('__file__') else {}
     script = os.path.basename(g.get('__file__') or 'script.py')
@@ -249,7 +283,9 @@ def configure(g, argv=None, choices=None, verbose=True, positional=None):
             _fail(f"choices names '{key}', which is not a config key")
         if allowed is not None and config[key] not in allowed:
             source = applied.get(key, 'the default')
-            _fail(f"{key}={config[key]!r} (from {source}) is not one of {', '.join(map(repr, allowed))}")
+            close = difflib.get_close_matches(str(config[key]), [str(a) for a in allowed], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ''
+            _fail(f"{key}={config[key]!r} (from {source}) is not one of {', '.join(map(repr, allowed))}{hint}")
 
     g.update({k: config[k] for k in applied})
     if verbose:

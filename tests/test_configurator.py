@@ -195,3 +195,35 @@ def test_flags_from_elsewhere_get_our_name_suggested_never_accepted(argv, want):
 def test_an_alias_is_only_suggested_when_the_script_has_that_setting():
     msg = error(['--num_tokens=5'])  # SCRIPT has no max_new_tokens: no false lead
     assert 'max_new_tokens' not in msg and "unknown key 'num_tokens'" in msg
+
+
+@pytest.mark.parametrize('script', ['data', 'train', 'finetune', 'dpo', 'reward', 'rl', 'evaluate', 'sample', 'serve',
+                                    'export', 'bench'])
+def test_every_script_describes_its_settings_without_running(script):
+    """describe() reads a script's settings block and its CHOICES from the source: names, defaults, types, comments
+    and allowed values, in order (what a form for the script's settings is built from). Nothing of the script runs:
+    its configure() would read this process's argv and stop on it."""
+    from nanolab.configurator import describe, read_settings, settings_names
+    path = os.path.join(ROOT, f'{script}.py')
+    rows = describe(path)
+    assert [r['name'] for r in rows] == settings_names(path) and len(rows) >= 5
+    assert {r['name']: r['default'] for r in rows} == read_settings(path)
+    for r in rows:
+        assert r['type'] == type(r['default']).__name__ and r['comment'], f'{script}.{r["name"]} has no comment'
+        if r['choices'] is not None:
+            assert r['default'] in r['choices'], f'{script}.{r["name"]}: the default is not an allowed value'
+
+
+def test_describe_reads_choices_from_where_the_script_imports_them(tmp_path):
+    from nanolab.configurator import describe
+    from nanolab.device import DTYPES
+    from model import ARCHS
+    rows = {r['name']: r for r in describe(os.path.join(ROOT, 'train.py'))}
+    assert rows['dtype']['choices'] == list(DTYPES) and rows['arch']['choices'] == list(ARCHS)
+    assert rows['positions']['choices'][0] == '' and rows['max_iters']['choices'] is None
+    data = {r['name']: r for r in describe(os.path.join(ROOT, 'data.py'))}
+    assert 'shakespeare_char' in data['dataset']['choices'] and 'bench' in data['dataset']['choices']
+    script = tmp_path / 'x.py'  # a name imported from outside the package is refused, not imported
+    script.write_text("from os import sep\n# ---\nk = 'a'  # k\n# ---\nCHOICES = {'k': (sep,)}\n")
+    with pytest.raises(ValueError, match='CHOICES uses sep'):
+        describe(str(script))
