@@ -1,19 +1,21 @@
 """
-The nanolab model: one GPT with selectable blocks, and nothing else (nanoGPT's model.py, grown by two architectures).
+The nanolab model: one GPT with selectable blocks, and nothing else (nanoGPT's model.py, grown by
+two architectures).
 
-    arch='gpt2'   learned positions, LayerNorm, GELU MLP, tied embeddings   (GPT-2, Radford et al. 2019)
-    arch='llama'  RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases   (Touvron et al. 2023)
-    positions     'learned' (gpt2's), 'rope' (llama's) or 'sinusoidal' (Vaswani et al. 2017), with either arch
+    arch='gpt2'   learned positions, LayerNorm, GELU MLP, tied embeddings (Radford et al. 2019)
+    arch='llama'  RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases (Touvron+ 2023)
+    positions     'learned' (gpt2's), 'rope' (llama's) or 'sinusoidal' (Vaswani+ 2017), any arch
 
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64))
-    logits, loss = model(idx, targets)       # idx, targets (B, T) token ids -> logits (B, T, vocab), mean loss
-    model = GPT.from_pretrained('gpt2')      # a Hugging Face GPT-2 or Llama directory or hub name
-    model.save_pretrained('out/hf')          # ... that transformers loads with the same logits
+    logits, loss = model(idx, targets)   # idx, targets (B, T) -> logits (B, T, vocab), mean loss
+    model = GPT.from_pretrained('gpt2')  # a Hugging Face GPT-2 or Llama directory or hub name
+    model.save_pretrained('out/hf')      # ... that transformers loads with the same logits
 
-What the decoding engine and the page's views need beyond forward has its own method or argument: hidden_states
-(the final norm's output, a reward model's input), forward's logits_at (logits at chosen positions only) and step
-(a KV-cache step that the engine lays out: nanolab/kv_cache.py), trace / logit_lens / activation_flow (what each
-block does). Checkpoints and model sources are nanolab/checkpoint.py's, devices nanolab/device.py's.
+What the decoding engine and the page's views need beyond forward has its own method or argument:
+hidden_states (the final norm's output, a reward model's input), forward's logits_at (logits at
+chosen positions only) and step (a KV-cache step that the engine lays out: nanolab/kv_cache.py),
+trace / logit_lens / activation_flow (what each block does). Checkpoints and model sources are
+nanolab/checkpoint.py's, devices nanolab/device.py's.
 
 Quick check (CPU, random weights):
     python -c "from model import *; m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64)); print(m.num_params())"
@@ -38,14 +40,14 @@ class GPTConfig:
     vocab_size: int = 50304      # GPT-2's 50257 padded up to a multiple of 64 for speed (nanoGPT)
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: int = 0           # key/value heads for grouped-query attention; 0 = n_head (plain multi-head)
+    n_kv_head: int = 0           # key/value heads (grouped-query attention); 0 = n_head
     n_embd: int = 768
-    ffn_hidden: int = 0          # MLP width; 0 = 4*n_embd (gpt2) or 8/3*n_embd rounded up to 64 (llama)
+    ffn_hidden: int = 0          # MLP width; 0 = 4*n_embd (gpt2) or ~8/3*n_embd (llama)
     dropout: float = 0.0
     bias: bool = True            # biases in Linear and LayerNorm (gpt2 only; llama has none)
-    tie_embeddings: bool = None  # share the token embedding with the output head; None = arch default (gpt2 yes, llama no)
-    positions: str = None        # 'learned' | 'rope' | 'sinusoidal'; None = the arch's (gpt2 learned, llama rope)
-    rope_theta: float = 10000.0  # RoPE base (and the sinusoids' base is 10000, as the original Transformer's)
+    tie_embeddings: bool = None  # share embedding and head; None = the arch's (gpt2 yes, llama no)
+    positions: str = None        # 'learned' | 'rope' | 'sinusoidal'; None = the arch's own
+    rope_theta: float = 10000.0  # RoPE base (the sinusoids' base is always 10000)
     norm_eps: float = 1e-5       # LayerNorm / RMSNorm epsilon
 
     def __post_init__(self):
@@ -57,12 +59,14 @@ class GPTConfig:
             self.positions = 'learned' if self.arch == 'gpt2' else 'rope'
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions '{self.positions}'; use one of {POSITIONS}")
-        if self.tie_embeddings is None:  # GPT-2 ties them (Press & Wolf 2017); Llama keeps a separate head
+        # GPT-2 ties them (Press & Wolf 2017); Llama keeps a separate head
+        if self.tie_embeddings is None:
             self.tie_embeddings = self.arch == 'gpt2'
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head != 0:
-            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+            raise ValueError(f"n_head={self.n_head} must be a multiple of "
+                             f"n_kv_head={self.n_kv_head}")
         if self.arch == 'llama':
             self.bias = False  # Llama blocks have no biases by definition
         elif self.n_kv_head != self.n_head:
@@ -72,7 +76,8 @@ class GPTConfig:
         if self.positions == 'sinusoidal' and self.n_embd % 2 != 0:
             raise ValueError("sinusoidal positions need an even n_embd (sine and cosine pairs)")
         if self.ffn_hidden == 0:
-            self.ffn_hidden = 4 * self.n_embd if self.arch == 'gpt2' else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            self.ffn_hidden = 4 * self.n_embd if self.arch == 'gpt2' else \
+                64 * math.ceil(8 * self.n_embd / 3 / 64)
 
     @property
     def head_size(self):
@@ -80,7 +85,8 @@ class GPTConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight (Zhang & Sennrich 2019). Computed in fp32, as Llama does, for stability."""
+    """x / rms(x) * weight (Zhang & Sennrich 2019). Computed in fp32, as Llama does, for
+    stability."""
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -94,21 +100,25 @@ class RMSNorm(nn.Module):
 
 def rope_tables(config):
     """cos/sin tables for rotary embeddings (Su et al. 2021), (block_size, head_size) each.
-    We use the 'rotate half' layout of the Hugging Face Llama code, so its weights load unpermuted."""
+    We use the 'rotate half' layout of the Hugging Face Llama code, so its weights load
+    unpermuted."""
     hs = config.head_size
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
+    inv_freq = \
+        1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
     t = torch.arange(config.block_size, dtype=torch.int64).float()
     freqs = torch.outer(t, inv_freq)              # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)       # (T, hs)
     return emb.cos(), emb.sin()
 
 def sinusoid_table(config):
-    """The original Transformer's fixed positions (Vaswani et al. 2017, 3.5), (block_size, n_embd): dimension 2i of
-    position p is sin(p / 10000^(2i/C)), dimension 2i+1 its cos. Nothing to learn; added to the token embedding."""
+    """The original Transformer's fixed positions (Vaswani et al. 2017, 3.5), (block_size, n_embd):
+    dimension 2i of position p is sin(p / 10000^(2i/C)), dimension 2i+1 its cos. Nothing to learn;
+    added to the token embedding."""
     C = config.n_embd
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, C, 2, dtype=torch.int64).float() / C))  # (C/2,)
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.int64).float(), inv_freq)  # (T, C/2)
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # (T, C): sin, cos interleaved
+    # (T, C/2)
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.int64).float(), inv_freq)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # (T, C), interleaved
 
 def apply_rope(x, cos, sin):
     """x: (B, nh, T, hs); cos/sin: (B, 1, T, hs), already gathered at each token's position."""
@@ -118,19 +128,22 @@ def apply_rope(x, cos, sin):
 
 
 def attention(q, k, v, mask=None, causal=False, dropout=0.0):
-    """SDPA of q (B, nh, T, hs) over k, v (B, nkv, S, hs), with grouped-query attention (nkv < nh) on a fast kernel.
-    On CUDA, SDPA's enable_gqa is taken by the flash kernel alone, which refuses masks and fp32: there (half
-    precision, no mask) it is used, and otherwise keys and values are expanded to nh heads first (expand_kv), so the
-    memory-efficient kernel applies instead of the math one. On the CPU, SDPA takes enable_gqa in its own kernels,
-    as before (so CPU runs stay bit for bit what they were)."""
+    """SDPA of q (B, nh, T, hs) over k, v (B, nkv, S, hs), with grouped-query attention (nkv < nh)
+    on a fast kernel. On CUDA, SDPA's enable_gqa is taken by the flash kernel alone, which refuses
+    masks and fp32: there (half precision, no mask) it is used, and otherwise keys and values are
+    expanded to nh heads first (expand_kv), so the memory-efficient kernel applies instead of the
+    math one. On the CPU, SDPA takes enable_gqa in its own kernels, and keys and values go in
+    unexpanded."""
     nh, nkv = q.size(1), k.size(1)
-    if nh != nkv and q.is_cuda and not (q.dtype in (torch.float16, torch.bfloat16) and mask is None):
+    if nh != nkv and q.is_cuda and not (q.dtype in (torch.float16, torch.bfloat16)
+                                        and mask is None):
         k, v = expand_kv(k, v, nh)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
-                                          enable_gqa=nh != k.size(1))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          dropout_p=dropout, enable_gqa=nh != k.size(1))
 
 def expand_kv(k, v, nh):
-    """Keys and values (B, nkv, S, hs) repeated to nh heads, each serving its group of query heads."""
+    """Keys and values (B, nkv, S, hs) repeated to nh heads, each serving its group of query
+    heads."""
     return k.repeat_interleave(nh // k.size(1), dim=1), v.repeat_interleave(nh // k.size(1), dim=1)
 
 
@@ -143,7 +156,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.hs = config.n_head, config.n_kv_head, config.head_size
         # q, k, v in one matmul: n_head query heads, n_kv_head key and value heads
-        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.hs, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.hs,
+                                bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
@@ -151,14 +165,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, step, layer, need_weights=False):
         B, T, C = x.size()  # batch, time, channels
-        q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], dim=2)
+        q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs,
+                                        self.n_kv_head * self.hs], dim=2)
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)     # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         gqa, att = self.n_kv_head != self.n_head, None
-        if step is not None:  # incremental decoding: each row attends over its own slot (kv_cache.Step.attend)
+        if step is not None:  # incremental decoding: each row over its own slot (Step.attend)
             y = step.attend(layer, q, k, v)
         elif need_weights:  # the explicit path, for attention heatmaps
             if gqa:
@@ -170,7 +185,7 @@ class CausalSelfAttention(nn.Module):
             y = att @ v
         else:  # flash attention on GPU, fused kernels on CPU
             y = attention(q, k, v, None, T > 1, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # all heads' outputs side by side
         return self.resid_dropout(self.c_proj(y)), att
 
 
@@ -180,7 +195,8 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = config.arch == 'llama'
         # llama: gate and up projections in one matmul (SwiGLU, Shazeer 2020); gpt2: one GELU layer
-        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.ffn_hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.ffn_hidden,
+                              bias=config.bias)
         self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -199,7 +215,8 @@ class Block(nn.Module):
         super().__init__()
         norm = (lambda: RMSNorm(config.n_embd, config.norm_eps)) if config.arch == 'llama' else \
                (lambda: nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias))
-        self.ln_1, self.attn, self.ln_2, self.mlp = norm(), CausalSelfAttention(config), norm(), MLP(config)
+        self.ln_1, self.attn, self.ln_2, self.mlp = norm(), CausalSelfAttention(config), norm(), \
+            MLP(config)
 
     def forward(self, x, rope, step, layer, trace=None):
         a, att = self.attn(self.ln_1(x), rope, step, layer, need_weights=trace is not None)
@@ -234,7 +251,8 @@ class GPT(nn.Module):
             self.register_buffer('rope_sin', sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
-            self.transformer.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
+            # https://paperswithcode.com/method/weight-tying
+            self.transformer.wte.weight = self.lm_head.weight
         # init: N(0, 0.02), residual projections scaled down by depth (GPT-2 paper)
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():
@@ -251,14 +269,17 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, step=None, logits_at=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
-        targets: (B, T) next-token ids, -1 = ignored (prompt tokens in SFT, padding) -> the mean cross-entropy.
-        step: a KV-cache step (KVCache.schedule, nanolab/kv_cache.py): the B*T tokens are the step's new tokens, in
-          its layout, and each layer stores its keys and values in the cache and attends over each row's own slot.
-        logits_at: an index into the positions (a slice, or a 1-D tensor of positions; with a step, of the flat
-          row of B*T tokens) -> logits only there: the output head is skipped where nobody reads it."""
+        targets: (B, T) next-token ids, -1 = ignored (prompt tokens in SFT, padding) -> the mean
+          cross-entropy.
+        step: a KV-cache step (KVCache.schedule, nanolab/kv_cache.py): the B*T tokens are the
+          step's new tokens, in its layout, and each layer stores its keys and values in the cache
+          and attends over each row's own slot.
+        logits_at: an index into the positions (a slice, or a 1-D tensor of positions; with a step,
+          of the flat row of B*T tokens) -> logits only there: the output head is skipped where
+          nobody reads it."""
         B, T = idx.size()
         if step is not None:
-            idx = idx.reshape(1, B * T)  # one flat row of tokens; the step keeps the rows apart in attention
+            idx = idx.reshape(1, B * T)  # one flat row; the step keeps the rows apart
         x = self.hidden_states(idx, step)
         if logits_at is not None:
             x = x[:, logits_at]
@@ -267,25 +288,29 @@ class GPT(nn.Module):
             logits = logits.view(B, T, -1)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
         return logits, loss
 
     def hidden_states(self, idx, step=None, trace=None):
-        """idx (B, T) -> the final norm's output (B, T, C): the transformer without its output head (a reward
-        model's input). step: as forward's. trace: a dict that collects, per block, lists of 'att' (B, nh, T, T)
-        attention weights (the explicit path: the same function as SDPA), 'attn_out' and 'mlp_out' (B, T, C) (what
-        each adds to the residual stream) and 'resid' (B, T, C) (the stream after the block); and 'embed'
-        (B, T, C), the stream entering the first (GPT.trace)."""
+        """idx (B, T) -> the final norm's output (B, T, C): the transformer without its output head
+        (a reward model's input). step: as forward's. trace: a dict that collects, per block, lists
+        of 'att' (B, nh, T, T) attention weights (the explicit path: the same function as SDPA),
+        'attn_out' and 'mlp_out' (B, T, C) (what each adds to the residual stream) and
+        'resid' (B, T, C) (the stream after the block); and 'embed' (B, T, C), the stream entering
+        the first (GPT.trace)."""
         B, T = idx.size()
-        # 1) positions: where the step puts each token (each slot continues its own row), else 0..T-1
+        # 1) positions: where the step puts each token (a slot continues its row), else 0..T-1
         if step is not None:
             if trace is not None:
-                raise ValueError("trace records a whole context's activations; call it without a KV-cache step")
+                raise ValueError("trace records a whole context's activations; "
+                                 "call it without a KV-cache step")
             pos = step.pos  # (1, T)
         else:
             if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}; "
-                                 "crop the input to the last block_size tokens")
+                raise ValueError(f"sequence of {T} tokens exceeds "
+                                 f"block_size={self.config.block_size}; crop the input to "
+                                 "the last block_size tokens")
             pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
         # 2) embeddings
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -310,44 +335,50 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def trace(self, idx):
-        """One forward pass of idx (B, T) -> (logits, the trace dict that hidden_states' `trace` describes)."""
+        """One forward pass of idx (B, T) -> (logits, the trace dict that hidden_states' `trace`
+        describes)."""
         trace = {}
         logits = self.lm_head(self.hidden_states(idx, trace=trace))
         return logits, trace
 
     def attention_maps(self, idx):
-        """Attention weights of every layer for one forward pass: a list of (B, n_head, T, T) tensors."""
+        """Attention weights of every layer for one forward pass: a list of (B, n_head, T, T)
+        tensors."""
         return self.trace(idx)[1]['att']
 
     @torch.no_grad()
     def logit_lens(self, idx, trace=None):
-        """The logit lens (nostalgebraist 2020): each block's output read through the final norm and the LM head, as if
-        the model ended there -> log-probabilities (n_layer, B, T, vocab). The last layer is log_softmax of the model's
-        own logits. trace: a trace of idx already computed (GPT.trace), to read instead of running the model again."""
+        """The logit lens (nostalgebraist 2020): each block's output read through the final norm
+        and the LM head, as if the model ended there -> log-probabilities (n_layer, B, T, vocab).
+        The last layer is log_softmax of the model's own logits. trace: a trace of idx already
+        computed (GPT.trace), to read instead of running the model again."""
         trace = trace if trace is not None else self.trace(idx)[1]
         resid = torch.stack(trace['resid'])  # (L, B, T, C)
         return F.log_softmax(self.lm_head(self.transformer.ln_f(resid)).float(), dim=-1)
 
     @torch.no_grad()
     def activation_flow(self, idx, trace=None):
-        """How information moves up the stack, per layer and position: {'resid', 'attn', 'mlp': (L, B, T) L2 norms of
-        the residual stream after each block and of what its attention and MLP add; 'entropy': (L, B, nh, T) the
-        entropy in nats of each head's attention distribution at each position; 'embed': (B, T) the input's norm}."""
+        """How information moves up the stack, per layer and position: {'resid', 'attn', 'mlp':
+        (L, B, T) L2 norms of the residual stream after each block and of what its attention and
+        MLP add; 'entropy': (L, B, nh, T) the entropy in nats of each head's attention distribution
+        at each position; 'embed': (B, T) the input's norm}."""
         trace = trace if trace is not None else self.trace(idx)[1]
         norm = lambda key: torch.stack(trace[key]).float().norm(dim=-1)
         att = torch.stack(trace['att']).float()  # (L, B, nh, T, T)
-        entropy = -(att * att.clamp_min(1e-30).log()).sum(-1)  # masked weights are exactly 0 and add nothing
-        return {'embed': trace['embed'].float().norm(dim=-1), 'resid': norm('resid'), 'attn': norm('attn_out'),
-                'mlp': norm('mlp_out'), 'entropy': entropy}
+        entropy = -(att * att.clamp_min(1e-30).log()).sum(-1)  # masked weights: 0, add nothing
+        return {'embed': trace['embed'].float().norm(dim=-1), 'resid': norm('resid'),
+                'attn': norm('attn_out'), 'mlp': norm('mlp_out'), 'entropy': entropy}
 
     # -------------------------------------------------------------------------
     # counting
 
     def num_params(self, non_embedding=True):
-        """Parameter count; tied weights count once. non_embedding drops the token and position tables
-        (the convention of Kaplan et al. 2020), unless the output head is separate, which is kept."""
+        """Parameter count; tied weights count once. non_embedding drops the token and position
+        tables (the convention of Kaplan et al. 2020), unless the output head is separate, which is
+        kept."""
         n = sum(p.numel() for p in self.parameters())
-        n += sum(getattr(m, 'swapped_weights', 0) for m in self.modules())  # quantize.py's swapped weights: buffers
+        # quantize.py's swapped weights: buffers
+        n += sum(getattr(m, 'swapped_weights', 0) for m in self.modules())
         if non_embedding:
             n -= self.transformer.wte.weight.numel()
             if self.config.positions == 'learned':
@@ -359,12 +390,14 @@ class GPT(nn.Module):
         plus 12*L*C*T for attention (PaLM paper, appendix B). T defaults to block_size."""
         cfg = self.config
         T = T or cfg.block_size
-        N = self.num_params(non_embedding=False) - (self.transformer.wpe.weight.numel() if cfg.positions == 'learned' else 0)
+        N = self.num_params(non_embedding=False) - (self.transformer.wpe.weight.numel()
+                                                    if cfg.positions == 'learned' else 0)
         return 6 * N + 12 * cfg.n_layer * cfg.n_embd * T
 
     def estimate_mfu(self, tokens_per_sec, peak_flops, T=None):
-        """Model FLOPs utilization: achieved training FLOP/s as a fraction of the peak the caller gives
-        (e.g. 989e12 for an H100's bf16 dense, ~163e9 for our 2-core dev CPU in fp32, measured)."""
+        """Model FLOPs utilization: achieved training FLOP/s as a fraction of the peak the caller
+        gives (e.g. 989e12 for an H100's bf16 dense, ~163e9 for our 2-core dev CPU in fp32,
+        measured)."""
         return self.flops_per_token(T) * tokens_per_sec / peak_flops
 
     # -------------------------------------------------------------------------
@@ -381,19 +414,21 @@ class GPT(nn.Module):
         return model.to(dtype)
 
     def save_pretrained(self, out_dir, tokenizer=None):
-        """Write a Hugging Face directory that transformers.AutoModelForCausalLM.from_pretrained loads
-        with the same logits, plus tokenizer files for BPE tokenizers (so AutoTokenizer works too)."""
+        """Write a Hugging Face directory that transformers.AutoModelForCausalLM.from_pretrained
+        loads with the same logits, plus tokenizer files for BPE tokenizers (so AutoTokenizer works
+        too)."""
         from nanolab import hf
         hf.write_pretrained(out_dir, asdict(self.config), self.state_dict(), tokenizer)
 
 # -----------------------------------------------------------------------------
-# names that used to live here: importing one says where it is now
+# names that live in the package: importing one from model.py says where (an ImportError)
 
-MOVED = {'nanolab.device': ('resolve_device', 'resolve_dtype', 'autocast_ctx', 'peak_flops', 'PEAK_FLOPS',
-                            'CPU_PEAK_FLOPS', 'DTYPES'),
+MOVED = {'nanolab.device': ('resolve_device', 'resolve_dtype', 'autocast_ctx', 'peak_flops',
+                            'PEAK_FLOPS', 'CPU_PEAK_FLOPS', 'DTYPES'),
          'nanolab.kv_cache': ('KVCache',),
-         'nanolab.checkpoint': ('load_model', 'save_checkpoint', 'load_checkpoint', 'load_weights_file',
-                                'model_from_checkpoint', 'model_sources', 'checkpoint_stage', 'STAGES', 'TUNED'),
+         'nanolab.checkpoint': ('load_model', 'save_checkpoint', 'load_checkpoint',
+                                'load_weights_file', 'model_from_checkpoint', 'model_sources',
+                                'checkpoint_stage', 'STAGES', 'TUNED'),
          'nanolab.files': ('write_atomic', 'write_json'),
          'nanolab.tokenizer': ('check_tokenizer_fits',)}
 
@@ -402,4 +437,5 @@ def __getattr__(name):
     if home is None:
         raise AttributeError(f"module 'model' has no attribute {name!r}")
     new = 'check_fits' if name == 'check_tokenizer_fits' else name
-    raise ImportError(f"{name} is no longer in model.py, which holds the model alone: from {home} import {new}")
+    raise ImportError(f"{name} is no longer in model.py, which holds the model "
+                      f"alone: from {home} import {new}")

@@ -1,1 +1,2 @@
-"""nanolab's machinery: what the scripts at the repository's root share (the README's map lists each module)."""
+"""nanolab's machinery: what the scripts at the repository's root share (the README's map lists
+each module)."""

@@ -1,29 +1,35 @@
 """
-Device and dtype, chosen in one place for every script, and the peak FLOP/s that MFU is measured against.
+Device and dtype, chosen in one place for every script, and the peak FLOP/s that MFU is measured
+against.
 
-    device = resolve_device('auto')            # cuda, then mps, then cpu; an explicit device that is absent: error
-    dtype = resolve_dtype('auto', device)      # bf16 on GPUs that have it, fp16 on older ones, fp32 on CPU and MPS
-    with autocast_ctx(device, dtype): ...      # mixed precision for the forward pass; nothing in fp32
+    device = resolve_device('auto')        # cuda, then mps, then cpu; an absent device is an error
+    dtype = resolve_dtype('auto', device)  # bf16 on GPUs that have it, fp16 on older ones, or fp32
+    with autocast_ctx(device, dtype): ...  # mixed precision for the forward pass; nothing in fp32
 """
 from contextlib import nullcontext
 
 import torch
 
-DTYPES = ('auto', 'float32', 'bfloat16', 'float16')  # the dtype setting of every script (resolve_dtype)
+# the dtype setting of every script (resolve_dtype)
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 
 
 def resolve_device(device='auto'):
-    """'auto' picks cuda, then mps, then cpu. An explicit device that is not there is an error. On CUDA it also
-    turns TF32 on for fp32 matmuls (Ampere and later: ~8x the fp32 rate, 10-bit mantissas; nanoGPT does the same),
-    for every script, since every script comes through here."""
+    """'auto' picks cuda, then mps, then cpu. An explicit device that is not there is an error. On
+    CUDA it also turns TF32 on for fp32 matmuls (Ampere and later: ~8x the fp32 rate, 10-bit
+    mantissas; nanoGPT does the same), for every script, since every script comes through here."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else \
-            'mps' if hasattr(torch.backends, 'mps') and torch.backends.mps.is_available() else 'cpu'
+            'mps' if hasattr(torch.backends, 'mps') and torch.backends.mps.is_available() else \
+            'cpu'
     kind = device.split(':')[0]
     if kind == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device='{device}' but CUDA is not available here; use --device=cpu (or --device=auto)")
-    if kind == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
-        raise ValueError(f"device='{device}' but MPS is not available here; use --device=cpu (or --device=auto)")
+        raise ValueError(f"device='{device}' but CUDA is not available here; use "
+                         "--device=cpu (or --device=auto)")
+    if kind == 'mps' and not (hasattr(torch.backends, 'mps')
+                              and torch.backends.mps.is_available()):
+        raise ValueError(f"device='{device}' but MPS is not available here; use "
+                         "--device=cpu (or --device=auto)")
     if kind not in ('cpu', 'cuda', 'mps'):
         raise ValueError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
     if kind == 'cuda':
@@ -33,8 +39,8 @@ def resolve_device(device='auto'):
 
 def resolve_dtype(dtype, device):
     """'auto' = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU and MPS.
-    subtle: bf16 is ~8x slower than fp32 on a 2-core development CPU (measured: 20 vs 163 GFLOP/s for a 2048^2
-    matmul), so the CPU stays in fp32."""
+    subtle: bf16 is ~8x slower than fp32 on a 2-core development CPU (measured: 20 vs 163 GFLOP/s
+    for a 2048^2 matmul), so the CPU stays in fp32."""
     kind = device.split(':')[0]
     if dtype == 'auto':
         if kind == 'cuda':
@@ -46,7 +52,8 @@ def resolve_dtype(dtype, device):
     if table[dtype] is torch.bfloat16 and kind == 'cuda' and not torch.cuda.is_bf16_supported():
         raise ValueError("dtype='bfloat16' but this GPU does not support it; use --dtype=float16")
     if table[dtype] is torch.float16 and kind == 'cpu':
-        raise ValueError("dtype='float16' is not supported for CPU compute; use --dtype=float32 (or bfloat16)")
+        raise ValueError("dtype='float16' is not supported for CPU compute; use "
+                         "--dtype=float32 (or bfloat16)")
     return table[dtype]
 
 
@@ -57,8 +64,9 @@ def autocast_ctx(device, dtype):
     return torch.autocast(device_type=device.split(':')[0], dtype=dtype)
 
 
-# dense peak FLOP/s by GPU (the vendors' datasheets): (bf16/fp16 tensor cores, fp32 matmuls with TF32 on).
-# MFU divides by these; an unlisted GPU gives None and the trainers print no MFU until --peak_flops says its peak.
+# dense peak FLOP/s by GPU (the vendors' datasheets): (bf16/fp16 tensor cores, fp32 matmuls with
+# TF32 on). MFU divides by these; an unlisted GPU gives None and the trainers print no MFU until
+# --peak_flops says its peak.
 PEAK_FLOPS = {'H200': (989e12, 495e12), 'H100': (989e12, 495e12), 'A100': (312e12, 156e12),
               'L40S': (362e12, 183e12), 'L4': (121e12, 60e12), 'A10': (125e12, 62e12),
               'RTX 4090': (165e12, 83e12), 'RTX 3090': (71e12, 36e12), 'V100': (125e12, 16e12),
@@ -67,8 +75,9 @@ CPU_PEAK_FLOPS = 163e9  # a 2-core development CPU, fp32 matmuls, measured (docs
 
 
 def peak_flops(device, dtype):
-    """The peak FLOP/s MFU is measured against on device with dtype: the GPU's row of PEAK_FLOPS (by its name),
-    None for an unlisted GPU, CPU_PEAK_FLOPS on a CPU (a stand-in: every CPU differs; pass your own)."""
+    """The peak FLOP/s MFU is measured against on device with dtype: the GPU's row of PEAK_FLOPS
+    (by its name), None for an unlisted GPU, CPU_PEAK_FLOPS on a CPU (a stand-in: every CPU
+    differs; pass your own)."""
     if not str(device).startswith('cuda'):
         return CPU_PEAK_FLOPS
     name = torch.cuda.get_device_name(torch.device(device))

@@ -1,14 +1,15 @@
 """
 Files that are never left torn, and JSON that browsers can read.
 
-    write_atomic(path, lambda f: torch.save(ckpt, f))   # a temp file, fsynced, then renamed over path
-    with replacing(path) as tmp: writer.write(tmp)       # the same for a library that writes to a path itself
-    commit(tmp, path)                                    # or put a temp file written over time in place
+    write_atomic(path, lambda f: torch.save(ckpt, f))  # a temp file, fsynced, renamed over path
+    with replacing(path) as tmp: writer.write(tmp)      # the same for a library writing a path
+    commit(tmp, path)                                   # or put a finished temp file in place
     write_json(path, obj); write_text(path, text)
-    dumps(obj)                                           # json.dumps with NaN and infinities as null
+    dumps(obj)                                          # json.dumps, NaN and infinities as null
 
-A crash, a Ctrl-C or a second writer at any moment leaves either the old file or the new one, never half of one:
-the bytes reach the disk (fsync) before the name points at them (os.replace is atomic on POSIX and Windows).
+A crash, a Ctrl-C or a second writer at any moment leaves either the old file or the new one, never
+half of one: the bytes reach the disk (fsync) before the name points at them (os.replace is atomic
+on POSIX and Windows).
 """
 import json
 import math
@@ -19,8 +20,9 @@ from contextlib import contextmanager
 
 @contextmanager
 def replacing(path):
-    """A temp path beside `path`, this process and thread's own, for the caller to write; when the block ends
-    without an exception, the file is fsynced and renamed over path; either way no temp file is left."""
+    """A temp path beside `path`, this process and thread's own, for the caller to write; when the
+    block ends without an exception, the file is fsynced and renamed over path; either way no temp
+    file is left."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f'{path}.{os.getpid()}.{threading.get_ident()}.tmp'
     try:
@@ -32,8 +34,8 @@ def replacing(path):
 
 
 def commit(tmp, path):
-    """Put a finished temp file in place: fsync it (the bytes are on disk before the name points at them), then
-    rename it over path."""
+    """Put a finished temp file in place: fsync it (the bytes are on disk before the name points at
+    them), then rename it over path."""
     with open(tmp, 'rb+') as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -55,8 +57,8 @@ def write_json(path, obj):
 
 
 def finite(obj):
-    """obj with every NaN or infinite float (a diverged run's loss) replaced by None: JSON has no such numbers, and
-    json.dumps would write bare NaN, which browsers' JSON.parse rejects."""
+    """obj with every NaN or infinite float (a diverged run's loss) replaced by None: JSON has no
+    such numbers, and json.dumps would write bare NaN, which browsers' JSON.parse rejects."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):

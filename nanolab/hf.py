@@ -1,12 +1,14 @@
 """
-Hugging Face interop, in one place: reading and writing Hugging Face directories of GPT-2 and Llama models
-(config.json, tensor names, safetensors or bin weights, the hub) and writing our tokenizers as the files
-transformers.AutoTokenizer loads with the same ids (tokenizer.HFTokenizer reads such files back).
-It speaks in plain values: a model's config is the dict of GPTConfig's arguments and its weights a state dict under
-our names, so GPT.from_pretrained and save_pretrained (model.py) are thin calls into read_pretrained and
-write_pretrained. tests/test_model.py and tests/test_tokenizer.py check both directions against transformers.
+Hugging Face interop, in one place: reading and writing Hugging Face directories of GPT-2 and Llama
+models (config.json, tensor names, safetensors or bin weights, the hub) and writing our tokenizers
+as the files transformers.AutoTokenizer loads with the same ids (tokenizer.HFTokenizer reads such
+files back).
+It speaks in plain values: a model's config is the dict of GPTConfig's arguments and its weights a
+state dict under our names, so GPT.from_pretrained and save_pretrained (model.py) are thin calls
+into read_pretrained and write_pretrained. tests/test_model.py and tests/test_tokenizer.py check
+both directions against transformers.
 
-    config, state_dict = read_pretrained('path/to/hf_dir')   # or a hub name such as 'gpt2', when online
+    config, state_dict = read_pretrained('path/to/hf_dir')  # or a hub name such as 'gpt2' (online)
     write_pretrained('out/hf', config, state_dict, tokenizer)
 """
 import glob
@@ -17,79 +19,105 @@ import sys
 import torch
 
 from nanolab.files import replacing, write_json, write_text
-from nanolab.tokenizer import (EOT, GPT2_REGEX_ENCODINGS, GPT2_SPLIT_PATTERN, TEXT_END, TEXT_MARKERS, BPETokenizer,
-                               bytes_to_unicode, check_fits)
+from nanolab.tokenizer import (EOT, GPT2_REGEX_ENCODINGS, GPT2_SPLIT_PATTERN, TEXT_END,
+                               TEXT_MARKERS, BPETokenizer, bytes_to_unicode, check_fits)
 
 # -----------------------------------------------------------------------------
-# 1) models: config and tensor names.  Ours: transformer.{wte,wpe,h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj},ln_f}, lm_head.
+# 1) models: config and tensor names. Ours: lm_head and
+#    transformer.{wte,wpe,h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj},ln_f}
 
 def config_from_hf(hf):
     """A Hugging Face config.json (a dict) -> the arguments of GPTConfig."""
     mt = hf.get('model_type')
     if mt == 'gpt2':
         if hf.get('activation_function', 'gelu_new') not in ('gelu_new', 'gelu_pytorch_tanh'):
-            raise ValueError(f"unsupported GPT-2 activation '{hf['activation_function']}'; only gelu_new is implemented")
-        return dict(arch='gpt2', block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                    n_head=hf['n_head'], n_embd=hf['n_embd'], ffn_hidden=hf.get('n_inner') or 0, bias=True,
-                    tie_embeddings=hf.get('tie_word_embeddings', True), norm_eps=hf.get('layer_norm_epsilon', 1e-5))
+            raise ValueError(f"unsupported GPT-2 activation '{hf['activation_function']}'; "
+                             "only gelu_new is implemented")
+        return dict(arch='gpt2', block_size=hf['n_positions'], vocab_size=hf['vocab_size'],
+                    n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
+                    ffn_hidden=hf.get('n_inner') or 0, bias=True,
+                    tie_embeddings=hf.get('tie_word_embeddings', True),
+                    norm_eps=hf.get('layer_norm_epsilon', 1e-5))
     if mt == 'llama':
         if hf.get('attention_bias') or hf.get('mlp_bias'):
             raise ValueError("Llama checkpoints with attention_bias/mlp_bias are not supported")
         rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
         if rope.get('rope_type', rope.get('type', 'default')) != 'default':
-            raise ValueError(f"RoPE scaling '{rope.get('rope_type', rope.get('type'))}' is not supported; only plain RoPE")
+            raise ValueError(f"RoPE scaling '{rope.get('rope_type', rope.get('type'))}' is not "
+                             "supported; only plain RoPE")
         head_dim = hf.get('head_dim') or hf['hidden_size'] // hf['num_attention_heads']
         if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
-            raise ValueError("Llama checkpoints with head_dim * num_heads != hidden_size are not supported")
-        return dict(arch='llama', block_size=hf.get('max_position_embeddings', 2048), vocab_size=hf['vocab_size'],
-                    n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
-                    n_kv_head=hf.get('num_key_value_heads') or hf['num_attention_heads'], n_embd=hf['hidden_size'],
-                    ffn_hidden=hf['intermediate_size'], bias=False, tie_embeddings=hf.get('tie_word_embeddings', False),
-                    rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)), norm_eps=hf.get('rms_norm_eps', 1e-6))
-    raise ValueError(f"unsupported Hugging Face model_type '{mt}'; nanolab reads gpt2 and llama checkpoints")
+            raise ValueError("Llama checkpoints with head_dim * num_heads != "
+                             "hidden_size are not supported")
+        return dict(arch='llama', block_size=hf.get('max_position_embeddings', 2048),
+                    vocab_size=hf['vocab_size'], n_layer=hf['num_hidden_layers'],
+                    n_head=hf['num_attention_heads'],
+                    n_kv_head=hf.get('num_key_value_heads') or hf['num_attention_heads'],
+                    n_embd=hf['hidden_size'], ffn_hidden=hf['intermediate_size'], bias=False,
+                    tie_embeddings=hf.get('tie_word_embeddings', False),
+                    rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)),
+                    norm_eps=hf.get('rms_norm_eps', 1e-6))
+    raise ValueError(f"unsupported Hugging Face model_type '{mt}'; nanolab reads "
+                     "gpt2 and llama checkpoints")
 
 def config_to_hf(c, eot=None):
-    """GPTConfig's fields (a dict, as dataclasses.asdict gives them) -> a Hugging Face config.json; ValueError for
-    what Hugging Face's architecture cannot hold."""
+    """GPTConfig's fields (a dict, as dataclasses.asdict gives them) -> a Hugging Face config.json;
+    ValueError for what Hugging Face's architecture cannot hold."""
     if c['positions'] != ('learned' if c['arch'] == 'gpt2' else 'rope'):
-        raise ValueError(f"Hugging Face's {c['arch']} has no positions='{c['positions']}'; export a model with its arch's own "
-                         f"positions ({'learned' if c['arch'] == 'gpt2' else 'rope'})")
+        raise ValueError(f"Hugging Face's {c['arch']} has no positions='{c['positions']}'; export "
+                         "a model with its arch's own positions "
+                         f"({'learned' if c['arch'] == 'gpt2' else 'rope'})")
     eot = eot if eot is not None and eot < c['vocab_size'] else None
     if c['arch'] == 'gpt2':
-        return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=c['vocab_size'], n_positions=c['block_size'],
-                    n_ctx=c['block_size'],  # llama.cpp's converter reads n_ctx (older GPT-2 configs have both)
-                    n_embd=c['n_embd'], n_layer=c['n_layer'], n_head=c['n_head'], n_inner=c['ffn_hidden'], activation_function='gelu_new',
-                    layer_norm_epsilon=c['norm_eps'], tie_word_embeddings=c['tie_embeddings'], resid_pdrop=0.0, embd_pdrop=0.0,
+        return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2',
+                    vocab_size=c['vocab_size'], n_positions=c['block_size'],
+                    # llama.cpp's converter reads n_ctx (older GPT-2 configs have both)
+                    n_ctx=c['block_size'],
+                    n_embd=c['n_embd'], n_layer=c['n_layer'], n_head=c['n_head'],
+                    n_inner=c['ffn_hidden'], activation_function='gelu_new',
+                    layer_norm_epsilon=c['norm_eps'], tie_word_embeddings=c['tie_embeddings'],
+                    resid_pdrop=0.0, embd_pdrop=0.0,
                     attn_pdrop=0.0, bos_token_id=eot, eos_token_id=eot)
-    return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=c['vocab_size'], hidden_size=c['n_embd'],
-                intermediate_size=c['ffn_hidden'], num_hidden_layers=c['n_layer'], num_attention_heads=c['n_head'],
-                num_key_value_heads=c['n_kv_head'], head_dim=c['n_embd'] // c['n_head'], max_position_embeddings=c['block_size'],
-                rms_norm_eps=c['norm_eps'], rope_theta=c['rope_theta'],
-                rope_parameters={'rope_type': 'default', 'rope_theta': c['rope_theta']}, hidden_act='silu',
-                tie_word_embeddings=c['tie_embeddings'], attention_bias=False, mlp_bias=False, bos_token_id=eot, eos_token_id=eot)
+    return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=c['vocab_size'],
+                hidden_size=c['n_embd'], intermediate_size=c['ffn_hidden'],
+                num_hidden_layers=c['n_layer'], num_attention_heads=c['n_head'],
+                num_key_value_heads=c['n_kv_head'], head_dim=c['n_embd'] // c['n_head'],
+                max_position_embeddings=c['block_size'], rms_norm_eps=c['norm_eps'],
+                rope_theta=c['rope_theta'],
+                rope_parameters={'rope_type': 'default', 'rope_theta': c['rope_theta']},
+                hidden_act='silu', tie_word_embeddings=c['tie_embeddings'], attention_bias=False,
+                mlp_bias=False, bos_token_id=eot, eos_token_id=eot)
 
 def _hf_names(c):
-    """(our name, HF name or list of HF names concatenated along dim 0, transpose?) for every tensor."""
-    rows = [('transformer.wte.weight', 'transformer.wte.weight' if c['arch'] == 'gpt2' else 'model.embed_tokens.weight', False)]
+    """(our name, HF name or list of HF names concatenated along dim 0, transpose?) for every
+    tensor."""
+    rows = [('transformer.wte.weight', 'transformer.wte.weight' if c['arch'] == 'gpt2'
+             else 'model.embed_tokens.weight', False)]
     for i in range(c['n_layer']):
         o = f'transformer.h.{i}.'
-        if c['arch'] == 'gpt2':  # GPT-2 stores its linears as Conv1D: (in, out), the transpose of nn.Linear
+        # GPT-2 stores its linears as Conv1D: (in, out), the transpose of nn.Linear
+        if c['arch'] == 'gpt2':
             h = f'transformer.h.{i}.'
-            for name, t in [('ln_1.weight', 0), ('ln_1.bias', 0), ('attn.c_attn.weight', 1), ('attn.c_attn.bias', 0),
-                            ('attn.c_proj.weight', 1), ('attn.c_proj.bias', 0), ('ln_2.weight', 0), ('ln_2.bias', 0),
-                            ('mlp.c_fc.weight', 1), ('mlp.c_fc.bias', 0), ('mlp.c_proj.weight', 1), ('mlp.c_proj.bias', 0)]:
+            for name, t in [('ln_1.weight', 0), ('ln_1.bias', 0), ('attn.c_attn.weight', 1),
+                            ('attn.c_attn.bias', 0), ('attn.c_proj.weight', 1),
+                            ('attn.c_proj.bias', 0), ('ln_2.weight', 0), ('ln_2.bias', 0),
+                            ('mlp.c_fc.weight', 1), ('mlp.c_fc.bias', 0), ('mlp.c_proj.weight', 1),
+                            ('mlp.c_proj.bias', 0)]:
                 rows.append((o + name, h + name, bool(t)))
         else:
             h = f'model.layers.{i}.'
             rows += [(o + 'ln_1.weight', h + 'input_layernorm.weight', False),
-                     (o + 'attn.c_attn.weight', [h + 'self_attn.q_proj.weight', h + 'self_attn.k_proj.weight',
+                     (o + 'attn.c_attn.weight', [h + 'self_attn.q_proj.weight',
+                                                 h + 'self_attn.k_proj.weight',
                                                  h + 'self_attn.v_proj.weight'], False),
                      (o + 'attn.c_proj.weight', h + 'self_attn.o_proj.weight', False),
                      (o + 'ln_2.weight', h + 'post_attention_layernorm.weight', False),
-                     (o + 'mlp.c_fc.weight', [h + 'mlp.gate_proj.weight', h + 'mlp.up_proj.weight'], False),
+                     (o + 'mlp.c_fc.weight',
+                      [h + 'mlp.gate_proj.weight', h + 'mlp.up_proj.weight'], False),
                      (o + 'mlp.c_proj.weight', h + 'mlp.down_proj.weight', False)]
     if c['arch'] == 'gpt2':
-        rows += [('transformer.wpe.weight', 'transformer.wpe.weight', False), ('transformer.ln_f.weight', 'transformer.ln_f.weight', False),
+        rows += [('transformer.wpe.weight', 'transformer.wpe.weight', False),
+                 ('transformer.ln_f.weight', 'transformer.ln_f.weight', False),
                  ('transformer.ln_f.bias', 'transformer.ln_f.bias', False)]
     else:
         rows += [('transformer.ln_f.weight', 'model.norm.weight', False)]
@@ -100,13 +128,16 @@ def _hf_names(c):
 def state_dict_from_hf(hf_sd, c):
     """A Hugging Face state dict -> ours, for the model of config c (GPTConfig's fields)."""
     if c['arch'] == 'gpt2' and not any(k.startswith('transformer.') for k in hf_sd):
-        hf_sd = {'transformer.' + k if not k.startswith('lm_head') else k: v for k, v in hf_sd.items()}  # hub 'gpt2' omits the prefix
+        # hub 'gpt2' omits the prefix
+        hf_sd = {'transformer.' + k if not k.startswith('lm_head') else k: v
+                 for k, v in hf_sd.items()}
     sd = {}
     for ours, theirs, transpose in _hf_names(c):
         names = theirs if isinstance(theirs, list) else [theirs]
         missing = [n for n in names if n not in hf_sd]
         if missing:
-            raise ValueError(f"Hugging Face checkpoint lacks tensor(s) {missing}; it does not match its config.json")
+            raise ValueError(f"Hugging Face checkpoint lacks tensor(s) {missing}; it does "
+                             "not match its config.json")
         w = torch.cat([hf_sd[n] for n in names], dim=0)
         sd[ours] = w.t() if transpose else w
     if c['tie_embeddings']:
@@ -114,13 +145,15 @@ def state_dict_from_hf(hf_sd, c):
     return sd
 
 def state_dict_to_hf(sd, c):
-    """Our state dict -> Hugging Face's names and shapes, for the model of config c (GPTConfig's fields)."""
+    """Our state dict -> Hugging Face's names and shapes, for the model of config c (GPTConfig's
+    fields)."""
     hf = {}
     for ours, theirs, transpose in _hf_names(c):
         if ours not in sd:  # gpt2 with bias=False: HF GPT-2 always has biases, so write zeros
             if not ours.endswith('.bias'):
                 raise KeyError(ours)
-            w = torch.zeros(sd[ours[:-4] + 'weight'].shape[0])  # Linear (out, in) and LayerNorm (C,) alike
+            # Linear (out, in) and LayerNorm (C,) alike
+            w = torch.zeros(sd[ours[:-4] + 'weight'].shape[0])
         else:
             w = sd[ours].t() if transpose else sd[ours]
         if isinstance(theirs, list):  # split a fused matrix back into HF's separate projections
@@ -139,15 +172,20 @@ def local_dir(name_or_dir):
     """A local HF directory as is; otherwise download a hub snapshot (needs the network)."""
     if os.path.isdir(name_or_dir):
         if not os.path.exists(os.path.join(name_or_dir, 'config.json')):
-            raise ValueError(f"{name_or_dir} has no config.json, so it is not a Hugging Face model directory")
+            raise ValueError(f"{name_or_dir} has no config.json, so it is not a "
+                             "Hugging Face model directory")
         return name_or_dir
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(name_or_dir, allow_patterns=['*.json', '*.safetensors', '*.txt', '*.model', 'pytorch_model*.bin'])
+        return snapshot_download(name_or_dir,
+                                 allow_patterns=['*.json', '*.safetensors', '*.txt', '*.model',
+                                                 'pytorch_model*.bin'])
     except Exception as e:
-        raise ValueError(f"'{name_or_dir}' is not a local directory and could not be fetched from the Hugging Face hub "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass a local directory "
-                         "(config.json + weights, e.g. written by save_pretrained), or go online.") from None
+        raise ValueError(f"'{name_or_dir}' is not a local directory and could not be fetched "
+                         f"from the Hugging Face hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local "
+                         "directory (config.json + weights, e.g. written by "
+                         "save_pretrained), or go online.") from None
 
 def read_weights(path):
     files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
@@ -163,26 +201,29 @@ def read_weights(path):
         for f in files:
             sd.update(torch.load(f, map_location='cpu', weights_only=True))
         return sd
-    raise ValueError(f"{path} has a config.json but no *.safetensors or pytorch_model*.bin weights")
+    raise ValueError(f"{path} has a config.json but no *.safetensors or "
+                     "pytorch_model*.bin weights")
 
 def read_pretrained(name_or_dir):
-    """A Hugging Face directory of a GPT-2 or Llama model (config.json + safetensors/bin), or a hub name such as
-    'gpt2' when online -> (GPTConfig's arguments, the state dict under our names)."""
+    """A Hugging Face directory of a GPT-2 or Llama model (config.json + safetensors/bin), or a hub
+    name such as 'gpt2' when online -> (GPTConfig's arguments, the state dict under our names)."""
     path = local_dir(name_or_dir)
     with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
         config = config_from_hf(json.load(f))
     return config, state_dict_from_hf(read_weights(path), config)
 
 def write_pretrained(out_dir, config, state_dict, tokenizer=None):
-    """Write a directory that transformers.AutoModelForCausalLM.from_pretrained loads with the same logits: config
-    (GPTConfig's fields) as config.json, the weights as model.safetensors, and tokenizer files for BPE tokenizers (so
-    AutoTokenizer works too). Refused before anything is written: what Hugging Face's architecture cannot hold, and
-    a tokenizer with ids beyond the embedding."""
+    """Write a directory that transformers.AutoModelForCausalLM.from_pretrained loads with the same
+    logits: config (GPTConfig's fields) as config.json, the weights as model.safetensors, and
+    tokenizer files for BPE tokenizers (so AutoTokenizer works too). Refused before anything is
+    written: what Hugging Face's architecture cannot hold, and a tokenizer with ids beyond the
+    embedding."""
     from safetensors.torch import save_file
     hf_config = config_to_hf(config, eot=getattr(tokenizer, 'eot', None))
     check_fits(tokenizer, config['vocab_size'])
     os.makedirs(out_dir, exist_ok=True)
-    hf_config['torch_dtype'] = hf_config['dtype'] = str(next(iter(state_dict.values())).dtype).replace('torch.', '')
+    hf_config['torch_dtype'] = hf_config['dtype'] = \
+        str(next(iter(state_dict.values())).dtype).replace('torch.', '')
     sd = {k: v.contiguous() for k, v in state_dict_to_hf(state_dict, config).items()}
     with replacing(os.path.join(out_dir, 'model.safetensors')) as tmp:
         save_file(sd, tmp, metadata={'format': 'pt'})
@@ -190,7 +231,8 @@ def write_pretrained(out_dir, config, state_dict, tokenizer=None):
     if tokenizer is not None:
         try:
             save_tokenizer_files(tokenizer, out_dir)
-        except ValueError as e:  # a char vocabulary of multi-byte chars has no HF form; the weights are still good
+        except ValueError as e:
+            # a char vocabulary of multi-byte chars has no HF form; the weights are still good
             if tokenizer.kind != 'char':
                 raise
             print(f'note: {out_dir} gets no tokenizer files: {e}', file=sys.stderr)
@@ -199,59 +241,68 @@ def write_pretrained(out_dir, config, state_dict, tokenizer=None):
 # 2) tokenizers
 
 def byte_level_vocab(tok, unlisted_merges=False):
-    """tok as a GPT-2-style byte-level BPE: (text_of {id: token text}, merges [(text, text)] in rank order, specials
-    {text: id}), each token's bytes spelled in bytes_to_unicode chars (space -> 'Ġ'), as vocab.json + merges.txt and a
-    GGUF file's token list hold them. A char vocabulary is such a BPE: its one-byte chars need no merges (the
-    byte-level pre-tokenizer makes each its own token, as CharTokenizer does); a char of several bytes is a chain of
-    merges through prefixes that have no id, which only a reader that allows unlisted merges (llama.cpp) takes:
+    """tok as a GPT-2-style byte-level BPE: (text_of {id: token text}, merges [(text, text)] in
+    rank order, specials {text: id}), each token's bytes spelled in bytes_to_unicode chars (space
+    -> 'Ġ'), as vocab.json + merges.txt and a GGUF file's token list hold them. A char vocabulary
+    is such a BPE: its one-byte chars need no merges (the byte-level pre-tokenizer makes each its
+    own token, as CharTokenizer does); a char of several bytes is a chain of merges through
+    prefixes that have no id, which only a reader that allows unlisted merges (llama.cpp) takes:
     unlisted_merges=True. Hugging Face's BPE requires every merge's parts in the vocabulary."""
     b2u = bytes_to_unicode()
     if tok.kind == 'char':
         wide = [c for c in tok.chars if len(c.encode('utf-8')) > 1]
         if wide and not unlisted_merges:
-            raise ValueError(f"this char vocabulary has chars of more than one byte ({''.join(wide[:10])!r}), which "
-                             "a Hugging Face byte-level vocabulary cannot hold without ids for their bytes; export "
-                             "--format=gguf (llama.cpp takes it), rebuild the vocabulary from ASCII text, or train "
-                             "with a BPE (BPETokenizer.train or 'gpt2')")
+            raise ValueError("this char vocabulary has chars of more than one byte "
+                             f"({''.join(wide[:10])!r}), which a Hugging Face byte-level "
+                             "vocabulary cannot hold without ids for their bytes; export "
+                             "--format=gguf (llama.cpp takes it), rebuild the vocabulary from "
+                             "ASCII text, or train with a BPE (BPETokenizer.train or 'gpt2')")
         spell = lambda bs: ''.join(b2u[b] for b in bs)  # noqa: E731
         merges = {}  # (prefix, next byte) -> None, in order: a char's bytes join left to right
         for c in wide:
             bs = c.encode('utf-8')
             merges.update({(spell(bs[:k]), spell(bs[k:k + 1])): None for k in range(1, len(bs))})
         return {i: spell(c.encode('utf-8')) for i, c in enumerate(tok.chars)}, list(merges), {}
-    if tok.kind == 'hf' and tok.tk is not None:  # a tokenizer.json: only the plain GPT-2 byte-level BPE
+    # a tokenizer.json: only the plain GPT-2 byte-level BPE
+    if tok.kind == 'hf' and tok.tk is not None:
         j = json.loads(tok.files['tokenizer.json'])
         pre = j.get('pre_tokenizer') or {}
-        if j['model'].get('type') != 'BPE' or pre.get('type') != 'ByteLevel' or not pre.get('use_regex', True):
+        if j['model'].get('type') != 'BPE' or pre.get('type') != 'ByteLevel' \
+                or not pre.get('use_regex', True):
             raise ValueError(f"{tok.name}'s tokenizer.json is not GPT-2's byte-level BPE (model "
-                             f"{j['model'].get('type')}, pre-tokenizer {pre.get('type')}); export the model with "
-                             "--format=hf and convert that with llama.cpp's convert_hf_to_gguf.py, which knows it")
+                             f"{j['model'].get('type')}, pre-tokenizer {pre.get('type')}); export "
+                             "the model with --format=hf and convert that with llama.cpp's "
+                             "convert_hf_to_gguf.py, which knows it")
         text_of = {i: t for t, i in tok.tk.get_vocab(with_added_tokens=False).items()}
-        merges = [tuple(m.split(' ', 1)) if isinstance(m, str) else tuple(m) for m in j['model']['merges']]
+        merges = [tuple(m.split(' ', 1)) if isinstance(m, str) else tuple(m)
+                  for m in j['model']['merges']]
         return text_of, merges, dict(tok.special_tokens)
     if tok.kind == 'hf':
         bpe = tok.bpe  # vocab.json + merges.txt: GPT-2's own format
     elif tok.kind == 'tiktoken' and tok.name in GPT2_REGEX_ENCODINGS:
-        bpe = BPETokenizer.from_tiktoken(tok.enc)  # tiktoken's pattern is a rewrite of GPT-2's regex
+        # tiktoken's pattern is a rewrite of GPT-2's regex
+        bpe = BPETokenizer.from_tiktoken(tok.enc)
     elif tok.kind == 'bpe' and tok.pattern == GPT2_SPLIT_PATTERN:
         bpe = tok
     else:
-        raise ValueError(f"{tok!r} splits text with a regex other than GPT-2's, which HF's ByteLevel pre-tokenizer "
-                         f"and llama.cpp's 'gpt-2' one don't implement; export our BPE, a char vocabulary, or a "
-                         f"tiktoken encoding in {GPT2_REGEX_ENCODINGS}")
+        raise ValueError(f"{tok!r} splits text with a regex other than GPT-2's, which HF's "
+                         "ByteLevel pre-tokenizer and llama.cpp's 'gpt-2' one don't "
+                         "implement; export our BPE, a char vocabulary, or a tiktoken "
+                         f"encoding in {GPT2_REGEX_ENCODINGS}")
     text_of = {i: ''.join(b2u[b] for b in bs) for i, bs in bpe.vocab.items()}
     return text_of, [(text_of[a], text_of[b]) for a, b in bpe.merges], dict(bpe.special_tokens)
 
 def chat_jinja(tok):
     """The chat template (tokenizer.py's CHAT_TEMPLATE_DOC) as Jinja, the language of transformers'
-    apply_chat_template and of GGUF's tokenizer.chat_template: role tokens where tok has them, else text markers."""
+    apply_chat_template and of GGUF's tokenizer.chat_template: role tokens where tok has them, else
+    text markers."""
     if tok._has_chat_tokens():
         return ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     end = json.dumps(EOT if tok.eot is not None else TEXT_END)
-    return (f"{{% set markers = {json.dumps(TEXT_MARKERS)} %}}{{% for m in messages %}}{{{{ markers[m['role']] }}}}"
-            f"{{{{ m['content'] }}}}{{{{ {end} }}}}{{% endfor %}}{{% if add_generation_prompt %}}"
-            f"{{{{ markers['assistant'] }}}}{{% endif %}}")
+    return (f"{{% set markers = {json.dumps(TEXT_MARKERS)} %}}{{% for m in messages %}}"
+            f"{{{{ markers[m['role']] }}}}{{{{ m['content'] }}}}{{{{ {end} }}}}{{% endfor %}}"
+            f"{{% if add_generation_prompt %}}{{{{ markers['assistant'] }}}}{{% endif %}}")
 
 def save_tokenizer_files(tok, out_dir):
     """Write tok as a Hugging Face tokenizer directory: vocab.json + merges.txt (GPT-2's format),
@@ -272,14 +323,17 @@ def save_tokenizer_files(tok, out_dir):
         raise ValueError('two token ids share the same bytes, which vocab.json cannot represent')
     vocab.update(specials)  # as GPT-2's vocab.json lists <|endoftext|>
     write_text(os.path.join(out_dir, 'vocab.json'), json.dumps(vocab, ensure_ascii=False))
-    write_text(os.path.join(out_dir, 'merges.txt'), '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
+    write_text(os.path.join(out_dir, 'merges.txt'),
+               '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
     # 2) tokenizer.json: BPE model + ByteLevel pre-tokenizer (its regex is GPT2_SPLIT_PATTERN)
     hf = HFTok(models.BPE(vocab=vocab, merges=merges))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])  # ids from vocab
+    # ids from vocab
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     write_text(os.path.join(out_dir, 'tokenizer.json'), hf.to_str())
-    # 3) configs: GPT-2's convention is one token for bos, eos and unk; no clean-up, so decode round-trips
+    # 3) configs: GPT-2's convention is one token for bos, eos and unk; no clean-up, so decode
+    #    round-trips
     eot = {'bos_token': EOT, 'eos_token': EOT, 'unk_token': EOT} if EOT in specials else {}
     config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'add_prefix_space': False,
               'clean_up_tokenization_spaces': False, 'chat_template': chat_jinja(tok), **eot}
