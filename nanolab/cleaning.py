@@ -1,19 +1,21 @@
 """
-Cleaning for custom corpora (`python data.py text`): six steps, each on by default and switched by a
-data.py flag of the same name. Steps 1-4 look at one document at a time (clean_doc, which data.py runs
-in worker processes); steps 5-6 compare documents in corpus order (Deduper, in the main process), so
-the first copy of a duplicate is the one kept.
+Cleaning for custom corpora (`python data.py text`): six steps, each on by default and switched by
+a data.py flag of the same name. Steps 1-4 look at one document at a time (clean_doc, which
+datasets.py runs in worker processes); steps 5-6 compare documents in corpus order (Deduper, in the
+main process), so the first copy of a duplicate is the one kept.
 
-  1) normalize    Unicode NFC, '\\r\\n' -> '\\n', control and zero-width chars dropped, ends stripped
+  1) normalize    Unicode NFC, '\\r\\n' -> '\\n', control and zero-width chars dropped, ends
+                  stripped
   2) quality      Gopher's heuristics (Rae et al. 2021, appendix A.1.1): word count, symbol ratio,
                   repeated lines, mean word length
-  3) lang_filter  English only, by the share of English function words: Gopher's stop-word rule as a
-                  ratio, so it needs no model or extra dependency
+  3) lang_filter  English only, by the share of English function words: Gopher's stop-word rule
+                  as a ratio, so it needs no model or extra dependency
   4) pii          emails, phone numbers, IPv4 addresses and card numbers that pass the Luhn check
                   -> <EMAIL> <PHONE> <IP_ADDRESS> <CARD_NUMBER>
   5) dedup        exact duplicates: a 128-bit hash of the text after steps 1-4
-  6) near_dedup   MinHash (Broder 1997) of word 5-gram shingles, LSH banding (Leskovec, Rajaraman and
-                  Ullman, Mining of Massive Datasets, ch. 3), each candidate verified against the signature
+  6) near_dedup   MinHash (Broder 1997) of word 5-gram shingles, LSH banding (Leskovec, Rajaraman
+                  and Ullman, Mining of Massive Datasets, ch. 3), each candidate verified against
+                  the signature
 
 clean_corpus() runs all six in one process: the reference that the tests and the BPE sample use.
 """
@@ -24,16 +26,19 @@ from collections import Counter
 
 import numpy as np
 
-NUM_PERM = 128   # MinHash permutations: the Jaccard estimate's std is sqrt(J(1-J)/128), 0.035 at J=0.8
+# MinHash permutations: the Jaccard estimate's std is sqrt(J(1-J)/128), 0.035 at J=0.8
+NUM_PERM = 128
 SHINGLE = 5      # words per shingle, as RefinedWeb (Penedo et al. 2023) and datatrove
 SLICE = 1 << 20  # chars MinHash hashes at once (its temporaries take ~100 bytes per char)
-PLACEHOLDERS = {'email': '<EMAIL>', 'phone': '<PHONE>', 'ip': '<IP_ADDRESS>', 'card': '<CARD_NUMBER>'}
+PLACEHOLDERS = {'email': '<EMAIL>', 'phone': '<PHONE>', 'ip': '<IP_ADDRESS>',
+                'card': '<CARD_NUMBER>'}
 
 # 1) normalize: C0/C1 controls except \t \n, zero-width chars and the BOM
 _CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]')
 
 def normalize(text: str) -> str:
-    if not unicodedata.is_normalized('NFC', text):  # the quick check is far cheaper than normalizing
+    # the quick check is far cheaper than normalizing
+    if not unicodedata.is_normalized('NFC', text):
         text = unicodedata.normalize('NFC', text)
     return _CONTROL.sub('', text.replace('\r\n', '\n').replace('\r', '\n')).strip()
 
@@ -56,8 +61,8 @@ def quality_problem(text: str, cfg: dict):
         return 'word_length'
     return None
 
-# 3) language: closed-class English words, which make up ~40-50% of running English text and a few %
-# of German or French (where "in", "an", "so", "was", "a", "on" also occur)
+# 3) language: closed-class English words, which make up ~40-50% of running English text and a few
+# % of German or French (where "in", "an", "so", "was", "a", "on" also occur)
 ENGLISH = frozenset('''the a an and or but if so as than then that this these those there here of to in on at
 by for with from into about over after before up out not no is are was were be been am do does did have has had
 will would can could should may might must shall i you he she it we they me him her us them my your his its our
@@ -68,15 +73,18 @@ def english_ratio(text: str) -> float:
     words = _LETTERS.findall(text.lower())
     return sum(map(ENGLISH.__contains__, words)) / max(1, len(words))
 
-# 4) PII. subtle: the order matters: cards before phones, so a phone pattern never eats a card's digits
-# subtle: bounded repeats (RFC 5321 allows 64 chars before the @), or a long run of word chars costs
-# quadratic time when an @ is somewhere in the document
+# 4) PII. subtle: the order matters: cards before phones, so a phone pattern never eats a
+#    card's digits
+# subtle: bounded repeats (RFC 5321 allows 64 chars before the @), or a long run of word chars
+# costs quadratic time when an @ is somewhere in the document
 EMAIL = re.compile(r'[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63})*\.[A-Za-z]{2,24}\b')
-CARD = re.compile(r'(?<![\d-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -]?)\d{6}\2\d{4,5})(?![\d-])')
+CARD = re.compile(r'(?<![\d-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{1,7}'
+                  r'|\d{4}([ -]?)\d{6}\2\d{4,5})(?![\d-])')
 _OCTET = r'(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)'
 IPV4 = re.compile(rf'(?<![\d.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\.?\d)')
-PHONE = re.compile(r'(?<![\w+])(?:\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}'       # +44 20 7946 0958
-                   r'|(?:1[ .-])?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4})(?!\d)')  # (555) 123-4567
+# +44 20 7946 0958, or (555) 123-4567
+PHONE = re.compile(r'(?<![\w+])(?:\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}'
+                   r'|(?:1[ .-])?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4})(?!\d)')
 
 def luhn_ok(digits: str) -> bool:
     """The Luhn checksum (ISO/IEC 7812-1) that every payment card number passes, and 90% of random
@@ -98,7 +106,8 @@ def scrub_pii(text: str, stats: Counter) -> str:
         text, n = EMAIL.subn(PLACEHOLDERS['email'], text)
         stats['pii.email'] += n
     def phone(m):
-        if 7 <= len(re.sub(r'\D', '', m.group())) <= 15:  # E.164: at most 15 digits; fewer than 7 is no number
+        # E.164: at most 15 digits; fewer than 7 is no number
+        if 7 <= len(re.sub(r'\D', '', m.group())) <= 15:
             stats['pii.phone'] += 1
             return PLACEHOLDERS['phone']
         return m.group()
@@ -131,23 +140,26 @@ def clean_doc(text: str, cfg: dict, stats: Counter):
         text = new
     return text
 
-# 5) exact dedup key, also the per-document hash that data.py splits train/val by
+# 5) exact dedup key, also the per-document hash that datasets.py splits train/val by
 def doc_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode('utf-8'), digest_size=16).digest()
 
 # 6) MinHash, vectorized over a batch of documents
 _WORD_BYTE = np.zeros(256, bool)
 _WORD_BYTE[list(b'abcdefghijklmnopqrstuvwxyz0123456789')] = True
-_WORD_BYTE[128:] = True  # UTF-8 bytes of non-ASCII chars: letters of other scripts stay in their word
+# UTF-8 bytes of non-ASCII chars: letters of other scripts stay in their word
+_WORD_BYTE[128:] = True
 _rng = np.random.default_rng(20240601)  # fixed: signatures must not change between runs
 _Q = np.uint64(0x100000001B3)  # odd multiplier of the polynomial byte hash (FNV's prime)
-_QINV = np.uint64(pow(int(_Q), -1, 1 << 64))  # its inverse mod 2^64, to shift a prefix hash back to 0
-_SHINGLE_MUL, _PERM_A, _PERM_B, _BAND_MUL = (_rng.integers(0, 2 ** 64, n, dtype=np.uint64) | np.uint64(odd)
-                                             for n, odd in ((SHINGLE, 1), (NUM_PERM, 1), (NUM_PERM, 0), (NUM_PERM, 1)))
+# its inverse mod 2^64, to shift a prefix hash back to 0
+_QINV = np.uint64(pow(int(_Q), -1, 1 << 64))
+_SHINGLE_MUL, _PERM_A, _PERM_B, _BAND_MUL = (
+    _rng.integers(0, 2 ** 64, n, dtype=np.uint64) | np.uint64(odd)
+    for n, odd in ((SHINGLE, 1), (NUM_PERM, 1), (NUM_PERM, 0), (NUM_PERM, 1)))
 _pow = [np.ones(1, np.uint64)] * 2
 
 def _powers(n):
-    """(Q^j, Q^-j) mod 2^64 for j < n, cached; numpy's uint64 arithmetic wraps, which is the mod."""
+    """(Q^j, Q^-j) mod 2^64 for j < n, cached; numpy's uint64 arithmetic wraps: that is the mod."""
     if len(_pow[0]) < n:
         size = max(1 << 20, 1 << (n - 1).bit_length())
         _pow[:] = [np.cumprod(np.r_[np.uint64(1), np.full(size - 1, q)]) for q in (_Q, _QINV)]
@@ -156,9 +168,9 @@ def _powers(n):
 def minhash(docs: list) -> np.ndarray:
     """(len(docs), NUM_PERM) uint32 MinHash signatures of each doc's set of word 5-grams. Words are
     lowercase runs of [a-z0-9] and non-ASCII chars, so punctuation and case changes don't count."""
-    # subtle: docs are hashed in batches of ~SLICE chars, and a longer doc in slices whose signatures are
-    # min-combined: the signature of the union of their shingles (less the few cut in two). Memory stays
-    # bounded whatever the documents' sizes.
+    # subtle: docs are hashed in batches of ~SLICE chars, and a longer doc in slices whose
+    # signatures are min-combined: the signature of the union of their shingles (less the few cut
+    # in two). Memory stays bounded whatever the documents' sizes.
     pieces, owner = [], []
     for i, d in enumerate(docs):
         for s in range(0, max(1, len(d)), SLICE):
@@ -174,7 +186,8 @@ def minhash(docs: list) -> np.ndarray:
             size += len(p)
     if not sigs:
         return np.zeros((0, NUM_PERM), np.uint32)
-    return np.minimum.reduceat(np.concatenate(sigs), np.searchsorted(owner, np.arange(len(docs))), axis=0)
+    return np.minimum.reduceat(np.concatenate(sigs),
+                               np.searchsorted(owner, np.arange(len(docs))), axis=0)
 
 def _signatures(docs):
     D = len(docs)
@@ -202,13 +215,15 @@ def _signatures(docs):
     part, pdoc = wh[short] * _SHINGLE_MUL[np.minimum(pos[short], n - 1)], wdoc[short]
     seg = np.flatnonzero(np.r_[True, pdoc[1:] != pdoc[:-1]]) if len(pdoc) else np.zeros(0, int)
     empty = np.flatnonzero(count == 0)
-    sh = np.concatenate([sh[keep], np.add.reduceat(part, seg) if len(seg) else part, np.zeros(len(empty), np.uint64)])
+    sh = np.concatenate([sh[keep], np.add.reduceat(part, seg) if len(seg) else part,
+                         np.zeros(len(empty), np.uint64)])
     sdoc = np.concatenate([wdoc[:k][keep], pdoc[seg], empty])
     order = np.argsort(sdoc, kind='stable')
     x = sh[order] >> np.uint64(32)  # 32-bit keys for the multiply-shift permutations
     first = np.searchsorted(sdoc[order], np.arange(D))
-    # 4) NUM_PERM hash functions h(x) = (a x + b) mod 2^64, top 32 bits (Dietzfelbinger's multiply-add-
-    #    shift, 2-universal): the min of the top bits is the top bits of the min, so shift after reducing
+    # 4) NUM_PERM hash functions h(x) = (a x + b) mod 2^64, top 32 bits (Dietzfelbinger's
+    #    multiply-add-shift, 2-universal): the min of the top bits is the top bits of the min, so
+    #    shift after reducing
     sig = np.empty((NUM_PERM, D), np.uint32)
     for g in range(0, NUM_PERM, 16):  # 16 at a time bounds the (16, shingles) temporary
         v = _PERM_A[g:g + 16, None] * x[None, :] + _PERM_B[g:g + 16, None]
@@ -219,27 +234,32 @@ def lsh_params(threshold: float, num_perm=NUM_PERM, fn_weight=0.9):
     """(bands, rows): a pair with Jaccard s shares a band with probability 1 - (1 - s^rows)^bands
     (MMDS 3.4.2). Pick the pair that minimizes false-positive area below threshold + false-negative
     area above it (datasketch's optimal_param), with false negatives weighted up: candidates are
-    verified against the signatures anyway, so a false positive costs a comparison, a miss a duplicate."""
+    verified against the signatures anyway, so a false positive costs a comparison, a miss a
+    duplicate."""
     s = np.linspace(0, 1, 501)
     best = None
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
             p = 1 - (1 - s ** r) ** b
-            err = (1 - fn_weight) * p[s < threshold].sum() + fn_weight * (1 - p[s >= threshold]).sum()
+            err = (1 - fn_weight) * p[s < threshold].sum() + \
+                fn_weight * (1 - p[s >= threshold]).sum()
             if best is None or err < best[0]:
                 best = (err, b, r)
     return best[1], best[2]
 
 class Deduper:
-    """Steps 5 and 6, in corpus order. check() answers None (keep: now indexed), 'dedup' or 'near_dedup'."""
+    """Steps 5 and 6, in corpus order. check() answers None (keep: now indexed), 'dedup' or
+    'near_dedup'."""
 
     def __init__(self, cfg: dict):
         self.exact, self.near, self.jaccard = cfg['dedup'], cfg['near_dedup'], cfg['jaccard']
         self.seen = set()
         if self.near:
             self.bands, self.rows = lsh_params(self.jaccard)
-            self.tables = [{} for _ in range(self.bands)]  # band hash -> index of the first doc with it
-            self.sigs = np.empty((1024, NUM_PERM), np.uint32)  # kept docs' signatures, grown by doubling
+            # band hash -> index of the first doc with it
+            self.tables = [{} for _ in range(self.bands)]
+            # kept docs' signatures, grown by doubling
+            self.sigs = np.empty((1024, NUM_PERM), np.uint32)
             self.n = 0
 
     def band_keys(self, sigs: np.ndarray) -> np.ndarray:
@@ -263,14 +283,16 @@ class Deduper:
             self.sigs = np.concatenate([self.sigs, np.empty_like(self.sigs)])
         self.sigs[self.n] = sig
         for t, h in zip(self.tables, bands):
-            # subtle: a bucket remembers its first doc only (a list per bucket would double the memory);
-            # a doc that shares a bucket without being a duplicate is still found through its other bands
+            # subtle: a bucket remembers its first doc only (a list per bucket would double the
+            # memory); a doc that shares a bucket without being a duplicate is still found through
+            # its other bands
             t.setdefault(h, self.n)
         self.n += 1
         return None
 
 def clean_corpus(docs, cfg: dict, stats: Counter, batch=256):
-    """All six steps in one process, in order: yields the kept, cleaned docs and counts into stats."""
+    """All six steps in one process, in order: yields the kept, cleaned docs and counts into
+    stats."""
     dd = Deduper(cfg)
     docs = iter(docs)
     while chunk := [d for _, d in zip(range(batch), docs)]:
@@ -287,18 +309,21 @@ def clean_corpus(docs, cfg: dict, stats: Counter, batch=256):
                 yield t
 
 def report(stats: Counter, cfg: dict) -> dict:
-    """Counter({'quality.too_short': 3, ...}) -> {'docs_in', step: {what: n} or 'off', 'docs_out'}, printed:
-    what each step removed or changed, as meta.json stores it."""
+    """Counter({'quality.too_short': 3, ...}) -> {'docs_in', step: {what: n} or 'off', 'docs_out'},
+    printed: what each step removed or changed, as meta.json stores it."""
     out = {'docs_in': stats['docs_in']}
-    zero = {'normalize': ['changed'], 'pii': ['docs_changed', *PLACEHOLDERS], 'quality': [], 'empty': []}
+    zero = {'normalize': ['changed'], 'pii': ['docs_changed', *PLACEHOLDERS], 'quality': [],
+            'empty': []}
     for step in ('normalize', 'quality', 'lang_filter', 'pii', 'dedup', 'near_dedup', 'empty'):
         counts = dict.fromkeys(zero.get(step, ['removed']), 0)
-        counts.update({k.split('.', 1)[1]: v for k, v in sorted(stats.items()) if k.startswith(step + '.')})
+        counts.update({k.split('.', 1)[1]: v for k, v in sorted(stats.items())
+                       if k.startswith(step + '.')})
         counts.update({'removed': sum(counts.values())} if step == 'quality' else {})
         out[step] = counts if step == 'empty' or cfg[step] else 'off'
     out['docs_out'] = stats['docs_out']
     print(f"cleaning: {out['docs_in']} documents in, {out['docs_out']} out")
     for step, counts in out.items():
         if isinstance(counts, str) or (isinstance(counts, dict) and (counts or step != 'empty')):
-            print(f"  {step:<11} {counts if isinstance(counts, str) else ', '.join(f'{k} {v}' for k, v in counts.items())}")
+            print(f"  {step:<11} "
+                  f"{counts if isinstance(counts, str) else ', '.join(f'{k} {v}' for k, v in counts.items())}")
     return out

@@ -1,17 +1,20 @@
 """
 Strict configuration for every nanolab script: nanoGPT's configurator.py, with checks.
-A script keeps its hyperparameters as commented module-level globals in its settings block, the lines between
-its first two rule lines (`# -----...`), then calls
+A script keeps its hyperparameters as commented module-level globals in its settings block, the
+lines between its first two rule lines (`# -----...`), then calls
     config = configure(globals(), choices={'dtype': DTYPES})
-The settings are exactly the names that block assigns (settings_names), so the constants, imports and helpers
-after it are never settings, whatever their type.
-and runs as `python train.py [configs/x.py ...] [--key=value ...]` or `python train.py --help`. A config file may
-also be JSON, such as the config.json a run writes: `python train.py out-x/config.json --out_dir=out-y` repeats it.
+and runs as `python train.py [configs/x.py ...] [--key=value ...]` or `python train.py --help`. A
+config file may also be JSON, such as the config.json a run writes: `python train.py
+out-x/config.json --out_dir=out-y` repeats it. The settings are exactly the names that block
+assigns (settings_names), so the constants, imports and helpers after it are never settings,
+whatever their type; describe() reads them, with their comments and allowed values (the script's
+CHOICES dict), without running the script.
 
-The rules are STYLE.md "Configuration": files apply first, in order, then flags, whatever
-their order; an unknown key is an error that suggests the closest ones; a value must have its
-default's type (an int for a float is fine); `choices` restricts string options. Every failure
-is SystemExit('config error: ...'): one message, exit code 1, no traceback.
+The rules: files apply first, in order, then flags, whatever their order; an unknown key is an
+error that suggests the closest ones; a value must have its default's type (an int for a float is
+fine); `choices` restricts string options. Every failure is SystemExit('config error: ...'): one
+message, exit code 1, no traceback. Bad input found later, at run time, ends a script the same way:
+fail() and cli_errors() below.
 """
 import ast
 import difflib
@@ -30,28 +33,32 @@ def _fail(msg):
     raise SystemExit(f'config error: {msg}')
 
 
-# names users bring from nanoGPT's guides, Hugging Face and other tools -> what we call the setting (and a note);
-# suggested in the error, never accepted: one name per setting
+# names users bring from nanoGPT's guides, Hugging Face and other tools -> what we call the setting
+# (and a note); suggested in the error, never accepted: one name per setting
 ALIASES = {
-    'prompt': ('start', ''), 'num_tokens': ('max_new_tokens', ''), 'max_tokens': ('max_new_tokens', ''),
-    'n_tokens': ('max_new_tokens', ''), 'length': ('max_new_tokens', ''), 'temp': ('temperature', ''),
-    'lr': ('learning_rate', ''), 'epochs': ('max_iters', ' (iterations, not epochs: an epoch is train tokens / '
-                                             '(batch_size x block_size x gradient_accumulation_steps) iterations)'),
-    'num_epochs': ('max_iters', ' (iterations, not epochs)'), 'steps': ('max_iters', ''), 'max_steps': ('max_iters', ''),
-    'num_train_epochs': ('max_iters', ' (iterations, not epochs)'), 'n_layers': ('n_layer', ''),
-    'num_layers': ('n_layer', ''), 'n_heads': ('n_head', ''), 'num_heads': ('n_head', ''), 'd_model': ('n_embd', ''),
-    'hidden_size': ('n_embd', ''), 'context_length': ('block_size', ''), 'seq_len': ('block_size', ''),
-    'ctx_len': ('block_size', ''), 'bs': ('batch_size', ''), 'batch': ('batch_size', ''), 'model': ('init_from', ''),
-    'checkpoint': ('init_from', ''), 'ckpt': ('init_from', ''), 'output_dir': ('out_dir', ''), 'out': ('out_dir', ''),
-    'samples': ('num_samples', ''), 'n': ('num_samples', ''), 'wd': ('weight_decay', ''), 'warmup': ('warmup_iters', ''),
-    'warmup_steps': ('warmup_iters', ''), 'clip': ('grad_clip', ''), 'max_grad_norm': ('grad_clip', ''),
+    'prompt': ('start', ''), 'num_tokens': ('max_new_tokens', ''),
+    'max_tokens': ('max_new_tokens', ''), 'n_tokens': ('max_new_tokens', ''),
+    'length': ('max_new_tokens', ''), 'temp': ('temperature', ''), 'lr': ('learning_rate', ''),
+    'epochs': ('max_iters', ' (iterations, not epochs: an epoch is train tokens / (batch_size x '
+                            'block_size x gradient_accumulation_steps) iterations)'),
+    'num_epochs': ('max_iters', ' (iterations, not epochs)'), 'steps': ('max_iters', ''),
+    'max_steps': ('max_iters', ''), 'num_train_epochs': ('max_iters', ' (iterations, not epochs)'),
+    'n_layers': ('n_layer', ''), 'num_layers': ('n_layer', ''), 'n_heads': ('n_head', ''),
+    'num_heads': ('n_head', ''), 'd_model': ('n_embd', ''), 'hidden_size': ('n_embd', ''),
+    'context_length': ('block_size', ''), 'seq_len': ('block_size', ''),
+    'ctx_len': ('block_size', ''), 'bs': ('batch_size', ''), 'batch': ('batch_size', ''),
+    'model': ('init_from', ''), 'checkpoint': ('init_from', ''), 'ckpt': ('init_from', ''),
+    'output_dir': ('out_dir', ''), 'out': ('out_dir', ''), 'samples': ('num_samples', ''),
+    'n': ('num_samples', ''), 'wd': ('weight_decay', ''), 'warmup': ('warmup_iters', ''),
+    'warmup_steps': ('warmup_iters', ''), 'clip': ('grad_clip', ''),
+    'max_grad_norm': ('grad_clip', ''),
 }
 
 def _unknown(key, keys, source):
     alias, note = ALIASES.get(key, (None, ''))
     if alias in keys:
-        _fail(f"unknown key '{key}' (from {source}): here it is called {alias}{note}: --{alias}=VALUE. "
-              "Run with --help to list all keys.")
+        _fail(f"unknown key '{key}' (from {source}): here it is called {alias}{note}: "
+              f"--{alias}=VALUE. Run with --help to list all keys.")
     close = difflib.get_close_matches(key, keys, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ''
     _fail(f"unknown key '{key}' (from {source}).{hint} Run with --help to list all keys.")
@@ -115,14 +122,15 @@ def _comments(path):
 
 
 def _settings_block(path):
-    """The top-level assignments of a script's settings block: between its first two lines that start with '# ----'."""
+    """The top-level assignments of a script's settings block: between its first two lines that
+    start with '# ----'."""
     with open(path, encoding='utf-8') as f:
         src = f.read()
     rules = [i + 1 for i, line in enumerate(src.splitlines()) if line.startswith('# ----')][:2]
     if len(rules) < 2:
         return []
-    return [n for n in ast.parse(src).body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
-            and rules[0] < n.lineno < rules[1]]
+    return [n for n in ast.parse(src).body if isinstance(n, ast.Assign)
+            and isinstance(n.targets[0], ast.Name) and rules[0] < n.lineno < rules[1]]
 
 
 def settings_names(path):
@@ -131,26 +139,30 @@ def settings_names(path):
 
 
 def read_settings(path):
-    """A script's settings and their defaults, read from its source without running it (for tests and tools)."""
+    """A script's settings and their defaults, read from its source without running it (for tests
+    and tools)."""
     return {n.targets[0].id: ast.literal_eval(n.value) for n in _settings_block(path)}
 
 
 def read_choices(path):
-    """A script's allowed values: the `CHOICES = {...}` that follows its settings block, evaluated without running
-    the script. The names it uses are looked up where the script imports them from, which may only be the package or
-    model.py (`from nanolab.device import DTYPES`); anything else in it must be a literal."""
+    """A script's allowed values: the `CHOICES = {...}` that follows its settings block, evaluated
+    without running the script. The names it uses are looked up where the script imports them from,
+    which may only be the package or model.py (`from nanolab.device import DTYPES`); anything else
+    in it must be a literal."""
     with open(path, encoding='utf-8') as f:
         tree = ast.parse(f.read())
-    node = next((n for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
-                 and n.targets[0].id == 'CHOICES'), None)
+    node = next((n for n in tree.body if isinstance(n, ast.Assign)
+                 and isinstance(n.targets[0], ast.Name) and n.targets[0].id == 'CHOICES'), None)
     if node is None:
         return {}
-    imported = {a.asname or a.name: (n.module, a.name) for n in tree.body if isinstance(n, ast.ImportFrom)
+    imported = {a.asname or a.name: (n.module, a.name) for n in tree.body
+                if isinstance(n, ast.ImportFrom)
                 for a in n.names if n.module == 'model' or (n.module or '').startswith('nanolab')}
     names = {}
     for name in {x.id for x in ast.walk(node.value) if isinstance(x, ast.Name)}:
         if name not in imported:
-            raise ValueError(f"{path}: CHOICES uses {name}, which is not imported from the package or model.py")
+            raise ValueError(f"{path}: CHOICES uses {name}, which is not imported "
+                             "from the package or model.py")
         module, attr = imported[name]
         try:  # `from nanolab import datasets`: a module
             names[name] = importlib.import_module(f'{module}.{attr}')
@@ -160,8 +172,9 @@ def read_choices(path):
 
 
 def describe(path):
-    """Every setting of a script, read without running it: [{name, default, type, comment, choices}] in the order of
-    its settings block (choices: the allowed values, or None for any value of the type)."""
+    """Every setting of a script, read without running it: [{name, default, type, comment,
+    choices}] in the order of its settings block (choices: the allowed values, or None for any
+    value of the type)."""
     comments, choices = _comments(path), read_choices(path)
     return [{'name': k, 'default': v, 'type': type(v).__name__, 'comment': comments.get(k, ''),
              'choices': list(choices[k]) if choices.get(k) is not None else None}
@@ -184,12 +197,13 @@ def _help(g, defaults, choices):
 
 
 def configure(g, argv=None, choices=None, verbose=True, positional=None):
-    """Apply config files and --key=value flags to g; return the resolved config. g is a script's globals (its
-    settings: the names its settings block assigns) or, without '__file__', a plain dict of settings.
-    positional: a setting that a first argument which is neither a flag nor a config file gives, as
-    `python data.py shakespeare_char` gives dataset='shakespeare_char'."""
+    """Apply config files and --key=value flags to g; return the resolved config. g is a script's
+    globals (its settings: the names its settings block assigns) or, without '__file__', a plain
+    dict of settings. positional: a setting that a first argument which is neither a flag nor a
+    config file gives, as `python data.py shakespeare_char` gives dataset='shakespeare_char'."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if positional and argv and not argv[0].startswith('-') and not argv[0].endswith(('.py', '.json')):
+    if positional and argv and not argv[0].startswith('-') \
+            and not argv[0].endswith(('.py', '.json')):
         argv[0] = f'--{positional}={argv[0]}'
     choices = choices or {}
     if g.get('__file__'):
@@ -201,7 +215,8 @@ def configure(g, argv=None, choices=None, verbose=True, positional=None):
     defaults = {k: g[k] for k in names}
     bad = [k for k, v in defaults.items() if not isinstance(v, CONFIG_TYPES)]
     if bad:
-        _fail(f"setting {bad[0]} = {defaults[bad[0]]!r} is not a plain value ({', '.join(t.__name__ for t in CONFIG_TYPES)})")
+        _fail(f"setting {bad[0]} = {defaults[bad[0]]!r} is not a plain value "
+              f"({', '.join(t.__name__ for t in CONFIG_TYPES)})")
     if '--help' in argv or '-h' in argv:
         _help(g, defaults, choices)
         raise SystemExit(0)
@@ -221,10 +236,13 @@ def configure(g, argv=None, choices=None, verbose=True, positional=None):
             hint = ''
             if key not in defaults:
                 name = alias if alias in defaults else close[0] if close else key
-                hint = f" (--{key} is not a key here{'; it is called ' + alias + note if alias in defaults else ''})"
-            _fail(f"unexpected argument '{arg}' after --{key}: write --{name}={arg}, one argument with '='{hint}")
+                hint = (f" (--{key} is not a key here"
+                        f"{'; it is called ' + alias + note if alias in defaults else ''})")
+            _fail(f"unexpected argument '{arg}' after --{key}: write --{name}={arg}, "
+                  f"one argument with '='{hint}")
         else:
-            _fail(f"unexpected argument '{arg}': pass config files (configs/x.py, out_dir/config.json) or --key=value")
+            _fail(f"unexpected argument '{arg}': pass config files (configs/x.py, "
+                  "out_dir/config.json) or --key=value")
 
     config, applied = dict(defaults), {}  # applied: key -> source, in the order first set
 
@@ -238,7 +256,8 @@ def configure(g, argv=None, choices=None, verbose=True, positional=None):
     for path in files:
         if not os.path.isfile(path):
             _fail(f'config file not found: {path}')
-        if path.endswith('.json'):  # a run's config.json: every key a setting, every value of its type
+        # a run's config.json: every key a setting, every value of its type
+        if path.endswith('.json'):
             try:
                 with open(path, encoding='utf-8') as f:
                     saved = json.load(f)
@@ -256,11 +275,14 @@ def configure(g, argv=None, choices=None, verbose=True, positional=None):
             with open(path) as f:
                 exec(compile(f.read(), path, 'exec'), ns)
         except Exception as e:  # say which line of the config file failed, without a traceback
-            lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path]
-            line, msg = (e.lineno, e.msg) if isinstance(e, SyntaxError) else ((lines or ['?'])[-1], e)
+            lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__)
+                     if fr.filename == path]
+            line, msg = (e.lineno, e.msg) if isinstance(e, SyntaxError) else \
+                ((lines or ['?'])[-1], e)
             _fail(f'{path} line {line}: {type(e).__name__}: {msg}')
         for key, value in ns.items():
-            if key.startswith('_') or (key not in defaults and not isinstance(value, CONFIG_TYPES)):
+            if key.startswith('_') or (key not in defaults
+                                       and not isinstance(value, CONFIG_TYPES)):
                 continue  # __builtins__, `import math`, helper functions: not settings
             if key not in defaults:
                 _unknown(key, defaults, path)
@@ -285,7 +307,8 @@ def configure(g, argv=None, choices=None, verbose=True, positional=None):
             source = applied.get(key, 'the default')
             close = difflib.get_close_matches(str(config[key]), [str(a) for a in allowed], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ''
-            _fail(f"{key}={config[key]!r} (from {source}) is not one of {', '.join(map(repr, allowed))}{hint}")
+            _fail(f"{key}={config[key]!r} (from {source}) is not one of "
+                  f"{', '.join(map(repr, allowed))}{hint}")
 
     g.update({k: config[k] for k in applied})
     if verbose:
@@ -304,10 +327,12 @@ def fail(msg):
 
 @contextmanager
 def cli_errors(*kinds):
-    """A ValueError (or one of `kinds`) raised in the block is bad input: the script ends with fail's one line.
-    Every library function that refuses input raises ValueError with a message that names the problem and the fix,
-    so a script wraps the calls that read user input in this, and nothing else."""
+    """A ValueError (or one of `kinds`) raised in the block is bad input: the script ends with
+    fail's one line. Every library function that refuses input raises ValueError with a message
+    that names the problem and the fix, so a script wraps the calls that read user input in this,
+    and nothing else."""
     try:
         yield
     except (ValueError, *kinds) as e:
-        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)  # a KeyError's str() would quote it
+        # a KeyError's str() would quote it
+        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)

@@ -1,20 +1,21 @@
 """
-Preference pairs ({prompt, chosen, rejected}) as the preference trainers use them: where the files are, how a pair
-becomes token ids (the chat template, truncated to fit), batches of responses with their log-probabilities, the
-order pairs are read in, and the DPO / IPO loss. dpo.py trains with them; reward.py reads the same pairs; rl.py
-scores sampled answers with the same response log-probabilities.
+Preference pairs ({prompt, chosen, rejected}) as the preference trainers use them: where the files
+are, how a pair becomes token ids (the chat template, truncated to fit), batches of responses with
+their log-probabilities, the order pairs are read in, and the DPO / IPO loss. dpo.py trains with
+them; reward.py reads the same pairs; rl.py scores sampled answers with the same response
+log-probabilities.
 
     pairs, counts = load_pairs('data/tasks/pref_train.jsonl', tok, max_len=65)
-    x, y = collate(pairs[:16])                       # (32, T): the chosen responses, then the rejected ones
-    logps = response_logps(model, x, y)              # (32,): each response's summed log-probability
+    x, y = collate(pairs[:16])            # (32, T): the chosen responses, then the rejected ones
+    logps = response_logps(model, x, y)   # (32,): each response's summed log-probability
     losses, stats = preference_loss(logps[:16], logps[16:], ref[:16], ref[16:], beta=0.1)
 
 The rules (the module docstring of dpo.py has the math): prompt = render_chat(prompt messages,
-add_generation_prompt=True); response = the tokens that render_chat adds for the assistant's answer (its content and
-end-of-turn token), exactly as SFT saw them. Truncation to max_len tokens: 1) the prompt loses tokens from the left
-(its oldest turns) until it fits next to the longer response, but keeps at least half the budget; 2) each response
-is cut from the right to what is left. Pairs whose two responses become identical are skipped and counted; so are
-the pairs formats.py skips.
+add_generation_prompt=True); response = the tokens that render_chat adds for the assistant's answer
+(its content and end-of-turn token), exactly as SFT saw them. Truncation to max_len tokens: 1) the
+prompt loses tokens from the left (its oldest turns) until it fits next to the longer response, but
+keeps at least half the budget; 2) each response is cut from the right to what is left. Pairs whose
+two responses become identical are skipped and counted; so are the pairs formats.py skips.
 """
 import functools
 import os
@@ -28,14 +29,16 @@ from nanolab.formats import read_preferences
 
 
 def encode_pair(tok, row, max_len):
-    """(prompt ids, chosen ids, rejected ids, truncated) for one {prompt, chosen, rejected} row, cut to max_len
-    tokens by the rule in the module docstring."""
+    """(prompt ids, chosen ids, rejected ids, truncated) for one {prompt, chosen, rejected} row,
+    cut to max_len tokens by the rule in the module docstring."""
     p = tok.render_chat(row['prompt'], add_generation_prompt=True)[0]
     responses = []
     for answer in (row['chosen'], row['rejected']):
         ids = tok.render_chat(row['prompt'] + [{'role': 'assistant', 'content': answer}])[0]
-        if ids[:len(p)] != p:  # the template must render a prompt the same way with or without its answer
-            raise ValueError(f'the chat template renders the prompt {row["prompt"]!r:.80} differently before an answer')
+        # the template must render a prompt the same way with or without its answer
+        if ids[:len(p)] != p:
+            raise ValueError(f'the chat template renders the prompt {row["prompt"]!r:.80} '
+                             'differently before an answer')
         responses.append(ids[len(p):])
     longest = max(map(len, responses))
     if len(p) + longest <= max_len:
@@ -44,51 +47,61 @@ def encode_pair(tok, row, max_len):
     return p, *(r[:max_len - len(p)] for r in responses), True  # 2) the responses, from the right
 
 def collate_responses(seqs, device='cpu'):
-    """[(prompt ids, response ids)] -> inputs x and targets y, both (N, T), right-padded. y is the next token at
-    response positions and -1 (ignored) at prompt and padding positions, so only the response's log-probabilities
-    count (dpo.py's pairs, rl.py's samples)."""
+    """[(prompt ids, response ids)] -> inputs x and targets y, both (N, T), right-padded. y is the
+    next token at response positions and -1 (ignored) at prompt and padding positions, so only the
+    response's log-probabilities count (dpo.py's pairs, rl.py's samples)."""
     T = max(len(p) + len(s) for p, s in seqs) - 1
     x = torch.zeros(len(seqs), T, dtype=torch.long)
     y = torch.full((len(seqs), T), -1, dtype=torch.long)
     for i, (p, s) in enumerate(seqs):
         ids = torch.tensor(p + s)
         x[i, :len(ids) - 1] = ids[:-1]
-        y[i, len(p) - 1:len(ids) - 1] = ids[len(p):]  # position t predicts token t+1: the response's tokens
+        # position t predicts token t+1: the response's tokens
+        y[i, len(p) - 1:len(ids) - 1] = ids[len(p):]
     return x.to(device), y.to(device)
 
 def collate(pairs, device='cpu'):
-    """[(prompt, chosen, rejected) ids] -> x and y (2B, T) of collate_responses: rows 0..B-1 the chosen sequences,
-    rows B..2B-1 the rejected ones."""
+    """[(prompt, chosen, rejected) ids] -> x and y (2B, T) of collate_responses: rows 0..B-1 the
+    chosen sequences, rows B..2B-1 the rejected ones."""
     return collate_responses([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], device)
 
 def token_logps(logits, y):
     """log p(y_t | x_<=t) at every position, (N, T): exactly 0 where y == -1 (prompt, padding)."""
-    logp = -F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction='none')
+    logp = -F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
+                            reduction='none')
     return logp.view(y.shape)
 
 def response_logps(model, x, y):
-    """Sum of log p(y_t | x_<=t) over the positions where y != -1: one log-probability per row, (2B,)."""
+    """Sum of log p(y_t | x_<=t) over the positions where y != -1: one log-probability per row,
+    (2B,)."""
     return token_logps(model(x)[0], y).sum(1)  # ignored positions contribute exactly 0
 
 def preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type='sigmoid', label_smoothing=0.0):
-    """Per-pair losses (B,) and per-pair statistics (trl's names, plus kl) from summed log-probs (B,) each."""
-    h = (pi_c - ref_c) - (pi_r - ref_r)  # how much more the policy prefers y_w over y_l than the reference does
+    """Per-pair losses (B,) and per-pair statistics (trl's names, plus kl) from summed log-probs
+    (B,) each."""
+    # how much more the policy prefers y_w over y_l than the reference does
+    h = (pi_c - ref_c) - (pi_r - ref_r)
     if loss_type == 'sigmoid':
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - \
+            label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == 'ipo':
-        losses = (h - 1 / (2 * beta)) ** 2  # regress h onto the margin 1/(2 beta) rather than push it to infinity
+        # regress h onto the margin 1/(2 beta) rather than push it to infinity
+        losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown loss_type '{loss_type}'; use 'sigmoid' or 'ipo'")
-    rc, rr = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()  # DPO's implicit rewards
-    stats = {'rewards/chosen': rc, 'rewards/rejected': rr, 'rewards/accuracies': (rc > rr).float() + 0.5 * (rc == rr).float(),
-             'rewards/margins': rc - rr, 'logps/chosen': pi_c.detach(), 'logps/rejected': pi_r.detach(),
-             'kl': (pi_c - ref_c).detach()}
+    # DPO's implicit rewards
+    rc, rr = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+    stats = {'rewards/chosen': rc, 'rewards/rejected': rr,
+             'rewards/accuracies': (rc > rr).float() + 0.5 * (rc == rr).float(),
+             'rewards/margins': rc - rr, 'logps/chosen': pi_c.detach(),
+             'logps/rejected': pi_r.detach(), 'kl': (pi_c - ref_c).detach()}
     return losses, stats
 
 def load_pairs(path, tok, max_len):
-    """Encoded pairs of a preference file. Skipped, counted and reported: what formats.py skips (an empty answer,
-    chosen == rejected, hh-rlhf prompts that differ), pairs that truncation makes identical, and pairs with text the
-    tokenizer cannot encode (a char-level vocabulary meeting a new character)."""
+    """Encoded pairs of a preference file. Skipped, counted and reported: what formats.py skips (an
+    empty answer, chosen == rejected, hh-rlhf prompts that differ), pairs that truncation makes
+    identical, and pairs with text the tokenizer cannot encode (a char-level vocabulary meeting a
+    new character)."""
     counts, pairs, truncated, why = Counter(), [], 0, ''
     for row in read_preferences(path, counts):
         try:
@@ -107,19 +120,21 @@ def load_pairs(path, tok, max_len):
     return pairs, counts
 
 def preference_files(data_dir, dataset, train_file='', val_file=''):
-    """[train path, val path] of preference pairs: train_file/val_file if they are paths (with a '/'), else those
-    names, else pref_{split}.jsonl (the tasks suite) or {split}.jsonl, in data_dir/dataset, which data.py prepares
-    when the folder is missing. ValueError if a file is not there. reward.py reads its pairs the same way."""
+    """[train path, val path] of preference pairs: train_file/val_file if they are paths (with a
+    '/'), else those names, else pref_{split}.jsonl (the tasks suite) or {split}.jsonl, in
+    data_dir/dataset, which data.py prepares when the folder is missing. ValueError if a file is
+    not there. reward.py reads its pairs the same way."""
     folder = os.path.join(data_dir, dataset)
     pick = lambda f, split: f if '/' in f else os.path.join(folder, f or (
-        f'pref_{split}.jsonl' if os.path.exists(os.path.join(folder, f'pref_{split}.jsonl')) else f'{split}.jsonl'))
+        f'pref_{split}.jsonl' if os.path.exists(os.path.join(folder, f'pref_{split}.jsonl'))
+        else f'{split}.jsonl'))
     if not os.path.isdir(folder) and '/' not in train_file + val_file:
         datasets.prepare(dataset, data_dir=data_dir)
     paths = [pick(train_file, 'train'), pick(val_file, 'val')]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        raise ValueError(f'no preference file {missing[0]}; prepare it with `python data.py {dataset}` or set '
-                         'train_file/val_file')
+        raise ValueError(f'no preference file {missing[0]}; prepare it with `python data.py '
+                         f'{dataset}` or set train_file/val_file')
     return paths
 
 @functools.lru_cache(maxsize=4)
@@ -127,7 +142,8 @@ def _epoch_order(n, epoch, seed):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 def pair_order(n, it, micro_step, batch_size, accum, seed):
-    """Indices of the pairs of a micro-step: all n pairs in a fresh random order each epoch (seed + epoch), read in
-    turn. A function of the iteration alone, so exact resume needs no sampler state (dpo.py, reward.py)."""
+    """Indices of the pairs of a micro-step: all n pairs in a fresh random order each epoch (seed +
+    epoch), read in turn. A function of the iteration alone, so exact resume needs no sampler state
+    (dpo.py, reward.py)."""
     start = (it * accum + micro_step) * batch_size
     return [_epoch_order(n, k // n, seed)[k % n] for k in range(start, start + batch_size)]

@@ -1,9 +1,11 @@
 """
 How far a long job is, one copy for every script: `i/N (p%)`, its rate and the time left.
 
-  at(i, total, seconds_per_step)   '300/1000 (30%), ETA 1:10': what a trainer's log line starts with
-  Progress(total, what, unit)      data.py's tokenization, evaluate.py's answers: update(i) prints at a steady
-                                   cadence, on a terminal one line rewritten in place, into a file plain lines
+  at(i, total, seconds_per_step)   '300/1000 (30%), ETA 1:10': what a trainer's log line starts
+                                   with
+  Progress(total, what, unit)      data.py's tokenization, evaluate.py's answers: update(i) prints
+                                   at a steady cadence, on a terminal one line rewritten in place,
+                                   into a file plain lines
 
 No dependencies, so data.py does not pay for torch to use it.
 """
@@ -16,22 +18,27 @@ def clock_text(seconds):
     if seconds is None or seconds != seconds or seconds == float('inf'):
         return '?'
     s = max(0, int(round(seconds)))
-    return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}' if s >= 3600 else f'{s // 60}:{s % 60:02d}'
+    return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}' if s >= 3600 else \
+        f'{s // 60}:{s % 60:02d}'
 
 
 def at(i, total, seconds_per_step):
-    """'i/total (p%), ETA m:ss' with the time left at seconds_per_step (a trainer's recent ms/iter)."""
-    return f'{i}/{total} ({100 * i / max(total, 1):.0f}%), ETA {clock_text((total - i) * seconds_per_step)}'
+    """'i/total (p%), ETA m:ss' with the time left at seconds_per_step (a trainer's recent
+    ms/iter)."""
+    return f'{i}/{total} ({100 * i / max(total, 1):.0f}%), ' \
+        f'ETA {clock_text((total - i) * seconds_per_step)}'
 
 
 class Progress:
-    """Report i of total done. On a terminal: one line rewritten in place ('\\r'), at most every tty_every seconds.
-    Into a file or a pipe: a plain line at most every every_s seconds, so a log of a long job stays short. The rate
-    and the ETA are over the whole job so far (items per second since the first update), so a slow start does not
-    make the ETA jump. The last update (i == total) always prints, and ends an in-place line; done() ends one early
-    (an error, a break). clock: time.monotonic, or a fake."""
+    """Report i of total done. On a terminal: one line rewritten in place ('\\r'), at most every
+    tty_every seconds. Into a file or a pipe: a plain line at most every every_s seconds, so a log
+    of a long job stays short. The rate and the ETA are over the whole job so far (items per second
+    since the first update), so a slow start does not make the ETA jump. The last update (i ==
+    total) always prints, and ends an in-place line; done() ends one early (an error, a break).
+    clock: time.monotonic, or a fake."""
 
-    def __init__(self, total, what='', unit='it', stream=None, every_s=10.0, tty_every=0.2, clock=time.monotonic):
+    def __init__(self, total, what='', unit='it', stream=None, every_s=10.0, tty_every=0.2,
+                 clock=time.monotonic):
         self.total, self.what, self.unit, self.clock = total, what, unit, clock
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
@@ -43,8 +50,8 @@ class Progress:
         rate = i / elapsed if elapsed > 0 else 0.0
         eta = (self.total - i) / rate if rate > 0 else None
         head = f'{self.what}: ' if self.what else ''
-        return (f'{head}{i:,}/{self.total:,} ({100 * i / max(self.total, 1):.0f}%), {rate:,.1f} {self.unit}/s, '
-                f'ETA {clock_text(eta)}' + (f', {note}' if note else ''))
+        return (f'{head}{i:,}/{self.total:,} ({100 * i / max(self.total, 1):.0f}%), {rate:,.1f} '
+                f'{self.unit}/s, ETA {clock_text(eta)}' + (f', {note}' if note else ''))
 
     def update(self, i, note=''):
         self.i = i
