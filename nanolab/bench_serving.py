@@ -1,19 +1,23 @@
 """
-The serving benchmarks of bench.py (python bench.py --which=serve|fairness|llamacpp; the settings are bench.py's):
-serve.py, and llama.cpp's own llama-server and llama-bench on the same weights, each server in a process of its own
-and the clients as threads here, parsing as little of each stream as they can so the server keeps the CPU.
+The serving benchmarks of bench.py (python bench.py --which=serve|fairness|llamacpp; the settings
+are bench.py's): serve.py, and llama.cpp's own llama-server and llama-bench on the same weights,
+each server in a process of its own and the clients as threads here, parsing as little of each
+stream as they can so the server keeps the CPU.
 
-serve: rounds of N concurrent streaming clients against serve.py (/v1/completions, temperature 0.8, a seed per
-  request, `serve_tokens` tokens each, `requests_per_client` requests one after another): aggregate tokens/s over
-  the round, and p50/p95 time to first token (request sent -> first chunk).
-fairness: one streaming client on the Shakespeare default model while another client floods the server with a
-  request of many prompts, a wide beam search, or a long prompt being prefilled: the streaming client's time to
-  first token and its largest gap between two tokens, against the same client alone.
-llamacpp: GPT-2 124M (random weights, written with save_pretrained and converted by llama.cpp's own convert.sh to
-  GGUF F32 and Q8_0): llama-bench against sample.generate at batch 1 and 8 (decode tok/s, 64 new tokens after a
-  16-token prompt; prefill tok/s of a 256-token prompt), then llama-server -np 16 against serve.py at 1, 4 and 16
-  streaming clients, fp32 against F32 and int8 against Q8_0. Needs a llama.cpp build (llama_cpp.py: NANOLAB_LLAMA_CPP);
-  without one bench.py skips it, saying how to get one.
+serve: rounds of N concurrent streaming clients against serve.py (/v1/completions, temperature 0.8,
+  a seed per request, `serve_tokens` tokens each, `requests_per_client` requests one after
+  another): aggregate tokens/s over the round, and p50/p95 time to first token (request sent ->
+  first chunk).
+fairness: one streaming client on the Shakespeare default model while another client floods the
+  server with a request of many prompts, a wide beam search, or a long prompt being prefilled: the
+  streaming client's time to first token and its largest gap between two tokens, against the same
+  client alone.
+llamacpp: GPT-2 124M (random weights, written with save_pretrained and converted by llama.cpp's own
+  convert.sh to GGUF F32 and Q8_0): llama-bench against generate (generation.py) at batch 1 and 8
+  (decode tok/s, 64 new tokens after a 16-token prompt; prefill tok/s of a 256-token prompt), then
+  llama-server -np 16 against serve.py at 1, 4 and 16 streaming clients, fp32 against F32 and int8
+  against Q8_0. Needs a llama.cpp build (llama_cpp.py: NANOLAB_LLAMA_CPP); without one bench.py
+  skips it, saying how to get one.
 """
 import http.client
 import json
@@ -27,22 +31,27 @@ import time
 
 from nanolab import llama_cpp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where serve.py is, run as its own process
-PROMPTS = ['ROMEO:', 'JULIET:\nO ', 'First Citizen:\n', 'KING HENRY:\n', 'To be, or not', 'MENENIUS:\n']  # <= 16 chars
+# where serve.py is, run as its own process
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# each <= 16 chars
+PROMPTS = ['ROMEO:', 'JULIET:\nO ', 'First Citizen:\n', 'KING HENRY:\n', 'To be, or not',
+           'MENENIUS:\n']
 
 
 def stream_once(port, body, path='/v1/completions'):
-    """One streaming request -> (seconds to the first chunk, completion tokens, seconds in all, largest gap between
-    two chunks in seconds)."""
+    """One streaming request -> (seconds to the first chunk, completion tokens, seconds in all,
+    largest gap between two chunks in seconds)."""
     conn = http.client.HTTPConnection('127.0.0.1', port, timeout=600)
     t0 = time.perf_counter()
-    conn.request('POST', path, json.dumps({**body, 'stream': True, 'stream_options': {'include_usage': True}}),
+    conn.request('POST', path,
+                 json.dumps({**body, 'stream': True, 'stream_options': {'include_usage': True}}),
                  {'Content-Type': 'application/json'})
     r = conn.getresponse()
     if r.status != 200:
         raise RuntimeError(f'HTTP {r.status}: {r.read()[:300]}')
     ttft, tokens, last, gap = None, 0, None, 0.0
-    for line in r:  # subtle: only the usage chunk is parsed, so the clients take little of the CPU from the server
+    # subtle: only the usage chunk is parsed, so the clients take little of the CPU from the server
+    for line in r:
         if line.startswith(b'data: {'):
             now = time.perf_counter()
             ttft = now - t0 if ttft is None else ttft
@@ -54,15 +63,16 @@ def stream_once(port, body, path='/v1/completions'):
 
 
 def serve_round(port, n, per_client, max_tokens, seed=1337):
-    """n clients at once, each sending per_client requests one after another (more when n is small, so that every
-    round sends at least 16 and lasts long enough to time) -> (tokens/s over the round, sorted times to first token)."""
+    """n clients at once, each sending per_client requests one after another (more when n is small,
+    so that every round sends at least 16 and lasts long enough to time) -> (tokens/s over the
+    round, sorted times to first token)."""
     results, barrier, per_client = [], threading.Barrier(n + 1), max(per_client, -(-16 // n))
 
     def client(c):
         barrier.wait()
         for r in range(per_client):
-            body = {'prompt': PROMPTS[(c + r) % len(PROMPTS)], 'max_tokens': max_tokens, 'temperature': 0.8,
-                    'seed': seed + 1000 * c + r}
+            body = {'prompt': PROMPTS[(c + r) % len(PROMPTS)], 'max_tokens': max_tokens,
+                    'temperature': 0.8, 'seed': seed + 1000 * c + r}
             results.append(stream_once(port, body))
     threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
     for t in threads:
@@ -78,13 +88,15 @@ def serve_round(port, n, per_client, max_tokens, seed=1337):
 
 
 class Process:
-    """A server in a subprocess, up once it answers on its port; its log is shown if something fails."""
+    """A server in a subprocess, up once it answers on its port; its log is shown if something
+    fails."""
     def __init__(self, cmd, port=None, ready=None):
         self.cmd, self.port, self.ready = cmd, port, ready
 
     def __enter__(self):
         self.log = tempfile.TemporaryFile('w+')
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE if self.port is None else self.log,
+        self.proc = subprocess.Popen(self.cmd,
+                                     stdout=subprocess.PIPE if self.port is None else self.log,
                                      stderr=self.log, text=True)
         if self.port is None:  # serve.py prints its port: 'serving NAME on http://HOST:PORT ...'
             for line in self.proc.stdout:
@@ -116,9 +128,10 @@ class Process:
 
 
 def serve_cmd(model, device, quantize='', threads=0, extra=()):
-    cmd = [sys.executable, os.path.join(ROOT, 'serve.py'), f'--init_from={model}', '--port=0', '--max_batch=16', f'--device={device}']
-    return cmd + ([f'--quantize={quantize}'] if quantize else []) + ([f'--threads={threads}'] if threads else []) + \
-        list(extra)
+    cmd = [sys.executable, os.path.join(ROOT, 'serve.py'), f'--init_from={model}', '--port=0',
+           '--max_batch=16', f'--device={device}']
+    return cmd + ([f'--quantize={quantize}'] if quantize else []) + \
+        ([f'--threads={threads}'] if threads else []) + list(extra)
 
 
 def free_port():
@@ -128,12 +141,13 @@ def free_port():
 
 
 def rounds(servers, clients, per_client, max_tokens, repeats=1):
-    """Rounds of n concurrent clients for each n, after a warm-up round, against each server {name: port} in turn
-    (interleaved, so all see the same machine; best of `repeats` by tokens/s) -> {name: [(n, tok/s, p50 ttft ms,
-    p95 ttft ms)]}."""
+    """Rounds of n concurrent clients for each n, after a warm-up round, against each server {name:
+    port} in turn (interleaved, so all see the same machine; best of `repeats` by tokens/s) ->
+    {name: [(n, tok/s, p50 ttft ms, p95 ttft ms)]}."""
     run = lambda target, *a: target(*a) if callable(target) else serve_round(target, *a)
     for target in servers.values():
-        run(target, 2, 1, 8)  # warm-up: first-call costs of the server, the allocator and the sockets
+        # warm-up: first-call costs of the server, the allocator and the sockets
+        run(target, 2, 1, 8)
     out = {name: [] for name in servers}
     for n in clients:
         best = {}
@@ -148,16 +162,16 @@ def rounds(servers, clients, per_client, max_tokens, repeats=1):
         for name in best:
             tps, p50, p95 = best[name]
             out[name].append((n, tps, p50, p95))
-            print(f"  {name}, {n} clients: {tps:.0f} tok/s, time to first token p50 {p50:.0f} ms, p95 {p95:.0f} ms",
-                  flush=True)
+            print(f"  {name}, {n} clients: {tps:.0f} tok/s, time to first token p50 "
+                  f"{p50:.0f} ms, p95 {p95:.0f} ms", flush=True)
     return out
 
 
 def bench_serve(model, device, quantize, clients, per_client, tokens):
-    """serve.py on `model` under rounds of each number of concurrent streaming `clients`, each sending `per_client`
-    requests of `tokens` tokens -> rounds()'s rows."""
-    print(f"serve: {model}{' int8' if quantize else ''}, {tokens} tokens a request, at least {per_client} requests a "
-          f"client and 16 a round, temperature 0.8, streaming")
+    """serve.py on `model` under rounds of each number of concurrent streaming `clients`, each
+    sending `per_client` requests of `tokens` tokens -> rounds()'s rows."""
+    print(f"serve: {model}{' int8' if quantize else ''}, {tokens} tokens a request, at least "
+          f"{per_client} requests a client and 16 a round, temperature 0.8, streaming")
     with Process(serve_cmd(model, device, quantize)) as p:
         return rounds({'serve.py': p.port}, clients, per_client, tokens)['serve.py']
 
@@ -175,11 +189,13 @@ def post(port, body, path='/v1/completions'):
 
 
 def loads(block):
-    """The hostile loads -> {name: request bodies, sent one after another by each of 2 clients while the stream runs}."""
+    """The hostile loads -> {name: request bodies, sent one after another by each of 2 clients
+    while the stream runs}."""
     long = 'To be, or not to be, that is the question: ' * 8
     return {
         'a flood of prompts (256 a request, and 3000: refused)': [
-            {'prompt': ['First Citizen:'] * 256, 'max_tokens': 16}, {'prompt': ['a'] * 3000, 'max_tokens': 16}],
+            {'prompt': ['First Citizen:'] * 256, 'max_tokens': 16},
+            {'prompt': ['a'] * 3000, 'max_tokens': 16}],
         'a wide beam search (16 prompts x 8 beams, n=8)': [
             {'prompt': ['ROMEO:'] * 16, 'num_beams': 8, 'n': 8, 'max_tokens': block // 2}],
         f'long prompts being prefilled (128 x {block - 2} tokens, scored)': [
@@ -188,19 +204,21 @@ def loads(block):
 
 
 def bench_fairness(model, device, quantize, tokens):
-    """A streaming client's time to first token and largest gap between tokens, alone and under each hostile load
-    on `model` (the targets: first token < 1 s, gap < 250 ms)."""
+    """A streaming client's time to first token and largest gap between tokens, alone and under
+    each hostile load on `model` (the targets: first token < 1 s, gap < 250 ms)."""
     from nanolab.checkpoint import load_checkpoint
     block = load_checkpoint(model)['model_args']['block_size']
     tokens, streams = min(tokens, block - 8), 6
-    print(f"fairness: {model} (block {block}), a client streaming {streams} requests of {tokens} tokens "
-          "one after another, alone and while 2 other clients send each load without pause")
+    print(f"fairness: {model} (block {block}), a client streaming {streams} "
+          f"requests of {tokens} tokens one after another, alone and while 2 other "
+          "clients send each load without pause")
     rows = []
     with Process(serve_cmd(model, device, quantize)) as p:
         def stream_client():
             out = [stream_once(p.port, {'prompt': PROMPTS[i % len(PROMPTS)], 'max_tokens': tokens,
                                         'temperature': 0.8, 'seed': i}) for i in range(streams)]
-            return max(r[0] for r in out), max(r[3] for r in out), sum(r[1] for r in out) / sum(r[2] for r in out)
+            return (max(r[0] for r in out), max(r[3] for r in out),
+                    sum(r[1] for r in out) / sum(r[2] for r in out))
         stream_client()  # warm-up
         rows.append(('alone', *stream_client(), 0))
         for name, bodies in loads(block).items():
@@ -219,37 +237,43 @@ def bench_fairness(model, device, quantize, tokens):
             for t in threads:
                 t.join()
             rows.append((name, ttft, gap, tps, len(sent)))
-            print(f"  {name}: first token {ttft * 1e3:.0f} ms, largest gap {gap * 1e3:.0f} ms, {tps:.0f} tok/s "
-                  f"({len(sent)} load requests, statuses {sorted(set(sent))})", flush=True)
-    print("\n| load | worst time to first token | worst gap between tokens | stream tok/s | load requests |\n"
-          "|---|---|---|---|---|")
+            print(f"  {name}: first token {ttft * 1e3:.0f} ms, largest gap "
+                  f"{gap * 1e3:.0f} ms, {tps:.0f} tok/s ({len(sent)} load requests, "
+                  f"statuses {sorted(set(sent))})", flush=True)
+    print("\n| load | worst time to first token | worst gap between tokens | stream tok/s "
+          "| load requests |\n|---|---|---|---|---|")
     for name, ttft, gap, tps, n in rows:
         ok = ttft < 1.0 and gap < 0.25
-        print(f"| {name} | {ttft * 1e3:.0f} ms | {gap * 1e3:.0f} ms | {tps:.0f} | {n} | {'met' if ok else 'MISSED'}")
+        print(f"| {name} | {ttft * 1e3:.0f} ms | {gap * 1e3:.0f} ms | {tps:.0f} | {n} | "
+              f"{'met' if ok else 'MISSED'}")
     return rows
 
 
 # -----------------------------------------------------------------------------
 # llama.cpp on the same weights
 
-LLAMA_SHAPE = dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)  # GPT-2 124M
-# subtle: vocab 50304 (nanoGPT's padding), not 50257: our tokenizer files carry the chat tokens 50257-50260, and
-# llama.cpp's converter wants every token id inside the model's vocabulary
+# GPT-2 124M
+LLAMA_SHAPE = dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                   vocab_size=50304)
+# subtle: vocab 50304 (nanoGPT's padding), not 50257: our tokenizer files carry the chat tokens
+# 50257-50260, and llama.cpp's converter wants every token id inside the model's vocabulary
 
 
 def llama_bench_rows(tools, ggufs, threads):
-    """llama-batched-bench (decode at batch 1 and 8 after a 16-token prompt) when built, else llama-bench (batch 1),
-    and llama-bench's prefill of 256 tokens -> {(kind, measure): tok/s}."""
+    """llama-batched-bench (decode at batch 1 and 8 after a 16-token prompt) when built, else
+    llama-bench (batch 1), and llama-bench's prefill of 256 tokens -> {(kind, measure): tok/s}."""
     out = {}
     for kind, path in ggufs.items():
-        r = subprocess.run([tools['llama-bench'], '-m', path, '-t', str(threads), '-p', '256', '-n', '64', '-r', '3',
-                            '-o', 'json'], capture_output=True, text=True, check=True)
+        r = subprocess.run([tools['llama-bench'], '-m', path, '-t', str(threads), '-p', '256',
+                            '-n', '64', '-r', '3', '-o', 'json'],
+                           capture_output=True, text=True, check=True)
         for row in json.loads(r.stdout):
             key = 'prefill 256' if row['n_prompt'] else 'decode batch 1'
             out[kind, key] = row['avg_ts']
         if os.path.exists(tools['llama-batched-bench']):
-            r = subprocess.run([tools['llama-batched-bench'], '-m', path, '-t', str(threads), '-c', '2048', '-npp', '16',
-                                '-ntg', '64', '-npl', '1,8', '--output-format', 'jsonl'], capture_output=True, text=True,
+            r = subprocess.run([tools['llama-batched-bench'], '-m', path, '-t', str(threads), '-c',
+                                '2048', '-npp', '16', '-ntg', '64', '-npl', '1,8',
+                                '--output-format', 'jsonl'], capture_output=True, text=True,
                                check=True)
             for line in r.stdout.splitlines():
                 if line.startswith('{'):
@@ -259,26 +283,29 @@ def llama_bench_rows(tools, ggufs, threads):
 
 
 def alone(model, tok):
-    """sample.generate_stream in this process, one request after another, as serve_round's one client -> a callable
-    for rounds(): the library's own speed on the same requests, with no HTTP between."""
+    """generation.generate_stream in this process, one request after another, as serve_round's one
+    client -> a callable for rounds(): the library's own speed on the same requests, with no HTTP
+    between."""
     from nanolab.generation import generate_stream
 
     def round_(n, per_client, max_tokens, seed=1337):
         results, t0 = [], time.perf_counter()
         for r in range(max(per_client, 16)):
             start, first, count = time.perf_counter(), None, 0
-            for ev in generate_stream(model, tok.encode(PROMPTS[r % len(PROMPTS)]), max_tokens, temperature=0.8,
-                                      seed=seed + r, tokenizer=tok):
+            for ev in generate_stream(model, tok.encode(PROMPTS[r % len(PROMPTS)]), max_tokens,
+                                      temperature=0.8, seed=seed + r, tokenizer=tok):
                 first = time.perf_counter() - start if first is None else first
                 count += ev.token is not None
             results.append((first, count))
-        return sum(c for _, c in results) / (time.perf_counter() - t0), sorted(f for f, _ in results)
+        return (sum(c for _, c in results) / (time.perf_counter() - t0),
+                sorted(f for f, _ in results))
     return round_
 
 
 def ours_decode_rows(hf_dir, quantize, repeats):
-    """sample.generate on the same weights: greedy decode tok/s at batch 1 and 8 (64 tokens after 16), and prefill
-    tok/s of a 256-token prompt (time to the first token), best of `repeats`."""
+    """generation.generate on the same weights: greedy decode tok/s at batch 1 and 8 (64 tokens
+    after 16), and prefill tok/s of a 256-token prompt (time to the first token), best of
+    `repeats`."""
     import torch
     from model import GPT
     from nanolab.quantize import for_inference
@@ -296,22 +323,26 @@ def ours_decode_rows(hf_dir, quantize, repeats):
         return min(times)
     for B in (1, 8):
         x = torch.randint(0, 50257, (B, 16), generator=gen).tolist()
-        out[f'decode batch {B}'] = B * 64 / best(lambda: generate(model, x, 64, temperature=0.0, stop_tokens=()))
+        out[f'decode batch {B}'] = \
+            B * 64 / best(lambda: generate(model, x, 64, temperature=0.0, stop_tokens=()))
     x = torch.randint(0, 50257, (1, 256), generator=gen).tolist()
     out['prefill 256'] = 256 / best(lambda: generate(model, x, 1, temperature=0.0, stop_tokens=()))
     return out
 
 
 def bench_llamacpp(build, threads, clients, per_client, repeats, seed):
-    """Side by side with llama.cpp (the build at `build`) on identical weights (the module docstring), `threads`
-    for both sides (0 = torch's default), rounds of each number of `clients` -> printed tables."""
+    """Side by side with llama.cpp (the build at `build`) on identical weights (the module
+    docstring), `threads` for both sides (0 = torch's default), rounds of each number of `clients`
+    -> printed tables."""
     tools = llama_cpp.tools(build)
     import torch
     from nanolab.engine import keep_freed_memory
     from model import GPT, GPTConfig
     from nanolab.quantize import for_inference
     from nanolab.tokenizer import TiktokenTokenizer
-    keep_freed_memory()  # as serve.py's engine does, so 'alone' and 'served' run on the same allocator
+    # as the server's engine thread does (engine.start), so 'alone' and 'served' run on the same
+    # allocator
+    keep_freed_memory()
     llama_threads, threads = threads, threads or torch.get_num_threads()
     tok = TiktokenTokenizer('gpt2')
     with tempfile.TemporaryDirectory() as d:
@@ -321,17 +352,21 @@ def bench_llamacpp(build, threads, clients, per_client, repeats, seed):
         for kind, gtype in (('fp32', 'f32'), ('int8', 'q8_0')):
             ggufs[kind] = f'{d}/gpt2-{gtype}.gguf'
             # convert.sh runs `python`: this one, which has torch and numpy, comes first on PATH
-            env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')}
-            p = subprocess.run([tools['convert'], f'{d}/hf', ggufs[kind], gtype], capture_output=True, text=True, env=env)
+            env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep
+                   + os.environ.get('PATH', '')}
+            p = subprocess.run([tools['convert'], f'{d}/hf', ggufs[kind], gtype],
+                               capture_output=True, text=True, env=env)
             if p.returncode:
-                raise SystemExit(f"llamacpp: {tools['convert']} failed on our Hugging Face export:\n"
-                                 f"{p.stderr[-2000:]}\nrun it by hand on a save_pretrained directory to see why")
-        print(f"llamacpp: GPT-2 124M (12x768, vocab 50304), random weights; llama.cpp F32 and Q8_0 GGUF against "
-              f"nanolab fp32 and int8, {threads} threads, one thing running at a time")
-        # 1) the library: sample.generate against llama-bench / llama-batched-bench
+                raise SystemExit(f"llamacpp: {tools['convert']} failed on our Hugging Face "
+                                 f"export:\n{p.stderr[-2000:]}\nrun it by hand on a "
+                                 "save_pretrained directory to see why")
+        print("llamacpp: GPT-2 124M (12x768, vocab 50304), random weights; "
+              "llama.cpp F32 and Q8_0 GGUF against nanolab fp32 and int8, "
+              f"{threads} threads, one thing running at a time")
+        # 1) the library: generate against llama-bench / llama-batched-bench
         theirs = llama_bench_rows(tools, ggufs, threads)
-        print("\n| measure | llama.cpp F32 | nanolab fp32 | ratio | llama.cpp Q8_0 | nanolab int8 | ratio |\n"
-              "|---|---|---|---|---|---|---|")
+        print("\n| measure | llama.cpp F32 | nanolab fp32 | ratio "
+              "| llama.cpp Q8_0 | nanolab int8 | ratio |\n|---|---|---|---|---|---|---|")
         ours = {kind: ours_decode_rows(f'{d}/hf', '' if kind == 'fp32' else 'int8', repeats)
                 for kind in ('fp32', 'int8')}
         for m in ('decode batch 1', 'decode batch 8', 'prefill 256'):
@@ -344,24 +379,32 @@ def bench_llamacpp(build, threads, clients, per_client, repeats, seed):
         table = {}
         for kind in ('int8', 'fp32'):  # both servers up at once, their rounds interleaved
             port = free_port()
-            cmd = [tools['llama-server'], '-m', ggufs[kind], '-t', str(threads), '-np', '16', '-c', str(16 * 256),
-                   '--port', str(port), '--no-webui']
+            cmd = [tools['llama-server'], '-m', ggufs[kind], '-t', str(threads), '-np', '16', '-c',
+                   str(16 * 256), '--port', str(port), '--no-webui']
             name = 'llama-server ' + ('F32' if kind == 'fp32' else 'Q8_0')
-            model = for_inference(GPT.from_pretrained(f'{d}/hf').eval(), '' if kind == 'fp32' else 'int8')
+            model = for_inference(GPT.from_pretrained(f'{d}/hf').eval(),
+                                  '' if kind == 'fp32' else 'int8')
             with Process(cmd, port, ready='/health') as lp, \
-                    Process(serve_cmd(f'{d}/hf', 'cpu', '' if kind == 'fp32' else 'int8', llama_threads)) as sp:
-                got = rounds({name: lp.port, f'serve.py {kind}': sp.port, f'sample.generate {kind}': alone(model, tok)},
+                    Process(serve_cmd(f'{d}/hf', 'cpu', '' if kind == 'fp32' else 'int8',
+                                      llama_threads)) as sp:
+                got = rounds({name: lp.port, f'serve.py {kind}': sp.port,
+                              f'sample.generate {kind}': alone(model, tok)},
                              clients, per_client, 64, repeats)
             del model
             table['llama.cpp', kind], table['nanolab', kind] = got[name], got[f'serve.py {kind}']
             table['alone', kind] = got[f'sample.generate {kind}']
-        print("\n| server | clients | tok/s | x llama-server | TTFT p50 ms | TTFT p95 ms |\n|---|---|---|---|---|---|")
+        print("\n| server | clients | tok/s | x llama-server | TTFT p50 ms "
+              "| TTFT p95 ms |\n|---|---|---|---|---|---|")
         for kind in ('int8', 'fp32'):
             for who in ('llama.cpp', 'nanolab'):
-                for (n, tps, p50, p95), (_, ref, _, _) in zip(table[who, kind], table['llama.cpp', kind]):
-                    name = f"{'llama-server' if who == 'llama.cpp' else 'serve.py'} {kind if who == 'nanolab' else 'F32' if kind == 'fp32' else 'Q8_0'}"
-                    print(f"| {name} | {n} | {tps:.0f} | {tps / ref:.2f}x | {p50:.0f} | {p95:.0f} |")
+                for (n, tps, p50, p95), (_, ref, _, _) in zip(table[who, kind],
+                                                               table['llama.cpp', kind]):
+                    name = (f"{'llama-server' if who == 'llama.cpp' else 'serve.py'} "
+                            f"{kind if who == 'nanolab' else 'F32' if kind == 'fp32' else 'Q8_0'}")
+                    print(f"| {name} | {n} | {tps:.0f} | {tps / ref:.2f}x | {p50:.0f} "
+                          f"| {p95:.0f} |")
         for kind in ('int8', 'fp32'):
             one, lib = table['nanolab', kind][0][1], table['alone', kind][0][1]
-            print(f"serve.py {kind} at {clients[0]} client: {one:.0f} tok/s = {one / lib:.2f}x sample.generate_stream "
-                  f"alone on the same requests ({lib:.0f} tok/s, interleaved)")
+            print(f"serve.py {kind} at {clients[0]} client: {one:.0f} tok/s = "
+                  f"{one / lib:.2f}x sample.generate_stream alone on the same requests "
+                  f"({lib:.0f} tok/s, interleaved)")

@@ -1,26 +1,31 @@
 """
-The one decoding engine. Every token nanolab generates is chosen here: generate (generation.py) and sample.py call it,
-the server runs one per model on its engine thread, and evaluation and the trainers decode through generate.
+The one decoding engine. Every token nanolab generates is chosen here: generate (generation.py) and
+sample.py call it, the server runs one per model on its engine thread, and evaluation and the
+trainers decode through generate.
 
     from nanolab.decoding import Settings
     from nanolab.engine import Engine
-    engine = Engine(model, tokenizer)                 # one per model; start() steps them on a thread
+    engine = Engine(model, tokenizer)            # one per model; start() steps them on a thread
     req = engine.submit([ids_a, ids_b], Settings(max_new_tokens=50, temperature=0.8, seed=7))
-    for ev in req: print(ev.text_delta, end='')       # Events as tokens are chosen; req.cancel() frees its rows
+    for ev in req: print(ev.text_delta, end='')  # Events as tokens come; req.cancel() frees rows
 
 Each step (Engine.step):
   1) cancelled requests leave: their KV-cache slots are free for this step
-  2) admission: waiting prompts take free slots, the request with the fewest running rows first (ties: the one
-     that came first), so one request of many prompts cannot shut a newcomer out; a newcomer that finds every slot
-     taken preempts a sampling row of the request holding the most (it re-prefills later, losing nothing else);
-     beam searches hold at most max_beam_slots together; rows and prompt tokens per request are capped at submit
-  3) one forward pass: a new token for every decoding row, plus chunks of the prompts being prefilled, at most
-     `prefill_chunk` prompt tokens a step, so a long prompt delays the other rows' next token by one chunk only
-  4) rows whose context is now fed choose their next token (`choose`); beam groups rank their extensions
-     (`Engine._beam_step`); events go to each request's queue; finished rows free their slots
+  2) admission: waiting prompts take free slots, the request with the fewest running rows first
+     (ties: the one that came first), so one request of many prompts cannot shut a newcomer out; a
+     newcomer that finds every slot taken preempts a sampling row of the request holding the most
+     (it re-prefills later, losing nothing else); beam searches hold at most max_beam_slots
+     together; rows and prompt tokens per request are capped at submit
+  3) one forward pass: a new token for every decoding row, plus chunks of the prompts being
+     prefilled, at most `prefill_chunk` prompt tokens a step, so a long prompt delays the other
+     rows' next token by one chunk only
+  4) rows whose context is now fed choose their next token (`choose`); beam groups rank their
+     extensions (`Engine._beam_step`); events go to each request's queue; finished rows free their
+     slots
 
-The token choice itself (Settings, the logit processors, choose, the seeding rule, TextStream) is decoding.py's, the
-KV cache kv_cache.py's, and what a request yields (Request and its events) events.py's.
+The token choice itself (Settings, the logit processors, choose, the seeding rule, TextStream) is
+decoding.py's, the KV cache kv_cache.py's, and what a request yields (Request and its events)
+events.py's.
 """
 import ctypes
 import random
@@ -33,16 +38,19 @@ from dataclasses import replace
 
 import torch
 
-from nanolab.decoding import Settings, SettingsError, TextStream, choose, extend_beams, prompt_lists, top_logprobs
+from nanolab.decoding import (Settings, SettingsError, TextStream, choose, extend_beams,
+                              prompt_lists, top_logprobs)
 from nanolab.events import BeamStep, Event, PromptScores, Request
 from nanolab.kv_cache import KVCache
 
 
 class NumericalError(RuntimeError):
-    """A request whose model output cannot be decoded (NaN or inf logits); serve.py answers 500 naming it."""
+    """A request whose model output cannot be decoded (NaN or inf logits); serve.py answers 500
+    naming it."""
 
 class LimitError(ValueError):
-    """A request over one of the engine's limits; `limit` names the Engine argument (and serve.py flag) that sets it."""
+    """A request over one of the engine's limits; `limit` names the Engine argument (and serve.py
+    flag) that sets it."""
     def __init__(self, limit, message):
         super().__init__(message)
         self.limit = limit
@@ -52,20 +60,22 @@ class LimitError(ValueError):
 # rows and beam groups
 
 class Row:
-    """One sequence in a slot of the batch: sample `sample_index` of prompt `prompt_index`, or one beam of a group.
-    tokens holds the prompt and everything generated; tokens[start:] is the context (start > 0 once it slid)."""
+    """One sequence in a slot of the batch: sample `sample_index` of prompt `prompt_index`, or one
+    beam of a group. tokens holds the prompt and everything generated; tokens[start:] is the
+    context (start > 0 once it slid)."""
     def __init__(self, req, prompt_index, sample_index, tokens, slot, rng=None, group=None):
         s = req.settings
         self.req, self.prompt_index, self.sample_index, self.slot, self.rng, self.group = \
             req, prompt_index, sample_index, slot, rng, group
         self.tokens, self.n_prompt, self.start = list(tokens), len(req.prompts[prompt_index]), 0
         self.parent, self.children, self.scores, self.admitted = None, [], None, 0
-        self.text = TextStream(req.engine.tok, s.stop_strings, s.stop_tokens) if group is None else None
+        self.text = TextStream(req.engine.tok, s.stop_strings, s.stop_tokens) \
+            if group is None else None
         self.score, self.lps, self.tops, self.node = 0.0, [], [], None  # beam search only
 
 class Beams:
-    """Beam search over one prompt in `slots` (num_beams of them): the live hypotheses are rows, ranked by processed
-    logprob; finished ones wait in `finished` for the end."""
+    """Beam search over one prompt in `slots` (num_beams of them): the live hypotheses are rows,
+    ranked by processed logprob; finished ones wait in `finished` for the end."""
     def __init__(self, req, prompt_index, slots):
         self.req, self.prompt_index, self.slots = req, prompt_index, slots
         self.rows, self.finished, self.step, self.next_id = [], [], 0, 0  # rows: the live beams
@@ -77,24 +87,29 @@ class Beams:
 # the engine
 
 def keep_freed_memory():
-    """Let glibc keep freed memory for reuse, in this process: by default it hands every large block (the (B, vocab)
-    logits and their softmax, a few MB each) back to the OS when freed, and the next step pays ~1 ms per block in
-    page faults to get it back (measured: choose() at 16 rows 4.4 -> 1.6 ms). The price: up to 256 MB of freed heap
-    stays mapped. A no-op where the C library is not glibc."""
+    """Let glibc keep freed memory for reuse, in this process: by default it hands every large
+    block (the (B, vocab) logits and their softmax, a few MB each) back to the OS when freed, and
+    the next step pays ~1 ms per block in page faults to get it back (measured: choose() at 16 rows
+    4.4 -> 1.6 ms). The price: up to 256 MB of freed heap stays mapped. A no-op where the C library
+    is not glibc."""
     try:
         libc = ctypes.CDLL('libc.so.6')
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MB free at the top of the heap
-        libc.mallopt(-3, 64 << 20)   # M_MMAP_THRESHOLD: blocks under 64 MB come from the heap, not fresh mappings
+        # M_TRIM_THRESHOLD: keep up to 256 MB free at the top of the heap
+        libc.mallopt(-1, 256 << 20)
+        # M_MMAP_THRESHOLD: blocks under 64 MB come from the heap, not fresh mappings
+        libc.mallopt(-3, 64 << 20)
     except (OSError, AttributeError):
         pass
 
 def start(build, idle_release=60.0):
-    """Run build() -> a list of Engines on a new daemon thread, then step them there, in turn, while any has work,
-    until each is stopped; a KV cache is let go after idle_release idle seconds. -> the engines (build's exceptions
-    are raised here). subtle: OpenMP gives each thread that runs parallel ops its own team of workers; with two teams
-    on two cores (a model loaded on one thread and decoded on another, or two models on two threads) libgomp counts
-    itself oversubscribed and its workers sleep between ops (measured on GPT-2 124M int8, batch 1: 44-50 tok/s
-    against 63-72). So build() loads the models on this thread, and several models share it."""
+    """Run build() -> a list of Engines on a new daemon thread, then step them there, in turn,
+    while any has work, until each is stopped; a KV cache is let go after idle_release idle
+    seconds. -> the engines (build's exceptions are raised here). subtle: OpenMP gives each thread
+    that runs parallel ops its own team of workers; with two teams on two cores (a model loaded on
+    one thread and decoded on another, or two models on two threads) libgomp counts itself
+    oversubscribed and its workers sleep between ops (measured on GPT-2 124M int8, batch 1: 44-50
+    tok/s against 63-72). So build() loads the models on this thread, and several models share
+    it."""
     keep_freed_memory()
     out, ready = [], threading.Event()
 
@@ -125,7 +140,8 @@ def start(build, idle_release=60.0):
             for e in busy:
                 try:
                     e.step()
-                except Exception as err:  # a bug must not hang the clients: fail what is running, keep serving
+                except Exception as err:
+                    # a bug must not hang the clients: fail what is running, keep serving
                     traceback.print_exc()
                     e._fail(err)
     threading.Thread(target=run, daemon=True, name='engine').start()
@@ -135,9 +151,9 @@ def start(build, idle_release=60.0):
     return out[0]
 
 def adopt(engine, build):
-    """build() -> a new Engine, run on the thread that steps `engine` (start's), which then steps the new one beside
-    the others (serve.py's POST /v1/models/load) -> the new Engine. Loading blocks that thread's decoding meanwhile:
-    the price of one OpenMP team (see start)."""
+    """build() -> a new Engine, run on the thread that steps `engine` (start's), which then steps
+    the new one beside the others (server.py's POST /v1/models/load) -> the new Engine. Loading
+    blocks that thread's decoding meanwhile: the price of one OpenMP team (see start)."""
     def run():
         new = build()
         new.wake, new.thread, new.pool = engine.wake, threading.current_thread(), engine.pool
@@ -146,76 +162,95 @@ def adopt(engine, build):
     return engine.call(run)
 
 class Engine:
-    """Continuous batching on one KV cache of `max_batch` slots (see the module docstring). Limits (None = none):
-    max_rows: prompts x n (x num_beams) per request; max_prompt_tokens: prompt tokens per request; prefill_chunk:
-    prompt tokens prefilled per step; max_beam_slots: slots all beam searches may hold (None = max_batch).
-    use_cache=False recomputes every row's whole context each step (the slow reference path, nanoGPT's crop to the
-    last block_size tokens)."""
-    def __init__(self, model, tokenizer=None, *, max_batch=16, max_rows=None, max_prompt_tokens=None,
-                 prefill_chunk=512, max_beam_slots=None, use_cache=True):
-        # a torch.compile'd model decodes compiled and prefills eagerly: prompt chunks come in every length, and a
-        # compiled forward would compile again for each; decode steps keep their shapes (KVCache static)
+    """Continuous batching on one KV cache of `max_batch` slots (see the module docstring). Limits
+    (None = none): max_rows: prompts x n (x num_beams) per request; max_prompt_tokens: prompt
+    tokens per request; prefill_chunk: prompt tokens prefilled per step; max_beam_slots: slots all
+    beam searches may hold (None = max_batch). use_cache=False recomputes every row's whole context
+    each step (the slow reference path, nanoGPT's crop to the last block_size tokens)."""
+    def __init__(self, model, tokenizer=None, *, max_batch=16, max_rows=None,
+                 max_prompt_tokens=None, prefill_chunk=512, max_beam_slots=None, use_cache=True):
+        # a torch.compile'd model decodes compiled and prefills eagerly: prompt chunks come in
+        # every length, and a compiled forward would compile again for each; decode steps keep
+        # their shapes (KVCache static)
         self.model, self.decoder = getattr(model, '_orig_mod', model), model
         self.tok, self.max_batch, self.use_cache = tokenizer, max_batch, use_cache
         self.max_beam_slots = max_batch if max_beam_slots is None else max_beam_slots
-        self.max_rows, self.max_prompt_tokens, self.prefill_chunk = max_rows, max_prompt_tokens, prefill_chunk
+        self.max_rows, self.max_prompt_tokens, self.prefill_chunk = max_rows, max_prompt_tokens, \
+            prefill_chunk
         p = next(model.parameters())
         self.device, self.dtype, self.block_size = p.device, p.dtype, model.config.block_size
-        # subtle: the model's vocabulary may be padded past the tokenizer's (GPT-2: 50304 > 50257, for speed); those
-        # ids decode to nothing, so the engine cuts them from the logits before anything else, raw logprobs included
-        self.V = min(model.config.vocab_size, getattr(tokenizer, 'vocab_size', None) or model.config.vocab_size)
-        self.slots = [None] * max_batch  # the Row in each slot (a Beams group: reserved for its beams), None = free
+        # subtle: the model's vocabulary may be padded past the tokenizer's (GPT-2: 50304 > 50257,
+        # for speed); those ids decode to nothing, so the engine cuts them from the logits before
+        # anything else, raw logprobs included
+        self.V = min(model.config.vocab_size, getattr(tokenizer, 'vocab_size', None)
+                     or model.config.vocab_size)
+        # the Row in each slot (a Beams group: reserved for its beams), None = free
+        self.slots = [None] * max_batch
         self.cache, self.inbox, self.waiting, self.calls = None, deque(), deque(), deque()
-        self.thread, self.wake, self.stopped, self.pool, self.lock = None, threading.Event(), False, None, threading.Lock()
-        self.stats = dict(steps=0, peak_batch=0, rows_finished=0, rows_cancelled=0, rows_preempted=0, prefill_tokens=0,
-                          chunks=0)
+        self.thread, self.wake, self.stopped, self.pool, self.lock = None, threading.Event(), \
+            False, None, threading.Lock()
+        self.stats = dict(steps=0, peak_batch=0, rows_finished=0, rows_cancelled=0,
+                          rows_preempted=0, prefill_tokens=0, chunks=0)
 
     def submit(self, prompts, settings=Settings()):
-        """Queue prompts (token id lists, or one list) for decoding -> Request. Checked here, so a caller can
-        refuse bad input before streaming: SettingsError or ValueError for bad values, LimitError over a limit."""
+        """Queue prompts (token id lists, or one list) for decoding -> Request. Checked here, so a
+        caller can refuse bad input before streaming: SettingsError or ValueError for bad values,
+        LimitError over a limit."""
         prompts = prompt_lists(prompts)
         if any(not 0 <= t < self.V for p in prompts for t in p):
             raise ValueError(f"prompt token ids must be in [0, vocab_size={self.V})")
         s = settings.check(self.V, self.tok)
         if s.prompt_logprobs and not self.use_cache:
-            raise SettingsError('prompt_logprobs', "prompt_logprobs needs the KV cache (use_cache=True)")
+            raise SettingsError('prompt_logprobs', "prompt_logprobs needs the "
+                                                   "KV cache (use_cache=True)")
         rows = len(prompts) * max(s.num_samples, s.num_beams)
-        for limit, value, cap, what in [('max_rows', rows, self.max_rows, 'rows (prompts x n x num_beams)'),
-                                        ('max_prompt_tokens', sum(map(len, prompts)), self.max_prompt_tokens,
-                                         'prompt tokens'),
-                                        ('max_batch', s.slots, self.max_batch, 'rows decoded together (n or num_beams)'),
-                                        ('max_beam_slots', s.slots if s.num_beams > 1 else 0, self.max_beam_slots,
+        for limit, value, cap, what in [('max_rows', rows, self.max_rows,
+                                         'rows (prompts x n x num_beams)'),
+                                        ('max_prompt_tokens', sum(map(len, prompts)),
+                                         self.max_prompt_tokens, 'prompt tokens'),
+                                        ('max_batch', s.slots, self.max_batch,
+                                         'rows decoded together (n or num_beams)'),
+                                        ('max_beam_slots', s.slots if s.num_beams > 1 else 0,
+                                         self.max_beam_slots,
                                          'beams (rows that beam searches may hold together)')]:
             if cap is not None and value > cap:
-                raise LimitError(limit, f"the request asks for {value} {what}, over this engine's limit of {cap} "
-                                 f"({limit}); send fewer or shorter prompts, or a smaller n or num_beams")
-        limit = self.block_size - 1  # prompts longer than the window keep their last tokens, leaving room for one new
+                raise LimitError(limit,
+                                 f"the request asks for {value} {what}, over this engine's "
+                                 f"limit of {cap} ({limit}); send fewer or shorter prompts, "
+                                 "or a smaller n or num_beams")
+        # prompts longer than the window keep their last tokens, leaving room for one new
+        limit = self.block_size - 1
         if any(len(p) > limit for p in prompts):
-            print(f"warning: prompt longer than block_size-1={limit} tokens; keeping its last {limit}", file=sys.stderr)
+            print(f"warning: prompt longer than block_size-1={limit} "
+                  f"tokens; keeping its last {limit}", file=sys.stderr)
             prompts = [p[-limit:] for p in prompts]
-        if s.seed is None and s.temperature > 0 and s.num_beams == 1:  # greedy leaves torch's RNG alone (training)
+        # greedy leaves torch's RNG alone (training)
+        if s.seed is None and s.temperature > 0 and s.num_beams == 1:
             s = replace(s, seed=int(torch.randint(0, 2 ** 62, ())))
         req = Request(self, prompts, s)
         if s.max_new_tokens == 0 and not s.prompt_logprobs:  # nothing to compute
             for i in range(len(prompts) * s.num_samples):
-                req.queue.put(Event(i // s.num_samples, i % s.num_samples, None, '', None, None, 'length'))
+                req.queue.put(Event(i // s.num_samples, i % s.num_samples, None, '', None, None,
+                                    'length'))
             req.waiting.clear()
         else:
             self.inbox.append(req)
             self.wake.set()
         return req
 
-    # -- on the engine thread (serve.py): see start() above -----------------------------------------------------
+    # -- on the engine thread (the server's): see start() above -----------------------------------
 
     def stop(self):
-        """Take no more requests (a caller that stops sending them, as serve.py's unload); the engine thread finishes
-        the ones it has, then lets the engine go (its KV cache too)."""
+        """Take no more requests (a caller that stops sending them, as server.py's unload); the
+        engine thread finishes the ones it has, then lets the engine go (its KV cache too)."""
         self.stopped = True
         self.wake.set()
 
     def call(self, fn):
-        """Run fn() between two steps, on the engine's thread (the model is only ever used by one), -> its result."""
-        with self.lock:  # subtle: not between _release's check and its last _run_calls, or fn would never run
+        """Run fn() between two steps, on the engine's thread (the model is only ever used by one),
+        -> its result."""
+        # subtle: not between _release's check and its last _run_calls, or fn would never run
+        with self.lock:
             queued = self.thread is not None
             if queued:
                 done = Future()
@@ -224,7 +259,8 @@ class Engine:
         return done.result() if queued else fn()
 
     def _release(self):
-        """The engine thread lets a stopped, idle engine go: later calls run on their caller's thread."""
+        """The engine thread lets a stopped, idle engine go: later calls run on their caller's
+        thread."""
         with self.lock:
             self.thread, self.cache = None, None
         self._run_calls()  # any that came in before the lock
@@ -250,7 +286,7 @@ class Engine:
         self.waiting.clear()
         self.inbox.clear()
 
-    # -- one step ---------------------------------------------------------------------------------------------------
+    # -- one step ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self):
@@ -274,14 +310,16 @@ class Engine:
         return True
 
     def _leave(self):
-        """1) cancelled requests' rows leave, freeing their slots; their waiting prompts are dropped."""
+        """1) cancelled requests' rows leave, freeing their slots; their waiting prompts are
+        dropped."""
         for i, r in enumerate(self.slots):
             if r is not None and r.req.cancelled:
                 self._free(i, 'rows_cancelled')
         self.waiting = deque(q for q in self.waiting if not q.cancelled)
 
     def _free(self, slot, why):
-        """Slot `slot` is free again; why: the stats key that counts it (rows_finished, _cancelled, _preempted)."""
+        """Slot `slot` is free again; why: the stats key that counts it (rows_finished, _cancelled,
+        _preempted)."""
         r = self.slots[slot]
         r.req.running -= 1
         self.slots[slot] = None
@@ -290,23 +328,28 @@ class Engine:
         self.stats[why] += isinstance(r, Row)
 
     def _admit(self):
-        """2) free slots go to waiting work, the request with the fewest running rows first. A request with none
-        running that finds no free slot takes them from the request holding the most (_preempt). Beam searches
-        together hold at most max_beam_slots (serve.py: half the batch), so the rest can always be freed."""
+        """2) free slots go to waiting work, the request with the fewest running rows first. A
+        request with none running that finds no free slot takes them from the request holding the
+        most (_preempt). Beam searches together hold at most max_beam_slots (serve.py: half the
+        batch), so the rest can always be freed."""
         while self.inbox:
             self.waiting.append(self.inbox.popleft())
         free = [i for i, r in enumerate(self.slots) if r is None]
         while self.waiting:
-            beams = sum(isinstance(r, Beams) or isinstance(r, Row) and r.group is not None for r in self.slots)
-            req = next((q for q in sorted(self.waiting, key=lambda q: q.running)  # stable: ties keep their order
-                        if q.resume or q.settings.num_beams == 1 or beams + q.settings.slots <= self.max_beam_slots), None)
+            beams = sum(isinstance(r, Beams) or isinstance(r, Row) and r.group is not None
+                        for r in self.slots)
+            # stable: ties keep their order
+            req = next((q for q in sorted(self.waiting, key=lambda q: q.running)
+                        if q.resume or q.settings.num_beams == 1
+                        or beams + q.settings.slots <= self.max_beam_slots), None)
             if req is None:
                 break
             need = 1 if req.resume else req.settings.slots
             if need > len(free) and req.running == 0:
                 free += self._preempt(need - len(free), req)
             if need > len(free):
-                break  # its turn: the slots wait for it, rather than let smaller requests jump ahead forever
+                # its turn: the slots wait, rather than let smaller requests jump ahead forever
+                break
             slots, free = free[:need], free[need:]
             if req.resume:
                 self._resume(req.resume.popleft(), slots[0])
@@ -314,17 +357,20 @@ class Engine:
                 self._place(req, req.waiting.popleft(), slots)
             if not req.waiting and not req.resume:
                 self.waiting.remove(req)
-        self.stats['peak_batch'] = max(self.stats['peak_batch'], sum(r is not None for r in self.slots))
+        self.stats['peak_batch'] = max(self.stats['peak_batch'],
+                                       sum(r is not None for r in self.slots))
 
     def _preempt(self, k, req):
-        """Up to k slots for req, which has no row running, from the request holding the most: its latest sampling rows
-        go back to its queue with everything but their keys and values, which they prefill again when their turn
-        comes (their logits then agree with an uninterrupted run to float rounding). Never a request's last row,
-        nor a beam (a group steps together), nor a row mid-fork or mid-score. -> the freed slots."""
+        """Up to k slots for req, which has no row running, from the request holding the most: its
+        latest sampling rows go back to its queue with everything but their keys and values, which
+        they prefill again when their turn comes (their logits then agree with an uninterrupted run
+        to float rounding). Never a request's last row, nor a beam (a group steps together), nor a
+        row mid-fork or mid-score. -> the freed slots."""
         freed = []
         while len(freed) < k:
-            victims = [r for r in self.slots if isinstance(r, Row) and r.group is None and r.parent is None and
-                       not r.children and r.scores is None and r.req is not req and r.req.running > 1]
+            victims = [r for r in self.slots if isinstance(r, Row) and r.group is None
+                       and r.parent is None and not r.children and r.scores is None
+                       and r.req is not req and r.req.running > 1]
             if not victims:
                 break
             top = max(v.req.running for v in victims)
@@ -344,21 +390,24 @@ class Engine:
     def _place(self, req, pi, slots):
         s, prompt = req.settings, req.prompts[pi]
         if self.cache is None and self.use_cache:
-            self.cache = KVCache(self.model.config, self.max_batch, min(self.block_size, 64), self.device, self.dtype,
-                                 static=self.decoder is not self.model)
+            self.cache = KVCache(self.model.config, self.max_batch, min(self.block_size, 64),
+                                 self.device, self.dtype, static=self.decoder is not self.model)
         req.running += len(slots)
         if s.num_beams > 1:
             g = Beams(req, pi, slots)
-            g.rows = [Row(req, pi, 0, prompt, slots[0], group=g)]  # one beam to start: K copies would tie
+            # one beam to start: K copies would tie
+            g.rows = [Row(req, pi, 0, prompt, slots[0], group=g)]
             for x in slots:
                 self.slots[x] = g
             self.slots[slots[0]] = g.rows[0]
             rows = g.rows
         else:
-            rows = [Row(req, pi, i, prompt, x, rng=random.Random((s.seed or 0) + i)) for i, x in enumerate(slots)]
+            rows = [Row(req, pi, i, prompt, x, rng=random.Random((s.seed or 0) + i))
+                    for i, x in enumerate(slots)]
             for r in rows:
                 self.slots[r.slot] = r
-            if self.use_cache:  # the other samples copy the first one's prompt keys/values instead of prefilling
+            # the other samples copy the first one's prompt keys/values instead of prefilling
+            if self.use_cache:
                 rows[0].children = rows[1:]
                 for r in rows[1:]:
                     r.parent = rows[0]
@@ -367,15 +416,18 @@ class Engine:
             rows[0].scores = ([None], [None])
 
     def _forward(self, rows):
-        """3) one forward for the decoding rows (one token each) and prompt chunks (within the prefill budget)
-        -> (rows whose next token is due, their raw logits (R, V))."""
+        """3) one forward for the decoding rows (one token each) and prompt chunks (within the
+        prefill budget) -> (rows whose next token is due, their raw logits (R, V))."""
         c, bs = self.cache, self.block_size
         decode, prefill = [], []
         for r in rows:
-            if len(r.tokens) - r.start > bs:  # the window is full: restart it from the last half of the context
+            # the window is full: restart it from the last half of the context
+            if len(r.tokens) - r.start > bs:
                 r.start, c.lengths[r.slot] = len(r.tokens) - bs // 2, 0
-            fresh = len(r.tokens) == r.n_prompt  # a new row's prompt goes in as a chunk, even a 1-token one
-            (decode if len(r.tokens) - r.start - c.lengths[r.slot] == 1 and not fresh else prefill).append(r)
+            # a new row's prompt goes in as a chunk, even a 1-token one
+            fresh = len(r.tokens) == r.n_prompt
+            (decode if len(r.tokens) - r.start - c.lengths[r.slot] == 1 and not fresh
+             else prefill).append(r)
         chunks, budget = [], self.prefill_chunk
         for r in sorted(prefill, key=lambda r: r.admitted):  # first come, first prefilled
             take = min(len(r.tokens) - r.start - c.lengths[r.slot], budget)
@@ -386,12 +438,14 @@ class Engine:
         ids, real = [0] * hi, [False] * hi
         for r in decode:
             ids[r.slot], real[r.slot] = r.tokens[-1], True
-        want, due, scoring, done, off = [r.slot for r in decode], [(r, i) for i, r in enumerate(decode)], [], [], hi
+        want, due, scoring, done, off = [r.slot for r in decode], \
+            [(r, i) for i, r in enumerate(decode)], [], [], hi
         for r, T in chunks:
             a = r.start + c.lengths[r.slot]
             ids += r.tokens[a:a + T]
             n = min(T, r.n_prompt - 1 - a)
-            if r.scores is not None and n > 0:  # echo: logits at every prompt position, to score the token after it
+            # echo: logits at every prompt position, to score the token after it
+            if r.scores is not None and n > 0:
                 scoring.append((r, len(want), n, r.tokens[a + 1:a + 1 + n]))
                 want += range(off, off + n)
             if a + T == len(r.tokens):  # the whole context is in: the next token is due
@@ -403,12 +457,15 @@ class Engine:
         self.stats['prefill_tokens'] += off - hi
         self.stats['chunks'] += len(chunks)
         step = c.schedule(decode=hi, real=real, chunks=[(r.slot, T) for r, T in chunks])
-        logits = (self.model if chunks else self.decoder)(torch.tensor([ids], device=self.device), step=step,
-                            logits_at=torch.tensor(want, dtype=torch.long, device=self.device))[0][0, :, :self.V].float()
-        for r, i, n, targets in scoring:  # the prompt's scores, kept as they come: no (T, V) logits are held
+        logits = (self.model if chunks else self.decoder)(
+            torch.tensor([ids], device=self.device), step=step, logits_at=torch.tensor(
+                want, dtype=torch.long, device=self.device))[0][0, :, :self.V].float()
+        # the prompt's scores, kept as they come: no (T, V) logits are held
+        for r, i, n, targets in scoring:
             lg = logits[i:i + n]
             lse = torch.logsumexp(lg, dim=-1)
-            r.scores[0].extend((lg.gather(1, torch.tensor(targets, device=lg.device)[:, None])[:, 0] - lse).tolist())
+            r.scores[0].extend((lg.gather(1, torch.tensor(targets, device=lg.device)[:, None])
+                                [:, 0] - lse).tolist())
             r.scores[1].extend(top_logprobs(lg, r.req.settings.logprobs, lse))
         for r in done:
             s = r.req.settings
@@ -420,25 +477,29 @@ class Engine:
                     r.req.queue.put(Event(r.prompt_index, i, None, '', None, None, 'length'))
                 self._free(r.slot, 'rows_finished')
         for r, _ in due:
-            if r.parent is not None:  # the first sample's prompt is in: the others copy its keys and values
+            # the first sample's prompt is in: the others copy its keys and values
+            if r.parent is not None:
                 c.copy([r.parent.slot], [r.slot])
                 r.parent.children, r.parent = [], None
         return [r for r, _ in due], logits[[i for _, i in due]]
 
     def _forward_whole(self, rows):
-        """3) without the cache: every row's context again, cropped to the last block_size tokens (the reference)."""
+        """3) without the cache: every row's context again, cropped to the last block_size tokens
+        (the reference)."""
         out = []
         for r in rows:
             ctx = torch.tensor([r.tokens[-self.block_size:]], device=self.device)
-            out.append(self.model(ctx, logits_at=slice(ctx.size(1) - 1, None))[0][0, -1, :self.V].float())
+            out.append(self.model(ctx, logits_at=slice(ctx.size(1) - 1, None))
+                       [0][0, -1, :self.V].float())
         return rows, torch.stack(out)
 
     def _sample(self, rows, logits):
-        """4) sampling rows choose, report and maybe finish. A row whose logits are not finite fails its own
-        request (NumericalError), and only it: the others in the batch go on."""
+        """4) sampling rows choose, report and maybe finish. A row whose logits are not finite
+        fails its own request (NumericalError), and only it: the others in the batch go on."""
         tokens, lps, lse, broken = choose(logits, rows)
-        # one transfer from the device per step: tokens, their logprobs, the broken flags, and the top-k
-        # alternatives of the rows that asked for them (the largest k of the batch, cut per row below)
+        # one transfer from the device per step: tokens, their logprobs, the broken flags, and the
+        # top-k alternatives of the rows that asked for them (the largest k of the batch, cut per
+        # row below)
         k = max(r.req.settings.logprobs for r in rows)
         parts = [tokens.double(), lps.double(), broken.double()]
         if k:
@@ -450,8 +511,9 @@ class Engine:
         for b, r in enumerate(rows):
             if bad[b] and not r.req.cancelled:
                 r.req.queue.put(NumericalError(
-                    "the model's next-token logits for this request are not finite (NaN or inf), so no token can be "
-                    "drawn: an overflow in half precision, or damaged weights; try dtype=float32 or bfloat16"))
+                    "the model's next-token logits for this request are not finite (NaN or inf), "
+                    "so no token can be drawn: an overflow in half precision, or damaged weights; "
+                    "try dtype=float32 or bfloat16"))
                 r.req.cancelled = True  # its rows leave at the next step (_leave)
         for b, (r, t, lp) in enumerate(zip(rows, toks, lps)):
             if r.req.cancelled:
@@ -462,17 +524,19 @@ class Engine:
             top = None
             if s.logprobs:  # row b's ids at 3B + bk, their logprobs B*k further on
                 at = 3 * B + b * k
-                top = list(zip((int(i) for i in host[at:at + s.logprobs]), host[at + B * k:at + B * k + s.logprobs]))
+                top = list(zip((int(i) for i in host[at:at + s.logprobs]),
+                               host[at + B * k:at + B * k + s.logprobs]))
             r.req.queue.put(Event(r.prompt_index, r.sample_index, t, delta, lp, top, reason))
             if reason is not None:
                 self._free(r.slot, 'rows_finished')
 
     def _beam_step(self, g, rows, logits):
-        """4) one step of a beam search, as Hugging Face's with early_stopping=False: the 2K best extensions of the
-        live beams by total processed logprob; one that ends in a stop token (or string) is a finished hypothesis
-        if it ranks in the top K; the first K others live on. The search ends when K hypotheses are finished and no
-        live beam scores better, or at max_new_tokens. score = sum logprob / len**length_penalty, len counting the
-        new tokens, the stop token included. Penalties apply; temperature/top_k/top_p/min_p do not."""
+        """4) one step of a beam search, as Hugging Face's with early_stopping=False: the 2K best
+        extensions of the live beams by total processed logprob; one that ends in a stop token (or
+        string) is a finished hypothesis if it ranks in the top K; the first K others live on. The
+        search ends when K hypotheses are finished and no live beam scores better, or at
+        max_new_tokens. score = sum logprob / len**length_penalty, len counting the new tokens, the
+        stop token included. Penalties apply; temperature/top_k/top_p/min_p do not."""
         s, K = g.req.settings, g.req.settings.num_beams
         order = {id(r): i for i, r in enumerate(rows)}
         rows = sorted(rows, key=lambda r: g.rows.index(r))
@@ -485,7 +549,8 @@ class Engine:
                         cum_logprob=v, score=g.norm(v, len(out)), finished=False)
             hyp = (p, t, v, node, p.lps + [node['logprob']], p.tops + [tops[src]])
             if t in s.stop_tokens or any(x in self.tok.decode(out) for x in s.stop_strings):
-                if rank < K:  # HF: a stop token outside the top K would crowd out better running beams
+                # HF: a stop token outside the top K would crowd out better running beams
+                if rank < K:
                     node['finished'] = True
                     g.finished.append(hyp)
                 else:
@@ -500,9 +565,11 @@ class Engine:
         g.step += 1
         score = lambda h: g.norm(h[2], len(h[0].tokens) - h[0].n_prompt + 1)
         best = sorted(g.finished, key=score, reverse=True)[:K]
-        if not new or g.step == s.max_new_tokens or (len(best) >= K and max(map(score, new)) <= score(best[-1])):
-            return self._end_beams(g, sorted(g.finished + new, key=score, reverse=True)[:s.num_samples])
-        # the survivors take the group's slots: each copies its parent's keys and values (the reorder)
+        if not new or g.step == s.max_new_tokens or \
+                (len(best) >= K and max(map(score, new)) <= score(best[-1])):
+            return self._end_beams(
+                g, sorted(g.finished + new, key=score, reverse=True)[:s.num_samples])
+        # the reorder: the survivors take the group's slots, each copying its parent's keys/values
         live = []
         for x, (p, t, v, node, lps, tops_) in zip(g.slots, new):
             r = Row(g.req, g.prompt_index, 0, p.tokens + [t], x, group=g)
@@ -517,7 +584,8 @@ class Engine:
         g.rows = [r for _, r in live]
 
     def _end_beams(self, g, best):
-        """The best num_samples hypotheses, as one event per token (sample_index = rank); the group's slots free."""
+        """The best num_samples hypotheses, as one event per token (sample_index = rank); the
+        group's slots free."""
         for rank, (p, t, v, node, lps, tops) in enumerate(best):
             text = TextStream(self.tok, g.req.settings.stop_strings, g.req.settings.stop_tokens)
             out = p.tokens[p.n_prompt:] + [t]

@@ -1,9 +1,10 @@
 """
-A stdlib HTTP server that is safe to leave running on a laptop whose user browses the web: what serve.py stands on.
-Server caps open connections (a 503 beyond) and cuts those that do not send a whole request in time.
-GuardedHandler refuses what a web page can make a browser send (a foreign Host: DNS rebinding; a cross-origin POST;
-a non-JSON body), reads bodies strictly (no Transfer-Encoding; an error before the body closes the connection: no
-smuggling), and writes JSON (NaN as null) and server-sent events. Errors are ApiError, in OpenAI's error body.
+A stdlib HTTP server that is safe to leave running on a laptop whose user browses the web: what
+serve.py stands on. Server caps open connections (a 503 beyond) and cuts those that do not send a
+whole request in time. GuardedHandler refuses what a web page can make a browser send (a foreign
+Host: DNS rebinding; a cross-origin POST; a non-JSON body), reads bodies strictly (no
+Transfer-Encoding; an error before the body closes the connection: no smuggling), and writes JSON
+(NaN as null) and server-sent events. Errors are ApiError, in OpenAI's error body.
 """
 import ipaddress
 import json
@@ -26,79 +27,101 @@ class ApiError(Exception):
 
     def body(self):
         kind = 'server_error' if self.status >= 500 else 'invalid_request_error'
-        return {'error': {'message': str(self), 'type': kind, 'param': self.param, 'code': self.code}}
+        return {'error': {'message': str(self), 'type': kind, 'param': self.param,
+                          'code': self.code}}
 
 
 class GuardedHandler(BaseHTTPRequestHandler):
-    """Reads and checks one request at a time (handle_one_request), for a subclass's do_GET / do_POST."""
+    """Reads and checks one request at a time (handle_one_request), for a subclass's do_GET /
+    do_POST."""
     protocol_version = 'HTTP/1.1'  # keep-alive: an evaluation client sends thousands of requests
     timeout = 300                  # an idle connection gives its thread back after 5 minutes
     server_version = 'nanolab'
 
     def handle_one_request(self):
-        self.server.deadline(self.connection, self.server.read_timeout)  # the next request must come in time
+        # the next request must come in time
+        self.server.deadline(self.connection, self.server.read_timeout)
         self.cors, self.body_read = None, False
         try:
             super().handle_one_request()
-        except OSError:  # the client has gone, or was cut at its deadline: nothing to answer, nothing to log
+        except OSError:
+            # the client has gone, or was cut at its deadline: nothing to answer, nothing to log
             self.close_connection = True
 
     def check_request(self, method):
-        """Once the headers are in (call it first in do_GET/do_POST): a request without a body to read has met its
-        deadline; a body it will not read closes the connection after the answer (never the next request); then
-        check_browser."""
+        """Once the headers are in (call it first in do_GET/do_POST): a request without a body to
+        read has met its deadline; a body it will not read closes the connection after the answer
+        (never the next request); then check_browser."""
         self.started = False  # set by start_sse: the status line has gone out
         if method != 'POST':
-            self.server.deadline(self.connection, None)  # read in time; the answer may take as long as it needs
-            if self.headers.get('Content-Length', '0') != '0' or 'Transfer-Encoding' in self.headers:
+            # read in time; the answer may take as long as it needs
+            self.server.deadline(self.connection, None)
+            if self.headers.get('Content-Length', '0') != '0' \
+                    or 'Transfer-Encoding' in self.headers:
                 self.close_connection = True
         self.check_browser(method)
 
     def check_browser(self, method):
-        """Refuse what a web page can make the user's browser send. A Host that is not this server's is DNS
-        rebinding (a page whose name now resolves to 127.0.0.1): 403. A POST from another origin (Origin, or
-        Sec-Fetch-Site) unless --cors_origins allows it: 403. Plain clients (curl, openai, lm-eval) send neither.
-        Cross-site GETs are left alone: without CORS headers the page cannot read the answer."""
+        """Refuse what a web page can make the user's browser send. A Host that is not this
+        server's is DNS rebinding (a page whose name now resolves to 127.0.0.1): 403. A POST from
+        another origin (Origin, or Sec-Fetch-Site) unless --cors_origins allows it: 403. Plain
+        clients (curl, openai, lm-eval) send neither. Cross-site GETs are left alone: without CORS
+        headers the page cannot read the answer."""
         host, allowed = self.headers.get('Host'), self.server.allowed_hosts
         name = (host or '').rsplit(':', 1)[0] if not (host or '').endswith(']') else host
         name = name.strip('[]').lower()
         if host is not None and '*' not in allowed and name not in allowed and not _is_ip(name):
-            raise ApiError(403, f"this server does not answer to the Host {host[:80]!r}; if that is its name, start "
-                           f"it with --allowed_hosts={name[:80]}", None, 'host_not_allowed')
+            raise ApiError(403,
+                           f"this server does not answer to the Host {host[:80]!r}; if that is "
+                           f"its name, start it with --allowed_hosts={name[:80]}",
+                           None, 'host_not_allowed')
         origin, site = self.headers.get('Origin'), self.headers.get('Sec-Fetch-Site', '')
         if origin and (origin in self.server.cors_origins or '*' in self.server.cors_origins):
             self.cors = origin
-        elif method != 'GET' and (site in ('cross-site', 'same-site') or origin and origin != f'http://{host}'):
-            raise ApiError(403, f"cross-origin request from {(origin or site)[:80]!r} refused; to let that page call "
-                           "the API, start the server with --cors_origins=ORIGIN", None, 'origin_not_allowed')
+        elif method != 'GET' and (site in ('cross-site', 'same-site') or origin
+                                  and origin != f'http://{host}'):
+            raise ApiError(403,
+                           f"cross-origin request from {(origin or site)[:80]!r} refused; to let "
+                           "that page call the API, start the server with --cors_origins=ORIGIN",
+                           None, 'origin_not_allowed')
 
     def body(self):
         """The JSON object of a POST: Content-Length bytes, Content-Type application/json."""
         n = self.headers.get('Content-Length', '0')
-        if 'Transfer-Encoding' in self.headers:  # with Content-Length too, the two could disagree: smuggling
-            raise ApiError(400, "Transfer-Encoding is not accepted; send the body with a Content-Length header", None,
-                           'bad_length')
+        # with Content-Length too, the two could disagree: smuggling
+        if 'Transfer-Encoding' in self.headers:
+            raise ApiError(400,
+                           "Transfer-Encoding is not accepted; send the body "
+                           "with a Content-Length header",
+                           None, 'bad_length')
         if not n.isdigit() or int(n) > MAX_BODY:
             if not n.isdigit():
-                raise ApiError(400, f"Content-Length {n[:40]!r} is not a byte count", None, 'bad_length')
-            raise ApiError(413, f"request body of {n} bytes is over the {MAX_BODY} byte limit; send fewer or "
-                           "shorter prompts per request", None, 'request_too_large')
+                raise ApiError(400, f"Content-Length {n[:40]!r} is not a byte count", None,
+                               'bad_length')
+            raise ApiError(413,
+                           f"request body of {n} bytes is over the {MAX_BODY} byte limit; send "
+                           "fewer or shorter prompts per request",
+                           None, 'request_too_large')
         ctype = self.headers.get('Content-Type', '').split(';')[0].strip().lower()
-        if ctype != 'application/json':  # also what keeps a page's no-preflight text/plain POST out
-            raise ApiError(415, f"Content-Type {ctype[:60]!r}: send the body as JSON, with the header "
-                           "'Content-Type: application/json'", None, 'unsupported_media_type')
+        # also what keeps a page's no-preflight text/plain POST out
+        if ctype != 'application/json':
+            raise ApiError(415, f"Content-Type {ctype[:60]!r}: send the body as JSON, with the "
+                           "header 'Content-Type: "
+                           "application/json'", None, 'unsupported_media_type')
         data, self.body_read = self.rfile.read(int(n)), True
         self.server.deadline(self.connection, None)
         try:
             body = json.loads(data)
         except ValueError as e:
-            raise ApiError(400, f"the body is not valid JSON ({e}); send a JSON object", None, 'invalid_json') from None
+            raise ApiError(400, f"the body is not valid JSON ({e}); send a JSON object", None,
+                           'invalid_json') from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object {...}", None, 'invalid_json')
         return body
 
     def check_client(self):
-        """Raise ConnectionResetError if the client has hung up (its socket reads as EOF): a poll(), microseconds."""
+        """Raise ConnectionResetError if the client has hung up (its socket reads as EOF): a
+        poll(), microseconds."""
         try:
             p = select.poll()  # not select(): it fails on descriptors >= 1024
             p.register(self.connection, select.POLLIN)
@@ -151,20 +174,23 @@ def _is_ip(name):
 
 
 class Server(ThreadingHTTPServer):
-    """One thread per connection, at most max_connections of them (beyond: a 503 straight from the accept loop), and
-    every request read within read_timeout seconds of the handler starting to wait for it: a reaper thread shuts the
-    sockets that are late, so idle or trickling connections cannot hold every thread (slowloris). subtle:
-    socketserver's listen backlog of 5 reset 32 clients connecting at once, so it is raised."""
+    """One thread per connection, at most max_connections of them (beyond: a 503 straight from the
+    accept loop), and every request read within read_timeout seconds of the handler starting to
+    wait for it: a reaper thread shuts the sockets that are late, so idle or trickling connections
+    cannot hold every thread (slowloris). subtle: socketserver's listen backlog of 5 reset 32
+    clients connecting at once, so it is raised."""
     request_queue_size = 256
     daemon_threads = True
-    allowed_hosts, cors_origins = frozenset({'localhost'}), frozenset()  # make_server sets them (sets: tests add)
+    # make_server sets them (sets: tests add)
+    allowed_hosts, cors_origins = frozenset({'localhost'}), frozenset()
     max_connections, read_timeout = 256, 10.0
-    BUSY = (b'HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n'
-            b'Connection: close\r\nContent-Length: %d\r\n\r\n%s')
+    BUSY = (b'HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n'
+            b'Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s')
 
     def server_activate(self):
         super().server_activate()
-        self.deadlines, self.lock = {}, threading.Lock()  # socket -> time its request must be in by (None: it is)
+        # socket -> time its request must be in by (None: it is)
+        self.deadlines, self.lock = {}, threading.Lock()
         threading.Thread(target=self.reap, daemon=True, name='reaper').start()
 
     def process_request(self, request, client_address):
@@ -174,10 +200,13 @@ class Server(ThreadingHTTPServer):
                 self.deadlines[request] = time.monotonic() + self.read_timeout
         if not full:
             return super().process_request(request, client_address)
-        body = dumps(ApiError(503, f"the server has {self.max_connections} connections open; retry in a second "
-                              "(serve.py --max_connections)", None, 'too_many_connections').body()).encode()
+        body = dumps(ApiError(503,
+                              f"the server has {self.max_connections} connections open; retry in "
+                              "a second (serve.py --max_connections)",
+                              None, 'too_many_connections').body()).encode()
         try:
-            request.setblocking(False)  # a short answer into an empty socket buffer; never wait on the client
+            # a short answer into an empty socket buffer; never wait on the client
+            request.setblocking(False)
             request.send(self.BUSY % (len(body), body))
         except OSError:
             pass

@@ -1,13 +1,16 @@
 """
-OpenAI's completions and chat completions over the engine: a request's body checked field by field (an ApiError, a
-400 naming the field, for anything wrong), then the answer in OpenAI's shapes, whole or as server-sent events.
-server.py routes to completion(); the field checks (number, flag, is_ids, encode) serve the other endpoints too.
+OpenAI's completions and chat completions over the engine: a request's body checked field by field
+(an ApiError, a 400 naming the field, for anything wrong), then the answer in OpenAI's shapes,
+whole or as server-sent events. server.py routes to completion(); the field checks (number, flag,
+is_ids, encode) serve the other endpoints too.
 
-    POST /v1/completions       prompt: text, token ids or a list of either; echo + max_tokens=0 + logprobs scores a
-                               text (its first token null)
-    POST /v1/chat/completions  messages (OpenAI's content parts too); logprobs: true, top_logprobs: k
-Both take OpenAI's sampling fields and ours: top_k, min_p, repetition_penalty, num_beams, length_penalty, beam_tree,
-and a prompt template ('template', 'variables', 'cot'). A seeded request gives generate's text, for any n.
+    POST /v1/completions       prompt: text, token ids or a list of either; echo + max_tokens=0 +
+                               logprobs scores a text (its first token null)
+    POST /v1/chat/completions  messages (OpenAI's content parts too); logprobs: true,
+                               top_logprobs: k
+Both take OpenAI's sampling fields and ours: top_k, min_p, repetition_penalty, num_beams,
+length_penalty, beam_tree, and a prompt template ('template', 'variables', 'cot'). A seeded request
+gives generate's text, for any n.
 """
 import difflib
 import json
@@ -16,7 +19,8 @@ import uuid
 from dataclasses import dataclass
 from itertools import accumulate
 
-from nanolab import prompts as library  # the template library (`prompts` is a request's token lists)
+# the template library (`prompts` is a request's token lists)
+from nanolab import prompts as library
 from nanolab.decoding import Settings, SettingsError
 from nanolab.engine import Engine, LimitError
 from nanolab.events import BeamStep, PromptScores, beam_tree
@@ -24,7 +28,8 @@ from nanolab.httpd import ApiError
 
 MAX_STOPS = 4               # stop strings per request, as OpenAI
 MAX_TOP_LOGPROBS = 20       # alternatives per token, as OpenAI's chat API
-PARAMS = {'max_new_tokens': 'max_tokens', 'num_samples': 'n', 'stop_strings': 'stop', 'prompt_logprobs': 'echo'}
+PARAMS = {'max_new_tokens': 'max_tokens', 'num_samples': 'n', 'stop_strings': 'stop',
+          'prompt_logprobs': 'echo'}
 
 # -----------------------------------------------------------------------------
 # 0) a body's fields
@@ -35,16 +40,20 @@ def number(body, name, default, lo, hi, integer=False):
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)[:60]}",
+        raise ApiError(400,
+                       f"'{name}' must be {'an integer' if integer else 'a number'}, got "
+                       f"{json.dumps(v)[:60]}",
                        name, 'invalid_type')
     if not lo <= v <= hi:  # also catches NaN, which Python's json accepts
-        raise ApiError(400, f"'{name}'={v} is out of range: it must be between {lo} and {hi}", name, 'invalid_value')
+        raise ApiError(400, f"'{name}'={v} is out of range: it must be between {lo} and {hi}",
+                       name, 'invalid_value')
     return v
 
 def flag(body, name):
     v = body.get(name)
     if v is not None and not isinstance(v, bool):
-        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)[:60]}", name, 'invalid_type')
+        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)[:60]}", name,
+                       'invalid_type')
     return bool(v)
 
 def is_ids(x):
@@ -54,8 +63,10 @@ def encode(w, text, param):
     """text through engine w's tokenizer, its length bounded before the tokenizer starts."""
     cap = 8 * (w.max_prompt_tokens or 32768)  # (32768: serve.py's default max_prompt_tokens)
     if len(text) > cap:
-        raise ApiError(400, f"'{param}' holds {len(text)} characters, over {cap} (8 per token of max_prompt_tokens); "
-                       "send a shorter text", param, 'request_too_large')
+        raise ApiError(400,
+                       f"'{param}' holds {len(text)} characters, over {cap} (8 per token of "
+                       "max_prompt_tokens); send a shorter text",
+                       param, 'request_too_large')
     try:
         return w.tok.encode(text)
     except ValueError as e:  # e.g. a character the char vocabulary lacks
@@ -64,68 +75,83 @@ def encode(w, text, param):
 # -----------------------------------------------------------------------------
 # 1) the request: its fields checked against the model
 
-COMMON_FIELDS = {'model', 'max_tokens', 'temperature', 'top_p', 'n', 'stop', 'seed', 'presence_penalty',
-                 'frequency_penalty', 'stream', 'stream_options', 'user', 'top_k', 'min_p', 'repetition_penalty',
-                 'num_beams', 'length_penalty', 'beam_tree', 'template', 'variables', 'cot'}
+COMMON_FIELDS = {'model', 'max_tokens', 'temperature', 'top_p', 'n', 'stop', 'seed',
+                 'presence_penalty', 'frequency_penalty', 'stream', 'stream_options', 'user',
+                 'top_k', 'min_p', 'repetition_penalty', 'num_beams', 'length_penalty',
+                 'beam_tree', 'template', 'variables', 'cot'}
 COMPLETION_FIELDS = COMMON_FIELDS | {'prompt', 'logprobs', 'echo'}
-CHAT_FIELDS = COMMON_FIELDS | {'messages', 'logprobs', 'top_logprobs', 'max_completion_tokens', 'continue_final_message'}
+CHAT_FIELDS = COMMON_FIELDS | {'messages', 'logprobs', 'top_logprobs', 'max_completion_tokens',
+                               'continue_final_message'}
 
 @dataclass
 class Call:
-    """One completions or chat request, read and checked: what to decode, and how the answer looks."""
+    """One completions or chat request, read and checked: what to decode, and how the answer
+    looks."""
     engine: Engine
     name: str                # the model's name
     chat: bool
     prompts: list            # token id lists
     settings: Settings
     logprobs: int | None     # None: no logprobs in the answer; k: with k alternatives per token
-    echo: bool               # completions: the prompt comes first (with its logprobs when logprobs is set)
+    echo: bool               # completions: the prompt comes first (with logprobs if asked)
     stream: bool
     include_usage: bool
     beam_tree: bool = False  # each choice also carries its beam search's tree (events.beam_tree)
 
 
 def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
-    """A completions or chat body, checked against the model -> Call. Every problem is an ApiError(400) that names
-    the field: the JSON types and the API's own caps here (max_tokens_limit: the largest max_tokens; n_limit: the
-    largest n and num_beams), the decoding settings' ranges in Settings.check."""
+    """A completions or chat body, checked against the model -> Call. Every problem is an
+    ApiError(400) that names the field: the JSON types and the API's own caps here
+    (max_tokens_limit: the largest max_tokens; n_limit: the largest n and num_beams), the decoding
+    settings' ranges in Settings.check."""
     fields = CHAT_FIELDS if chat else COMPLETION_FIELDS
     for k in body:
         if k not in fields:
             close = difflib.get_close_matches(k, fields, n=2)
-            raise ApiError(400, f"unknown field '{k}'" + (f"; did you mean {' or '.join(close)}?" if close else
-                           ''), k, 'unknown_parameter')
+            raise ApiError(400, f"unknown field '{k}'" +
+                           (f"; did you mean {' or '.join(close)}?" if close else ''),
+                           k, 'unknown_parameter')
     tok, stop_tokens, stop_strings = w.tok, [w.tok.eot] if w.tok.eot is not None else [], []
-    # 1) the prompts: a template of prompts.py ('template', 'variables', 'cot') fills the prompt or the messages
+    # 1) the prompts: a template of prompts.py ('template', 'variables', 'cot') fills the prompt or
+    #    the messages
     if 'template' in body:
         name_, values = body.get('template'), body.get('variables', {})
         if not isinstance(name_, str) or not isinstance(values, dict):
-            raise ApiError(400, "'template' must be a template's name (GET /v1/templates) and 'variables' an object",
+            raise ApiError(400,
+                           "'template' must be a template's name (GET /v1/templates) "
+                           "and 'variables' an object",
                            'template')
         try:
             filled = library.render(name_, cot=flag(body, 'cot'), **values)
         except (KeyError, ValueError) as e:
             raise ApiError(400, f"'template': {e.args[0]}", 'template') from None
         if chat:
-            body['messages'] = filled if isinstance(filled, list) else [{'role': 'user', 'content': filled}]
+            body['messages'] = filled if isinstance(filled, list) else \
+                [{'role': 'user', 'content': filled}]
         elif isinstance(filled, list):
-            raise ApiError(400, f"'template': '{name_}' is a chat template; send it to /v1/chat/completions", 'template')
+            raise ApiError(400, f"'template': '{name_}' is a chat template; send "
+                                "it to /v1/chat/completions", 'template')
         else:
             body['prompt'] = filled
     if chat:
         messages = body.get('messages')
         if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", 'messages')
+            raise ApiError(400, "'messages' must be a non-empty list of "
+                                "{\"role\", \"content\"} objects", 'messages')
         for m in messages:  # OpenAI's content parts [{"type": "text", "text": ...}] -> one string
             if isinstance(m, dict) and isinstance(m.get('content'), list):
-                if not all(isinstance(p, dict) and p.get('type') == 'text' and isinstance(p.get('text'), str)
-                           for p in m['content']):
-                    raise ApiError(400, "'messages': a content part must be {\"type\": \"text\", \"text\": string}",
+                if not all(isinstance(p, dict) and p.get('type') == 'text'
+                           and isinstance(p.get('text'), str) for p in m['content']):
+                    raise ApiError(400,
+                                   "'messages': a content part must be {\"type\": "
+                                   "\"text\", \"text\": string}",
                                    'messages', 'invalid_type')
                 m['content'] = ''.join(p['text'] for p in m['content'])
         try:
-            cont = flag(body, 'continue_final_message')  # the last (assistant) message goes on: no new turn
-            prompts = [tok.render_chat(messages, add_generation_prompt=not cont, continue_final_message=cont)[0]]
+            # the last (assistant) message goes on: no new turn
+            cont = flag(body, 'continue_final_message')
+            prompts = [tok.render_chat(messages, add_generation_prompt=not cont,
+                                       continue_final_message=cont)[0]]
         except ValueError as e:
             raise ApiError(400, f"'messages': {e}", 'messages') from None
         stop_tokens, stop_strings = tok.chat_stop_tokens, list(tok.stop_strings)
@@ -134,28 +160,38 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
         if isinstance(p, str) or (is_ids(p) and p):
             p = [p]
         if not isinstance(p, list) or not p or not all(isinstance(x, str) or is_ids(x) for x in p):
-            raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either", 'prompt')
+            raise ApiError(400, "'prompt' must be a string, a list of token ids, "
+                                "or a non-empty list of either", 'prompt')
         prompts = [encode(w, x, 'prompt') if isinstance(x, str) else x for x in p]
-        prompts = [x or ([tok.eot] if tok.eot is not None else []) for x in prompts]  # '' = from end-of-text
+        # '' = from end-of-text
+        prompts = [x or ([tok.eot] if tok.eot is not None else []) for x in prompts]
         if any(not x for x in prompts):
             raise ApiError(400, "empty prompt; give at least one token", 'prompt')
         if any(not 0 <= t < w.V for x in prompts for t in x):
-            raise ApiError(400, f"prompt token ids must be in [0, {w.V})", 'prompt', 'invalid_value')
+            raise ApiError(400, f"prompt token ids must be in [0, {w.V})", 'prompt',
+                           'invalid_value')
     # 2) the sampling settings
     longest = max(map(len, prompts))
-    default_max = min(max_tokens_limit, w.block_size - longest) if chat else min(16, w.block_size - longest)
-    max_tokens = number(body, 'max_completion_tokens', None, 0, max_tokens_limit, integer=True) if chat else None
+    default_max = min(max_tokens_limit, w.block_size - longest) if chat else \
+        min(16, w.block_size - longest)
+    max_tokens = number(body, 'max_completion_tokens', None, 0, max_tokens_limit,
+                        integer=True) if chat else None
     max_tokens = number(body, 'max_tokens', max_tokens, 0, max_tokens_limit, integer=True)
     max_tokens = max(0, default_max) if max_tokens is None else max_tokens
     if longest + max_tokens > w.block_size:
         what = 'messages' if chat else 'prompt'  # OpenAI's message, which clients parse
-        raise ApiError(400, f"This model's maximum context length is {w.block_size} tokens. However, you requested "
-                       f"{longest + max_tokens} tokens ({longest} in the {what}, {max_tokens} in the completion). "
-                       f"Please reduce the length of the {what} or max_tokens.", what, 'context_length_exceeded')
+        raise ApiError(400,
+                       f"This model's maximum context length is {w.block_size} tokens. "
+                       f"However, you requested {longest + max_tokens} tokens ({longest} in "
+                       f"the {what}, {max_tokens} in the completion). Please reduce the "
+                       f"length of the {what} or max_tokens.",
+                       what, 'context_length_exceeded')
     stop = body.get('stop')
     stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
-    if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", 'stop')
+    if not isinstance(stop, list) or len(stop) > MAX_STOPS \
+            or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of "
+                            f"up to {MAX_STOPS} of them", 'stop')
     if chat:
         k = number(body, 'top_logprobs', None, 0, MAX_TOP_LOGPROBS, integer=True)
         if k is not None and not flag(body, 'logprobs'):
@@ -165,22 +201,29 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
         logprobs = number(body, 'logprobs', None, 0, MAX_TOP_LOGPROBS, integer=True)
     opts = body.get('stream_options')
     if opts is not None and not (isinstance(opts, dict) and set(opts) <= {'include_usage'}):
-        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}", 'stream_options')
+        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
+                       'stream_options')
     echo, inf = not chat and flag(body, 'echo'), float('inf')
     settings = Settings(
         max_new_tokens=max_tokens, temperature=number(body, 'temperature', 1.0, -inf, 2.0),
-        top_k=number(body, 'top_k', 0, 0, w.V, integer=True), top_p=number(body, 'top_p', 1.0, -inf, inf),
-        min_p=number(body, 'min_p', 0.0, -inf, inf), repetition_penalty=number(body, 'repetition_penalty', 1.0, 0.01, 10.0),
+        top_k=number(body, 'top_k', 0, 0, w.V, integer=True),
+        top_p=number(body, 'top_p', 1.0, -inf, inf),
+        min_p=number(body, 'min_p', 0.0, -inf, inf),
+        repetition_penalty=number(body, 'repetition_penalty', 1.0, 0.01, 10.0),
         presence_penalty=number(body, 'presence_penalty', 0.0, -inf, inf),
         frequency_penalty=number(body, 'frequency_penalty', 0.0, -inf, inf),
         num_beams=number(body, 'num_beams', 1, 1, n_limit, integer=True),
         length_penalty=number(body, 'length_penalty', 1.0, -10.0, 10.0),
-        num_samples=number(body, 'n', 1, -inf, n_limit, integer=True), stop_tokens=tuple(stop_tokens),
-        stop_strings=tuple(stop_strings + stop), seed=number(body, 'seed', None, 0, 2**62, integer=True),
-        logprobs=min(logprobs or 0, w.V), prompt_logprobs=echo and logprobs is not None)  # a tiny vocabulary: all of it
+        num_samples=number(body, 'n', 1, -inf, n_limit, integer=True),
+        stop_tokens=tuple(stop_tokens),
+        stop_strings=tuple(stop_strings + stop),
+        seed=number(body, 'seed', None, 0, 2**62, integer=True),
+        # a tiny vocabulary: all of it
+        logprobs=min(logprobs or 0, w.V), prompt_logprobs=echo and logprobs is not None)
     tree = flag(body, 'beam_tree')
     if tree and settings.num_beams < 2:
-        raise ApiError(400, "'beam_tree' shows a beam search: set 'num_beams' to 2 or more", 'beam_tree')
+        raise ApiError(400, "'beam_tree' shows a beam search: set 'num_beams' to 2 or more",
+                       'beam_tree')
     return Call(w, name, chat, prompts, settings, logprobs, echo, flag(body, 'stream'),
                 bool((opts or {}).get('include_usage')), tree)
 
@@ -188,22 +231,25 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
 # 2) the answer, whole or streamed, in OpenAI's shapes
 
 def _legacy_logprobs(w, tokens, lps, tops):
-    """OpenAI's completions logprobs: parallel lists; top_logprobs {token text: logprob}; offsets into the text."""
+    """OpenAI's completions logprobs: parallel lists; top_logprobs {token text: logprob}; offsets
+    into the text."""
     pieces = [w.tok.decode([t]) for t in tokens]
     return {'tokens': pieces, 'token_logprobs': lps,
-            'top_logprobs': [None if top is None else {w.tok.decode([i]): lp for i, lp in top} for top in tops],
+            'top_logprobs': [None if top is None else {w.tok.decode([i]): lp for i, lp in top}
+                             for top in tops],
             'text_offset': [0] + list(accumulate(map(len, pieces)))[:-1] if pieces else []}
 
 def _chat_logprobs(w, tokens, lps, tops):
-    """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob,
+    bytes}]}]}."""
     def entry(t, lp):
         return {'token': w.tok.decode([t]), 'logprob': lp, 'bytes': list(w.tok.decode_bytes([t]))}
     return {'content': [{**entry(t, lp), 'top_logprobs': [entry(i, v) for i, v in top or []]}
                         for t, lp, top in zip(tokens, lps, tops)]}
 
 def completion(h, body, chat):
-    """POST /v1/completions (chat False) or /v1/chat/completions: decode on the model's engine and answer, whole or
-    as server-sent events; the request's rows are freed however it ends."""
+    """POST /v1/completions (chat False) or /v1/chat/completions: decode on the model's engine and
+    answer, whole or as server-sent events; the request's rows are freed however it ends."""
     name, w = h.engine(body)
     call = read_request(name, w, body, chat, h.server.max_tokens_limit, h.server.n_limit)
     try:
@@ -212,23 +258,26 @@ def completion(h, body, chat):
         param = PARAMS.get(e.field, e.field)
         raise ApiError(400, f"'{param}': {e}", param, 'invalid_value') from None
     except LimitError as e:  # serve.py gives beam searches half of max_batch
-        flag = 'max_batch, of which beam searches get half' if e.limit == 'max_beam_slots' else e.limit
+        flag = 'max_batch, of which beam searches get half' if e.limit == 'max_beam_slots' else \
+            e.limit
         raise ApiError(400, f"{e} (serve.py --{flag})", None, 'request_too_large') from None
     try:
         (_stream if call.stream else _reply)(h, call, h.events(req, call.beam_tree))
     finally:
-        req.cancel()  # whatever happened (done, error, client gone), the engine drops what is left within a step
+        # whatever happened (done, error, client gone), the engine drops what is left within a step
+        req.cancel()
 
 def _head(call):
     """The fields every response and chunk starts with, and a fresh usage count."""
     rid = ('chatcmpl-' if call.chat else 'cmpl-') + uuid.uuid4().hex[:24]
-    head = {'id': rid, 'object': 'chat.completion' if call.chat else 'text_completion', 'created': int(time.time()),
-            'model': call.name}
+    head = {'id': rid, 'object': 'chat.completion' if call.chat else 'text_completion',
+            'created': int(time.time()), 'model': call.name}
     return head, {'prompt_tokens': sum(map(len, call.prompts)), 'completion_tokens': 0}
 
 def _reply(h, call, events):
     w, n = call.engine, call.settings.num_samples
-    acc = [dict(tokens=[], lps=[], tops=[], text='', finish=None) for _ in range(len(call.prompts) * n)]
+    acc = [dict(tokens=[], lps=[], tops=[], text='', finish=None)
+           for _ in range(len(call.prompts) * n)]
     scores, steps, (head, usage) = {}, {}, _head(call)
     for ev in events:
         if isinstance(ev, PromptScores):
@@ -248,32 +297,37 @@ def _reply(h, call, events):
     choices = []
     for i, a in enumerate(acc):
         if call.chat:
-            lp = _chat_logprobs(w, a['tokens'], a['lps'], a['tops']) if call.logprobs is not None else None
-            choices.append({'index': i, 'message': {'role': 'assistant', 'content': a['text']}, 'logprobs': lp,
-                            'finish_reason': a['finish']})
+            lp = _chat_logprobs(w, a['tokens'], a['lps'], a['tops']) \
+                if call.logprobs is not None else None
+            choices.append({'index': i, 'message': {'role': 'assistant', 'content': a['text']},
+                            'logprobs': lp, 'finish_reason': a['finish']})
         else:
             prompt, lp, text = call.prompts[i // n], None, a['text']
             if call.echo:
                 text = w.tok.decode(prompt) + text
             if call.settings.prompt_logprobs:
                 s = scores[i // n]
-                lp = _legacy_logprobs(w, prompt + a['tokens'], s.token_logprobs + a['lps'], s.top_logprobs + a['tops'])
+                lp = _legacy_logprobs(w, prompt + a['tokens'], s.token_logprobs + a['lps'],
+                                      s.top_logprobs + a['tops'])
             elif call.logprobs is not None:
                 lp = _legacy_logprobs(w, a['tokens'], a['lps'], a['tops'])
-            choices.append({'index': i, 'text': text, 'logprobs': lp, 'finish_reason': a['finish']})
+            choices.append({'index': i, 'text': text, 'logprobs': lp,
+                            'finish_reason': a['finish']})
         if call.beam_tree:
             choices[-1]['beam_tree'] = beam_tree(steps.get(i // n, []), w.tok, a['tokens'])
     usage['total_tokens'] = usage['prompt_tokens'] + usage['completion_tokens']
     h.send_json(200, {**head, 'choices': choices, 'usage': usage})
 
 def _stream(h, call, events):
-    """Server-sent events in OpenAI's chunk format, one chunk per token (and per finish), then data: [DONE]."""
+    """Server-sent events in OpenAI's chunk format, one chunk per token (and per finish), then
+    data: [DONE]."""
     w, n = call.engine, call.settings.num_samples
     head, usage = _head(call)
     head['object'] = 'chat.completion.chunk' if call.chat else 'text_completion'
 
     def chunk(i, **choice):
-        h.sse({**head, 'choices': [{'index': i, 'logprobs': None, 'finish_reason': None, **choice}]})
+        h.sse({**head, 'choices': [{'index': i, 'logprobs': None, 'finish_reason': None,
+                                    **choice}]})
     h.start_sse()
     started, scores, steps, done = set(), {}, {}, {}
     for ev in events:
@@ -286,13 +340,16 @@ def _stream(h, call, events):
         i = ev.prompt_index * n + ev.sample_index
         tok = [ev.token] if ev.token is not None else []
         extra = {}
-        if call.beam_tree:  # the finishing chunk of each choice carries its tree (a beam search's tokens come at its end)
+        # the finishing chunk of each choice carries its tree (a beam search's tokens come at its
+        # end)
+        if call.beam_tree:
             done.setdefault(i, []).extend(tok)
             if ev.finish_reason:
                 extra = {'beam_tree': beam_tree(steps.get(ev.prompt_index, []), w.tok, done[i])}
         usage['completion_tokens'] += len(tok)
         if call.chat:
-            lp = _chat_logprobs(w, tok, [ev.logprob], [ev.top_logprobs]) if call.logprobs is not None and tok else None
+            lp = _chat_logprobs(w, tok, [ev.logprob], [ev.top_logprobs]) \
+                if call.logprobs is not None and tok else None
             if i not in started:  # OpenAI opens each choice with its role
                 chunk(i, delta={'role': 'assistant', 'content': ''})
             if ev.text_delta or lp:
@@ -303,7 +360,8 @@ def _stream(h, call, events):
             if call.echo and i not in started:  # the prompt comes first, as its own chunk
                 prompt, s = call.prompts[ev.prompt_index], scores.get(ev.prompt_index)
                 chunk(i, text=w.tok.decode(prompt),
-                      logprobs=_legacy_logprobs(w, prompt, s.token_logprobs, s.top_logprobs) if s else None)
+                      logprobs=_legacy_logprobs(w, prompt, s.token_logprobs, s.top_logprobs)
+                      if s else None)
             lp = _legacy_logprobs(w, tok, [ev.logprob] * len(tok), [ev.top_logprobs] * len(tok)) \
                 if call.logprobs is not None else None
             if ev.text_delta or ev.finish_reason or tok and lp:

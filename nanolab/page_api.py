@@ -1,9 +1,10 @@
 """
-The endpoints behind the page's views, which server.py routes beside OpenAI's API (ROUTES): prompt templates, the
-tokenizer comparison, attention maps, the logit lens and activation flow, the embedding map, the arena, the runs,
-the leaderboard and the models on disk. Each endpoint is fn(handler, body): it reads h.engine(body), h.server
-(engines, runs_dir) and answers with h.send_json; bad input is an httpd.ApiError, a 4xx. What runs a model goes
-through Engine.call, on the engine thread.
+The endpoints behind the page's views, which server.py routes beside OpenAI's API (ROUTES): prompt
+templates, the tokenizer comparison, attention maps, the logit lens and activation flow, the
+embedding map, the arena, the runs, the leaderboard and the models on disk. Each endpoint is
+fn(handler, body): it reads h.engine(body), h.server (engines, runs_dir) and answers with
+h.send_json; bad input is an httpd.ApiError, a 4xx. What runs a model goes through Engine.call, on
+the engine thread.
 """
 import glob
 import os
@@ -16,21 +17,26 @@ from nanolab import prompts
 from nanolab.files import finite
 from nanolab.httpd import ApiError
 from nanolab.openai_api import encode, flag, is_ids, number
-from nanolab.results import (LOWER_IS_BETTER, checkpoint_history, leaderboard_rows, model_registry, read_results,
-                             read_runs)
+from nanolab.results import (LOWER_IS_BETTER, checkpoint_history, leaderboard_rows, model_registry,
+                             read_results, read_runs)
 
 # -----------------------------------------------------------------------------
 # the views
 
-ATTENTION_LIMIT = 128       # prompt tokens for /v1/attention: the maps grow as layers * heads * T^2
+# prompt tokens for /v1/attention: the maps grow as layers * heads * T^2
+ATTENTION_LIMIT = 128
 ATTENTION_VALUES = 1 << 20  # numbers one /v1/attention answer may hold (about 8 MB of JSON)
 
 def _short_prompt(w, body):
-    """body['prompt'] (text or token ids) as ids, 1 to ATTENTION_LIMIT tokens (and within the model's context)."""
+    """body['prompt'] (text or token ids) as ids, 1 to ATTENTION_LIMIT tokens (and within the
+    model's context)."""
     p = body.get('prompt')
     ids = encode(w, p, 'prompt') if isinstance(p, str) else p
-    if not is_ids(ids) or not 0 < len(ids) <= min(ATTENTION_LIMIT, w.block_size) or any(not 0 <= t < w.V for t in ids):
-        raise ApiError(400, f"'prompt' must be text or token ids, 1 to {min(ATTENTION_LIMIT, w.block_size)} tokens",
+    if not is_ids(ids) or not 0 < len(ids) <= min(ATTENTION_LIMIT, w.block_size) \
+            or any(not 0 <= t < w.V for t in ids):
+        raise ApiError(400,
+                       "'prompt' must be text or token ids, 1 to "
+                       f"{min(ATTENTION_LIMIT, w.block_size)} tokens",
                        'prompt')
     return ids
 
@@ -38,9 +44,10 @@ def _templates(h, body):
     h.send_json(200, {'object': 'list', 'data': prompts.catalog()})
 
 def _render_template(h, body):
-    """The page's template tool: a library template ('template') or one's own text ('text'), its 'variables',
-    'cot', and few-shot examples ('shots': {examples, k, seed}, formatted by prompts.few_shot) before it -> the exact
-    prompt (text, or chat messages), its token ids as the model sees them, and their count."""
+    """The page's template tool: a library template ('template') or one's own text ('text'), its
+    'variables', 'cot', and few-shot examples ('shots': {examples, k, seed}, formatted by
+    prompts.few_shot) before it -> the exact prompt (text, or chat messages), its token ids as the
+    model sees them, and their count."""
     name, w = h.engine(body)
     values, shots = body.get('variables') or {}, body.get('shots') or {}
     if not isinstance(values, dict) or not isinstance(shots, dict):
@@ -53,7 +60,8 @@ def _render_template(h, body):
         ex = shots.get('examples') or []
         if not isinstance(ex, list) or not all(isinstance(e, dict) for e in ex):
             raise ValueError("'shots': examples must be a list of {question, answer} objects")
-        prefix = prompts.few_shot(ex, int(shots.get('k', 0)), int(shots.get('seed', 0))) + '\n\n' if shots.get('k') else ''
+        prefix = prompts.few_shot(ex, int(shots.get('k', 0)), int(shots.get('seed', 0))) + '\n\n' \
+            if shots.get('k') else ''
         if isinstance(out, list):
             out = out[:-1] + [{**out[-1], 'content': prefix + out[-1]['content']}]
             ids = w.tok.render_chat(out, add_generation_prompt=True)[0]
@@ -62,23 +70,25 @@ def _render_template(h, body):
             ids = encode(w, out, 'text')
     except (KeyError, ValueError, TypeError) as e:
         raise ApiError(400, f"'template': {e.args[0] if e.args else e}", 'template') from None
-    h.send_json(200, {'prompt': out, 'chat': isinstance(out, list), 'tokens': ids, 'count': len(ids),
-                      'max_model_len': w.block_size})
+    h.send_json(200, {'prompt': out, 'chat': isinstance(out, list), 'tokens': ids,
+                      'count': len(ids), 'max_model_len': w.block_size})
 
 TOKCMP_CHARS = 20000  # text /v1/tokenizers compares: each answer lists every token
 
 _GPT2 = []  # GPT-2's tokenizer, once loaded
 
 def _gpt2_tokenizer():
-    """GPT-2's BPE (tiktoken), loaded on first use; ValueError offline without tiktoken's cached files."""
+    """GPT-2's BPE (tiktoken), loaded on first use; ValueError offline without tiktoken's cached
+    files."""
     if not _GPT2:
         from nanolab.tokenizer import TiktokenTokenizer
         _GPT2.append(TiktokenTokenizer('gpt2'))
     return _GPT2[0]
 
 def _tokenizers(h, body):
-    """The same text under three tokenizers: one character per token, GPT-2's BPE and the model's own: each one's
-    tokens (as text), count, vocabulary and bytes per token. One that cannot load or encode the text says why."""
+    """The same text under three tokenizers: one character per token, GPT-2's BPE and the model's
+    own: each one's tokens (as text), count, vocabulary and bytes per token. One that cannot load
+    or encode the text says why."""
     name, w = h.engine(body)
     text = body.get('text')
     if not isinstance(text, str) or not 0 < len(text) <= TOKCMP_CHARS:
@@ -92,7 +102,8 @@ def _tokenizers(h, body):
                 pieces, vocab = list(text), len(set(text))
             else:
                 pieces, vocab = [tok.decode([i]) for i in tok.encode(text)], tok.vocab_size
-        except ValueError as e:  # offline without tiktoken's files, or a character outside a char vocabulary
+        except ValueError as e:
+            # offline without tiktoken's files, or a character outside a char vocabulary
             return {'name': label, 'error': str(e)}
         return {'name': label, 'tokens': pieces, 'count': len(pieces), 'vocab_size': vocab,
                 'bytes_per_token': n_bytes / len(pieces)}
@@ -101,25 +112,30 @@ def _tokenizers(h, body):
         row(f'{name} ({w.tok.kind})', lambda: w.tok)]})
 
 def _attention(h, body):
-    """Every layer's attention maps for a short prompt, or one layer's ('layer': i); at most ATTENTION_VALUES numbers,
-    since the maps grow as layers x heads x T^2."""
+    """Every layer's attention maps for a short prompt, or one layer's ('layer': i); at most
+    ATTENTION_VALUES numbers, since the maps grow as layers x heads x T^2."""
     name, w = h.engine(body)
     ids, cfg = _short_prompt(w, body), w.model.config
     layer = number(body, 'layer', None, 0, cfg.n_layer - 1, integer=True)
     values = (1 if layer is not None else cfg.n_layer) * cfg.n_head * len(ids) ** 2
     if values > ATTENTION_VALUES:
-        raise ApiError(400, f"the maps would hold {values} numbers, over {ATTENTION_VALUES}; send a shorter prompt, "
-                       "or 'layer': i for one layer", 'prompt', 'invalid_value')
-    maps = w.call(lambda: w.model.attention_maps(torch.tensor([ids], device=w.device)))  # [(1, nh, T, T)] per layer
+        raise ApiError(400,
+                       f"the maps would hold {values} numbers, over {ATTENTION_VALUES}; send a "
+                       "shorter prompt, or 'layer': i for one layer",
+                       'prompt', 'invalid_value')
+    # [(1, nh, T, T)] per layer
+    maps = w.call(lambda: w.model.attention_maps(torch.tensor([ids], device=w.device)))
     maps = maps if layer is None else maps[layer:layer + 1]
     h.send_json(200, {'model': name, 'tokens': [w.tok.decode([t]) for t in ids], 'layer': layer,
-                      'attentions': [[[[round(x, 4) for x in r] for r in head] for head in a[0].float().tolist()]
+                      'attentions': [[[[round(x, 4) for x in r] for r in head]
+                                      for head in a[0].float().tolist()]
                                      for a in maps]})
 
 def _inspect(h, body):
-    """What happens inside the model for a short prompt, from one traced forward (GPT.trace): the logit lens (each
-    layer's top 'top' predictions at each position, with probabilities) and the activation flow (norms of the
-    residual stream and of what attention and the MLP add, per layer and position; each head's attention entropy)."""
+    """What happens inside the model for a short prompt, from one traced forward (GPT.trace): the
+    logit lens (each layer's top 'top' predictions at each position, with probabilities) and the
+    activation flow (norms of the residual stream and of what attention and the MLP add, per layer
+    and position; each head's attention entropy)."""
     name, w = h.engine(body)
     ids, top = _short_prompt(w, body), number(body, 'top', 3, 1, 10, integer=True)
 
@@ -127,33 +143,41 @@ def _inspect(h, body):
         idx = torch.tensor([ids], device=w.device)
         _, trace = w.model.trace(idx)
         lp, ix = w.model.logit_lens(idx, trace)[:, 0].topk(min(top, w.V), dim=-1)  # (L, T, top)
-        return lp.exp().tolist(), ix.tolist(), {k: v.tolist() for k, v in w.model.activation_flow(idx, trace).items()}
+        return lp.exp().tolist(), ix.tolist(), \
+            {k: v.tolist() for k, v in w.model.activation_flow(idx, trace).items()}
     probs, index, flow = w.call(run)
     r4 = lambda xs: [round(x, 4) for x in xs]
     lens = [[[{'token': w.tok.decode([i]), 'id': i, 'prob': round(p, 4)} for i, p in zip(ii, pp)]
              for ii, pp in zip(li, lp)] for li, lp in zip(index, probs)]  # [layer][position][rank]
     h.send_json(200, {'model': name, 'tokens': [w.tok.decode([t]) for t in ids], 'lens': lens,
-                      'flow': {'embed': r4(flow['embed'][0]), **{k: [r4(x[0]) for x in flow[k]] for k in ('resid', 'attn', 'mlp')},
+                      'flow': {'embed': r4(flow['embed'][0]),
+                               **{k: [r4(x[0]) for x in flow[k]]
+                                  for k in ('resid', 'attn', 'mlp')},
                                'entropy': [[r4(hd) for hd in x[0]] for x in flow['entropy']]}})
 
 EMBED_POINTS = 4096  # token embeddings /v1/embedding_map projects at most
 
 def _embedding_map(h, body):
-    """The token embedding table (wte) projected to 3-D by PCA (the three directions of most variance of its first
-    'n' rows, centred): what the page's overview turns in 3-D. explained: each axis's share of the variance."""
+    """The token embedding table (wte) projected to 3-D by PCA (the three directions of most
+    variance of its first 'n' rows, centred): what the page's overview turns in 3-D. explained:
+    each axis's share of the variance."""
     name, w = h.engine(body)
     n = number(body, 'n', 512, 1, EMBED_POINTS, integer=True)
 
     def run():
         ids = torch.arange(min(n, w.V), device=w.device)
-        E = w.model.transformer.wte(ids).detach().float()  # (n, C); through the module: int8 tables too
+        # (n, C); through the module: int8 tables too
+        E = w.model.transformer.wte(ids).detach().float()
         E = E - E.mean(0)
-        U, S, _ = torch.linalg.svd(E, full_matrices=False)  # E = U S V^T: U S are the rows in V's basis
-        pts = (U[:, :3] * S[:3]) / (S[0] if S[0] > 0 else 1)  # 3-D, the widest axis scaled to about [-1, 1]
+        # E = U S V^T: U S are the rows in V's basis
+        U, S, _ = torch.linalg.svd(E, full_matrices=False)
+        # 3-D, the widest axis scaled to about [-1, 1]
+        pts = (U[:, :3] * S[:3]) / (S[0] if S[0] > 0 else 1)
         return pts.tolist(), (S[:3] ** 2 / (S ** 2).sum().clamp_min(1e-12)).tolist()
     points, explained = w.call(run)
     h.send_json(200, {'model': name, 'tokens': [w.tok.decode([i]) for i in range(len(points))],
-                      'points': [[round(x, 4) for x in p] for p in points], 'explained': [round(x, 4) for x in explained]})
+                      'points': [[round(x, 4) for x in p] for p in points],
+                      'explained': [round(x, 4) for x in explained]})
 
 # the arena: blind pairwise judgments, kept in <runs_dir>/arena/judgments.jsonl (arena.py)
 
@@ -161,7 +185,8 @@ def _arena_file(h):
     return os.path.join(h.server.runs_dir, 'arena', 'judgments.jsonl')
 
 def _arena_judge(h, body):
-    """Append one judgment (arena.py's format; the server stamps its time) -> {"id", "judgments": how many now}."""
+    """Append one judgment (arena.py's format; the server stamps its time) -> {"id", "judgments":
+    how many now}."""
     j = {**body, 'time': datetime.now(timezone.utc).isoformat(timespec='seconds')}
     try:
         arena.append_judgment(_arena_file(h), j)
@@ -176,12 +201,15 @@ def _arena_judged(h):
         raise ApiError(409, f'the arena file is damaged: {e}', None, 'conflict') from None
 
 def _arena_items(h, body):
-    """Items for judging again (agreement): the latest version of each item others judged and `annotator` has not."""
+    """Items for judging again (agreement): the latest version of each item others judged and
+    `annotator` has not."""
     who = body.get('annotator', '')
     items = {}
     for j in _arena_judged(h):
-        items.setdefault(j['id'], {'id': j['id'], 'prompt': j['prompt'], 'a': j['a'], 'b': j['b'], 'by': set()})['by'].add(j['annotator'])
-    todo = [{k: v for k, v in it.items() if k != 'by'} for it in items.values() if who not in it['by']]
+        items.setdefault(j['id'], {'id': j['id'], 'prompt': j['prompt'], 'a': j['a'], 'b': j['b'],
+                                   'by': set()})['by'].add(j['annotator'])
+    todo = [{k: v for k, v in it.items() if k != 'by'} for it in items.values()
+            if who not in it['by']]
     h.send_json(200, {'object': 'list', 'data': todo[:50], 'remaining': len(todo)})
 
 def _arena_stats(h, body):
@@ -194,29 +222,36 @@ def _runs(h, body):
     h.send_json(200, {'object': 'list', 'skipped': skipped,
                       'data': [{**r, 'served': r['name'] in h.server.engines} for r in runs]})
 
-LEADERBOARD_BOOT = 1000  # bootstrap resamples of the page's intervals and paired tests (evaluate.py's default)
-_BOARD = {}  # (the result files and their mtimes) -> the last answer, so the page's polling costs nothing
+# bootstrap resamples of the page's intervals and paired tests (evaluate.py's default)
+LEADERBOARD_BOOT = 1000
+# (the result files and their mtimes) -> the last answer, so the page's polling costs nothing
+_BOARD = {}
 
 def _leaderboard(h, body):
-    """The latest evaluate.py result per (checkpoint, task) under runs_dir/*/eval/ (results.read_results), as the
-    page's grid, radar and history draw them: results.leaderboard_rows (each metric's value, 95% interval, the
-    paired test against the task's best; lm-eval groups before their subtasks) and results.checkpoint_history (a
-    flag on each metric that dropped significantly from one checkpoint to the next). Per-item scores stay on disk."""
+    """The latest evaluate.py result per (checkpoint, task) under runs_dir/*/eval/
+    (results.read_results), as the page's grid, radar and history draw them:
+    results.leaderboard_rows (each metric's value, 95% interval, the paired test against the task's
+    best; lm-eval groups before their subtasks) and results.checkpoint_history (a flag on each
+    metric that dropped significantly from one checkpoint to the next). Per-item scores stay on
+    disk."""
     paths = sorted(glob.glob(os.path.join(h.server.runs_dir, '*', 'eval', '*.json')))
     key = tuple((p, os.path.getmtime(p)) for p in paths if os.path.exists(p))
     if key not in _BOARD:
         results, skipped = read_results(paths)
         _BOARD.clear()
-        _BOARD[key] = finite({'object': 'leaderboard', 'lower_is_better': LOWER_IS_BETTER, 'skipped': len(skipped),
-                              'n_boot': LEADERBOARD_BOOT, 'rows': leaderboard_rows(results, n_boot=LEADERBOARD_BOOT),
+        _BOARD[key] = finite({'object': 'leaderboard', 'lower_is_better': LOWER_IS_BETTER,
+                              'skipped': len(skipped), 'n_boot': LEADERBOARD_BOOT,
+                              'rows': leaderboard_rows(results, n_boot=LEADERBOARD_BOOT),
                               'history': checkpoint_history(results, n_boot=LEADERBOARD_BOOT)})
     h.send_json(200, _BOARD[key])
 
 def _registry(h, body):
-    """GET /v1/registry: what is on disk under runs_dir (results.model_registry: runs with their checkpoints and
-    evals, Hugging Face directories, exports), each marked with the name it is served under, if it is."""
+    """GET /v1/registry: what is on disk under runs_dir (results.model_registry: runs with their
+    checkpoints and evals, Hugging Face directories, exports), each marked with the name it is
+    served under, if it is."""
     entries, skipped = model_registry(h.server.runs_dir)
-    served = {os.path.realpath(w.source): name for name, w in h.server.engines.items() if getattr(w, 'source', None)}
+    served = {os.path.realpath(w.source): name for name, w in h.server.engines.items()
+              if getattr(w, 'source', None)}
     for e in entries:
         e['served'] = served.get(os.path.realpath(e['path']))
         for c in e['checkpoints']:
@@ -225,7 +260,8 @@ def _registry(h, body):
 
 
 ROUTES = {'/v1/templates': ('GET', _templates), '/v1/templates/render': ('POST', _render_template),
-          '/v1/tokenizers': ('POST', _tokenizers), '/v1/attention': ('POST', _attention), '/v1/inspect': ('POST', _inspect),
-          '/v1/embedding_map': ('POST', _embedding_map), '/v1/arena/judgments': ('POST', _arena_judge),
-          '/v1/arena/items': ('GET', _arena_items), '/v1/arena/stats': ('GET', _arena_stats), '/runs': ('GET', _runs),
+          '/v1/tokenizers': ('POST', _tokenizers), '/v1/attention': ('POST', _attention),
+          '/v1/inspect': ('POST', _inspect), '/v1/embedding_map': ('POST', _embedding_map),
+          '/v1/arena/judgments': ('POST', _arena_judge), '/v1/arena/items': ('GET', _arena_items),
+          '/v1/arena/stats': ('GET', _arena_stats), '/runs': ('GET', _runs),
           '/leaderboard': ('GET', _leaderboard), '/v1/registry': ('GET', _registry)}

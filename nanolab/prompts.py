@@ -1,24 +1,26 @@
 """
-Prompt templates: a curated library with variables, rendering that names every mistake, and a seeded few-shot
-builder. A template is plain text (a prompt for a base model) or a list of chat messages (rendered through the one
-chat template, tokenizer.render_chat), with {variables} in Python's str.format syntax.
+Prompt templates: a curated library with variables, rendering that names every mistake, and a
+seeded few-shot builder. A template is plain text (a prompt for a base model) or a list of chat
+messages (rendered through the one chat template, tokenizer.render_chat), with {variables} in
+Python's str.format syntax.
 
     from nanolab.prompts import TEMPLATES, variables, render, few_shot
-    variables('sentiment')                                   # ['text']
-    render('sentiment', text='What a lovely day.')           # the prompt text
-    render('qa_chat', context='...', question='...')         # a list of chat messages
-    render('math_steps', problem='2 + 2?', cot=True)         # with the template's chain-of-thought line
-    few_shot(rows, k=3, seed=0, template='qa_pair')          # k rows picked by the seed, formatted, joined
+    variables('sentiment')                             # ['text']
+    render('sentiment', text='What a lovely day.')     # the prompt text
+    render('qa_chat', context='...', question='...')   # a list of chat messages
+    render('math_steps', problem='2 + 2?', cot=True)   # with the template's chain-of-thought line
+    few_shot(rows, k=3, seed=0, template='qa_pair')    # k rows picked by the seed, each formatted
 
-Each template: {kind, description, template (str | list of {role, content}), example: values that render it}, and
-optionally `cot`: a line appended (to the text, or the last user message) when render(..., cot=True).
+Each template: {kind, description, template (str | list of {role, content}), example: values that
+render it}, and optionally `cot`: a line appended (to the text, or the last user message) when
+render(..., cot=True).
 """
 import json
 import random
 import string
 
-KINDS = ('classification', 'summarization', 'question answering', 'extraction', 'rewriting', 'translation',
-         'reasoning', 'story', 'chat persona', 'instruction')
+KINDS = ('classification', 'summarization', 'question answering', 'extraction', 'rewriting',
+         'translation', 'reasoning', 'story', 'chat persona', 'instruction')
 
 _U = lambda s: [{'role': 'user', 'content': s}]  # a one-turn chat template
 _SU = lambda system, s: [{'role': 'system', 'content': system}, {'role': 'user', 'content': s}]
@@ -26,72 +28,94 @@ _SU = lambda system, s: [{'role': 'system', 'content': system}, {'role': 'user',
 TEMPLATES = {
     # classification
     'sentiment': dict(kind='classification', description='positive or negative, one word',
-                      template='Review: {text}\nSentiment (positive or negative):', example={'text': 'A joy to read.'}),
+                      template='Review: {text}\nSentiment (positive or negative):',
+                      example={'text': 'A joy to read.'}),
     'topic': dict(kind='classification', description='pick a topic from a given list',
                   template='Text: {text}\nTopics: {labels}\nThe topic of the text is:',
-                  example={'text': 'The striker scored twice.', 'labels': 'sport, politics, science'}),
+                  example={'text': 'The striker scored twice.',
+                           'labels': 'sport, politics, science'}),
     'spam_chat': dict(kind='classification', description='spam or not, as a chat',
                       template=_U('Is this message spam? Answer yes or no.\n\n{message}'),
                       example={'message': 'You won a prize! Click here.'}),
     # summarization
-    'tldr': dict(kind='summarization', description="Reddit's TL;DR cue (GPT-2 paper)", template='{text}\n\nTL;DR:',
+    'tldr': dict(kind='summarization', description="Reddit's TL;DR cue (GPT-2 paper)",
+                 template='{text}\n\nTL;DR:',
                  example={'text': 'The meeting moved to Friday because the room was booked.'}),
     'summary_chat': dict(kind='summarization', description='a summary of at most n sentences',
                          template=_U('Summarize in at most {n} sentences:\n\n{text}'),
                          example={'n': '2', 'text': 'Long text here.'}),
     'headline': dict(kind='summarization', description='a headline for an article',
-                     template='Article: {text}\nHeadline:', example={'text': 'Rain fell for a week in the valley.'}),
+                     template='Article: {text}\nHeadline:',
+                     example={'text': 'Rain fell for a week in the valley.'}),
     # question answering
     'qa': dict(kind='question answering', description='closed-book question, short answer',
-               template='Q: {question}\nA:', example={'question': 'What is the capital of France?'}),
+               template='Q: {question}\nA:',
+               example={'question': 'What is the capital of France?'}),
     'qa_context': dict(kind='question answering', description='answer from a passage',
                        template='{context}\n\nQuestion: {question}\nAnswer:',
-                       example={'context': 'The cup is blue.', 'question': 'What colour is the cup?'}),
+                       example={'context': 'The cup is blue.',
+                                'question': 'What colour is the cup?'}),
     'qa_chat': dict(kind='question answering', description='answer from a passage, as a chat',
-                    template=_U('Use the passage to answer.\n\nPassage: {context}\n\nQuestion: {question}'),
-                    example={'context': 'The cup is blue.', 'question': 'What colour is the cup?'}),
-    'qa_pair': dict(kind='question answering', description='a solved example, for few-shot prompts',
-                    template='Q: {question}\nA: {answer}', example={'question': 'What is 2 + 2?', 'answer': '4'}),
+                    template=_U('Use the passage to answer.\n\nPassage: {context}\n\n'
+                                'Question: {question}'),
+                    example={'context': 'The cup is blue.',
+                             'question': 'What colour is the cup?'}),
+    'qa_pair': dict(kind='question answering',
+                    description='a solved example, for few-shot prompts',
+                    template='Q: {question}\nA: {answer}',
+                    example={'question': 'What is 2 + 2?', 'answer': '4'}),
     # extraction
     'extract_json': dict(kind='extraction', description='named fields as JSON',
                          template=_U('Extract {fields} from the text as a JSON object.\n\n{text}'),
                          example={'fields': 'name and city', 'text': 'Ana lives in Porto.'}),
     'keywords': dict(kind='extraction', description='comma-separated keywords',
-                     template='Text: {text}\nKeywords:', example={'text': 'Solar panels cut the power bill.'}),
+                     template='Text: {text}\nKeywords:',
+                     example={'text': 'Solar panels cut the power bill.'}),
     # rewriting
-    'formal': dict(kind='rewriting', description='the same text, formal', template=_U('Rewrite formally:\n\n{text}'),
+    'formal': dict(kind='rewriting', description='the same text, formal',
+                   template=_U('Rewrite formally:\n\n{text}'),
                    example={'text': 'gonna be late, sorry'}),
     'simplify': dict(kind='rewriting', description='the same text for a child',
-                     template=_U('Explain this to a ten-year-old:\n\n{text}'), example={'text': 'Photosynthesis.'}),
-    'fix_grammar': dict(kind='rewriting', description='corrected text', template='Original: {text}\nCorrected:',
+                     template=_U('Explain this to a ten-year-old:\n\n{text}'),
+                     example={'text': 'Photosynthesis.'}),
+    'fix_grammar': dict(kind='rewriting', description='corrected text',
+                        template='Original: {text}\nCorrected:',
                         example={'text': 'He go to school yesterday.'}),
     # translation
     'translate': dict(kind='translation', description='from one language to another',
                       template='Translate from {source} to {target}.\n{source}: {text}\n{target}:',
                       example={'source': 'English', 'target': 'French', 'text': 'Good morning.'}),
     'translate_chat': dict(kind='translation', description='translation as a chat',
-                           template=_U('Translate into {target}:\n\n{text}'), example={'target': 'German', 'text': 'Thank you.'}),
+                           template=_U('Translate into {target}:\n\n{text}'),
+                           example={'target': 'German', 'text': 'Thank you.'}),
     # reasoning
-    'math_steps': dict(kind='reasoning', description='a word problem; cot adds the step-by-step cue',
+    'math_steps': dict(kind='reasoning',
+                       description='a word problem; cot adds the step-by-step cue',
                        template='Problem: {problem}\nAnswer:', cot="Let's think step by step.",
                        example={'problem': 'Ann has 3 apples and buys 2 more. How many now?'}),
     'reason_chat': dict(kind='reasoning', description='a question to reason about, as a chat',
-                        template=_U('{question}'), cot='Think it through step by step, then give the answer.',
+                        template=_U('{question}'),
+                        cot='Think it through step by step, then give the answer.',
                         example={'question': 'Is 91 a prime number?'}),
     # story continuation
-    'story': dict(kind='story', description='continue a story from its opening', template='{opening}',
+    'story': dict(kind='story', description='continue a story from its opening',
+                  template='{opening}',
                   example={'opening': 'Once upon a time, in a quiet village,'}),
     'play_scene': dict(kind='story', description='a scene of a play (the Shakespeare models)',
-                       template='{speaker}:\n{line}\n', example={'speaker': 'ROMEO', 'line': 'But soft, what light'}),
+                       template='{speaker}:\n{line}\n',
+                       example={'speaker': 'ROMEO', 'line': 'But soft, what light'}),
     # chat personas
     'persona': dict(kind='chat persona', description='a system persona, then the user',
                     template=_SU('You are {persona}. Stay in character.', '{message}'),
-                    example={'persona': 'a patient librarian', 'message': 'Where do I start with poetry?'}),
+                    example={'persona': 'a patient librarian',
+                             'message': 'Where do I start with poetry?'}),
     'tutor': dict(kind='chat persona', description='a tutor who gives hints, not answers',
-                  template=_SU('You are a tutor. Give hints, never the final answer.', '{question}'),
+                  template=_SU('You are a tutor. Give hints, never the final answer.',
+                               '{question}'),
                   example={'question': 'How do I solve 2x + 3 = 7?'}),
     # instructions (the tasks suite's own phrasing)
-    'instruction': dict(kind='instruction', description='an instruction as one user turn (the SFT data)',
+    'instruction': dict(kind='instruction',
+                        description='an instruction as one user turn (the SFT data)',
                         template=_U('{instruction}'), example={'instruction': 'Reverse kfeo'}),
     'instruction_concise': dict(kind='instruction', description='ask for the answer alone',
                                 template=_U('{instruction}\nAnswer with the result only.'),
@@ -125,13 +149,16 @@ def get(name):
     if name not in TEMPLATES:
         import difflib
         close = difflib.get_close_matches(name, TEMPLATES, n=3)
-        raise KeyError(f"unknown template '{name}'" + (f"; did you mean {', '.join(close)}?" if close else '') +
-                       f" ({len(TEMPLATES)} templates: python -c \"import prompts; print(list(prompts.TEMPLATES))\")")
+        raise KeyError(f"unknown template '{name}'" +
+                       (f"; did you mean {', '.join(close)}?" if close else '') +
+                       f" ({len(TEMPLATES)} templates: python -c \"from nanolab import prompts; "
+                       "print(list(prompts.TEMPLATES))\")")
     return TEMPLATES[name]
 
 def render(name, cot=False, **values):
-    """Fill a template: a str for a text template, a list of {role, content} for a chat one. Every missing and
-    every unknown variable is named in one ValueError; cot=True appends the template's chain-of-thought cue."""
+    """Fill a template: a str for a text template, a list of {role, content} for a chat one. Every
+    missing and every unknown variable is named in one ValueError; cot=True appends the template's
+    chain-of-thought cue."""
     t = get(name)
     _check(variables(name), values, f"template '{name}'")
     if cot and 'cot' not in t:
@@ -146,15 +173,18 @@ def render(name, cot=False, **values):
     return msgs
 
 def few_shot(examples, k, seed=0, template='qa_pair', separator='\n\n'):
-    """k examples (dicts of a template's variables; or a .jsonl path of them) picked without replacement by a
-    seeded RNG (the same seed, the same picks), each rendered with `template` (a text one) and joined."""
+    """k examples (dicts of a template's variables; or a .jsonl path of them) picked without
+    replacement by a seeded RNG (the same seed, the same picks), each rendered with `template` (a
+    text one) and joined."""
     if isinstance(examples, str):
         with open(examples, encoding='utf-8') as f:
             examples = [json.loads(line) for line in f if line.strip()]
     if not 0 <= k <= len(examples):
-        raise ValueError(f'few_shot: k={k} must be between 0 and the {len(examples)} examples given')
+        raise ValueError(f'few_shot: k={k} must be between 0 and the '
+                         f'{len(examples)} examples given')
     if not isinstance(get(template)['template'], str):
-        raise ValueError(f"few_shot formats examples with a text template; '{template}' is a chat template")
+        raise ValueError("few_shot formats examples with a text template; "
+                         f"'{template}' is a chat template")
     picked = random.Random(seed).sample(range(len(examples)), k)
     keep = variables(template)
     return separator.join(render(template, **{v: examples[i][v] for v in keep}) for i in picked)
@@ -164,7 +194,8 @@ def text_variables(text):
     return list(dict.fromkeys(_fields(text)))
 
 def render_text(text, **values):
-    """A template text of one's own filled in, with render's errors for missing and unknown variables."""
+    """A template text of one's own filled in, with render's errors for missing and unknown
+    variables."""
     _check(text_variables(text), values, 'the template')
     return text.format(**{k: str(v) for k, v in values.items()})
 
@@ -172,13 +203,17 @@ def is_chat(name):
     return not isinstance(get(name)['template'], str)
 
 def prompt_ids(tok, name, values, cot=False):
-    """The token ids a model sees for a template: a text one encoded, a chat one through the chat template with the
-    assistant's generation prompt. sample.py, serve.py (and so the page) all go through here."""
+    """The token ids a model sees for a template: a text one encoded, a chat one through the chat
+    template with the assistant's generation prompt. sample.py and the server's /tokenize (and so
+    the page) go through here."""
     out = render(name, cot=cot, **values)
-    return tok.render_chat(out, add_generation_prompt=True)[0] if is_chat(name) else tok.encode(out)
+    return tok.render_chat(out, add_generation_prompt=True)[0] if is_chat(name) else \
+        tok.encode(out)
 
 def catalog():
-    """Every template as JSON-ready rows: name, kind, description, variables, chat, cot, example, template."""
-    return [{'name': n, 'kind': t['kind'], 'description': t['description'], 'variables': variables(n),
-             'chat': is_chat(n), 'cot': 'cot' in t, 'example': t['example'], 'template': t['template']}
+    """Every template as JSON-ready rows: name, kind, description, variables, chat, cot, example,
+    template."""
+    return [{'name': n, 'kind': t['kind'], 'description': t['description'],
+             'variables': variables(n), 'chat': is_chat(n), 'cot': 'cot' in t,
+             'example': t['example'], 'template': t['template']}
             for n, t in TEMPLATES.items()]

@@ -1,19 +1,22 @@
 """
-The HTTP service behind serve.py: an OpenAI-compatible API with streaming, the tokenizer, models loaded and unloaded
-at run time, the endpoints of the page's views (page_api.py) and the page itself (web/). Standard library only
-(http.server). The decoding, batching and fairness between clients are engine.py's (one Engine per model, all
-stepped on one engine thread); the guards against hostile pages and clients httpd.py's; OpenAI's request and answer
-formats openai_api.py's.
+The HTTP service behind serve.py: an OpenAI-compatible API with streaming, the tokenizer, models
+loaded and unloaded at run time, the endpoints of the page's views (page_api.py) and the page
+itself (web/). Standard library only (http.server). The decoding, batching and fairness between
+clients are engine.py's (one Engine per model, all stepped on one engine thread); the guards
+against hostile pages and clients httpd.py's; OpenAI's request and answer formats openai_api.py's.
 
-    engines = load_engines('out-shakespeare-char', 'cpu', torch.float32, max_batch=16)   # {name: Engine}
+    engines = load_engines('out-shakespeare-char', 'cpu', torch.float32, max_batch=16)
     make_server(engines, port=8000).serve_forever()
 
-Endpoints (errors are OpenAI's body {"error": {message, type, param, code}}; "model" defaults to the first one):
+Endpoints (errors are OpenAI's body {"error": {message, type, param, code}}; "model" defaults to
+the first one):
     GET  /v1/models; POST /v1/completions, /v1/chat/completions (openai_api.py)
-    POST /tokenize, /detokenize; GET /tokenizer_info: in vLLM's shapes, which lm-eval's remote tokenizer reads
+    POST /tokenize, /detokenize; GET /tokenizer_info: in vLLM's shapes, which lm-eval's remote
+        tokenizer reads
     POST /v1/models/load {source}, /v1/models/unload {model}: models at run time, beside the others
-    the page's views (page_api.py): /v1/attention, /v1/inspect, /v1/tokenizers, /v1/embedding_map, /v1/templates,
-    /v1/arena/*, /runs, /leaderboard, /v1/registry (runs_dir's models, checkpoints and exports)
+    the page's views (page_api.py): /v1/attention, /v1/inspect, /v1/tokenizers, /v1/embedding_map,
+        /v1/templates, /v1/arena/*, /runs, /leaderboard, /v1/registry (runs_dir's models,
+        checkpoints and exports)
     GET /: files from web/
 """
 import hmac
@@ -44,59 +47,79 @@ LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
 # 1) the models: list, load, unload
 
 def _model_entry(h, name, w):
-    return {'id': name, 'object': 'model', 'created': getattr(w, 'created', h.server.started), 'owned_by': 'nanolab',
-            'max_model_len': w.block_size, 'arch': w.model.config.arch, 'n_params': w.model.num_params(),
-            'tokenizer': w.tok.kind, 'config': asdict(w.model.config), 'source': getattr(w, 'source', None),
-            'stage': getattr(w, 'stage', None), 'chat': getattr(w, 'stage', None) in TUNED}  # chat: fine-tuned
+    return {'id': name, 'object': 'model', 'created': getattr(w, 'created', h.server.started),
+            'owned_by': 'nanolab', 'max_model_len': w.block_size, 'arch': w.model.config.arch,
+            'n_params': w.model.num_params(), 'tokenizer': w.tok.kind,
+            'config': asdict(w.model.config), 'source': getattr(w, 'source', None),
+            'stage': getattr(w, 'stage', None),
+            'chat': getattr(w, 'stage', None) in TUNED}  # chat: fine-tuned
 
 def _models(h, body):
-    h.send_json(200, {'object': 'list', 'data': [_model_entry(h, name, w) for name, w in h.server.engines.items()]})
+    h.send_json(200, {'object': 'list',
+                      'data': [_model_entry(h, name, w) for name, w in h.server.engines.items()]})
 
 
 MODEL_NAME = re.compile(r'[A-Za-z0-9][\w.\-]{0,63}')
 
 def _load(h, body):
-    """POST /v1/models/load {"source": a run directory, ckpt.pt, .safetensors, Hugging Face directory or hub name,
-    relative paths under runs_dir first; "name": optional}: load it with the server's device, dtype and quantize,
-    beside the others (engine.adopt), -> the model's GET /v1/models entry. One load at a time; max_models at once."""
+    """POST /v1/models/load {"source": a run directory, ckpt.pt, .safetensors, Hugging Face
+    directory or hub name, relative paths under runs_dir first; "name": optional}: load it with the
+    server's device, dtype and quantize, beside the others (engine.adopt), -> the model's GET
+    /v1/models entry. One load at a time; max_models at once."""
     source, name = body.get('source'), body.get('name')
     if not isinstance(source, str) or not source.strip():
-        raise ApiError(400, '"source" must be a model source: a run directory, a checkpoint, a Hugging Face '
-                       'directory or hub name', 'source', 'invalid_source')
+        raise ApiError(400,
+                       '"source" must be a model source: a run directory, a checkpoint, a Hugging '
+                       'Face directory or hub name',
+                       'source', 'invalid_source')
     path = os.path.join(h.server.runs_dir, source)
     path = path if not os.path.isabs(source) and os.path.exists(path) else source
     with h.server.models_lock:
         engines = h.server.engines
         if len(engines) >= h.server.max_models:
-            raise ApiError(409, f"{len(engines)} models are loaded, this server's --max_models; unload one first "
-                           "(POST /v1/models/unload)", None, 'too_many_models')
-        name = name if name is not None else os.path.basename(os.path.normpath(source.removesuffix('/ckpt.pt')))
+            raise ApiError(409,
+                           f"{len(engines)} models are loaded, this server's --max_models; unload "
+                           "one first (POST /v1/models/unload)",
+                           None, 'too_many_models')
+        name = name if name is not None else \
+            os.path.basename(os.path.normpath(source.removesuffix('/ckpt.pt')))
         if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
-            raise ApiError(400, f'"name" must be 1-64 letters, digits, ".", "_" or "-", got {json.dumps(name)[:70]}',
+            raise ApiError(400,
+                           '"name" must be 1-64 letters, digits, ".", "_" or "-", '
+                           f'got {json.dumps(name)[:70]}',
                            'name', 'invalid_name')
         if name in engines:
-            raise ApiError(409, f"a model named {name!r} is loaded already; unload it, or give another \"name\"",
+            raise ApiError(409,
+                           f"a model named {name!r} is loaded already; unload "
+                           "it, or give another \"name\"",
                            'name', 'model_exists')
         first = next(iter(engines.values()))
         try:
-            if not os.path.exists(path):  # a hub name: download here, not on the engine thread the others decode on
+            # a hub name: download here, not on the engine thread the others decode on
+            if not os.path.exists(path):
                 path = hf.local_dir(path)
             engine = adopt(first, lambda: _engine(path, **first.options))
         except ValueError as e:  # load_model names what is wrong with the source and what to do
             raise ApiError(400, str(e), 'source', 'invalid_source') from None
-        h.server.engines = {**engines, name: engine}  # a new dict: a request reading the old one is unaffected
+        # a new dict: a request reading the old one is unaffected
+        h.server.engines = {**engines, name: engine}
     h.send_json(200, _model_entry(h, name, engine))
 
 def _unload(h, body):
-    """POST /v1/models/unload {"model": name}: no new requests go to it; the ones it has finish, then it is let go."""
+    """POST /v1/models/unload {"model": name}: no new requests go to it; the ones it has finish,
+    then it is let go."""
     name = body.get('model')
     with h.server.models_lock:
         engines = h.server.engines
         if not isinstance(name, str) or name not in engines:
-            raise ApiError(404, f"no model {json.dumps(name)[:60]} is loaded; this server has {', '.join(engines)}",
+            raise ApiError(404,
+                           f"no model {json.dumps(name)[:60]} is loaded; this "
+                           f"server has {', '.join(engines)}",
                            'model', 'model_not_found')
         if len(engines) == 1:
-            raise ApiError(409, f"{name} is the only model loaded; load another first (POST /v1/models/load)",
+            raise ApiError(409,
+                           f"{name} is the only model loaded; load another "
+                           "first (POST /v1/models/load)",
                            'model', 'last_model')
         h.server.engines = {k: v for k, v in engines.items() if k != name}
         engines[name].stop()
@@ -109,22 +132,28 @@ def _unload(h, body):
 def _tokenize(h, body):
     name, w = h.engine(body)
     text = body.get('prompt')
-    if 'template' in body:  # the ids a completion with this template decodes from (prompts.prompt_ids)
+    # the ids a completion with this template decodes from (prompts.prompt_ids)
+    if 'template' in body:
         try:
-            ids = prompts.prompt_ids(w.tok, body['template'], body.get('variables') or {}, flag(body, 'cot'))
+            ids = prompts.prompt_ids(w.tok, body['template'], body.get('variables') or {},
+                                     flag(body, 'cot'))
         except (KeyError, ValueError, TypeError) as e:
             raise ApiError(400, f"'template': {e.args[0] if e.args else e}", 'template') from None
-    elif 'messages' in body:  # the chat template's tokens, as /v1/chat/completions would decode from
+    elif 'messages' in body:
+        # the chat template's tokens, as /v1/chat/completions would decode from
         try:
-            ids = w.tok.render_chat(body['messages'], add_generation_prompt=flag(body, 'add_generation_prompt'),
+            ids = w.tok.render_chat(body['messages'],
+                                    add_generation_prompt=flag(body, 'add_generation_prompt'),
                                     continue_final_message=flag(body, 'continue_final_message'))[0]
         except ValueError as e:
             raise ApiError(400, f"'messages': {e}", 'messages') from None
     elif not isinstance(text, str):
-        raise ApiError(400, "'prompt' must be a string (or send 'messages' for the chat template)", 'prompt')
+        raise ApiError(400, "'prompt' must be a string (or send 'messages' for the chat template)",
+                       'prompt')
     elif text in w.tok.special_tokens:
-        # subtle: encode() reads plain text, but lm-eval's remote tokenizer finds eos_token_id by tokenizing the
-        # eos_token string, so a prompt that IS a special token's text gets that token's id
+        # subtle: encode() reads plain text, but lm-eval's remote tokenizer finds eos_token_id by
+        # tokenizing the eos_token string, so a prompt that IS a special token's text gets that
+        # token's id
         ids = [w.tok.special_tokens[text]]
     else:
         ids = encode(w, text, 'prompt')
@@ -142,16 +171,19 @@ def _tokenizer_info(h, body):
     name, w = h.engine(body)
     tok = w.tok
     eos = next((s for s, i in tok.special_tokens.items() if i == tok.eot), None)
-    h.send_json(200, {'model': name, 'kind': tok.kind, 'vocab_size': w.V, 'max_model_len': w.block_size,
-                      'eos_token': eos, 'eos_token_id': tok.eot, 'bos_token': None, 'pad_token': None,
-                      'special_tokens': tok.special_tokens, 'chat_stop_tokens': tok.chat_stop_tokens,
+    h.send_json(200, {'model': name, 'kind': tok.kind, 'vocab_size': w.V,
+                      'max_model_len': w.block_size, 'eos_token': eos, 'eos_token_id': tok.eot,
+                      'bos_token': None, 'pad_token': None, 'special_tokens': tok.special_tokens,
+                      'chat_stop_tokens': tok.chat_stop_tokens,
                       'chat_stop_strings': tok.stop_strings})
 
 
-ROUTES = {'/v1/models': ('GET', _models), '/v1/completions': ('POST', lambda h, b: completion(h, b, False)),
-          '/v1/chat/completions': ('POST', lambda h, b: completion(h, b, True)), '/tokenize': ('POST', _tokenize),
-          '/detokenize': ('POST', _detokenize), '/tokenizer_info': ('GET', _tokenizer_info),
-          '/v1/models/load': ('POST', _load), '/v1/models/unload': ('POST', _unload), **page_api.ROUTES}
+ROUTES = {'/v1/models': ('GET', _models),
+          '/v1/completions': ('POST', lambda h, b: completion(h, b, False)),
+          '/v1/chat/completions': ('POST', lambda h, b: completion(h, b, True)),
+          '/tokenize': ('POST', _tokenize), '/detokenize': ('POST', _detokenize),
+          '/tokenizer_info': ('GET', _tokenizer_info), '/v1/models/load': ('POST', _load),
+          '/v1/models/unload': ('POST', _unload), **page_api.ROUTES}
 
 # -----------------------------------------------------------------------------
 # 3) HTTP: the routes, the handler, and the server
@@ -170,34 +202,48 @@ class Handler(GuardedHandler):
                 return self.send(204, b'', 'text/plain')
             if url.path not in ROUTES:
                 if method != 'GET' or url.path.startswith('/v1/'):
-                    raise ApiError(404, f"unknown path {method} {url.path}; the API is {', '.join(ROUTES)}", None,
-                                   'unknown_url')
+                    raise ApiError(404,
+                                   f"unknown path {method} {url.path}; the "
+                                   f"API is {', '.join(ROUTES)}",
+                                   None, 'unknown_url')
                 return self.static(url.path)
             want, fn = ROUTES[url.path]
             if method != want:
-                raise ApiError(405, f"{url.path} takes {want}, not {method}", None, 'method_not_allowed')
+                raise ApiError(405, f"{url.path} takes {want}, not {method}", None,
+                               'method_not_allowed')
             key = self.server.api_key
-            if key and not hmac.compare_digest(self.headers.get('Authorization', '').encode(), f'Bearer {key}'.encode()):
-                raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>' "
-                               "with the key the server was started with (--api_key)", None, 'invalid_api_key')
-            fn(self, self.body() if method == 'POST' else {k: v[-1] for k, v in parse_qs(url.query).items()})
+            if key and not hmac.compare_digest(self.headers.get('Authorization', '').encode(),
+                                               f'Bearer {key}'.encode()):
+                raise ApiError(401,
+                               "missing or incorrect API key: send the header "
+                               "'Authorization: Bearer <key>' with the key the server "
+                               "was started with (--api_key)",
+                               None, 'invalid_api_key')
+            fn(self, self.body() if method == 'POST'
+               else {k: v[-1] for k, v in parse_qs(url.query).items()})
         except (ApiError, NumericalError) as e:
-            if isinstance(e, NumericalError):  # this request's logits broke, not the server: only it fails
+            # this request's logits broke, not the server: only it fails
+            if isinstance(e, NumericalError):
                 e = ApiError(500, str(e), None, 'numerical_error')
-            if method != 'GET' and not self.body_read:  # an unread body would be parsed as the next request
+            # an unread body would be parsed as the next request
+            if method != 'GET' and not self.body_read:
                 self.close_connection = True
-            if self.started:  # mid-stream: the status line is gone, so say it in the stream (no [DONE]) and close
+            # mid-stream: the status line is gone, so say it in the stream (no [DONE]) and close
+            if self.started:
                 self.sse(e.body())
                 self.end_sse()
                 self.close_connection = True
             else:
                 self.send_json(e.status, e.body())
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # the client has gone; _completion has already released its rows
+            # the client has gone; completion() has already released its rows
+            self.close_connection = True
         except Exception as e:
             traceback.print_exc()
             error = ApiError(500, f'internal error: {type(e).__name__}: {e}').body()
-            try:  # mid-stream, the error goes in the stream (OpenAI's way), so the client knows it is not complete
+            # mid-stream, the error goes in the stream (OpenAI's way), so the client knows it is
+            # not complete
+            try:
                 if self.started:
                     self.sse(error)
                     self.end_sse()
@@ -213,15 +259,18 @@ class Handler(GuardedHandler):
         if name is None:
             return next(iter(engines.items()))
         if not isinstance(name, str) or name not in engines:
-            raise ApiError(404, f"The model {json.dumps(name)[:60]} does not exist; this server has {', '.join(engines)} "
-                           "(GET /v1/models)", 'model', 'model_not_found')
+            raise ApiError(404,
+                           f"The model {json.dumps(name)[:60]} does not exist; this server has "
+                           f"{', '.join(engines)} (GET /v1/models)",
+                           'model', 'model_not_found')
         return name, engines[name]
 
     def events(self, req, beam_steps=False):
-        """The request's Events and PromptScores (and with beam_steps its BeamSteps) until all its rows finish;
-        between events (and every 0.25 s) it checks that the client is still there, so an abandoned request frees
-        its rows."""
-        return (ev for ev in req.events(self.check_client) if beam_steps or not isinstance(ev, BeamStep))
+        """The request's Events and PromptScores (and with beam_steps its BeamSteps) until all its
+        rows finish; between events (and every 0.25 s) it checks that the client is still there, so
+        an abandoned request frees its rows."""
+        return (ev for ev in req.events(self.check_client)
+                if beam_steps or not isinstance(ev, BeamStep))
 
     def static(self, path):
         rel = unquote(path).lstrip('/') or 'index.html'
@@ -231,26 +280,28 @@ class Handler(GuardedHandler):
         full = os.path.realpath(os.path.join(root, rel))
         if os.path.isdir(full):
             full = os.path.join(full, 'index.html')
-        if not full.startswith(root + os.sep) or not os.path.isfile(full):  # realpath: symlinks cannot lead out
+        # realpath: symlinks cannot lead out
+        if not full.startswith(root + os.sep) or not os.path.isfile(full):
             raise ApiError(404, f"no file {path} (static files come from web/)", None, 'not_found')
         with open(full, 'rb') as f:
             self.send(200, f.read(), mimetypes.guess_type(full)[0] or 'application/octet-stream')
 
 def _engine(source, device, dtype, quantize, limits):
-    """One model source, ready for inference (int8: quantize='int8'), in an Engine that remembers how it was made
-    (source, options), so POST /v1/models/load makes the next one alike."""
+    """One model source, ready for inference (int8: quantize='int8'), in an Engine that remembers
+    how it was made (source, options), so POST /v1/models/load makes the next one alike."""
     model, tok, ckpt = load_model(source, device, dtype)
     if tok is None:
-        raise ValueError(f"{source} comes without a tokenizer, so text cannot be encoded; serve a source with "
-                         "tokenizer files (a nanolab out_dir, or a Hugging Face dir with tokenizer.json)")
+        raise ValueError(f"{source} comes without a tokenizer, so text cannot be encoded; "
+                         "serve a source with tokenizer files (a nanolab out_dir, or a "
+                         "Hugging Face dir with tokenizer.json)")
     engine = Engine(for_inference(model, quantize), tok, **limits)
     engine.source, engine.created, engine.stage = source, int(time.time()), checkpoint_stage(ckpt)
     engine.options = dict(device=device, dtype=dtype, quantize=quantize, limits=limits)
     return engine
 
 def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0, **limits):
-    """Every model of init_from in an Engine (_engine), loaded and stepped on the engine thread (engine.start)
-    -> {name: Engine}. threads: torch's, 0 = its default. limits: Engine's."""
+    """Every model of init_from in an Engine (_engine), loaded and stepped on the engine thread
+    (engine.start) -> {name: Engine}. threads: torch's, 0 = its default. limits: Engine's."""
     sources = model_sources(spec)
 
     def build():
@@ -260,19 +311,23 @@ def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0
             yield _engine(source, device, dtype, quantize, limits)
     return dict(zip([name for name, _ in sources], start(build)))
 
-def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(), cors_origins=(),
-                max_connections=256, read_timeout=10.0, max_models=8, max_tokens_limit=4096, n_limit=16):
-    """The HTTP server for the engines ({name: Engine}); call serve_forever() on it. allowed_hosts: Host names
-    answered besides loopback names, addresses and host; cors_origins: origins whose pages may call the API; the
-    rest are serve.py's settings of the same names."""
+def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(),
+                cors_origins=(), max_connections=256, read_timeout=10.0, max_models=8,
+                max_tokens_limit=4096, n_limit=16):
+    """The HTTP server for the engines ({name: Engine}); call serve_forever() on it. allowed_hosts:
+    Host names answered besides loopback names, addresses and host; cors_origins: origins whose
+    pages may call the API; the rest are serve.py's settings of the same names."""
     if host not in LOCAL_HOSTS and not api_key:
-        raise ValueError(f"host={host!r} makes the server reachable from other machines; set --api_key=SECRET "
-                         "(clients send 'Authorization: Bearer SECRET'), or keep --host=127.0.0.1")
+        raise ValueError(f"host={host!r} makes the server reachable from other "
+                         "machines; set --api_key=SECRET (clients send 'Authorization: "
+                         "Bearer SECRET'), or keep --host=127.0.0.1")
     server = Server((host, port), Handler)
     server.max_connections, server.read_timeout = max_connections, read_timeout
-    server.engines, server.api_key, server.runs_dir, server.started = engines, api_key, runs_dir, int(time.time())
+    server.engines, server.api_key, server.runs_dir, server.started = engines, api_key, runs_dir, \
+        int(time.time())
     server.max_models, server.models_lock = max_models, threading.Lock()
     server.max_tokens_limit, server.n_limit = max_tokens_limit, n_limit
-    server.allowed_hosts = {'localhost', host.lower(), *(h.strip().lower() for h in allowed_hosts if h.strip())}
+    server.allowed_hosts = {'localhost', host.lower(), *(h.strip().lower() for h in allowed_hosts
+                                                         if h.strip())}
     server.cors_origins = {o.strip().rstrip('/') for o in cors_origins if o.strip()}
     return server
