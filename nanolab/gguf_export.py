@@ -1,13 +1,15 @@
 """
-GGUF, the file format of llama.cpp and Ollama, written through the `gguf` package (llama.cpp's own writer): the
-architecture's keys, the tokenizer as a byte-level BPE ('gpt2' model, 'gpt-2' pre-tokenizer: GPT-2's regex, which
-ours is), the chat template, and the tensors under llama.cpp's names. export.py --format=gguf calls write_gguf.
+GGUF, the file format of llama.cpp and Ollama, written through the `gguf` package (llama.cpp's own
+writer): the architecture's keys, the tokenizer as a byte-level BPE ('gpt2' model, 'gpt-2'
+pre-tokenizer: GPT-2's regex, which ours is), the chat template, and the tensors under llama.cpp's
+names. export.py --format=gguf calls write_gguf.
 
     write_gguf(model, tok, 'model-q8_0.gguf', outtype='q8_0')   # llama-server -m model-q8_0.gguf
 
-Llama blocks' q/k rows are permuted from the 'rotate half' RoPE layout we (and Hugging Face) use to the interleaved
-pairs llama.cpp rotates. outtype f32 | f16 | bf16 | q8_0: norms and biases stay f32, as llama.cpp's converter keeps
-them; a matrix whose rows are not a multiple of q8_0's 32-value block falls back to f16.
+Llama blocks' q/k rows are permuted from the 'rotate half' RoPE layout we (and Hugging Face) use to
+the interleaved pairs llama.cpp rotates. outtype f32 | f16 | bf16 | q8_0: norms and biases stay
+f32, as llama.cpp's converter keeps them; a matrix whose rows are not a multiple of q8_0's 32-value
+block falls back to f16.
 """
 from dataclasses import asdict
 
@@ -21,17 +23,20 @@ OUTTYPES = ('f32', 'f16', 'bf16', 'q8_0')
 
 
 def gguf_tensors(model):
-    """[(llama.cpp tensor name, float32 numpy array)] for model, shaped as llama.cpp's converter writes them:
-    numpy (out, in) for a matrix (ggml lists the dimensions the other way round: ne = (in, out))."""
+    """[(llama.cpp tensor name, float32 numpy array)] for model, shaped as llama.cpp's converter
+    writes them: numpy (out, in) for a matrix (ggml lists the dimensions the other way round: ne =
+    (in, out))."""
     c = model.config
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    zeros = lambda n: torch.zeros(n)  # noqa: E731  GPT-2 with bias=False: llama.cpp's gpt2 requires biases
+    # GPT-2 with bias=False: llama.cpp's gpt2 requires biases, so zeros stand in
+    zeros = lambda n: torch.zeros(n)  # noqa: E731
     rows = [('token_embd.weight', sd['transformer.wte.weight'])]
     if c.arch == 'gpt2':
         rows.append(('position_embd.weight', sd['transformer.wpe.weight']))
 
     def permute(w, n):
-        """'rotate half' rows (per head: first halves, then second halves) -> interleaved pairs (llama.cpp's RoPE)."""
+        """'rotate half' rows (per head: first halves, then second halves) -> interleaved pairs
+        (llama.cpp's RoPE)."""
         return w.reshape(n, 2, c.head_size // 2, w.shape[-1]).transpose(1, 2).reshape(w.shape)
 
     for i in range(c.n_layer):
@@ -46,11 +51,12 @@ def gguf_tensors(model):
                 rows += [(b + theirs + '.weight', w), (b + theirs + '.bias', bias)]
         else:
             rows += [(b + theirs + '.weight', sd[o + ours + '.weight']) for ours, theirs in names]
-            q, k, v = sd[o + 'attn.c_attn.weight'].split([c.n_head * c.head_size, c.n_kv_head * c.head_size,
-                                                          c.n_kv_head * c.head_size])
+            q, k, v = sd[o + 'attn.c_attn.weight'].split(
+                [c.n_head * c.head_size, c.n_kv_head * c.head_size, c.n_kv_head * c.head_size])
             gate, up = sd[o + 'mlp.c_fc.weight'].split([c.ffn_hidden, c.ffn_hidden])
-            rows += [(b + 'attn_q.weight', permute(q, c.n_head)), (b + 'attn_k.weight', permute(k, c.n_kv_head)),
-                     (b + 'attn_v.weight', v), (b + 'ffn_gate.weight', gate), (b + 'ffn_up.weight', up)]
+            rows += [(b + 'attn_q.weight', permute(q, c.n_head)),
+                     (b + 'attn_k.weight', permute(k, c.n_kv_head)), (b + 'attn_v.weight', v),
+                     (b + 'ffn_gate.weight', gate), (b + 'ffn_up.weight', up)]
     rows.append(('output_norm.weight', sd['transformer.ln_f.weight']))
     if c.arch == 'gpt2':
         rows.append(('output_norm.bias', sd.get('transformer.ln_f.bias', zeros(c.n_embd))))
@@ -60,12 +66,14 @@ def gguf_tensors(model):
 
 
 def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
-    """model + tok as one GGUF file at path (written to a temp file, fsynced, renamed: files.replacing); outtype
-    one of OUTTYPES."""
+    """model + tok as one GGUF file at path (written to a temp file, fsynced, renamed:
+    files.replacing); outtype one of OUTTYPES."""
     import gguf
     c = model.config
-    hf.config_to_hf(asdict(c))  # refuses positions the architecture lacks (GGUF's gpt2 is learned, its llama RoPE)
-    text_of, merges, specials = hf.byte_level_vocab(tok, unlisted_merges=True)  # refuses what it cannot say
+    # refuses positions the architecture lacks (GGUF's gpt2 is learned, its llama RoPE)
+    hf.config_to_hf(asdict(c))
+    # refuses what it cannot say
+    text_of, merges, specials = hf.byte_level_vocab(tok, unlisted_merges=True)
     # 1) the tokenizer: every embedding row gets a token; rows past the tokenizer's ids are padding
     control = set(specials.values())
     special_text = {i: t for t, i in specials.items()}
@@ -76,7 +84,8 @@ def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
         w = gguf.GGUFWriter(tmp, c.arch)  # 'gpt2' and 'llama' are llama.cpp's names for them too
         w.add_name(name)
         w.add_file_type({'f32': gguf.LlamaFileType.ALL_F32, 'f16': gguf.LlamaFileType.MOSTLY_F16,
-                         'bf16': gguf.LlamaFileType.MOSTLY_BF16, 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+                         'bf16': gguf.LlamaFileType.MOSTLY_BF16,
+                         'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
         w.add_context_length(c.block_size)
         w.add_embedding_length(c.n_embd)
         w.add_block_count(c.n_layer)
@@ -94,10 +103,11 @@ def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
         w.add_tokenizer_pre('gpt-2')
         w.add_token_list(tokens)
         w.add_token_types(types)
-        # llama.cpp needs the key, and gguf writes no empty array: an ASCII char vocabulary gets a merge of two 0xff
-        # bytes, which UTF-8 text never holds
+        # llama.cpp needs the key, and gguf writes no empty array: an ASCII char vocabulary gets a
+        # merge of two 0xff bytes, which UTF-8 text never holds
         w.add_token_merges([f'{a} {b}' for a, b in merges] or ['ÿ ÿ'])
-        if tok.eot is not None:  # without one (char vocabularies) llama.cpp's default eos is id 11: pass --ignore-eos
+        # without one (char vocabularies) llama.cpp's default eos is id 11: pass --ignore-eos
+        if tok.eot is not None:
             w.add_bos_token_id(tok.eot)
             w.add_eos_token_id(tok.eot)
         if '<|end|>' in specials:
@@ -111,7 +121,8 @@ def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
             elif outtype == 'f16' or (outtype == 'q8_0' and a.shape[-1] % 32):
                 w.add_tensor(tname, a.astype(np.float16))
             else:
-                qtype = gguf.GGMLQuantizationType.Q8_0 if outtype == 'q8_0' else gguf.GGMLQuantizationType.BF16
+                qtype = gguf.GGMLQuantizationType.Q8_0 if outtype == 'q8_0' else \
+                    gguf.GGMLQuantizationType.BF16
                 w.add_tensor(tname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
