@@ -1,51 +1,63 @@
 """
 Benchmarks that print figures (speed targets live here, never in timed tests).
 
-    python bench.py                                   # decode benchmarks, CPU, ~6 minutes on 2 cores
-    python bench.py --models=llama_56m --batch_sizes=1 --repeats=1   # a quick look
-    python bench.py --device=cuda --dtype=bfloat16    # on a GPU
-    python bench.py --which=train                     # training steps (~6 minutes), then the default vs nanoGPT (~4)
-    python bench.py --which=train --train_models=cpu_default --compile_modes=False --train_runs=   # ~10 s
-    python bench.py --which=harness                   # lm-eval: our LM vs its own hf backend, ~3 minutes
-    python bench.py --which=serve                     # serve.py under 1-16 streaming clients, ~30 s
-    python bench.py --which=quantize                  # int8 vs fp32: bytes, RSS, tok/s, perplexity, ~1 minute
-    python bench.py --which=fairness                  # a streaming client beside a flood, a beam search, a long prompt
-    NANOLAB_LLAMA_CPP=DIR python bench.py --which=llamacpp   # against llama.cpp on the same GPT-2 weights, ~15 min
+    python bench.py                                 # decode benchmarks, CPU, ~6 minutes on 2 cores
+    python bench.py --models=llama_56m --batch_sizes=1 --repeats=1  # a quick look
+    python bench.py --device=cuda --dtype=bfloat16  # on a GPU
+    python bench.py --which=train                   # training steps (~6 minutes), then the default
+                                                    # vs nanoGPT (~4)
+    python bench.py --which=train --train_models=cpu_default --compile_modes=False --train_runs=
+                                                    # ~10 s
+    python bench.py --which=harness                 # lm-eval: our LM vs its own hf backend, ~3 min
+    python bench.py --which=serve                   # serve.py under 1-16 streaming clients, ~30 s
+    python bench.py --which=quantize                # int8 vs fp32: bytes, RSS, tok/s, perplexity,
+                                                    # ~1 minute
+    python bench.py --which=fairness                # a streaming client beside a flood, a beam
+                                                    # search, a long prompt
+    NANOLAB_LLAMA_CPP=DIR python bench.py --which=llamacpp  # against llama.cpp on the same GPT-2
+                                                            # weights, ~15 min
 
-decode: tokens/s of greedy decoding with the KV cache (sample.generate) for a GPT-2-124M-shaped and
-a Llama-shaped model with random weights, side by side with Hugging Face `generate` on identical
-weights (written with save_pretrained), at each batch size; the speed-up over no-cache generation
-at `nocache_tokens` new tokens; and time to first token for a `ttft_prompt`-token prompt. With decode_compile,
-also sample.py --compile's path: the same generate on a torch.compile'd model (decode steps compiled, prefill eager).
-Ours and theirs run interleaved, best of `repeats`, so both see the same machine state.
+decode: tokens/s of greedy decoding with the KV cache (generate, sample.py's API) for a
+GPT-2-124M-shaped and a Llama-shaped model with random weights, side by side with Hugging Face
+`generate` on identical weights (written with save_pretrained), at each batch size; the speed-up
+over no-cache generation
+at `nocache_tokens` new tokens; and time to first token for a `ttft_prompt`-token prompt. With
+decode_compile, also sample.py --compile's path: the same generate on a torch.compile'd model
+(decode steps compiled, prefill eager). Ours and theirs run interleaved, best of `repeats`, so both
+see the same machine state.
 
-train: ms/iter, tokens/s and MFU of train.py's training step (forward, backward, clip, fused AdamW) on
-random tokens, for the CPU default config (configs/shakespeare_char.py: Llama blocks 4x4x128, block 64, batch 16,
-Muon), nanoGPT's CPU config (GPT-2 blocks 4x4x128, batch 12, AdamW) and its baby GPT (6x6x384, block 256, batch
-64, dropout 0.2), with torch.compile off and on.
-MFU divides by 163 GFLOP/s on CPU (fp32 matmul 2048^2 on 2 cores, SPEC.md) or 989 TFLOP/s on CUDA.
-Then whole runs of train.py back to back (`train_runs`), each in a fresh process into a temporary out_dir: `default`
-is `python train.py` as a user types it; `nanogpt` is nanoGPT's documented CPU run (its README: shakespeare_char,
---device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4
---n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0, over its config's lr 1e-3, min_lr
-1e-4, beta2 0.99, warmup 100, eval every 250) run by our train.py. Printed: wall time (start to exit, what a user
-waits), the final val loss, and when (training seconds, from metrics.jsonl) val first reached 1.70.
+train: ms/iter, tokens/s and MFU of train.py's training step (forward, backward, clip, fused AdamW)
+on random tokens, for the CPU default config (configs/shakespeare_char.py: Llama blocks 4x4x128,
+block 64, batch 16, Muon), nanoGPT's CPU config (GPT-2 blocks 4x4x128, batch 12, AdamW) and its
+baby GPT (6x6x384, block 256, batch 64, dropout 0.2), with torch.compile off and on.
+MFU divides by 163 GFLOP/s on CPU (an fp32 2048^2 matmul, measured on the 2-core development CPU)
+or, on CUDA, by the GPU's dense peak for the dtype (device.PEAK_FLOPS: 989 TFLOP/s for an H100 in
+bf16).
+Then whole runs of train.py back to back (`train_runs`), each in a fresh process into a temporary
+out_dir: `default` is `python train.py` as a user types it; `nanogpt` is nanoGPT's documented CPU
+run (its README: shakespeare_char, --device=cpu --compile=False --eval_iters=20 --log_interval=1
+--block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
+--lr_decay_iters=2000 --dropout=0.0, over its config's lr 1e-3, min_lr 1e-4, beta2 0.99, warmup
+100, eval every 250) run by our train.py. Printed: wall time (start to exit, what a user waits),
+the final val loss, and when (training seconds, from metrics.jsonl) val first reached 1.70.
 
-harness: requests/s end to end through lm_eval.simple_evaluate (tokenizing, scoring or generating, metrics) of our
-model as an lm-eval LM (evaluate.py) and of lm-eval's own `hf` backend, on identical random weights of a 4x256
-GPT-2-shaped model (block 1024, GPT-2 vocabulary), batch 8, on local tasks written to a temporary directory:
-multiple choice (100 questions x 4 choices), rolling perplexity (16 documents of 50-1200 words) and greedy
-generation (32 answers of up to 32 tokens). Best of `repeats`, interleaved; progress bars go to stderr.
+harness: requests/s end to end through lm_eval.simple_evaluate (tokenizing, scoring or generating,
+metrics) of our model as an lm-eval LM (evaluate.py) and of lm-eval's own `hf` backend, on
+identical random weights of a 4x256 GPT-2-shaped model (block 1024, GPT-2 vocabulary), batch 8, on
+local tasks written to a temporary directory: multiple choice (100 questions x 4 choices), rolling
+perplexity (16 documents of 50-1200 words) and greedy generation (32 answers of up to 32 tokens).
+Best of `repeats`, interleaved; progress bars go to stderr.
 
-serve, fairness, llamacpp: see nanolab/bench_serving.py's docstring. Targets (issues 6 and 10): 16 clients >= 3x the single
-client's tokens/s and p95 time to first token < 500 ms at 10 clients; beside a flood, a beam search or a long
-prompt, a streaming client's first token < 1 s and its gaps < 250 ms; against llama-server on the same weights,
-int8 >= 1.0x Q8_0 at 16 clients and >= 0.75x at 1.
+serve, fairness, llamacpp: see nanolab/bench_serving.py's docstring. Targets: 16 clients >= 3x the
+single client's tokens/s and p95 time to first token < 500 ms at 10 clients; beside a flood, a beam
+search or a long prompt, a streaming client's first token < 1 s and its gaps < 250 ms; against
+llama-server on the same weights, int8 >= 1.0x Q8_0 at 16 clients and >= 0.75x at 1.
 
-quantize: each of `quantize_models` in fp32 and int8 (serve.py --quantize=int8): state-dict bytes, RSS of a fresh
-process holding the model after one generation, greedy decode tok/s at batch 1 and 8 (interleaved, best of `repeats`),
-and perplexity on the run's own dataset (likelihood.run_perplexity on val.bin) for trained runs; for the random-weight
-shapes, the agreement of greedy tokens instead.
+quantize: each of `quantize_models` in fp32 and int8 (serve.py --quantize=int8): state-dict bytes,
+RSS of a fresh process holding the model after one generation, greedy decode tok/s at batch 1 and 8
+(interleaved, best of `repeats`), and perplexity on the run's own dataset
+(likelihood.run_perplexity on val.bin) for trained runs; for the random-weight shapes, the
+agreement of greedy tokens instead.
 """
 import copy
 import json
@@ -100,12 +112,16 @@ llama_cpp_dir = ''            # llamacpp: a llama.cpp build (bin/, convert.sh); 
 llama_threads = 0             # llamacpp: threads for both sides; 0 = torch's default (one per core)
 llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one round each
 # -----------------------------------------------------------------------------
-CHOICES = {'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp', 'quantize'), 'dtype': DTYPES}
+CHOICES = {'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp', 'quantize'),
+           'dtype': DTYPES}
 config = configure(globals(), choices=CHOICES)
 
-SHAPES = {  # the sizes SPEC.md measured Hugging Face at, so figures compare
-    'gpt2_124m': dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
-    'llama_56m': dict(arch='llama', n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=1024, vocab_size=32000),
+# GPT-2 124M and a 56M Llama: the decode figures of docs/benchmarks.md are at these sizes
+SHAPES = {
+    'gpt2_124m': dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                      vocab_size=50257),
+    'llama_56m': dict(arch='llama', n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=1024,
+                      vocab_size=32000),
 }
 device = resolve_device(device)
 ptdtype = resolve_dtype(dtype, device)
@@ -132,23 +148,27 @@ def best_of(fns):
 
 def hf_generate(hf_model, x, n):
     with torch.inference_mode():
-        # min_new_tokens: random weights may emit the eos id; both sides must produce exactly n tokens
-        return hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=0)
+        # min_new_tokens: random weights may emit the eos id; both sides must produce exactly n
+        # tokens
+        return hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
 def bench_decode(name):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**SHAPES[name])).to(device=device, dtype=ptdtype).eval()
-    print(f"\n{name}: {model.num_params(non_embedding=False) / 1e6:.1f}M parameters, {device}, {ptdtype}")
+    print(f"\n{name}: {model.num_params(non_embedding=False) / 1e6:.1f}M "
+          f"parameters, {device}, {ptdtype}")
     hf_model = None
     if hf:
         import transformers
         transformers.logging.set_verbosity_error()
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
-            hf_model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=ptdtype).to(device).eval()
-    for_inference(model)  # what sample.py and serve.py decode with (the CPU head layout; a no-op elsewhere)
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                d, dtype=ptdtype).to(device).eval()
+    # what sample.py and serve.py decode with (the CPU head layout; a no-op elsewhere)
+    for_inference(model)
     V = model.config.vocab_size
     compiled = torch.compile(model) if decode_compile else None
     rows = []
@@ -157,8 +177,10 @@ def bench_decode(name):
         x = torch.randint(0, V, (B, prompt_len), device=device)
         ours = lambda m=model: generate(m, x.tolist(), new_tokens, temperature=0.0, stop_tokens=())
         fns = [ours] + ([lambda: hf_generate(hf_model, x, new_tokens)] if hf_model else [])
-        if compiled is not None:  # compiled once per batch size, untimed (the storage grows past 64 tokens: twice)
-            print(f"decode B={B}: torch.compile {timed(lambda: ours(compiled)):.1f} s (first call)")
+        # compiled once per batch size, untimed (the storage grows past 64 tokens: twice)
+        if compiled is not None:
+            print(f"decode B={B}: torch.compile "
+                  f"{timed(lambda: ours(compiled)):.1f} s (first call)")
             fns.append(lambda: ours(compiled))
         t = best_of(fns)
         tps = [B * new_tokens / s for s in t]
@@ -168,16 +190,19 @@ def bench_decode(name):
         rows.append((name, f'decode tok/s, batch {B}', tps[0], tps[1] if hf_model else None))
         if compiled is not None:
             row += f", compiled {tps[-1]:.1f} tok/s ({tps[-1] / tps[0]:.2f}x eager)"
-            rows.append((name, f'decode tok/s, batch {B}, compiled', tps[-1], tps[1] if hf_model else None))
+            rows.append((name, f'decode tok/s, batch {B}, compiled', tps[-1],
+                         tps[1] if hf_model else None))
         print(row)
     # 2) KV cache vs recomputing the whole context every step
     x = torch.randint(0, V, (1, prompt_len), device=device).tolist()
-    t_cache, t_nocache = best_of([lambda: generate(model, x, nocache_tokens, temperature=0.0, stop_tokens=()),
-                                  lambda: generate(model, x, nocache_tokens, temperature=0.0, stop_tokens=(),
-                                                   use_cache=False)])
-    print(f"{nocache_tokens} new tokens, batch 1: cache {t_cache:.2f} s, no cache {t_nocache:.2f} s, "
-          f"speed-up {t_nocache / t_cache:.1f}x")
-    rows.append((name, f'speed-up over no cache, {nocache_tokens} tokens', t_nocache / t_cache, None))
+    t_cache, t_nocache = best_of([lambda: generate(model, x, nocache_tokens, temperature=0.0,
+                                                   stop_tokens=()),
+                                  lambda: generate(model, x, nocache_tokens, temperature=0.0,
+                                                   stop_tokens=(), use_cache=False)])
+    print(f"{nocache_tokens} new tokens, batch 1: cache {t_cache:.2f} s, no cache {t_nocache:.2f} "
+          f"s, speed-up {t_nocache / t_cache:.1f}x")
+    rows.append((name, f'speed-up over no cache, {nocache_tokens} tokens', t_nocache / t_cache,
+                 None))
     # 3) time to first token: the prefill of a long prompt plus one sampled token
     x = torch.randint(0, V, (1, ttft_prompt), device=device)
     fns = [lambda: generate(model, x.tolist(), 1, temperature=0.0, stop_tokens=())]
@@ -186,7 +211,8 @@ def bench_decode(name):
     t = best_of(fns)
     print(f"time to first token, {ttft_prompt}-token prompt: ours {t[0] * 1e3:.0f} ms" +
           (f", HF {t[1] * 1e3:.0f} ms" if hf_model else ''))
-    rows.append((name, f'time to first token (ms), {ttft_prompt}-token prompt', t[0] * 1e3, t[1] * 1e3 if hf_model else None))
+    rows.append((name, f'time to first token (ms), {ttft_prompt}-token prompt', t[0] * 1e3,
+                 t[1] * 1e3 if hf_model else None))
     return rows
 
 
@@ -194,61 +220,71 @@ def bench_decode(name):
 # training step
 
 TRAIN_SHAPES = {  # model, batch, optimizer and timed steps (after `warmup` untimed ones)
-    'cpu_default': dict(model=dict(arch='llama', n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=64, vocab_size=65,
-                                   tie_embeddings=True), batch_size=16, optim='muon', ns_steps=3, warmup=10, iters=100),
-    'nanogpt_cpu': dict(model=dict(arch='gpt2', n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False),
+    'cpu_default': dict(model=dict(arch='llama', n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+                                   block_size=64, vocab_size=65, tie_embeddings=True),
+                        batch_size=16, optim='muon', ns_steps=3, warmup=10, iters=100),
+    'nanogpt_cpu': dict(model=dict(arch='gpt2', n_layer=4, n_head=4, n_embd=128, block_size=64,
+                                   vocab_size=65, bias=False),
                         batch_size=12, warmup=10, iters=100),
-    'baby_gpt': dict(model=dict(arch='gpt2', n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False,
+    'baby_gpt': dict(model=dict(arch='gpt2', n_layer=6, n_head=6, n_embd=384, block_size=256,
+                                vocab_size=65, bias=False,
                                 dropout=0.2), batch_size=64, warmup=1, iters=3),
 }
 
 
 def bench_train(name):
-    """train.py's step: forward and backward, gradient norm and clipping at 1.0, the optimizer (fused AdamW, or Muon
-    for the blocks' matrices with AdamW for the rest)."""
+    """train.py's step: forward and backward, gradient norm and clipping at 1.0, the optimizer
+    (fused AdamW, or Muon for the blocks' matrices with AdamW for the rest)."""
     shape = TRAIN_SHAPES[name]
     B, T = shape['batch_size'], shape['model']['block_size']
-    peak = peak_flops(device, ptdtype) or float('nan')  # model.PEAK_FLOPS; an unlisted GPU: MFU nan
+    # device.PEAK_FLOPS; an unlisted GPU: MFU nan
+    peak = peak_flops(device, ptdtype) or float('nan')
     rows = []
     for comp in [m.strip() == 'True' for m in compile_modes.split(',')]:
         torch.manual_seed(seed)
         raw_model = GPT(GPTConfig(**shape['model'])).to(device)
         model = torch.compile(raw_model) if comp else raw_model
-        optimizer = configure_optimizer(raw_model, 0.1, 1e-3, (0.9, 0.99), device.split(':')[0], shape.get('optim', 'adamw'),
-                                        shape.get('ns_steps', 5))
+        optimizer = configure_optimizer(raw_model, 0.1, 1e-3, (0.9, 0.99), device.split(':')[0],
+                                        shape.get('optim', 'adamw'), shape.get('ns_steps', 5))
         scaler = torch.amp.GradScaler(enabled=False)  # fp32 and bf16: no loss scaling, as train.py
         ctx = autocast_ctx(device, ptdtype)
-        x, y = (torch.randint(0, shape['model']['vocab_size'], (B, T), device=device) for _ in range(2))
+        x, y = (torch.randint(0, shape['model']['vocab_size'], (B, T), device=device)
+                for _ in range(2))
 
         def step():
             with ctx:
                 loss = model(x, y)[1]
             loss.backward()
-            optimizer_step(raw_model.parameters(), optimizer, scaler, 1.0, device.split(':')[0])  # train.py's
+            # train.py's
+            optimizer_step(raw_model.parameters(), optimizer, scaler, 1.0, device.split(':')[0])
         t_first = timed(step)  # with compile: the compilation
         for _ in range(shape['warmup'] - 1):
             step()
         times = sorted(timed(step) for _ in range(shape['iters']))
         dt = times[len(times) // 2]  # the median step
         mfu = raw_model.estimate_mfu(B * T / dt, peak, T=T)
-        print(f"{name} ({raw_model.num_params() / 1e6:.2f}M, batch {B}x{T}), compile={comp}: {dt * 1e3:.1f} ms/iter, "
-              f"{B * T / dt:,.0f} tok/s, MFU {mfu * 100:.1f}%" + (f" (first step, compiling: {t_first:.1f} s)" if comp else ''))
+        print(f"{name} ({raw_model.num_params() / 1e6:.2f}M, batch {B}x{T}), compile={comp}: "
+              f"{dt * 1e3:.1f} ms/iter, {B * T / dt:,.0f} tok/s, MFU "
+              f"{mfu * 100:.1f}%" + (f" (first step, compiling: {t_first:.1f} s)" if comp else ''))
         rows.append((name, comp, dt * 1e3, B * T / dt, mfu * 100))
     return rows
 
 
 TRAIN_RUNS = {  # train.py's arguments for each whole run
     'default': [],
-    'nanogpt': ['--arch=gpt2', '--device=cpu', '--compile=False', '--eval_iters=20', '--log_interval=1', '--block_size=64',
-                '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128', '--max_iters=2000',
-                '--lr_decay_iters=2000', '--dropout=0.0', '--learning_rate=1e-3', '--min_lr=1e-4', '--beta2=0.99',
-                '--warmup_iters=100', '--eval_interval=250', '--optim=adamw', '--weight_decay=0.1', '--grad_clip=1.0',
-                '--bias=False', '--tie_embeddings=True', '--n_kv_head=0', '--lr_schedule=cosine'],
+    'nanogpt': ['--arch=gpt2', '--device=cpu', '--compile=False', '--eval_iters=20',
+                '--log_interval=1', '--block_size=64', '--batch_size=12', '--n_layer=4',
+                '--n_head=4', '--n_embd=128', '--max_iters=2000', '--lr_decay_iters=2000',
+                '--dropout=0.0', '--learning_rate=1e-3', '--min_lr=1e-4', '--beta2=0.99',
+                '--warmup_iters=100', '--eval_interval=250', '--optim=adamw', '--weight_decay=0.1',
+                '--grad_clip=1.0', '--bias=False', '--tie_embeddings=True', '--n_kv_head=0',
+                '--lr_schedule=cosine'],
 }
 
 
 def bench_train_run(name):
-    """One whole `python train.py` run in a fresh process: (wall s, final val loss, training s when val <= 1.70 first)."""
+    """One whole `python train.py` run in a fresh process: (wall s, final val loss, training s when
+    val <= 1.70 first)."""
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, 'train.py', *TRAIN_RUNS[name], f'--out_dir={d}/out']
         t0 = time.time()
@@ -258,37 +294,45 @@ def bench_train_run(name):
             fail(f'{" ".join(cmd)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}')
         evals = [row for row in read_metrics(f'{d}/out/metrics.jsonl') if 'val_loss' in row]
     reached = next((row['time'] for row in evals if row['val_loss'] <= 1.70), None)
-    print(f"{name}: {wall:.1f} s wall, val loss {evals[-1]['val_loss']:.4f} at iteration {evals[-1]['iter']}, "
-          f"val <= 1.70 {'never' if reached is None else f'after {reached:.1f} s of training'}")
+    print(f"{name}: {wall:.1f} s wall, val loss {evals[-1]['val_loss']:.4f} at iteration "
+          f"{evals[-1]['iter']}, val <= 1.70 "
+          f"{'never' if reached is None else f'after {reached:.1f} s of training'}")
     return name, wall, evals[-1]['val_loss'], reached
 
 
 # -----------------------------------------------------------------------------
 # lm-eval harness: our model as an lm-eval LM (evaluate.py) against lm-eval's own `hf` backend
 
-HARNESS_SHAPE = dict(arch='gpt2', n_layer=4, n_head=4, n_embd=256, block_size=1024, vocab_size=50304)  # SPEC.md's
-HARNESS_BATCH = 8  # requests per forward, both backends (SPEC.md measured hf at batch 8)
+# 4x256, GPT-2's (padded) vocabulary
+HARNESS_SHAPE = dict(arch='gpt2', n_layer=4, n_head=4, n_embd=256, block_size=1024,
+                     vocab_size=50304)
+HARNESS_BATCH = 8  # requests per forward, both backends
 
 
 def write_harness_tasks(d):
-    """Local lm-eval tasks on random words in d -> {task: (requests per run, what a request is)}."""
+    """Local lm-eval tasks on random words in d -> {task: (requests per run, what a request
+    is)}."""
     rng = random.Random(seed)
-    words = 'the cat dog sat on a mat red blue green sun moon star tree river hill and of to in is was for'.split()
+    words = ('the cat dog sat on a mat red blue green sun moon star tree river hill and of to in '
+             'is was for').split()
 
     def text(lo, hi):
         return ' '.join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
     tasks = {  # name: (rows, YAML body, requests per run)
         'bench_mc': ([{'q': text(10, 40) + ':', 'choices': [text(1, 6) for _ in range(4)], 'a': 0}
                       for _ in range(100)],
-                     'output_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: choices\ndoc_to_target: a\n'
-                     'metric_list:\n  - metric: acc\n  - metric: acc_norm\n', (400, 'choices, 4 per question')),
+                     'output_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: choices\n'
+                     'doc_to_target: a\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n',
+                     (400, 'choices, 4 per question')),
         'bench_ppl': ([{'text': text(50, 1200)} for _ in range(16)],
-                      "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-                      'metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n', (16, 'documents')),
+                      "output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+                      "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n"
+                      "  - metric: bits_per_byte\n", (16, 'documents')),
         'bench_gen': ([{'q': text(5, 30), 'a': 'cat'} for _ in range(32)],
-                      "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: a\ngeneration_kwargs:\n"
-                      "  until: ['\\n\\n\\n']\n  max_gen_toks: 32\n  do_sample: false\n"
-                      'metric_list:\n  - metric: exact_match\n', (32, 'answers of up to 32 tokens')),
+                      "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n"
+                      "generation_kwargs:\n  until: ['\\n\\n\\n']\n  max_gen_toks: 32\n"
+                      "  do_sample: false\nmetric_list:\n  - metric: exact_match\n",
+                      (32, 'answers of up to 32 tokens')),
     }
     for name, (rows, body, _) in tasks.items():
         with open(f'{d}/{name}.jsonl', 'w') as f:
@@ -300,25 +344,30 @@ def write_harness_tasks(d):
 
 
 def bench_harness():
-    """Requests/s end to end (lm_eval.simple_evaluate, tokenizing, scoring, metrics) on identical random weights."""
+    """Requests/s end to end (lm_eval.simple_evaluate, tokenizing, scoring, metrics) on identical
+    random weights."""
     import lm_eval  # lm-eval and transformers: only for this benchmark
     import transformers
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    logging.disable(logging.WARNING)  # lm-eval warns about every default it fills in, for every run
+    # lm-eval warns about every default it fills in, for every run
+    logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**HARNESS_SHAPE)).to(device=device, dtype=ptdtype).eval()
     tok = TiktokenTokenizer('gpt2')
     print(f"harness: GPT-2-shaped {model.num_params(non_embedding=False) / 1e6:.1f}M parameters "
-          f"({HARNESS_SHAPE['n_layer']}x{HARNESS_SHAPE['n_embd']}, block {HARNESS_SHAPE['block_size']}), random "
-          f"weights, batch {HARNESS_BATCH}, {device}, {ptdtype}")
+          f"({HARNESS_SHAPE['n_layer']}x{HARNESS_SHAPE['n_embd']}, block "
+          f"{HARNESS_SHAPE['block_size']}), random weights, batch {HARNESS_BATCH}, {device}, "
+          f"{ptdtype}")
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tasks = write_harness_tasks(d)
         model.save_pretrained(f'{d}/hf', tok)
-        ours = harness_lm_class()(model, tok, batch_size=HARNESS_BATCH, ctx=autocast_ctx(device, ptdtype))
-        theirs = HFLM(pretrained=f'{d}/hf', batch_size=HARNESS_BATCH, device=device, dtype=ptdtype) if hf else None
+        ours = harness_lm_class()(model, tok, batch_size=HARNESS_BATCH,
+                                  ctx=autocast_ctx(device, ptdtype))
+        theirs = HFLM(pretrained=f'{d}/hf', batch_size=HARNESS_BATCH, device=device,
+                      dtype=ptdtype) if hf else None
         manager = TaskManager(include_path=d, include_defaults=False)
         manager.load(list(tasks))  # builds the datasets' caches, so no timed run pays for it
         for task, (n, what) in tasks.items():
@@ -326,13 +375,16 @@ def bench_harness():
             def run(name, lm):
                 out[name] = lm_eval.simple_evaluate(lm, tasks=[task], task_manager=manager,
                                                     bootstrap_iters=0)['results'][task]
-            t = best_of([lambda: run('ours', ours)] + ([lambda: run('hf', theirs)] if theirs else []))
+            t = best_of([lambda: run('ours', ours)]
+                        + ([lambda: run('hf', theirs)] if theirs else []))
             rps = [n / s for s in t]
             row = f"{task} ({n} {what}): ours {rps[0]:.1f} requests/s"
             if theirs:
-                # the same scores, or the speed would compare different work (generation may differ: HF can pick
-                # the padded vocabulary's ids past the tokenizer's, which sample.generate never emits)
-                agree = all(math.isclose(v, out['hf'][k], rel_tol=1e-4) for k, v in out['ours'].items()
+                # the same scores, or the speed would compare different work (generation may
+                # differ: HF can pick the padded vocabulary's ids past the tokenizer's, which
+                # generate never emits)
+                agree = all(math.isclose(v, out['hf'][k], rel_tol=1e-4)
+                            for k, v in out['ours'].items()
                             if k.endswith(',none') and isinstance(v, float))
                 row += (f", lm-eval hf {rps[1]:.1f} requests/s, ratio {rps[0] / rps[1]:.2f}x"
                         f" (metrics {'agree' if agree else 'differ'})")
@@ -371,25 +423,30 @@ def bench_quantize(src):
     q = quantize.quantize_int8(copy.deepcopy(fp))
     print(f"\n{src}: {fp.num_params(non_embedding=False) / 1e6:.2f}M parameters, CPU")
     row = {'model': src}
-    # 1) bytes: the state dict, and the RSS a fresh process adds by loading the model and generating once
+    # 1) bytes: the state dict, and the RSS a fresh process adds by loading the model and
+    #    generating once
     row['bytes'] = [quantize.state_bytes(m) for m in (fp, q)]
     arg = json.dumps(SHAPES[src]) if src in SHAPES else src
-    row['rss'] = [int(subprocess.run([sys.executable, '-c', RSS_PROBE, arg, k], capture_output=True, text=True,
+    row['rss'] = [int(subprocess.run([sys.executable, '-c', RSS_PROBE, arg, k],
+                                     capture_output=True, text=True,
                                      check=True).stdout.split()[-1]) for k in ('fp32', 'int8')]
     # 2) greedy decode tok/s, batch 1 and 8, interleaved
     V, T = fp.config.vocab_size, fp.config.block_size
     n = min(new_tokens, T - prompt_len)
     for B in (1, 8):
         x = torch.randint(0, V, (B, prompt_len)).tolist()
-        t = best_of([lambda m=m: generate(m, x, n, temperature=0.0, stop_tokens=()) for m in (fp, q)])
+        t = best_of([lambda m=m: generate(m, x, n, temperature=0.0, stop_tokens=())
+                     for m in (fp, q)])
         row[f'tps{B}'] = [B * n / s for s in t]
-    # 3) perplexity on the run's validation set; for random weights, the greedy tokens' agreement instead
+    # 3) perplexity on the run's validation set; for random weights, the greedy tokens' agreement
+    #    instead
     if dataset:
         row['ppl'] = [run_perplexity(m, tok, dataset)['metrics']['perplexity'] for m in (fp, q)]
     else:
         x = torch.randint(0, V, (4, prompt_len)).tolist()
         a, b = (generate(m, x, 32, temperature=0.0, stop_tokens=()) for m in (fp, q))
-        row['agree'] = sum(i == j for c, d in zip(a, b) for i, j in zip(c.tokens, d.tokens)) / (4 * 32)
+        row['agree'] = sum(i == j for c, d in zip(a, b)
+                           for i, j in zip(c.tokens, d.tokens)) / (4 * 32)
     print(' | '.join(f"{k} {v}" for k, v in row.items() if k != 'model'))
     return row
 
@@ -400,19 +457,21 @@ def bench_quantize(src):
 if which == 'llamacpp':
     build = llama_cpp.build_dir(llama_cpp_dir)
     if llama_cpp.tools(build) is None:
-        print(f"llamacpp: skipped, {llama_cpp.ENV} (or --llama_cpp_dir) does not point at a llama.cpp build. Build "
-              f"one ({llama_cpp.HOW}; about 10 minutes on 2 cores), then {llama_cpp.ENV}=DIR python bench.py "
-              "--which=llamacpp")
+        print(f"llamacpp: skipped, {llama_cpp.ENV} (or --llama_cpp_dir) does not point at a "
+              f"llama.cpp build. Build one ({llama_cpp.HOW}; about 10 minutes on 2 cores), then "
+              f"{llama_cpp.ENV}=DIR python bench.py --which=llamacpp")
     else:
-        bench_serving.bench_llamacpp(build, llama_threads, [int(c) for c in llama_clients.split(',')],
+        bench_serving.bench_llamacpp(build, llama_threads,
+                                     [int(c) for c in llama_clients.split(',')],
                                      requests_per_client, repeats, seed)
 
 elif which == 'fairness':
     bench_serving.bench_fairness(serve_model, device, serve_quantize, serve_tokens)
 
 elif which == 'serve':
-    rows = bench_serving.bench_serve(serve_model, device, serve_quantize, [int(c) for c in clients.split(',')],
-                                     requests_per_client, serve_tokens)
+    rows = bench_serving.bench_serve(serve_model, device, serve_quantize,
+                                     [int(c) for c in clients.split(',')], requests_per_client,
+                                     serve_tokens)
     print("\n| clients | tokens/s | x single | TTFT p50 ms | TTFT p95 ms |\n|---|---|---|---|---|")
     for n, tps, p50, p95 in rows:
         print(f"| {n} | {tps:.0f} | {tps / rows[0][1]:.1f}x | {p50:.0f} | {p95:.0f} |")
@@ -427,20 +486,23 @@ elif which == 'serve':
 elif which == 'quantize':
     rows = []
     for src in quantize_models.split(','):
-        if src not in SHAPES and not os.path.exists(src):  # a run not trained here yet: say how, measure the rest
-            print(f"{src}: skipped, no such run; train it first (python train.py --out_dir={src}, or the config "
-                  "in configs/ whose out_dir it is)")
+        # a run not trained here yet: say how, measure the rest
+        if src not in SHAPES and not os.path.exists(src):
+            print(f"{src}: skipped, no such run; train it first (python train.py --out_dir={src}, "
+                  "or the config in configs/ whose out_dir it is)")
             continue
         rows.append(bench_quantize(src))
-    print("\n| model | weights fp32 -> int8 | RSS fp32 -> int8 | tok/s batch 1 | tok/s batch 8 | perplexity |"
-          "\n|---|---|---|---|---|---|")
+    print("\n| model | weights fp32 -> int8 | RSS fp32 -> int8 | tok/s batch 1 | tok/s batch 8 "
+          "| perplexity |\n|---|---|---|---|---|---|")
     mb = lambda b: f"{b / 1e6:.1f} MB"
     for r in rows:
-        ppl = (f"{r['ppl'][0]:.4f} -> {r['ppl'][1]:.4f} ({(r['ppl'][1] / r['ppl'][0] - 1) * 100:+.2f}%)" if 'ppl' in r
+        ppl = (f"{r['ppl'][0]:.4f} -> {r['ppl'][1]:.4f} "
+               f"({(r['ppl'][1] / r['ppl'][0] - 1) * 100:+.2f}%)" if 'ppl' in r
                else f"random weights: {r['agree'] * 100:.0f}% greedy tokens agree")
-        print(f"| {r['model']} | {mb(r['bytes'][0])} -> {mb(r['bytes'][1])} ({r['bytes'][1] / r['bytes'][0] * 100:.0f}%)"
-              f" | {mb(r['rss'][0])} -> {mb(r['rss'][1])} | {r['tps1'][0]:.0f} -> {r['tps1'][1]:.0f} | "
-              f"{r['tps8'][0]:.0f} -> {r['tps8'][1]:.0f} | {ppl} |")
+        print(f"| {r['model']} | {mb(r['bytes'][0])} -> {mb(r['bytes'][1])} "
+              f"({r['bytes'][1] / r['bytes'][0] * 100:.0f}%) | {mb(r['rss'][0])} -> "
+              f"{mb(r['rss'][1])} | {r['tps1'][0]:.0f} -> {r['tps1'][1]:.0f} | {r['tps8'][0]:.0f} "
+              f"-> {r['tps8'][1]:.0f} | {ppl} |")
 
 elif which == 'train':
     torch.manual_seed(seed)
@@ -454,13 +516,17 @@ elif which == 'train':
         print(f"| {name} | {comp} | {ms:.1f} | {tps:,.0f} | {mfu:.1f}% |")
     if bad := [n for n in train_runs.split(',') if n and n not in TRAIN_RUNS]:
         fail(f"unknown training run '{bad[0]}'; use one of {', '.join(TRAIN_RUNS)}")
-    runs = [bench_train_run(n) for n in train_runs.split(',') if n]  # back to back, the order given
-    if runs:  # the machine's speed drifts between runs: compare each with the mean of the nanogpt runs
+    # back to back, the order given
+    runs = [bench_train_run(n) for n in train_runs.split(',') if n]
+    # the machine's speed drifts between runs: compare each with the mean of the nanogpt runs
+    if runs:
         walls = [w for n, w, _, _ in runs if n == 'nanogpt']
         base = sum(walls) / len(walls) if walls else None
-        print("\n| run | wall s | final val loss | val <= 1.70 after (s) | wall vs nanogpt's mean |\n|---|---|---|---|---|")
+        print("\n| run | wall s | final val loss | val <= 1.70 after (s) "
+              "| wall vs nanogpt's mean |\n|---|---|---|---|---|")
         for n, w, loss, reached in runs:
-            print(f"| {n} | {w:.1f} | {loss:.4f} | {'never' if reached is None else f'{reached:.1f}'} | "
+            print(f"| {n} | {w:.1f} | {loss:.4f} | "
+                  f"{'never' if reached is None else f'{reached:.1f}'} | "
                   f"{f'{w / base:.2f}x' if base else ''} |")
 
 elif which == 'harness':
@@ -479,5 +545,7 @@ else:  # decode
         rows += bench_decode(name)
     print("\n| model | measure | nanolab | Hugging Face | ratio |\n|---|---|---|---|---|")
     for name, what, ours, theirs in rows:
-        ratio = f"{ours / theirs:.2f}x" if theirs and 'ms' not in what else (f"{theirs / ours:.2f}x faster" if theirs else '')
-        print(f"| {name} | {what} | {ours:.1f} | {'' if theirs is None else f'{theirs:.1f}'} | {ratio} |")
+        ratio = f"{ours / theirs:.2f}x" if theirs and 'ms' not in what else \
+            (f"{theirs / ours:.2f}x faster" if theirs else '')
+        print(f"| {name} | {what} | {ours:.1f} | "
+              f"{'' if theirs is None else f'{theirs:.1f}'} | {ratio} |")

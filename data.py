@@ -1,19 +1,20 @@
 """
-Datasets: fetch (local mirror first, then the network), clean, tokenize, and write what train.py reads.
+Datasets: fetch (local mirror first, then the network), clean, tokenize, and write what train.py
+reads.
 
-    python data.py shakespeare_char                  # nanoGPT's char-level set: 65 chars, 1,003,854 / 111,540 tokens
-    python data.py shakespeare                       # the same text, GPT-2 BPE
-    python data.py tinystories --vocab_size=4096     # our own BPE learned from the stories (--tokenizer=gpt2: GPT-2's)
+    python data.py shakespeare_char               # 65 chars, 1,003,854 / 111,540 tokens (nanoGPT)
+    python data.py shakespeare                    # the same text, GPT-2 BPE
+    python data.py tinystories --vocab_size=4096  # our own BPE (--tokenizer=gpt2: GPT-2's)
     python data.py text --input=docs/,more/*.jsonl --out_name=mine --tokenizer=bpe --jaccard=0.85
-    python data.py alpaca                            # also chat, hh_rlhf, dpo_pairs: SFT/preference sets as JSONL
-    python data.py tasks                             # the synthetic instruction suite; tasks_base: its base model's text
-    python data.py bench --mb=100                    # time the whole `text` pipeline on synthetic text
-    python data.py --help                            # every setting, with its default
+    python data.py alpaca                         # also chat, hh_rlhf, dpo_pairs (JSONL sets)
+    python data.py tasks                          # the synthetic suite (tasks_base: its base text)
+    python data.py bench --mb=100                 # time the `text` pipeline on synthetic text
+    python data.py --help                         # every setting, with its default
 
-The dataset's name is the first argument (or --dataset=NAME). data_dir/<name>/ gets train.bin and val.bin (one flat
-token stream each) and meta.json, or train.jsonl and val.jsonl for the SFT and preference sets; nanolab/datasets.py
-says what each holds and how `text` is cleaned and tokenized in parallel. Trainers prepare a missing named dataset
-with these same settings.
+The dataset's name is the first argument (or --dataset=NAME). data_dir/<name>/ gets train.bin and
+val.bin (one flat token stream each) and meta.json, or train.jsonl and val.jsonl for the SFT and
+preference sets; nanolab/datasets.py says what each holds and how `text` is cleaned and tokenized
+in parallel. Trainers prepare a missing named dataset with these same settings.
 """
 import json
 import os
@@ -59,8 +60,9 @@ mb = 100.0                    # bench: MB of synthetic text
 # -----------------------------------------------------------------------------
 if '--help' in sys.argv or '-h' in sys.argv:
     print(__doc__.split('\n\n')[1] + '\n')  # the commands, then configure() lists the settings
-CHOICES = {'dataset': ('', *datasets.DATASETS, *datasets.JSONL_SETS, 'bench'), 'tokenizer': datasets.TOKENIZERS,
-           'doc_split': datasets.DOC_SPLITS, 'on_bad_file': ('error', 'skip')}
+CHOICES = {'dataset': ('', *datasets.DATASETS, *datasets.JSONL_SETS, 'bench'),
+           'tokenizer': datasets.TOKENIZERS, 'doc_split': datasets.DOC_SPLITS,
+           'on_bad_file': ('error', 'skip')}
 config = configure(globals(), positional='dataset', choices=CHOICES)
 if not dataset:
     fail(f'name a dataset: python data.py NAME [--key=value ...] with NAME one of '
@@ -69,27 +71,31 @@ if not dataset:
 if dataset != 'bench':  # prepare it (nothing to do when it is there with the same settings)
     with cli_errors():
         datasets.prepare(dataset, **config)
-else:  # the whole `text` pipeline (cleaning + GPT-2 tokenization) on `mb` MB of synthetic documents
+else:
+    # the whole `text` pipeline (cleaning + GPT-2 tokenization) on `mb` MB of synthetic documents
     rng = np.random.default_rng(seed)
     paras = []  # 1) paragraphs of real English: TinyStories from the mirror (or the network)
     with cli_errors():
         for key in ('tinystories_val', 'tinystories_train'):
             with open_text(fetch_source(key, os.path.join(data_dir, '_downloads'))[0]) as f:
-                paras += [p.split() for p in f.read(20_000_000).split('\n\n') if len(p.split()) > 20]
+                paras += [p.split() for p in f.read(20_000_000).split('\n\n')
+                          if len(p.split()) > 20]
     vocab = np.array(sorted({w for p in paras[:5000] for w in p}), dtype=object)
-    # 2) documents of 3-6 paragraphs with 15% of their words swapped, so they stay distinct (5-gram Jaccard
-    #    ~0.2 between two that share paragraphs), and 2% of them twice, for dedup to find
+    # 2) documents of 3-6 paragraphs with 15% of their words swapped, so they stay distinct (5-gram
+    #    Jaccard ~0.2 between two that share paragraphs), and 2% of them twice, for dedup to find
     with tempfile.TemporaryDirectory() as tmp:
         path, size = os.path.join(tmp, 'bench.jsonl'), 0
         with open(path, 'w', encoding='utf-8') as f:
             while size < mb * 1e6:
-                words = np.array([w for i in rng.integers(0, len(paras), rng.integers(3, 7)) for w in paras[i]], object)
+                words = np.array([w for i in rng.integers(0, len(paras), rng.integers(3, 7))
+                                  for w in paras[i]], object)
                 swap = rng.random(len(words)) < 0.15
                 words[swap] = vocab[rng.integers(0, len(vocab), swap.sum())]
                 line = json.dumps({'text': ' '.join(words)}) + '\n'
                 size += f.write(line * (2 if rng.random() < 0.02 else 1))
         size = os.path.getsize(path)
-        print(f"bench: {size / 1e6:.0f} MB of JSONL, num_proc={num_proc}: cleaning + gpt2 tokenization ...")
+        print(f"bench: {size / 1e6:.0f} MB of JSONL, num_proc={num_proc}: "
+              "cleaning + gpt2 tokenization ...")
         t0 = time.time()  # 3) the timed part: everything prepare('text') does
         datasets.prepare('text', **{**config, 'data_dir': tmp, 'input': path, 'tokenizer': 'gpt2'})
         dt = time.time() - t0

@@ -1,29 +1,36 @@
 """
-Evaluate any model source: perplexity and bits per byte, lm-evaluation-harness tasks (our model as an lm-eval LM),
-custom benchmarks (exact match, contains, BLEU, ROUGE-L, METEOR; code with pass@k), and a results store with a
-leaderboard.
+Evaluate any model source: perplexity and bits per byte, lm-evaluation-harness tasks (our model as
+an lm-eval LM), custom benchmarks (exact match, contains, BLEU, ROUGE-L, METEOR; code with pass@k),
+and a results store with a leaderboard.
 
-    python evaluate.py --init_from=out-shakespeare-char                   # perplexity on the run's own val.bin
-    python evaluate.py --init_from=out-x --perplexity=notes.txt --stride=256   # any text file; smaller stride = tighter
-    python evaluate.py --init_from=out-sft-tasks --benchmark=tasks         # the synthetic instruction suite
-    python evaluate.py --init_from=out-x --benchmark=qa.jsonl --max_new_tokens=64   # {prompt, reference} rows
-    python evaluate.py --init_from=out-x --benchmark=code.jsonl --n_samples=10 --pass_k=1,10 --temperature=0.8 \
-        --confirm_run_unsafe_code=True      # HumanEval rows: programs run in a limited process (sandbox.py)
-    python evaluate.py --init_from=out-x --tasks=hellaswag --num_fewshot=0 --limit=200   # lm-eval, by its own flag names
-    python evaluate.py --init_from=out-x --tasks=mytask --include_path=my_yamls/           # local YAML tasks, offline
-    python evaluate.py --init_from=out-x --benchmark=tasks --checkpoints=True  # every saved checkpoint of the run
-    python evaluate.py --leaderboard=out-tasks-base,out-sft-tasks,out-dpo-tasks --sort_by=exact_match
-    python evaluate.py --arena=runs/arena --arena_to_pairs=arena_pairs.jsonl   # the arena's ratings, agreement, pairs
-    python evaluate.py --help                                              # every setting, with its default
+    python evaluate.py --init_from=out-shakespeare-char   # perplexity on the run's own val.bin
+    # any text file (a smaller stride is tighter)
+    python evaluate.py --init_from=out-x --perplexity=notes.txt --stride=256
+    python evaluate.py --init_from=out-sft-tasks --benchmark=tasks   # the synthetic suite
+    # {prompt, reference} rows; HumanEval rows (programs run in a limited process: sandbox.py)
+    python evaluate.py --init_from=out-x --benchmark=qa.jsonl --max_new_tokens=64
+    python evaluate.py --init_from=out-x --benchmark=code.jsonl --n_samples=10 --pass_k=1,10 \
+        --temperature=0.8 --confirm_run_unsafe_code=True
+    # lm-eval tasks, by its own flag names; then local YAML tasks, offline
+    python evaluate.py --init_from=out-x --tasks=hellaswag --num_fewshot=0 --limit=200
+    python evaluate.py --init_from=out-x --tasks=mytask --include_path=my_yamls/
+    # every saved checkpoint of the run
+    python evaluate.py --init_from=out-x --benchmark=tasks --checkpoints=True
+    python evaluate.py --leaderboard=out-tasks-base,out-sft-tasks,out-dpo-tasks \
+        --sort_by=exact_match
+    # the arena's ratings, agreement and preference pairs
+    python evaluate.py --arena=runs/arena --arena_to_pairs=arena_pairs.jsonl
+    python evaluate.py --help                             # every setting, with its default
 
-Every run writes one JSON result per task under the model's out_dir/eval/ (model source, checkpoint, config,
-task, metrics, standard errors, per-item scores, time) and refreshes the model card's evaluations table.
-The leaderboard reads those files back: accuracy-like metrics get 95% bootstrap intervals, and two models scored
-on the same items get a paired test.
-The pieces live in the package: nanolab/likelihood.py (perplexity, continuations), nanolab/benchmarks.py (benchmark
-files, templates, code), nanolab/metrics.py (answers and their scores), nanolab/harness.py (lm-eval),
-nanolab/results.py (the store and the leaderboard), nanolab/arena.py. Every answer is decoded by generate, the one
-decoding loop, at temperature 0 unless told otherwise.
+Every run writes one JSON result per task under the model's out_dir/eval/ (model source,
+checkpoint, config, task, metrics, standard errors, per-item scores, time) and refreshes the model
+card's evaluations table. The leaderboard reads those files back: accuracy-like metrics get 95%
+bootstrap intervals, and two models scored on the same items get a paired test.
+The pieces live in the package: nanolab/likelihood.py (perplexity, continuations),
+nanolab/benchmarks.py (benchmark files, templates, code), nanolab/metrics.py (answers and their
+scores), nanolab/harness.py (lm-eval), nanolab/results.py (the store and the leaderboard),
+nanolab/arena.py. Every answer is decoded by generate, the one decoding loop, at temperature 0
+unless told otherwise.
 """
 import json
 import os
@@ -101,7 +108,8 @@ if arena:
     sys.exit(0)
 if leaderboard:
     with cli_errors():
-        show_leaderboard([d for d in leaderboard.split(',') if d], sort_by, leaderboard_out, bootstrap, seed)
+        show_leaderboard([d for d in leaderboard.split(',') if d], sort_by, leaderboard_out,
+                         bootstrap, seed)
     sys.exit(0)
 
 # 2) every setting checked before any model loads
@@ -121,9 +129,11 @@ with cli_errors():
     ptdtype = resolve_dtype(dtype, device)
     sources = checkpoint_sources(init_from) if checkpoints else [init_from]
 ctx = autocast_ctx(device, ptdtype)
-# results go with the run: its out_dir, or the folder of a .pt file; a Hugging Face model gets eval-<name>/
+# results go with the run: its out_dir, or the folder of a .pt file; a Hugging Face model gets
+# eval-<name>/
 is_run = os.path.exists(os.path.join(init_from, 'ckpt.pt'))
-results_dir = out_dir or (init_from if is_run else os.path.dirname(init_from) or '.' if init_from.endswith('.pt')
+results_dir = out_dir or (init_from if is_run else os.path.dirname(init_from) or '.'
+                          if init_from.endswith('.pt')
                           else 'eval-' + os.path.basename(os.path.normpath(init_from)))
 norm = synthetic.normalize if normalize == 'tasks' else NORMALIZERS[normalize]
 bench_path = benchmark
@@ -132,7 +142,8 @@ if benchmark == 'tasks':  # the post-training suite's held-out instructions, pre
         bench_path = os.path.join(datasets.prepare('tasks', data_dir=data_dir), 'val.jsonl')
     if normalize == 'strip':
         norm = synthetic.normalize
-    if bench_metrics == 'exact_match,contains,bleu,rouge_l':  # the default: BLEU needs 4-grams, ROUGE-L = EM here
+    # the default: BLEU needs 4-grams, ROUGE-L = EM here
+    if bench_metrics == 'exact_match,contains,bleu,rouge_l':
         bench_metrics = 'exact_match,contains'
 if bench_path and not os.path.isfile(bench_path):
     fail(f"no benchmark file {bench_path}; give a JSONL path or 'tasks'")
@@ -149,7 +160,8 @@ if shots != '0':
     elif benchmark == 'tasks':  # the suite's training instructions and their concise answers
         train = read_sft(os.path.join(os.path.dirname(bench_path), 'train.jsonl'))[:1000]
         shot_examples = [{'question': r['messages'][-2]['content'],
-                          'answer': synthetic.normalize(r['messages'][-1]['content'])} for r in train]
+                          'answer': synthetic.normalize(r['messages'][-1]['content'])}
+                         for r in train]
     else:
         fail('--shots needs --shots_file=JSONL of {question, answer} rows (or --benchmark=tasks)')
 if template:
@@ -165,14 +177,16 @@ def save(results, base, t0):
     for r in results:
         r = {**base, **r, 'time': round(time.time() - t0, 2), 'config': config}
         path = save_result(results_dir, r)
-        shown = ', '.join(f'{k} {v:.4f}' + (f" ± {r['stderr'][k]:.4f}" if k in r.get('stderr', {}) else '')
+        shown = ', '.join(f'{k} {v:.4f}' + (f" ± {r['stderr'][k]:.4f}" if k in r.get('stderr', {})
+                                            else '')
                           for k, v in r['metrics'].items())
         print(f"{r['task']}: {shown} (n={r['n']}, {r['time']:.1f} s) -> {path}")
     if len(results) > 1 and all('shots' in r.get('settings', {}) for r in results):
         template_table(results, bootstrap, seed)
 
 
-# 3) each model (each saved checkpoint with --checkpoints): lm-eval tasks, the benchmark, perplexity
+# 3) each model (each saved checkpoint with --checkpoints): lm-eval tasks, the benchmark,
+#    perplexity
 for source in sources:
     with cli_errors():
         model, tok, ckpt = load_model(source, device)
@@ -186,27 +200,35 @@ for source in sources:
     if tasks:
         t0 = time.time()
         with ctx, cli_errors(FileNotFoundError):
-            results = run_harness(model, tok, tasks, include_path, num_fewshot, limit, batch_size, output_path, ctx,
-                                  os.path.basename(os.path.normpath(source)), confirm_run_unsafe_code)
+            results = run_harness(model, tok, tasks, include_path, num_fewshot, limit, batch_size,
+                                  output_path, ctx, os.path.basename(os.path.normpath(source)),
+                                  confirm_run_unsafe_code)
         save(results, base, t0)
-    if bench_path:  # one result per (template, shots): benchmark:NAME, or benchmark:NAME[template=T,shots=K]
+    # one result per (template, shots): benchmark:NAME, or benchmark:NAME[template=T,shots=K]
+    if bench_path:
         t0, results = time.time(), []
-        name = benchmark if benchmark == 'tasks' else os.path.splitext(os.path.basename(bench_path))[0]
+        name = benchmark if benchmark == 'tasks' else \
+            os.path.splitext(os.path.basename(bench_path))[0]
         for t in template.split(','):
             for k in (int(x) for x in shots.split(',')):
-                tag = f"{name}[template={t or 'none'},shots={k}]" if (template or shots != '0') else name
+                tag = f"{name}[template={t or 'none'},shots={k}]" \
+                    if (template or shots != '0') else name
                 with ctx, cli_errors(FileNotFoundError):
-                    results.append(run_benchmark(model, tok, bench_path, bench_metrics.split(','), norm, chat,
-                                                 max_new_tokens, batch_size, limit, ctx, tag,
-                                                 templated(t.strip(), k, shot_examples, seed), code, **sampling))
+                    results.append(run_benchmark(model, tok, bench_path, bench_metrics.split(','),
+                                                 norm, chat, max_new_tokens, batch_size, limit,
+                                                 ctx, tag,
+                                                 templated(t.strip(), k, shot_examples, seed),
+                                                 code, **sampling))
                 results[-1]['settings'].update(template=t.strip(), shots=k)
         save(results, base, t0)
     if perplexity or not (tasks or bench_path):
         ppl_source = perplexity or ckpt.get('config', {}).get('dataset', '')
         if not ppl_source:
-            fail(f"{source} does not say which dataset it was trained on; pass --perplexity=DATASET or a text file")
+            fail(f"{source} does not say which dataset it was trained on; pass "
+                 "--perplexity=DATASET or a text file")
         t0 = time.time()
         with ctx, cli_errors(FileNotFoundError):
-            results = [run_perplexity(model, tok, ppl_source, stride, max_tokens, batch_size, data_dir, ctx)]
+            results = [run_perplexity(model, tok, ppl_source, stride, max_tokens, batch_size,
+                                      data_dir, ctx)]
         save(results, base, t0)
 update_model_card(results_dir)

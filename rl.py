@@ -1,24 +1,29 @@
 """
-Online RL from a fine-tuned model: GRPO (Shao et al. 2024). Each iteration samples a group of answers to each of
-a few prompts with the engine (sample.generate), scores them with a rule or a reward model, and moves the policy
-toward the answers that beat their group's mean, with a KL penalty to the starting model (the reference).
+Online RL from a fine-tuned model: GRPO (Shao et al. 2024). Each iteration samples a group of
+answers to each of a few prompts with the engine (generate), scores them with a rule or a reward
+model, and moves the policy toward the answers that beat their group's mean, with a KL penalty to
+the starting model (the reference).
 
-    python rl.py                                        # CPU default = configs/rl_tasks.py, after `python finetune.py configs/sft_tasks.py`
-    python rl.py --reward=out-reward-tasks              # score with a reward model (reward.py) instead of the rule
-    python rl.py --init_from=resume --out_dir=out-rl-tasks   # go on from out_dir/ckpt.pt, exactly
-    python rl.py --help                                 # every setting, with its default
+    python rl.py                            # CPU default = configs/rl_tasks.py, after
+                                            # `python finetune.py configs/sft_tasks.py`
+    python rl.py --reward=out-reward-tasks  # score with a reward model (reward.py), not the rule
+    python rl.py --init_from=resume --out_dir=out-rl-tasks  # go on from out_dir/ckpt.pt, exactly
+    python rl.py --help                     # every setting, with its default
 
 The update, per prompt x with G sampled answers y_1..y_G and rewards r_1..r_G:
-    A_i    = (r_i - mean(r)) / (std(r) + 1e-4)                     the group-relative advantage (0 if all equal)
+    A_i    = (r_i - mean(r)) / (std(r) + 1e-4)                 the group-relative advantage
     loss_i = -A_i * mean_t log pi(y_i,t | x, y_i,<t)  +  kl_coef * mean_t k3_t,
-    k3_t   = exp(log ref - log pi) - (log ref - log pi) - 1       Schulman's unbiased, non-negative KL estimate
-averaged over the batch. One gradient step per batch of fresh samples (on-policy), so PPO's ratio is 1 and its clip
-never acts: the policy-gradient term is the whole of it.
-Logged per step: loss, reward (mean of the samples), kl (mean k3), entropy (mean over the answers' tokens, nats),
-length (tokens per answer). Per eval, on held-out prompts with greedy answers: reward (mean), exact_match (after
-synthetic.normalize), win_rate over the reference's greedy answers by the rule (ties half), and kl (the exact per-token
-KL(pi || ref) of the full next-token distributions along those answers).
-Writes to out_dir: ckpt.pt (the policy; load_model reads it), config.json, metrics.jsonl, loss.svg, README.md.
+    k3_t   = exp(log ref - log pi) - (log ref - log pi) - 1   Schulman's KL estimate
+averaged over the batch; A_i is 0 when the group's rewards are all equal, and k3 is an unbiased,
+non-negative estimate of the KL. One gradient step per batch of fresh samples (on-policy), so PPO's
+ratio is 1 and its clip never acts: the policy-gradient term is the whole of it.
+Logged per step: loss, reward (mean of the samples), kl (mean k3), entropy (mean over the answers'
+tokens, nats), length (tokens per answer). Per eval, on held-out prompts with greedy answers:
+reward (mean), exact_match (after synthetic.normalize), win_rate over the reference's greedy
+answers by the rule (ties half), and kl (the exact per-token KL(pi || ref) of the full next-token
+distributions along those answers).
+Writes to out_dir: ckpt.pt (the policy; load_model reads it), config.json, metrics.jsonl, loss.svg,
+README.md.
 """
 import copy
 import os
@@ -39,8 +44,9 @@ from nanolab.preferences import collate_responses, pair_order
 from nanolab.progress import at  # i/N (p%), ETA
 from nanolab.reward_model import load_reward_model
 from nanolab.tracking import write_model_card
-from nanolab.training import (LR_SCHEDULES, checkpoint_dict, configure_optimizer, end_eval, get_lr, open_run,
-                              optimizer_step, restore_training, save_on_stop, set_lr, start_loop)
+from nanolab.training import (LR_SCHEDULES, checkpoint_dict, configure_optimizer, end_eval, get_lr,
+                              open_run, optimizer_step, restore_training, save_on_stop, set_lr,
+                              start_loop)
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/rl_tasks.py (see that file for the measured figures)
@@ -83,12 +89,15 @@ seed = 1337                   # sampling and prompt order
 # -----------------------------------------------------------------------------
 CHOICES = {'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
 config = configure(globals(), choices=CHOICES)
-ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES)  # never replace a trained run
+# never replace a trained run
+ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES)
 globals().update(config)
 if ckpt is not None:
-    init_from = config['init_from'] = ckpt['config']['init_from']  # the flags said 'resume': the run's source
+    # the flags said 'resume': the run's source
+    init_from = config['init_from'] = ckpt['config']['init_from']
 if group_size < 2 or kl_coef < 0:
-    fail(f'group_size={group_size} must be at least 2 (advantages compare a group) and kl_coef={kl_coef} >= 0')
+    fail(f'group_size={group_size} must be at least 2 (advantages compare a group) '
+         f'and kl_coef={kl_coef} >= 0')
 
 # 1) device, dtype; the policy and the frozen reference, from the starting model; the reward
 with cli_errors():
@@ -96,15 +105,19 @@ with cli_errors():
     device_type = device.split(':')[0]
     ptdtype = resolve_dtype(dtype, device)
     ref, tok, _ = load_model(init_from, device)
-    policy = model_from_checkpoint(ckpt, os.path.join(out_dir, 'ckpt.pt')) if ckpt else copy.deepcopy(ref)
+    policy = model_from_checkpoint(ckpt, os.path.join(out_dir, 'ckpt.pt')) if ckpt else \
+        copy.deepcopy(ref)
     scorer = load_reward_model(reward, device)[0] if reward != 'rule' else None
 if tok is None:
-    fail(f'{init_from} has no tokenizer, so its chat template is unknown; start from a model that has one')
+    fail(f'{init_from} has no tokenizer, so its chat template is unknown; start '
+         'from a model that has one')
 ref.requires_grad_(False).eval()
-policy.to(device).eval()  # eval(): dropout off; answers are sampled and scored by the same function
+# eval(): dropout off; answers are sampled and scored by the same function
+policy.to(device).eval()
 model_args = asdict(policy.config)
 
-# 2) the prompts: SFT rows, their last (assistant) message the reference answer the rule compares with
+# 2) the prompts: SFT rows, their last (assistant) message the reference answer the rule compares
+#    with
 folder = os.path.join(data_dir, dataset)
 try:
     if dataset in datasets.JSONL_SETS and not os.path.exists(os.path.join(folder, 'meta.json')):
@@ -126,7 +139,9 @@ def score(rows, answers):
 optimizer = configure_optimizer(policy, weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
 iter_num, best_val_loss = (ckpt['iter_num'], ckpt['best_val_loss']) if ckpt else (0, float('inf'))
-with cli_errors():  # exact resume: the optimizer, the fp16 loss scale, the RNG states (sampling is seeded by the iteration)
+# exact resume: the optimizer, the fp16 loss scale, the RNG states (sampling is seeded by the
+# iteration)
+with cli_errors():
     elapsed0 = restore_training(ckpt, optimizer, scaler) if ckpt else 0.0
 ckpt = None
 ctx = autocast_ctx(device, ptdtype)
@@ -140,62 +155,73 @@ stops = dict(stop_tokens=tok.chat_stop_tokens or (), stop_strings=tok.stop_strin
 
 @torch.no_grad()
 def estimate():
-    """Greedy answers to the held-out prompts: mean reward, exact match, win rate over the reference, and KL."""
+    """Greedy answers to the held-out prompts: mean reward, exact match, win rate over the
+    reference, and KL."""
     with ctx:
         answers = answer(policy, tok, convs, max_new_tokens)
     rewards = score(val_rows, answers)
-    em = sum(synthetic.normalize(a) == synthetic.normalize(r['messages'][-1]['content']) for r, a in zip(val_rows, answers))
+    em = sum(synthetic.normalize(a) == synthetic.normalize(r['messages'][-1]['content'])
+             for r, a in zip(val_rows, answers))
     win, _ = win_rate(val_rows, answers, ref_answers, synthetic.rule_score)
-    seqs = [(tok.render_chat(c, add_generation_prompt=True)[0], tok.encode(a) or [0]) for c, a in zip(convs, answers)]
+    seqs = [(tok.render_chat(c, add_generation_prompt=True)[0], tok.encode(a) or [0])
+            for c, a in zip(convs, answers)]
     x, y = collate_responses(seqs, device)
     with ctx:
         kl = exact_kl(policy, ref, x, y)
-    # val_loss: the reward's shortfall, 1 - mean reward, so a falling curve is a rising reward (loss.svg)
+    # val_loss: the reward's shortfall, 1 - mean reward, so a falling curve is a rising reward
+    # (loss.svg)
     return {'val_loss': 1 - sum(rewards) / len(rewards), 'reward': sum(rewards) / len(rewards),
             'exact_match': em / len(val_rows), 'win_rate': win, 'kl': kl}
 
 def save():
-    save_checkpoint(checkpoint_dict(policy, optimizer, model_args, iter_num, best_val_loss, config, tok.spec(),
-                                    scaler=scaler, elapsed=timer.elapsed(), origin=init_from, stage='rl'),
+    save_checkpoint(checkpoint_dict(policy, optimizer, model_args, iter_num, best_val_loss, config,
+                                    tok.spec(), scaler=scaler, elapsed=timer.elapsed(),
+                                    origin=init_from, stage='rl'),
                     os.path.join(out_dir, 'ckpt.pt'))
 
 def update_card(last=None):
     stats = {'iterations': iter_num, 'answers sampled': iter_num * prompts_per_iter * group_size,
-             **{f'held-out {k}': last[k] for k in ('reward', 'exact_match', 'win_rate', 'kl') if last},
+             **{f'held-out {k}': last[k] for k in ('reward', 'exact_match', 'win_rate', 'kl')
+                if last},
              'training time (s)': round(timer.elapsed(), 1)}
-    how = (f"GRPO (groups of {group_size}, kl_coef={kl_coef}) with nanolab's rl.py from {init_from}, rewarded by "
-           f"{'synthetic.rule_score' if reward == 'rule' else 'the reward model ' + reward} on prompts from {dataset}.")
+    how = (f"GRPO (groups of {group_size}, kl_coef={kl_coef}) with nanolab's rl.py from "
+           f"{init_from}, rewarded by "
+           f"{'synthetic.rule_score' if reward == 'rule' else 'the reward model ' + reward} "
+           f"on prompts from {dataset}.")
     info = {'dataset': folder, 'train prompts': len(train_rows), 'held-out prompts': len(val_rows)}
     write_model_card(out_dir, os.path.basename(os.path.abspath(out_dir)), how, model_args,
                      policy.num_params(non_embedding=False), info, stats,
                      command=f'python rl.py --init_from=resume --out_dir={out_dir}   # train on')
 
-# Ctrl-C (or SIGTERM): finish this step, write ckpt.pt and exit cleanly; a second Ctrl-C stops at once
+# Ctrl-C (or SIGTERM): finish the step, write ckpt.pt, exit cleanly; a second Ctrl-C stops at once
 stop, restore_signals, timer, metrics = start_loop(out_dir, iter_num, elapsed0, config)
 last_eval, saved_at, bad = None, None, False
 update_card()
 
 # training loop
 while True:
-    lr = set_lr(optimizer, get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr, lr_schedule))
+    lr = set_lr(optimizer, get_lr(iter_num, warmup_iters, lr_decay_iters, learning_rate, min_lr,
+                                  lr_schedule))
 
     # evaluate on the held-out prompts and write the checkpoint
     if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
         row = estimate()
         best_val_loss = min(best_val_loss, row['val_loss'])
-        print(f"step {iter_num}: reward {row['reward']:.3f}, exact match {row['exact_match']:.1%}, "
-              f"win rate {row['win_rate']:.3f}, kl {row['kl']:.4f}")
+        print(f"step {iter_num}: reward {row['reward']:.3f}, exact match "
+              f"{row['exact_match']:.1%}, win rate {row['win_rate']:.3f}, kl {row['kl']:.4f}")
         update_card(last_eval := row)  # then log, write ckpt.pt (or stop: diverged), loss.svg
         bad, saved_at = end_eval(metrics, row, iter_num, lr, timer, saved_at, out_dir, save,
                                  f'{out_dir}: 1 - held-out reward', eval_only)
     if iter_num >= max_iters or eval_only or stop or bad:
         break
 
-    # 1) sample: a group of answers per prompt, seeded by the iteration (so a resumed run samples the same)
-    rows = [train_rows[i] for i in pair_order(len(train_rows), iter_num, 0, prompts_per_iter, 1, seed)]
+    # 1) sample: a group of answers per prompt, seeded by the iteration (so a resumed run samples
+    #    the same)
+    rows = [train_rows[i] for i in pair_order(len(train_rows), iter_num, 0, prompts_per_iter, 1,
+                                              seed)]
     prompts = [tok.render_chat(r['messages'][:-1], add_generation_prompt=True)[0] for r in rows]
-    outs = generate(policy, prompts, max_new_tokens, temperature=temperature, num_samples=group_size,
-                    seed=seed * 100003 + iter_num, **stops)
+    outs = generate(policy, prompts, max_new_tokens, temperature=temperature,
+                    num_samples=group_size, seed=seed * 100003 + iter_num, **stops)
     # 2) score, and compare each answer with its group
     rewards = score([rows[c.prompt_index] for c in outs], [c.text.strip() for c in outs])
     adv = group_advantages(rewards, group_size).to(device)
@@ -206,20 +232,22 @@ while True:
             ref_logits = ref(x)[0]
         loss, s = grpo_loss(policy(x)[0], ref_logits, y, adv, kl_coef)
     scaler.scale(loss).backward()
-    grad_norm = optimizer_step(policy.parameters(), optimizer, scaler, grad_clip, device_type)  # clip, step
+    # clip, step
+    grad_norm = optimizer_step(policy.parameters(), optimizer, scaler, grad_clip, device_type)
 
     # timing (evals excluded) and logging
     timer.step()
     if iter_num % log_interval == 0:
         (dt, _), r = timer.window(), sum(rewards) / len(rewards)
         row = {'loss': loss.item(), 'reward': r, **{k: v.mean().item() for k, v in s.items()}}
-        print(f"iter {at(iter_num, max_iters, dt)}: loss {row['loss']:.4f}, reward {r:.3f}, kl {row['kl']:.4f}, "
-              f"entropy {row['entropy']:.3f}, length {row['length']:.1f}, {dt * 1000:.0f} ms/iter")
+        print(f"iter {at(iter_num, max_iters, dt)}: loss {row['loss']:.4f}, reward {r:.3f}, "
+              f"kl {row['kl']:.4f}, entropy {row['entropy']:.3f}, length "
+              f"{row['length']:.1f}, {dt * 1000:.0f} ms/iter")
         metrics.log(iter=iter_num, **row, lr=lr, grad_norm=grad_norm.item(), ms_per_iter=dt * 1000,
                     time=round(timer.elapsed(), 2))
     iter_num += 1
 
-# the end: ckpt.pt holds the last state whatever stopped the run (unless the final eval just wrote it)
+# the end: ckpt.pt holds the last state, whatever stopped the run (unless the last eval wrote it)
 save_on_stop(stop and not bad and not eval_only, saved_at, iter_num, save, out_dir)
 update_card(last_eval)
 metrics.close()  # after the card: the trackers take it

@@ -1,19 +1,23 @@
 """
-Sample from a trained model: stream text, compare decoding strategies side by side, chat, or show each token's
-probability. nanoGPT's sample.py, on nanolab's one decoding engine.
+Sample from a trained model: stream text, compare decoding strategies side by side, chat, or show
+each token's probability. nanoGPT's sample.py, on nanolab's one decoding engine.
 
-    python sample.py --init_from=out-shakespeare-char --device=cpu --start="ROMEO:"     # CPU: streams text as it comes
-    python sample.py --init_from=out-shakespeare-char --device=cuda --start=FILE:prompt.txt   # one GPU (bf16 auto)
-    python sample.py --init_from=gpt2 --start="The meaning of life" --compare=greedy,beam,top_p,min_p   # hub: online
+    python sample.py --init_from=out-shakespeare-char --device=cpu --start="ROMEO:"  # CPU, streams
+    # one GPU (bf16 auto); then a hub model (online), decoding strategies side by side
+    python sample.py --init_from=out-shakespeare-char --device=cuda --start=FILE:prompt.txt
+    python sample.py --init_from=gpt2 --start="The meaning of life" \
+        --compare=greedy,beam,top_p,min_p
     python sample.py --init_from=out-shakespeare-char --show_probs=True --max_new_tokens=20
-    python sample.py --init_from=out-sft --chat=True                                    # multi-turn chat REPL
-    python sample.py --help                                                             # every setting
+    python sample.py --init_from=out-sft --chat=True  # multi-turn chat REPL
+    python sample.py --help                           # every setting
 
-The same seeded request gives the same text from this CLI, `generate` and the server (sample k draws with
-seed + k). As a library, this file exposes the engine's Python API, which lives in nanolab/generation.py:
+The same seeded request gives the same text from this CLI, `generate` and the server (sample k
+draws with seed + k). As a library, this file exposes the engine's Python API, which lives in
+nanolab/generation.py:
 
     from sample import generate
-    out = generate(model, ids, max_new_tokens=50, temperature=0.8, seed=7, tokenizer=tok)   # [Completion]
+    out = generate(model, ids, max_new_tokens=50, temperature=0.8, seed=7, tokenizer=tok)
+    out[0].text, out[0].finish_reason, out[0].token_logprobs   # a Completion per prompt and sample
 
 Importing sample.py does nothing else: the command line's code sits in functions under main().
 """
@@ -27,7 +31,7 @@ from nanolab import prompts
 from nanolab.checkpoint import load_model
 from nanolab.configurator import cli_errors, configure
 from nanolab.device import DTYPES, resolve_device, resolve_dtype
-from nanolab.generation import Completion, generate, generate_stream  # noqa: F401 (the API this file exposes)
+from nanolab.generation import Completion, generate, generate_stream  # noqa: F401 (exported)
 from nanolab.quantize import for_inference
 
 # -----------------------------------------------------------------------------
@@ -60,15 +64,18 @@ compare = ''                  # comma list of PRESETS run side by side on the sa
 # -----------------------------------------------------------------------------
 CHOICES = {'dtype': DTYPES}
 
-# --compare presets: each replaces the sampling flags; max_new_tokens, stop and seed still come from the flags
+# --compare presets: each replaces the sampling flags; max_new_tokens, stop and seed still come
+# from the flags
 PRESETS = {
     'greedy': dict(temperature=0.0),
     'beam': dict(temperature=0.0, num_beams=4),
     'temperature': dict(temperature=0.8),
-    'top_k': dict(temperature=1.0, top_k=40),                       # GPT-2's samples used k=40 (Radford et al. 2019)
+    # GPT-2's samples used k=40 (Radford et al. 2019)
+    'top_k': dict(temperature=1.0, top_k=40),
     'top_p': dict(temperature=1.0, top_p=0.9),                      # Holtzman et al. 2019
     'min_p': dict(temperature=1.0, min_p=0.1),                      # Nguyen et al. 2024
-    'repetition': dict(temperature=0.0, repetition_penalty=1.3),    # greedy + CTRL penalty (Keskar et al. 2019)
+    # greedy + CTRL penalty (Keskar et al. 2019)
+    'repetition': dict(temperature=0.0, repetition_penalty=1.3),
 }
 
 def _file_or_text(value, what, flag):
@@ -78,14 +85,17 @@ def _file_or_text(value, what, flag):
     try:
         return open(value[5:], encoding='utf-8').read()
     except OSError as e:
-        raise ValueError(f"cannot read the {what} file {value[5:]} ({e.strerror}); check --{flag}=FILE:path") from None
+        raise ValueError(f"cannot read the {what} file {value[5:]} "
+                         f"({e.strerror}); check --{flag}=FILE:path") from None
 
 def _chat_stops(opts, tok):
     """opts for a reply in the chat template: it ends at the end of its turn."""
-    return dict(opts, stop_tokens=set(tok.chat_stop_tokens), stop_strings=tok.stop_strings + opts['stop_strings'])
+    return dict(opts, stop_tokens=set(tok.chat_stop_tokens),
+                stop_strings=tok.stop_strings + opts['stop_strings'])
 
 def _prompt_ids(tok):
-    if template:  # prompts.py: a text template is encoded, a chat one rendered with the chat template
+    # prompts.py: a text template is encoded, a chat one rendered with the chat template
+    if template:
         raw = _file_or_text(variables, 'variables', 'variables')
         try:
             values = json.loads(raw) if raw.strip() else {}
@@ -99,13 +109,15 @@ def _prompt_ids(tok):
         except KeyError as e:
             raise ValueError(e.args[0]) from None
     text = _file_or_text(start, 'prompt', 'start')
-    ids = [tok.eot] if text == '' and tok.eot is not None else tok.encode(text)  # '': unconditional, as GPT-2
+    # '': unconditional, as GPT-2
+    ids = [tok.eot] if text == '' and tok.eot is not None else tok.encode(text)
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give --start=TEXT")
     return ids
 
 def _chat(model, tok, opts):
-    """A REPL: the whole history is rendered with the chat template each turn; the reply stops at end-of-turn."""
+    """A REPL: the whole history is rendered with the chat template each turn; the reply stops at
+    end-of-turn."""
     messages = []
     opts = _chat_stops(opts, tok)
     print('chat: type a message; /exit or Ctrl-D quits', file=sys.stderr)
@@ -129,37 +141,50 @@ def main():
     configure(globals(), choices=CHOICES)
     presets = [n.strip() for n in compare.split(',') if n.strip()]
     if any(n not in PRESETS for n in presets):
-        raise ValueError(f"unknown --compare preset(s) {[n for n in presets if n not in PRESETS]}; "
+        raise ValueError("unknown --compare preset(s) "
+                         f"{[n for n in presets if n not in PRESETS]}; "
                          f"choose from {','.join(PRESETS)}")
     dev = resolve_device(device)
     model, tok, _ = load_model(init_from, dev, resolve_dtype(dtype, dev))
-    model = for_inference(model)  # the CPU head layout, an explicit inference-time swap (quantize.py)
+    # the CPU head layout, an explicit inference-time swap (quantize.py)
+    model = for_inference(model)
     if tok is None:
-        raise ValueError(f"{init_from} comes without a tokenizer, so the prompt cannot be encoded; use a source with "
-                         "tokenizer files (a nanolab out_dir, or a Hugging Face dir with tokenizer.json)")
+        raise ValueError(f"{init_from} comes without a tokenizer, so the prompt cannot be "
+                         "encoded; use a source with tokenizer files (a nanolab out_dir, or a "
+                         "Hugging Face dir with tokenizer.json)")
     if compile:
         model = torch.compile(model)
-    opts = {k: globals()[k] for k in ('temperature', 'top_k', 'top_p', 'min_p', 'repetition_penalty', 'presence_penalty',
-                                      'frequency_penalty', 'num_beams', 'length_penalty', 'use_cache')}
+    opts = {k: globals()[k] for k in ('temperature', 'top_k', 'top_p', 'min_p',
+                                      'repetition_penalty', 'presence_penalty',
+                                      'frequency_penalty', 'num_beams', 'length_penalty',
+                                      'use_cache')}
     opts.update(stop_strings=[stop] if stop else [], tokenizer=tok)
     if chat:
         return _chat(model, tok, opts)
     ids = _prompt_ids(tok)
     if template:
-        if prompts.is_chat(template):  # a chat template's reply ends at the end of its turn, as in --chat
+        # a chat template's reply ends at the end of its turn, as in --chat
+        if prompts.is_chat(template):
             opts = _chat_stops(opts, tok)
     for name in presets:  # --compare: one labelled block per strategy, same prompt, same seed
-        neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, num_beams=1, repetition_penalty=1.0,
-                       presence_penalty=0.0, frequency_penalty=0.0)
-        c = generate(model, ids, max_new_tokens, seed=seed, **{**opts, **neutral, **PRESETS[name]})[0]
-        print(f"==== {name} ({', '.join(f'{k}={v}' for k, v in PRESETS[name].items())}) | mean logprob "
-              f"{c.logprob / max(1, len(c.tokens)):.3f}, finish: {c.finish_reason} ====\n{tok.decode(ids)}{c.text}\n")
-    for k in range(0 if presets else 1 if num_beams > 1 else num_samples):  # beam search is deterministic: once
+        neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, num_beams=1,
+                       repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+        c = generate(model, ids, max_new_tokens, seed=seed,
+                     **{**opts, **neutral, **PRESETS[name]})[0]
+        print(f"==== {name} ({', '.join(f'{k}={v}' for k, v in PRESETS[name].items())}) | mean "
+              f"logprob {c.logprob / max(1, len(c.tokens)):.3f}, finish: {c.finish_reason} "
+              f"====\n{tok.decode(ids)}{c.text}\n")
+    # beam search is deterministic: once
+    for k in range(0 if presets else 1 if num_beams > 1 else num_samples):
         print('' if show_probs else tok.decode(ids), end='', flush=True)
-        for ev in generate_stream(model, ids, max_new_tokens, seed=seed + k, logprobs=5 if show_probs else 0, **opts):
-            if show_probs and ev.token is not None:  # the token, its probability, and the 5 likeliest
-                alts = '  '.join(f'{tok.decode([t])!r} {math.exp(lp):.3f}' for t, lp in ev.top_logprobs)
-                print(f'{tok.decode([ev.token])!r:>14} p={math.exp(ev.logprob):.3f}   top-5: {alts}', flush=True)
+        for ev in generate_stream(model, ids, max_new_tokens, seed=seed + k,
+                                  logprobs=5 if show_probs else 0, **opts):
+            # the token, its probability, and the 5 likeliest
+            if show_probs and ev.token is not None:
+                alts = '  '.join(f'{tok.decode([t])!r} '
+                                 f'{math.exp(lp):.3f}' for t, lp in ev.top_logprobs)
+                print(f'{tok.decode([ev.token])!r:>14} '
+                      f'p={math.exp(ev.logprob):.3f}   top-5: {alts}', flush=True)
             elif not show_probs:
                 print(ev.text_delta, end='', flush=True)
         print('\n---------------')

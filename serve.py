@@ -1,22 +1,25 @@
 """
-Serve models over HTTP: an OpenAI-compatible API with streaming, the tokenizer, and the web page in web/ (chat, look
-inside the model, compare, judge, runs). Standard library only (http.server); several models at once.
+Serve models over HTTP: an OpenAI-compatible API with streaming, the tokenizer, and the web page in
+web/ (chat, look inside the model, compare, judge, runs). Standard library only (http.server);
+several models at once.
 
-    python serve.py --init_from=out-shakespeare-char                      # CPU: open http://127.0.0.1:8000
-    python serve.py --init_from=out-a,out-b --device=cuda                  # one GPU, two models
-    python serve.py --init_from=runs                                       # every run under runs/ holding ckpt.pt
-    python serve.py --init_from=out-shakespeare-char --quantize=int8       # CPU: int8 weights, 1/4-1/3 the bytes
-    python serve.py --init_from=out-sft --host=0.0.0.0 --api_key=SECRET    # reachable from other machines: a key
-    python serve.py --help                                                 # every setting
+    python serve.py --init_from=out-shakespeare-char  # CPU: open http://127.0.0.1:8000
+    python serve.py --init_from=out-a,out-b --device=cuda  # one GPU, two models
+    python serve.py --init_from=runs                  # every run under runs/ holding ckpt.pt
+    python serve.py --init_from=out-shakespeare-char --quantize=int8  # CPU int8: 1/4-1/3 the bytes
+    python serve.py --init_from=out-sft --host=0.0.0.0 --api_key=SECRET  # other machines: a key
+    python serve.py --help                            # every setting
 
     curl -N http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
-         -d '{"model": "out-shakespeare-char", "prompt": "ROMEO:", "max_tokens": 50, "stream": true}'
+         -d '{"model": "out-shakespeare-char", "prompt": "ROMEO:", "max_tokens": 50,
+              "stream": true}'
 
-The endpoints are listed in nanolab/server.py; OpenAI's formats are nanolab/openai_api.py's, the decoding, batching
-and fairness between clients nanolab/engine.py's, the guards against hostile pages and clients nanolab/httpd.py's.
-Bounded work: a request over max_rows or max_prompt_tokens is a 400 naming the setting; a client that hangs up frees
-its rows within a step. Importing serve.py does nothing: its code sits in main() (tests start servers with
-nanolab.server.load_engines and make_server).
+The endpoints are listed in nanolab/server.py; OpenAI's formats are nanolab/openai_api.py's, the
+decoding, batching and fairness between clients nanolab/engine.py's, the guards against hostile
+pages and clients nanolab/httpd.py's. Bounded work: a request over max_rows or max_prompt_tokens is
+a 400 naming the setting; a client that hangs up frees its rows within a step. Importing serve.py
+does nothing: its code sits in main() (tests start servers with nanolab.server.load_engines and
+make_server).
 """
 import os
 
@@ -51,14 +54,20 @@ CHOICES = {'dtype': DTYPES, 'quantize': ('', 'int8')}
 
 def main():
     configure(globals(), choices=CHOICES)
-    key = api_key or os.environ.get('NANOLAB_API_KEY', '')  # the environment keeps it out of the process list
+    # the environment keeps it out of the process list
+    key = api_key or os.environ.get('NANOLAB_API_KEY', '')
     dev = resolve_device(device)
-    engines = load_engines(init_from, dev, resolve_dtype(dtype, dev), quantize, threads, max_batch=max_batch,
-                           max_rows=max_rows, max_prompt_tokens=max_prompt_tokens, prefill_chunk=prefill_chunk,
-                           max_beam_slots=max_batch // 2)  # beam searches leave half the slots to the others
-    server = make_server(engines, host, port, key, runs_dir, allowed_hosts.split(','), cors_origins.split(','),
-                         max_connections, read_timeout, max_models, max_tokens_limit, n_limit)
-    print(f"serving {', '.join(engines)} on http://{host}:{server.server_address[1]}  (Ctrl-C stops)")
+    engines = load_engines(init_from, dev, resolve_dtype(dtype, dev), quantize, threads,
+                           max_batch=max_batch,
+                           max_rows=max_rows, max_prompt_tokens=max_prompt_tokens,
+                           prefill_chunk=prefill_chunk,
+                           # beam searches leave half the slots to the others
+                           max_beam_slots=max_batch // 2)
+    server = make_server(engines, host, port, key, runs_dir, allowed_hosts.split(','),
+                         cors_origins.split(','), max_connections, read_timeout, max_models,
+                         max_tokens_limit, n_limit)
+    print(f"serving {', '.join(engines)} on "
+          f"http://{host}:{server.server_address[1]}  (Ctrl-C stops)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
