@@ -5,7 +5,7 @@
 #   for m in out-tasks-base out-sft-tasks out-dpo-tasks out-rl-tasks; do
 #     python evaluate.py configs/eval_tasks_suite.py --init_from=$m; done
 #   python serve.py --init_from=out-sft-tasks      # the Runs tab: the grid, the radar, the history
-# Measured here: ~25 s a model (README, Evaluation). Each result goes to the model's eval/ and its model card.
+# Measured here: ~25 s a model (docs/evaluation.md). Each result goes to the model's eval/ and its model card.
 benchmark = 'tasks'
 perplexity = 'tasks_base'
 tasks = 'tasks_choice,tasks_answer,tasks_text'

@@ -1,4 +1,4 @@
-# A reward model on the tasks suite's preference pairs (tasks.py: concise and correct beats filler or wrong), from
+# A reward model on the tasks suite's preference pairs (synthetic.py: concise and correct beats filler or wrong), from
 # the SFT model of configs/sft_tasks.py. Hardware: 2-core CPU (fp32). Time: ~25 s (measured 25.0 s, ~75 ms/iter).
 # Expected: held-out pairwise accuracy ~0.80 (measured 0.798; 0.500 at step 0), margin ~1.6.
 #   python train.py configs/tasks_base.py && python finetune.py configs/sft_tasks.py && python reward.py configs/reward_tasks.py

@@ -1,4 +1,4 @@
-# GRPO on the tasks suite's prompts, rewarded by its rule (tasks.rule_score: concise and correct 1, correct with the
+# GRPO on the tasks suite's prompts, rewarded by its rule (synthetic.rule_score: concise and correct 1, correct with the
 # filler 0.5, wrong 0), from the SFT model of configs/sft_tasks.py. Hardware: 2-core CPU (fp32). Time: ~40 s
 # (measured 39.8 s, ~0.3 s/iter). Expected (measured, 200 held-out prompts, greedy): mean reward 0.477 -> 0.932,
 # exact match 93.5% -> 93.5%, win rate over the SFT model 0.955, kl 0.42 nats.

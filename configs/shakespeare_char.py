@@ -2,7 +2,7 @@
 # Hardware: 2-core CPU (fp32). Time: ~80-90 s (1000 iterations of 16x64 tokens, ~65-90 ms/iter, plus evals).
 # Expected: val loss ~1.69 (measured 1.6927). nanoGPT's documented CPU run (GPT-2 blocks, AdamW, 2000 iterations of
 # 12x64 at lr 1e-3) reaches 1.9164 through our train.py, in more wall time, back to back: `python bench.py
-# --which=train` (README "Training").
+# --which=train` (docs/training.md).
 #   python train.py configs/shakespeare_char.py
 #   python sample.py --init_from=out-shakespeare-char --start="ROMEO:"
 # What was tried (each a whole run on this CPU; val loss at the end, 4x4x128 models, block 64):

@@ -1,6 +1,6 @@
-# Char-level Shakespeare on a laptop CPU with nanoGPT's model (GPT-2 blocks, AdamW): the CPU default until issue 12
-# (configs/shakespeare_char.py is now Llama blocks with Muon), kept as the GPT-2 baseline; README "Serving" and
-# "Quantization" measured the model it writes.
+# Char-level Shakespeare on a laptop CPU with nanoGPT's model (GPT-2 blocks, AdamW): the GPT-2 baseline beside the
+# CPU default (configs/shakespeare_char.py: Llama blocks with Muon); docs/serving.md ("Serving", "int8 weights")
+# measured the model it writes.
 # Hardware: 2-core CPU (fp32). Time: ~80 s for 1500 iterations (~48 ms/iter) plus evals.
 # Expected: val loss ~1.85 (measured 1.8533). nanoGPT's documented CPU run of the same model
 # (2000 iters at lr 1e-3) reaches 1.8857 in 108 s here, run back to back; a 3x higher learning rate gets further in 1500.

@@ -1,5 +1,5 @@
 """Test set-up: import the flat scripts from the repo root, and read data offline from the
-shared mirror next to the repo (SPEC.md, "Offline data"). Values already set win."""
+shared mirror next to the repo (NANOLAB_DATA_MIRROR: docs/data.md). Values already set win."""
 import os
 import sys
 

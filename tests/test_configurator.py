@@ -1,5 +1,6 @@
 """
-Tests for configurator.py: the strict rules of STYLE.md "Configuration".
+Tests for nanolab/configurator.py and its strict rules: config files apply first, in order, then flags; an unknown key
+or a value of the wrong type is one line naming the fix; choices are checked on the final values.
 
     python -m pytest -q tests/test_configurator.py
 """

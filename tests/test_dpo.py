@@ -1,6 +1,6 @@
-"""dpo.py against hand computations and references: the loss formulas written out in floats, per-sequence
-log-probabilities computed one unpadded sequence at a time, log 2 and zero rewards at step 0, the run's logged
-kl recomputed from its saved policy and the SFT model (full and LoRA), and an uninterrupted run vs a resumed one.
+"""dpo.py and preferences.py against hand computations and references: the loss formulas written out in floats,
+per-sequence log-probabilities computed one unpadded sequence at a time, log 2 and zero rewards at step 0, the run's
+logged kl recomputed from its saved policy and the SFT model (full and LoRA), and an uninterrupted run vs a resumed one.
 A tiny char-level model and pairs the tests write themselves; CPU, a few seconds."""
 import copy
 import json
@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
     tok = CharTokenizer(chars=CHARS)
     save_checkpoint({'model_args': asdict(tiny_model().config), 'model': tiny_model().state_dict(),
                      'tokenizer': tok.spec(), 'config': {}}, str(d / 'sft' / 'ckpt.pt'))
-    os.makedirs(d / 'data' / 'tasks')  # named like the tasks suite, so the win rate (tasks.rule_score) applies
+    os.makedirs(d / 'data' / 'tasks')  # named like the tasks suite, so the win rate (synthetic.rule_score) applies
     for split, n in (('train', range(40)), ('val', range(40, 48))):
         with open(d / 'data' / 'tasks' / f'pref_{split}.jsonl', 'w') as f:
             f.writelines(json.dumps(pair(i)) + '\n' for i in n)
@@ -221,7 +221,7 @@ def test_bad_input_is_a_clear_error(setup):
         dpo(d, f"--out_dir={d / 'bad'}", '--train_file=nowhere/train.jsonl')
     with pytest.raises(SystemExit, match='label_smoothing'):
         dpo(d, f"--out_dir={d / 'bad'}", '--label_smoothing=0.7')
-    with pytest.raises(SystemExit, match=r"lora_targets \['q_proj'\] name no Linear module"):  # common.add_lora's checks
+    with pytest.raises(SystemExit, match=r"lora_targets \['q_proj'\] name no Linear module"):  # lora.add_lora's checks
         dpo(d, f"--out_dir={d / 'bad'}", '--lora_r=4', '--lora_targets=c_attn,q_proj')
 
 

@@ -1,7 +1,7 @@
-"""evaluate.py's perplexity and custom benchmarks against references: the sliding window against a token-by-token
-computation with the longest context the block allows, bits per byte against the loss of a one-byte-per-token model,
-continuation scores against single forwards, the benchmark metrics against hand values, and bad benchmark files.
-Tiny random models; CPU, a few seconds."""
+"""Perplexity (likelihood.py) and custom benchmarks (benchmarks.py, metrics.py), as evaluate.py runs them, against
+references: the sliding window against a token-by-token computation with the longest context the block allows, bits per
+byte against the loss of a one-byte-per-token model, continuation scores against single forwards, the benchmark metrics
+against hand values, and bad benchmark files. Tiny random models; CPU, a few seconds."""
 import json
 import math
 import os

@@ -1,7 +1,7 @@
-"""finetune.py against references: a hand-computed loss over the assistant's tokens only (and a zero gradient
-everywhere else), the merged model against the unmerged LoRA model, peft's own loading of our adapter onto the
-transformers export of the base (gpt2 and llama), an uninterrupted run against a resumed one; and the bad inputs
-of the issue. Tiny models and data the tests make themselves; CPU, a few seconds each."""
+"""finetune.py against references: a hand-computed loss over the assistant's tokens only (and a zero gradient everywhere
+else), the merged model against the unmerged LoRA model, peft's own loading of our adapter onto the transformers export
+of the base (gpt2 and llama), an uninterrupted run against a resumed one; and bad inputs (malformed rows, unanswered
+conversations, empty answers). Tiny models and data the tests make themselves; CPU, a few seconds each."""
 import json
 import os
 import runpy
@@ -204,7 +204,7 @@ def test_a_diverged_run_stops_without_writing_a_checkpoint(setup, tmp_path, caps
 
 
 def test_mlflow_gets_every_metrics_row(setup, tmp_path, monkeypatch):
-    """finetune.py (and dpo.py, reward.py, rl.py: the same common.start_loop) log to MLflow as train.py does."""
+    """finetune.py (and dpo.py, reward.py, rl.py: the same training.start_loop) log to MLflow as train.py does."""
     mlflow = pytest.importorskip('mlflow')
     monkeypatch.setenv('MLFLOW_TRACKING_URI', (tmp_path / 'mlruns').as_uri())
     monkeypatch.setenv('MLFLOW_ALLOW_FILE_STORE', 'true')

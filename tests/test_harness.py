@@ -1,5 +1,5 @@
 """
-evaluate.py's lm-evaluation-harness section, checked against lm-eval's own `hf` backend on identical weights
+nanolab/harness.py (evaluate.py --tasks), checked against lm-eval's own `hf` backend on identical weights
 (written with save_pretrained): the same metrics, per-item scores and per-request log-likelihoods on local YAML
 tasks the test writes (multiple choice, rolling perplexity), tokenization edge cases included; generate_until
 against sample.generate; and the errors (unknown task, malformed YAML, unreadable data). Tiny models, CPU only.

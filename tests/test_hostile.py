@@ -1,5 +1,5 @@
 """
-serve.py against what a hostile web page or client sends (issue 11), over raw sockets: each request is refused with
+serve.py against what a hostile web page or client sends, over raw sockets: each request is refused with
 a 4xx (never a 5xx, never a completion), and the server serves normally afterwards.
 """
 import json

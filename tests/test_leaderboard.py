@@ -1,7 +1,7 @@
-"""evaluate.py's results store and leaderboard against hand computations: result files written atomically and never
-overwritten, the leaderboard's order, intervals and exact McNemar p-value on hand-made results, foreign files
-skipped and counted, the model card's evaluations table, and one end-to-end run (train.py --keep_checkpoints,
-evaluate.py --checkpoints, evaluate.py --leaderboard). Tiny models; CPU, about 15 seconds."""
+"""The results store and the leaderboard (results.py, evaluate.py --leaderboard) against hand computations: result files
+written atomically and never overwritten, the leaderboard's order, intervals and exact McNemar p-value on hand-made
+results, foreign files skipped and counted, the model card's evaluations table, and one end-to-end run (train.py
+--keep_checkpoints, evaluate.py --checkpoints, evaluate.py --leaderboard). Tiny models; CPU, about 15 seconds."""
 import csv
 import json
 import math

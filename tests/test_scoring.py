@@ -1,7 +1,7 @@
-"""scoring.py against references: pass@k against the binomial formula and hand values (Chen et al. 2021), the
-sandbox against programs that pass, fail, loop, allocate without end or write files, METEOR against NLTK's
-implementation (its WordNet synonym stage off: ours has none) and a hand computation of Banerjee & Lavie's
-formula, and a code benchmark end to end through benchmarks.run_code. CPU, ~10 s."""
+"""metrics.py and sandbox.py against references: pass@k against the binomial formula and hand values (Chen et al. 2021),
+the sandbox against programs that pass, fail, loop, allocate without end or write files, METEOR against NLTK's
+implementation (its WordNet synonym stage off: ours has none) and a hand computation of Banerjee & Lavie's formula, and
+a code benchmark end to end through benchmarks.run_code. CPU, ~10 s."""
 import math
 import os
 import time

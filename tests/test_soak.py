@@ -1,8 +1,8 @@
 """Soak: serve.py under CLIENTS concurrent clients for SOAK_SECONDS, on 127.0.0.1 only: good requests (streamed and
-not, completions and chat, n > 1), bad ones, the attacks of issue 11 (HOSTILE), and clients that drop the connection
+not, completions and chat, n > 1), bad ones, hostile ones (HOSTILE), and clients that drop the connection
 mid-stream or before the answer.
 Afterwards: no 5xx, every decode slot free and the queue empty, every connection thread gone, and RSS flat (after
-the warm-up vs at the end). The issue asks for 60 s; the default suite runs 15 s on 2 cores, `SOAK_SECONDS=60 pytest
+the warm-up vs at the end). The full soak is 60 s; the default suite runs 15 s on 2 cores, `SOAK_SECONDS=60 pytest
 tests/test_soak.py` runs the full soak."""
 import http.client
 import json
@@ -57,7 +57,7 @@ def drop(port, body, after_first_chunk):
     s.close()
 
 
-HOSTILE = [  # what a web page or a hostile client sends (issue 11): each gets a 4xx, the server keeps serving
+HOSTILE = [  # what a web page or a hostile client sends: each gets a 4xx, the server keeps serving
     b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nOrigin: https://evil.example\r\n'
     b'Sec-Fetch-Site: cross-site\r\nContent-Length: 15\r\n\r\n{"prompt": "a"}',
     b'GET /runs HTTP/1.1\r\nHost: rebind.evil.example\r\n\r\n',

@@ -1,5 +1,5 @@
-"""tasks.py: the synthetic instruction suite is deterministic, its held-out split shares no word or sum with the
-training split, every row fits the char vocabulary of the base model, and the preference rule scores as documented."""
+"""synthetic.py: the tasks suite is deterministic, its held-out split shares no word or sum with the training split,
+every row fits the char vocabulary of the base model, and the preference rule scores as documented."""
 import os
 import re
 import sys

@@ -1,4 +1,4 @@
-"""train.py and common.py against their references: an uninterrupted run (exact resume after SIGINT and
+"""train.py and training.py against their references: an uninterrupted run (exact resume after SIGINT and
 SIGKILL), one process with twice the accumulation (DDP over gloo), torch.optim.AdamW set up by hand, hand
 values of the LR schedule. Tiny models and data the tests write themselves; CPU, about half a minute."""
 import copy
@@ -79,7 +79,7 @@ def curve(out_dir):
             for r in rows]
 
 # -----------------------------------------------------------------------------
-# common.py
+# training.py
 
 
 def test_get_lr_schedules_against_hand_values():
@@ -371,7 +371,7 @@ def train_defaults():
 def test_recipes_are_valid_and_the_default_is_shakespeare_char():
     defaults = train_defaults()
     for name in ('shakespeare_char', 'shakespeare_char_gpu', 'shakespeare_llama', 'tinystories_15m',
-                 'mini_llm_80m', 'gpt2_124m'):  # SPEC.md's pretraining recipes
+                 'mini_llm_80m', 'gpt2_124m'):  # the pretraining recipes
         path = os.path.join(ROOT, 'configs', f'{name}.py')
         header = open(path).read().split('\n\n')[0]  # what, hardware, time, expected loss, command
         assert header.startswith('#') and 'loss' in header and 'train.py configs/' in header, name
@@ -394,7 +394,7 @@ def test_a_run_repeats_from_its_own_config_json(data_dir, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# experiment trackers (common.open_trackers), for every trainer
+# experiment trackers (tracking.open_trackers), for every trainer
 
 def test_mlflow_gets_the_config_every_metrics_row_and_the_files(data_dir, tmp_path, monkeypatch):
     """A real MLflow file store: each metric's history (step, value) is exactly metrics.jsonl's; the params are the

@@ -675,7 +675,7 @@ def test_completion_mode_for_a_base_model_and_the_phone_layout(tmp_path, browser
     from test_serve import CHARS, save_run
     d = two_runs(tmp_path)  # char and bpe: fine-tuned ('sft')
     save_run(d / 'base', GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=256, vocab_size=len(CHARS)),
-             CharTokenizer(chars=''.join(sorted(CHARS))))  # no stage: what train.py wrote before issue 18 -> pretrain
+             CharTokenizer(chars=''.join(sorted(CHARS))))  # no 'stage' in the checkpoint: pretrain, by its config
     with serving(d, source=f"{d / 'base'},{d / 'char'}") as srv:
         assert [(m['id'], m['stage'], m['chat']) for m in call(srv, 'GET', '/v1/models')[1]['data']] == \
             [('base', 'pretrain', False), ('char', 'sft', True)]
