@@ -14,9 +14,10 @@ with its adapter switched off.
 Data: data_dir/<dataset>/pref_{train,val}.jsonl (the tasks suite, whose {train,val}.jsonl are SFT
 rows) or {train,val}.jsonl (`python data.py hh_rlhf|dpo_pairs`), prepared when missing; or any file
 that formats.read_preferences reads: {prompt, chosen, rejected} JSONL, hh-rlhf transcripts,
-ShareGPT pairs. Writes to out_dir: ckpt.pt (the policy, LoRA merged in, so load_model reads it like
-any run; plus what exact resume needs: optimizer, LoRA weights, a checksum of the reference, which
-resume rebuilds from init_from); metrics.jsonl (log rows: loss and the statistics below; eval rows:
+ShareGPT pairs.
+Writes to out_dir: ckpt.pt (the policy, LoRA merged in, so load_model reads it like any run; plus
+what exact resume needs: optimizer, LoRA weights, a checksum of the reference, which resume
+rebuilds from init_from); metrics.jsonl (log rows: loss and the statistics below; eval rows:
 val_loss and the same on held-out pairs, plus on the tasks suite win_rate: how often
 synthetic.rule_score prefers the policy's greedy answer to the reference's, ties half);
 config.json, loss.svg and README.md (the model card).

@@ -132,8 +132,8 @@ ctx = autocast_ctx(device, ptdtype)
 # results go with the run: its out_dir, or the folder of a .pt file; a Hugging Face model gets
 # eval-<name>/
 is_run = os.path.exists(os.path.join(init_from, 'ckpt.pt'))
-results_dir = out_dir or (init_from if is_run else os.path.dirname(init_from) or '.'
-                          if init_from.endswith('.pt')
+results_dir = out_dir or (init_from if is_run
+                          else os.path.dirname(init_from) or '.' if init_from.endswith('.pt')
                           else 'eval-' + os.path.basename(os.path.normpath(init_from)))
 norm = synthetic.normalize if normalize == 'tasks' else NORMALIZERS[normalize]
 bench_path = benchmark
@@ -177,8 +177,8 @@ def save(results, base, t0):
     for r in results:
         r = {**base, **r, 'time': round(time.time() - t0, 2), 'config': config}
         path = save_result(results_dir, r)
-        shown = ', '.join(f'{k} {v:.4f}' + (f" ± {r['stderr'][k]:.4f}" if k in r.get('stderr', {})
-                                            else '')
+        shown = ', '.join(f'{k} {v:.4f}' +
+                          (f" ± {r['stderr'][k]:.4f}" if k in r.get('stderr', {}) else '')
                           for k, v in r['metrics'].items())
         print(f"{r['task']}: {shown} (n={r['n']}, {r['time']:.1f} s) -> {path}")
     if len(results) > 1 and all('shots' in r.get('settings', {}) for r in results):

@@ -11,21 +11,22 @@ et al. 2022), full or LoRA.
     python reward.py --init_from=resume --out_dir=out-reward-tasks  # go on from ckpt.pt, exactly
     python reward.py --help                   # every setting, with its default
 
-    from nanolab.reward_model import load_reward_model  # the model this trains, for rl.py and the
-    rm, tok = load_reward_model('out-reward-tasks')     # arena; rm.score(tok, prompt_messages,
-                                                        # answers) -> rewards
+    from nanolab.reward_model import load_reward_model  # the model this trains (rl.py, the arena)
+    rm, tok = load_reward_model('out-reward-tasks')  # rm.score(tok, messages, answers) -> rewards
 
 Data: what dpo.py reads (preferences.preference_files: the tasks suite's pref_{train,val}.jsonl,
 hh-rlhf, dpo_pairs, or any {prompt, chosen, rejected} file, the arena's included), encoded and
-truncated by preferences.encode_pair. The model: r(x, y) = w . h_T + b, where h_T is the final
-norm's output at the last token of the chat template's prompt and answer (its end-of-turn token:
-the whole answer is in view) and the head starts at zero, so every reward starts at 0, the loss at
-exactly log 2 and the accuracy at 0.5 (ties count half).
+truncated by preferences.encode_pair.
+The model: r(x, y) = w . h_T + b, where h_T is the final norm's output at the last token of the
+chat template's prompt and answer (its end-of-turn token: the whole answer is in view) and the head
+starts at zero, so every reward starts at 0, the loss at exactly log 2 and the accuracy at 0.5
+(ties count half).
 The loss, per pair: -log sigmoid(r(x, y_w) - r(x, y_l)). Logged: loss, accuracy (share of pairs
 with r(x, y_w) > r(x, y_l)), margin (mean r(x, y_w) - r(x, y_l)), and the mean rewards of each
-side. Writes to out_dir: ckpt.pt (the transformer, LoRA merged, readable by load_model as a
-language model; the head as 'reward_head'; plus what exact resume needs), config.json,
-metrics.jsonl, loss.svg, README.md (the model card).
+side.
+Writes to out_dir: ckpt.pt (the transformer, LoRA merged, readable by load_model as a language
+model; the head as 'reward_head'; plus what exact resume needs), config.json, metrics.jsonl,
+loss.svg, README.md (the model card).
 """
 import os
 from dataclasses import asdict

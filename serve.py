@@ -16,10 +16,10 @@ several models at once.
 
 The endpoints are listed in nanolab/server.py; OpenAI's formats are nanolab/openai_api.py's, the
 decoding, batching and fairness between clients nanolab/engine.py's, the guards against hostile
-pages and clients nanolab/httpd.py's. Bounded work: a request over max_rows or max_prompt_tokens is
-a 400 naming the setting; a client that hangs up frees its rows within a step. Importing serve.py
-does nothing: its code sits in main() (tests start servers with nanolab.server.load_engines and
-make_server).
+pages and clients nanolab/httpd.py's.
+Bounded work: a request over max_rows or max_prompt_tokens is a 400 naming the setting; a client
+that hangs up frees its rows within a step. Importing serve.py does nothing: its code sits in
+main() (tests start servers with nanolab.server.load_engines and make_server).
 """
 import os
 

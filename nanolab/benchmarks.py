@@ -154,10 +154,11 @@ def run_benchmark(model, tok, path, metrics=('exact_match',), normalize=str.stri
                   code=None, **sampling):
     """Score a model on a benchmark file (read_benchmark) -> a result dict (metrics, stderr,
     per-item scores). prompt_fn: maps each row's prompt before it is asked (templated(): a template
-    and few-shot examples). Code rows: run_code, with code's settings (n_samples, ks, timeout_s,
-    memory_mb, confirm, seed). Generation rows: the model's answers (answer(), through generate)
-    scored by score_generation. Multiple-choice rows: accuracy (the likeliest choice is the answer)
-    and acc_norm (likelihood per byte)."""
+    and few-shot examples).
+    Code rows: run_code, with code's settings (n_samples, ks, timeout_s, memory_mb, confirm, seed).
+    Generation rows: the model's answers (answer(), through generate) scored by score_generation.
+    Multiple-choice rows: accuracy (the likeliest choice is the answer) and acc_norm (likelihood
+    per byte)."""
     rows = read_benchmark(path)[:limit or None]
     if prompt_fn is not None:
         rows = [{**r, 'prompt': prompt_fn(r['prompt'])} for r in rows]
