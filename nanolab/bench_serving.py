@@ -336,11 +336,11 @@ def bench_llamacpp(build, threads, clients, per_client, repeats, seed):
     -> printed tables."""
     tools = llama_cpp.tools(build)
     import torch
-    from nanolab.engine import keep_freed_memory
+    from nanolab.engine_thread import keep_freed_memory
     from model import GPT, GPTConfig
     from nanolab.quantize import for_inference
     from nanolab.tokenizer import TiktokenTokenizer
-    # as the server's engine thread does (engine.start), so 'alone' and 'served' run on the same
+    # as the server's engine thread does (engine_thread.start), so 'alone' and 'served' run on the same
     # allocator
     keep_freed_memory()
     llama_threads, threads = threads, threads or torch.get_num_threads()

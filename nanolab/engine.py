@@ -5,7 +5,7 @@ trainers decode through generate.
 
     from nanolab.decoding import Settings
     from nanolab.engine import Engine
-    engine = Engine(model, tokenizer)            # one per model; start() steps them on a thread
+    engine = Engine(model, tokenizer)            # one per model; engine_thread.start() steps them
     req = engine.submit([ids_a, ids_b], Settings(max_new_tokens=50, temperature=0.8, seed=7))
     for ev in req: print(ev.text_delta, end='')  # Events as tokens come; req.cancel() frees rows
 
@@ -27,11 +27,9 @@ The token choice itself (Settings, the logit processors, choose, the seeding rul
 decoding.py's, the KV cache kv_cache.py's, and what a request yields (Request and its events)
 events.py's.
 """
-import ctypes
 import random
 import sys
 import threading
-import traceback
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import replace
@@ -85,81 +83,6 @@ class Beams:
 
 # -----------------------------------------------------------------------------
 # the engine
-
-def keep_freed_memory():
-    """Let glibc keep freed memory for reuse, in this process: by default it hands every large
-    block (the (B, vocab) logits and their softmax, a few MB each) back to the OS when freed, and
-    the next step pays ~1 ms per block in page faults to get it back (measured: choose() at 16 rows
-    4.4 -> 1.6 ms). The price: up to 256 MB of freed heap stays mapped. A no-op where the C library
-    is not glibc."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-        # M_TRIM_THRESHOLD: keep up to 256 MB free at the top of the heap
-        libc.mallopt(-1, 256 << 20)
-        # M_MMAP_THRESHOLD: blocks under 64 MB come from the heap, not fresh mappings
-        libc.mallopt(-3, 64 << 20)
-    except (OSError, AttributeError):
-        pass
-
-def start(build, idle_release=60.0):
-    """Run build() -> a list of Engines on a new daemon thread, then step them there, in turn,
-    while any has work, until each is stopped; a KV cache is let go after idle_release idle
-    seconds. -> the engines (build's exceptions are raised here). subtle: OpenMP gives each thread
-    that runs parallel ops its own team of workers; with two teams on two cores (a model loaded on
-    one thread and decoded on another, or two models on two threads) libgomp counts itself
-    oversubscribed and its workers sleep between ops (measured on GPT-2 124M int8, batch 1: 44-50
-    tok/s against 63-72). So build() loads the models on this thread, and several models share
-    it."""
-    keep_freed_memory()
-    out, ready = [], threading.Event()
-
-    def run():
-        try:
-            engines = list(build())
-        except BaseException as e:
-            out.append(e)
-            return ready.set()
-        wake = threading.Event()
-        for e in engines:
-            e.wake, e.thread, e.pool = wake, threading.current_thread(), engines
-        out.append(list(engines))
-        ready.set()
-        while engines:  # adopt() adds to it; a stopped engine leaves it once its requests are done
-            wake.clear()
-            for e in list(engines):
-                e._run_calls()
-                if e.stopped and not e.busy():
-                    engines.remove(e)
-                    e._release()
-            busy = [e for e in engines if e.busy()]
-            if not busy:
-                if not wake.wait(idle_release) and not any(e.busy() for e in engines):
-                    for e in engines:
-                        e.cache = None  # idle: give the memory back
-                continue
-            for e in busy:
-                try:
-                    e.step()
-                except Exception as err:
-                    # a bug must not hang the clients: fail what is running, keep serving
-                    traceback.print_exc()
-                    e._fail(err)
-    threading.Thread(target=run, daemon=True, name='engine').start()
-    ready.wait()
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
-
-def adopt(engine, build):
-    """build() -> a new Engine, run on the thread that steps `engine` (start's), which then steps
-    the new one beside the others (server.py's POST /v1/models/load) -> the new Engine. Loading
-    blocks that thread's decoding meanwhile: the price of one OpenMP team (see start)."""
-    def run():
-        new = build()
-        new.wake, new.thread, new.pool = engine.wake, threading.current_thread(), engine.pool
-        engine.pool.append(new)
-        return new
-    return engine.call(run)
 
 class Engine:
     """Continuous batching on one KV cache of `max_batch` slots (see the module docstring). Limits
@@ -238,7 +161,7 @@ class Engine:
             self.wake.set()
         return req
 
-    # -- on the engine thread (the server's): see start() above -----------------------------------
+    # -- on the engine thread (the server's): engine_thread.start steps the engines there ---------------
 
     def stop(self):
         """Take no more requests (a caller that stops sending them, as server.py's unload); the

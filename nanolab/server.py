@@ -34,7 +34,8 @@ import torch
 
 from nanolab import hf, page_api, prompts
 from nanolab.checkpoint import TUNED, checkpoint_stage, load_model, model_sources
-from nanolab.engine import Engine, NumericalError, adopt, start
+from nanolab.engine import Engine, NumericalError
+from nanolab.engine_thread import adopt, start
 from nanolab.events import BeamStep
 from nanolab.httpd import ApiError, GuardedHandler, Server
 from nanolab.openai_api import completion, encode, flag, is_ids
@@ -64,7 +65,7 @@ MODEL_NAME = re.compile(r'[A-Za-z0-9][\w.\-]{0,63}')
 def _load(h, body):
     """POST /v1/models/load {"source": a run directory, ckpt.pt, .safetensors, Hugging Face
     directory or hub name, relative paths under runs_dir first; "name": optional}: load it with the
-    server's device, dtype and quantize, beside the others (engine.adopt), -> the model's GET
+    server's device, dtype and quantize, beside the others (engine_thread.adopt), -> the model's GET
     /v1/models entry. One load at a time; max_models at once."""
     source, name = body.get('source'), body.get('name')
     if not isinstance(source, str) or not source.strip():
@@ -301,7 +302,7 @@ def _engine(source, device, dtype, quantize, limits):
 
 def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0, **limits):
     """Every model of init_from in an Engine (_engine), loaded and stepped on the engine thread
-    (engine.start) -> {name: Engine}. threads: torch's, 0 = its default. limits: Engine's."""
+    (engine_thread.start) -> {name: Engine}. threads: torch's, 0 = its default. limits: Engine's."""
     sources = model_sources(spec)
 
     def build():
