@@ -12,6 +12,7 @@ torch.load(weights_only=True), so a crafted file cannot run code.
 """
 import json
 import os
+import re
 from dataclasses import asdict, fields
 
 import torch
@@ -22,6 +23,10 @@ from nanolab.files import write_atomic
 from nanolab.tokenizer import HFTokenizer, from_spec
 
 # the script that wrote a checkpoint: train, finetune, dpo, rl, reward
+# what the server accepts as a model's name (POST /v1/models/load): a letter or digit, then up to 63 more of
+# letters, digits, '.', '_' and '-'
+MODEL_NAME = re.compile(r'[A-Za-z0-9][\w.\-]{0,63}')
+
 STAGES = ('pretrain', 'sft', 'dpo', 'rl', 'reward')
 TUNED = ('sft', 'dpo', 'rl')  # stages after which a model answers in the chat template
 
@@ -157,6 +162,12 @@ def checkpoint_stage(ckpt):
     cfg = ckpt.get('config') or {}
     return ('reward' if 'reward_head' in ckpt else 'rl' if 'kl_coef' in cfg
             else 'dpo' if 'beta' in cfg else 'sft' if 'em_rows' in cfg else 'pretrain')
+
+
+def model_name(text):
+    """text (a run's directory name, say) as a name MODEL_NAME accepts: other characters become '_', and the
+    leading ones that cannot start a name go."""
+    return re.sub(r'^[^A-Za-z0-9]+', '', re.sub(r'[^\w.\-]', '_', text))[:64] or 'model'
 
 
 def model_sources(spec):

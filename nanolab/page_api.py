@@ -14,6 +14,7 @@ import torch
 
 from nanolab import arena
 from nanolab import prompts
+from nanolab.checkpoint import model_name
 from nanolab.files import finite
 from nanolab.httpd import ApiError
 from nanolab.openai_api import encode, flag, is_ids, number
@@ -248,14 +249,15 @@ def _leaderboard(h, body):
 def _registry(h, body):
     """GET /v1/registry: what is on disk under runs_dir (results.model_registry: runs with their
     checkpoints and evals, Hugging Face directories, exports), each marked with the name it is
-    served under, if it is."""
+    served under, if it is, and the name to serve it under (checkpoint.model_name)."""
     entries, skipped = model_registry(h.server.runs_dir)
     served = {os.path.realpath(w.source): name for name, w in h.server.engines.items()
               if getattr(w, 'source', None)}
-    for e in entries:
-        e['served'] = served.get(os.path.realpath(e['path']))
+    for e in entries:  # model_name: the name to load it under (the page's "serve" buttons send it)
+        e['served'], e['model_name'] = served.get(os.path.realpath(e['path'])), model_name(e['name'])
         for c in e['checkpoints']:
             c['served'] = served.get(os.path.realpath(c['path']))
+            c['model_name'] = model_name(f"{e['name']}-{c['iter']}")
     h.send_json(200, {'object': 'list', 'data': entries, 'skipped': [p for p, _ in skipped]})
 
 

@@ -23,7 +23,6 @@ import hmac
 import json
 import mimetypes
 import os
-import re
 import threading
 import time
 import traceback
@@ -33,7 +32,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import torch
 
 from nanolab import hf, page_api, prompts
-from nanolab.checkpoint import TUNED, checkpoint_stage, load_model, model_sources
+from nanolab.checkpoint import MODEL_NAME, TUNED, checkpoint_stage, load_model, model_sources
 from nanolab.engine import Engine, NumericalError
 from nanolab.engine_thread import adopt, start
 from nanolab.events import BeamStep
@@ -59,8 +58,6 @@ def _models(h, body):
     h.send_json(200, {'object': 'list',
                       'data': [_model_entry(h, name, w) for name, w in h.server.engines.items()]})
 
-
-MODEL_NAME = re.compile(r'[A-Za-z0-9][\w.\-]{0,63}')
 
 def _load(h, body):
     """POST /v1/models/load {"source": a run directory, ckpt.pt, .safetensors, Hugging Face

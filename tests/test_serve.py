@@ -642,6 +642,7 @@ def test_models_load_and_unload_at_run_time(tmp_path):
         assert reg['bpe']['n_params'] == model.num_params(non_embedding=False)
         (c,) = reg['bpe']['checkpoints']
         assert (c['file'], c['iter'], c['val_loss']) == ('ckpt.pt', 10, 3.5)
+        assert (reg['bpe']['model_name'], c['model_name']) == ('bpe', 'bpe-10')  # what the page serves them as
         # refusals: a full server, a name in use, a missing source, bad fields, a cross-site page
         for bad, status_, code in [({'source': 'char'}, 409, 'too_many_models'), ({'source': 5}, 400, 'invalid_source')]:
             got = call(srv, 'POST', '/v1/models/load', bad)
@@ -670,6 +671,16 @@ def test_models_load_and_unload_at_run_time(tmp_path):
         assert [e.model.config.arch for e in old] == ['gpt2']  # the engine thread let it go
         assert call(srv, 'POST', '/v1/models/unload', {'model': 'char'})[1]['error']['code'] == 'last_model'
         assert call(srv, 'POST', '/v1/models/unload', {'model': 'bpe'})[0] == 404
+
+
+@pytest.mark.parametrize('text', ['run', '_x', '.hidden', 'a b/c', 'café-3', '---', '', '9' * 80, 'ü'])
+def test_a_run_name_becomes_a_model_name_the_server_accepts(text):
+    """GET /v1/registry's model_name (the name the page loads a run under) is what POST /v1/models/load accepts,
+    whatever the directory is called: one rule, the server's."""
+    from nanolab.checkpoint import MODEL_NAME, model_name
+    name = model_name(text)
+    assert MODEL_NAME.fullmatch(name) and len(name) <= 64
+    assert name == text or not MODEL_NAME.fullmatch(text)  # a valid name is kept as it is
 
 
 def test_a_tiny_temperature_is_greedy_and_broken_logits_fail_only_their_request(runs, monkeypatch):

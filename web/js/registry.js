@@ -10,7 +10,6 @@ export let registry = [];
 const opened = new Set();  // runs whose checkpoint list is open: it stays open on a refresh
 const mb = n => n == null ? '' : n >= 1e9 ? (n / 1e9).toFixed(2) + ' GB' :
   (n / 1e6).toFixed(1) + ' MB';
-const safe = s => s.replace(/[^\w.-]/g, '_').slice(0, 64);  // a source's name as a model name
 // each task's first two metrics
 const evalsText = evals => Object.entries(evals).map(([t, m]) => `${t}: ` +
   Object.entries(m).slice(0, 2).map(([k, v]) => `${k} ${fmt(v, 4)}`).join(', ')).join('; ');
@@ -53,7 +52,7 @@ function evaluateButton(path) {
 function checkpointBrowser(e) {
   if (!e.checkpoints.length) return '';
   const rows = e.checkpoints.map(c => row(c.file, String(c.iter ?? '-'), fmt(c.val_loss, 4),
-    evalsText(c.evals), [serveButton(c.path, safe(`${e.name}-${c.iter}`), c.served, e.kind), ' ',
+    evalsText(c.evals), [serveButton(c.path, c.model_name, c.served, e.kind), ' ',
                          evaluateButton(c.path)]));
   const n = e.checkpoints.length;
   const summary = el('summary', {}, `${n} checkpoint` + (n > 1 ? 's' : ''));
@@ -68,7 +67,7 @@ export async function refreshRegistry() {
   const rows = registry.map(e => {
     const exports = e.exports.map(x => `${x.path.split('/').pop()} (${x.format}, ${mb(x.size)})`);
     return row([el('b', {}, e.name), checkpointBrowser(e)],
-      [serveButton(e.path, safe(e.name), e.served, e.kind), ' ', evaluateButton(e.path)],
+      [serveButton(e.path, e.model_name, e.served, e.kind), ' ', evaluateButton(e.path)],
       e.kind, mb(e.size), e.n_params ? (e.n_params / 1e6).toFixed(2) + 'M' : '',
       [e.arch, e.tokenizer, e.block_size].filter(x => x != null).join(' · '),
       String(e.iter ?? ''), evalsText(e.evals || {}), exports.join(', '));
