@@ -7,11 +7,14 @@ h.send_json; bad input is an httpd.ApiError, a 4xx. What runs a model goes throu
 the engine thread.
 """
 import glob
+import json
 import os
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 
 import torch
 
+from model import ARCHS, GPT, POSITIONS, GPTConfig
 from nanolab import arena
 from nanolab import prompts
 from nanolab.checkpoint import model_name
@@ -261,9 +264,58 @@ def _registry(h, body):
     h.send_json(200, {'object': 'list', 'data': entries, 'skipped': [p for p, _ in skipped]})
 
 
+# the field ranges /v1/shape accepts
+SHAPE_LIMITS = {'n_layer': (1, 1 << 12), 'n_head': (1, 1024), 'n_kv_head': (0, 1024), 'n_embd': (1, 1 << 17),
+                'ffn_hidden': (0, 1 << 20), 'block_size': (1, 1 << 21), 'vocab_size': (1, 1 << 22)}
+
+def _shape(h, body):
+    """POST /v1/shape {GPTConfig's fields}: model.py's own rules and counts for a shape the page's
+    calculator is given -> {config: every field resolved (ffn_hidden, n_kv_head, positions, ...),
+    params, params_non_embedding, flops_per_token}, or {invalid: GPTConfig's reason} for a shape it
+    refuses (the answer to the question asked, so a 200; a malformed request is a 400). The counts are the model's own (num_params, flops_per_token), of models built on the
+    meta device (no weights are made): with one block and with two, since every count is linear in
+    the number of identical blocks, so a shape of any depth costs two small builds."""
+    kinds = {f.name: type(f.default) for f in fields(GPTConfig)}
+    args = {}
+    for k, v in body.items():
+        if k not in kinds:
+            raise ApiError(400, f"unknown field '{k}'; a shape has {', '.join(kinds)}", k,
+                           'unknown_parameter')
+        if k in SHAPE_LIMITS:
+            args[k] = number(body, k, None, *SHAPE_LIMITS[k], integer=True)
+        elif k in ('bias', 'tie_embeddings'):
+            args[k] = flag(body, k) if v is not None else None
+        elif k in ('arch', 'positions'):
+            allowed = ARCHS if k == 'arch' else ('', *POSITIONS)
+            if v is not None and v not in allowed:
+                raise ApiError(400, f"'{k}' must be one of {', '.join(map(repr, allowed))}, got "
+                               f"{json.dumps(v)[:40]}", k, 'invalid_value')
+            args[k] = v
+        elif k == 'dropout':
+            args[k] = number(body, k, None, 0.0, 0.99)
+        else:  # rope_theta, norm_eps
+            args[k] = number(body, k, None, 1e-12 if k == 'rope_theta' else 0.0, 1e12)
+    args = {k: v for k, v in args.items() if v is not None}
+    try:
+        config = GPTConfig(**args)
+    except ValueError as e:
+        return h.send_json(200, {'invalid': str(e)})
+    counts = []
+    for L in (1, 2):
+        with torch.device('meta'):
+            m = GPT(GPTConfig(**{**asdict(config), 'n_layer': L}))
+        counts.append((m.num_params(non_embedding=False), m.num_params(),
+                       m.flops_per_token(config.block_size)))
+    (p1, n1, f1), (p2, n2, f2) = counts
+    L = config.n_layer - 1  # blocks beyond the first, each adding what the second did
+    h.send_json(200, {'config': asdict(config), 'params': p1 + L * (p2 - p1),
+                      'params_non_embedding': n1 + L * (n2 - n1), 'flops_per_token': f1 + L * (f2 - f1)})
+
+
 ROUTES = {'/v1/templates': ('GET', _templates), '/v1/templates/render': ('POST', _render_template),
           '/v1/tokenizers': ('POST', _tokenizers), '/v1/attention': ('POST', _attention),
           '/v1/inspect': ('POST', _inspect), '/v1/embedding_map': ('POST', _embedding_map),
           '/v1/arena/judgments': ('POST', _arena_judge), '/v1/arena/items': ('GET', _arena_items),
           '/v1/arena/stats': ('GET', _arena_stats), '/runs': ('GET', _runs),
-          '/leaderboard': ('GET', _leaderboard), '/v1/registry': ('GET', _registry)}
+          '/leaderboard': ('GET', _leaderboard), '/v1/registry': ('GET', _registry),
+          '/v1/shape': ('POST', _shape)}

@@ -16,7 +16,7 @@ the first one):
     POST /v1/models/load {source}, /v1/models/unload {model}: models at run time, beside the others
     the page's views (page_api.py): /v1/attention, /v1/inspect, /v1/tokenizers, /v1/embedding_map,
         /v1/templates, /v1/arena/*, /runs, /leaderboard, /v1/registry (runs_dir's models,
-        checkpoints and exports)
+        checkpoints and exports), /v1/shape (model.py's rules and counts for any shape)
     GET /: files from web/
 """
 import hmac

@@ -225,3 +225,28 @@ def test_text_is_bounded_in_characters_before_it_is_tokenized(srv):
     status, out = call(srv, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'a' * (cap + 1), 'max_tokens': 1})
     assert status == 400 and out['error']['param'] == 'prompt' and 'characters' in out['error']['message']
     assert call(srv, 'POST', '/tokenize', {'model': 'bpe', 'prompt': 'x' * (cap + 1)})[0] == 400
+
+
+def test_a_shape_is_checked_field_by_field_before_any_model_is_built(srv):
+    """POST /v1/shape (the Model tab's calculator): malformed fields are a 400 naming the field, a shape model.py
+    refuses is answered with its reason, and no input makes a 5xx. Random bodies over the fields' whole ranges (and
+    past them) too, beside a normal request."""
+    import random
+    for body, field in [({'n_head': 0}, 'n_head'), ({'n_layer': 10 ** 9}, 'n_layer'), ({'n_embd': 'x'}, 'n_embd'),
+                        ({'nope': 1}, 'nope'), ({'arch': 5}, 'arch'), ({'positions': 'alibi'}, 'positions'),
+                        ({'bias': 'yes'}, 'bias'), ({'dropout': 2}, 'dropout'), ({'rope_theta': 0}, 'rope_theta'),
+                        ({'vocab_size': 1.5}, 'vocab_size'), ({'n_kv_head': -1}, 'n_kv_head')]:
+        status, out = call(srv, 'POST', '/v1/shape', body)
+        assert status == 400 and out['error']['param'] == field, (body, out)
+    status, out = call(srv, 'POST', '/v1/shape', {'arch': 'gpt2', 'n_head': 4, 'n_kv_head': 2})
+    assert status == 200 and 'needs arch' in out['invalid'] and 'params' not in out
+    rng = random.Random(0)
+    values = [0, 1, 2, 3, 7, 64, 1000, 1 << 12, 1 << 30, -1, 0.5, None, True, 'x', [], {}]
+    fields = ['arch', 'positions', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'block_size',
+              'vocab_size', 'bias', 'tie_embeddings', 'dropout', 'rope_theta', 'norm_eps']
+    for _ in range(150):
+        body = {f: rng.choice(values + (['gpt2', 'llama', 'rope', ''] if f in ('arch', 'positions') else []))
+                for f in rng.sample(fields, rng.randint(1, 6))}
+        status, out = call(srv, 'POST', '/v1/shape', body)
+        assert status in (200, 400), (body, status, out)
+    assert call(srv, 'POST', '/v1/completions', {'model': 'char', **COMPLETION})[0] == 200

@@ -10,6 +10,7 @@ import re
 import shutil
 import time
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -399,7 +400,8 @@ def test_beam_tree_view(site, page):
 
 
 def test_architecture_view_and_calculator(site, page):
-    """The Model tab draws the served model's blocks; the calculator's counts equal model.py's for many configs."""
+    """The Model tab draws the served model's blocks; the calculator's counts (POST /v1/shape) equal model.py's for
+    many configs, and a shape model.py refuses is refused with model.py's reason, and only then."""
     import random
     from model import GPT, GPTConfig
     page.find_element('css selector', '#tabs button[data-tab=arch]').click()
@@ -407,8 +409,8 @@ def test_architecture_view_and_calculator(site, page):
     page.find_element('css selector', '#tabs button[data-tab=arch]').click()
     view = wait(lambda: page.find_element('id', 'arch-view').text)
     assert 'Block × 2' in view and '4 query heads, 2 key/value heads' in view and 'SwiGLU' in view and 'RMSNorm' in view
-    assert int(js(page, "return document.getElementById('calc-out').dataset.params")) == \
-        site.engines['bpe'].model.num_params(non_embedding=False)
+    want = site.engines['bpe'].model.num_params(non_embedding=False)  # the calculator opens on the served shape
+    wait(lambda: js(page, "return document.getElementById('calc-out').dataset.params") == str(want))
     rng = random.Random(0)
     for _ in range(40):
         arch, n_head = rng.choice(['gpt2', 'llama']), rng.choice([1, 2, 4, 8])
@@ -418,13 +420,24 @@ def test_architecture_view_and_calculator(site, page):
                    positions=rng.choice(['', 'learned', 'rope', 'sinusoidal']),
                    n_kv_head=rng.choice([k for k in (1, 2, 4, 8) if n_head % k == 0]) if arch == 'llama' else 0)
         m = GPT(GPTConfig(**cfg))
-        got = module(page, 'arch', 'm.calc(arguments[0])', cfg)
+        status, got = call(site, 'POST', '/v1/shape', cfg)
+        assert status == 200 and got['config'] == asdict(m.config), cfg
         assert got['params'] == m.num_params(non_embedding=False), cfg
         assert got['params_non_embedding'] == m.num_params(), cfg
         assert got['flops_per_token'] == m.flops_per_token(), cfg
     set_value(page, 'c-n_layer', '8')  # the calculator follows its inputs
-    assert int(js(page, "return document.getElementById('calc-out').dataset.params")) == \
-        GPT(GPTConfig(**{**site.engines['bpe'].model.config.__dict__, 'n_layer': 8})).num_params(non_embedding=False)
+    want = GPT(GPTConfig(**{**asdict(site.engines['bpe'].model.config), 'n_layer': 8})).num_params(non_embedding=False)
+    wait(lambda: js(page, "return document.getElementById('calc-out').dataset.params") == str(want))
+    # llama blocks with learned positions and an odd head size are a valid shape; with RoPE they are not (its
+    # rotation pairs a head's dimensions), and the page says model.py's reason
+    for k, v in (('c-arch', 'llama'), ('c-positions', 'learned'), ('c-n_embd', '12'), ('c-n_head', '4'),
+                 ('c-n_kv_head', '2')):
+        set_value(page, k, v)
+    want = GPT(GPTConfig(**{**asdict(site.engines['bpe'].model.config), 'n_layer': 8, 'arch': 'llama',
+                            'positions': 'learned', 'n_embd': 12, 'n_head': 4, 'n_kv_head': 2})).num_params(False)
+    wait(lambda: js(page, "return document.getElementById('calc-out').dataset.params") == str(want))
+    set_value(page, 'c-positions', 'rope')
+    wait(lambda: 'RoPE needs an even head size' in page.find_element('id', 'calc-out').text)
 
 
 def test_every_view_fits_a_phone(site, page):

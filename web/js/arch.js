@@ -1,35 +1,24 @@
 // arch: the Model tab. The served model's blocks drawn from its GPTConfig (GET /v1/models' config),
-// and a calculator of parameters, FLOPs, memory and time for any shape; calc() is exported for the
-// browser tests.
+// and a calculator of parameters, FLOPs, memory and time for any shape: model.py's own rules and
+// counts come from the server (POST /v1/shape), the page adds what they imply.
+import {api} from './api.js';
 import {$, el, fmt, onTab} from './dom.js';
 import {model, models} from './models.js';
 
-// model.py's arithmetic for a GPTConfig-like object: parameters (tied weights once), FLOPs, memory,
-// time. tests/test_web.py checks params, params_non_embedding and flops_per_token against
-// GPT(config) for many configs.
-export function calc(c) {
-  const llama = c.arch === 'llama', C = c.n_embd, L = c.n_layer, H = c.n_head;
-  const KV = c.n_kv_head || H, hs = C / H, V = c.vocab_size, T = c.block_size;
-  const bias = !llama && c.bias;
-  const F = c.ffn_hidden || (llama ? 64 * Math.ceil(8 * C / 3 / 64) : 4 * C);
-  const tie = c.tie_embeddings ?? !llama, b = n => bias ? n : 0;
-  const norm = C + b(C);  // LayerNorm: weight (+ bias); RMSNorm: weight
-  const attn = C * (H + 2 * KV) * hs + b((H + 2 * KV) * hs) + C * C + b(C);
-  const mlp = C * (llama ? 2 : 1) * F + b((llama ? 2 : 1) * F) + F * C + b(C);
-  const pos = c.positions || (llama ? 'rope' : 'learned');
-  const wte = V * C, wpe = pos === 'learned' ? T * C : 0;
-  const params = wte + wpe + L * (2 * norm + attn + mlp) + norm + (tie ? 0 : V * C);
-  const flops = 6 * (params - wpe) + 12 * L * C * T;  // training FLOPs per token (PaLM, appendix B)
+// what a shape implies beyond model.py's counts (POST /v1/shape sends those, and the shape with
+// every field resolved): memory and time for training, and the KV cache
+function estimates(r, c) {
+  const m = r.config, L = m.n_layer, H = m.n_head, hs = m.n_embd / H, T = m.block_size;
   const bytes = {float32: 4, bfloat16: 2}[c.dtype || 'float32'], B = c.batch_size || 1;
   // activations kept for the backward pass (Korthikanti et al. 2022, no recomputation): 34C + 5HT
   // values of 2 bytes per token and layer in 16-bit, twice that in fp32; plus the logits and their
   // gradient
-  const act = L * B * T * (34 * C + 5 * H * T) * bytes / 2 + 2 * B * T * V * 4;
-  const kv = 2 * L * KV * hs * bytes;  // keys and values, per token
-  return {params, params_non_embedding: params - wte - wpe, flops_per_token: flops,
-          kv_bytes_per_token: kv, kv_bytes_context: kv * T,
-          train_bytes: params * (bytes + 4 + 8) + act,  // weights, fp32 grads, AdamW's m and v; act
-          ms_per_iter: 1000 * flops * B * T / ((c.peak_gflops || 163) * 1e9 * (c.mfu || 50) / 100)};
+  const act = L * B * T * (34 * m.n_embd + 5 * H * T) * bytes / 2 + 2 * B * T * m.vocab_size * 4;
+  const kv = 2 * L * m.n_kv_head * hs * bytes;  // keys and values, per token
+  return {kv_bytes_per_token: kv, kv_bytes_context: kv * T,
+          train_bytes: r.params * (bytes + 4 + 8) + act,  // weights, fp32 grads, AdamW's m and v; act
+          ms_per_iter: 1000 * r.flops_per_token * B * T /
+            ((c.peak_gflops || 163) * 1e9 * (c.mfu || 50) / 100)};
 }
 
 const human = (n, unit = '') => n >= 1e12 ? `${(n / 1e12).toFixed(2)} T${unit}` :
@@ -101,21 +90,32 @@ function calcConfig() {
   return {...c, tie_embeddings: $('c-tie').checked, bias: $('c-bias').checked};
 }
 
-function showCalc() {
-  const c = calcConfig(), r = calc(c), hs = c.n_embd / c.n_head;
-  const bad = !(hs % 1 === 0 && c.n_head % (c.n_kv_head || c.n_head) === 0 && (c.arch === 'llama' ||
-               !c.n_kv_head || c.n_kv_head === c.n_head) && (c.arch !== 'llama' || hs % 2 === 0));
-  const why = 'width must divide into heads, heads into kv heads (llama: even head size)';
-  const rows = bad ? [['this shape is not valid', why]] : [
-    ['parameters', human(r.params)], ['without the embeddings', human(r.params_non_embedding)],
-    ['training FLOPs per token', human(r.flops_per_token, 'FLOP')],
-    ['KV cache per token', human(r.kv_bytes_per_token, 'B')],
-    ['KV cache, full context', human(r.kv_bytes_context, 'B')],
-    ['training memory (batch)', human(r.train_bytes, 'B')],
-    ['time per iteration (batch)', `${fmt(r.ms_per_iter, 1)} ms`]];
+// the fields of a GPTConfig, which POST /v1/shape takes; the rest are the estimates' own
+const SHAPE = ['arch', 'positions', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden',
+               'block_size', 'vocab_size', 'tie_embeddings', 'bias'];
+let asked = 0;  // the latest shape sent: an older answer that arrives after it is dropped
+
+async function showCalc() {
+  const c = calcConfig(), n = ++asked;
+  let rows, params = '';
+  try {
+    const r = await api('/v1/shape', Object.fromEntries(SHAPE.map(k => [k, c[k]])));
+    if (r.invalid) throw new Error(r.invalid);  // model.py refuses the shape, and says why
+    const e = estimates(r, c);
+    params = r.params;
+    rows = [['parameters', human(r.params)], ['without the embeddings', human(r.params_non_embedding)],
+            ['training FLOPs per token', human(r.flops_per_token, 'FLOP')],
+            ['KV cache per token', human(e.kv_bytes_per_token, 'B')],
+            ['KV cache, full context', human(e.kv_bytes_context, 'B')],
+            ['training memory (batch)', human(e.train_bytes, 'B')],
+            ['time per iteration (batch)', `${fmt(e.ms_per_iter, 1)} ms`]];
+  } catch (err) {  // its reason, or a field out of the server's range
+    rows = [['this shape is not valid', err.message]];
+  }
+  if (n !== asked) return;
   $('calc-out').replaceChildren(...rows.map(([k, v]) =>
     el('tr', {}, el('td', {}, k), el('td', {}, v))));
-  $('calc-out').dataset.params = bad ? '' : r.params;
+  $('calc-out').dataset.params = params;
 }
 
 // the tab opens on the served model: its blocks, and its shape in the calculator
