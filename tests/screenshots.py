@@ -115,7 +115,9 @@ if tasks:
 else:
     print('leaderboard and radar left out: no evaluated out-*-tasks runs here')
 # model
-tab('arch'); time.sleep(0.5)
+tab('arch')
+wait(lambda: js("return document.getElementById('calc-out').dataset.params"))  # the counts arrived
+time.sleep(0.3)
 d.save_screenshot(f'{out}/view_model.png')
 # phone: the chat and the lens
 d.set_window_size(390, 844)
