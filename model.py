@@ -103,8 +103,8 @@ def rope_tables(config):
     We use the 'rotate half' layout of the Hugging Face Llama code, so its weights load
     unpermuted."""
     hs = config.head_size
-    inv_freq = \
-        1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
+    exponents = torch.arange(0, hs, 2, dtype=torch.int64).float() / hs  # (hs/2,)
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
     t = torch.arange(config.block_size, dtype=torch.int64).float()
     freqs = torch.outer(t, inv_freq)              # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)       # (T, hs)
@@ -116,8 +116,8 @@ def sinusoid_table(config):
     added to the token embedding."""
     C = config.n_embd
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, C, 2, dtype=torch.int64).float() / C))  # (C/2,)
-    # (T, C/2)
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.int64).float(), inv_freq)
+    t = torch.arange(config.block_size, dtype=torch.int64).float()
+    angles = torch.outer(t, inv_freq)  # (T, C/2)
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # (T, C), interleaved
 
 def apply_rope(x, cos, sin):
@@ -215,8 +215,8 @@ class Block(nn.Module):
         super().__init__()
         norm = (lambda: RMSNorm(config.n_embd, config.norm_eps)) if config.arch == 'llama' else \
                (lambda: nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias))
-        self.ln_1, self.attn, self.ln_2, self.mlp = norm(), CausalSelfAttention(config), norm(), \
-            MLP(config)
+        self.ln_1, self.attn = norm(), CausalSelfAttention(config)
+        self.ln_2, self.mlp = norm(), MLP(config)
 
     def forward(self, x, rope, step, layer, trace=None):
         a, att = self.attn(self.ln_1(x), rope, step, layer, need_weights=trace is not None)
@@ -250,8 +250,7 @@ class GPT(nn.Module):
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            # https://paperswithcode.com/method/weight-tying
+        if config.tie_embeddings:  # https://paperswithcode.com/method/weight-tying
             self.transformer.wte.weight = self.lm_head.weight
         # init: N(0, 0.02), residual projections scaled down by depth (GPT-2 paper)
         self.apply(self._init_weights)
@@ -377,8 +376,7 @@ class GPT(nn.Module):
         tables (the convention of Kaplan et al. 2020), unless the output head is separate, which is
         kept."""
         n = sum(p.numel() for p in self.parameters())
-        # quantize.py's swapped weights: buffers
-        n += sum(getattr(m, 'swapped_weights', 0) for m in self.modules())
+        n += sum(getattr(m, 'swapped_weights', 0) for m in self.modules())  # quantize.py's buffers
         if non_embedding:
             n -= self.transformer.wte.weight.numel()
             if self.config.positions == 'learned':
@@ -390,8 +388,8 @@ class GPT(nn.Module):
         plus 12*L*C*T for attention (PaLM paper, appendix B). T defaults to block_size."""
         cfg = self.config
         T = T or cfg.block_size
-        N = self.num_params(non_embedding=False) - (self.transformer.wpe.weight.numel()
-                                                    if cfg.positions == 'learned' else 0)
+        wpe = self.transformer.wpe.weight.numel() if cfg.positions == 'learned' else 0
+        N = self.num_params(non_embedding=False) - wpe
         return 6 * N + 12 * cfg.n_layer * cfg.n_embd * T
 
     def estimate_mfu(self, tokens_per_sec, peak_flops, T=None):
