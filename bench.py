@@ -81,7 +81,7 @@ from nanolab.generation import generate
 from nanolab.likelihood import run_perplexity
 from nanolab.harness import harness_lm_class
 from nanolab.quantize import for_inference
-from nanolab.results import read_metrics
+from nanolab.runs import read_metrics
 from nanolab.tokenizer import TiktokenTokenizer
 from nanolab.training import configure_optimizer, optimizer_step
 

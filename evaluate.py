@@ -49,7 +49,8 @@ from nanolab.formats import read_sft
 from nanolab.harness import run_harness
 from nanolab.likelihood import run_perplexity
 from nanolab.metrics import GENERATION_METRICS, NORMALIZERS
-from nanolab.results import checkpoint_sources, save_result, show_leaderboard, update_model_card
+from nanolab.results import save_result, show_leaderboard, update_model_card
+from nanolab.runs import checkpoint_sources
 
 # -----------------------------------------------------------------------------
 # defaults: perplexity of the CPU default model on its own validation split

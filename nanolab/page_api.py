@@ -21,8 +21,8 @@ from nanolab.checkpoint import model_name
 from nanolab.files import finite
 from nanolab.httpd import ApiError
 from nanolab.openai_api import encode, flag, is_ids, number
-from nanolab.results import (LOWER_IS_BETTER, checkpoint_history, leaderboard_rows, model_registry,
-                             read_results, read_runs)
+from nanolab.results import LOWER_IS_BETTER, checkpoint_history, leaderboard_rows, read_results
+from nanolab.runs import model_registry, read_runs
 
 # -----------------------------------------------------------------------------
 # the views
@@ -250,7 +250,7 @@ def _leaderboard(h, body):
     h.send_json(200, _BOARD[key])
 
 def _registry(h, body):
-    """GET /v1/registry: what is on disk under runs_dir (results.model_registry: runs with their
+    """GET /v1/registry: what is on disk under runs_dir (runs.model_registry: runs with their
     checkpoints and evals, Hugging Face directories, exports), each marked with the name it is
     served under, if it is, and the name to serve it under (checkpoint.model_name)."""
     entries, skipped = model_registry(h.server.runs_dir)

@@ -1,6 +1,6 @@
 """
 What a training run leaves for people to read: metrics.jsonl (one JSON object per logged step,
-results.read_metrics reads it back), the same rows in MLflow and Weights & Biases when they are on,
+runs.read_metrics reads it back), the same rows in MLflow and Weights & Biases when they are on,
 the loss curve as a dependency-free SVG (loss.svg), and the model card (README.md). Every trainer
 logs through these.
 
@@ -15,7 +15,7 @@ import os
 
 from nanolab import results
 from nanolab.files import dumps, write_atomic, write_json
-from nanolab.results import read_metrics  # the one reader of metrics.jsonl
+from nanolab.runs import read_metrics  # the one reader of metrics.jsonl
 
 # -----------------------------------------------------------------------------
 # 1) metrics.jsonl

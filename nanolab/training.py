@@ -28,7 +28,7 @@ import torch
 from nanolab.checkpoint import load_checkpoint
 from nanolab.configurator import configure, fail
 from nanolab.lora import merged_state_dict
-from nanolab.results import read_metrics
+from nanolab.runs import read_metrics
 from nanolab.tracking import MetricsLogger, open_trackers, plot_loss_svg
 
 # -----------------------------------------------------------------------------

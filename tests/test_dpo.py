@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanolab.results import read_metrics  # tests/conftest.py puts the repo root on sys.path
+from nanolab.runs import read_metrics  # tests/conftest.py puts the repo root on sys.path
 from nanolab.metrics import win_rate
 from nanolab.preferences import collate, encode_pair, load_pairs, preference_loss, response_logps
 from model import GPT, GPTConfig

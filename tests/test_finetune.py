@@ -15,7 +15,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from nanolab import synthetic as tasks
-from nanolab.results import read_metrics
+from nanolab.runs import read_metrics
 from model import GPT, GPTConfig
 from nanolab.checkpoint import load_model, save_checkpoint
 from nanolab.tokenizer import CharTokenizer

@@ -14,8 +14,9 @@ import pytest
 
 from nanolab import results
 from nanolab.tracking import write_model_card
-from nanolab.results import (checkpoint_sources, evals_markdown, mcnemar_p, paired_test, save_result, show_leaderboard,
-                     update_model_card)
+from nanolab.results import (evals_markdown, mcnemar_p, paired_test, save_result, show_leaderboard,
+                             update_model_card)
+from nanolab.runs import checkpoint_sources
 from test_train import CHARS, TINY, make_dataset, train  # tiny train.py runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

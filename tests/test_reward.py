@@ -11,7 +11,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from nanolab.results import read_metrics
+from nanolab.runs import read_metrics
 from model import GPT, GPTConfig
 from nanolab.checkpoint import save_checkpoint
 from nanolab.reward_model import RewardModel, bt_loss, collate, load_reward_model, pad

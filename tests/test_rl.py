@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nanolab import synthetic as tasks
-from nanolab.results import read_metrics
+from nanolab.runs import read_metrics
 from nanolab.preferences import collate_responses, token_logps
 from model import GPT, GPTConfig
 from nanolab.checkpoint import save_checkpoint

@@ -19,7 +19,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from nanolab.results import read_metrics
+from nanolab.runs import read_metrics
 from nanolab.tracking import MetricsLogger
 from nanolab.training import checkpoint_dict, configure_optimizer, get_lr, restore_training
 from nanolab.configurator import configure
