@@ -1,29 +1,23 @@
 """
 Benchmarks that print figures (speed targets live here, never in timed tests).
 
-    python bench.py                                 # decode benchmarks, CPU, ~6 minutes on 2 cores
-    python bench.py --models=llama_56m --batch_sizes=1 --repeats=1  # a quick look
-    python bench.py --device=cuda --dtype=bfloat16  # on a GPU
-    python bench.py --which=train                   # training steps (~6 minutes), then the default
-                                                    # vs nanoGPT (~4)
+    python bench.py                                  # decode, CPU, ~6 minutes on 2 cores
+    python bench.py --models=llama_56m --batch_sizes=1 --repeats=1   # a quick look
+    python bench.py --device=cuda --dtype=bfloat16   # on a GPU
+    python bench.py --which=train                    # train steps (~6 min), default vs nanoGPT (~4)
     python bench.py --which=train --train_models=cpu_default --compile_modes=False --train_runs=
-                                                    # ~10 s
-    python bench.py --which=harness                 # lm-eval: our LM vs its own hf backend, ~3 min
-    python bench.py --which=serve                   # serve.py under 1-16 streaming clients, ~30 s
-    python bench.py --which=quantize                # int8 vs fp32: bytes, RSS, tok/s, perplexity,
-                                                    # ~1 minute
-    python bench.py --which=fairness                # a streaming client beside a flood, a beam
-                                                    # search, a long prompt
-    NANOLAB_LLAMA_CPP=DIR python bench.py --which=llamacpp  # against llama.cpp on the same GPT-2
-                                                            # weights, ~15 min
+    python bench.py --which=harness                  # lm-eval: our LM vs its own hf backend, ~3 min
+    python bench.py --which=serve                    # serve.py under 1-16 streaming clients, ~30 s
+    python bench.py --which=quantize                 # int8 vs fp32: bytes, RSS, tok/s, ppl, ~1 min
+    python bench.py --which=fairness                 # a stream beside a flood, beams, long prompts
+    NANOLAB_LLAMA_CPP=DIR python bench.py --which=llamacpp   # vs llama.cpp, GPT-2's shape, ~15 min
 
 decode: tokens/s of greedy decoding with the KV cache (generate, sample.py's API) for a
 GPT-2-124M-shaped and a Llama-shaped model with random weights, side by side with Hugging Face
 `generate` on identical weights (written with save_pretrained), at each batch size; the speed-up
-over no-cache generation
-at `nocache_tokens` new tokens; and time to first token for a `ttft_prompt`-token prompt. With
-decode_compile, also sample.py --compile's path: the same generate on a torch.compile'd model
-(decode steps compiled, prefill eager). Ours and theirs run interleaved, best of `repeats`, so both
+over no-cache generation at `nocache_tokens` new tokens; and time to first token for a
+`ttft_prompt`-token prompt. With decode_compile, also sample.py --compile's path: the same generate
+on a torch.compile'd model (decode steps compiled, prefill eager). Ours and theirs run interleaved, best of `repeats`, so both
 see the same machine state.
 
 train: ms/iter, tokens/s and MFU of train.py's training step (forward, backward, clip, fused AdamW)
