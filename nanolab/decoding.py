@@ -157,8 +157,10 @@ def top_p_filter(logits, p):
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs  # mass of the strictly likelier tokens
-    # subtle: the likeliest token has before=0 < p, so at least one survives
     drop_sorted = before >= p
+    # subtle: the likeliest token always stays (its before is 0), even for a p that is 0 in float32
+    # (1e-300 passes p > 0 as a Python float and compares as 0 with the logits' float32)
+    drop_sorted[..., 0] = False
     # back to vocabulary order
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float('-inf'))
@@ -248,7 +250,9 @@ def draw(probs, uniforms, block=1024):
     u = u - (cdf.gather(1, k) - mass.gather(1, k))                # mass left to cover inside it
     idx = k * block + torch.arange(block, device=probs.device)    # (B, block) its tokens
     inside = torch.where(idx < V, probs.gather(1, idx.clamp(max=V - 1)), 0).double().cumsum(-1)
+    # clamped: a row whose probabilities are not numbers would otherwise point past the vocabulary
     t = (idx.gather(1, torch.searchsorted(inside, u, right=True).clamp_(max=block - 1)))[:, 0]
+    t = t.clamp_(max=V - 1)
     # subtle: float rounding can land past the mass
     bad = probs.gather(1, t.clamp(max=V - 1)[:, None])[:, 0] <= 0
     if probs.is_cuda:  # no host sync on a GPU: the argmax is cheaper than waiting for the device
@@ -258,40 +262,51 @@ def draw(probs, uniforms, block=1024):
 def choose(logits, rows):
     """The one token choice, for a batch of rows of any requests: logits (B, V) raw -> (tokens
     (B,), raw logprobs of those tokens (B,), logsumexp (B,) to turn any raw logit into its logprob,
-    broken (B,) bool: the rows whose logits are not finite). Rows with equal settings are processed
-    together (each processor works row by row, so a row gets the same distribution alone or in
-    company); greedy rows take the argmax; the others draw with their own rng. No (B, V)
-    log-softmax is made: logprobs come from the chosen logits and one logsumexp per row. A row
-    whose logits hold NaN or inf (an fp16 overflow) is decoded from zeros instead, so its
-    neighbours go on; `broken` marks it and the caller fails its request (engine.py). Nothing here
-    waits for the device (but draw's rare check on the CPU): the caller fetches tokens, logprobs
-    and broken in one transfer."""
+    broken (B,) bool: the rows whose token could not be chosen, errors {row: why} for the rows of a
+    group that raised). Rows with equal settings are processed together (each processor works row
+    by row, so a row gets the same distribution alone or in company); greedy rows take the argmax;
+    the others draw with their own rng. No (B, V) log-softmax is made: logprobs come from the
+    chosen logits and one logsumexp per row.
+    Each row is isolated, by construction: a row whose logits hold NaN or inf (an fp16 overflow),
+    or whose settings leave no finite logit to draw from, is marked broken and decoded from zeros
+    instead, and a group whose processing raises marks its own rows; the caller fails those rows'
+    requests (engine.py) and their neighbours go on. Nothing here waits for the device (but draw's
+    rare check on the CPU): the caller fetches tokens, logprobs and broken in one transfer."""
     lse = torch.logsumexp(logits, dim=-1)
     broken = ~torch.isfinite(lse)  # NaN anywhere, or +inf, makes the row's logsumexp non-finite
     logits = torch.where(broken[:, None], 0.0, logits)
     lse = torch.where(broken, math.log(logits.size(-1)), lse)  # the logsumexp of a row of zeros
     nxt = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
-    groups = {}
+    groups, errors = {}, {}
     for b, row in enumerate(rows):
         groups.setdefault(tuple(row.req.settings.sampler.items()), []).append(b)
     for key, idx in groups.items():
         s, group = rows[idx[0]].req.settings, [rows[b] for b in idx]
-        x = logits if len(idx) == len(rows) else logits[idx]
-        if s.penalized:
-            seen, counts = penalty_state([r.tokens[:r.n_prompt] for r in group],
-                                         [r.tokens[r.n_prompt:] for r in group], logits.size(-1),
-                                         logits.device, s.repetition_penalty, s.presence_penalty,
-                                         s.frequency_penalty)
-            x = process_logits(x, seen, counts, **s.sampler)
-        elif s.temperature > 0:
-            x = process_logits(x, **s.sampler)
-        t = argmax(x) if s.temperature == 0 else \
-            draw(x.softmax(-1), [r.rng.random() for r in group])
-        if len(idx) == len(rows):
-            nxt = t
+        whole = len(idx) == len(rows)
+        try:
+            x = logits if whole else logits[idx]
+            if s.penalized:
+                seen, counts = penalty_state([r.tokens[:r.n_prompt] for r in group],
+                                             [r.tokens[r.n_prompt:] for r in group],
+                                             logits.size(-1), logits.device, s.repetition_penalty,
+                                             s.presence_penalty, s.frequency_penalty)
+                x = process_logits(x, seen, counts, **s.sampler)
+            elif s.temperature > 0:
+                x = process_logits(x, **s.sampler)
+            # processed rows with no finite logit left (all -inf, or a NaN or +inf from an extreme
+            # setting) have nothing to draw from: broken, whatever token is picked below
+            dead = ~torch.isfinite(x.amax(-1)) if s.penalized or s.temperature > 0 else False
+            t = argmax(x) if s.temperature == 0 else \
+                draw(x.softmax(-1), [r.rng.random() for r in group])
+        except Exception as e:  # this group's rows fail; the batch goes on
+            errors.update({b: f'{type(e).__name__}: {e}' for b in idx})
+            t = torch.zeros(len(idx), dtype=torch.long, device=logits.device)
+            dead = torch.ones(len(idx), dtype=torch.bool, device=logits.device)
+        if whole:
+            nxt, broken = t, broken | dead
         else:
-            nxt[idx] = t
-    return nxt, logits.gather(1, nxt[:, None])[:, 0] - lse, lse, broken
+            nxt[idx], broken[idx] = t, broken[idx] | dead
+    return nxt, logits.gather(1, nxt[:, None])[:, 0] - lse, lse, broken, errors
 
 def extend_beams(logits, rows, k):
     """Beam search's choice, for the live beams of one search: logits (nb, V) raw -> the k best

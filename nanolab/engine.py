@@ -229,7 +229,10 @@ class Engine:
             if r.group is not None:
                 groups.setdefault(id(r.group), (r.group, []))[1].append(i)
         for g, idx in groups.values():
-            self._beam_step(g, [ready[i] for i in idx], logits[idx])
+            try:
+                self._beam_step(g, [ready[i] for i in idx], logits[idx])
+            except Exception as e:  # this search fails; the other rows of the batch go on
+                self._fail_request(g.req, f'its beam search failed ({type(e).__name__}: {e})')
         return True
 
     def _leave(self):
@@ -417,9 +420,11 @@ class Engine:
         return rows, torch.stack(out)
 
     def _sample(self, rows, logits):
-        """4) sampling rows choose, report and maybe finish. A row whose logits are not finite
-        fails its own request (NumericalError), and only it: the others in the batch go on."""
-        tokens, lps, lse, broken = choose(logits, rows)
+        """4) sampling rows choose, report and maybe finish. A row whose token cannot be chosen
+        (logits that are not finite, a distribution its settings left empty, an error while choosing
+        or reporting it) fails its own request (NumericalError), and only it: the others in the
+        batch go on."""
+        tokens, lps, lse, broken, errors = choose(logits, rows)
         # one transfer from the device per step: tokens, their logprobs, the broken flags, and the
         # top-k alternatives of the rows that asked for them (the largest k of the batch, cut per
         # row below)
@@ -432,26 +437,38 @@ class Engine:
         B = len(rows)
         toks, lps, bad = [int(x) for x in host[:B]], host[B:2 * B], host[2 * B:3 * B]
         for b, r in enumerate(rows):
-            if bad[b] and not r.req.cancelled:
-                r.req.queue.put(NumericalError(
-                    "the model's next-token logits for this request are not finite (NaN or inf), "
-                    "so no token can be drawn: an overflow in half precision, or damaged weights; "
-                    "try dtype=float32 or bfloat16"))
-                r.req.cancelled = True  # its rows leave at the next step (_leave)
+            if b in errors and not r.req.cancelled:
+                self._fail_request(r.req, f'choosing its next token failed ({errors[b]})')
+            elif bad[b] and not r.req.cancelled:
+                self._fail_request(r.req, "the model's next-token distribution for this request is "
+                                   "not finite (NaN or inf logits), so no token can be drawn: an "
+                                   "overflow in half precision, damaged weights, or a setting so "
+                                   "extreme it leaves no token; try dtype=float32 or bfloat16")
         for b, (r, t, lp) in enumerate(zip(rows, toks, lps)):
             if r.req.cancelled:
                 continue
             s = r.req.settings
-            r.tokens.append(t)
-            delta, reason = r.text.push(t, len(r.tokens) - r.n_prompt == s.max_new_tokens)
-            top = None
-            if s.logprobs:  # row b's ids at 3B + bk, their logprobs B*k further on
-                at = 3 * B + b * k
-                top = list(zip((int(i) for i in host[at:at + s.logprobs]),
-                               host[at + B * k:at + B * k + s.logprobs]))
+            try:
+                r.tokens.append(t)
+                delta, reason = r.text.push(t, len(r.tokens) - r.n_prompt == s.max_new_tokens)
+                top = None
+                if s.logprobs:  # row b's ids at 3B + bk, their logprobs B*k further on
+                    at = 3 * B + b * k
+                    top = list(zip((int(i) for i in host[at:at + s.logprobs]),
+                                   host[at + B * k:at + B * k + s.logprobs]))
+            except Exception as e:  # e.g. a token its tokenizer cannot decode: only this request
+                self._fail_request(r.req, f'reporting its token {t} failed ({type(e).__name__}: '
+                                   f'{e})')
+                continue
             r.req.queue.put(Event(r.prompt_index, r.sample_index, t, delta, lp, top, reason))
             if reason is not None:
                 self._free(r.slot, 'rows_finished')
+
+    def _fail_request(self, req, why):
+        """req alone fails (a NumericalError in its stream, which the server answers as a 500 for it
+        only); its rows leave at the next step (_leave)."""
+        req.queue.put(NumericalError(why))
+        req.cancelled = True
 
     def _beam_step(self, g, rows, logits):
         """4) one step of a beam search, as Hugging Face's with early_stopping=False: the 2K best

@@ -201,3 +201,32 @@ def test_logprobs_past_the_vocabulary_are_refused_at_submit_not_in_the_batch():
         engine.submit([[3]], Settings(max_new_tokens=2, logprobs=20))  # topk(20) of 16 would fail every row
     assert e.value.field == 'logprobs'
     assert [ev.finish_reason for ev in running][-1] == 'length'  # the running request is untouched
+
+
+def test_a_row_whose_token_cannot_be_chosen_fails_its_request_alone(monkeypatch):
+    """Row isolation by construction: a top_p that is 0 in float32 keeps the likeliest token (greedy) instead of
+    emptying the distribution; an error while one group of rows chooses (injected here for top_k=7) fails that
+    request only, and a request stepping beside it in the same batch gives generate's tokens."""
+    from nanolab import decoding
+    from nanolab.engine import NumericalError
+    m = tiny('gpt2')
+    engine = Engine(m, max_batch=8)
+    tiny_p = engine.submit(PROMPTS[:2], Settings(max_new_tokens=12, temperature=1.0, top_p=1e-300, seed=3))
+    out, _ = run(engine, [tiny_p])
+    for i, p in enumerate(PROMPTS[:2]):
+        assert tokens(out[id(tiny_p)], i) == generate(m, p, 12, temperature=0)[0].tokens  # the likeliest: greedy
+    process = decoding.process_logits
+
+    def fails_for_top_k_7(logits, *a, **kw):
+        if kw.get('top_k') == 7:
+            raise RuntimeError('injected')
+        return process(logits, *a, **kw)
+    monkeypatch.setattr(decoding, 'process_logits', fails_for_top_k_7)
+    bad = engine.submit(PROMPTS[0], Settings(max_new_tokens=12, temperature=0.8, top_k=7, seed=1))
+    good = engine.submit(PROMPTS[1:], Settings(max_new_tokens=12, temperature=0.8, top_k=20, seed=2))
+    out, _ = run(engine, [bad, good])
+    errors = [e for e in out[id(bad)] if isinstance(e, Exception)]
+    assert len(errors) == 1 and isinstance(errors[0], NumericalError) and 'injected' in str(errors[0])
+    for i, p in enumerate(PROMPTS[1:]):
+        assert tokens(out[id(good)], i) == generate(m, p, 12, temperature=0.8, top_k=20, seed=2)[0].tokens
+    assert not any(engine.slots)

@@ -250,3 +250,34 @@ def test_a_shape_is_checked_field_by_field_before_any_model_is_built(srv):
         status, out = call(srv, 'POST', '/v1/shape', body)
         assert status in (200, 400), (body, status, out)
     assert call(srv, 'POST', '/v1/completions', {'model': 'char', **COMPLETION})[0] == 200
+
+
+def test_a_top_p_that_is_zero_in_float32_fails_no_stream(srv):
+    """top_p 1e-300 passes the range check (0 < p <= 1) and is 0 in the logits' float32: it once emptied the
+    distribution and failed all 8 streams in flight. Now the likeliest token stays, so the request is greedy, and
+    the 8 streams beside it (same model, same steps) each equal generate's text."""
+    import threading
+    from test_serve import events as sse_events
+    from nanolab.checkpoint import load_model
+    from sample import generate
+    model, tok, _ = load_model(str(srv.runs_dir + '/char'))
+    want = [generate(model, tok.encode(p), 20, temperature=0.8, seed=i, tokenizer=tok)[0].text
+            for i, p in enumerate(['To be', 'ROMEO:'] * 4)]
+    got = [None] * 9
+
+    def stream(i, body):
+        got[i] = call(srv, 'POST', '/v1/completions', {'model': 'char', 'max_tokens': 20, 'stream': True, **body})
+    threads = [threading.Thread(target=stream, args=(i, {'prompt': p, 'temperature': 0.8, 'seed': i}))
+               for i, p in enumerate(['To be', 'ROMEO:'] * 4)]
+    threads.append(threading.Thread(target=stream, args=(8, {'prompt': 'To be', 'top_p': 1e-300, 'seed': 5})))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    texts = []
+    for status, payload in got:
+        evs = sse_events(payload)
+        assert status == 200 and evs[-1] == '[DONE]', evs[-2:]
+        texts.append(''.join(e['choices'][0]['text'] for e in evs[:-1] if e.get('choices')))
+    assert texts[:8] == want
+    assert texts[8] == generate(model, tok.encode('To be'), 20, temperature=0.0, tokenizer=tok)[0].text
