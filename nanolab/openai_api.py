@@ -122,7 +122,7 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
                            "and 'variables' an object",
                            'template')
         try:
-            filled = library.render(name_, cot=flag(body, 'cot'), **values)
+            filled = library.fill(name_, values, flag(body, 'cot'))
         except (KeyError, ValueError) as e:
             raise ApiError(400, f"'template': {e.args[0]}", 'template') from None
         if chat:

@@ -56,16 +56,17 @@ def _render_template(h, body):
     values, shots = body.get('variables') or {}, body.get('shots') or {}
     if not isinstance(values, dict) or not isinstance(shots, dict):
         raise ApiError(400, "'variables' and 'shots' must be objects", 'variables')
+    k = number(shots, 'k', 0, 0, 10_000, integer=True)  # checked here: int() of infinity raises
+    seed = number(shots, 'seed', 0, 0, 2 ** 62, integer=True)
     try:
         if isinstance(body.get('text'), str):
-            out = prompts.render_text(body['text'], **values)
+            out = prompts.render_text(body['text'], values)
         else:
-            out = prompts.render(str(body.get('template')), cot=flag(body, 'cot'), **values)
+            out = prompts.fill(str(body.get('template')), values, flag(body, 'cot'))
         ex = shots.get('examples') or []
         if not isinstance(ex, list) or not all(isinstance(e, dict) for e in ex):
             raise ValueError("'shots': examples must be a list of {question, answer} objects")
-        prefix = prompts.few_shot(ex, int(shots.get('k', 0)), int(shots.get('seed', 0))) + '\n\n' \
-            if shots.get('k') else ''
+        prefix = prompts.few_shot(ex, k, seed) + '\n\n' if k else ''
         if isinstance(out, list):
             out = out[:-1] + [{**out[-1], 'content': prefix + out[-1]['content']}]
             ids = w.tok.render_chat(out, add_generation_prompt=True)[0]

@@ -1,8 +1,10 @@
 """
 Prompt templates: a curated library with variables, rendering that names every mistake, and a
 seeded few-shot builder. A template is plain text (a prompt for a base model) or a list of chat
-messages (rendered through the one chat template, tokenizer.render_chat), with {variables} in
-Python's str.format syntax.
+messages (rendered through the one chat template, tokenizer.render_chat), with {variables}: plain
+{name} fields ({{ and }} are literal braces). Nothing else of str.format is read: no attributes,
+indexes, positions or format specs, so a template from a client reads no object and its output
+size is known before it is built.
 
     from nanolab.prompts import TEMPLATES, variables, render, few_shot
     variables('sentiment')                             # ['text']
@@ -10,6 +12,7 @@ Python's str.format syntax.
     render('qa_chat', context='...', question='...')   # a list of chat messages
     render('math_steps', problem='2 + 2?', cot=True)   # with the template's chain-of-thought line
     few_shot(rows, k=3, seed=0, template='qa_pair')    # k rows picked by the seed, each formatted
+    fill('sentiment', {'text': '...'})                 # render's values as a dict: any names (a client's)
 
 Each template: {kind, description, template (str | list of {role, content}), example: values that
 render it}, and optionally `cot`: a line appended (to the text, or the last user message) when
@@ -17,7 +20,7 @@ render(..., cot=True).
 """
 import json
 import random
-import string
+import re
 
 KINDS = ('classification', 'summarization', 'question answering', 'extraction', 'rewriting',
          'translation', 'reasoning', 'story', 'chat persona', 'instruction')
@@ -122,8 +125,40 @@ TEMPLATES = {
                                 example={'instruction': 'Reverse kfeo'}),
 }
 
+MAX_CHARS = 1_000_000  # the longest text a template may make (checked before it is made)
+_PART = re.compile(r'\{\{|\}\}|\{([^{}]*)\}|[{}]')  # a literal brace, a field, or a lone brace
+
+def _parse(text):
+    """A template text -> its parts: literal strings and ('field', name) pairs. A field that is not
+    a plain name ({x.attr}, {x[0]}, {0}, {}, {x:>9}, {x!r}) or a lone brace is a ValueError naming
+    it."""
+    parts, at = [], 0
+    for m in _PART.finditer(text):
+        parts.append(text[at:m.start()])
+        at = m.end()
+        tok = m.group(0)
+        if tok in ('{{', '}}'):
+            parts.append(tok[0])
+        elif m.group(1) is not None and m.group(1).isidentifier():
+            parts.append(('field', m.group(1)))
+        else:
+            raise ValueError(f"{tok!r} is not a template variable: a template's fields are plain "
+                             "{name}s (letters, digits and _), and a literal brace is {{ or }}")
+    parts.append(text[at:])
+    return [x for x in parts if x != '']
+
 def _fields(text):
-    return [f for _, f, _, _ in string.Formatter().parse(text) if f]
+    return [x[1] for x in _parse(text) if isinstance(x, tuple)]
+
+def _substitute(texts, values):
+    """Each text with its {name} fields replaced by values' (str) -> the texts; the total size is
+    checked against MAX_CHARS before any is built."""
+    parsed = [_parse(t) for t in texts]
+    size = sum(len(values[x[1]]) if isinstance(x, tuple) else len(x) for p in parsed for x in p)
+    if size > MAX_CHARS:
+        raise ValueError(f'the filled template would be {size:,} characters, over {MAX_CHARS:,}; '
+                         'send shorter values')
+    return [''.join(values[x[1]] if isinstance(x, tuple) else x for x in p) for p in parsed]
 
 def variables(name):
     """The variables of a template, in order of first appearance."""
@@ -158,16 +193,24 @@ def get(name):
 def render(name, cot=False, **values):
     """Fill a template: a str for a text template, a list of {role, content} for a chat one. Every
     missing and every unknown variable is named in one ValueError; cot=True appends the template's
-    chain-of-thought cue."""
+    chain-of-thought cue. (fill takes the values as a dict, for names like 'cot' and 'name'.)"""
+    return fill(name, values, cot)
+
+def fill(name, values, cot=False):
+    """render() with its values as a dict: a client's variables, whatever their names."""
     t = get(name)
+    if not isinstance(values, dict):
+        raise ValueError(f"a template's values are an object of its variables, got "
+                         f"{type(values).__name__}")
     _check(variables(name), values, f"template '{name}'")
     if cot and 'cot' not in t:
         raise ValueError(f"template '{name}' has no chain-of-thought cue; those that do: "
                          f"{', '.join(n for n, x in TEMPLATES.items() if 'cot' in x)}")
     values = {k: str(v) for k, v in values.items()}
     if isinstance(t['template'], str):
-        return t['template'].format(**values) + (f" {t['cot']}" if cot else '')
-    msgs = [{'role': m['role'], 'content': m['content'].format(**values)} for m in t['template']]
+        return _substitute([t['template']], values)[0] + (f" {t['cot']}" if cot else '')
+    contents = _substitute([m['content'] for m in t['template']], values)
+    msgs = [{'role': m['role'], 'content': c} for m, c in zip(t['template'], contents)]
     if cot:
         msgs[-1]['content'] += '\n\n' + t['cot']
     return msgs
@@ -187,17 +230,25 @@ def few_shot(examples, k, seed=0, template='qa_pair', separator='\n\n'):
                          f"'{template}' is a chat template")
     picked = random.Random(seed).sample(range(len(examples)), k)
     keep = variables(template)
-    return separator.join(render(template, **{v: examples[i][v] for v in keep}) for i in picked)
+    for i in picked:
+        missing = [v for v in keep if not isinstance(examples[i], dict) or v not in examples[i]]
+        if missing:
+            raise ValueError(f"few_shot: example {i} has no {', '.join(missing)} (template "
+                             f"'{template}' takes {', '.join(keep)}): {str(examples[i])[:80]}")
+    return separator.join(fill(template, {v: examples[i][v] for v in keep}) for i in picked)
 
 def text_variables(text):
     """The {variables} of a template text (a user's own, from the page), in order."""
     return list(dict.fromkeys(_fields(text)))
 
-def render_text(text, **values):
-    """A template text of one's own filled in, with render's errors for missing and unknown
-    variables."""
+def render_text(text, values):
+    """A template text of one's own (a client's) filled in from values (a dict), with render's
+    errors for missing and unknown variables and _parse's for fields that are not plain names."""
+    if not isinstance(values, dict):
+        raise ValueError(f"a template's values are an object of its variables, got "
+                         f"{type(values).__name__}")
     _check(text_variables(text), values, 'the template')
-    return text.format(**{k: str(v) for k, v in values.items()})
+    return _substitute([text], {k: str(v) for k, v in values.items()})[0]
 
 def is_chat(name):
     return not isinstance(get(name)['template'], str)
@@ -206,7 +257,7 @@ def prompt_ids(tok, name, values, cot=False):
     """The token ids a model sees for a template: a text one encoded, a chat one through the chat
     template with the assistant's generation prompt. sample.py and the server's /tokenize (and so
     the page) go through here."""
-    out = render(name, cot=cot, **values)
+    out = fill(name, values, cot)
     return tok.render_chat(out, add_generation_prompt=True)[0] if is_chat(name) else \
         tok.encode(out)
 

@@ -5,6 +5,14 @@ import sys
 
 import pytest
 import torch
+from hypothesis import settings
+
+# property tests (tests/test_properties.py): CI draws a fixed set of examples (derandomized), a developer's run
+# new ones each time; both bounded so the suite stays within its few minutes
+settings.register_profile('ci', derandomize=True, max_examples=40, deadline=None, print_blob=True)
+settings.register_profile('dev', max_examples=40, deadline=None, print_blob=True)
+settings.register_profile('thorough', max_examples=1000, deadline=None, print_blob=True)  # a bug hunt
+settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'dev'))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

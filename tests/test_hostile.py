@@ -281,3 +281,22 @@ def test_a_top_p_that_is_zero_in_float32_fails_no_stream(srv):
         texts.append(''.join(e['choices'][0]['text'] for e in evs[:-1] if e.get('choices')))
     assert texts[:8] == want
     assert texts[8] == generate(model, tok.encode('To be'), 20, temperature=0.0, tokenizer=tok)[0].text
+
+
+def test_templates_are_filled_by_name_only_and_bounded(srv):
+    """A client's template text reads no attribute of the server's objects and cannot make a huge prompt: each is a
+    400 naming the problem, answered at once (no 1 GB format spec is expanded); variables named like render()'s own
+    arguments (cot, name) are unknown variables, not a crash; a few-shot k of Infinity is a 400."""
+    import time
+    for text in ['{x.__class__.__init__.__globals__}', '{x:>400000000}{x:>400000000}{x:>400000000}', '{}', '{0}',
+                 '{x[99]}']:
+        t0 = time.time()
+        status, out = call(srv, 'POST', '/v1/templates/render', {'model': 'char', 'text': text, 'variables': {'x': 'a'}})
+        assert status == 400 and 'is not a template variable' in out['error']['message'] and time.time() - t0 < 5
+    for path in ('/v1/completions', '/v1/chat/completions'):
+        status, out = call(srv, 'POST', path, {'model': 'char', 'template': 'qa',
+                                               'variables': {'question': 'q', 'cot': 'x', 'name': 'y'}})
+        assert status == 400 and 'unknown cot, name' in out['error']['message'], out
+    status, out = call(srv, 'POST', '/v1/templates/render', raw=b'{"model": "char", "template": "qa", '
+                       b'"variables": {"question": "q"}, "shots": {"examples": [], "k": Infinity}}')
+    assert status == 400 and out['error']['param'] == 'k'

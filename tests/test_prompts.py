@@ -53,3 +53,29 @@ def test_chat_templates_render_through_the_chat_template():
     assert [m['role'] for m in msgs] == ['system', 'user'] and 'a pirate' in msgs[0]['content']
     ids = tok.render_chat(msgs, add_generation_prompt=True)[0]
     assert tok.decode(ids).count('Hello') == 1
+
+
+@pytest.mark.parametrize('text', ['{x.__class__.__init__.__globals__}', '{x:>400000000}', '{}', '{0}', '{x[99]}',
+                                  '{x!r}', 'a { b', 'a } b', '{x y}'])
+def test_a_template_text_substitutes_plain_names_only(text):
+    """A template from a client is read by our own formatter, not str.format: a field that is not a plain {name}
+    (an attribute, an index, a position, a format spec, a conversion) or a lone brace is refused by name, before
+    anything is filled; no attribute of a value is ever read."""
+    with pytest.raises(ValueError, match='is not a template variable'):
+        prompts.render_text(text, {'x': 'v', 'y': 'w'})
+
+
+def test_filling_is_bounded_and_takes_any_variable_name():
+    assert prompts.render_text('{{literal}} {x} and {x}', {'x': 'v'}) == '{literal} v and v'
+    with pytest.raises(ValueError, match='would be 3,000,000 characters, over 1,000,000'):
+        prompts.render_text('{x}{x}{x}', {'x': 'a' * 1_000_000})
+    # the keyword form cannot take 'cot' or 'name' as variables; fill's dict can, and names them as unknown
+    with pytest.raises(ValueError, match='unknown cot, name'):
+        prompts.fill('qa', {'question': 'q', 'cot': 'x', 'name': 'y'})
+    assert prompts.fill('qa', {'question': 'q'}) == render('qa', question='q')
+
+
+def test_few_shot_names_the_example_that_lacks_a_variable():
+    rows = [{'question': 'q0', 'answer': 'a0'}, {'answer': 'a1'}]
+    with pytest.raises(ValueError, match="example 1 has no question"):
+        few_shot(rows, 2, seed=0)
