@@ -2,9 +2,10 @@
 A stdlib HTTP server that is safe to leave running on a laptop whose user browses the web: what
 serve.py stands on. Server caps open connections (a 503 beyond) and cuts those that do not send a
 whole request in time. GuardedHandler refuses what a web page can make a browser send (a foreign
-Host: DNS rebinding; a cross-origin POST; a non-JSON body), reads bodies strictly (no
-Transfer-Encoding; an error before the body closes the connection: no smuggling), and writes JSON
-(NaN as null) and server-sent events. Errors are ApiError, in OpenAI's error body.
+Host: DNS rebinding; a cross-origin POST; a non-JSON body), reads bodies strictly (one
+Content-Length of ASCII digits, no Transfer-Encoding; JSON at most MAX_DEPTH deep; an error before
+the body closes the connection, no smuggling, after discarding a bounded part of what is still
+arriving so the client reads the answer), and writes JSON (NaN as null) and server-sent events. Errors are ApiError, in OpenAI's error body.
 """
 import ipaddress
 import json
@@ -17,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from nanolab.files import dumps
 
 MAX_BODY = 1 << 20  # request bodies over 1 MB get 413
+MAX_DEPTH = 64      # JSON nested deeper gets 400
+DRAIN_BYTES, DRAIN_SECONDS = 4 << 20, 5.0  # what an early error discards before it closes
 
 
 class ApiError(Exception):
@@ -85,19 +88,31 @@ class GuardedHandler(BaseHTTPRequestHandler):
                            "that page call the API, start the server with --cors_origins=ORIGIN",
                            None, 'origin_not_allowed')
 
+    def content_length(self):
+        """The body's size from its one Content-Length header: ASCII digits, at most 10 of them
+        (int() alone takes '²' and a 4,301-digit number is a ValueError). Two headers are refused,
+        even when they agree (RFC 9112): a proxy may have read the other one."""
+        values = self.headers.get_all('Content-Length') or ['0']
+        if len(values) > 1:
+            raise ApiError(400, "the request has more than one Content-Length header; send one",
+                           None, 'bad_length')
+        n = values[0].strip()
+        if not (n.isascii() and n.isdigit() and len(n) <= 10):
+            raise ApiError(400, f"Content-Length {n[:40]!r} is not a byte count", None,
+                           'bad_length')
+        return int(n)
+
     def body(self):
-        """The JSON object of a POST: Content-Length bytes, Content-Type application/json."""
-        n = self.headers.get('Content-Length', '0')
+        """The JSON object of a POST: Content-Length bytes, Content-Type application/json, nested
+        at most MAX_DEPTH deep."""
         # with Content-Length too, the two could disagree: smuggling
         if 'Transfer-Encoding' in self.headers:
             raise ApiError(400,
                            "Transfer-Encoding is not accepted; send the body "
                            "with a Content-Length header",
                            None, 'bad_length')
-        if not n.isdigit() or int(n) > MAX_BODY:
-            if not n.isdigit():
-                raise ApiError(400, f"Content-Length {n[:40]!r} is not a byte count", None,
-                               'bad_length')
+        n = self.content_length()
+        if n > MAX_BODY:
             raise ApiError(413,
                            f"request body of {n} bytes is over the {MAX_BODY} byte limit; send "
                            "fewer or shorter prompts per request",
@@ -108,16 +123,38 @@ class GuardedHandler(BaseHTTPRequestHandler):
             raise ApiError(415, f"Content-Type {ctype[:60]!r}: send the body as JSON, with the "
                            "header 'Content-Type: "
                            "application/json'", None, 'unsupported_media_type')
-        data, self.body_read = self.rfile.read(int(n)), True
+        data, self.body_read = self.rfile.read(n), True
         self.server.deadline(self.connection, None)
+        too_deep = ApiError(400, f"the body nests arrays or objects more than {MAX_DEPTH} deep",
+                            None, 'invalid_json')
         try:
             body = json.loads(data)
+        except RecursionError:  # the parser recurses: a megabyte of '[' is deeper than its stack
+            raise too_deep from None
         except ValueError as e:
             raise ApiError(400, f"the body is not valid JSON ({e}); send a JSON object", None,
                            'invalid_json') from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object {...}", None, 'invalid_json')
+        if _depth(body) > MAX_DEPTH:  # every reader after this one may recurse too
+            raise too_deep
         return body
+
+    def drain(self):
+        """Discard what is left of a request body we will not read, before closing: a client
+        still sending (http.client sends the whole body before it reads) would get a broken pipe
+        instead of our answer. Bounded: DRAIN_BYTES and DRAIN_SECONDS, and never parsed."""
+        end, left = time.monotonic() + DRAIN_SECONDS, DRAIN_BYTES
+        try:
+            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client sees EOF
+            while left > 0 and (wait := end - time.monotonic()) > 0:
+                self.connection.settimeout(wait)
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except (OSError, ValueError):
+            pass
 
     def check_client(self):
         """Raise ConnectionResetError if the client has hung up (its socket reads as EOF): a
@@ -164,6 +201,18 @@ class GuardedHandler(BaseHTTPRequestHandler):
 
     def end_sse(self):
         self.wfile.write(b'0\r\n\r\n')
+
+
+def _depth(obj):
+    """How deep lists and dicts nest in a parsed JSON value (a loop: no recursion to exhaust)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        obj, d = stack.pop()
+        if isinstance(obj, (list, dict)):
+            deepest = max(deepest, d)
+            if d <= MAX_DEPTH:
+                stack.extend((v, d + 1) for v in (obj.values() if isinstance(obj, dict) else obj))
+    return deepest
 
 
 def _is_ip(name):

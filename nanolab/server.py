@@ -224,8 +224,7 @@ class Handler(GuardedHandler):
             if isinstance(e, NumericalError):
                 e = ApiError(500, str(e), None, 'numerical_error')
             # an unread body would be parsed as the next request
-            if method != 'GET' and not self.body_read:
-                self.close_connection = True
+            unread = method != 'GET' and not self.body_read
             # mid-stream: the status line is gone, so say it in the stream (no [DONE]) and close
             if self.started:
                 self.sse(e.body())
@@ -233,6 +232,9 @@ class Handler(GuardedHandler):
                 self.close_connection = True
             else:
                 self.send_json(e.status, e.body())
+            if unread:  # discard what is still coming, so the client reads the answer; close
+                self.drain()
+                self.close_connection = True
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             # the client has gone; completion() has already released its rows
             self.close_connection = True

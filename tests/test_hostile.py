@@ -108,6 +108,39 @@ def test_no_request_smuggling(srv):
         assert statuses == ['400'] and closed, (te, statuses)
 
 
+def test_lengths_and_nesting_the_parser_cannot_take_are_400s(srv):
+    head = b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
+    body = json.dumps(COMPLETION).encode()
+    # a superscript digit passes str.isdigit; 4,301 digits are past int()'s limit
+    for length in [b'\xb2', '\u00b2'.encode(), b'1' * 4301, b'-1', b'+12', b'0x10', b' ', b'99999999999']:
+        statuses, closed = raw(srv, head + b'Content-Length: ' + length + b'\r\n\r\n' + body)
+        assert statuses == ['400'] and closed, (length[:20], statuses)
+    # two lengths, even agreeing ones: refused (a proxy in front may have framed by the other)
+    for second in [b'Content-Length: 4\r\n', b'Content-Length: %d\r\n' % len(body)]:
+        statuses, closed = raw(srv, head + second + b'Content-Length: %d\r\n\r\n' % len(body) + body)
+        assert statuses == ['400'] and closed, (second, statuses)
+    # nesting: deeper than the parser's stack, and just past the bound: 400 naming it; within the bound, served
+    for depth, nested in [(100_000, True), (64, True), (63, False)]:  # the object itself is one level
+        status, out = call(srv, 'POST', '/v1/completions',
+                           raw=b'{"prompt": "ab", "user": %s}' % (b'[' * depth + b']' * depth))
+        assert (status, 'nests' in str(out)) == ((400, True) if nested else (200, False)), (depth, out)
+    assert call(srv, 'POST', '/v1/completions', COMPLETION)[0] == 200
+
+
+def test_an_early_413_reaches_a_client_that_sends_its_whole_body_first(srv):
+    # http.client (and requests, urllib3) send the whole body before reading: without a lingering close they get
+    # a broken pipe instead of the 413
+    import http.client
+    for size in [2 << 20, 3 << 20]:
+        c = http.client.HTTPConnection('127.0.0.1', srv.server_address[1], timeout=30)
+        c.request('POST', '/v1/completions', body=b'{"prompt": "' + b'a' * size + b'"}',
+                  headers={'Content-Type': 'application/json'})
+        r = c.getresponse()
+        assert r.status == 413 and 'byte limit' in json.loads(r.read())['error']['message']
+        c.close()
+    assert call(srv, 'POST', '/v1/completions', COMPLETION)[0] == 200
+
+
 def test_malformed_parts_are_400s_not_500s(srv):
     for path, body in [('/v1/completions', {'model': [], 'prompt': 'a'}),
                        ('/v1/chat/completions', {'messages': [{'role': 'user', 'content': [{'type': 'text', 'text': 5}]}]}),
