@@ -11,11 +11,10 @@ two architectures).
     model = GPT.from_pretrained('gpt2')  # a Hugging Face GPT-2 or Llama directory or hub name
     model.save_pretrained('out/hf')      # ... that transformers loads with the same logits
 
-What the decoding engine and the page's views need beyond forward has its own method or argument:
-hidden_states (the final norm's output, a reward model's input), forward's logits_at (logits at
-chosen positions only) and step (a KV-cache step that the engine lays out: nanolab/kv_cache.py),
-trace / logit_lens / activation_flow (what each block does). Checkpoints and model sources are
-nanolab/checkpoint.py's, devices nanolab/device.py's.
+What the engine and the page's views need beyond forward has its own method or argument:
+hidden_states (a reward model's input), forward's logits_at (logits at chosen positions only) and
+step (a KV-cache step: nanolab/kv_cache.py), trace / logit_lens / activation_flow (what each block
+does). Checkpoints and model sources are nanolab/checkpoint.py's, devices nanolab/device.py's.
 
 Quick check (CPU, random weights):
     python -c "from model import *; m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64)); print(m.num_params())"
@@ -51,6 +50,14 @@ class GPTConfig:
     norm_eps: float = 1e-5       # LayerNorm / RMSNorm epsilon
 
     def __post_init__(self):
+        # a checkpoint's or a client's values: types and signs before any arithmetic on them
+        for k, lo in [('block_size', 1), ('vocab_size', 1), ('n_layer', 1), ('n_head', 1),
+                      ('n_kv_head', 0), ('n_embd', 1), ('ffn_hidden', 0), ('dropout', 0.0),
+                      ('rope_theta', 1e-12), ('norm_eps', 0.0)]:
+            v, kind = getattr(self, k), int if isinstance(lo, int) else (int, float)
+            if isinstance(v, bool) or not isinstance(v, kind) or not lo <= v < math.inf:
+                raise ValueError(f"{k} must be {'an integer' if kind is int else 'a number'} "
+                                 f"of at least {lo}, got {v!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch '{self.arch}'; use one of {ARCHS}")
         if self.n_kv_head == 0:
@@ -99,9 +106,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(config):
-    """cos/sin tables for rotary embeddings (Su et al. 2021), (block_size, head_size) each.
-    We use the 'rotate half' layout of the Hugging Face Llama code, so its weights load
-    unpermuted."""
+    """cos/sin tables for rotary embeddings (Su et al. 2021), (block_size, head_size) each, in
+    the 'rotate half' layout of the Hugging Face Llama code, so its weights load unpermuted."""
     hs = config.head_size
     exponents = torch.arange(0, hs, 2, dtype=torch.int64).float() / hs  # (hs/2,)
     inv_freq = 1.0 / (config.rope_theta ** exponents)
@@ -111,14 +117,22 @@ def rope_tables(config):
     return emb.cos(), emb.sin()
 
 def sinusoid_table(config):
-    """The original Transformer's fixed positions (Vaswani et al. 2017, 3.5), (block_size, n_embd):
-    dimension 2i of position p is sin(p / 10000^(2i/C)), dimension 2i+1 its cos. Nothing to learn;
-    added to the token embedding."""
+    """The original Transformer's fixed positions (Vaswani+ 2017, 3.5), (block_size, n_embd), added
+    to the token embedding: dimension 2i of position p is sin(p / 10000^(2i/C)), 2i+1 its cos."""
     C = config.n_embd
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, C, 2, dtype=torch.int64).float() / C))  # (C/2,)
     t = torch.arange(config.block_size, dtype=torch.int64).float()
     angles = torch.outer(t, inv_freq)  # (T, C/2)
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # (T, C), interleaved
+
+def position_tables(config):
+    """{buffer name: table} of the fixed positions a config uses (none for learned ones)."""
+    if config.positions == 'sinusoidal':
+        return {'sinusoids': sinusoid_table(config)}
+    if config.positions == 'rope':
+        cos, sin = rope_tables(config)
+        return {'rope_cos': cos, 'rope_sin': sin}
+    return {}
 
 def apply_rope(x, cos, sin):
     """x: (B, nh, T, hs); cos/sin: (B, 1, T, hs), already gathered at each token's position."""
@@ -128,12 +142,10 @@ def apply_rope(x, cos, sin):
 
 
 def attention(q, k, v, mask=None, causal=False, dropout=0.0):
-    """SDPA of q (B, nh, T, hs) over k, v (B, nkv, S, hs), with grouped-query attention (nkv < nh)
-    on a fast kernel. On CUDA, SDPA's enable_gqa is taken by the flash kernel alone, which refuses
-    masks and fp32: there (half precision, no mask) it is used, and otherwise keys and values are
-    expanded to nh heads first (expand_kv), so the memory-efficient kernel applies instead of the
-    math one. On the CPU, SDPA takes enable_gqa in its own kernels, and keys and values go in
-    unexpanded."""
+    """SDPA of q (B, nh, T, hs) over k, v (B, nkv, S, hs), grouped-query (nkv < nh) on a fast
+    kernel. On CUDA only the flash kernel takes enable_gqa, and it refuses masks and fp32: there
+    keys and values are expanded to nh heads first (expand_kv), so the memory-efficient kernel
+    applies, not the math one. The CPU's kernels take enable_gqa, unexpanded."""
     nh, nkv = q.size(1), k.size(1)
     if nh != nkv and q.is_cuda and not (q.dtype in (torch.float16, torch.bfloat16)
                                         and mask is None):
@@ -243,12 +255,8 @@ class GPT(nn.Module):
         ))
         if config.positions == 'learned':
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        elif config.positions == 'sinusoidal':
-            self.register_buffer('sinusoids', sinusoid_table(config), persistent=False)
-        else:
-            cos, sin = rope_tables(config)
-            self.register_buffer('rope_cos', cos, persistent=False)
-            self.register_buffer('rope_sin', sin, persistent=False)
+        for name, table in position_tables(config).items():  # computed: never learned or saved
+            self.register_buffer(name, table, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:  # https://paperswithcode.com/method/weight-tying
             self.transformer.wte.weight = self.lm_head.weight
@@ -268,14 +276,12 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, step=None, logits_at=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
-        targets: (B, T) next-token ids, -1 = ignored (prompt tokens in SFT, padding) -> the mean
-          cross-entropy.
-        step: a KV-cache step (KVCache.schedule, nanolab/kv_cache.py): the B*T tokens are the
-          step's new tokens, in its layout, and each layer stores its keys and values in the cache
-          and attends over each row's own slot.
-        logits_at: an index into the positions (a slice, or a 1-D tensor of positions; with a step,
-          of the flat row of B*T tokens) -> logits only there: the output head is skipped where
-          nobody reads it."""
+        targets: (B, T) next-token ids, -1 = ignored (SFT's prompt tokens, padding) -> mean loss.
+        step: a KV-cache step (KVCache.schedule, nanolab/kv_cache.py): the B*T tokens are its new
+          tokens, in its layout; each layer stores their keys and values and attends over each
+          row's own slot.
+        logits_at: an index into the positions (a slice or a 1-D tensor; with a step, into the flat
+          row of B*T tokens) -> logits only there: the head is skipped where nobody reads it."""
         B, T = idx.size()
         if step is not None:
             idx = idx.reshape(1, B * T)  # one flat row; the step keeps the rows apart
@@ -334,23 +340,20 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def trace(self, idx):
-        """One forward pass of idx (B, T) -> (logits, the trace dict that hidden_states' `trace`
-        describes)."""
+        """One forward pass of idx (B, T) -> (logits, the trace dict hidden_states describes)."""
         trace = {}
         logits = self.lm_head(self.hidden_states(idx, trace=trace))
         return logits, trace
 
     def attention_maps(self, idx):
-        """Attention weights of every layer for one forward pass: a list of (B, n_head, T, T)
-        tensors."""
+        """Attention weights of every layer for one forward pass: [(B, n_head, T, T)] tensors."""
         return self.trace(idx)[1]['att']
 
     @torch.no_grad()
     def logit_lens(self, idx, trace=None):
         """The logit lens (nostalgebraist 2020): each block's output read through the final norm
-        and the LM head, as if the model ended there -> log-probabilities (n_layer, B, T, vocab).
-        The last layer is log_softmax of the model's own logits. trace: a trace of idx already
-        computed (GPT.trace), to read instead of running the model again."""
+        and the LM head, as if the model ended there -> log-probabilities (n_layer, B, T, vocab);
+        the last is the model's own. trace: GPT.trace(idx)'s, if computed already."""
         trace = trace if trace is not None else self.trace(idx)[1]
         resid = torch.stack(trace['resid'])  # (L, B, T, C)
         return F.log_softmax(self.lm_head(self.transformer.ln_f(resid)).float(), dim=-1)
@@ -373,8 +376,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding=True):
         """Parameter count; tied weights count once. non_embedding drops the token and position
-        tables (the convention of Kaplan et al. 2020), unless the output head is separate, which is
-        kept."""
+        tables (Kaplan et al. 2020's convention), but keeps a separate output head."""
         n = sum(p.numel() for p in self.parameters())
         n += sum(getattr(m, 'swapped_weights', 0) for m in self.modules())  # quantize.py's buffers
         if non_embedding:
@@ -393,9 +395,8 @@ class GPT(nn.Module):
         return 6 * N + 12 * cfg.n_layer * cfg.n_embd * T
 
     def estimate_mfu(self, tokens_per_sec, peak_flops, T=None):
-        """Model FLOPs utilization: achieved training FLOP/s as a fraction of the peak the caller
-        gives (e.g. 989e12 for an H100's bf16 dense, ~163e9 for our 2-core dev CPU in fp32,
-        measured)."""
+        """Model FLOPs utilization: training FLOP/s as a fraction of the peak the caller gives (e.g.
+        989e12 for an H100's bf16 dense, ~163e9 for our 2-core dev CPU in fp32, measured)."""
         return self.flops_per_token(T) * tokens_per_sec / peak_flops
 
     # -------------------------------------------------------------------------
@@ -406,15 +407,25 @@ class GPT(nn.Module):
         """A GPT built from a Hugging Face GPT-2 or Llama checkpoint: a local directory
         (config.json + safetensors/bin) or, when online, a hub name such as 'gpt2'."""
         from nanolab import hf
-        config, state_dict = hf.read_pretrained(name_or_dir)
-        model = cls(GPTConfig(**config))
-        model.load_state_dict(state_dict, strict=True)
-        return model.to(dtype)
+        config, state_dict = hf.read_pretrained(name_or_dir, dtype)
+        return cls.from_state_dict(GPTConfig(**config), state_dict).to(dtype)
+
+    @classmethod
+    def from_state_dict(cls, config, state_dict):
+        """A GPT whose weights are state_dict's tensors themselves (in their final dtype), laid
+        out on the meta device first: nothing is initialized, no memory taken but theirs."""
+        with torch.device('meta'):
+            model = cls(config)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        if config.tie_embeddings:  # assign gave each name its own Parameter: one again
+            model.transformer.wte.weight = model.lm_head.weight
+        for name, table in position_tables(config).items():
+            model.register_buffer(name, table, persistent=False)
+        return model
 
     def save_pretrained(self, out_dir, tokenizer=None):
-        """Write a Hugging Face directory that transformers.AutoModelForCausalLM.from_pretrained
-        loads with the same logits, plus tokenizer files for BPE tokenizers (so AutoTokenizer works
-        too)."""
+        """Write a Hugging Face directory that transformers.AutoModelForCausalLM loads with the same
+        logits, plus a BPE tokenizer's files (so AutoTokenizer works too)."""
         from nanolab import hf
         hf.write_pretrained(out_dir, asdict(self.config), self.state_dict(), tokenizer)
 

@@ -49,6 +49,7 @@ runs_dir = '.'              # GET /runs lists its subdirectories that hold metri
 allowed_hosts = ''          # Host names to answer besides loopback names, IP addresses and `host`; comma list, * = any
 cors_origins = ''           # web origins (https://app.example) whose pages may call the API; comma list, * = any
 max_models = 8              # models loaded at once, counting POST /v1/models/load's; beyond: 409
+models_dir = ''             # directories POST /v1/models/load may read besides runs_dir and the HF cache; comma list
 # -----------------------------------------------------------------------------
 CHOICES = {'dtype': DTYPES, 'quantize': ('', 'int8')}
 
@@ -66,7 +67,7 @@ def main():
                            max_beam_slots=max_batch // 2)
     server = make_server(engines, host, port, key, runs_dir, allowed_hosts.split(','),
                          cors_origins.split(','), max_connections, read_timeout, max_models,
-                         max_tokens_limit, n_limit)
+                         max_tokens_limit, n_limit, models_dir.split(','))
     # subtle: what exists now (modules, the models) lives as long as the server. gc.freeze() keeps the
     # cyclic collector from walking it again: a full collection over it paused every stream for ~70 ms
     # (measured), a cost that landed on whichever request was in flight

@@ -19,6 +19,7 @@ import torch
 
 from model import GPT, GPTConfig
 from nanolab import hf
+from nanolab.device import free_memory
 from nanolab.files import write_atomic
 from nanolab.tokenizer import HFTokenizer, from_spec
 
@@ -41,15 +42,18 @@ def save_checkpoint(ckpt, path):
     write_atomic(path, lambda f: torch.save(ckpt, f))
 
 
-def load_checkpoint(path, map_location='cpu'):
-    """Read a checkpoint we wrote, with errors that say what is wrong and what to do."""
+def load_checkpoint(path, map_location='cpu', mmap=False):
+    """Read a checkpoint we wrote, with errors that say what is wrong and what to do. mmap: map the
+    file instead of reading it, so only the tensors used are read (a model's weights, not its
+    optimizer state), and while they are used the file's old contents stay mapped even if a new
+    save replaces it."""
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint at {path}; train one first (python train.py) or point "
                          "init_from at an out_dir that holds ckpt.pt")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"checkpoint {path} is corrupt or truncated "
                          f"({type(e).__name__}: {str(e).split('. ')[0][:160]}); "
@@ -99,16 +103,50 @@ def load_weights_file(path):
             'source': info.get('source')}
 
 
-def model_from_checkpoint(ckpt, path='checkpoint'):
-    """Build the GPT that a checkpoint describes and load its weights, naming any mismatch."""
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = set(ckpt['model_args']) - known
+def model_config(args, source):
+    """A source's model args (GPTConfig's arguments) as the GPTConfig they describe, or a
+    ValueError that names the source and the field."""
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise ValueError(f"{source} has model args that are not GPTConfig's fields by name")
+    unknown = set(args) - {f.name for f in fields(GPTConfig)}
     if unknown:
-        raise ValueError(f"{path} has model args {sorted(unknown)} that this "
+        raise ValueError(f"{source} has model args {sorted(unknown)[:8]} that this "
                          "version of model.py does not know")
-    model = GPT(GPTConfig(**ckpt['model_args']))
-    sd = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
-    expected = model.state_dict()
+    try:
+        return GPTConfig(**args)
+    except ValueError as e:
+        raise ValueError(f"{source} describes a model that model.py refuses: {e}") from None
+
+
+def check_size(config, source, n_tensors, device='cpu', dtype=torch.float32):
+    """Before any weights are read: config's layers must be in a file of n_tensors tensors, and its
+    weights in dtype must fit in the memory free on device now (device.free_memory). Counted on a model laid out on the meta device (no memory),
+    which is returned: its state dict holds the names and shapes the weights must have."""
+    if config.n_layer > n_tensors:
+        raise ValueError(f"{source} describes {config.n_layer} layers but holds "
+                         f"{n_tensors} tensors: its model args do not match its weights")
+    with torch.device('meta'):
+        skeleton = GPT(config)
+    numel = sum(t.numel() for t in [*skeleton.parameters(), *skeleton.buffers()])
+    need, free = numel * dtype.itemsize, free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"{source} needs {need / 2**30:.2f} GiB for {numel / 1e9:.2f}B "
+                         f"weights in {str(dtype).removeprefix('torch.')}, and {device} has "
+                         f"{free / 2**30:.2f} GiB free; free some memory, or load it in a "
+                         "smaller dtype (--dtype=bfloat16)")
+    return skeleton
+
+
+def model_from_checkpoint(ckpt, path='checkpoint', device='cpu', dtype=torch.float32):
+    """Build the GPT that a checkpoint describes around its weights (cast to dtype), naming any
+    mismatch; nothing is built until its model args, tensor names and shapes and its size (against
+    the memory free on device) are checked."""
+    config = model_config(ckpt['model_args'], path)
+    sd = ckpt['model']
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} has a 'model' entry that is not a dict of tensors")
+    sd = {str(k).removeprefix('_orig_mod.'): v for k, v in sd.items()}
+    expected = check_size(config, path, len(sd), device, dtype).state_dict()
     missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs config {tuple(expected[k].shape)}"
               for k in expected if k in sd and sd[k].shape != expected[k].shape]
@@ -117,8 +155,9 @@ def model_from_checkpoint(ckpt, path='checkpoint'):
                          '; '.join(filter(None, [missing and f"missing {missing[:4]}",
                                                  extra and f"unexpected {extra[:4]}",
                                                  shapes and ', '.join(shapes[:4])])))
-    model.load_state_dict(sd)
-    return model
+    cast = {}  # by tensor: the tied embedding is one tensor under two names, cast once
+    sd = {k: cast.setdefault(id(v), v.to(dtype).contiguous()) for k, v in sd.items()}
+    return GPT.from_state_dict(config, sd)
 
 
 def load_model(source, device='cpu', dtype=torch.float32):
@@ -126,14 +165,16 @@ def load_model(source, device='cpu', dtype=torch.float32):
       - an out_dir holding ckpt.pt, or a .pt file, that nanolab wrote; or export.py's .safetensors
       - a Hugging Face directory (config.json + safetensors/bin) of GPT-2 or Llama weights
       - a hub name such as 'gpt2' (needs the network)
-    Returns (model in eval mode, tokenizer, checkpoint dict or {} for HF sources)."""
+    Returns (model in eval mode, tokenizer, checkpoint dict or {} for HF sources). Its model args,
+    tensors and size are checked before anything is built (model_from_checkpoint, check_size), and
+    the weights are read straight into dtype: the peak is about the model's size in dtype."""
     # export.py's weights-only file
     weights_only = source.endswith('.safetensors') and os.path.isfile(source)
     is_ckpt = source.endswith('.pt') or (os.path.isdir(source)
                                          and os.path.exists(os.path.join(source, 'ckpt.pt')))
     if is_ckpt or weights_only:
-        ckpt = load_weights_file(source) if weights_only else load_checkpoint(source)
-        model = model_from_checkpoint(ckpt, source)
+        ckpt = load_weights_file(source) if weights_only else load_checkpoint(source, mmap=True)
+        model = model_from_checkpoint(ckpt, source, device, dtype)
         tok = from_spec(ckpt['tokenizer']) if ckpt.get('tokenizer') else None
     elif os.path.isdir(source) and not os.path.exists(os.path.join(source, 'config.json')):
         raise ValueError(f"{source} is a directory but holds neither ckpt.pt (a nanolab "
@@ -145,7 +186,15 @@ def load_model(source, device='cpu', dtype=torch.float32):
                          "a .pt file, a Hugging Face directory, or a hub name like 'gpt2'")
     else:
         path = hf.local_dir(source)
-        model, ckpt = GPT.from_pretrained(path), {}
+        args = hf.read_config(path)
+        config = model_config(args, os.path.join(path, 'config.json'))
+        sd = hf.read_state_dict(path, args, dtype,
+                                check=lambda n: check_size(config, path, n, device, dtype))
+        try:
+            model, ckpt = GPT.from_state_dict(config, sd), {}
+        except RuntimeError as e:  # load_state_dict's list of missing and mis-shaped tensors
+            raise ValueError(f"the weights in {path} do not match its config.json: "
+                             f"{' '.join(str(e).split())[:400]}") from None
         tok = HFTokenizer(path) if any(os.path.exists(os.path.join(path, f)) for f in
                                        ('tokenizer.json', 'vocab.json')) else None
     model.to(device=device, dtype=dtype).eval()

@@ -83,3 +83,28 @@ def peak_flops(device, dtype):
     name = torch.cuda.get_device_name(torch.device(device))
     half = dtype in (torch.float16, torch.bfloat16)
     return next((v[0 if half else 1] for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def free_memory(device='cpu'):
+    """Bytes that new tensors on device can take now, or None where that cannot be told: the
+    driver's free memory on a GPU; on the CPU the kernel's MemAvailable (free memory plus the page
+    cache it can drop), or what is left under this process's cgroup limit (a container's) if less.
+    """
+    if str(device).startswith('cuda'):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    if str(device) != 'cpu':
+        return None
+    free = None
+    try:
+        with open('/proc/meminfo') as f:
+            free = next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith('MemAvailable:'))
+        with open('/sys/fs/cgroup/memory.max') as f:
+            limit = f.read().strip()
+        with open('/sys/fs/cgroup/memory.current') as f:
+            used = int(f.read())
+        if limit != 'max':
+            free = min(free, max(0, int(limit) - used))
+    except (OSError, ValueError, StopIteration):
+        pass
+    return free

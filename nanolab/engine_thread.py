@@ -78,11 +78,31 @@ def start(build, idle_release=60.0):
     return out[0]
 
 def adopt(engine, build):
-    """build() -> a new Engine, run on the thread that steps `engine` (start's), which then steps
-    the new one beside the others (server.py's POST /v1/models/load) -> the new Engine. Loading
-    blocks that thread's decoding meanwhile: the price of one OpenMP team (see start)."""
+    """build() -> a new Engine, stepped beside `engine` on the thread that steps it (start's) ->
+    the new Engine (server.py's POST /v1/models/load). build runs on a thread of its own, so the
+    others decode meanwhile; that thread ends with it, and its OpenMP team with it (see start: two
+    teams that outlive the load would slow every step after). A build that fails raises here, with
+    its frames cleared: a traceback's frames hold what the load had read, in a cycle that only a
+    full garbage collection would free."""
+    out = []
+
+    def load():
+        try:
+            out.append(build())
+        except BaseException as e:
+            chained = e
+            while chained is not None:
+                traceback.clear_frames(chained.__traceback__)
+                chained = chained.__cause__ or chained.__context__
+            out.append(e)
+    loader = threading.Thread(target=load, daemon=True, name='loader')
+    loader.start()
+    loader.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+
     def run():
-        new = build()
+        new = out[0]
         new.wake, new.thread, new.pool = engine.wake, threading.current_thread(), engine.pool
         engine.pool.append(new)
         return new

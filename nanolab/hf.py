@@ -15,6 +15,8 @@ import glob
 import json
 import os
 import sys
+from collections.abc import Mapping
+from contextlib import ExitStack
 
 import torch
 
@@ -125,21 +127,27 @@ def _hf_names(c):
         rows.append(('lm_head.weight', 'lm_head.weight', False))
     return rows
 
-def state_dict_from_hf(hf_sd, c):
-    """A Hugging Face state dict -> ours, for the model of config c (GPTConfig's fields)."""
-    if c['arch'] == 'gpt2' and not any(k.startswith('transformer.') for k in hf_sd):
-        # hub 'gpt2' omits the prefix
-        hf_sd = {'transformer.' + k if not k.startswith('lm_head') else k: v
-                 for k, v in hf_sd.items()}
+def state_dict_from_hf(hf_sd, c, dtype=None):
+    """A Hugging Face state dict (any mapping: read_state_dict's reads a tensor when it is asked
+    for) -> ours, for the model of config c (GPTConfig's fields), each tensor contiguous and in
+    dtype (None: as stored), made before the next is read."""
+    # hub 'gpt2' omits the prefix
+    bare = c['arch'] == 'gpt2' and not any(k.startswith('transformer.') for k in hf_sd)
     sd = {}
     for ours, theirs, transpose in _hf_names(c):
-        names = theirs if isinstance(theirs, list) else [theirs]
+        names = [n.removeprefix('transformer.') if bare else n
+                 for n in (theirs if isinstance(theirs, list) else [theirs])]
         missing = [n for n in names if n not in hf_sd]
         if missing:
             raise ValueError(f"Hugging Face checkpoint lacks tensor(s) {missing}; it does "
                              "not match its config.json")
-        w = torch.cat([hf_sd[n] for n in names], dim=0)
-        sd[ours] = w.t() if transpose else w
+        parts = [hf_sd[n] for n in names]
+        if any(p.dim() != parts[0].dim() or p.shape[1:] != parts[0].shape[1:] for p in parts):
+            raise ValueError(f"Hugging Face tensors {names} have shapes "
+                             f"{[tuple(p.shape) for p in parts]} that do not fit together")
+        w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        w = w.t() if transpose else w
+        sd[ours] = w.to(dtype or w.dtype).contiguous()
     if c['tie_embeddings']:
         sd['lm_head.weight'] = sd['transformer.wte.weight']
     return sd
@@ -175,42 +183,101 @@ def local_dir(name_or_dir):
             raise ValueError(f"{name_or_dir} has no config.json, so it is not a "
                              "Hugging Face model directory")
         return name_or_dir
+    return download(name_or_dir)
+
+def download(name):
+    """A hub model's snapshot in the Hugging Face cache (needs the network) -> its directory."""
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(name_or_dir,
+        return snapshot_download(name,
                                  allow_patterns=['*.json', '*.safetensors', '*.txt', '*.model',
                                                  'pytorch_model*.bin'])
     except Exception as e:
-        raise ValueError(f"'{name_or_dir}' is not a local directory and could not be fetched "
+        raise ValueError(f"'{name}' is not a local directory and could not be fetched "
                          f"from the Hugging Face hub ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local "
                          "directory (config.json + weights, e.g. written by "
                          "save_pretrained), or go online.") from None
 
-def read_weights(path):
-    files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
-    if files:
-        from safetensors.torch import load_file
-        sd = {}
-        for f in files:
-            sd.update(load_file(f))
-        return sd
-    files = sorted(glob.glob(os.path.join(path, 'pytorch_model*.bin')))
-    if files:
-        sd = {}
-        for f in files:
-            sd.update(torch.load(f, map_location='cpu', weights_only=True))
-        return sd
-    raise ValueError(f"{path} has a config.json but no *.safetensors or "
-                     "pytorch_model*.bin weights")
+def read_config(path):
+    """config.json of a local Hugging Face directory -> GPTConfig's arguments, or a ValueError that
+    names what is missing or wrong."""
+    name = os.path.join(path, 'config.json')
+    try:
+        with open(name, encoding='utf-8') as f:
+            raw = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{name} is not readable JSON ({type(e).__name__}: {str(e)[:120]}); "
+                         "replace it with the model's own config.json") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{name} is not a JSON object of a model's settings")
+    try:
+        return config_from_hf(raw)
+    except KeyError as e:
+        raise ValueError(f"{name} has no {e.args[0]!r}, which a {raw.get('model_type')} "
+                         "model's config.json holds") from None
+    except (TypeError, AttributeError, ZeroDivisionError) as e:
+        raise ValueError(f"{name} has a setting of the wrong type or value ({e}); replace it "
+                         "with the model's own config.json") from None
 
-def read_pretrained(name_or_dir):
+def weight_files(path):
+    """The weights of a local Hugging Face directory: its *.safetensors files, else its
+    pytorch_model*.bin files."""
+    files = sorted(glob.glob(os.path.join(path, '*.safetensors'))) or \
+        sorted(glob.glob(os.path.join(path, 'pytorch_model*.bin')))
+    if not files:
+        raise ValueError(f"{path} has a config.json but no *.safetensors or "
+                         "pytorch_model*.bin weights")
+    return files
+
+class _Tensors(Mapping):
+    """The tensors of safetensors files by name, each read from its file when asked for."""
+    def __init__(self, handles):
+        self.where = {k: h for h in handles for k in h.keys()}
+
+    def __getitem__(self, name):
+        return self.where[name].get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self):
+        return len(self.where)
+
+def read_state_dict(path, c, dtype=None, check=None):
+    """Our state dict for config c (GPTConfig's arguments) from a local Hugging Face directory's
+    weights, in dtype: safetensors are read one tensor at a time, so the peak is the model and one
+    tensor; .bin files are read whole (torch.load(weights_only=True): no code runs). check(number
+    of tensors) runs before the first tensor is read (checkpoint.check_size)."""
+    files = weight_files(path)
+    try:
+        with ExitStack() as stack:
+            if files[0].endswith('.safetensors'):
+                from safetensors import safe_open
+                hf_sd = _Tensors([stack.enter_context(safe_open(f, 'pt')) for f in files])
+            else:
+                hf_sd = {}
+                for f in files:
+                    part = torch.load(f, map_location='cpu', weights_only=True)
+                    if not isinstance(part, dict):
+                        raise ValueError(f"{f} holds no dict of tensors")
+                    hf_sd.update(part)
+            if check:
+                check(len(hf_sd))
+            return state_dict_from_hf(hf_sd, c, dtype)
+    except ValueError:
+        raise
+    except Exception as e:  # a truncated or crafted file: safetensors' or pickle's own errors
+        raise ValueError(f"the weights in {path} are not readable ({type(e).__name__}: "
+                         f"{str(e)[:160]}); download them again") from None
+
+def read_pretrained(name_or_dir, dtype=None):
     """A Hugging Face directory of a GPT-2 or Llama model (config.json + safetensors/bin), or a hub
-    name such as 'gpt2' when online -> (GPTConfig's arguments, the state dict under our names)."""
+    name such as 'gpt2' when online -> (GPTConfig's arguments, the state dict under our names, in
+    dtype)."""
     path = local_dir(name_or_dir)
-    with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
-        config = config_from_hf(json.load(f))
-    return config, state_dict_from_hf(read_weights(path), config)
+    config = read_config(path)
+    return config, read_state_dict(path, config, dtype)
 
 def write_pretrained(out_dir, config, state_dict, tokenizer=None):
     """Write a directory that transformers.AutoModelForCausalLM.from_pretrained loads with the same

@@ -23,6 +23,7 @@ import hmac
 import json
 import mimetypes
 import os
+import re
 import threading
 import time
 import traceback
@@ -42,6 +43,8 @@ from nanolab.quantize import for_inference
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'web')
 LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
+# a Hugging Face hub name: 'gpt2', 'HuggingFaceTB/SmolLM-135M'
+HUB_NAME = re.compile(r'[A-Za-z0-9][\w.\-]{0,95}(/[A-Za-z0-9][\w.\-]{0,95})?')
 
 # -----------------------------------------------------------------------------
 # 1) the models: list, load, unload
@@ -60,18 +63,17 @@ def _models(h, body):
 
 
 def _load(h, body):
-    """POST /v1/models/load {"source": a run directory, ckpt.pt, .safetensors, Hugging Face
-    directory or hub name, relative paths under runs_dir first; "name": optional}: load it with the
-    server's device, dtype and quantize, beside the others (engine_thread.adopt), -> the model's GET
-    /v1/models entry. One load at a time; max_models at once."""
+    """POST /v1/models/load {"source": a run directory, ckpt.pt, .safetensors or Hugging Face
+    directory under runs_dir, a --models_dir or the Hugging Face cache (model_path), or a hub name;
+    "name": optional}: load it with the server's device, dtype and quantize, beside the others
+    (engine_thread.adopt: built on a thread of its own, so they decode meanwhile), -> the model's
+    GET /v1/models entry. One load at a time; max_models at once."""
     source, name = body.get('source'), body.get('name')
-    if not isinstance(source, str) or not source.strip():
+    if not isinstance(source, str) or not source.strip() or len(source) > 4096 or '\0' in source:
         raise ApiError(400,
                        '"source" must be a model source: a run directory, a checkpoint, a Hugging '
                        'Face directory or hub name',
                        'source', 'invalid_source')
-    path = os.path.join(h.server.runs_dir, source)
-    path = path if not os.path.isabs(source) and os.path.exists(path) else source
     with h.server.models_lock:
         engines = h.server.engines
         if len(engines) >= h.server.max_models:
@@ -93,15 +95,42 @@ def _load(h, body):
                            'name', 'model_exists')
         first = next(iter(engines.values()))
         try:
-            # a hub name: download here, not on the engine thread the others decode on
-            if not os.path.exists(path):
-                path = hf.local_dir(path)
+            path = model_path(source, h.server.model_roots)
             engine = adopt(first, lambda: _engine(path, **first.options))
         except ValueError as e:  # load_model names what is wrong with the source and what to do
             raise ApiError(400, str(e), 'source', 'invalid_source') from None
         # a new dict: a request reading the old one is unaffected
         h.server.engines = {**engines, name: engine}
     h.send_json(200, _model_entry(h, name, engine))
+
+def model_path(source, roots):
+    """The path POST /v1/models/load reads a source from: the first of roots (realpaths) that holds
+    it, resolved with every link, and every file in it too, inside one of roots; or a hub name,
+    downloaded into the Hugging Face cache. Any other path, absent or not, gets one ValueError,
+    which says nothing of what is there."""
+    outside = ValueError(f"no model source {source[:200]!r} under this server's --runs_dir, "
+                         "--models_dir or Hugging Face cache; give a path relative to one of "
+                         "them, or start the server with --models_dir=DIR")
+    inside = lambda p: any(p == r or p.startswith(r + os.sep) for r in roots)
+    # an absolute path as it is; a relative one under each root, where it is (its own name: it may
+    # be a link, which must then lead inside too)
+    candidates = [source] if os.path.isabs(source) else \
+        [c for c in (os.path.normpath(os.path.join(r, source)) for r in roots)
+         if inside(c) and os.path.lexists(c)]
+    for c in candidates:
+        full = os.path.realpath(c)
+        if not inside(full) or not os.path.exists(full):
+            raise outside
+        files = [full] if os.path.isfile(full) else \
+            [os.path.join(full, f) for f in sorted(os.listdir(full))[:10_000]]
+        if not all(inside(os.path.realpath(f)) for f in files):
+            raise ValueError(f"{source[:200]!r} holds a link that leads out of this server's "
+                             "--runs_dir, --models_dir and Hugging Face cache; add the directory "
+                             "it leads to with --models_dir=DIR")
+        return full
+    if os.path.isabs(source) or '..' in source.split('/') or not HUB_NAME.fullmatch(source):
+        raise outside
+    return hf.download(source)  # a hub name: downloaded here, not on the engine thread
 
 def _unload(h, body):
     """POST /v1/models/unload {"model": name}: no new requests go to it; the ones it has finish,
@@ -313,10 +342,12 @@ def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0
 
 def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(),
                 cors_origins=(), max_connections=256, read_timeout=10.0, max_models=8,
-                max_tokens_limit=4096, n_limit=16):
+                max_tokens_limit=4096, n_limit=16, models_dirs=()):
     """The HTTP server for the engines ({name: Engine}); call serve_forever() on it. allowed_hosts:
     Host names answered besides loopback names, addresses and host; cors_origins: origins whose
-    pages may call the API; the rest are serve.py's settings of the same names."""
+    pages may call the API; models_dirs: directories POST /v1/models/load may read besides runs_dir
+    and the Hugging Face cache; the rest are serve.py's settings of the same names."""
+    from huggingface_hub.constants import HF_HUB_CACHE
     if host not in LOCAL_HOSTS and not api_key:
         raise ValueError(f"host={host!r} makes the server reachable from other "
                          "machines; set --api_key=SECRET (clients send 'Authorization: "
@@ -326,6 +357,8 @@ def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', all
     server.engines, server.api_key, server.runs_dir, server.started = engines, api_key, runs_dir, \
         int(time.time())
     server.max_models, server.models_lock = max_models, threading.Lock()
+    server.model_roots = [os.path.realpath(d) for d in (runs_dir, *models_dirs, HF_HUB_CACHE)
+                          if d.strip()]
     server.max_tokens_limit, server.n_limit = max_tokens_limit, n_limit
     server.allowed_hosts = {'localhost', host.lower(), *(h.strip().lower() for h in allowed_hosts
                                                          if h.strip())}
