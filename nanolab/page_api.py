@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 import torch
 
 from model import ARCHS, GPT, POSITIONS, GPTConfig
-from nanolab import arena
 from nanolab import prompts
 from nanolab.checkpoint import model_name
 from nanolab.files import finite
@@ -184,25 +183,27 @@ def _embedding_map(h, body):
                       'points': [[round(x, 4) for x in p] for p in points],
                       'explained': [round(x, 4) for x in explained]})
 
-# the arena: blind pairwise judgments, kept in <runs_dir>/arena/judgments.jsonl (arena.py)
-
-def _arena_file(h):
-    return os.path.join(h.server.runs_dir, 'arena', 'judgments.jsonl')
+# the arena: blind pairwise judgments, kept in <runs_dir>/arena/judgments.jsonl (server.arena: an
+# arena.Store)
 
 def _arena_judge(h, body):
-    """Append one judgment (arena.py's format; the server stamps its time) -> {"id", "judgments":
-    how many now}."""
+    """Append one judgment (arena.py's format, every field bounded; the server stamps its time) ->
+    {"id", "judged": true}; 507 when the disk takes only part of it (nothing is kept)."""
     j = {**body, 'time': datetime.now(timezone.utc).isoformat(timespec='seconds')}
     try:
-        arena.append_judgment(_arena_file(h), j)
+        h.server.arena.append(j)
     except ValueError as e:
         raise ApiError(400, f'bad judgment: {e}', None, 'invalid_value') from None
+    except OSError as e:
+        raise ApiError(507, f"the judgment was not stored ({e.strerror or e}); free some disk "
+                       "space under --runs_dir and vote again", None, 'insufficient_storage') \
+            from None
     h.send_json(200, {'id': j['id'], 'judged': True})
 
 def _arena_judged(h):
     try:
-        return arena.read_judgments(_arena_file(h)) if os.path.isfile(_arena_file(h)) else []
-    except ValueError as e:  # a damaged file: say where, and keep serving
+        return h.server.arena.judgments()
+    except ValueError as e:  # a line edited into something else: say where, and keep serving
         raise ApiError(409, f'the arena file is damaged: {e}', None, 'conflict') from None
 
 def _arena_items(h, body):
@@ -218,9 +219,10 @@ def _arena_items(h, body):
     h.send_json(200, {'object': 'list', 'data': todo[:50], 'remaining': len(todo)})
 
 def _arena_stats(h, body):
-    """arena.arena_stats of the judgments so far (200 bootstrap resamples), or {"judgments": 0}."""
-    judged = _arena_judged(h)
-    h.send_json(200, arena.arena_stats(judged, n_boot=200) if judged else {'judgments': 0})
+    """arena.arena_stats of the judgments so far (200 bootstrap resamples), or {"judgments": 0}:
+    computed once per change of the file (arena.Store)."""
+    _arena_judged(h)
+    h.send_json(200, h.server.arena.stats())
 
 def _runs(h, body):
     runs, skipped = read_runs(h.server.runs_dir)

@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 
-from nanolab import hf, page_api, prompts
+from nanolab import arena, hf, page_api, prompts
 from nanolab.checkpoint import MODEL_NAME, TUNED, checkpoint_stage, load_model, model_sources
 from nanolab.engine import Engine, NumericalError
 from nanolab.engine_thread import adopt, start
@@ -357,6 +357,7 @@ def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', all
     server.engines, server.api_key, server.runs_dir, server.started = engines, api_key, runs_dir, \
         int(time.time())
     server.max_models, server.models_lock = max_models, threading.Lock()
+    server.arena = arena.Store(os.path.join(runs_dir, 'arena', 'judgments.jsonl'))
     server.model_roots = [os.path.realpath(d) for d in (runs_dir, *models_dirs, HF_HUB_CACHE)
                           if d.strip()]
     server.max_tokens_limit, server.n_limit = max_tokens_limit, n_limit

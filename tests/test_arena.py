@@ -149,3 +149,100 @@ def test_evaluate_arena_writes_arena_json_and_pairs_dpo_reads(tmp_path):
     loaded, _ = load_reward_model(str(tmp_path / 'rm'))
     ra, rb = loaded.score(tok, [{'role': 'user', 'content': 'prompt i0'}], ['m1 says i0', 'm2 says i0'])
     assert stats['judgments'] == 6 and (ra != rb)
+
+
+def hunter_by_loops(judgments, iters=200):
+    """Hunter's MM written out as loops over models and pairs: the reference for arena.bradley_terry."""
+    import math
+    from collections import Counter
+    wins, games = Counter(), Counter()
+    for j in judgments:
+        a, b = j['a']['model'], j['b']['model']
+        if a != b:
+            games[frozenset((a, b))] += 1
+            wins[a] += {'a': 1, 'b': 0}.get(j['winner'], 0.5)
+            wins[b] += {'a': 0, 'b': 1}.get(j['winner'], 0.5)
+    p = {m: 1.0 for pair in games for m in pair}
+    for _ in range(iters):
+        new = {m: max(wins[m], 1e-3) / sum(n / (p[m] + p[next(iter(pair - {m}))]) for pair, n in games.items()
+                                           if m in pair) for m in p}
+        g = math.exp(sum(math.log(v) for v in new.values()) / len(new))
+        p = {m: v / g for m, v in new.items()}
+    return {m: 1000 + 400 * math.log10(v) for m, v in p.items()}
+
+
+def test_bradley_terry_is_the_loops_fit_and_a_model_against_itself_has_no_rating():
+    rng = random.Random(2)
+    names = [f'm{i}' for i in range(7)]
+    js = [judgment(str(k), *rng.sample(names, 2), rng.choice(WINNERS)) for k in range(300)]
+    js.append(judgment('self', 'm0', 'm0', 'a'))
+    want, got = hunter_by_loops(js), bradley_terry(js)
+    assert set(got) == set(want) and all(abs(got[m] - want[m]) < 1e-9 for m in want)
+    # only self-play: no ratings, and the statistics still come (this was a ZeroDivisionError)
+    stats = arena_stats([judgment('s', 'm0', 'm0', 'a')], n_boot=5)
+    assert stats['bradley_terry'] == {} and stats['judgments'] == 1
+
+
+def test_a_torn_line_is_skipped_and_appends_after_it_go_on(tmp_path):
+    path = tmp_path / 'judgments.jsonl'
+    append_judgment(str(path), judgment('x', 'm1', 'm2', 'a'))
+    with open(path, 'a') as f:
+        f.write('{"id": "torn", "prom')  # a crash mid-write
+    append_judgment(str(path), judgment('y', 'm1', 'm2', 'b'))  # closes the torn line first
+    append_judgment(str(path), judgment('z', 'm1', 'm2', 'tie'))
+    with pytest.warns(UserWarning, match='line 2: skipped a torn line'):
+        got = read_judgments(str(path))
+    assert [j['id'] for j in got] == ['x', 'y', 'z']
+
+
+def test_a_short_write_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """A disk that takes only part of a line (os.write's short count): the part is cut off again and the append
+    raises OSError (the server answers 507), so the file never holds a torn judgment."""
+    import os
+    from nanolab import arena
+    path = tmp_path / 'judgments.jsonl'
+    append_judgment(str(path), judgment('x', 'm1', 'm2', 'a'))
+    before = path.read_bytes()
+    write = os.write
+    monkeypatch.setattr(arena.os, 'write', lambda fd, data: write(fd, data[:len(data) // 2]))
+    with pytest.raises(OSError):
+        append_judgment(str(path), judgment('y', 'm1', 'm2', 'b'))
+    monkeypatch.setattr(arena.os, 'write', write)
+    assert path.read_bytes() == before
+    append_judgment(str(path), judgment('z', 'm1', 'm2', 'b'))
+    assert [j['id'] for j in read_judgments(str(path))] == ['x', 'z']
+
+
+def test_new_judgments_are_bounded_in_every_field(tmp_path):
+    path = str(tmp_path / 'judgments.jsonl')
+    j = judgment('x', 'm1', 'm2', 'a')
+    for bad, words in [({**j, 'extra': 'x' * 100}, 'unknown field'),
+                       ({**j, 'a': {**j['a'], 'model': 'm' * 5000}}, 'model'),
+                       ({**j, 'a': {**j['a'], 'model': ''}}, 'model'),
+                       ({**j, 'b': {**j['b'], 'settings': {'k': 'v' * 5000}}}, 'settings'),
+                       ({**j, 'b': {**j['b'], 'logprobs': [0.1] * 10}}, 'only'),
+                       ({**j, 'annotator': 'a' * 1000}, 'annotator'),
+                       ({**j, 'id': 'i' * 1000}, 'id')]:
+        with pytest.raises(ValueError, match=words):
+            append_judgment(path, bad)
+    append_judgment(path, j)
+    assert len(read_judgments(path)) == 1
+
+
+def test_the_store_computes_statistics_once_per_change(tmp_path, monkeypatch):
+    import threading
+    from nanolab import arena
+    calls = []
+    stats = arena.arena_stats
+    monkeypatch.setattr(arena, 'arena_stats', lambda js, n_boot: calls.append(len(js)) or stats(js, n_boot))
+    store = arena.Store(str(tmp_path / 'arena' / 'judgments.jsonl'))
+    assert store.stats() == {'judgments': 0} and calls == []
+    store.append(judgment('x', 'm1', 'm2', 'a'))
+    threads = [threading.Thread(target=store.stats) for _ in range(8)]  # eight readers at once: one computes
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.stats()['judgments'] == 1 and calls == [1]
+    store.append(judgment('y', 'm1', 'm2', 'b'))
+    assert store.stats()['judgments'] == 2 and store.stats()['judgments'] == 2 and calls == [1, 2]

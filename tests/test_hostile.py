@@ -333,3 +333,27 @@ def test_templates_are_filled_by_name_only_and_bounded(srv):
     status, out = call(srv, 'POST', '/v1/templates/render', raw=b'{"model": "char", "template": "qa", '
                        b'"variables": {"question": "q"}, "shots": {"examples": [], "k": Infinity}}')
     assert status == 400 and out['error']['param'] == 'k'
+
+
+def test_the_arena_bounds_judgments_survives_a_full_disk_and_self_play(srv, monkeypatch):
+    from nanolab import arena
+    j = {'id': 'i', 'prompt': 'p', 'winner': 'a', 'annotator': 'ann',
+         'a': {'model': 'char', 'text': 'x', 'settings': {}}, 'b': {'model': 'char', 'text': 'y', 'settings': {}}}
+    for bad in [{**j, 'a': {**j['a'], 'model': 'm' * 100_000}}, {**j, 'junk': 'x' * 100_000},
+                {**j, 'b': {**j['b'], 'settings': {'s': 'x' * 100_000}}}]:
+        status, body = call(srv, 'POST', '/v1/arena/judgments', bad)
+        assert status == 400 and 'bad judgment' in body['error']['message']
+    # a model judged against itself (two settings of one model) gives no rating, and the statistics still come
+    assert call(srv, 'POST', '/v1/arena/judgments', j)[0] == 200
+    status, stats = call(srv, 'GET', '/v1/arena/stats')
+    assert status == 200 and stats['judgments'] == 1 and stats['bradley_terry'] == {}
+    # a disk that takes half a line: 507, and the file is as it was
+    import os
+    write = os.write
+    monkeypatch.setattr(arena.os, 'write', lambda fd, data: write(fd, data[:len(data) // 2]))
+    status, body = call(srv, 'POST', '/v1/arena/judgments', {**j, 'id': 'j2'})
+    monkeypatch.setattr(arena.os, 'write', write)
+    assert status == 507 and 'not stored' in body['error']['message']
+    assert call(srv, 'POST', '/v1/arena/judgments', {**j, 'b': {**j['b'], 'model': 'bpe'}})[0] == 200
+    status, stats = call(srv, 'GET', '/v1/arena/stats')
+    assert status == 200 and stats['judgments'] == 2 and set(stats['bradley_terry']) == {'char', 'bpe'}
