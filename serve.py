@@ -40,6 +40,7 @@ prefill_chunk = 256         # prompt tokens prefilled per step, so a long prompt
 max_tokens_limit = 4096     # the largest max_tokens a request may ask for
 max_connections = 256       # open connections at once (a thread each); beyond: 503 with Retry-After
 read_timeout = 10.0         # seconds to send a whole request (line, headers, body); also the keep-alive idle time
+max_client_requests = 8     # requests of one client (address + key) run at once; its others wait their turn
 n_limit = 16                # the largest n (samples per prompt) and num_beams
 threads = 0                 # torch threads for the models; 0 = torch's default (one per core)
 device = 'auto'             # auto | cpu | cuda | cuda:N | mps
@@ -67,7 +68,7 @@ def main():
                            max_beam_slots=max_batch // 2)
     server = make_server(engines, host, port, key, runs_dir, allowed_hosts.split(','),
                          cors_origins.split(','), max_connections, read_timeout, max_models,
-                         max_tokens_limit, n_limit, models_dir.split(','))
+                         max_tokens_limit, n_limit, models_dir.split(','), max_client_requests)
     # subtle: what exists now (modules, the models) lives as long as the server. gc.freeze() keeps the
     # cyclic collector from walking it again: a full collection over it paused every stream for ~70 ms
     # (measured), a cost that landed on whichever request was in flight

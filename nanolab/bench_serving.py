@@ -179,8 +179,8 @@ def bench_serve(model, device, quantize, clients, per_client, tokens):
 # -----------------------------------------------------------------------------
 # fairness: one streaming client against hostile load
 
-def post(port, body, path='/v1/completions'):
-    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=600)
+def post(port, body, path='/v1/completions', source='127.0.0.1'):
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=600, source_address=(source, 0))
     conn.request('POST', path, json.dumps(body), {'Content-Type': 'application/json'})
     r = conn.getresponse()
     r.read()
@@ -189,18 +189,40 @@ def post(port, body, path='/v1/completions'):
 
 
 def loads(block):
-    """The hostile loads -> {name: request bodies, sent one after another by each of 2 clients
-    while the stream runs}."""
+    """The hostile loads -> {name: (clients, their address, [(path, body)] each sends one after
+    another without pause while the stream runs)}. The stream comes from 127.0.0.1."""
     long = 'To be, or not to be, that is the question: ' * 8
+    complete = lambda *bodies: [('/v1/completions', b) for b in bodies]
     return {
-        'a flood of prompts (256 a request, and 3000: refused)': [
+        'a flood of prompts (256 a request, and 3000: refused)': (2, '127.0.0.1', complete(
             {'prompt': ['First Citizen:'] * 256, 'max_tokens': 16},
-            {'prompt': ['a'] * 3000, 'max_tokens': 16}],
-        'a wide beam search (16 prompts x 8 beams, n=8)': [
-            {'prompt': ['ROMEO:'] * 16, 'num_beams': 8, 'n': 8, 'max_tokens': block // 2}],
-        f'long prompts being prefilled (128 x {block - 2} tokens, scored)': [
-            {'prompt': [long[:block - 2]] * 128, 'max_tokens': 0, 'echo': True, 'logprobs': 1}],
+            {'prompt': ['a'] * 3000, 'max_tokens': 16})),
+        'a wide beam search (16 prompts x 8 beams, n=8)': (2, '127.0.0.1', complete(
+            {'prompt': ['ROMEO:'] * 16, 'num_beams': 8, 'n': 8, 'max_tokens': block // 2})),
+        f'long prompts being prefilled (128 x {block - 2} tokens, scored)': (2, '127.0.0.1', complete(
+            {'prompt': [long[:block - 2]] * 128, 'max_tokens': 0, 'echo': True, 'logprobs': 1})),
+        f'many heavy requests from one client (20 at once from 127.0.0.2: 16 x {block - 2} tokens '
+        'scored, 5 top logprobs each)': (20, '127.0.0.2', complete(
+            {'prompt': [long[:block - 2]] * 16, 'max_tokens': 0, 'echo': True, 'logprobs': 5})),
+        'a model loading (85M parameters, loaded and unloaded without pause)': (1, '127.0.0.1', [
+            ('/v1/models/load', {'source': 'big', 'name': 'big'}),
+            ('/v1/models/unload', {'model': 'big'})]),
     }
+
+
+def big_run(runs_dir):
+    """A run of GPT-2 124M's shape over characters (85M parameters, random weights) in
+    runs_dir/big: what the loading row loads."""
+    from dataclasses import asdict
+    from model import GPT, GPTConfig
+    from nanolab.checkpoint import save_checkpoint
+    from nanolab.tokenizer import CharTokenizer
+    tok = CharTokenizer(chars=''.join(chr(c) for c in range(32, 97)))
+    model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                          vocab_size=tok.vocab_size))
+    save_checkpoint({'model_args': asdict(model.config), 'model': model.state_dict(),
+                     'tokenizer': tok.spec()}, os.path.join(runs_dir, 'big', 'ckpt.pt'))
+    del model
 
 
 def bench_fairness(model, device, quantize, tokens):
@@ -210,36 +232,39 @@ def bench_fairness(model, device, quantize, tokens):
     block = load_checkpoint(model)['model_args']['block_size']
     tokens, streams = min(tokens, block - 8), 6
     print(f"fairness: {model} (block {block}), a client streaming {streams} "
-          f"requests of {tokens} tokens one after another, alone and while 2 other "
+          f"requests of {tokens} tokens one after another, alone and while other "
           "clients send each load without pause")
     rows = []
-    with Process(serve_cmd(model, device, quantize)) as p:
-        def stream_client():
-            out = [stream_once(p.port, {'prompt': PROMPTS[i % len(PROMPTS)], 'max_tokens': tokens,
-                                        'temperature': 0.8, 'seed': i}) for i in range(streams)]
-            return (max(r[0] for r in out), max(r[3] for r in out),
-                    sum(r[1] for r in out) / sum(r[2] for r in out))
-        stream_client()  # warm-up
-        rows.append(('alone', *stream_client(), 0))
-        for name, bodies in loads(block).items():
-            stop, sent = threading.Event(), []
+    with tempfile.TemporaryDirectory() as runs_dir:
+        big_run(runs_dir)
+        with Process(serve_cmd(model, device, quantize, extra=[f'--runs_dir={runs_dir}'])) as p:
+            def stream_client():
+                out = [stream_once(p.port, {'prompt': PROMPTS[i % len(PROMPTS)],
+                                            'max_tokens': tokens, 'temperature': 0.8, 'seed': i})
+                       for i in range(streams)]
+                return (max(r[0] for r in out), max(r[3] for r in out),
+                        sum(r[1] for r in out) / sum(r[2] for r in out))
+            stream_client()  # warm-up
+            rows.append(('alone', *stream_client(), 0))
+            for name, (n, source, requests) in loads(block).items():
+                stop, sent = threading.Event(), []
 
-            def hostile():
-                while not stop.is_set():
-                    for b in bodies:
-                        sent.append(post(p.port, b))
-            threads = [threading.Thread(target=hostile) for _ in range(2)]
-            for t in threads:
-                t.start()
-            time.sleep(0.5)  # the load is under way
-            ttft, gap, tps = stream_client()
-            stop.set()
-            for t in threads:
-                t.join()
-            rows.append((name, ttft, gap, tps, len(sent)))
-            print(f"  {name}: first token {ttft * 1e3:.0f} ms, largest gap "
-                  f"{gap * 1e3:.0f} ms, {tps:.0f} tok/s ({len(sent)} load requests, "
-                  f"statuses {sorted(set(sent))})", flush=True)
+                def hostile():
+                    while not stop.is_set():
+                        for path, body in requests:
+                            sent.append(post(p.port, body, path, source))
+                threads = [threading.Thread(target=hostile) for _ in range(n)]
+                for t in threads:
+                    t.start()
+                time.sleep(0.5)  # the load is under way
+                ttft, gap, tps = stream_client()
+                stop.set()
+                for t in threads:
+                    t.join()
+                rows.append((name, ttft, gap, tps, len(sent)))
+                print(f"  {name}: first token {ttft * 1e3:.0f} ms, largest gap "
+                      f"{gap * 1e3:.0f} ms, {tps:.0f} tok/s ({len(sent)} load requests, "
+                      f"statuses {sorted(set(sent))})", flush=True)
     print("\n| load | worst time to first token | worst gap between tokens | stream tok/s "
           "| load requests |\n|---|---|---|---|---|")
     for name, ttft, gap, tps, n in rows:

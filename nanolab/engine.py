@@ -11,11 +11,13 @@ trainers decode through generate.
 
 Each step (Engine.step):
   1) cancelled requests leave: their KV-cache slots are free for this step
-  2) admission: waiting prompts take free slots, the request with the fewest running rows first
-     (ties: the one that came first), so one request of many prompts cannot shut a newcomer out; a
-     newcomer that finds every slot taken preempts a sampling row of the request holding the most
-     (it re-prefills later, losing nothing else); beam searches hold at most max_beam_slots
-     together; rows and prompt tokens per request are capped at submit
+  2) admission: waiting prompts take free slots, the client holding the fewest first (a client:
+     the requests one sender submitted; by default each request is its own), then its request
+     holding the fewest (ties: the one that came first), so neither one request of many prompts
+     nor one client of many requests can shut a newcomer out; a newcomer that finds every slot
+     taken preempts a sampling row of the client holding the most (it re-prefills later, losing
+     nothing else); beam searches hold at most max_beam_slots together; rows and prompt tokens
+     per request are capped at submit
   3) one forward pass: a new token for every decoding row, plus chunks of the prompts being
      prefilled, at most `prefill_chunk` prompt tokens a step, so a long prompt delays the other
      rows' next token by one chunk only
@@ -30,7 +32,7 @@ events.py's.
 import random
 import sys
 import threading
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import replace
 
@@ -115,10 +117,11 @@ class Engine:
         self.stats = dict(steps=0, peak_batch=0, rows_finished=0, rows_cancelled=0,
                           rows_preempted=0, prefill_tokens=0, chunks=0)
 
-    def submit(self, prompts, settings=Settings()):
+    def submit(self, prompts, settings=Settings(), client=None):
         """Queue prompts (token id lists, or one list) for decoding -> Request. Checked here, so a
         caller can refuse bad input before streaming: SettingsError or ValueError for bad values,
-        LimitError over a limit."""
+        LimitError over a limit. client: who sent it (the server's: address and key), whose
+        requests share one turn at admission; None: a client of its own."""
         prompts = prompt_lists(prompts)
         if any(not 0 <= t < self.V for p in prompts for t in p):
             raise ValueError(f"prompt token ids must be in [0, vocab_size={self.V})")
@@ -151,6 +154,7 @@ class Engine:
         if s.seed is None and s.temperature > 0 and s.num_beams == 1:
             s = replace(s, seed=int(torch.randint(0, 2 ** 62, ())))
         req = Request(self, prompts, s)
+        req.client = req if client is None else client
         if s.max_new_tokens == 0 and not s.prompt_logprobs:  # nothing to compute
             for i in range(len(prompts) * s.num_samples):
                 req.queue.put(Event(i // s.num_samples, i % s.num_samples, None, '', None, None,
@@ -254,29 +258,31 @@ class Engine:
         self.stats[why] += isinstance(r, Row)
 
     def _admit(self):
-        """2) free slots go to waiting work, the request with the fewest running rows first. A
-        request with none running that finds no free slot takes them from the request holding the
-        most (_preempt). Beam searches together hold at most max_beam_slots (serve.py: half the
-        batch), so the rest can always be freed."""
+        """2) free slots go to waiting work: the client holding the fewest slots first (a client's
+        requests share its turn; by default each request is a client of its own), then its request
+        holding the fewest. A client with none that finds no free slot takes them from the client
+        holding the most (_preempt). Beam searches together hold at most max_beam_slots (serve.py:
+        half the batch), so the rest can always be freed."""
         while self.inbox:
             self.waiting.append(self.inbox.popleft())
         free = [i for i, r in enumerate(self.slots) if r is None]
+        held = Counter(r.req.client for r in self.slots if r is not None)
         while self.waiting:
             beams = sum(isinstance(r, Beams) or isinstance(r, Row) and r.group is not None
                         for r in self.slots)
             # stable: ties keep their order
-            req = next((q for q in sorted(self.waiting, key=lambda q: q.running)
+            req = next((q for q in sorted(self.waiting, key=lambda q: (held[q.client], q.running))
                         if q.resume or q.settings.num_beams == 1
                         or beams + q.settings.slots <= self.max_beam_slots), None)
             if req is None:
                 break
             need = 1 if req.resume else req.settings.slots
-            if need > len(free) and req.running == 0:
-                free += self._preempt(need - len(free), req)
+            if need > len(free) and held[req.client] == 0:
+                free += self._preempt(need - len(free), req, held)
             if need > len(free):
                 # its turn: the slots wait, rather than let smaller requests jump ahead forever
                 break
-            slots, free = free[:need], free[need:]
+            slots, free, held[req.client] = free[:need], free[need:], held[req.client] + need
             if req.resume:
                 self._resume(req.resume.popleft(), slots[0])
             else:
@@ -286,12 +292,13 @@ class Engine:
         self.stats['peak_batch'] = max(self.stats['peak_batch'],
                                        sum(r is not None for r in self.slots))
 
-    def _preempt(self, k, req):
-        """Up to k slots for req, which has no row running, from the request holding the most: its
-        latest sampling rows go back to its queue with everything but their keys and values, which
-        they prefill again when their turn comes (their logits then agree with an uninterrupted run
-        to float rounding). Never a request's last row, nor a beam (a group steps together), nor a
-        row mid-fork or mid-score. -> the freed slots."""
+    def _preempt(self, k, req, held):
+        """Up to k slots for req, whose client holds none, from the client holding the most (held:
+        slots by client), its request holding the most: that request's latest sampling rows go
+        back to its queue with everything but their keys and values, which they prefill again when
+        their turn comes (their logits then agree with an uninterrupted run to float rounding).
+        Never a request's last row, nor a beam (a group steps together), nor a row mid-fork or
+        mid-score. -> the freed slots."""
         freed = []
         while len(freed) < k:
             victims = [r for r in self.slots if isinstance(r, Row) and r.group is None
@@ -299,8 +306,10 @@ class Engine:
                        and r.req is not req and r.req.running > 1]
             if not victims:
                 break
-            top = max(v.req.running for v in victims)
-            r = max((v for v in victims if v.req.running == top), key=lambda v: v.admitted)
+            top = max((held[v.req.client], v.req.running) for v in victims)
+            r = max((v for v in victims if (held[v.req.client], v.req.running) == top),
+                    key=lambda v: v.admitted)
+            held[r.req.client] -= 1
             freed.append(r.slot)
             self._free(r.slot, 'rows_preempted')
             r.slot = None

@@ -13,6 +13,8 @@ import select
 import socket
 import threading
 import time
+from collections import Counter
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from nanolab.files import dumps
@@ -226,13 +228,14 @@ class Server(ThreadingHTTPServer):
     """One thread per connection, at most max_connections of them (beyond: a 503 straight from the
     accept loop), and every request read within read_timeout seconds of the handler starting to
     wait for it: a reaper thread shuts the sockets that are late, so idle or trickling connections
-    cannot hold every thread (slowloris). subtle: socketserver's listen backlog of 5 reset 32
+    cannot hold every thread (slowloris). At most max_client_requests of one client's requests run
+    at once (turn). subtle: socketserver's listen backlog of 5 reset 32
     clients connecting at once, so it is raised."""
     request_queue_size = 256
     daemon_threads = True
     # make_server sets them (sets: tests add)
     allowed_hosts, cors_origins = frozenset({'localhost'}), frozenset()
-    max_connections, read_timeout = 256, 10.0
+    max_connections, read_timeout, max_client_requests = 256, 10.0, 8
     BUSY = (b'HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n'
             b'Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s')
 
@@ -240,6 +243,8 @@ class Server(ThreadingHTTPServer):
         super().server_activate()
         # socket -> time its request must be in by (None: it is)
         self.deadlines, self.lock = {}, threading.Lock()
+        # client -> its requests running; waiters wait on the condition
+        self.clients, self.turns = Counter(), threading.Condition()
         threading.Thread(target=self.reap, daemon=True, name='reaper').start()
 
     def process_request(self, request, client_address):
@@ -260,6 +265,26 @@ class Server(ThreadingHTTPServer):
         except OSError:
             pass
         self.shutdown_request(request)
+
+    @contextmanager
+    def turn(self, client, check):
+        """Hold one of client's max_client_requests places while a request runs; its requests
+        beyond wait here for one, calling check() between waits (it raises when the client hung
+        up). A client is an address and the key it sends: one client opening many connections
+        gets no more of the server than one that opens a few."""
+        with self.turns:
+            while self.clients[client] >= self.max_client_requests:
+                self.turns.wait(0.25)
+                check()
+            self.clients[client] += 1
+        try:
+            yield
+        finally:
+            with self.turns:
+                self.clients[client] -= 1
+                if not self.clients[client]:
+                    del self.clients[client]
+                self.turns.notify_all()
 
     def deadline(self, sock, seconds):
         with self.lock:

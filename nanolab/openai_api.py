@@ -253,7 +253,7 @@ def completion(h, body, chat):
     name, w = h.engine(body)
     call = read_request(name, w, body, chat, h.server.max_tokens_limit, h.server.n_limit)
     try:
-        req = w.submit(call.prompts, call.settings)
+        req = w.submit(call.prompts, call.settings, client=h.client)  # its client's turn
     except SettingsError as e:
         param = PARAMS.get(e.field, e.field)
         raise ApiError(400, f"'{param}': {e}", param, 'invalid_value') from None

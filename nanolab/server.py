@@ -246,8 +246,12 @@ class Handler(GuardedHandler):
                                "'Authorization: Bearer <key>' with the key the server "
                                "was started with (--api_key)",
                                None, 'invalid_api_key')
-            fn(self, self.body() if method == 'POST'
-               else {k: v[-1] for k, v in parse_qs(url.query).items()})
+            body = self.body() if method == 'POST' else \
+                {k: v[-1] for k, v in parse_qs(url.query).items()}
+            # one client: its address and the key it sends (everything local is 127.0.0.1)
+            self.client = (self.client_address[0], self.headers.get('Authorization', ''))
+            with self.server.turn(self.client, self.check_client):
+                fn(self, body)
         except (ApiError, NumericalError) as e:
             # this request's logits broke, not the server: only it fails
             if isinstance(e, NumericalError):
@@ -342,7 +346,7 @@ def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0
 
 def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(),
                 cors_origins=(), max_connections=256, read_timeout=10.0, max_models=8,
-                max_tokens_limit=4096, n_limit=16, models_dirs=()):
+                max_tokens_limit=4096, n_limit=16, models_dirs=(), max_client_requests=8):
     """The HTTP server for the engines ({name: Engine}); call serve_forever() on it. allowed_hosts:
     Host names answered besides loopback names, addresses and host; cors_origins: origins whose
     pages may call the API; models_dirs: directories POST /v1/models/load may read besides runs_dir
@@ -354,6 +358,7 @@ def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', all
                          "Bearer SECRET'), or keep --host=127.0.0.1")
     server = Server((host, port), Handler)
     server.max_connections, server.read_timeout = max_connections, read_timeout
+    server.max_client_requests = max_client_requests
     server.engines, server.api_key, server.runs_dir, server.started = engines, api_key, runs_dir, \
         int(time.time())
     server.max_models, server.models_lock = max_models, threading.Lock()

@@ -106,6 +106,41 @@ def test_a_newcomer_preempts_a_request_that_holds_every_slot():
         assert tokens(out[id(hog)], i) == generate(m, [i + 1, i + 2], 60, temperature=0)[0].tokens
 
 
+def test_admission_is_fair_between_clients_not_only_requests():
+    """One client sends 40 requests of one prompt each (a server's client opening many connections) and holds every
+    slot; a second client's request takes the next free slot, ahead of the first client's 36 waiting requests (each
+    of which holds no slot either, so per request they would tie and go first); and a newcomer client whose rows
+    hold every slot of one other client preempts that client's rows, never its own."""
+    m = tiny(block_size=128)
+    engine = Engine(m, max_batch=4)
+    flood = [engine.submit([[i + 1]], Settings(max_new_tokens=6, temperature=0), client='one')
+             for i in range(40)]
+    engine.step()
+    late = engine.submit([PROMPTS[0]], Settings(max_new_tokens=10, temperature=0), client='two')
+    first = None
+    for step in range(100):
+        engine.step()
+        if any(r is not None and r.req is late for r in engine.slots):
+            first = step
+            break
+    assert first is not None and first <= 6  # one flood row's length, not 40 requests' (60 steps)
+    out, _ = run(engine, flood + [late])
+    assert tokens(out[id(late)]) == generate(m, PROMPTS[0], 10, temperature=0)[0].tokens
+    # preemption by client: 'one' holds the 4 slots with two requests of 2 rows; 'three' takes one of them
+    hogs = [engine.submit([[i + 1, i + 2], [i + 3, i + 4]], Settings(max_new_tokens=60, temperature=0),
+                          client='one') for i in range(2)]
+    for _ in range(3):
+        engine.step()
+    newcomer = engine.submit([PROMPTS[1]], Settings(max_new_tokens=8, temperature=0), client='three')
+    engine.step()
+    assert any(r is not None and r.req is newcomer for r in engine.slots)
+    out, _ = run(engine, hogs + [newcomer])
+    for k, h in enumerate(hogs):  # the preempted row's tokens are the same as if it had never left
+        for i in range(2):
+            want = generate(m, [2 * i + k + 1, 2 * i + k + 2], 60, temperature=0)[0].tokens
+            assert tokens(out[id(h)], i) == want
+
+
 def test_beam_searches_hold_at_most_their_share_of_the_slots():
     m = tiny()
     engine = Engine(m, max_batch=4, max_beam_slots=2)

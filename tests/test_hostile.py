@@ -357,3 +357,39 @@ def test_the_arena_bounds_judgments_survives_a_full_disk_and_self_play(srv, monk
     assert call(srv, 'POST', '/v1/arena/judgments', {**j, 'b': {**j['b'], 'model': 'bpe'}})[0] == 200
     status, stats = call(srv, 'GET', '/v1/arena/stats')
     assert status == 200 and stats['judgments'] == 2 and set(stats['bradley_terry']) == {'char', 'bpe'}
+
+
+def test_one_client_runs_at_most_its_share_of_requests_and_others_go_on(srv):
+    """Ten slow streams from one client (one address, no key): at most max_client_requests of them run at once, the
+    rest wait their turn and then finish; meanwhile a client at another address (127.0.0.2) and one sending another
+    key are served at once."""
+    import threading
+    import time
+    from test_serve import slow
+    srv.max_client_requests = 3
+    try:
+        with slow(srv.engines['char'], 0.02):
+            results, peak = [], []
+
+            def stream():
+                results.append(call(srv, 'POST', '/v1/completions', {**COMPLETION, 'max_tokens': 12, 'stream': True})[0])
+            threads = [threading.Thread(target=stream) for _ in range(10)]
+            for t in threads:
+                t.start()
+            deadline = time.time() + 30
+            while len(results) < 10 and time.time() < deadline:
+                peak.append(srv.clients.get(('127.0.0.1', ''), 0))
+                if len(results) < 4 and len(peak) == 20:  # the others wait: these get through now
+                    other = socket.create_connection(('127.0.0.1', srv.server_address[1]), source_address=('127.0.0.2', 0))
+                    other.sendall(post('/v1/completions', COMPLETION, {'Content-Type': 'application/json',
+                                                                      'Connection': 'close'}))
+                    answer = other.recv(65536)
+                    other.close()
+                    keyed = call(srv, 'POST', '/v1/completions', COMPLETION, headers={'Authorization': 'Bearer other'})
+                    assert answer.startswith(b'HTTP/1.1 200') and keyed[0] == 200 and len(results) < 10
+                time.sleep(0.01)
+            for t in threads:
+                t.join()
+        assert results == [200] * 10 and max(peak) == 3
+    finally:
+        srv.max_client_requests = 8
