@@ -28,23 +28,31 @@ from nanolab import datasets
 from nanolab.formats import read_preferences
 
 
-def encode_pair(tok, row, max_len):
-    """(prompt ids, chosen ids, rejected ids, truncated) for one {prompt, chosen, rejected} row,
-    cut to max_len tokens by the rule in the module docstring."""
-    p = tok.render_chat(row['prompt'], add_generation_prompt=True)[0]
+def encode_responses(tok, prompt, answers, max_len):
+    """(prompt ids, [each answer's response ids], truncated) for answers (strings) to one prompt
+    (chat messages), cut to max_len tokens by the rule in the module docstring (the longest answer
+    sets the prompt's budget)."""
+    p = tok.render_chat(prompt, add_generation_prompt=True)[0]
     responses = []
-    for answer in (row['chosen'], row['rejected']):
-        ids = tok.render_chat(row['prompt'] + [{'role': 'assistant', 'content': answer}])[0]
+    for answer in answers:
+        ids = tok.render_chat(prompt + [{'role': 'assistant', 'content': answer}])[0]
         # the template must render a prompt the same way with or without its answer
         if ids[:len(p)] != p:
-            raise ValueError(f'the chat template renders the prompt {row["prompt"]!r:.80} '
+            raise ValueError(f'the chat template renders the prompt {prompt!r:.80} '
                              'differently before an answer')
         responses.append(ids[len(p):])
     longest = max(map(len, responses))
     if len(p) + longest <= max_len:
-        return p, *responses, False
+        return p, responses, False
     p = p[-max(max_len - longest, max_len // 2):]  # 1) the prompt, from the left
-    return p, *(r[:max_len - len(p)] for r in responses), True  # 2) the responses, from the right
+    return p, [r[:max_len - len(p)] for r in responses], True  # 2) the responses, from the right
+
+def encode_pair(tok, row, max_len):
+    """(prompt ids, chosen ids, rejected ids, truncated) for one {prompt, chosen, rejected} row,
+    cut to max_len tokens (encode_responses)."""
+    p, (c, r), cut = encode_responses(tok, row['prompt'], [row['chosen'], row['rejected']],
+                                      max_len)
+    return p, c, r, cut
 
 def collate_responses(seqs, device='cpu'):
     """[(prompt ids, response ids)] -> inputs x and targets y, both (N, T), right-padded. y is the

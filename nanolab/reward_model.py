@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanolab.checkpoint import load_checkpoint, load_model
+from nanolab.preferences import encode_responses
 
 
 class RewardModel(nn.Module):
@@ -38,11 +39,11 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def score(self, tok, prompt, answers):
-        """Rewards of answers (strings) to one prompt (a list of chat messages), each rendered as
-        in training."""
-        seqs = [tok.render_chat(prompt + [{'role': 'assistant', 'content': a}])[0]
-                for a in answers]
-        x, last = pad(seqs, next(self.parameters()).device)
+        """Rewards of answers (strings) to one prompt (a list of chat messages), each rendered and
+        cut to the model's context as in training (preferences.encode_responses: a long prompt
+        loses its oldest tokens, a long answer its last)."""
+        p, responses, _ = encode_responses(tok, prompt, answers, self.gpt.config.block_size)
+        x, last = pad([p + r for r in responses], next(self.parameters()).device)
         return self(x, last).tolist()
 
 def pad(seqs, device='cpu'):

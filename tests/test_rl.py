@@ -132,3 +132,31 @@ def test_a_reward_model_can_be_the_reward(setup):
     answers = metrics.answer(sft, tok, [r['messages'][:-1] for r in rows], 6)
     want = sum(rm.eval().score(TOK, r['messages'][:-1], [a])[0] for r, a in zip(rows, answers)) / len(rows)
     assert evals[0]['reward'] == pytest.approx(want, abs=1e-5)  # step 0: the SFT model's answers, by the head
+
+
+def test_a_reward_model_with_a_shorter_context_scores_what_fits_as_its_training_did(setup):
+    """A reward model whose context (16 tokens) is shorter than a prompt and its sampled answer: rl.py runs (it was a
+    'sequence of 67 tokens exceeds block_size' traceback), and each answer is scored cut as reward.py's pairs are."""
+    from nanolab import metrics
+    from nanolab.checkpoint import load_model
+    from nanolab.preferences import encode_responses
+    from nanolab.reward_model import RewardModel, pad
+    d = setup
+    torch.manual_seed(1)
+    rm = RewardModel(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=TOK.vocab_size)))
+    torch.nn.init.normal_(rm.head.weight)
+    save_checkpoint({'model_args': asdict(rm.gpt.config), 'model': rm.gpt.state_dict(), 'tokenizer': TOK.spec(),
+                     'config': {}, 'reward_head': rm.head.state_dict()}, str(d / 'rm16' / 'ckpt.pt'))
+    run(setup, f"--out_dir={d / 'with_rm16'}", '--max_iters=1', f"--reward={d / 'rm16'}")
+    evals = [r for r in read_metrics(d / 'with_rm16' / 'metrics.jsonl') if 'exact_match' in r]
+    rows = [json.loads(line) for line in (d / 'data' / 'tasks' / 'val.jsonl').read_text().splitlines()]
+    sft, tok, _ = load_model(str(d / 'sft'))
+    answers = metrics.answer(sft, tok, [r['messages'][:-1] for r in rows], 6)
+    rm.eval()
+    want = []
+    for r, a in zip(rows, answers):  # by hand: the pair rule's cut, then the head on the last token
+        p, (resp,), cut = encode_responses(TOK, r['messages'][:-1], [a], 16)
+        assert cut and len(p) + len(resp) <= 16
+        with torch.no_grad():
+            want.append(rm(*pad([p + resp])).item())
+    assert evals[0]['reward'] == pytest.approx(sum(want) / len(want), abs=1e-5)
