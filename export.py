@@ -39,6 +39,7 @@ import torch
 from nanolab import hf
 from nanolab.checkpoint import load_model, write_safetensors
 from nanolab.configurator import cli_errors, configure, fail
+from nanolab.files import remove_stale
 from nanolab.gguf_export import OUTTYPES, write_gguf
 from nanolab.llama_cpp import check_llama_cpp
 from nanolab.tokenizer import check_fits
@@ -87,14 +88,19 @@ with cli_errors():
             # refuses, with the reason, a tokenizer Hugging Face's files cannot hold
             hf.byte_level_vocab(tok)
         tmp = f'{path}.{os.getpid()}.tmp'
-        model.to(TORCH_DTYPES[outtype]).save_pretrained(tmp, tokenizer=tok)
-        card = os.path.join(init_from, 'README.md')
-        if ckpt and os.path.isfile(card):
-            shutil.copyfile(card, os.path.join(tmp, 'README.md'))
-        # --overwrite: the old directory goes only once the new one is whole
-        if os.path.exists(path):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        os.replace(tmp, path)
+        remove_stale(os.path.dirname(os.path.abspath(path)))  # what a killed export left
+        try:
+            model.to(TORCH_DTYPES[outtype]).save_pretrained(tmp, tokenizer=tok)
+            card = os.path.join(init_from, 'README.md')
+            if ckpt and os.path.isfile(card):
+                shutil.copyfile(card, os.path.join(tmp, 'README.md'))
+            # --overwrite: the old directory goes only once the new one is whole
+            if os.path.exists(path):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            os.replace(tmp, path)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
     if check_with:
         r = check_llama_cpp(path, model, tok, check_with, check_prompt, check_tokens)
         print("llama.cpp: tokenizes the prompt "

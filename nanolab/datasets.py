@@ -298,11 +298,20 @@ def _up_to_date(folder, settings):
     except ValueError:
         return False
 
+TEMP_FILES = ('train.bin.tmp', 'val.bin.tmp', 'train.jsonl.tmp', 'val.jsonl.tmp')
+
 def _start(folder):
     os.makedirs(folder, exist_ok=True)
     # subtle: an old meta must not describe new files
     if os.path.exists(os.path.join(folder, 'meta.json')):
         os.remove(os.path.join(folder, 'meta.json'))
+    _discard(folder)  # what a killed preparation left
+
+def _discard(folder):
+    """Remove the .tmp files a preparation writes (before _finish renames them into place)."""
+    for name in TEMP_FILES:
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
 
 def _finish(folder, meta, names):
     """Rename the .tmp files into place, then write meta.json last."""
@@ -314,12 +323,20 @@ def _finish(folder, meta, names):
 def prepare(name: str, data_dir: str = 'data', **overrides) -> str:
     """Create data_dir/<name> (data_dir/<out_name> for `text`) unless it exists with the same
     settings; return its path. overrides: any of the settings above (python data.py --help lists
-    them)."""
+    them). A preparation that fails leaves no .tmp files (the old dataset's files stay)."""
     cfg = _config({**overrides, 'data_dir': data_dir})
-    if name in TASK_SETS:
-        return _prepare_tasks(name, cfg)
-    if name in JSONL_SETS:
-        return _prepare_jsonl(name, cfg)
+    try:
+        if name in TASK_SETS:
+            return _prepare_tasks(name, cfg)
+        if name in JSONL_SETS:
+            return _prepare_jsonl(name, cfg)
+        return _prepare_corpus(name, cfg)
+    except BaseException:
+        _discard(os.path.join(data_dir, cfg['out_name'] if name == 'text' else name))
+        raise
+
+def _prepare_corpus(name, cfg):
+    data_dir = cfg['data_dir']
     if name not in DATASETS:
         names = [*DATASETS, *JSONL_SETS]
         raise ValueError(f'unknown dataset {name!r}; did you mean '

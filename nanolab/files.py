@@ -14,8 +14,15 @@ on POSIX and Windows).
 import json
 import math
 import os
+import re
+import shutil
 import threading
+import time
 from contextlib import contextmanager
+
+
+# a temp file or folder of a writer: NAME.PID.TID.tmp (replacing) or NAME.PID.tmp (export.py)
+TEMP_NAME = re.compile(r'.+?\.(\d+)(?:\.\d+)?\.tmp')
 
 
 @contextmanager
@@ -31,6 +38,40 @@ def replacing(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale(folder, quiet_seconds=60):
+    """Remove the temp files and folders in folder (NAME.PID.TMP or NAME.PID.TID.tmp, replacing's
+    and export.py's) that a process which no longer runs left behind (killed mid-write: a
+    checkpoint-sized ckpt.pt.PID.TID.tmp), once untouched for quiet_seconds. A writer calls it as
+    it starts. -> the names removed."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = TEMP_NAME.fullmatch(name)
+        full = os.path.join(folder, name)
+        try:
+            if not m or _running(int(m.group(1))) \
+                    or time.time() - os.path.getmtime(full) < quiet_seconds:
+                continue
+            shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # a process of another user
+        return True
+    return True
 
 
 def commit(tmp, path):

@@ -27,6 +27,7 @@ import torch
 
 from nanolab.checkpoint import load_checkpoint
 from nanolab.configurator import configure, fail
+from nanolab.files import remove_stale
 from nanolab.lora import merged_state_dict
 from nanolab.runs import read_metrics
 from nanolab.tracking import MetricsLogger, open_trackers, plot_loss_svg
@@ -299,6 +300,21 @@ def diverged(val_loss, iter_num, saved_at, out_dir):
           f"checkpoint, so {out_dir} keeps {kept}; try a lower learning_rate, or grad_clip")
     return True
 
+def check_writable(out_dir):
+    """out_dir (made if need be) must be a folder this process can write in: a ValueError that
+    names why not (a file of that name, a read-only disk, no permission) before any work."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {out_dir} is a file, not a folder; give another --out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f'.probe.{os.getpid()}.tmp')
+        with open(probe, 'wb'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"out_dir {out_dir} cannot be written in ({e.strerror or e}); give "
+                         "another --out_dir, or make it writable") from None
+
 def open_run(out_dir, init_from, overwrite, script, config, choices=None, fixed=(),
              distributed=False):
     """The start of every trainer: refuse to replace a trained run (check_out_dir), and with
@@ -314,6 +330,10 @@ def open_run(out_dir, init_from, overwrite, script, config, choices=None, fixed=
              "...` (train.py is the one that takes torchrun)")
     try:
         check_out_dir(out_dir, init_from, overwrite, os.path.basename(script))
+        check_writable(out_dir)
+        for folder in (out_dir, os.path.join(out_dir, 'checkpoints')):
+            for name in remove_stale(folder):  # a killed save's checkpoint-sized temp file
+                print(f'removed {os.path.join(folder, name)}, left by a run that was killed')
         if init_from == 'resume':
             return resume_config(out_dir, config, script, choices, fixed)
     except ValueError as e:

@@ -304,8 +304,22 @@ def test_bad_files_are_named_skipped_on_request_and_counted(tmp_path):
     with pytest.raises(ValueError, match=r"cafe.txt is not utf-8 text \(byte 0xe9.*--encoding=latin-1.*--on_bad_file=skip"):
         datasets.prepare('text', **opts)
     assert not (tmp_path / 'data' / 'text' / 'meta.json').exists()
+    (tmp_path / 'data' / 'text' / 'val.jsonl.tmp').write_bytes(b'\0' * 64)  # as a killed preparation leaves it
     meta = json.load(open(os.path.join(datasets.prepare('text', on_bad_file='skip', **opts), 'meta.json')))
+    assert not list((tmp_path / 'data' / 'text').glob('*.tmp'))
     assert meta['source']['skipped_files'] == {'binary': 1, 'undecodable': 1} and meta['source']['files'] == 4
     assert 'é' not in meta['tokenizer']['chars']
     meta = json.load(open(os.path.join(datasets.prepare('text', encoding='latin-1', **opts), 'meta.json')))
     assert meta['source']['skipped_files'] == {'binary': 1, 'undecodable': 0} and 'é' in meta['tokenizer']['chars']
+
+
+def test_a_preparation_that_fails_after_writing_leaves_no_temp_files(tmp_path):
+    """One document: all of it lands in train, the val split gets no tokens, and the error comes after both .bin.tmp
+    files were written: they go (they were left behind, a corpus' worth of tokens)."""
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    (corpus / 'one.txt').write_text('just one short document about a fox ' * 20)
+    with pytest.raises(ValueError, match='the val split got no tokens'):
+        datasets.prepare('text', data_dir=str(tmp_path / 'data'), input=str(corpus), tokenizer='char', num_proc=1,
+                         quality=False, lang_filter=False, near_dedup=False)
+    assert os.listdir(tmp_path / 'data' / 'text') == []

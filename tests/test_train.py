@@ -349,6 +349,24 @@ def test_a_second_run_into_a_trained_out_dir_is_refused_and_loses_nothing(data_d
     train(*args, '--overwrite=True')  # and an explicit overwrite replaces the run
     assert [r['iter'] for r in read_metrics(os.path.join(out, 'metrics.jsonl')) if 'loss' in r] == list(range(10))
 
+def test_an_out_dir_that_cannot_be_written_is_one_line_and_a_killed_saves_temp_file_goes(data_dir, tmp_path, capsys):
+    args = [*TINY, f'--data_dir={data_dir}', '--max_iters=4', '--lr_decay_iters=4']
+    (tmp_path / 'a_file').write_text('x')
+    assert 'is a file, not a folder' in error_of(*args, f"--out_dir={tmp_path / 'a_file'}")
+    assert 'cannot be written in' in error_of(*args, '--out_dir=/sys/nanolab_out')  # read-only
+    # a checkpoint-sized temp file of a save that SIGKILL cut short (its process is gone), and one of a live writer
+    out = tmp_path / 'out'
+    train(*args, f'--out_dir={out}')
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    stale, live = out / f'ckpt.pt.{int(dead.stdout)}.140000.tmp', out / f'best.pt.{os.getpid()}.1.tmp'
+    for f in (stale, live):
+        f.write_bytes(b'\0' * 1000)
+        os.utime(f, (time.time() - 3600, time.time() - 3600))
+    capsys.readouterr()
+    train(*args, f'--out_dir={out}', '--init_from=resume', '--max_iters=6')
+    assert not stale.exists() and live.exists() and f'removed {stale}' in capsys.readouterr().out
+
+
 def test_a_diverged_run_says_so_and_stops_without_writing_a_checkpoint(data_dir, tmp_path, capsys):
     out = tmp_path / 'out'
     train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=60', '--lr_decay_iters=60',
