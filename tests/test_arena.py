@@ -83,7 +83,8 @@ def test_judgments_file_pairs_and_bad_lines(tmp_path):
     assert len(lines) == 3 and json.loads(lines[0])['winner'] == 'a'
     with open(path, 'a') as f:
         f.write('{"id": "torn", "prom')  # a write cut short
-    got = read_judgments(str(tmp_path / 'arena'))  # a directory of judgment files
+    with pytest.warns(UserWarning, match='line 4: skipped a torn line'):
+        got = read_judgments(str(tmp_path / 'arena'))  # a directory of judgment files
     assert [j['id'] for j in got] == ['x', 'y', 'z']
     stats = arena_stats(got, n_boot=10)
     assert stats['ratings'] == {'m1': {'mean': 4.5, 'n': 2}, 'm2': {'mean': 2.0, 'n': 1}}
