@@ -8,10 +8,11 @@ serve: rounds of N concurrent streaming clients against serve.py (/v1/completion
   a seed per request, `serve_tokens` tokens each, `requests_per_client` requests one after
   another): aggregate tokens/s over the round, and p50/p95 time to first token (request sent ->
   first chunk).
-fairness: one streaming client on the Shakespeare default model while another client floods the
-  server with a request of many prompts, a wide beam search, or a long prompt being prefilled: the
-  streaming client's time to first token and its largest gap between two tokens, against the same
-  client alone.
+fairness: one streaming client on the Shakespeare default model while other clients flood the
+  server with requests of many prompts, wide beam searches, long prompts being prefilled, twenty
+  heavy scoring requests at once from a second loopback address (127.0.0.2), or a model of 85M
+  parameters loaded and unloaded without pause: the streaming client's time to first token and its
+  largest gap between two tokens, against the same client alone.
 llamacpp: GPT-2 124M (random weights, written with save_pretrained and converted by llama.cpp's own
   convert.sh to GGUF F32 and Q8_0): llama-bench against generate (generation.py) at batch 1 and 8
   (decode tok/s, 64 new tokens after a 16-token prompt; prefill tok/s of a 256-token prompt), then
@@ -199,8 +200,9 @@ def loads(block):
             {'prompt': ['a'] * 3000, 'max_tokens': 16})),
         'a wide beam search (16 prompts x 8 beams, n=8)': (2, '127.0.0.1', complete(
             {'prompt': ['ROMEO:'] * 16, 'num_beams': 8, 'n': 8, 'max_tokens': block // 2})),
-        f'long prompts being prefilled (128 x {block - 2} tokens, scored)': (2, '127.0.0.1', complete(
-            {'prompt': [long[:block - 2]] * 128, 'max_tokens': 0, 'echo': True, 'logprobs': 1})),
+        f'long prompts being prefilled (128 x {block - 2} tokens, scored)': (
+            2, '127.0.0.1', complete({'prompt': [long[:block - 2]] * 128, 'max_tokens': 0,
+                                      'echo': True, 'logprobs': 1})),
         f'many heavy requests from one client (20 at once from 127.0.0.2: 16 x {block - 2} tokens '
         'scored, 5 top logprobs each)': (20, '127.0.0.2', complete(
             {'prompt': [long[:block - 2]] * 16, 'max_tokens': 0, 'echo': True, 'logprobs': 5})),

@@ -120,8 +120,9 @@ def model_config(args, source):
 
 def check_size(config, source, n_tensors, device='cpu', dtype=torch.float32):
     """Before any weights are read: config's layers must be in a file of n_tensors tensors, and its
-    weights in dtype must fit in the memory free on device now (device.free_memory). Counted on a model laid out on the meta device (no memory),
-    which is returned: its state dict holds the names and shapes the weights must have."""
+    weights in dtype must fit in the memory free on device now (device.free_memory). Counted on a
+    model laid out on the meta device (no memory), which is returned: its state dict holds the
+    names and shapes the weights must have."""
     if config.n_layer > n_tensors:
         raise ValueError(f"{source} describes {config.n_layer} layers but holds "
                          f"{n_tensors} tensors: its model args do not match its weights")

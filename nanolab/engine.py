@@ -260,8 +260,8 @@ class Engine:
     def _admit(self):
         """2) free slots go to waiting work: the client holding the fewest slots first (a client's
         requests share its turn; by default each request is a client of its own), then its request
-        holding the fewest. A client with none that finds no free slot takes them from the client
-        holding the most (_preempt). Beam searches together hold at most max_beam_slots (serve.py:
+        holding the fewest. A request with none that finds no free slot takes them from the client
+        holding the most, which may be its own (_preempt). Beam searches together hold at most max_beam_slots (serve.py:
         half the batch), so the rest can always be freed."""
         while self.inbox:
             self.waiting.append(self.inbox.popleft())
@@ -277,7 +277,7 @@ class Engine:
             if req is None:
                 break
             need = 1 if req.resume else req.settings.slots
-            if need > len(free) and held[req.client] == 0:
+            if need > len(free) and req.running == 0:
                 free += self._preempt(need - len(free), req, held)
             if need > len(free):
                 # its turn: the slots wait, rather than let smaller requests jump ahead forever
@@ -293,7 +293,7 @@ class Engine:
                                        sum(r is not None for r in self.slots))
 
     def _preempt(self, k, req, held):
-        """Up to k slots for req, whose client holds none, from the client holding the most (held:
+        """Up to k slots for req, which holds none, from the client holding the most (held:
         slots by client), its request holding the most: that request's latest sampling rows go
         back to its queue with everything but their keys and values, which they prefill again when
         their turn comes (their logits then agree with an uninterrupted run to float rounding).

@@ -75,7 +75,7 @@ class Request:
         self.waiting = deque(range(len(prompts)))  # prompts not yet admitted
         self.resume = deque()                       # its preempted rows, admitted again first
         self.running = 0                            # slots it holds
-        self.client = self                          # whose turn it shares at admission (Engine.submit)
+        self.client = self                          # shares its turns with (Engine.submit)
         self.outputs = len(prompts) * settings.num_samples  # final events to come
         self.queue, self.cancelled = queue.SimpleQueue(), False
 

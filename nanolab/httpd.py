@@ -5,7 +5,8 @@ whole request in time. GuardedHandler refuses what a web page can make a browser
 Host: DNS rebinding; a cross-origin POST; a non-JSON body), reads bodies strictly (one
 Content-Length of ASCII digits, no Transfer-Encoding; JSON at most MAX_DEPTH deep; an error before
 the body closes the connection, no smuggling, after discarding a bounded part of what is still
-arriving so the client reads the answer), and writes JSON (NaN as null) and server-sent events. Errors are ApiError, in OpenAI's error body.
+arriving so the client reads the answer), and writes JSON (NaN as null) and server-sent events.
+Errors are ApiError, in OpenAI's error body. Server caps each client's requests running at once.
 """
 import ipaddress
 import json

@@ -12,7 +12,7 @@ size is known before it is built.
     render('qa_chat', context='...', question='...')   # a list of chat messages
     render('math_steps', problem='2 + 2?', cot=True)   # with the template's chain-of-thought line
     few_shot(rows, k=3, seed=0, template='qa_pair')    # k rows picked by the seed, each formatted
-    fill('sentiment', {'text': '...'})                 # render's values as a dict: any names (a client's)
+    fill('sentiment', {'text': '...'})  # render's values as a dict: any names (a client's)
 
 Each template: {kind, description, template (str | list of {role, content}), example: values that
 render it}, and optionally `cot`: a line appended (to the text, or the last user message) when

@@ -14,6 +14,7 @@ the first one):
     POST /tokenize, /detokenize; GET /tokenizer_info: in vLLM's shapes, which lm-eval's remote
         tokenizer reads
     POST /v1/models/load {source}, /v1/models/unload {model}: models at run time, beside the others
+        (read only under runs_dir, --models_dir and the Hugging Face cache: model_path)
     the page's views (page_api.py): /v1/attention, /v1/inspect, /v1/tokenizers, /v1/embedding_map,
         /v1/templates, /v1/arena/*, /runs, /leaderboard, /v1/registry (runs_dir's models,
         checkpoints and exports), /v1/shape (model.py's rules and counts for any shape)
@@ -352,6 +353,9 @@ def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', all
     pages may call the API; models_dirs: directories POST /v1/models/load may read besides runs_dir
     and the Hugging Face cache; the rest are serve.py's settings of the same names."""
     from huggingface_hub.constants import HF_HUB_CACHE
+    if max_client_requests < 1:
+        raise ValueError(f"max_client_requests={max_client_requests}: a client must be able to run "
+                         "at least 1 request (--max_client_requests=8 is the default)")
     if host not in LOCAL_HOSTS and not api_key:
         raise ValueError(f"host={host!r} makes the server reachable from other "
                          "machines; set --api_key=SECRET (clients send 'Authorization: "
