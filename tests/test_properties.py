@@ -105,7 +105,9 @@ FIELDS_OF = {  # each endpoint's fields: a drawn body mostly uses these, so that
     '/detokenize': ['model', 'tokens'], '/v1/templates/render': ['model', 'template', 'text', 'variables', 'cot',
                                                                  'shots'],
     '/v1/attention': ['model', 'prompt', 'layer'], '/v1/inspect': ['model', 'prompt', 'top'],
-    '/v1/tokenizers': ['model', 'text'], '/v1/embedding_map': ['model', 'n'], '/v1/shape': SHAPE}
+    '/v1/tokenizers': ['model', 'text'], '/v1/embedding_map': ['model', 'n'], '/v1/shape': SHAPE,
+    '/v1/models/load': ['source', 'name'], '/v1/arena/judgments': ['id', 'prompt', 'a', 'b', 'winner', 'ratings',
+                                                                     'annotator']}
 PLAUSIBLE = {  # values a real client sends, mixed with any JSON
     'model': st.sampled_from(['char', 'bpe', 'nope']), 'prompt': st.sampled_from(['To be', '', 'ROMEO:', [1, 2]]),
     'messages': st.sampled_from([[{'role': 'user', 'content': 'hi'}], [{'role': 'assistant', 'content': 'x'}], []]),
@@ -123,6 +125,13 @@ PLAUSIBLE = {  # values a real client sends, mixed with any JSON
     'tokens': st.lists(st.integers(-2, 300), max_size=5), 'layer': st.integers(-1, 3), 'top': st.integers(0, 12),
     'arch': st.sampled_from(['gpt2', 'llama']), 'n_head': st.integers(0, 8), 'n_embd': st.integers(0, 64),
     'n_layer': st.integers(0, 4), 'n_kv_head': st.integers(0, 8),
+    'source': st.sampled_from(['char', 'bpe/ckpt.pt', '../char', '/etc', '/etc/passwd', 'nope/x', '', '.', 'char/..']),
+    'name': st.sampled_from(['c2', 'x', '../y', '']) | st.text(max_size=70),
+    'id': st.text(max_size=5), 'winner': st.sampled_from(['a', 'b', 'tie', 'both_bad', 'x']),
+    'annotator': st.text(max_size=5), 'ratings': st.dictionaries(st.sampled_from(['a', 'b']), st.integers(0, 6)),
+    'a': st.fixed_dictionaries({'model': st.text(max_size=5), 'text': st.text(max_size=5)}),
+    'b': st.fixed_dictionaries({'model': st.text(max_size=5), 'text': st.text(max_size=5),
+                                'settings': st.dictionaries(st.text(max_size=3), JSON, max_size=2)}),
 }
 
 
