@@ -114,49 +114,42 @@ def test_the_recipe_is_rl_pys_defaults():
     assert {k: v for k, v in ns.items() if k in defaults} == {k: defaults[k] for k in ns if k in defaults}
 
 
-def test_a_reward_model_can_be_the_reward(setup):
-    """--reward=<reward.py out_dir>: the samples are scored by its head (here a random one) instead of the rule."""
-    from nanolab.reward_model import RewardModel
-    d = setup
-    torch.manual_seed(1)
-    rm = RewardModel(tiny_model())
-    torch.nn.init.normal_(rm.head.weight)
-    save_checkpoint({'model_args': asdict(rm.gpt.config), 'model': rm.gpt.state_dict(), 'tokenizer': TOK.spec(),
-                     'config': {}, 'reward_head': rm.head.state_dict()}, str(d / 'rm' / 'ckpt.pt'))
-    run(setup, f"--out_dir={d / 'with_rm'}", '--max_iters=2', f"--reward={d / 'rm'}")
-    evals = [r for r in read_metrics(d / 'with_rm' / 'metrics.jsonl') if 'exact_match' in r]
-    rows = [json.loads(line) for line in (d / 'data' / 'tasks' / 'val.jsonl').read_text().splitlines()]
+def rl_with_a_reward_model(d, name, gpt):
+    """A reward model around gpt (a random head) saved as d/name, rl.py run with it as --reward for 2 steps -> (the
+    reward model, the held-out rows, the SFT model's greedy answers to them, rl.py's first eval)."""
     from nanolab import metrics
     from nanolab.checkpoint import load_model
+    from nanolab.reward_model import RewardModel
+    torch.manual_seed(1)
+    rm = RewardModel(gpt)
+    torch.nn.init.normal_(rm.head.weight)
+    save_checkpoint({'model_args': asdict(rm.gpt.config), 'model': rm.gpt.state_dict(), 'tokenizer': TOK.spec(),
+                     'config': {}, 'reward_head': rm.head.state_dict()}, str(d / name / 'ckpt.pt'))
+    run(d, f"--out_dir={d / ('with_' + name)}", '--max_iters=2', f"--reward={d / name}")
+    evals = [r for r in read_metrics(d / ('with_' + name) / 'metrics.jsonl') if 'exact_match' in r]
+    rows = [json.loads(line) for line in (d / 'data' / 'tasks' / 'val.jsonl').read_text().splitlines()]
     sft, tok, _ = load_model(str(d / 'sft'))
-    answers = metrics.answer(sft, tok, [r['messages'][:-1] for r in rows], 6)
-    want = sum(rm.eval().score(TOK, r['messages'][:-1], [a])[0] for r, a in zip(rows, answers)) / len(rows)
-    assert evals[0]['reward'] == pytest.approx(want, abs=1e-5)  # step 0: the SFT model's answers, by the head
+    return rm.eval(), rows, metrics.answer(sft, tok, [r['messages'][:-1] for r in rows], 6), evals[0]
+
+
+def test_a_reward_model_can_be_the_reward(setup):
+    """--reward=<reward.py out_dir>: the samples are scored by its head (here a random one) instead of the rule."""
+    rm, rows, answers, first = rl_with_a_reward_model(setup, 'rm', tiny_model())
+    want = sum(rm.score(TOK, r['messages'][:-1], [a])[0] for r, a in zip(rows, answers)) / len(rows)
+    assert first['reward'] == pytest.approx(want, abs=1e-5)  # step 0: the SFT model's answers, by the head
 
 
 def test_a_reward_model_with_a_shorter_context_scores_what_fits_as_its_training_did(setup):
     """A reward model whose context (16 tokens) is shorter than a prompt and its sampled answer: rl.py runs (it was a
     'sequence of 67 tokens exceeds block_size' traceback), and each answer is scored cut as reward.py's pairs are."""
-    from nanolab import metrics
-    from nanolab.checkpoint import load_model
     from nanolab.preferences import encode_responses
-    from nanolab.reward_model import RewardModel, pad
-    d = setup
-    torch.manual_seed(1)
-    rm = RewardModel(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=TOK.vocab_size)))
-    torch.nn.init.normal_(rm.head.weight)
-    save_checkpoint({'model_args': asdict(rm.gpt.config), 'model': rm.gpt.state_dict(), 'tokenizer': TOK.spec(),
-                     'config': {}, 'reward_head': rm.head.state_dict()}, str(d / 'rm16' / 'ckpt.pt'))
-    run(setup, f"--out_dir={d / 'with_rm16'}", '--max_iters=1', f"--reward={d / 'rm16'}")
-    evals = [r for r in read_metrics(d / 'with_rm16' / 'metrics.jsonl') if 'exact_match' in r]
-    rows = [json.loads(line) for line in (d / 'data' / 'tasks' / 'val.jsonl').read_text().splitlines()]
-    sft, tok, _ = load_model(str(d / 'sft'))
-    answers = metrics.answer(sft, tok, [r['messages'][:-1] for r in rows], 6)
-    rm.eval()
+    from nanolab.reward_model import pad
+    short = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=TOK.vocab_size))
+    rm, rows, answers, first = rl_with_a_reward_model(setup, 'rm16', short)
     want = []
     for r, a in zip(rows, answers):  # by hand: the pair rule's cut, then the head on the last token
         p, (resp,), cut = encode_responses(TOK, r['messages'][:-1], [a], 16)
         assert cut and len(p) + len(resp) <= 16
         with torch.no_grad():
             want.append(rm(*pad([p + resp])).item())
-    assert evals[0]['reward'] == pytest.approx(sum(want) / len(want), abs=1e-5)
+    assert first['reward'] == pytest.approx(sum(want) / len(want), abs=1e-5)
