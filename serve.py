@@ -40,7 +40,7 @@ prefill_chunk = 256         # prompt tokens prefilled per step, so a long prompt
 max_tokens_limit = 4096     # the largest max_tokens a request may ask for
 max_connections = 256       # open connections at once (a thread each); beyond: 503 with Retry-After
 read_timeout = 10.0         # seconds to send a whole request (line, headers, body); also the keep-alive idle time
-max_client_requests = 8     # requests of one client (address + key) run at once; its others wait their turn
+max_client_requests = 16    # requests of one client (address + key) run at once, its others waiting their turn; 16 = max_batch
 n_limit = 16                # the largest n (samples per prompt) and num_beams
 threads = 0                 # torch threads for the models; 0 = torch's default (one per core)
 device = 'auto'             # auto | cpu | cuda | cuda:N | mps

@@ -236,7 +236,7 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     # make_server sets them (sets: tests add)
     allowed_hosts, cors_origins = frozenset({'localhost'}), frozenset()
-    max_connections, read_timeout, max_client_requests = 256, 10.0, 8
+    max_connections, read_timeout, max_client_requests = 256, 10.0, 16
     BUSY = (b'HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n'
             b'Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s')
 

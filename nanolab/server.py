@@ -347,7 +347,7 @@ def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0
 
 def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(),
                 cors_origins=(), max_connections=256, read_timeout=10.0, max_models=8,
-                max_tokens_limit=4096, n_limit=16, models_dirs=(), max_client_requests=8):
+                max_tokens_limit=4096, n_limit=16, models_dirs=(), max_client_requests=16):
     """The HTTP server for the engines ({name: Engine}); call serve_forever() on it. allowed_hosts:
     Host names answered besides loopback names, addresses and host; cors_origins: origins whose
     pages may call the API; models_dirs: directories POST /v1/models/load may read besides runs_dir
@@ -355,7 +355,7 @@ def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', all
     from huggingface_hub.constants import HF_HUB_CACHE
     if max_client_requests < 1:
         raise ValueError(f"max_client_requests={max_client_requests}: a client must be able to run "
-                         "at least 1 request (--max_client_requests=8 is the default)")
+                         "at least 1 request (--max_client_requests=16 is the default)")
     if host not in LOCAL_HOSTS and not api_key:
         raise ValueError(f"host={host!r} makes the server reachable from other "
                          "machines; set --api_key=SECRET (clients send 'Authorization: "

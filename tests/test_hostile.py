@@ -392,4 +392,4 @@ def test_one_client_runs_at_most_its_share_of_requests_and_others_go_on(srv):
                 t.join()
         assert results == [200] * 10 and max(peak) == 3
     finally:
-        srv.max_client_requests = 8
+        srv.max_client_requests = 16
