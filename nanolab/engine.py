@@ -154,7 +154,8 @@ class Engine:
         if s.seed is None and s.temperature > 0 and s.num_beams == 1:
             s = replace(s, seed=int(torch.randint(0, 2 ** 62, ())))
         req = Request(self, prompts, s)
-        req.client = req if client is None else client
+        if client is not None:  # else the request is a client of its own (Request)
+            req.client = client
         if s.max_new_tokens == 0 and not s.prompt_logprobs:  # nothing to compute
             for i in range(len(prompts) * s.num_samples):
                 req.queue.put(Event(i // s.num_samples, i % s.num_samples, None, '', None, None,

@@ -274,18 +274,23 @@ def _head(call):
             'created': int(time.time()), 'model': call.name}
     return head, {'prompt_tokens': sum(map(len, call.prompts)), 'completion_tokens': 0}
 
+def _tokens(events, scores, steps):
+    """A request's Events (its tokens), filing its PromptScores in scores (by prompt) and its
+    BeamSteps in steps (a list per prompt) as they pass."""
+    for ev in events:
+        if isinstance(ev, PromptScores):
+            scores[ev.prompt_index] = ev
+        elif isinstance(ev, BeamStep):
+            steps.setdefault(ev.prompt_index, []).append(ev)
+        else:
+            yield ev
+
 def _reply(h, call, events):
     w, n = call.engine, call.settings.num_samples
     acc = [dict(tokens=[], lps=[], tops=[], text='', finish=None)
            for _ in range(len(call.prompts) * n)]
     scores, steps, (head, usage) = {}, {}, _head(call)
-    for ev in events:
-        if isinstance(ev, PromptScores):
-            scores[ev.prompt_index] = ev
-            continue
-        if isinstance(ev, BeamStep):
-            steps.setdefault(ev.prompt_index, []).append(ev)
-            continue
+    for ev in _tokens(events, scores, steps):
         a = acc[ev.prompt_index * n + ev.sample_index]
         if ev.token is not None:
             a['tokens'].append(ev.token)
@@ -330,13 +335,7 @@ def _stream(h, call, events):
                                     **choice}]})
     h.start_sse()
     started, scores, steps, done = set(), {}, {}, {}
-    for ev in events:
-        if isinstance(ev, PromptScores):
-            scores[ev.prompt_index] = ev
-            continue
-        if isinstance(ev, BeamStep):
-            steps.setdefault(ev.prompt_index, []).append(ev)
-            continue
+    for ev in _tokens(events, scores, steps):
         i = ev.prompt_index * n + ev.sample_index
         tok = [ev.token] if ev.token is not None else []
         extra = {}
