@@ -1,20 +1,22 @@
 """
 The nanolab model: one GPT with selectable blocks, and nothing else (nanoGPT's model.py, grown by
-two architectures).
+two architectures and the options of the Llama-like families).
 
     arch='gpt2'   learned positions, LayerNorm, GELU MLP, tied embeddings (Radford et al. 2019)
     arch='llama'  RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases (Touvron+ 2023)
+                  + Llama 3's rope_scaling, Mistral's sliding_window, Qwen2's qkv_bias, Qwen3's
+                  qk_norm and head_dim
     positions     'learned' (gpt2's), 'rope' (llama's) or 'sinusoidal' (Vaswani+ 2017), any arch
 
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64))
     logits, loss = model(idx, targets)   # idx, targets (B, T) -> logits (B, T, vocab), mean loss
-    model = GPT.from_pretrained('gpt2')  # a Hugging Face GPT-2 or Llama directory or hub name
+    model = GPT.from_pretrained('gpt2')  # a Hugging Face directory or hub name (nanolab/hf.py)
     model.save_pretrained('out/hf')      # ... that transformers loads with the same logits
 
 What the engine and the page's views need beyond forward has its own method or argument:
 hidden_states (a reward model's input), forward's logits_at (logits at chosen positions only) and
-step (a KV-cache step: nanolab/kv_cache.py), trace / logit_lens / activation_flow (what each block
-does). Checkpoints and model sources are nanolab/checkpoint.py's, devices nanolab/device.py's.
+step (a KV-cache step: nanolab/kv_cache.py), trace (what each block does: nanolab/interpret.py
+reads it). Checkpoints and model sources are nanolab/checkpoint.py's, devices nanolab/device.py's.
 
 Quick check (CPU, random weights):
     python -c "from model import *; m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64)); print(m.num_params())"
@@ -48,20 +50,26 @@ class GPTConfig:
     positions: str = None        # 'learned' | 'rope' | 'sinusoidal'; None = the arch's own
     rope_theta: float = 10000.0  # RoPE base (the sinusoids' base is always 10000)
     norm_eps: float = 1e-5       # LayerNorm / RMSNorm epsilon
+    # the options of the Llama-like families (nanolab/hf.py maps each family's config.json)
+    head_dim: int = 0            # width of a head; 0 = n_embd // n_head (Qwen3's is wider)
+    qkv_bias: bool = False       # biases on q, k and v only (Qwen2)
+    qk_norm: bool = False        # RMSNorm on each head's q and k before RoPE (Qwen3)
+    sliding_window: int = 0      # a token sees itself and the window-1 before it (Mistral); 0 = all
+    rope_scaling: dict = None    # {'rope_type': 'linear' | 'llama3', 'factor': ..} (Llama 3.x)
 
     def __post_init__(self):
         # a checkpoint's or a client's values: types and signs before any arithmetic on them
         for k, lo in [('block_size', 1), ('vocab_size', 1), ('n_layer', 1), ('n_head', 1),
                       ('n_kv_head', 0), ('n_embd', 1), ('ffn_hidden', 0), ('dropout', 0.0),
-                      ('rope_theta', 1e-12), ('norm_eps', 0.0)]:
+                      ('rope_theta', 1e-12), ('norm_eps', 0.0), ('head_dim', 0),
+                      ('sliding_window', 0)]:
             v, kind = getattr(self, k), int if isinstance(lo, int) else (int, float)
             if isinstance(v, bool) or not isinstance(v, kind) or not lo <= v < math.inf:
                 raise ValueError(f"{k} must be {'an integer' if kind is int else 'a number'} "
                                  f"of at least {lo}, got {v!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch '{self.arch}'; use one of {ARCHS}")
-        if self.n_kv_head == 0:
-            self.n_kv_head = self.n_head
+        self.n_kv_head = self.n_kv_head or self.n_head
         if not self.positions:  # None or '' (a script's setting)
             self.positions = 'learned' if self.arch == 'gpt2' else 'rope'
         if self.positions not in POSITIONS:
@@ -69,26 +77,36 @@ class GPTConfig:
         # GPT-2 ties them (Press & Wolf 2017); Llama keeps a separate head
         if self.tie_embeddings is None:
             self.tie_embeddings = self.arch == 'gpt2'
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.head_dim == 0 and self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                             "(or set head_dim)")
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        need = {'linear': ['factor'], 'llama3': ['factor', 'low_freq_factor', 'high_freq_factor',
+                                                 'original_max_position_embeddings']}
+        rs = self.rope_scaling if isinstance(self.rope_scaling, dict) else {}
+        if self.rope_scaling is not None and not all(type(rs.get(k)) in (int, float) and rs[k] > 0
+                                                     for k in need.get(rs.get('rope_type'), [0])):
+            raise ValueError(f"rope_scaling must be None or {{'rope_type': 'linear' | 'llama3', "
+                             f"{', '.join(need['llama3'])}}} (numbers > 0), got {rs!r:.120}")
         if self.n_head % self.n_kv_head != 0:
             raise ValueError(f"n_head={self.n_head} must be a multiple of "
                              f"n_kv_head={self.n_kv_head}")
         if self.arch == 'llama':
-            self.bias = False  # Llama blocks have no biases by definition
-        elif self.n_kv_head != self.n_head:
-            raise ValueError("grouped-query attention (n_kv_head < n_head) needs arch='llama'")
-        if self.positions == 'rope' and (self.n_embd // self.n_head) % 2 != 0:
+            self.bias = False  # Llama blocks have no biases by definition (Qwen2's: qkv_bias)
+        elif self.n_kv_head != self.n_head or self.head_dim * self.n_head != self.n_embd \
+                or self.qk_norm or self.qkv_bias:
+            raise ValueError("grouped-query attention, head_dim, qk_norm and qkv_bias "
+                             "need arch='llama'")
+        if self.positions == 'rope' and self.head_dim % 2 != 0:
             raise ValueError("RoPE needs an even head size; change n_embd or n_head")
         if self.positions == 'sinusoidal' and self.n_embd % 2 != 0:
             raise ValueError("sinusoidal positions need an even n_embd (sine and cosine pairs)")
-        if self.ffn_hidden == 0:
-            self.ffn_hidden = 4 * self.n_embd if self.arch == 'gpt2' else \
-                64 * math.ceil(8 * self.n_embd / 3 / 64)
+        self.ffn_hidden = self.ffn_hidden or (4 * self.n_embd if self.arch == 'gpt2' else
+                                              64 * math.ceil(8 * self.n_embd / 3 / 64))
 
     @property
     def head_size(self):
-        return self.n_embd // self.n_head
+        return self.head_dim
 
 
 class RMSNorm(nn.Module):
@@ -111,6 +129,17 @@ def rope_tables(config):
     hs = config.head_size
     exponents = torch.arange(0, hs, 2, dtype=torch.int64).float() / hs  # (hs/2,)
     inv_freq = 1.0 / (config.rope_theta ** exponents)
+    scaling = config.rope_scaling or {}
+    if scaling.get('rope_type') == 'linear':  # positions stretched by factor (Chen+ 2023)
+        inv_freq = inv_freq / scaling['factor']
+    elif scaling.get('rope_type') == 'llama3':
+        # Llama 3.1's: wavelengths longer than the original context / low_freq_factor are
+        # stretched by factor, shorter than context / high_freq_factor kept, blended between
+        ctx, lo, hi = (scaling[k] for k in ('original_max_position_embeddings',
+                                            'low_freq_factor', 'high_freq_factor'))
+        wavelen = 2 * math.pi / inv_freq
+        keep = ((ctx / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 1 = high frequency: kept
+        inv_freq = keep * inv_freq + (1 - keep) * inv_freq / scaling['factor']
     t = torch.arange(config.block_size, dtype=torch.int64).float()
     freqs = torch.outer(t, inv_freq)              # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)       # (T, hs)
@@ -169,35 +198,43 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.hs = config.n_head, config.n_kv_head, config.head_size
         # q, k, v in one matmul: n_head query heads, n_kv_head key and value heads
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.hs,
-                                bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+                                bias=config.bias or config.qkv_bias)
+        self.c_proj = nn.Linear(config.n_head * self.hs, config.n_embd, bias=config.bias)
+        if config.qk_norm:  # one RMSNorm over each head's width, shared by the heads (Qwen3)
+            self.q_norm, self.k_norm = (RMSNorm(self.hs, config.norm_eps) for _ in range(2))
+        self.qk_norm, self.window = config.qk_norm, config.sliding_window
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
-        self.arch = config.arch
 
     def forward(self, x, rope, step, layer, need_weights=False):
         B, T, C = x.size()  # batch, time, channels
         q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs,
                                         self.n_kv_head * self.hs], dim=2)
-        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)     # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q = q.view(B, T, self.n_head, self.hs)       # (B, T, nh, hs)
+        k = k.view(B, T, self.n_kv_head, self.hs)    # (B, T, nkv, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        gqa, att = self.n_kv_head != self.n_head, None
+        causal = None if step is not None else \
+            torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        # with a sliding window a token is also blind to keys `window` or more tokens back
+        mask = causal.triu(1 - self.window) if causal is not None and 0 < self.window < T else None
+        att = None
         if step is not None:  # incremental decoding: each row over its own slot (Step.attend)
             y = step.attend(layer, q, k, v)
         elif need_weights:  # the explicit path, for attention heatmaps
-            if gqa:
-                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            k, v = expand_kv(k, v, self.n_head)
             att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hs)       # (B, nh, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = F.softmax(att.masked_fill(~causal, float('-inf')).float(), dim=-1).to(q.dtype)
+            att = att.masked_fill(~(causal if mask is None else mask), float('-inf'))
+            att = F.softmax(att.float(), dim=-1).to(q.dtype)
             y = att @ v
         else:  # flash attention on GPU, fused kernels on CPU
-            y = attention(q, k, v, None, T > 1, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # all heads' outputs side by side
+            y = attention(q, k, v, mask, mask is None and T > 1,
+                          self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)  # heads' outputs side by side
         return self.resid_dropout(self.c_proj(y)), att
 
 
@@ -267,12 +304,10 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, step=None, logits_at=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
@@ -280,8 +315,8 @@ class GPT(nn.Module):
         step: a KV-cache step (KVCache.schedule, nanolab/kv_cache.py): the B*T tokens are its new
           tokens, in its layout; each layer stores their keys and values and attends over each
           row's own slot.
-        logits_at: an index into the positions (a slice or a 1-D tensor; with a step, into the flat
-          row of B*T tokens) -> logits only there: the head is skipped where nobody reads it."""
+        logits_at: an index into the positions (a slice or 1-D tensor; with a step, into the flat
+          row of B*T tokens) -> logits only there."""
         B, T = idx.size()
         if step is not None:
             idx = idx.reshape(1, B * T)  # one flat row; the step keeps the rows apart
@@ -318,8 +353,7 @@ class GPT(nn.Module):
                                  "the last block_size tokens")
             pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
         # 2) embeddings
-        x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
+        x, rope = self.transformer.wte(idx), None  # (B, T, C)
         if self.config.positions == 'learned':
             x = x + self.transformer.wpe(pos)
         elif self.config.positions == 'sinusoidal':
@@ -328,48 +362,20 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (1, T, hs)
             rope = (cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))  # (1, 1, T, hs)
         x = self.transformer.drop(x)
-        if trace is not None:
+        if trace is not None:  # (the stream entering the first block)
             trace['embed'] = x
         # 3) the blocks, then the final norm
         for layer, block in enumerate(self.transformer.h):
             x = block(x, rope, step, layer, trace)
         return self.transformer.ln_f(x)
 
-    # -------------------------------------------------------------------------
-    # inside the model: what the page's views show (/v1/attention, /v1/inspect)
-
     @torch.no_grad()
     def trace(self, idx):
-        """One forward pass of idx (B, T) -> (logits, the trace dict hidden_states describes)."""
+        """One forward pass of idx (B, T) -> (logits, the trace dict hidden_states describes): what
+        the page's views show (/v1/attention, /v1/inspect; nanolab/interpret.py)."""
         trace = {}
         logits = self.lm_head(self.hidden_states(idx, trace=trace))
         return logits, trace
-
-    def attention_maps(self, idx):
-        """Attention weights of every layer for one forward pass: [(B, n_head, T, T)] tensors."""
-        return self.trace(idx)[1]['att']
-
-    @torch.no_grad()
-    def logit_lens(self, idx, trace=None):
-        """The logit lens (nostalgebraist 2020): each block's output read through the final norm
-        and the LM head, as if the model ended there -> log-probabilities (n_layer, B, T, vocab);
-        the last is the model's own. trace: GPT.trace(idx)'s, if computed already."""
-        trace = trace if trace is not None else self.trace(idx)[1]
-        resid = torch.stack(trace['resid'])  # (L, B, T, C)
-        return F.log_softmax(self.lm_head(self.transformer.ln_f(resid)).float(), dim=-1)
-
-    @torch.no_grad()
-    def activation_flow(self, idx, trace=None):
-        """How information moves up the stack, per layer and position: {'resid', 'attn', 'mlp':
-        (L, B, T) L2 norms of the residual stream after each block and of what its attention and
-        MLP add; 'entropy': (L, B, nh, T) the entropy in nats of each head's attention distribution
-        at each position; 'embed': (B, T) the input's norm}."""
-        trace = trace if trace is not None else self.trace(idx)[1]
-        norm = lambda key: torch.stack(trace[key]).float().norm(dim=-1)
-        att = torch.stack(trace['att']).float()  # (L, B, nh, T, T)
-        entropy = -(att * att.clamp_min(1e-30).log()).sum(-1)  # masked weights: 0, add nothing
-        return {'embed': trace['embed'].float().norm(dim=-1), 'resid': norm('resid'),
-                'attn': norm('attn_out'), 'mlp': norm('mlp_out'), 'entropy': entropy}
 
     # -------------------------------------------------------------------------
     # counting
@@ -388,11 +394,10 @@ class GPT(nn.Module):
     def flops_per_token(self, T=None):
         """Training FLOPs per token (forward + backward = 3x forward): 6N for the matmuls
         plus 12*L*C*T for attention (PaLM paper, appendix B). T defaults to block_size."""
-        cfg = self.config
-        T = T or cfg.block_size
+        cfg, T = self.config, T or self.config.block_size
         wpe = self.transformer.wpe.weight.numel() if cfg.positions == 'learned' else 0
         N = self.num_params(non_embedding=False) - wpe
-        return 6 * N + 12 * cfg.n_layer * cfg.n_embd * T
+        return 6 * N + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     def estimate_mfu(self, tokens_per_sec, peak_flops, T=None):
         """Model FLOPs utilization: training FLOP/s as a fraction of the peak the caller gives (e.g.
@@ -404,8 +409,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dtype=torch.float32):
-        """A GPT built from a Hugging Face GPT-2 or Llama checkpoint: a local directory
-        (config.json + safetensors/bin) or, when online, a hub name such as 'gpt2'."""
+        """A GPT from a Hugging Face model directory or, when online, a hub name such as 'gpt2'."""
         from nanolab import hf
         config, state_dict = hf.read_pretrained(name_or_dir, dtype)
         return cls.from_state_dict(GPTConfig(**config), state_dict).to(dtype)
@@ -432,19 +436,15 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # names that live in the package: importing one from model.py says where (an ImportError)
 
-MOVED = {'nanolab.device': ('resolve_device', 'resolve_dtype', 'autocast_ctx', 'peak_flops',
-                            'PEAK_FLOPS', 'CPU_PEAK_FLOPS', 'DTYPES'),
-         'nanolab.kv_cache': ('KVCache',),
-         'nanolab.checkpoint': ('load_model', 'save_checkpoint', 'load_checkpoint',
-                                'load_weights_file', 'model_from_checkpoint', 'model_sources',
-                                'checkpoint_stage', 'STAGES', 'TUNED'),
-         'nanolab.files': ('write_atomic', 'write_json'),
-         'nanolab.tokenizer': ('check_tokenizer_fits',)}
+MOVED = {'nanolab.device': 'resolve_device resolve_dtype autocast_ctx peak_flops PEAK_FLOPS '
+                           'CPU_PEAK_FLOPS DTYPES', 'nanolab.kv_cache': 'KVCache',
+         'nanolab.checkpoint': 'load_model save_checkpoint load_checkpoint load_weights_file '
+                               'model_from_checkpoint model_sources checkpoint_stage STAGES TUNED',
+         'nanolab.files': 'write_atomic write_json', 'nanolab.tokenizer': 'check_tokenizer_fits'}
 
 def __getattr__(name):
-    home = next((m for m, names in MOVED.items() if name in names), None)
+    home = next((m for m, names in MOVED.items() if name in names.split()), None)
     if home is None:
         raise AttributeError(f"module 'model' has no attribute {name!r}")
-    new = 'check_fits' if name == 'check_tokenizer_fits' else name
-    raise ImportError(f"{name} is no longer in model.py, which holds the model "
-                      f"alone: from {home} import {new}")
+    raise ImportError(f"{name} is no longer in model.py, which holds the model alone: from {home} "
+                      f"import {'check_fits' if name == 'check_tokenizer_fits' else name}")

@@ -40,27 +40,64 @@ def config_from_hf(hf):
                     ffn_hidden=hf.get('n_inner') or 0, bias=True,
                     tie_embeddings=hf.get('tie_word_embeddings', True),
                     norm_eps=hf.get('layer_norm_epsilon', 1e-5))
-    if mt == 'llama':
-        if hf.get('attention_bias') or hf.get('mlp_bias'):
-            raise ValueError("Llama checkpoints with attention_bias/mlp_bias are not supported")
-        rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-        if rope.get('rope_type', rope.get('type', 'default')) != 'default':
-            raise ValueError(f"RoPE scaling '{rope.get('rope_type', rope.get('type'))}' is not "
-                             "supported; only plain RoPE")
-        head_dim = hf.get('head_dim') or hf['hidden_size'] // hf['num_attention_heads']
-        if head_dim * hf['num_attention_heads'] != hf['hidden_size']:
-            raise ValueError("Llama checkpoints with head_dim * num_heads != "
-                             "hidden_size are not supported")
-        return dict(arch='llama', block_size=hf.get('max_position_embeddings', 2048),
-                    vocab_size=hf['vocab_size'], n_layer=hf['num_hidden_layers'],
-                    n_head=hf['num_attention_heads'],
-                    n_kv_head=hf.get('num_key_value_heads') or hf['num_attention_heads'],
-                    n_embd=hf['hidden_size'], ffn_hidden=hf['intermediate_size'], bias=False,
-                    tie_embeddings=hf.get('tie_word_embeddings', False),
-                    rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)),
-                    norm_eps=hf.get('rms_norm_eps', 1e-6))
-    raise ValueError(f"unsupported Hugging Face model_type '{mt}'; nanolab reads "
-                     "gpt2 and llama checkpoints")
+    if mt in LLAMA_FAMILIES:
+        return _llama_family_config(hf)
+    raise ValueError(f"unsupported Hugging Face model_type '{mt}'; nanolab reads gpt2, "
+                     f"{', '.join(LLAMA_FAMILIES)} checkpoints")
+
+# the families that are Llama blocks plus a few options of model.py's GPTConfig
+LLAMA_FAMILIES = ('llama', 'mistral', 'qwen2', 'qwen3')
+
+def _llama_family_config(hf):
+    """config.json of a Llama, Mistral, Qwen2/2.5 or Qwen3 model -> GPTConfig's arguments; what the
+    model cannot compute (another activation, RoPE scaling, a per-layer window, MLP biases) is
+    refused by name."""
+    mt = hf['model_type']
+    if hf.get('hidden_act', 'silu') != 'silu':
+        raise ValueError(f"{mt} with hidden_act '{hf['hidden_act']}' is not supported; only silu")
+    if hf.get('mlp_bias') or (hf.get('attention_bias') and mt != 'qwen2'):
+        raise ValueError(f"{mt} checkpoints with attention_bias/mlp_bias are not supported "
+                         "(Qwen2's q/k/v biases are)")
+    # RoPE: transformers 5 writes rope_parameters (with rope_theta); older files rope_scaling
+    rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+    kind = rope.get('rope_type', rope.get('type', 'default'))
+    if kind not in ('default', 'linear', 'llama3'):
+        raise ValueError(f"RoPE scaling '{kind}' is not supported; model.py computes plain, "
+                         "'linear' and 'llama3' RoPE")
+    if rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0)) != 1.0:
+        raise ValueError(f"{mt} with partial_rotary_factor is not supported; RoPE on the whole "
+                         "head only")
+    scaling = None if kind == 'default' else {'rope_type': kind, **{
+        k: rope[k] for k in ('factor', 'low_freq_factor', 'high_freq_factor',
+                             'original_max_position_embeddings') if k in rope}}
+    # a sliding window: Mistral's on every layer; Qwen's only with use_sliding_window, where the
+    # window may cover some layers (layer_types), which one model.py setting cannot say
+    window = hf.get('sliding_window') or 0
+    if mt in ('qwen2', 'qwen3'):
+        layers = hf.get('layer_types') or []
+        sliding = [t == 'sliding_attention' for t in layers] if layers else \
+            [bool(hf.get('use_sliding_window'))] * hf['num_hidden_layers']
+        if any(sliding) and not all(sliding):
+            raise ValueError(f"{mt} with a sliding window on some layers only (layer_types / "
+                             "max_window_layers) is not supported; model.py has one window for all")
+        window = window if any(sliding) else 0
+    elif mt == 'llama':
+        window = 0
+    n_head = hf['num_attention_heads']
+    return dict(arch='llama', block_size=hf.get('max_position_embeddings', 2048),
+                vocab_size=hf['vocab_size'], n_layer=hf['num_hidden_layers'], n_head=n_head,
+                n_kv_head=hf.get('num_key_value_heads') or n_head, n_embd=hf['hidden_size'],
+                head_dim=hf.get('head_dim') or hf['hidden_size'] // n_head,
+                ffn_hidden=hf['intermediate_size'], bias=False,
+                qkv_bias=mt == 'qwen2', qk_norm=mt == 'qwen3', sliding_window=window,
+                rope_scaling=scaling, tie_embeddings=hf.get('tie_word_embeddings', False),
+                rope_theta=rope.get('rope_theta', hf.get('rope_theta', 10000.0)),
+                norm_eps=hf.get('rms_norm_eps', 1e-6))
+
+def family(c):
+    """The Hugging Face model_type that holds a llama-arch config c (GPTConfig's fields)."""
+    return 'qwen3' if c['qk_norm'] else 'qwen2' if c['qkv_bias'] else \
+        'mistral' if c['sliding_window'] else 'llama'
 
 def config_to_hf(c, eot=None):
     """GPTConfig's fields (a dict, as dataclasses.asdict gives them) -> a Hugging Face config.json;
@@ -80,15 +117,30 @@ def config_to_hf(c, eot=None):
                     layer_norm_epsilon=c['norm_eps'], tie_word_embeddings=c['tie_embeddings'],
                     resid_pdrop=0.0, embd_pdrop=0.0,
                     attn_pdrop=0.0, bos_token_id=eot, eos_token_id=eot)
-    return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=c['vocab_size'],
-                hidden_size=c['n_embd'], intermediate_size=c['ffn_hidden'],
-                num_hidden_layers=c['n_layer'], num_attention_heads=c['n_head'],
-                num_key_value_heads=c['n_kv_head'], head_dim=c['n_embd'] // c['n_head'],
-                max_position_embeddings=c['block_size'], rms_norm_eps=c['norm_eps'],
-                rope_theta=c['rope_theta'],
-                rope_parameters={'rope_type': 'default', 'rope_theta': c['rope_theta']},
-                hidden_act='silu', tie_word_embeddings=c['tie_embeddings'], attention_bias=False,
-                mlp_bias=False, bos_token_id=eot, eos_token_id=eot)
+    mt = family(c)
+    if c['qk_norm'] and c['qkv_bias']:
+        raise ValueError("no Hugging Face family has both qk_norm and qkv_bias; export a model "
+                         "with one of them (Qwen3's or Qwen2's)")
+    rope = {'rope_type': 'default', 'rope_theta': c['rope_theta'], **(c['rope_scaling'] or {})}
+    out = dict(architectures=[{'llama': 'Llama', 'mistral': 'Mistral', 'qwen2': 'Qwen2',
+                               'qwen3': 'Qwen3'}[mt] + 'ForCausalLM'], model_type=mt,
+               vocab_size=c['vocab_size'], hidden_size=c['n_embd'],
+               intermediate_size=c['ffn_hidden'], num_hidden_layers=c['n_layer'],
+               num_attention_heads=c['n_head'], num_key_value_heads=c['n_kv_head'],
+               head_dim=c['head_dim'], max_position_embeddings=c['block_size'],
+               rms_norm_eps=c['norm_eps'], rope_theta=c['rope_theta'], rope_parameters=rope,
+               hidden_act='silu', tie_word_embeddings=c['tie_embeddings'], attention_bias=False,
+               mlp_bias=False, bos_token_id=eot, eos_token_id=eot)
+    if c['rope_scaling']:  # older transformers and llama.cpp's converter read rope_scaling
+        out['rope_scaling'] = dict(c['rope_scaling'])
+    if mt == 'mistral':
+        out['sliding_window'] = c['sliding_window']
+    if mt in ('qwen2', 'qwen3'):
+        out.update(attention_bias=mt == 'qwen2', use_sliding_window=bool(c['sliding_window']),
+                   sliding_window=c['sliding_window'] or None, max_window_layers=0,
+                   layer_types=[('sliding' if c['sliding_window'] else 'full') + '_attention'] *
+                   c['n_layer'])
+    return out
 
 def _hf_names(c):
     """(our name, HF name or list of HF names concatenated along dim 0, transpose?) for every
@@ -108,11 +160,13 @@ def _hf_names(c):
                 rows.append((o + name, h + name, bool(t)))
         else:
             h = f'model.layers.{i}.'
-            rows += [(o + 'ln_1.weight', h + 'input_layernorm.weight', False),
-                     (o + 'attn.c_attn.weight', [h + 'self_attn.q_proj.weight',
-                                                 h + 'self_attn.k_proj.weight',
-                                                 h + 'self_attn.v_proj.weight'], False),
-                     (o + 'attn.c_proj.weight', h + 'self_attn.o_proj.weight', False),
+            rows.append((o + 'ln_1.weight', h + 'input_layernorm.weight', False))
+            # q, k, v (and Qwen2's biases) fused into c_attn; Qwen3's per-head norms
+            rows += [(o + f'attn.c_attn.{p}', [h + f'self_attn.{x}_proj.{p}' for x in 'qkv'], False)
+                     for p in ('weight', 'bias') if p == 'weight' or c.get('qkv_bias')]
+            rows += [(o + f'attn.{x}_norm.weight', h + f'self_attn.{x}_norm.weight', False)
+                     for x in 'qk' if c.get('qk_norm')]
+            rows += [(o + 'attn.c_proj.weight', h + 'self_attn.o_proj.weight', False),
                      (o + 'ln_2.weight', h + 'post_attention_layernorm.weight', False),
                      (o + 'mlp.c_fc.weight',
                       [h + 'mlp.gate_proj.weight', h + 'mlp.up_proj.weight'], False),
@@ -165,8 +219,8 @@ def state_dict_to_hf(sd, c):
         else:
             w = sd[ours].t() if transpose else sd[ours]
         if isinstance(theirs, list):  # split a fused matrix back into HF's separate projections
-            if ours.endswith('c_attn.weight'):
-                hs = c['n_embd'] // c['n_head']
+            if '.c_attn.' in ours:  # weight or (Qwen2) bias
+                hs = c['head_dim'] or c['n_embd'] // c['n_head']
                 sizes = [c['n_head'] * hs, c['n_kv_head'] * hs, c['n_kv_head'] * hs]
             else:
                 sizes = [c['ffn_hidden'], c['ffn_hidden']]

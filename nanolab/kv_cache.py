@@ -90,17 +90,21 @@ class KVCache:
         # a compiled decode step (a step with chunks runs eagerly)
         static = self.static and not chunks
         S = self.max_len if static else max(starts, default=-1) + 1
-        dmask = None
-        # rows of different lengths: each sees only its own keys
-        if decode and (static or min(starts) != S - 1):
-            dmask = torch.arange(S, device=self.device)[None, :] <= \
-                torch.tensor(starts, device=self.device)[:, None]
-            dmask = dmask.view(decode, 1, 1, S)
+        dmask, W = None, self.config.sliding_window
+        # rows of different lengths: each sees only its own keys; with a sliding window (Mistral)
+        # only the last W of them. subtle: the storage keeps every key (no ring buffer), so a
+        # window saves compute, not memory
+        if decode and (static or min(starts) != S - 1 or 0 < W < S):
+            keys = torch.arange(S, device=self.device)[None, :]
+            last = torch.tensor(starts, device=self.device)[:, None]
+            dmask = ((keys <= last) & (keys > last - W if W else True)).view(decode, 1, 1, S)
         segs = []
         for slot, T in chunks:
             c = self.lengths[slot]
-            mask = None if c == 0 else \
+            mask = None if c == 0 and not 0 < W < T else \
                 torch.ones(T, c + T, dtype=torch.bool, device=self.device).tril(c)
+            if mask is not None and W:  # token c+i sees keys j with c+i-W < j <= c+i
+                mask = mask.triu(c - W + 1)
             segs.append((slot, c, T, mask))
         pos = starts + [p for _, c, T, _ in segs for p in range(c, c + T)]
         step = Step(self, decode, torch.arange(decode, device=self.device),

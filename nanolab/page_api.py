@@ -19,6 +19,7 @@ from nanolab import prompts
 from nanolab.checkpoint import model_name
 from nanolab.files import finite
 from nanolab.httpd import ApiError
+from nanolab.interpret import activation_flow, logit_lens
 from nanolab.openai_api import encode, flag, is_ids, number
 from nanolab.results import LOWER_IS_BETTER, checkpoint_history, leaderboard_rows, read_results
 from nanolab.runs import model_registry, read_runs
@@ -128,7 +129,7 @@ def _attention(h, body):
                        "shorter prompt, or 'layer': i for one layer",
                        'prompt', 'invalid_value')
     # [(1, nh, T, T)] per layer
-    maps = w.call(lambda: w.model.attention_maps(torch.tensor([ids], device=w.device)))
+    maps = w.call(lambda: w.model.trace(torch.tensor([ids], device=w.device))[1]['att'])
     maps = maps if layer is None else maps[layer:layer + 1]
     h.send_json(200, {'model': name, 'tokens': [w.tok.decode([t]) for t in ids], 'layer': layer,
                       'attentions': [[[[round(x, 4) for x in r] for r in head]
@@ -146,9 +147,9 @@ def _inspect(h, body):
     def run():
         idx = torch.tensor([ids], device=w.device)
         _, trace = w.model.trace(idx)
-        lp, ix = w.model.logit_lens(idx, trace)[:, 0].topk(min(top, w.V), dim=-1)  # (L, T, top)
+        lp, ix = logit_lens(w.model, trace)[:, 0].topk(min(top, w.V), dim=-1)  # (L, T, top)
         return lp.exp().tolist(), ix.tolist(), \
-            {k: v.tolist() for k, v in w.model.activation_flow(idx, trace).items()}
+            {k: v.tolist() for k, v in activation_flow(trace).items()}
     probs, index, flow = w.call(run)
     r4 = lambda xs: [round(x, 4) for x in xs]
     lens = [[[{'token': w.tok.decode([i]), 'id': i, 'prob': round(p, 4)} for i, p in zip(ii, pp)]

@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig
 from nanolab.checkpoint import load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from nanolab.device import resolve_device, resolve_dtype
+from nanolab.interpret import activation_flow, logit_lens
 from nanolab.kv_cache import KVCache
 
 transformers = pytest.importorskip('transformers')
@@ -151,11 +152,11 @@ def test_trace_logit_lens_and_activation_flow_against_hf(arch, tmp_path):
     torch.testing.assert_close(trace['embed'], out.hidden_states[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(trace['att'], out.attentions):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    lens = ours.logit_lens(x)
+    lens = logit_lens(ours, trace)
     assert lens.shape == (L, 2, 9, 96)
     torch.testing.assert_close(lens[-1], torch.log_softmax(out.logits, -1), atol=1e-4, rtol=1e-4)
     assert torch.equal(lens[-1].argmax(-1), logits.argmax(-1))
-    flow = ours.activation_flow(x)
+    flow = activation_flow(trace)
     assert flow['resid'].shape == flow['attn'].shape == flow['mlp'].shape == (L, 2, 9)
     torch.testing.assert_close(flow['resid'][0], out.hidden_states[1].norm(dim=-1), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(flow['attn'][0] + 0, trace['attn_out'][0].norm(dim=-1))

@@ -1,0 +1,154 @@
+"""The Llama-like families (Llama 3.x with RoPE scaling, Mistral's sliding window, Qwen2's q/k/v biases, Qwen3's
+q/k norms and wide heads) against transformers: tiny random models built from transformers' own config classes, loaded
+through nanolab's one loader, compared on logits, greedy generation, the KV cache, a LoRA step and the export back."""
+import pytest
+import torch
+
+from nanolab.checkpoint import load_model
+from nanolab.generation import generate
+from nanolab.hf import config_from_hf
+from nanolab.kv_cache import KVCache
+
+transformers = pytest.importorskip('transformers')
+transformers.logging.set_verbosity_error()
+
+V = 97
+BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=V,
+            max_position_embeddings=64, rms_norm_eps=1e-5)
+# each family with the quirks it is known by: one KV head, head_dim != hidden/heads, llama3 scaling factors,
+# a sliding window shorter than the prompts below (24 tokens), tied and untied embeddings
+FAMILIES = {
+    'llama3': (transformers.LlamaConfig, dict(num_key_value_heads=1, tie_word_embeddings=True, rope_parameters=dict(
+        rope_type='llama3', rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8))),
+    'llama_linear': (transformers.LlamaConfig, dict(num_key_value_heads=2, head_dim=24, rope_parameters=dict(
+        rope_type='linear', rope_theta=1e4, factor=4.0))),
+    'mistral': (transformers.MistralConfig, dict(num_key_value_heads=1, sliding_window=5)),
+    'qwen2': (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    'qwen3': (transformers.Qwen3Config, dict(num_key_value_heads=1, head_dim=32)),
+}
+
+
+def hf_model(name):
+    torch.manual_seed(0)
+    cls, kw = FAMILIES[name]
+    hf = transformers.AutoModelForCausalLM.from_config(cls(**BASE, **kw), attn_implementation='eager')
+    with torch.no_grad():  # random norms and biases too, so a mis-mapped one cannot hide behind ones/zeros
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return hf.eval()
+
+
+@pytest.fixture(scope='module', params=list(FAMILIES))
+def pair(request, tmp_path_factory):
+    """(family, transformers' model, ours loaded from its save_pretrained directory, that directory)."""
+    hf = hf_model(request.param)
+    d = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(d)
+    ours, _, _ = load_model(str(d))
+    return request.param, hf, ours, d
+
+
+def test_config_options(pair):
+    name, hf, ours, _ = pair
+    c = ours.config
+    assert c.arch == 'llama' and c.n_kv_head == hf.config.num_key_value_heads
+    assert c.head_dim == (getattr(hf.config, 'head_dim', None) or 16) and c.qkv_bias == (name == 'qwen2') and c.qk_norm == (name == 'qwen3')
+    assert c.sliding_window == (5 if name == 'mistral' else 0)
+    assert (c.rope_scaling or {}).get('rope_type') == {'llama3': 'llama3', 'llama_linear': 'linear'}.get(name)
+
+
+def test_logits_equal_transformers(pair):
+    _, hf, ours, _ = pair
+    x = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)[0]).abs().max().item() <= 1e-5
+
+
+def test_greedy_generation_equals_transformers_generate(pair):
+    _, hf, ours, _ = pair
+    prompt = torch.randint(0, V, (1, 9))
+    hf.generation_config.eos_token_id = None  # all 16 tokens: ours does not know the config's end id
+    with torch.no_grad():
+        ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False)[0, 9:].tolist()
+    got = generate(ours, prompt[0].tolist(), 16, temperature=0)[0]
+    nocache = generate(ours, prompt[0].tolist(), 16, temperature=0, use_cache=False)[0]
+    assert got.tokens == ref and nocache.tokens == ref
+
+
+def test_kv_cache_equals_no_cache(pair):
+    """Prefill in chunks, then decode, including rows at different lengths: with Mistral's window of 5 the cache
+    must forget what the window drops, exactly as the full forward does."""
+    _, _, ours, _ = pair
+    torch.manual_seed(1)
+    x = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        full, _ = ours(x)
+        cache = KVCache(ours.config, 2, 24, 'cpu', torch.float32)
+        parts = [ours(x[:, :9], step=cache.schedule(chunks=[(0, 9), (1, 9)]))[0],
+                 ours(x[:, 9:10], step=cache.schedule(decode=2))[0],
+                 ours(x[:, 10:], step=cache.schedule(chunks=[(0, 10), (1, 10)]))[0]]
+        assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
+        # two rows of different lengths decoding together: each as it is alone
+        cache = KVCache(ours.config, 2, 24, 'cpu', torch.float32)
+        a, b = x[:1, :13], x[1:, :6]
+        ours(torch.cat([a, b], 1), step=cache.schedule(chunks=[(0, 13), (1, 6)]))
+        nxt = torch.randint(0, V, (2, 1))
+        dec, _ = ours(nxt, step=cache.schedule(decode=2))
+        ref_a, _ = ours(torch.cat([a, nxt[:1]], 1))
+        ref_b, _ = ours(torch.cat([b, nxt[1:]], 1))
+    assert (dec[0, 0] - ref_a[0, -1]).abs().max() < 1e-5 and (dec[1, 0] - ref_b[0, -1]).abs().max() < 1e-5
+
+
+def test_export_loads_back_in_transformers(pair, tmp_path):
+    name, _, ours, _ = pair
+    ours.save_pretrained(str(tmp_path))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.config.model_type == {'llama3': 'llama', 'llama_linear': 'llama'}.get(name, name)
+    x = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        assert (back(x).logits - ours(x)[0]).abs().max().item() <= 1e-5
+
+
+def test_lora_step_runs_and_trains_only_the_adapters(pair):
+    from nanolab.lora import add_lora, lora_layers
+    _, _, ours, d = pair
+    model, _, _ = load_model(str(d))  # a fresh copy: the fixture's is shared
+    model.train()
+    add_lora(model, r=4, alpha=8, dropout=0.0, targets='c_attn,c_proj,c_fc')
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert lora_layers(model) and trainable
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    x = torch.randint(0, V, (2, 16))
+    losses = []
+    for _ in range(3):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all('lora' in n for n in changed)
+
+
+@pytest.mark.parametrize('change,error', [
+    (dict(model_type='gemma'), "model_type 'gemma'"),
+    (dict(rope_parameters=dict(rope_type='yarn', factor=2.0, rope_theta=1e4)), "RoPE scaling 'yarn'"),
+    (dict(hidden_act='gelu'), "hidden_act 'gelu'"),
+    (dict(mlp_bias=True), 'mlp_bias'),
+    (dict(model_type='qwen2', use_sliding_window=True, sliding_window=4,
+          layer_types=['full_attention', 'sliding_attention']), 'some layers only'),
+    (dict(rope_parameters=dict(rope_type='llama3', factor=8.0, rope_theta=1e4)), 'rope_scaling'),
+])
+def test_what_the_model_cannot_compute_is_refused_by_name(change, error, tmp_path):
+    import json
+    hf = transformers.LlamaConfig(**BASE).to_dict()
+    hf.update(change)
+    with pytest.raises(ValueError, match=error):
+        from model import GPTConfig
+        GPTConfig(**config_from_hf(hf))
+    (tmp_path / 'config.json').write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=error):
+        load_model(str(tmp_path))
