@@ -240,18 +240,69 @@ def local_dir(name_or_dir):
     return download(name_or_dir)
 
 def download(name):
-    """A hub model's snapshot in the Hugging Face cache (needs the network) -> its directory."""
+    """A hub model's snapshot in the standard Hugging Face cache -> its directory: the cached copy
+    when there is one (no network), else downloaded with progress bars. Each way it can fail gets
+    an error that names the fix: offline (the cache and HF_HUB_OFFLINE), a gated or private model
+    (HF_TOKEN), a name the hub does not have."""
+    from huggingface_hub import constants, errors, snapshot_download
+    patterns = ['*.json', '*.safetensors', '*.txt', '*.model', '*.jinja', 'pytorch_model*.bin']
+    try:  # 1) the cache first: a model fetched once opens offline, and no request is made
+        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+    except Exception:  # not cached (or a damaged cache entry): fetch it
+        pass
+    offline = constants.HF_HUB_OFFLINE
     try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(name,
-                                 allow_patterns=['*.json', '*.safetensors', '*.txt', '*.model',
-                                                 'pytorch_model*.bin'])
-    except Exception as e:
-        raise ValueError(f"'{name}' is not a local directory and could not be fetched "
-                         f"from the Hugging Face hub ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local "
-                         "directory (config.json + weights, e.g. written by "
-                         "save_pretrained), or go online.") from None
+        if offline:
+            raise errors.OfflineModeIsEnabled('HF_HUB_OFFLINE is set')
+        return snapshot_download(name, allow_patterns=patterns)
+    except errors.GatedRepoError:
+        why = (f"'{name}' is a gated model: accept its license on huggingface.co/{name}, then "
+               "set HF_TOKEN to an access token (huggingface.co/settings/tokens) or run "
+               "`hf auth login`")
+    except errors.RepositoryNotFoundError:
+        why = (f"the Hugging Face hub has no model '{name}' (or it is private: set HF_TOKEN); "
+               "check the name, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, OSError) as e:
+        why = (f"'{name}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+               + ("HF_HUB_OFFLINE=1 forbids the download; unset it, or" if offline else
+                  f"could not be downloaded ({type(e).__name__}); go online, or") +
+               " copy the model into that cache (or pass a local directory)")
+    except Exception as e:  # anything else the hub client raises: its own words, one line
+        why = (f"'{name}' could not be fetched from the Hugging Face hub ({type(e).__name__}: "
+               f"{str(e).splitlines()[0] if str(e) else ''})")
+    raise ValueError(f"{why}. A model source is a local directory (config.json + weights), "
+                     "a .gguf file, a run's out_dir, or a hub name.") from None
+
+def cached_models(cache=None):
+    """The models in the Hugging Face cache (cache: its directory, default the standard one) that
+    look like ones nanolab opens: [{'name': repo id, 'path': its newest snapshot, 'kind': 'hub',
+    'size', 'arch', 'block_size', 'tokenizer'}]; for the page's registry and model menu. Read from
+    the cache's folders: no network, and a damaged entry is left out."""
+    from huggingface_hub import scan_cache_dir
+    try:
+        repos = scan_cache_dir(cache).repos
+    except Exception:  # no cache yet, or one this version cannot read
+        return []
+    out = []
+    for repo in sorted(repos, key=lambda r: r.repo_id):
+        revs = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
+        if repo.repo_type != 'model' or not revs:
+            continue
+        path = str(revs[0].snapshot_path)
+        try:
+            with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
+                hf = json.load(f)
+            weight_files(path)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(hf, dict) or hf.get('model_type') not in ('gpt2', *LLAMA_FAMILIES):
+            continue
+        out.append({'name': repo.repo_id, 'path': path, 'kind': 'hub', 'size': revs[0].size_on_disk,
+                    'arch': hf.get('model_type'), 'n_params': None,
+                    'block_size': hf.get('max_position_embeddings') or hf.get('n_positions'),
+                    'tokenizer': 'hf' if os.path.exists(os.path.join(path, 'tokenizer.json'))
+                    else None, 'checkpoints': [], 'exports': [], 'evals': {}})
+    return out
 
 def read_config(path):
     """config.json of a local Hugging Face directory -> GPTConfig's arguments, or a ValueError that
@@ -275,8 +326,26 @@ def read_config(path):
                          "with the model's own config.json") from None
 
 def weight_files(path):
-    """The weights of a local Hugging Face directory: its *.safetensors files, else its
-    pytorch_model*.bin files."""
+    """The weights of a local Hugging Face directory: the shards its model.safetensors.index.json
+    lists (every one must be there), else its *.safetensors files, else its pytorch_model*.bin
+    files."""
+    index = os.path.join(path, 'model.safetensors.index.json')
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding='utf-8') as f:
+                shards = sorted(set(json.load(f)['weight_map'].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a readable shard index ({type(e).__name__}); "
+                             "download the model again") from None
+        files = [os.path.join(path, s) for s in shards]
+        if any(os.path.basename(s) != s for s in shards) or not files:
+            raise ValueError(f"{index} names shards outside its directory; download the model "
+                             "again")
+        missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+        if missing:
+            raise ValueError(f"{path} lacks the weight shards {missing[:4]} that its index lists; "
+                             "the download was cut short: download the model again")
+        return files
     files = sorted(glob.glob(os.path.join(path, '*.safetensors'))) or \
         sorted(glob.glob(os.path.join(path, 'pytorch_model*.bin')))
     if not files:

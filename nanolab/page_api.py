@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 import torch
 
 from model import ARCHS, GPT, POSITIONS, GPTConfig
-from nanolab import prompts
+from nanolab import hf, prompts
 from nanolab.checkpoint import model_name
 from nanolab.files import finite
 from nanolab.httpd import ApiError
@@ -255,9 +255,11 @@ def _leaderboard(h, body):
 
 def _registry(h, body):
     """GET /v1/registry: what is on disk under runs_dir (runs.model_registry: runs with their
-    checkpoints and evals, Hugging Face directories, exports), each marked with the name it is
-    served under, if it is, and the name to serve it under (checkpoint.model_name)."""
+    checkpoints and evals, Hugging Face directories, exports) and the hub models in the Hugging Face
+    cache (hf.cached_models), each marked with the name it is served under, if it is, and the name
+    to serve it under (checkpoint.model_name)."""
     entries, skipped = model_registry(h.server.runs_dir)
+    entries += hf.cached_models()
     served = {os.path.realpath(w.source): name for name, w in h.server.engines.items()
               if getattr(w, 'source', None)}
     for e in entries:  # model_name: the name to load it under (the page's "serve" buttons send it)

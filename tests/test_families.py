@@ -152,3 +152,66 @@ def test_what_the_model_cannot_compute_is_refused_by_name(change, error, tmp_pat
     (tmp_path / 'config.json').write_text(json.dumps(hf))
     with pytest.raises(ValueError, match=error):
         load_model(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# real models' files: sharded weights, the Hugging Face cache, the hub's errors
+
+def test_sharded_safetensors_load_through_their_index(tmp_path):
+    hf = hf_model('qwen2')
+    hf.save_pretrained(tmp_path, max_shard_size='20KB')
+    shards = sorted(p.name for p in tmp_path.glob('*.safetensors'))
+    assert len(shards) > 2 and (tmp_path / 'model.safetensors.index.json').exists()
+    ours, _, _ = load_model(str(tmp_path))
+    x = torch.randint(0, V, (1, 12))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)[0]).abs().max().item() <= 1e-5
+    (tmp_path / shards[1]).unlink()  # a download cut short
+    with pytest.raises(ValueError, match=f"lacks the weight shards .*{shards[1]}"):
+        load_model(str(tmp_path))
+
+
+def fake_hub_cache(root, repo, hf):
+    """The standard cache's layout for one model: models--org--name/{refs/main, snapshots/<rev>/files}."""
+    d = root / f"models--{repo.replace('/', '--')}"
+    snap = d / 'snapshots' / ('a' * 40)
+    hf.save_pretrained(snap)
+    (d / 'refs').mkdir(parents=True)
+    (d / 'refs' / 'main').write_text('a' * 40)
+    (d / 'blobs').mkdir()
+    return snap
+
+
+def test_a_cached_hub_model_opens_offline_and_is_listed(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from nanolab.hf import cached_models
+    cache = tmp_path / 'hub'
+    fake_hub_cache(cache, 'tiny-org/tiny-qwen3', hf_model('qwen3'))
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    model, _, _ = load_model('tiny-org/tiny-qwen3')
+    assert model.config.qk_norm
+    listed = cached_models()
+    assert [(e['name'], e['kind'], e['arch']) for e in listed] == [('tiny-org/tiny-qwen3', 'hub', 'qwen3')]
+
+
+def test_hub_errors_name_the_fix(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    with pytest.raises(ValueError, match=f"not in the Hugging Face cache \\({tmp_path}\\) and HF_HUB_OFFLINE=1"):
+        load_model('meta-llama/Llama-3.2-1B')
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    real = huggingface_hub.snapshot_download
+
+    def gated(name, **kw):  # what the hub answers for a gated model without a token
+        if kw.get('local_files_only'):
+            return real(name, **kw)
+        import httpx
+        raise errors.GatedRepoError('401 gated', response=httpx.Response(
+            401, request=httpx.Request('GET', f'https://huggingface.co/{name}')))
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', gated)
+    with pytest.raises(ValueError, match='gated model.*HF_TOKEN'):
+        load_model('meta-llama/Llama-3.2-1B')

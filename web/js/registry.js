@@ -64,6 +64,9 @@ function checkpointBrowser(e) {
 
 export async function refreshRegistry() {
   registry = (await api('/v1/registry')).data;
+  // the hub models already in the Hugging Face cache: the load box offers their names
+  $('hub-models').replaceChildren(...registry.filter(e => e.kind === 'hub')
+    .map(e => el('option', {value: e.name})));
   const rows = registry.map(e => {
     const exports = e.exports.map(x => `${x.path.split('/').pop()} (${x.format}, ${mb(x.size)})`);
     return row([el('b', {}, e.name), checkpointBrowser(e)],
@@ -74,7 +77,8 @@ export async function refreshRegistry() {
   });
   const head = ['model', '', 'kind', 'on disk', 'params', 'arch · tokenizer · context', 'iter',
                 'latest evals', 'exports'];
-  const none = "No runs under the server's runs_dir (python serve.py --runs_dir=DIR).";
+  const none = "No runs under the server's runs_dir (python serve.py --runs_dir=DIR), and no " +
+    'models in the Hugging Face cache.';
   $('registry').replaceChildren(registry.length ? el('table', {}, headRow(head), ...rows) :
     el('span', {className: 'dim'}, none));
 }
