@@ -21,7 +21,7 @@ from contextlib import ExitStack
 import torch
 
 from nanolab.files import replacing, write_json, write_text
-from nanolab.tokenizer import (EOT, GPT2_REGEX_ENCODINGS, GPT2_SPLIT_PATTERN, TEXT_END,
+from nanolab.tokenizer import (EOT, GPT2_REGEX_ENCODINGS, GPT2_SPLIT_PATTERN,
                                TEXT_MARKERS, BPETokenizer, bytes_to_unicode, check_fits)
 
 # -----------------------------------------------------------------------------
@@ -325,6 +325,18 @@ def read_config(path):
         raise ValueError(f"{name} has a setting of the wrong type or value ({e}); replace it "
                          "with the model's own config.json") from None
 
+def stored_dtype(path):
+    """The dtype a local Hugging Face directory's config.json says its weights are stored in
+    ('dtype', or the older 'torch_dtype'), or None when it says none we know."""
+    try:
+        with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
+            raw = json.load(f)
+        name = raw.get('dtype') or raw.get('torch_dtype')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {'float32': torch.float32, 'bfloat16': torch.bfloat16,
+            'float16': torch.float16}.get(name) if isinstance(name, str) else None
+
 def weight_files(path):
     """The weights of a local Hugging Face directory: the shards its model.safetensors.index.json
     lists (every one must be there), else its *.safetensors files, else its pytorch_model*.bin
@@ -482,18 +494,6 @@ def byte_level_vocab(tok, unlisted_merges=False):
     text_of = {i: ''.join(b2u[b] for b in bs) for i, bs in bpe.vocab.items()}
     return text_of, [(text_of[a], text_of[b]) for a, b in bpe.merges], dict(bpe.special_tokens)
 
-def chat_jinja(tok):
-    """The chat template (tokenizer.py's CHAT_TEMPLATE_DOC) as Jinja, the language of transformers'
-    apply_chat_template and of GGUF's tokenizer.chat_template: role tokens where tok has them, else
-    text markers."""
-    if tok._has_chat_tokens():
-        return ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    end = json.dumps(EOT if tok.eot is not None else TEXT_END)
-    return (f"{{% set markers = {json.dumps(TEXT_MARKERS)} %}}{{% for m in messages %}}"
-            f"{{{{ markers[m['role']] }}}}{{{{ m['content'] }}}}{{{{ {end} }}}}{{% endfor %}}"
-            f"{{% if add_generation_prompt %}}{{{{ markers['assistant'] }}}}{{% endif %}}")
-
 def save_tokenizer_files(tok, out_dir):
     """Write tok as a Hugging Face tokenizer directory: vocab.json + merges.txt (GPT-2's format),
     tokenizer.json (the `tokenizers` library's), tokenizer_config.json (with the chat template as
@@ -526,6 +526,6 @@ def save_tokenizer_files(tok, out_dir):
     #    round-trips
     eot = {'bos_token': EOT, 'eos_token': EOT, 'unk_token': EOT} if EOT in specials else {}
     config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'add_prefix_space': False,
-              'clean_up_tokenization_spaces': False, 'chat_template': chat_jinja(tok), **eot}
+              'clean_up_tokenization_spaces': False, 'chat_template': tok.chat_jinja(), **eot}
     write_text(os.path.join(out_dir, 'tokenizer_config.json'), json.dumps(config, indent=2))
     write_text(os.path.join(out_dir, 'special_tokens_map.json'), json.dumps(eot, indent=2))

@@ -40,14 +40,18 @@ Char-level (and HF dirs without those tokens) use plain-text markers:
 
 The loss mask is 1 exactly on the assistant's content and its end-of-turn token(s), so a
 fine-tuned model learns both to answer and to stop; role markers and other turns are 0.
+
+An HF dir with its own Jinja chat template (Llama 3, Qwen, Mistral ...: chat_template.jinja or
+tokenizer_config.json) uses that instead, rendered as transformers' apply_chat_template does, its
+turns ending at generation_config.json's eos ids and the template's end token (chat_templates.py).
 """
 import difflib
 import json
 import os
-from collections import Counter
 
 import regex  # tiktoken's own dependency; the stdlib `re` has no \p{L} (letter) classes
 
+from nanolab.bpe_training import learn_merges, merge
 from nanolab.files import write_text
 
 CHAT_TEMPLATE_DOC = __doc__[__doc__.index('Chat template'):]  # one copy; the README quotes it
@@ -110,6 +114,17 @@ class Tokenizer:
     def stop_strings(self) -> list:
         """Strings that end an assistant turn, for kinds whose turns end in plain text."""
         return [] if self._has_chat_tokens() or self.eot is not None else [TEXT_END]
+
+    def chat_jinja(self):
+        """This template as Jinja, the language of transformers' apply_chat_template and of GGUF's
+        tokenizer.chat_template (hf.py and gguf_export.py write it): role tokens where we have them, else text."""
+        if self._has_chat_tokens():
+            return ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+        end = json.dumps(EOT if self.eot is not None else TEXT_END)
+        return (f"{{% set markers = {json.dumps(TEXT_MARKERS)} %}}{{% for m in messages %}}"
+                f"{{{{ markers[m['role']] }}}}{{{{ m['content'] }}}}{{{{ {end} }}}}{{% endfor %}}"
+                f"{{% if add_generation_prompt %}}{{{{ markers['assistant'] }}}}{{% endif %}}")
 
     def render_chat(self, messages, add_generation_prompt=False, continue_final_message=False):
         """messages [{'role', 'content'}, ...] -> (ids, mask) with the chat template;
@@ -219,27 +234,6 @@ class TiktokenTokenizer(Tokenizer):
         return {'kind': 'tiktoken', 'name': self.name}
 
 
-def _merge(ids, pair, idx):
-    """Replace each non-overlapping occurrence of pair in ids, left to right, with idx."""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(idx)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
-
-def _add_pairs(stats, ids, n):
-    """Add n to the count of every adjacent pair in ids (n < 0 removes a word's old pairs)."""
-    for pair in zip(ids, ids[1:]):
-        stats[pair] += n
-        if not stats[pair]:
-            del stats[pair]
-
-
 def _rank_bpe(ranks, data, max_rank):
     """tiktoken's algorithm: join the adjacent parts whose concatenation has the lowest rank,
     using ranks below max_rank only. On a token's own bytes it stops at the two parts the token
@@ -302,31 +296,7 @@ class BPETokenizer(Tokenizer):
         if num_merges < 0:
             raise ValueError(f'vocab_size={vocab_size} is too small: raise it to at least {256 + len(specials)} '
                              f'(256 byte tokens + {len(specials)} special tokens)')
-        # 1) BPE works inside chunks, so count each distinct chunk once: 'the' x 10,000 is one list
-        chunks = Counter(regex.findall(GPT2_SPLIT_PATTERN, text))
-        words, counts = [list(c.encode('utf-8')) for c in chunks], list(chunks.values())
-        stats = Counter()  # (a, b) -> occurrences in the text
-        for w, n in zip(words, counts):
-            _add_pairs(stats, w, n)
-        merges, vocab = [], [bytes([b]) for b in range(256)]
-        for i in range(num_merges):
-            if not stats:
-                raise ValueError(f'the text ran out of pairs to merge after {i} merges; give more text or use '
-                                 f'vocab_size <= {256 + i + len(specials)}')
-            # 2) the most frequent pair; ties go to the smallest ids, so training is deterministic
-            pair = max(stats, key=lambda p: (stats[p], -p[0], -p[1]))
-            if verbose:
-                print(f'merge {i + 1}/{num_merges}: {pair} -> {256 + i} '
-                      f'{vocab[pair[0]] + vocab[pair[1]]!r} ({stats[pair]} times)')
-            # 3) merge it in the words that contain it, updating the counts of those words only
-            #    (recounting every pair after each merge is what makes naive training slow)
-            for j, w in enumerate(words):
-                if pair[0] in w and len(new := _merge(w, pair, 256 + i)) < len(w):
-                    _add_pairs(stats, w, -counts[j])
-                    _add_pairs(stats, new, counts[j])
-                    words[j] = new
-            merges.append(pair)
-            vocab.append(vocab[pair[0]] + vocab[pair[1]])
+        merges = learn_merges(text, num_merges, GPT2_SPLIT_PATTERN, len(specials), verbose)
         return cls(merges, {t: 256 + num_merges + k for k, t in enumerate(specials)})
 
     def encode(self, text):
@@ -351,7 +321,7 @@ class BPETokenizer(Tokenizer):
             pair = min(zip(ids, ids[1:]), key=lambda p: self.merges.get(p, float('inf')))
             if pair not in self.merges:
                 break  # nothing left to merge
-            ids = _merge(ids, pair, self.merges[pair])
+            ids = merge(ids, pair, self.merges[pair])
         return ids
 
     def encode_batch(self, texts, num_threads=2):
@@ -455,7 +425,7 @@ class HFTokenizer(Tokenizer):
     spec() is self-contained: a checkpoint still loads after the directory is gone."""
     kind = 'hf'
     FILES = ('tokenizer.json', 'vocab.json', 'merges.txt', 'added_tokens.json', 'tokenizer_config.json',
-             'special_tokens_map.json')
+             'special_tokens_map.json', 'generation_config.json', 'chat_template.jinja')
 
     def __init__(self, path, files=None):
         if files is None:
@@ -475,6 +445,7 @@ class HFTokenizer(Tokenizer):
             self.tk.encode_special_tokens = True
             added = self.tk.get_added_tokens_decoder()  # id -> AddedToken
             self.special_tokens, self.added_ids = {t.content: i for i, t in added.items() if t.special}, set(added)
+            self.added = {t.content: (i, t.special) for i, t in added.items()}  # the chat template's control tokens
             ids = self.tk.get_vocab(with_added_tokens=True)
             self.vocab_size = max(ids.values()) + 1
             self.byte_level = (json.loads(files['tokenizer.json']).get('decoder') or {}).get('type') == 'ByteLevel'
@@ -484,6 +455,7 @@ class HFTokenizer(Tokenizer):
                                                     json.loads(files.get('added_tokens.json', '{}')))
             ids, self.vocab_size = self.bpe.special_tokens, self.bpe.vocab_size
             self.special_tokens = dict(ids)
+            self.added = {t: (i, True) for t, i in ids.items()}
         else:
             raise ValueError(f'{path} has no tokenizer.json and no vocab.json + merges.txt; save the tokenizer there '
                              'with transformers (tokenizer.save_pretrained(dir)) or hf.save_tokenizer_files')
@@ -498,6 +470,45 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text):
         return self.bpe.encode(text) if self.bpe else self.tk.encode(text, add_special_tokens=False).ids
+
+    # ---- the directory's own Jinja chat template (nanolab/chat_templates.py), when it has one ----
+    @property
+    def chat_template(self):
+        """The directory's ChatTemplate, or None (then nanolab's format, as for the other kinds). Compiled on
+        first use, so a broken template fails chats only, with the fix in its message."""
+        if not hasattr(self, '_template'):
+            from nanolab.chat_templates import ChatTemplate
+            t = ChatTemplate.for_hf(self)
+            # our own export's template (hf.save_tokenizer_files) is this format: keep its exact rules (stop strings)
+            self._template = None if t is None or t.source == Tokenizer.chat_jinja(self) else t
+        return self._template
+
+    def chat_jinja(self):
+        """The directory's own template where it has one (what GGUF and HF exports carry on)."""
+        return self.chat_template.source if self.chat_template is not None else super().chat_jinja()
+
+    def render_chat(self, messages, add_generation_prompt=False, continue_final_message=False):
+        if self.chat_template is None:
+            return super().render_chat(messages, add_generation_prompt, continue_final_message)
+        return self.chat_template.render_chat(messages, add_generation_prompt, continue_final_message,
+                                              set(self.chat_stop_tokens))
+
+    @property
+    def chat_stop_tokens(self):
+        """With a template: generation_config.json's eos ids, the eos token, and the special tokens the template
+        ends a turn with (<|eot_id|>, <|im_end|>)."""
+        if self.chat_template is None:
+            return super().chat_stop_tokens
+        if not hasattr(self, '_stops'):
+            eos = json.loads(self.files.get('generation_config.json') or '{}').get('eos_token_id')
+            eos = eos if isinstance(eos, list) else [eos]
+            ids = [*eos, self.eot, *self.chat_template.end_tokens()]
+            self._stops = [i for k, i in enumerate(ids) if isinstance(i, int) and i not in ids[:k]]
+        return self._stops
+
+    @property
+    def stop_strings(self):
+        return [] if self.chat_template is not None else super().stop_strings
 
     def encode_batch(self, texts, num_threads=2):
         if self.bpe:
