@@ -8,6 +8,7 @@ with its adapter switched off.
     python dpo.py configs/dpo_demo.py                # CPU: hh-rlhf pairs after SFT on Alpaca
     python dpo.py --init_from=out-sft --dataset=hh_rlhf --device=cuda --batch_size=32  # one GPU
     python dpo.py --lora_r=8 --out_dir=out-dpo-lora  # LoRA: the reference is the adapter off
+    python dpo.py --lora_r=8 --quantize_base=nf4 --grad_checkpoint=True  # QLoRA, less memory
     python dpo.py --init_from=resume --out_dir=out-dpo-tasks  # go on from out_dir/ckpt.pt, exactly
     python dpo.py --help                             # every setting, with its default
 
@@ -57,7 +58,7 @@ from nanolab.configurator import cli_errors, configure, fail
 from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
 from nanolab.files import write_json
 from nanolab.formats import read_preferences
-from nanolab.lora import add_lora, lora_disabled, lora_state
+from nanolab.lora import QUANTIZE, add_lora, lora_disabled, lora_state
 from nanolab.metrics import answer, win_rate
 from nanolab.preferences import (collate, load_pairs, pair_order, preference_files,
                                  preference_loss, response_logps)
@@ -65,7 +66,7 @@ from nanolab.progress import at  # i/N (p%), ETA
 from nanolab.tracking import write_model_card
 from nanolab.training import (LR_SCHEDULES, checkpoint_dict, configure_optimizer, end_eval, get_lr,
                               open_run, optimizer_step, restore_training, save_on_stop, set_lr,
-                              start_loop)
+                              start_loop, use_grad_checkpoint)
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/dpo_tasks.py (see that file for the measured figures)
@@ -97,6 +98,7 @@ label_smoothing = 0.0         # cDPO: assumed share of flipped labels, in [0, 0.
 lora_r = 0                    # rank of the update; 0 = off (all weights train, the reference is a frozen copy)
 lora_alpha = 16.0             # the update is scaled by lora_alpha / lora_r
 lora_targets = 'c_attn,c_proj,c_fc'  # comma-separated Linear module names (or suffixes like attn.c_proj)
+quantize_base = ''            # QLoRA: 'nf4' = the frozen base's block weights in 4 bits (bitsandbytes, CPU or CUDA; needs lora_r > 0) | '' = as loaded
 # win rate (metrics.win_rate), tasks suite only: greedy answers of policy and reference, judged by
 # synthetic.rule_score
 win_rate_prompts = 200        # held-out prompts answered by both models at each eval; 0 = off
@@ -116,9 +118,11 @@ min_lr = 2e-6                 # floor after decay (~learning_rate/10)
 # system
 device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 dtype = 'auto'                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
+grad_checkpoint = False       # recompute each block's activations in backward: less memory, ~1/3 more compute
 seed = 1337                   # data order, LoRA init
 # -----------------------------------------------------------------------------
-CHOICES = {'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
+CHOICES = {'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES,
+           'quantize_base': QUANTIZE}
 config = configure(globals(), choices=CHOICES)
 
 # never replace a trained run; resume = the run's saved config, this command line on top; an
@@ -131,6 +135,9 @@ if ckpt is not None:
     init_from = config['init_from'] = ckpt['config']['init_from']
 if not 0 <= label_smoothing < 0.5 or beta <= 0:
     fail(f'label_smoothing={label_smoothing} must be in [0, 0.5) and beta={beta} positive')
+if quantize_base and not lora_r:
+    fail(f'quantize_base={quantize_base!r} (QLoRA) trains LoRA adapters on a frozen 4-bit base; '
+         'give --lora_r (e.g. 16), or leave quantize_base off')
 
 # 1) device, dtype; 2) the policy and the reference, from the SFT model
 with cli_errors():
@@ -157,12 +164,14 @@ if lora_r:
     # LoRA's A matrices start random (B starts at 0, so the policy starts as the SFT model)
     torch.manual_seed(seed)
     with cli_errors():
-        model = add_lora(policy, lora_r, lora_alpha, 0.0, lora_targets)
+        model = add_lora(policy, lora_r, lora_alpha, 0.0, lora_targets, quantize_base, device)
     if ckpt is not None:
         model.load_state_dict(ckpt['lora']['state'], strict=False)
     ref_model, reference = model, functools.partial(lora_disabled, model)
 else:
     model, ref_model, reference = policy, sft.requires_grad_(False), nullcontext
+if grad_checkpoint:
+    use_grad_checkpoint(model)  # the reference's passes run without grad: never recomputed
 model.to(device).eval()  # eval(): dropout off; the reference needs no grad but policy params do
 ref_model.to(device).eval()
 n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -29,7 +29,11 @@ padding changes no loss.
 
 LoRA (lora_r > 0, Hu et al. 2021): peft adds W + (lora_alpha/lora_r) B A to the Linear layers named
 in lora_targets (by name or name suffix: c_attn, c_proj, c_fc, attn.c_proj, lm_head); only A and B
-train.
+train. QLoRA (--quantize_base=nf4, Dettmers et al. 2023): the frozen base's block weights are held in
+4 bits by bitsandbytes (CPU or CUDA), A and B in full precision; ckpt.pt still holds full-precision
+merged weights (the dequantized base plus the update: lora.py).
+Memory: --grad_checkpoint=True recomputes each block's activations in the backward pass
+(training.use_grad_checkpoint): the same loss and gradients, less memory, ~1/3 more compute.
 
 Writes to out_dir:
   ckpt.pt       merged weights (LoRA folded in), read by load_model like any run, so sample.py,
@@ -59,14 +63,14 @@ from nanolab.configurator import cli_errors, configure, fail
 from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
 from nanolab.files import write_json
 from nanolab.formats import ROLES, in_val, read_rows, read_sft
-from nanolab.lora import add_lora, lora_layers, lora_state
+from nanolab.lora import QUANTIZE, add_lora, lora_layers, lora_state, n_weights
 from nanolab.metrics import exact_match
 from nanolab.progress import at  # i/N (p%), ETA
 from nanolab.tokenizer import from_spec
 from nanolab.tracking import write_model_card
 from nanolab.training import (LR_SCHEDULES, checkpoint_dict, configure_optimizer, end_eval, get_lr,
                               open_run, optimizer_step, restore_training, save_on_stop, set_lr,
-                              start_loop)
+                              start_loop, use_grad_checkpoint)
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/sft_tasks.py (see that file for the measured figures)
@@ -99,6 +103,7 @@ lora_r = 0                    # rank of the update; 0 = off (all weights train)
 lora_alpha = 16.0             # the update is scaled by lora_alpha / lora_r
 lora_dropout = 0.0            # dropout on the LoRA input
 lora_targets = 'c_attn,c_proj,c_fc'  # comma-separated Linear module names (or suffixes like attn.c_proj; lm_head)
+quantize_base = ''            # QLoRA: 'nf4' = the frozen base's block weights in 4 bits (bitsandbytes, CPU or CUDA; needs lora_r > 0) | '' = as loaded
 # AdamW optimizer and schedule
 learning_rate = 2e-3          # peak learning rate
 max_iters = 1000              # total optimizer steps
@@ -113,9 +118,11 @@ min_lr = 1e-4                 # floor after decay
 # system
 device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 dtype = 'auto'                # 'auto' (bf16/fp16 on GPUs, fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
+grad_checkpoint = False       # recompute each block's activations in backward: less memory, ~1/3 more compute
 seed = 1337                   # LoRA init, data order and dropout
 # -----------------------------------------------------------------------------
-CHOICES = {'lr_schedule': LR_SCHEDULES, 'em_normalize': ('strip', 'tasks'), 'dtype': DTYPES}
+CHOICES = {'lr_schedule': LR_SCHEDULES, 'em_normalize': ('strip', 'tasks'), 'dtype': DTYPES,
+           'quantize_base': QUANTIZE}
 config = configure(globals(), choices=CHOICES)
 
 # never replace a trained run; resume = the run's saved config, then this command line on top (so
@@ -123,6 +130,9 @@ config = configure(globals(), choices=CHOICES)
 ckpt, config = open_run(out_dir, init_from, overwrite, __file__, config, CHOICES,
                         fixed=('lora_r', 'lora_alpha', 'lora_targets'))
 globals().update(config)
+if quantize_base and not lora_r:
+    fail(f'quantize_base={quantize_base!r} (QLoRA) trains LoRA adapters on a frozen 4-bit base; '
+         'give --lora_r (e.g. 16), or leave quantize_base off')
 
 # -----------------------------------------------------------------------------
 # the data: conversations -> (inputs, targets) of the chat template
@@ -319,14 +329,18 @@ if lora_r > 0 and ckpt is None and lora_base.endswith('base_hf'):
 if lora_r > 0:
     torch.manual_seed(seed)  # LoRA's A is random (B starts at 0, so the model starts as the base)
     with cli_errors():
-        raw_model = add_lora(raw_model, lora_r, lora_alpha, lora_dropout, lora_targets)
+        raw_model = add_lora(raw_model, lora_r, lora_alpha, lora_dropout, lora_targets,
+                             quantize_base, device)
     if ckpt is not None:
         raw_model.load_state_dict(ckpt['lora']['state'], strict=False)
+if grad_checkpoint:
+    use_grad_checkpoint(raw_model)
 raw_model.to(device).train()
-n_all, n_train = sum(p.numel() for p in raw_model.parameters()), \
+n_all, n_train = n_weights(raw_model), \
     sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
 print(f'trainable params: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)' +
-      (f', LoRA r={lora_r} on {lora_targets} ({len(lora_layers(raw_model))} layers)' if lora_r > 0
+      (f', LoRA r={lora_r} on {lora_targets} ({len(lora_layers(raw_model))} layers' +
+       (f', {quantize_base} base)' if quantize_base else ')') if lora_r > 0
        else ', full fine-tuning'))
 config.update({k: globals()[k] for k in config})
 write_json(os.path.join(out_dir, 'config.json'), config)  # atomic: never a half-written config

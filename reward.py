@@ -8,6 +8,7 @@ et al. 2022), full or LoRA.
     python reward.py --init_from=out-sft --dataset=hh_rlhf --device=cuda --batch_size=32  # one GPU
     python reward.py --train_file=arena_pairs.jsonl --val_file=arena_val.jsonl
                                               # the arena's pairs (evaluate.py --arena_to_pairs)
+    python reward.py --lora_r=8 --quantize_base=nf4 --grad_checkpoint=True  # QLoRA, less memory
     python reward.py --init_from=resume --out_dir=out-reward-tasks  # go on from ckpt.pt, exactly
     python reward.py --help                   # every setting, with its default
 
@@ -37,14 +38,14 @@ from nanolab.checkpoint import load_model, save_checkpoint
 from nanolab.configurator import cli_errors, configure, fail
 from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
 from nanolab.files import write_json
-from nanolab.lora import add_lora, lora_state
+from nanolab.lora import QUANTIZE, add_lora, lora_state
 from nanolab.preferences import load_pairs, pair_order, preference_files
 from nanolab.progress import at  # i/N (p%), ETA
 from nanolab.reward_model import RewardModel, bt_loss, collate
 from nanolab.tracking import write_model_card
 from nanolab.training import (LR_SCHEDULES, checkpoint_dict, configure_optimizer, end_eval, get_lr,
                               open_run, optimizer_step, restore_training, save_on_stop, set_lr,
-                              start_loop)
+                              start_loop, use_grad_checkpoint)
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/reward_tasks.py (see that file for the measured figures)
@@ -72,6 +73,7 @@ block_size = 0                # max tokens per sequence (prompt + answer); 0 = t
 lora_r = 0                    # rank of the update; 0 = off (all weights train)
 lora_alpha = 16.0             # the update is scaled by lora_alpha / lora_r
 lora_targets = 'c_attn,c_proj,c_fc'  # comma-separated Linear module names (or suffixes like attn.c_proj)
+quantize_base = ''            # QLoRA: 'nf4' = the frozen base's block weights in 4 bits (bitsandbytes, CPU or CUDA; needs lora_r > 0) | '' = as loaded
 # AdamW optimizer and schedule
 learning_rate = 1e-4          # peak learning rate
 max_iters = 200               # total optimizer steps
@@ -86,9 +88,10 @@ min_lr = 1e-5                 # floor after decay
 # system
 device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 dtype = 'auto'                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
+grad_checkpoint = False       # recompute each block's activations in backward: less memory, ~1/3 more compute
 seed = 1337                   # data order, LoRA init
 # -----------------------------------------------------------------------------
-CHOICES = {'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES}
+CHOICES = {'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES, 'quantize_base': QUANTIZE}
 config = configure(globals(), choices=CHOICES)
 # never replace a trained run; resume = the run's saved config, this command line on top; an
 # adapter's shape is fixed once trained
@@ -98,6 +101,9 @@ globals().update(config)
 if ckpt is not None:
     # the flags said 'resume': the run's source
     init_from = config['init_from'] = ckpt['config']['init_from']
+if quantize_base and not lora_r:
+    fail(f'quantize_base={quantize_base!r} (QLoRA) trains LoRA adapters on a frozen 4-bit base; '
+         'give --lora_r (e.g. 16), or leave quantize_base off')
 
 # 1) device, dtype, the transformer and the head (LoRA: on the transformer; the head trains whole)
 with cli_errors():
@@ -113,7 +119,9 @@ block_size = min(block_size or model_args['block_size'], model_args['block_size'
 if lora_r:
     torch.manual_seed(seed)
     with cli_errors():
-        gpt = add_lora(gpt, lora_r, lora_alpha, 0.0, lora_targets)
+        gpt = add_lora(gpt, lora_r, lora_alpha, 0.0, lora_targets, quantize_base, device)
+if grad_checkpoint:
+    use_grad_checkpoint(gpt)
 model = RewardModel(gpt)
 if ckpt is not None:
     if lora_r:

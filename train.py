@@ -47,7 +47,7 @@ from nanolab.progress import at  # i/N (p%), ETA
 from nanolab.tracking import MetricsLogger, open_trackers, plot_loss_svg, write_model_card
 from nanolab.training import (LR_SCHEDULES, OPTIMIZERS, StepTimer, catch_stop, checkpoint_dict,
                               configure_optimizer, diverged, get_lr, open_run, optimizer_step,
-                              restore_training, save_on_stop, set_lr)
+                              restore_training, save_on_stop, set_lr, use_grad_checkpoint)
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU run of configs/shakespeare_char.py (see that file for the measured figures)
@@ -102,6 +102,7 @@ min_lr = 3e-4                 # floor after decay (~learning_rate/10)
 device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 dtype = 'auto'                # 'auto' (bf16 on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
 compile = False               # torch.compile the model (faster steps after a compile of ~1 min)
+grad_checkpoint = False       # recompute each block's activations in backward: less memory, ~1/3 more compute
 backend = 'auto'              # DDP backend: 'auto' (nccl on GPU, gloo on CPU) | 'nccl' | 'gloo'
 seed = 1337                   # model init, data order and dropout
 peak_flops = 0.0              # FLOP/s that MFU divides by; 0 = auto: the GPU's dense peak for dtype (device.PEAK_FLOPS), 163e9 on CPU (measured)
@@ -206,6 +207,8 @@ for split in ('train', 'val'):
 # the config shows the real model
 globals().update({k: model_args[k] for k in MODEL_KEYS if k != 'block_size'})
 config.update({k: globals()[k] for k in config})
+if grad_checkpoint:
+    use_grad_checkpoint(raw_model)
 raw_model.to(device).train()
 if master_process:
     os.makedirs(out_dir, exist_ok=True)

@@ -4,7 +4,8 @@ shares, each defined once, as a plain function; each script keeps its own visibl
 
   1) configure_optimizer   AdamW, weight decay on matrices only, fused; or Muon for the blocks'
                            matrices
-  2) get_lr, set_lr        warmup, then cosine / linear decay, or constant
+  2) get_lr, set_lr        warmup, then cosine / linear decay, or constant;
+     use_grad_checkpoint   --grad_checkpoint: recompute each block's activations in backward
   3) checkpoint_dict       everything exact resume needs, RNG states included; set_rng_states
                            undoes it;
      resume_config         --init_from=resume: the checkpoint and the run's saved config, flags on
@@ -21,9 +22,11 @@ import os
 import random
 import signal
 import time
+import types
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from nanolab.checkpoint import load_checkpoint
 from nanolab.configurator import configure, fail
@@ -133,6 +136,27 @@ def get_lr(it, warmup_iters, lr_decay_iters, learning_rate, min_lr, schedule='co
     else:
         raise ValueError(f"unknown lr schedule '{schedule}'; use one of {LR_SCHEDULES}")
     return min_lr + coeff * (learning_rate - min_lr)
+
+def use_grad_checkpoint(model):
+    """Gradient checkpointing (Chen et al. 2016) of a GPT: each transformer block keeps only its
+    input for the backward pass and recomputes its activations there, so activation memory is one
+    block's plus the blocks' inputs instead of every block's, for ~1/3 more compute (the blocks'
+    forward runs twice). An explicit per-instance wrap: each Block's forward attribute becomes
+    _checkpointed_forward bound to it (a deepcopy binds to the copy; `del block.forward` undoes
+    it); parameters and state-dict keys are untouched. It applies only when a backward can follow
+    (grad enabled), and never to a KV-cache step or a trace; not keyed on .training, since dpo.py
+    and reward.py train in eval() (dropout off). torch's non-reentrant checkpoint replays the RNG
+    state in the recompute, so dropout draws the same masks: loss and gradients equal the plain
+    run's (tests/test_qlora.py). Returns model."""
+    for block in model.transformer.h:
+        block.forward = types.MethodType(_checkpointed_forward, block)
+    return model
+
+def _checkpointed_forward(block, x, rope, step, layer, trace=None):
+    forward = type(block).forward  # the class's own forward: the block as model.py defines it
+    if torch.is_grad_enabled() and step is None and trace is None:
+        return checkpoint(forward, block, x, rope, step, layer, trace, use_reentrant=False)
+    return forward(block, x, rope, step, layer, trace)
 
 # -----------------------------------------------------------------------------
 # 3) checkpoints. subtle: checkpoint.load_checkpoint reads with torch.load(weights_only=True),
