@@ -6,6 +6,7 @@ model; no optimizer state).
 
     python export.py --init_from=out-shakespeare-char --format=gguf  # -> out-.../model-f32.gguf
     python export.py --init_from=out-tasks-base --format=gguf --outtype=q8_0 --out=tasks.gguf
+    python export.py --init_from=Qwen/Qwen2.5-0.5B-Instruct --format=gguf --outtype=q4_0 --out=qwen.gguf
     # a directory that AutoModelForCausalLM loads; a file that --init_from=FILE reads
     python export.py --init_from=out-shakespeare-char --format=hf --out=hf-shakespeare
     python export.py --init_from=out-tinystories-15m --format=safetensors --outtype=bf16
@@ -13,14 +14,14 @@ model; no optimizer state).
     python export.py --init_from=out-shakespeare-char --check_with=$NANOLAB_LLAMA_CPP
     llama-server -m out-shakespeare-char/model-f32.gguf --port 8080  # llama.cpp; Ollama reads it
 
-Any model source load_model reads goes in (a run directory, a ckpt.pt, a Hugging Face directory or
+Any model source load_model reads goes in (a run directory, a ckpt.pt, a .gguf file, a Hugging Face directory or
 hub name). What each format holds:
   hf           config.json (every key transformers and llama.cpp's converter read, n_ctx included),
                model.safetensors, the tokenizer files with the chat template as Jinja, and the
                run's model card as README.md.
   gguf         GGUF v3 through the `gguf` package (llama.cpp's own writer): the architecture's
                keys, the tokenizer as a byte-level BPE, the chat template, and the tensors under
-               llama.cpp's names (nanolab/gguf_export.py). outtype f32 | f16 | bf16 | q8_0: norms
+               llama.cpp's names (nanolab/gguf_export.py). outtype f32 | f16 | bf16 | q8_0 | q4_0: norms
                and biases stay f32.
   safetensors  our own tensor names plus a 'nanolab' metadata entry (model args, tokenizer, where
                it came from); load_model, and so every script's --init_from, reads the file back.
@@ -47,7 +48,7 @@ from nanolab.tokenizer import check_fits
 # -----------------------------------------------------------------------------
 init_from = 'out-shakespeare-char'  # model source: out_dir, ckpt.pt, HF dir or hub name, export.py's .safetensors
 format = 'gguf'               # hf | gguf | safetensors
-outtype = 'f32'               # f32 | f16 | bf16 | q8_0 (gguf only): the weights' precision in the file
+outtype = 'f32'               # f32 | f16 | bf16 | q8_0 | q4_0 (gguf only): the weights' precision in the file
 out = ''                      # output path; '' = inside init_from: model-<outtype>.gguf, hf/, model.safetensors
 overwrite = False             # replace an existing --out
 check_with = ''               # gguf: a llama.cpp build (DIR/bin/llama-server): compare its tokens and greedy text
@@ -57,8 +58,8 @@ check_tokens = 100            # greedy tokens compared
 CHOICES = {'format': ('hf', 'gguf', 'safetensors'), 'outtype': OUTTYPES}
 TORCH_DTYPES = {'f32': torch.float32, 'f16': torch.float16, 'bf16': torch.bfloat16}
 configure(globals(), choices=CHOICES)
-if outtype == 'q8_0' and format != 'gguf':
-    fail("--outtype=q8_0 is a GGUF block format; for hf and safetensors use f32, f16 or bf16")
+if outtype in ('q8_0', 'q4_0') and format != 'gguf':
+    fail(f"--outtype={outtype} is a GGUF block format; for hf and safetensors use f32, f16 or bf16")
 if check_with and format != 'gguf':
     fail("--check_with runs llama.cpp on a GGUF file: use it with --format=gguf")
 if not out and not os.path.isdir(init_from) and not init_from.endswith('.pt'):

@@ -19,7 +19,7 @@ import torch
 
 from model import GPT, GPTConfig
 from nanolab import hf
-from nanolab.device import free_memory
+from nanolab.device import free_memory, resolve_dtype
 from nanolab.files import write_atomic
 from nanolab.tokenizer import HFTokenizer, from_spec
 
@@ -165,29 +165,53 @@ def load_model(source, device='cpu', dtype=torch.float32):
     """The one function that opens any model source, with its tokenizer (None if it has none):
       - an out_dir holding ckpt.pt, or a .pt file, that nanolab wrote; or export.py's .safetensors
       - a Hugging Face directory (config.json + safetensors/bin) of GPT-2 or Llama weights
+      - a llama.cpp .gguf file of a gpt2, llama/Mistral, qwen2 or qwen3 model (gguf_import.py)
       - a hub name such as 'gpt2' (needs the network)
     Returns (model in eval mode, tokenizer, checkpoint dict or {} for HF sources). Its model args,
     tensors and size are checked before anything is built (model_from_checkpoint, check_size), and
-    the weights are read straight into dtype: the peak is about the model's size in dtype."""
+    the weights are read straight into dtype: the peak is about the model's size in dtype.
+    dtype: a torch dtype, or a script's setting ('auto', 'bfloat16', ...), which
+    device.resolve_dtype decides with the dtype the source stores (a bf16 model stays bf16 on a
+    CPU with bf16 instructions)."""
+    auto = lambda stored: resolve_dtype(dtype, device, stored) if isinstance(dtype, str) \
+        else dtype  # noqa: E731
     # export.py's weights-only file
     weights_only = source.endswith('.safetensors') and os.path.isfile(source)
     is_ckpt = source.endswith('.pt') or (os.path.isdir(source)
                                          and os.path.exists(os.path.join(source, 'ckpt.pt')))
-    if is_ckpt or weights_only:
+    if source.endswith('.gguf') and os.path.isfile(source):
+        # llama.cpp's file, read as the Hugging Face config and tensors it stands for
+        from nanolab.gguf_import import read_gguf
+        hf_config, tensors, files = read_gguf(source)
+        dtype = auto(torch.bfloat16)  # its tensors are f16, bf16 or 8 bits and fewer
+        try:
+            args = hf.config_from_hf(hf_config)
+        except ValueError as e:  # what model.py cannot compute, said for this file
+            raise ValueError(f'{source}: {e}') from None
+        config = model_config(args, source)
+        check_size(config, source, len(tensors), device, dtype)
+        model, ckpt = GPT.from_state_dict(config, hf.state_dict_from_hf(tensors, args, dtype)), {}
+        tok = HFTokenizer(source, files=files) if files else None
+    elif is_ckpt or weights_only:
         ckpt = load_weights_file(source) if weights_only else load_checkpoint(source, mmap=True)
+        stored = next(iter(ckpt['model'].values()), None) if isinstance(ckpt.get('model'), dict) \
+            else None
+        dtype = auto(stored.dtype if isinstance(stored, torch.Tensor) else None)
         model = model_from_checkpoint(ckpt, source, device, dtype)
         tok = from_spec(ckpt['tokenizer']) if ckpt.get('tokenizer') else None
     elif os.path.isdir(source) and not os.path.exists(os.path.join(source, 'config.json')):
         raise ValueError(f"{source} is a directory but holds neither ckpt.pt (a nanolab "
                          "run) nor config.json (a Hugging Face model); check the path, "
                          "or train a model into it first")
-    elif not os.path.isdir(source) and (source.startswith(('.', '/', '~'))
-                                        or source.startswith('out')):
+    elif not os.path.isdir(source) and (source.startswith(('.', '/', '~', 'out'))
+                                        or source.endswith('.gguf')):  # not a hub name
         raise ValueError(f"model source '{source}' does not exist; give an out_dir with ckpt.pt, "
-                         "a .pt file, a Hugging Face directory, or a hub name like 'gpt2'")
+                         "a .pt file, a .gguf file, a Hugging Face directory, or a hub name like "
+                         "'gpt2'")
     else:
         path = hf.local_dir(source)
         args = hf.read_config(path)
+        dtype = auto(hf.stored_dtype(path))
         config = model_config(args, os.path.join(path, 'config.json'))
         sd = hf.read_state_dict(path, args, dtype,
                                 check=lambda n: check_size(config, path, n, device, dtype))

@@ -6,11 +6,19 @@ names. export.py --format=gguf calls write_gguf.
 
     write_gguf(model, tok, 'model-q8_0.gguf', outtype='q8_0')   # llama-server -m model-q8_0.gguf
 
-Llama blocks' q/k rows are permuted from the 'rotate half' RoPE layout we (and Hugging Face) use to
-the interleaved pairs llama.cpp rotates. outtype f32 | f16 | bf16 | q8_0: norms and biases stay
-f32, as llama.cpp's converter keeps them; a matrix whose rows are not a multiple of q8_0's 32-value
-block falls back to f16.
+The llama-arch options map to llama.cpp's architectures as its converter maps Hugging Face's
+families: qkv_bias -> 'qwen2' (attn_q/k/v biases), qk_norm -> 'qwen3' (attn_q_norm/attn_k_norm),
+else 'llama', whose q/k rows are permuted from the 'rotate half' RoPE layout we (and Hugging
+Face and qwen2/3) use to the interleaved pairs llama.cpp rotates for it. head_dim is written as
+key/value_length; linear RoPE scaling as rope.scaling.type/factor, llama3's as the rope_freqs
+tensor of per-frequency factors (llama.cpp reads it for 'llama' only). A sliding window is written
+as metadata, which llama.cpp's llama/qwen2/qwen3 do not apply (as for the Mistral files its own
+converter writes): past the window its answers differ from ours. gguf_import.py reads it all back.
+
+outtype f32 | f16 | bf16 | q8_0 | q4_0: norms, biases and rope_freqs stay f32, as llama.cpp keeps
+them; a matrix whose rows are not a multiple of the 32-value q8_0/q4_0 block falls back to f16.
 """
+import math
 from dataclasses import asdict
 
 import numpy as np
@@ -19,7 +27,31 @@ import torch
 from nanolab import hf
 from nanolab.files import replacing
 
-OUTTYPES = ('f32', 'f16', 'bf16', 'q8_0')
+OUTTYPES = ('f32', 'f16', 'bf16', 'q8_0', 'q4_0')
+
+
+def gguf_arch(c):
+    """llama.cpp's architecture for config c, or ValueError for what none of them computes."""
+    if c.arch == 'gpt2':
+        return 'gpt2'
+    if c.qk_norm and c.qkv_bias:
+        raise ValueError("llama.cpp has no architecture with both qk_norm and qkv_bias; export a "
+                         "model with one of them (Qwen3's or Qwen2's)")
+    arch = 'qwen3' if c.qk_norm else 'qwen2' if c.qkv_bias else 'llama'
+    if (c.rope_scaling or {}).get('rope_type') == 'llama3' and arch != 'llama':
+        raise ValueError(f"llama.cpp's {arch} has no llama3 RoPE scaling (its rope_freqs tensor "
+                         "is read for 'llama' only); export without qk_norm/qkv_bias, or to hf")
+    return arch
+
+
+def llama3_rope_factors(c):
+    """llama3 RoPE scaling as llama.cpp holds it: one factor per frequency (the rope_freqs tensor
+    its converter writes), by which the frequency is divided."""
+    r, hd = c.rope_scaling, c.head_size
+    inv = 1.0 / c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ctx, lo, hi = r['original_max_position_embeddings'], r['low_freq_factor'], r['high_freq_factor']
+    keep = ((ctx * inv / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)  # model.py's rope_tables
+    return (1 / ((1 - keep) / r['factor'] + keep)).float()
 
 
 def gguf_tensors(model):
@@ -27,6 +59,7 @@ def gguf_tensors(model):
     writes them: numpy (out, in) for a matrix (ggml lists the dimensions the other way round: ne =
     (in, out))."""
     c = model.config
+    arch = gguf_arch(c)
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     # GPT-2 with bias=False: llama.cpp's gpt2 requires biases, so zeros stand in
     zeros = lambda n: torch.zeros(n)  # noqa: E731
@@ -37,7 +70,12 @@ def gguf_tensors(model):
     def permute(w, n):
         """'rotate half' rows (per head: first halves, then second halves) -> interleaved pairs
         (llama.cpp's RoPE)."""
-        return w.reshape(n, 2, c.head_size // 2, w.shape[-1]).transpose(1, 2).reshape(w.shape)
+        if arch != 'llama':  # qwen2/qwen3 rotate halves, as we do
+            return w
+        return w.reshape(n, 2, c.head_size // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+    if (c.rope_scaling or {}).get('rope_type') == 'llama3':
+        rows.append(('rope_freqs.weight', llama3_rope_factors(c)))
 
     for i in range(c.n_layer):
         o, b = f'transformer.h.{i}.', f'blk.{i}.'
@@ -51,12 +89,16 @@ def gguf_tensors(model):
                 rows += [(b + theirs + '.weight', w), (b + theirs + '.bias', bias)]
         else:
             rows += [(b + theirs + '.weight', sd[o + ours + '.weight']) for ours, theirs in names]
-            q, k, v = sd[o + 'attn.c_attn.weight'].split(
-                [c.n_head * c.head_size, c.n_kv_head * c.head_size, c.n_kv_head * c.head_size])
+            sizes = [c.n_head * c.head_size, c.n_kv_head * c.head_size, c.n_kv_head * c.head_size]
+            for p in ('weight', 'bias') if c.qkv_bias else ('weight',):
+                q, k, v = sd[o + 'attn.c_attn.' + p].split(sizes)
+                rows += [(b + 'attn_q.' + p, permute(q, c.n_head)),
+                         (b + 'attn_k.' + p, permute(k, c.n_kv_head)), (b + 'attn_v.' + p, v)]
+            if c.qk_norm:  # one (head_dim,) RMSNorm weight each, shared by the heads
+                rows += [(b + f'attn_{x}_norm.weight', sd[o + f'attn.{x}_norm.weight'])
+                         for x in 'qk']
             gate, up = sd[o + 'mlp.c_fc.weight'].split([c.ffn_hidden, c.ffn_hidden])
-            rows += [(b + 'attn_q.weight', permute(q, c.n_head)),
-                     (b + 'attn_k.weight', permute(k, c.n_kv_head)), (b + 'attn_v.weight', v),
-                     (b + 'ffn_gate.weight', gate), (b + 'ffn_up.weight', up)]
+            rows += [(b + 'ffn_gate.weight', gate), (b + 'ffn_up.weight', up)]
     rows.append(('output_norm.weight', sd['transformer.ln_f.weight']))
     if c.arch == 'gpt2':
         rows.append(('output_norm.bias', sd.get('transformer.ln_f.bias', zeros(c.n_embd))))
@@ -70,6 +112,7 @@ def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
     files.replacing); outtype one of OUTTYPES."""
     import gguf
     c = model.config
+    arch = gguf_arch(c)
     # refuses positions the architecture lacks (GGUF's gpt2 is learned, its llama RoPE)
     hf.config_to_hf(asdict(c))
     # refuses what it cannot say
@@ -81,11 +124,12 @@ def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
     types = [gguf.TokenType.CONTROL if i in control else gguf.TokenType.NORMAL if i in text_of
              else gguf.TokenType.UNUSED for i in range(c.vocab_size)]
     with replacing(path) as tmp:  # the writer fills tmp; it is fsynced and renamed when whole
-        w = gguf.GGUFWriter(tmp, c.arch)  # 'gpt2' and 'llama' are llama.cpp's names for them too
+        w = gguf.GGUFWriter(tmp, arch)
         w.add_name(name)
         w.add_file_type({'f32': gguf.LlamaFileType.ALL_F32, 'f16': gguf.LlamaFileType.MOSTLY_F16,
                          'bf16': gguf.LlamaFileType.MOSTLY_BF16,
-                         'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+                         'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0,
+                         'q4_0': gguf.LlamaFileType.MOSTLY_Q4_0}[outtype])
         w.add_context_length(c.block_size)
         w.add_embedding_length(c.n_embd)
         w.add_block_count(c.n_layer)
@@ -98,7 +142,17 @@ def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
             w.add_layer_norm_rms_eps(c.norm_eps)
             w.add_rope_freq_base(c.rope_theta)
             w.add_rope_dimension_count(c.head_size)
+            w.add_key_length(c.head_size)
+            w.add_value_length(c.head_size)
             w.add_vocab_size(c.vocab_size)
+            scaling = c.rope_scaling or {}
+            if scaling.get('rope_type') == 'linear':
+                w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                w.add_rope_scaling_factor(scaling['factor'])
+            elif scaling.get('rope_type') == 'llama3':  # the factors are the rope_freqs tensor
+                w.add_rope_scaling_orig_ctx_len(scaling['original_max_position_embeddings'])
+            if c.sliding_window:
+                w.add_sliding_window(c.sliding_window)
         w.add_tokenizer_model('gpt2')
         w.add_tokenizer_pre('gpt-2')
         w.add_token_list(tokens)
@@ -113,16 +167,15 @@ def write_gguf(model, tok, path, outtype='f32', name='nanolab'):
         if '<|end|>' in specials:
             w.add_eot_token_id(specials['<|end|>'])  # a chat reply ends at the end of its turn
         w.add_add_bos_token(False)  # we never prepend one
-        w.add_chat_template(hf.chat_jinja(tok))
-        # 2) the tensors: 1-D (norms, biases) in f32, matrices in outtype
+        w.add_chat_template(tok.chat_jinja())
+        # 2) the tensors: 1-D (norms, biases, rope_freqs) in f32, matrices in outtype
         for tname, a in gguf_tensors(model):
             if a.ndim == 1 or outtype == 'f32':
                 w.add_tensor(tname, a)
-            elif outtype == 'f16' or (outtype == 'q8_0' and a.shape[-1] % 32):
+            elif outtype == 'f16' or (outtype in ('q8_0', 'q4_0') and a.shape[-1] % 32):
                 w.add_tensor(tname, a.astype(np.float16))
             else:
-                qtype = gguf.GGMLQuantizationType.Q8_0 if outtype == 'q8_0' else \
-                    gguf.GGMLQuantizationType.BF16
+                qtype = getattr(gguf.GGMLQuantizationType, outtype.upper())
                 w.add_tensor(tname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
