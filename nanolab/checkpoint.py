@@ -183,7 +183,7 @@ def load_model(source, device='cpu', dtype=torch.float32):
         # llama.cpp's file, read as the Hugging Face config and tensors it stands for
         from nanolab.gguf_import import read_gguf
         hf_config, tensors, files = read_gguf(source)
-        dtype = auto(torch.bfloat16)  # its tensors are f16, bf16 or 8 bits and fewer
+        dtype = auto(torch.float32 if hf_config['torch_dtype'] == 'float32' else torch.bfloat16)
         try:
             args = hf.config_from_hf(hf_config)
         except ValueError as e:  # what model.py cannot compute, said for this file

@@ -251,8 +251,11 @@ def _config(buf, md, tensors, arch):
         raise _Bad(f"it has no token_embd.weight of {n_embd} columns")
     ids = {t: i for t in ('bos', 'eos') if isinstance(i := md.get(f'tokenizer.ggml.{t}_token_id'),
                                                        int) and 0 <= i < emb[0][0]}
+    # the dtype its weights amount to (device.resolve_dtype's 'auto' reads it): 16 bits or fewer
+    # unless the embedding is stored in full f32
     common = dict(vocab_size=emb[0][0], tie_word_embeddings='output.weight' not in tensors,
-                  bos_token_id=ids.get('bos'), eos_token_id=ids.get('eos'))
+                  bos_token_id=ids.get('bos'), eos_token_id=ids.get('eos'),
+                  torch_dtype='float32' if emb[1].name == 'F32' else 'bfloat16')
     if arch == 'gpt2':
         return dict(model_type='gpt2', architectures=['GPT2LMHeadModel'], n_positions=ctx,
                     n_ctx=ctx, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_inner=ffn,
