@@ -8,7 +8,7 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
     python bench.py --which=train --train_models=cpu_default --compile_modes=False --train_runs=
     python bench.py --which=harness                  # lm-eval: our LM vs its own hf backend, ~3 min
     python bench.py --which=serve                    # serve.py under 1-16 streaming clients, ~30 s
-    python bench.py --which=quantize                 # int8 vs fp32: bytes, RSS, tok/s, ppl, ~1 min
+    python bench.py --which=quantize                 # fp32/bf16/int8/int4: bytes, RSS, tok/s, KL, ~5 min
     python bench.py --which=fairness                 # a stream beside a flood, beams, long prompts
     NANOLAB_LLAMA_CPP=DIR python bench.py --which=llamacpp   # vs llama.cpp, GPT-2's shape, ~15 min
 
@@ -51,7 +51,11 @@ quantize: each of `quantize_models` in fp32 and int8 (serve.py --quantize=int8):
 RSS of a fresh process holding the model after one generation, greedy decode tok/s at batch 1 and 8
 (interleaved, best of `repeats`), and perplexity on the run's own dataset
 (likelihood.run_perplexity on val.bin) for trained runs; for the random-weight shapes, the
-agreement of greedy tokens instead.
+agreement of greedy tokens instead. Then per model a table of `quantize_formats` (quantize.in_format:
+fp32, bf16, int8, int4 in groups of 128 and 32): weight bytes, mean KL and top-1 agreement of the
+next-token distributions against the bf16 model's on a fixed token stream (the run's val.bin, or
+random tokens for random weights, where perplexity means little), perplexity on it, and batch-1
+greedy decode tok/s (interleaved, best of `repeats`).
 """
 import copy
 import json
@@ -72,7 +76,7 @@ from nanolab.checkpoint import load_model
 from nanolab.configurator import configure, fail
 from nanolab.device import DTYPES, autocast_ctx, peak_flops, resolve_device, resolve_dtype
 from nanolab.generation import generate
-from nanolab.likelihood import run_perplexity
+from nanolab.likelihood import run_perplexity, stream_tokens
 from nanolab.harness import harness_lm_class
 from nanolab.quantize import for_inference
 from nanolab.runs import read_metrics
@@ -97,11 +101,12 @@ train_models = 'cpu_default,nanogpt_cpu,baby_gpt'  # train: comma list of TRAIN_
 compile_modes = 'False,True'  # train: time the step without and with torch.compile
 train_runs = 'nanogpt,default'  # train: whole runs timed back to back after the steps (TRAIN_RUNS); '' = none
 serve_model = 'out-shakespeare-char'  # serve: the model served (an out_dir; `python train.py` writes this one)
-serve_quantize = ''           # serve: '' | 'int8', passed to serve.py --quantize
+serve_quantize = ''           # serve: '' | 'int8' | 'int4', passed to serve.py --quantize
 clients = '1,4,10,16'         # serve: concurrent streaming clients, one round each
 requests_per_client = 4       # serve: requests each client sends, one after another (a round sends >= 16 in all)
 serve_tokens = 48             # serve: max_tokens per request (the default model's block_size is 64)
-quantize_models = 'out-shakespeare-char,out-shakespeare-llama,gpt2_124m'  # quantize: out_dirs and/or SHAPES names
+quantize_models = 'out-shakespeare-char,out-shakespeare-llama,llama_4x512,gpt2_124m'  # quantize: out_dirs and/or SHAPES names
+quantize_formats = 'fp32,bf16,fp32+int8,bf16+int8,bf16+int4/128,bf16+int4/32'  # quantize: DTYPE[+QUANTIZE[/GROUP]] (quantize.in_format)
 llama_cpp_dir = ''            # llamacpp: a llama.cpp build (bin/, convert.sh); '' = $NANOLAB_LLAMA_CPP
 llama_threads = 0             # llamacpp: threads for both sides; 0 = torch's default (one per core)
 llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one round each
@@ -116,6 +121,9 @@ SHAPES = {
                       vocab_size=50257),
     'llama_56m': dict(arch='llama', n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=1024,
                       vocab_size=32000),
+    # quantize's small model (20M: 4 Llama blocks x 512, 8k vocabulary)
+    'llama_4x512': dict(arch='llama', n_layer=4, n_head=8, n_kv_head=4, n_embd=512, block_size=512,
+                        vocab_size=8192),
 }
 device = resolve_device(device)
 ptdtype = resolve_dtype(dtype, device)
@@ -445,6 +453,37 @@ def bench_quantize(src):
     return row
 
 
+def bench_formats(src):
+    """quantize_formats of one model: bytes, KL and top-1 against bf16, perplexity, tok/s."""
+    torch.manual_seed(seed)
+    if src in SHAPES:
+        base, ids = GPT(GPTConfig(**SHAPES[src])).eval(), None
+    else:
+        base, tok, ckpt = load_model(src)
+        dataset = (ckpt.get('config') or {}).get('dataset')
+        ids = torch.as_tensor(stream_tokens(dataset, tok)[0][:2049]) if dataset else None
+    T = min(256, base.config.block_size)
+    if ids is None:  # random weights: random tokens
+        ids = torch.randint(0, base.config.vocab_size, (2049,))
+    n = (len(ids) - 1) // T
+    x, y = ids[:n * T].view(n, T), ids[1:n * T + 1].view(n, T)
+    fmts = quantize_formats.split(',')
+    models = {f: quantize.in_format(base, f) for f in fmts}
+    with torch.no_grad():
+        ref = quantize.in_format(base, 'bf16')(x)[0]
+        stats = {f: quantize.logit_stats(m(x)[0], ref, y) for f, m in models.items()}
+    p = torch.randint(0, base.config.vocab_size, (1, prompt_len)).tolist()
+    k = min(new_tokens, base.config.block_size - prompt_len)
+    t = best_of([lambda m=m: generate(m, p, k, temperature=0.0, stop_tokens=())
+                 for m in models.values()])
+    print(f"\n{src}, {n} x {T} tokens ({'random' if src in SHAPES else 'val.bin'}), against "
+          f"bf16's logits\n| format | weights MB | mean KL (nats) | top-1 agree | perplexity "
+          f"| tok/s batch 1 |\n|---|---|---|---|---|---|")
+    for f, s in zip(fmts, t):
+        print(f"| {f} | {quantize.state_bytes(models[f]) / 1e6:.1f} | {stats[f]['kl']:.2e} | "
+              f"{stats[f]['top1'] * 100:.1f}% | {stats[f]['ppl']:.3f} | {k / s:.0f} |")
+
+
 # -----------------------------------------------------------------------------
 # the benchmark asked for, and its table
 
@@ -486,6 +525,7 @@ elif which == 'quantize':
                   "or the config in configs/ whose out_dir it is)")
             continue
         rows.append(bench_quantize(src))
+        bench_formats(src)
     print("\n| model | weights fp32 -> int8 | RSS fp32 -> int8 | tok/s batch 1 | tok/s batch 8 "
           "| perplexity |\n|---|---|---|---|---|---|")
     mb = lambda b: f"{b / 1e6:.1f} MB"

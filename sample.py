@@ -30,7 +30,7 @@ import torch
 from nanolab import prompts
 from nanolab.checkpoint import load_model
 from nanolab.configurator import cli_errors, configure
-from nanolab.device import DTYPES, resolve_device, resolve_dtype
+from nanolab.device import DTYPES, resolve_device
 from nanolab.generation import Completion, generate, generate_stream  # noqa: F401 (exported)
 from nanolab.quantize import for_inference
 
@@ -55,7 +55,7 @@ length_penalty = 1.0          # beam score = sum logprob / length**length_penalt
 stop = ''                     # one stop string ('' = none; eot always stops). A newline: --stop="'\n'"
 seed = 1337                   # sample k draws with seed + k (engine.py's seeding rule), as the server's sample k
 device = 'auto'               # auto | cpu | cuda | cuda:N | mps
-dtype = 'auto'                # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+dtype = 'auto'                # auto (bf16 on GPU; CPU: a bf16 model's bf16 if the CPU has bf16, else fp32) | float32 | bfloat16 | float16
 compile = False               # torch.compile the decode steps (prefill eager): CPU batch 1 1.06-1.33x, ~40 s to compile
 use_cache = True              # KV cache; False recomputes the whole context every step (slow reference path)
 chat = False                  # multi-turn chat REPL on stdin (a chat-tuned model); /exit or Ctrl-D quits
@@ -145,7 +145,7 @@ def main():
                          f"{[n for n in presets if n not in PRESETS]}; "
                          f"choose from {','.join(PRESETS)}")
     dev = resolve_device(device)
-    model, tok, _ = load_model(init_from, dev, resolve_dtype(dtype, dev))
+    model, tok, _ = load_model(init_from, dev, dtype)  # 'auto': as device.resolve_dtype
     # the CPU head layout, an explicit inference-time swap (quantize.py)
     model = for_inference(model)
     if tok is None:

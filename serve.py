@@ -25,7 +25,7 @@ import gc
 import os
 
 from nanolab.configurator import cli_errors, configure
-from nanolab.device import DTYPES, resolve_device, resolve_dtype
+from nanolab.device import DTYPES, resolve_device
 from nanolab.server import load_engines, make_server
 
 # -----------------------------------------------------------------------------
@@ -44,15 +44,15 @@ max_client_requests = 16    # requests of one client (address + key) run at once
 n_limit = 16                # the largest n (samples per prompt) and num_beams
 threads = 0                 # torch threads for the models; 0 = torch's default (one per core)
 device = 'auto'             # auto | cpu | cuda | cuda:N | mps
-dtype = 'auto'              # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-quantize = ''               # '' (off) | int8: int8 weights in every linear and the token embedding; CPU (quantize.py)
+dtype = 'auto'              # auto (bf16 on GPU; CPU: a bf16 model's bf16 if the CPU has bf16, else fp32) | float32 | bfloat16 | float16
+quantize = ''               # '' (off) | int8: int8 weights in every linear and the token embedding; CPU | int4: 4-bit block linears, int8 head (quantize.py)
 runs_dir = '.'              # GET /runs lists its subdirectories that hold metrics.jsonl (the run dashboard)
 allowed_hosts = ''          # Host names to answer besides loopback names, IP addresses and `host`; comma list, * = any
 cors_origins = ''           # web origins (https://app.example) whose pages may call the API; comma list, * = any
 max_models = 8              # models loaded at once, counting POST /v1/models/load's; beyond: 409
 models_dir = ''             # directories POST /v1/models/load may read besides runs_dir and the HF cache; comma list
 # -----------------------------------------------------------------------------
-CHOICES = {'dtype': DTYPES, 'quantize': ('', 'int8')}
+CHOICES = {'dtype': DTYPES, 'quantize': ('', 'int8', 'int4')}
 
 
 def main():
@@ -60,7 +60,7 @@ def main():
     # the environment keeps it out of the process list
     key = api_key or os.environ.get('NANOLAB_API_KEY', '')
     dev = resolve_device(device)
-    engines = load_engines(init_from, dev, resolve_dtype(dtype, dev), quantize, threads,
+    engines = load_engines(init_from, dev, dtype, quantize, threads,
                            max_batch=max_batch,
                            max_rows=max_rows, max_prompt_tokens=max_prompt_tokens,
                            prefill_chunk=prefill_chunk,

@@ -215,3 +215,21 @@ def test_hub_errors_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, 'snapshot_download', gated)
     with pytest.raises(ValueError, match='gated model.*HF_TOKEN'):
         load_model('meta-llama/Llama-3.2-1B')
+
+
+@pytest.mark.parametrize('has_bf16', [True, False])
+def test_auto_dtype_keeps_a_bf16_model_in_bf16_where_the_cpu_computes_it(has_bf16, tmp_path, monkeypatch):
+    from nanolab import device
+    monkeypatch.setattr(device, 'cpu_has_bf16', lambda: has_bf16)
+    hf = hf_model('llama3')
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / 'bf16')
+    hf.float().save_pretrained(tmp_path / 'fp32')
+    bf, _, _ = load_model(str(tmp_path / 'bf16'), 'cpu', 'auto')
+    fp, _, _ = load_model(str(tmp_path / 'fp32'), 'cpu', 'auto')
+    assert bf.lm_head.weight.dtype == (torch.bfloat16 if has_bf16 else torch.float32)
+    assert fp.lm_head.weight.dtype == torch.float32
+    # bf16 weights held as stored: the same bits as transformers' bf16 tensors
+    if has_bf16:
+        assert torch.equal(bf.transformer.wte.weight, hf.to(torch.bfloat16).model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        load_model(str(tmp_path / 'fp32'), 'cpu', 'float8')
