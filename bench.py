@@ -10,6 +10,7 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
     python bench.py --which=serve                    # serve.py under 1-16 streaming clients, ~30 s
     python bench.py --which=quantize                 # fp32/bf16/int8/int4: bytes, RSS, tok/s, KL, ~5 min
     python bench.py --which=fairness                 # a stream beside a flood, beams, long prompts
+    python bench.py --which=real                     # a 1B-shaped Llama: load s, peak RSS, tok/s, ~5 min
     NANOLAB_LLAMA_CPP=DIR python bench.py --which=llamacpp   # vs llama.cpp, GPT-2's shape, ~15 min
 
 decode: tokens/s of greedy decoding with the KV cache (generate, sample.py's API) for a
@@ -56,6 +57,12 @@ fp32, bf16, int8, int4 in groups of 128 and 32): weight bytes, mean KL and top-1
 next-token distributions against the bf16 model's on a fixed token stream (the run's val.bin, or
 random tokens for random weights, where perplexity means little), perplexity on it, and batch-1
 greedy decode tok/s (interleaved, best of `repeats`).
+
+real: a model of Llama 3.2 1B's shape (16 x 2048, 8 KV heads, vocab 128256, tied) with random bf16
+weights, written as a Hugging Face directory (or --real_model=DIR), loaded in a fresh process per
+format as sample.py loads it (dtype='auto': bf16 where the CPU has bf16 instructions): load time,
+the process's peak RSS, greedy decode tok/s at batch 1; beside llama.cpp's Q8_0 and Q4_0 of the
+same weights (its converter and llama-quantize) where a build is named (nanolab/bench_models.py).
 """
 import copy
 import json
@@ -71,7 +78,7 @@ import time
 import torch
 
 from model import GPT, GPTConfig
-from nanolab import bench_serving, llama_cpp, quantize
+from nanolab import bench_models, bench_serving, llama_cpp, quantize
 from nanolab.checkpoint import load_model
 from nanolab.configurator import configure, fail
 from nanolab.device import DTYPES, autocast_ctx, peak_flops, resolve_device, resolve_dtype
@@ -84,7 +91,7 @@ from nanolab.tokenizer import TiktokenTokenizer
 from nanolab.training import configure_optimizer, optimizer_step
 
 # -----------------------------------------------------------------------------
-which = 'decode'              # 'decode' | 'train' | 'harness' | 'serve' | 'fairness' | 'llamacpp' | 'quantize'
+which = 'decode'              # 'decode' | 'train' | 'harness' | 'serve' | 'fairness' | 'llamacpp' | 'quantize' | 'real'
 models = 'gpt2_124m,llama_56m'  # comma list of the shapes below
 batch_sizes = '1,8'           # comma list of batch sizes for the decode comparison
 new_tokens = 64               # tokens generated per decode measurement
@@ -110,8 +117,10 @@ quantize_formats = 'fp32,bf16,fp32+int8,bf16+int8,bf16+int4/128,bf16+int4/32'  #
 llama_cpp_dir = ''            # llamacpp: a llama.cpp build (bin/, convert.sh); '' = $NANOLAB_LLAMA_CPP
 llama_threads = 0             # llamacpp: threads for both sides; 0 = torch's default (one per core)
 llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one round each
+real_model = ''               # real: a Hugging Face dir to measure; '' = Llama 3.2 1B's shape, random bf16 weights (2.5 GB in a temp dir)
+real_formats = ',int8,int4'   # real: the --quantize of each load ('' = the stored dtype, bf16 where the CPU has it)
 # -----------------------------------------------------------------------------
-CHOICES = {'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp', 'quantize'),
+CHOICES = {'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp', 'quantize', 'real'),
            'dtype': DTYPES}
 config = configure(globals(), choices=CHOICES)
 
@@ -515,6 +524,25 @@ elif which == 'serve':
     if 10 in by:
         print(f"target: p95 time to first token at 10 clients < 500 ms: {by[10][2]:.0f} ms "
               f"({'met' if by[10][2] < 500 else 'MISSED'})")
+
+elif which == 'real':
+    with tempfile.TemporaryDirectory() as tmp:
+        src = real_model or os.path.join(tmp, 'llama-1b')
+        if not real_model:
+            bench_models.write_random_hf(src, bench_models.LLAMA_1B, TiktokenTokenizer('gpt2'))
+        print(f"real: {src}, {bench_models.weights_gb(src):.2f} GB of weights; each format loaded "
+              "in a fresh process (load time, its peak RSS, greedy decode at batch 1 after 16 tokens)")
+        rows = [(q or 'as stored', bench_models.measure(src, q)) for q in real_formats.split(',')]
+        threads = llama_threads or torch.get_num_threads()
+        theirs = bench_models.llama_cpp_rows(llama_cpp.build_dir(llama_cpp_dir), src, threads)
+    print("\n| format | dtype | load s | peak RSS GB | decode tok/s |\n|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| nanolab {name} | {r['dtype']} | {r['load s']:.1f} | {r['peak RSS GB']:.2f} "
+              f"| {r['decode tok/s']:.2f} |")
+    for t, r in theirs.items():
+        print(f"| llama.cpp {t} ({r['GB']:.2f} GB file, mmap) | | | | {r['decode tok/s']:.2f} |")
+    if not theirs:
+        print(f"llama.cpp: not measured, {llama_cpp.ENV} names no build ({llama_cpp.HOW})")
 
 elif which == 'quantize':
     rows = []

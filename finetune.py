@@ -117,7 +117,7 @@ lr_decay_iters = 1000         # decay ends here (~max_iters)
 min_lr = 1e-4                 # floor after decay
 # system
 device = 'auto'               # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
-dtype = 'auto'                # 'auto' (bf16/fp16 on GPUs, fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
+dtype = 'auto'                # 'auto' (bf16/fp16 on GPUs, fp32 on CPU; a LoRA base stored in bf16 stays bf16 where the CPU has bf16) | 'float32' | 'bfloat16' | 'float16'
 grad_checkpoint = False       # recompute each block's activations in backward: less memory, ~1/3 more compute
 seed = 1337                   # LoRA init, data order and dropout
 # -----------------------------------------------------------------------------
@@ -285,7 +285,10 @@ with cli_errors():
         raw_model, tok = model_from_checkpoint(ckpt, out_dir), from_spec(ckpt['tokenizer'])
     else:
         origin = ckpt['lora']['base'] if ckpt else init_from
-        raw_model, tok, _ = load_model(origin)
+        # a LoRA base is frozen: a bf16 model stays in bf16 where the CPU computes it (half the
+        # memory: device.resolve_dtype); the weights that train are fp32 either way
+        raw_model, tok, _ = load_model(origin, 'cpu', 'auto' if lora_r > 0 and dtype == 'auto'
+                                       else torch.float32)
     if ckpt is not None:
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
         origin = ckpt.get('origin', origin)

@@ -53,7 +53,13 @@ def add_lora(model, r, alpha, dropout, targets, quantize='', device='cpu'):
     if quantize:
         quantize_base(model, quantize, device)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
-    return inject_adapter_in_model(cfg, model)
+    model = inject_adapter_in_model(cfg, model)
+    # peft makes A and B in the base layer's dtype; on a bf16 base they still train in fp32 (AdamW's
+    # small updates vanish in bf16's 8-bit mantissa), and peft casts their input to match
+    for n, p in model.named_parameters():
+        if 'lora_' in n:
+            p.data = p.data.float()
+    return model
 
 def quantize_base(model, kind, device='cpu'):
     """Replace every Linear of model.transformer.h by a frozen bitsandbytes Linear4bit holding its

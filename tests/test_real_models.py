@@ -109,3 +109,33 @@ def test_lora_finetune_on_chat_rows_then_export_to_transformers(real, tmp_path):
     x = torch.tensor([ids])
     with torch.no_grad():
         assert (back(x).logits - tuned(x)[0]).abs().max().item() <= 1e-4
+
+
+def test_a_lora_base_stored_in_bf16_stays_bf16_where_the_cpu_has_it(real, tmp_path, monkeypatch):
+    """Half the memory for the frozen weights; the adapters train in fp32 and the loss falls."""
+    import runpy
+
+    from nanolab import device
+    monkeypatch.setattr(device, 'cpu_has_bf16', lambda: True)
+    d, model, hf_tok = real
+    model.to(torch.bfloat16).save_pretrained(tmp_path / 'bf16')
+    hf_tok.save_pretrained(tmp_path / 'bf16')
+    model.float()
+    rows = [{'messages': [{'role': 'user', 'content': t}, {'role': 'assistant', 'content': 'Paris.'}]}
+            for t in TEXT * 6]
+    (tmp_path / 'chat.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    argv = sys.argv
+    sys.argv = ['finetune.py', f'--init_from={tmp_path / "bf16"}', f'--dataset={tmp_path / "chat.jsonl"}',
+                f'--out_dir={tmp_path / "ft"}', '--device=cpu', '--lora_r=4', '--batch_size=4', '--max_iters=8',
+                '--eval_interval=8', '--eval_iters=1', '--em_rows=0', '--warmup_iters=1', '--lr_decay_iters=8',
+                '--val_fraction=0.2', '--learning_rate=3e-2', '--log_interval=1']
+    try:
+        g = runpy.run_path(os.path.join(ROOT, 'finetune.py'), run_name='__main__')
+    finally:
+        sys.argv = argv
+    params = dict(g['raw_model'].named_parameters())
+    frozen = [p for n, p in params.items() if 'lora' not in n]
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen), [(n, p.dtype, p.requires_grad) for n, p in params.items() if "lora" not in n][:6]
+    assert all(p.dtype == torch.float32 and p.requires_grad for n, p in params.items() if "lora" in n), [(n, p.dtype, p.requires_grad) for n, p in params.items() if "lora" in n][:4]
+    losses = [json.loads(line)['loss'] for line in open(tmp_path / 'ft' / 'metrics.jsonl') if '"loss"' in line]
+    assert losses[-1] < losses[0]
