@@ -11,6 +11,7 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
     python bench.py --which=quantize                 # fp32/bf16/int8/int4: bytes, RSS, tok/s, KL, ~5 min
     python bench.py --which=fairness                 # a stream beside a flood, beams, long prompts
     python bench.py --which=real                     # a 1B-shaped Llama: load s, peak RSS, tok/s, ~5 min
+    python bench.py --which=lora                     # its LoRA / QLoRA step's peak memory, ~5 min
     NANOLAB_LLAMA_CPP=DIR python bench.py --which=llamacpp   # vs llama.cpp, GPT-2's shape, ~15 min
 
 decode: tokens/s of greedy decoding with the KV cache (generate, sample.py's API) for a
@@ -63,6 +64,10 @@ weights, written as a Hugging Face directory (or --real_model=DIR), loaded in a 
 format as sample.py loads it (dtype='auto': bf16 where the CPU has bf16 instructions): load time,
 the process's peak RSS, greedy decode tok/s at batch 1; beside llama.cpp's Q8_0 and Q4_0 of the
 same weights (its converter and llama-quantize) where a build is named (nanolab/bench_models.py).
+
+lora: the peak memory of one LoRA step (r=16, batch 1 x 512 tokens, AdamW) on that shape with the
+frozen base in bf16 or nf4 (QLoRA, bitsandbytes), with and without --grad_checkpoint, each in a
+fresh process (nanolab/bench_models.py).
 """
 import copy
 import json
@@ -91,7 +96,7 @@ from nanolab.tokenizer import TiktokenTokenizer
 from nanolab.training import configure_optimizer, optimizer_step
 
 # -----------------------------------------------------------------------------
-which = 'decode'              # 'decode' | 'train' | 'harness' | 'serve' | 'fairness' | 'llamacpp' | 'quantize' | 'real'
+which = 'decode'              # 'decode' | 'train' | 'harness' | 'serve' | 'fairness' | 'llamacpp' | 'quantize' | 'real' | 'lora'
 models = 'gpt2_124m,llama_56m'  # comma list of the shapes below
 batch_sizes = '1,8'           # comma list of batch sizes for the decode comparison
 new_tokens = 64               # tokens generated per decode measurement
@@ -119,8 +124,10 @@ llama_threads = 0             # llamacpp: threads for both sides; 0 = torch's de
 llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one round each
 real_model = ''               # real: a Hugging Face dir to measure; '' = Llama 3.2 1B's shape, random bf16 weights (2.5 GB in a temp dir)
 real_formats = ',int8,int4'   # real: the --quantize of each load ('' = the stored dtype, bf16 where the CPU has it)
+lora_modes = 'bf16,bf16+ckpt,nf4,nf4+ckpt'  # lora: the frozen base (bf16 or nf4) and +ckpt for --grad_checkpoint
 # -----------------------------------------------------------------------------
-CHOICES = {'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp', 'quantize', 'real'),
+CHOICES = {'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp', 'quantize', 'real',
+                     'lora'),
            'dtype': DTYPES}
 config = configure(globals(), choices=CHOICES)
 
@@ -471,26 +478,17 @@ def bench_formats(src):
         base, tok, ckpt = load_model(src)
         dataset = (ckpt.get('config') or {}).get('dataset')
         ids = torch.as_tensor(stream_tokens(dataset, tok)[0][:2049]) if dataset else None
-    T = min(256, base.config.block_size)
     if ids is None:  # random weights: random tokens
         ids = torch.randint(0, base.config.vocab_size, (2049,))
-    n = (len(ids) - 1) // T
-    x, y = ids[:n * T].view(n, T), ids[1:n * T + 1].view(n, T)
-    fmts = quantize_formats.split(',')
-    models = {f: quantize.in_format(base, f) for f in fmts}
-    with torch.no_grad():
-        ref = quantize.in_format(base, 'bf16')(x)[0]
-        stats = {f: quantize.logit_stats(m(x)[0], ref, y) for f, m in models.items()}
-    p = torch.randint(0, base.config.vocab_size, (1, prompt_len)).tolist()
     k = min(new_tokens, base.config.block_size - prompt_len)
-    t = best_of([lambda m=m: generate(m, p, k, temperature=0.0, stop_tokens=())
-                 for m in models.values()])
+    rows, n, T = bench_models.format_rows(base, ids, quantize_formats.split(','), prompt_len, k,
+                                          repeats)
     print(f"\n{src}, {n} x {T} tokens ({'random' if src in SHAPES else 'val.bin'}), against "
           f"bf16's logits\n| format | weights MB | mean KL (nats) | top-1 agree | perplexity "
           f"| tok/s batch 1 |\n|---|---|---|---|---|---|")
-    for f, s in zip(fmts, t):
-        print(f"| {f} | {quantize.state_bytes(models[f]) / 1e6:.1f} | {stats[f]['kl']:.2e} | "
-              f"{stats[f]['top1'] * 100:.1f}% | {stats[f]['ppl']:.3f} | {k / s:.0f} |")
+    for f, r in rows.items():
+        print(f"| {f} | {r['bytes'] / 1e6:.1f} | {r['kl']:.2e} | {r['top1'] * 100:.1f}% | "
+              f"{r['ppl']:.3f} | {r['tok/s']:.0f} |")
 
 
 # -----------------------------------------------------------------------------
@@ -526,23 +524,11 @@ elif which == 'serve':
               f"({'met' if by[10][2] < 500 else 'MISSED'})")
 
 elif which == 'real':
-    with tempfile.TemporaryDirectory() as tmp:
-        src = real_model or os.path.join(tmp, 'llama-1b')
-        if not real_model:
-            bench_models.write_random_hf(src, bench_models.LLAMA_1B, TiktokenTokenizer('gpt2'))
-        print(f"real: {src}, {bench_models.weights_gb(src):.2f} GB of weights; each format loaded "
-              "in a fresh process (load time, its peak RSS, greedy decode at batch 1 after 16 tokens)")
-        rows = [(q or 'as stored', bench_models.measure(src, q)) for q in real_formats.split(',')]
-        threads = llama_threads or torch.get_num_threads()
-        theirs = bench_models.llama_cpp_rows(llama_cpp.build_dir(llama_cpp_dir), src, threads)
-    print("\n| format | dtype | load s | peak RSS GB | decode tok/s |\n|---|---|---|---|---|")
-    for name, r in rows:
-        print(f"| nanolab {name} | {r['dtype']} | {r['load s']:.1f} | {r['peak RSS GB']:.2f} "
-              f"| {r['decode tok/s']:.2f} |")
-    for t, r in theirs.items():
-        print(f"| llama.cpp {t} ({r['GB']:.2f} GB file, mmap) | | | | {r['decode tok/s']:.2f} |")
-    if not theirs:
-        print(f"llama.cpp: not measured, {llama_cpp.ENV} names no build ({llama_cpp.HOW})")
+    bench_models.bench_real(real_model, real_formats.split(','), llama_cpp.build_dir(llama_cpp_dir),
+                            llama_threads or torch.get_num_threads())
+
+elif which == 'lora':
+    bench_models.bench_lora(lora_modes.split(','))
 
 elif which == 'quantize':
     rows = []

@@ -74,13 +74,11 @@ class GPTConfig:
             self.positions = 'learned' if self.arch == 'gpt2' else 'rope'
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions '{self.positions}'; use one of {POSITIONS}")
-        # GPT-2 ties them (Press & Wolf 2017); Llama keeps a separate head
-        if self.tie_embeddings is None:
+        if self.tie_embeddings is None:  # GPT-2 ties them (Press & Wolf 2017); Llama does not
             self.tie_embeddings = self.arch == 'gpt2'
         if self.head_dim == 0 and self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
                              "(or set head_dim)")
-        self.head_dim = self.head_dim or self.n_embd // self.n_head
         need = {'linear': ['factor'], 'llama3': ['factor', 'low_freq_factor', 'high_freq_factor',
                                                  'original_max_position_embeddings']}
         rs = self.rope_scaling if isinstance(self.rope_scaling, dict) else {}
@@ -93,11 +91,10 @@ class GPTConfig:
                              f"n_kv_head={self.n_kv_head}")
         if self.arch == 'llama':
             self.bias = False  # Llama blocks have no biases by definition (Qwen2's: qkv_bias)
-        elif self.n_kv_head != self.n_head or self.head_dim * self.n_head != self.n_embd \
-                or self.qk_norm or self.qkv_bias:
-            raise ValueError("grouped-query attention, head_dim, qk_norm and qkv_bias "
-                             "need arch='llama'")
-        if self.positions == 'rope' and self.head_dim % 2 != 0:
+        elif self.n_kv_head != self.n_head or self.head_dim or self.qk_norm or self.qkv_bias:
+            raise ValueError("grouped-query attention (n_kv_head < n_head), head_dim, qk_norm and "
+                             "qkv_bias: each needs arch='llama'")
+        if self.positions == 'rope' and self.head_size % 2 != 0:
             raise ValueError("RoPE needs an even head size; change n_embd or n_head")
         if self.positions == 'sinusoidal' and self.n_embd % 2 != 0:
             raise ValueError("sinusoidal positions need an even n_embd (sine and cosine pairs)")
@@ -106,7 +103,7 @@ class GPTConfig:
 
     @property
     def head_size(self):
-        return self.head_dim
+        return self.head_dim or self.n_embd // self.n_head
 
 
 class RMSNorm(nn.Module):
@@ -397,7 +394,7 @@ class GPT(nn.Module):
         cfg, T = self.config, T or self.config.block_size
         wpe = self.transformer.wpe.weight.numel() if cfg.positions == 'learned' else 0
         N = self.num_params(non_embedding=False) - wpe
-        return 6 * N + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        return 6 * N + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
 
     def estimate_mfu(self, tokens_per_sec, peak_flops, T=None):
         """Model FLOPs utilization: training FLOP/s as a fraction of the peak the caller gives (e.g.

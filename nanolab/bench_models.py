@@ -8,6 +8,9 @@ weights (Q8_0, Q4_0) where a build is named (NANOLAB_LLAMA_CPP).
     write_random_hf(dir, LLAMA_1B, tok)          # ~2.5 GB of bf16 safetensors
     row = measure(dir, quantize='int4')          # {'load s', 'peak RSS GB', 'decode tok/s', ...}
     rows = llama_cpp_rows(build, dir, threads)   # llama.cpp's Q8_0 and Q4_0 of the same weights
+
+format_rows(model, ids, ['bf16', 'bf16+int4/32'], ...) is bench.py --which=quantize's table of one
+model in several formats (quantize.in_format): bytes, KL and top-1 against bf16, perplexity, tok/s.
 """
 import json
 import os
@@ -48,7 +51,7 @@ def write_random_hf(out_dir, shape, tok=None, dtype=torch.bfloat16, seed=0):
 
 # run in a fresh interpreter: load, one warm-up token, then a timed greedy decode
 CHILD = r'''
-import json, resource, sys, time
+import json, sys, time
 import torch
 from nanolab.checkpoint import load_model
 from nanolab.generation import generate
@@ -64,14 +67,19 @@ t0 = time.perf_counter()
 generate(model, prompt, n, temperature=0.0, stop_tokens=())
 tps = n / (time.perf_counter() - t0)
 dtype = str(next(p for p in model.parameters()).dtype).replace('torch.', '')
-print(json.dumps({'load s': load, 'peak RSS GB': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                  / 2**20, 'decode tok/s': tps, 'dtype': dtype}))
+# VmHWM, this process's own peak: ru_maxrss would carry the parent's over exec (Linux's
+# exec_mmap folds the old mm's high-water mark in, and subprocess's vfork shares the parent's)
+hwm = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM'))
+now = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmRSS'))
+print(json.dumps({'load s': load, 'peak RSS GB': hwm / 2**20, 'RSS after GB': now / 2**20,
+                  'decode tok/s': tps, 'dtype': dtype}))
 '''
 
 
 def measure(src, quantize='', tokens=32):
-    """One format of the model at src, in a fresh process -> {'load s', 'peak RSS GB' (ru_maxrss:
-    the process's whole peak, interpreter and torch included), 'decode tok/s' (batch 1, greedy,
+    """One format of the model at src, in a fresh process -> {'load s', 'peak RSS GB' (VmHWM: the
+    process's whole peak, interpreter and torch included), 'RSS after GB' (VmRSS at the end: mapped
+    file pages that were read count until the kernel reclaims them), 'decode tok/s' (batch 1, greedy,
     after a 16-token prompt), 'dtype' (the weights' dtype as loaded)}."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, '-c', CHILD, src, quantize, str(tokens)], cwd=root,
@@ -114,3 +122,115 @@ def llama_cpp_rows(build, src, threads, types=('Q8_0', 'Q4_0')):
                       'decode tok/s': json.loads(r.stdout)[0]['avg_ts']}
             os.remove(path)
     return out
+
+
+def format_rows(base, ids, formats, prompt_len, n_new, repeats, T=256):
+    """Each of formats (quantize.in_format, e.g. 'bf16+int4/32') of the CPU model base -> ({format:
+    {'bytes', 'kl', 'top1', 'ppl' (quantize.logit_stats of its next-token distributions against
+    bf16's on the token stream ids, in rows of T), 'tok/s' (greedy, batch 1, n_new tokens after a
+    random prompt_len-token prompt, best of `repeats`, the formats interleaved)}}, rows, T)."""
+    import time
+    from nanolab import quantize
+    from nanolab.generation import generate
+    T = min(T, base.config.block_size)
+    n = (len(ids) - 1) // T
+    x, y = ids[:n * T].view(n, T), ids[1:n * T + 1].view(n, T)
+    models = {f: quantize.in_format(base, f) for f in formats}
+    with torch.no_grad():
+        ref = quantize.in_format(base, 'bf16')(x)[0]
+        rows = {f: {'bytes': quantize.state_bytes(m), **quantize.logit_stats(m(x)[0], ref, y)}
+                for f, m in models.items()}
+    p = torch.randint(0, base.config.vocab_size, (1, prompt_len)).tolist()
+    best = dict.fromkeys(formats, float('inf'))
+    for _ in range(repeats):
+        for f, m in models.items():
+            t0 = time.perf_counter()
+            generate(m, p, n_new, temperature=0.0, stop_tokens=())
+            best[f] = min(best[f], time.perf_counter() - t0)
+    for f in formats:
+        rows[f]['tok/s'] = n_new / best[f]
+    return rows, n, T
+
+
+def bench_real(src, formats, build, threads):
+    """bench.py --which=real: the model at src (a Hugging Face directory; '' = LLAMA_1B with random
+    weights and GPT-2's tokenizer, written to a temporary directory) in each of formats (measure's
+    quantize), beside llama.cpp's Q8_0 and Q4_0 of it when build is one -> a printed table."""
+    import tempfile
+    from nanolab import llama_cpp
+    from nanolab.tokenizer import TiktokenTokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        path = src or os.path.join(tmp, 'llama-1b')
+        if not src:
+            write_random_hf(path, LLAMA_1B, TiktokenTokenizer('gpt2'))
+        print(f"real: {path}, {weights_gb(path):.2f} GB of weights; each format loaded in a fresh "
+              "process (load time, its peak RSS, greedy decode at batch 1 after 16 tokens)")
+        rows = [(q or 'as stored', measure(path, q)) for q in formats]
+        theirs = llama_cpp_rows(build, path, threads)
+    print("\n| format | dtype | load s | peak RSS GB | RSS after GB | decode tok/s |\n"
+          "|---|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| nanolab {name} | {r['dtype']} | {r['load s']:.1f} | {r['peak RSS GB']:.2f} "
+              f"| {r['RSS after GB']:.2f} | {r['decode tok/s']:.2f} |")
+    for t, r in theirs.items():
+        print(f"| llama.cpp {t} ({r['GB']:.2f} GB file, mmap) | | | | | {r['decode tok/s']:.2f} |")
+    if not theirs:
+        print(f"llama.cpp: not measured, {llama_cpp.ENV} names no build ({llama_cpp.HOW})")
+
+
+# one LoRA step of LLAMA_1B (r=16 on every block matrix; batch 1, 512 tokens; forward, backward,
+# AdamW) in a fresh interpreter; memory is VmHWM reset just before the step (clear_refs), so
+# building the random model and quantizing it do not count
+LORA_CHILD = r'''
+import json, sys, time
+import torch
+from model import GPT, GPTConfig, position_tables
+from nanolab.bench_models import LLAMA_1B
+from nanolab.lora import add_lora
+from nanolab.training import configure_optimizer, use_grad_checkpoint
+mode = sys.argv[1]
+status = lambda key: next(int(l.split()[1]) for l in open('/proc/self/status')
+                          if l.startswith(key)) / 2**20
+cfg = GPTConfig(**LLAMA_1B)
+with torch.device('meta'):
+    model = GPT(cfg)
+model = model.to_empty(device='cpu').to(torch.bfloat16)
+torch.manual_seed(0)
+with torch.no_grad():
+    for p in model.parameters():
+        p.normal_(0, 0.02)
+for name, table in position_tables(cfg).items():
+    model.register_buffer(name, table, persistent=False)
+model = add_lora(model, 16, 32.0, 0.0, 'c_attn,c_proj,c_fc', quantize='nf4' if 'nf4' in mode else '')
+if 'ckpt' in mode:
+    use_grad_checkpoint(model)
+opt = configure_optimizer(model.train(), 0.0, 1e-4, (0.9, 0.99), 'cpu')
+x, y = torch.randint(0, cfg.vocab_size, (2, 1, 512), generator=torch.Generator().manual_seed(0))
+before = status('VmRSS')
+open('/proc/self/clear_refs', 'w').write('5')  # VmHWM := VmRSS
+t0 = time.perf_counter()
+_, loss = model(x, y)
+loss.backward()
+opt.step()
+print(json.dumps({'before GiB': before, 'peak GiB': status('VmHWM'), 'loss': loss.item(),
+                  'step s': time.perf_counter() - t0}))
+'''
+
+
+def bench_lora(modes):
+    """bench.py --which=lora: one LoRA step of LLAMA_1B per mode ('bf16', 'bf16+ckpt', 'nf4',
+    'nf4+ckpt': the frozen base in bf16 or bitsandbytes' nf4, with or without gradient
+    checkpointing), each in a fresh process -> a printed table of RSS before and peak in the step."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print("lora: one LoRA step (r=16 on c_attn, c_proj, c_fc; batch 1 x 512 tokens; AdamW) of a "
+          "Llama 3.2 1B-shaped model with random weights; peak = VmHWM during the step\n\n"
+          "| base | RSS before GiB | peak in step GiB | step s | loss |\n|---|---|---|---|---|")
+    for mode in modes:
+        r = subprocess.run([sys.executable, '-c', LORA_CHILD, mode], cwd=root, capture_output=True,
+                           text=True)
+        if r.returncode:
+            print(f"| {mode} | failed: {r.stderr.strip().splitlines()[-1][:120]} | | | |")
+            continue
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"| {mode} | {d['before GiB']:.2f} | {d['peak GiB']:.2f} | {d['step s']:.0f} | "
+              f"{d['loss']:.3f} |", flush=True)

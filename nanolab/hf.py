@@ -15,14 +15,13 @@ import glob
 import json
 import os
 import sys
-from collections.abc import Mapping
-from contextlib import ExitStack
 
 import torch
 
 from nanolab.files import replacing, write_json, write_text
+from nanolab.mapped import MappedTensors
 from nanolab.tokenizer import (EOT, GPT2_REGEX_ENCODINGS, GPT2_SPLIT_PATTERN,
-                               TEXT_MARKERS, BPETokenizer, bytes_to_unicode, check_fits)
+                               BPETokenizer, bytes_to_unicode, check_fits)
 
 # -----------------------------------------------------------------------------
 # 1) models: config and tensor names. Ours: lm_head and
@@ -87,7 +86,9 @@ def _llama_family_config(hf):
     return dict(arch='llama', block_size=hf.get('max_position_embeddings', 2048),
                 vocab_size=hf['vocab_size'], n_layer=hf['num_hidden_layers'], n_head=n_head,
                 n_kv_head=hf.get('num_key_value_heads') or n_head, n_embd=hf['hidden_size'],
-                head_dim=hf.get('head_dim') or hf['hidden_size'] // n_head,
+                # explicit only where it differs from hidden / heads (Qwen3): 0 is model.py's default
+                head_dim=0 if (hf.get('head_dim') or 0) * n_head in (0, hf['hidden_size'])
+                else hf['head_dim'],
                 ffn_hidden=hf['intermediate_size'], bias=False,
                 qkv_bias=mt == 'qwen2', qk_norm=mt == 'qwen3', sliding_window=window,
                 rope_scaling=scaling, tie_embeddings=hf.get('tie_word_embeddings', False),
@@ -127,7 +128,8 @@ def config_to_hf(c, eot=None):
                vocab_size=c['vocab_size'], hidden_size=c['n_embd'],
                intermediate_size=c['ffn_hidden'], num_hidden_layers=c['n_layer'],
                num_attention_heads=c['n_head'], num_key_value_heads=c['n_kv_head'],
-               head_dim=c['head_dim'], max_position_embeddings=c['block_size'],
+               head_dim=c['head_dim'] or c['n_embd'] // c['n_head'],
+               max_position_embeddings=c['block_size'],
                rms_norm_eps=c['norm_eps'], rope_theta=c['rope_theta'], rope_parameters=rope,
                hidden_act='silu', tie_word_embeddings=c['tie_embeddings'], attention_bias=False,
                mlp_bias=False, bos_token_id=eot, eos_token_id=eot)
@@ -202,6 +204,9 @@ def state_dict_from_hf(hf_sd, c, dtype=None):
         w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         w = w.t() if transpose else w
         sd[ours] = w.to(dtype or w.dtype).contiguous()
+        if hasattr(hf_sd, 'release') and sd[ours].data_ptr() != parts[0].data_ptr():
+            for n in names:  # copied (fused, transposed or cast): its mapped pages can go
+                hf_sd.release(n)
     if c['tie_embeddings']:
         sd['lm_head.weight'] = sd['transformer.wte.weight']
     return sd
@@ -365,41 +370,26 @@ def weight_files(path):
                          "pytorch_model*.bin weights")
     return files
 
-class _Tensors(Mapping):
-    """The tensors of safetensors files by name, each read from its file when asked for."""
-    def __init__(self, handles):
-        self.where = {k: h for h in handles for k in h.keys()}
-
-    def __getitem__(self, name):
-        return self.where[name].get_tensor(name)
-
-    def __iter__(self):
-        return iter(self.where)
-
-    def __len__(self):
-        return len(self.where)
-
 def read_state_dict(path, c, dtype=None, check=None):
     """Our state dict for config c (GPTConfig's arguments) from a local Hugging Face directory's
-    weights, in dtype: safetensors are read one tensor at a time, so the peak is the model and one
-    tensor; .bin files are read whole (torch.load(weights_only=True): no code runs). check(number
-    of tensors) runs before the first tensor is read (checkpoint.check_size)."""
+    weights, in dtype: safetensors are memory-mapped (mapped.py), so a tensor kept as stored is a view
+    of its file and the others are made one at a time (the peak is about the model); .bin files are
+    read whole (torch.load(weights_only=True): no code runs). check(number of tensors) runs before
+    the first tensor is read (checkpoint.check_size)."""
     files = weight_files(path)
     try:
-        with ExitStack() as stack:
-            if files[0].endswith('.safetensors'):
-                from safetensors import safe_open
-                hf_sd = _Tensors([stack.enter_context(safe_open(f, 'pt')) for f in files])
-            else:
-                hf_sd = {}
-                for f in files:
-                    part = torch.load(f, map_location='cpu', weights_only=True)
-                    if not isinstance(part, dict):
-                        raise ValueError(f"{f} holds no dict of tensors")
-                    hf_sd.update(part)
-            if check:
-                check(len(hf_sd))
-            return state_dict_from_hf(hf_sd, c, dtype)
+        if files[0].endswith('.safetensors'):
+            hf_sd = MappedTensors(files)
+        else:
+            hf_sd = {}
+            for f in files:
+                part = torch.load(f, map_location='cpu', weights_only=True)
+                if not isinstance(part, dict):
+                    raise ValueError(f"{f} holds no dict of tensors")
+                hf_sd.update(part)
+        if check:
+            check(len(hf_sd))
+        return state_dict_from_hf(hf_sd, c, dtype)
     except ValueError:
         raise
     except Exception as e:  # a truncated or crafted file: safetensors' or pickle's own errors

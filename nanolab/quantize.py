@@ -64,16 +64,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanolab import mapped
+
 QUANTIZE = ('', 'int8', 'int4')  # for_inference's choices, as the scripts' --quantize lists them
 INT4_GROUP = 32                  # int4's default group size (the module docstring says why)
 
 
-def int8_rows(w):
+def int8_rows(w, rows=4096):
     """w (out, in), any float dtype -> (q int8 (out, in), scale fp32 (out,)) with
-    w ~= q * scale[:, None]."""
-    w = w.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    w ~= q * scale[:, None]. Done `rows` rows at a time: a 128k-vocabulary embedding in fp32 at once
+    is 1 GB per temporary (Llama 3's: the peak of a quantized load was 5.2 GB, not the weights')."""
+    q, scale = torch.empty(w.shape, dtype=torch.int8), torch.empty(len(w))
+    for i in range(0, len(w), rows):
+        c = w[i:i + rows].detach().float()
+        scale[i:i + rows] = c.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q[i:i + rows] = torch.round(c / scale[i:i + rows, None]).clamp(-127, 127)
+    return q, scale
 
 # subtle: the op's Python wrapper checks every call for fake script objects (torch.compile's),
 # which costs more than some of the small ops around it at batch 1; its C++ entry point (_op) skips
@@ -151,11 +157,13 @@ def _int8_head(model):
         model.lm_head = Int8Linear(model.lm_head)
 
 def _swap_linears(model, make):
-    """Every nn.Linear child below model -> make(child), in place."""
+    """Every nn.Linear child below model -> make(child), in place; the replaced weight's pages go
+    back as it goes, where it was a mapped file's (mapped.release_pages)."""
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if type(child) is nn.Linear:
                 setattr(mod, name, make(child))
+                mapped.release_pages(child.weight)
 
 def quantize_int8(model):
     """Make a CPU model int8, in place -> model (see the module docstring). The model may be
@@ -338,10 +346,10 @@ def for_inference(model, quantize='', group_size=INT4_GROUP):
         for name, child in mod.named_children():
             if isinstance(child, nn.Dropout):
                 setattr(mod, name, nn.Identity())
-    if quantize == 'int8':
-        return quantize_int8(model)
-    if quantize == 'int4':
-        return quantize_int4(model, group_size)
+    if quantize:
+        model = quantize_int8(model) if quantize == 'int8' else quantize_int4(model, group_size)
+        mapped.release_unused(model)  # the pages of the weights just replaced (a mapped file's)
+        return model
     p = next(model.parameters())
     if p.device.type == 'cpu' and p.dtype == torch.float32 and type(model.lm_head) is nn.Linear:
         model.lm_head = TransposedHead(model.lm_head, model.config.tie_embeddings)

@@ -1,6 +1,8 @@
 """The Llama-like families (Llama 3.x with RoPE scaling, Mistral's sliding window, Qwen2's q/k/v biases, Qwen3's
 q/k norms and wide heads) against transformers: tiny random models built from transformers' own config classes, loaded
 through nanolab's one loader, compared on logits, greedy generation, the KV cache, a LoRA step and the export back."""
+import json
+
 import pytest
 import torch
 
@@ -53,7 +55,7 @@ def test_config_options(pair):
     name, hf, ours, _ = pair
     c = ours.config
     assert c.arch == 'llama' and c.n_kv_head == hf.config.num_key_value_heads
-    assert c.head_dim == (getattr(hf.config, 'head_dim', None) or 16) and c.qkv_bias == (name == 'qwen2') and c.qk_norm == (name == 'qwen3')
+    assert c.head_size == (getattr(hf.config, 'head_dim', None) or 16) and c.qkv_bias == (name == 'qwen2') and c.qk_norm == (name == 'qwen3')
     assert c.sliding_window == (5 if name == 'mistral' else 0)
     assert (c.rope_scaling or {}).get('rope_type') == {'llama3': 'llama3', 'llama_linear': 'linear'}.get(name)
 
@@ -233,3 +235,54 @@ def test_auto_dtype_keeps_a_bf16_model_in_bf16_where_the_cpu_computes_it(has_bf1
         assert torch.equal(bf.transformer.wte.weight, hf.to(torch.bfloat16).model.embed_tokens.weight)
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         load_model(str(tmp_path / 'fp32'), 'cpu', 'float8')
+
+
+def test_safetensors_are_mapped_copy_on_write_and_checked(tmp_path):
+    """A weight kept as stored is a view of its file (no copy, as llama.cpp maps GGUF), a write to it never reaches the
+    file, quantizing gives the replaced weights' pages back without touching what the model still reads, and a
+    crafted header is a ValueError naming the file."""
+    import copy
+    import hashlib
+    import struct
+
+    from nanolab.quantize import for_inference
+    hf = hf_model('mistral')  # untied: lm_head is kept as stored
+    hf.save_pretrained(tmp_path)
+    f = tmp_path / 'model.safetensors'
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    model, _, _ = load_model(str(tmp_path))
+    w = model.lm_head.weight
+    from nanolab import mapped as files
+    maps = [(torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr(), len(m)) for m in (r() for r, _ in files._MAPS)
+            if m is not None]
+    assert torch.equal(w, hf.lm_head.weight) and any(b <= w.data_ptr() < b + n for b, n in maps)  # in the file
+    with torch.no_grad():
+        w.mul_(2)  # copy-on-write: this process's page only
+    assert hashlib.sha256(f.read_bytes()).hexdigest() == digest
+    assert torch.equal(load_model(str(tmp_path))[0].lm_head.weight, hf.lm_head.weight)
+    # quantized in place on the mapped weights (their pages released) == quantized from an in-memory copy
+    mapped, _, _ = load_model(str(tmp_path))
+    reference = copy.deepcopy(mapped)
+    x = list(range(1, 20))
+    for q in ('int8', 'int4'):
+        a = generate(for_inference(copy.deepcopy(reference), q), x, 12, temperature=0)[0].tokens
+        b = generate(for_inference(load_model(str(tmp_path))[0], q), x, 12, temperature=0)[0].tokens
+        assert a == b
+    # crafted headers: a length past the file, an extent past the data, an unknown dtype
+    raw = f.read_bytes()
+    n = struct.unpack('<Q', raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != '__metadata__')
+    for bad in (struct.pack('<Q', 1 << 40) + raw[8:],
+                _with_header(raw, n, {**header, name: {**header[name], 'data_offsets': [0, 1 << 40]}}),
+                _with_header(raw, n, {**header, name: {**header[name], 'dtype': 'F128'}})):
+        f.write_bytes(bad)
+        with pytest.raises(ValueError, match='model.safetensors'):
+            load_model(str(tmp_path))
+
+
+def _with_header(raw, n, header):
+    import struct
+    text = json.dumps(header).encode()
+    text += b' ' * (-len(text) % 8)
+    return struct.pack('<Q', len(text)) + text + raw[8 + n:]

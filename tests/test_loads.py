@@ -75,7 +75,7 @@ def bad_sources(d):
             (tiny_hf(d / 'hf_not_object', '[1, 2]'), 'JSON object'),
             (tiny_hf(d / 'hf_string_heads', {'n_head': 'two'}), 'n_head'),
             (tiny_hf(d / 'hf_zero_heads', {'model_type': 'llama', 'hidden_size': 16, 'num_attention_heads': 0,
-                                           'num_hidden_layers': 1, 'intermediate_size': 32}), 'wrong type'),
+                                           'num_hidden_layers': 1, 'intermediate_size': 32}), 'n_head must be an integer of at least 1'),
             (str(pickled), 'not readable'),
             (str(missing), 'lacks')]
 

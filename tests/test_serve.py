@@ -652,7 +652,7 @@ def test_models_load_and_unload_at_run_time(tmp_path):
                                    ({'source': 'char', 'name': '../x'}, 400, 'invalid_name')]:
             got = call(srv, 'POST', '/v1/models/load', bad)
             assert got[0] == status_ and got[1]['error']['code'] == code, got
-        assert 'not a local directory' in call(srv, 'POST', '/v1/models/load', {'source': 'nope/x'})[1]['error']['message']
+        assert 'not in the Hugging Face cache' in call(srv, 'POST', '/v1/models/load', {'source': 'nope/x'})[1]['error']['message']
         assert call(srv, 'POST', '/v1/models/load', {'source': 'char', 'name': 'c2'},
                     headers={'Origin': 'https://evil.example'})[0] == 403
         # unload while a stream runs on it: the stream ends whole; then the model is gone and let go
