@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from nanolab import hf, server as server_module
+from nanolab import server as server_module
 from nanolab.checkpoint import load_model, save_checkpoint
+from nanolab.mapped import MappedTensors
 from nanolab.tokenizer import CharTokenizer
 from test_serve import CHARS, call, serving, two_runs  # tests/ is on sys.path while pytest collects it
 
@@ -156,13 +157,13 @@ def test_a_failed_load_keeps_nothing_it_read(roots, tmp_path, monkeypatch):
     import gc
     source = bad_sources(tmp_path)[-1][0]  # a HF directory that lacks one tensor: the others are read first
     read = []
-    get = hf._Tensors.__getitem__
+    get = MappedTensors.__getitem__
 
     def tracked(self, name):
         t = get(self, name)
         read.append(weakref.ref(t))
         return t
-    monkeypatch.setattr(hf._Tensors, '__getitem__', tracked)
+    monkeypatch.setattr(MappedTensors, '__getitem__', tracked)
     with serving(roots / 'runs', source=roots / 'runs' / 'char') as srv:
         srv.model_roots.append(os.path.realpath(tmp_path))
         gc.disable()  # only reference counts may free them
