@@ -10,6 +10,7 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
     python bench.py --which=serve                    # serve.py under 1-16 streaming clients, ~30 s
     python bench.py --which=quantize                 # fp32/bf16/int8/int4: bytes, RSS, tok/s, KL, ~5 min
     python bench.py --which=fairness                 # a stream beside a flood, beams, long prompts
+    python bench.py --which=decode_profile           # a decode step against reading its weights once
     python bench.py --which=real                     # a 1B-shaped Llama: load s, peak RSS, tok/s, ~5 min
     python bench.py --which=lora                     # its LoRA / QLoRA step's peak memory, ~5 min
     NANOLAB_LLAMA_CPP=DIR python bench.py --which=llamacpp   # vs llama.cpp, GPT-2's shape, ~15 min
@@ -68,8 +69,12 @@ same weights (its converter and llama-quantize) where a build is named (nanolab/
 lora: the peak memory of one LoRA step (r=16, batch 1 x 512 tokens, AdamW) on that shape with the
 frozen base in bf16 or nf4 (QLoRA, bitsandbytes), with and without --grad_checkpoint, each in a
 fresh process (nanolab/bench_models.py).
+
+decode_profile: this machine's read bandwidth (the best torch.sum over 512 MB), and for each of
+`models` in each of `profile_formats` at batch 1 and 8: the bytes a decode step reads, their read
+time at that bandwidth, the step's wall time, their ratio (1.0 = the memory limit), and
+torch.profiler's split of a step into matmul kernels, other ops and time no op accounts for.
 """
-import copy
 import json
 import logging
 import math
@@ -83,12 +88,12 @@ import time
 import torch
 
 from model import GPT, GPTConfig
-from nanolab import bench_models, bench_serving, llama_cpp, quantize
+from nanolab import bench_models, bench_serving, llama_cpp
 from nanolab.checkpoint import load_model
 from nanolab.configurator import configure, fail
 from nanolab.device import DTYPES, autocast_ctx, peak_flops, resolve_device, resolve_dtype
 from nanolab.generation import generate
-from nanolab.likelihood import run_perplexity, stream_tokens
+from nanolab.likelihood import stream_tokens
 from nanolab.harness import harness_lm_class
 from nanolab.quantize import for_inference
 from nanolab.runs import read_metrics
@@ -96,7 +101,7 @@ from nanolab.tokenizer import TiktokenTokenizer
 from nanolab.training import configure_optimizer, optimizer_step
 
 # -----------------------------------------------------------------------------
-which = 'decode'              # 'decode' | 'train' | 'harness' | 'serve' | 'fairness' | 'llamacpp' | 'quantize' | 'real' | 'lora'
+which = 'decode'              # 'decode' | 'decode_profile' | 'train' | 'harness' | 'serve' | 'fairness' | 'llamacpp' | 'quantize' | 'real' | 'lora'
 models = 'gpt2_124m,llama_56m'  # comma list of the shapes below
 batch_sizes = '1,8'           # comma list of batch sizes for the decode comparison
 new_tokens = 64               # tokens generated per decode measurement
@@ -125,9 +130,10 @@ llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one roun
 real_model = ''               # real: a Hugging Face dir to measure; '' = Llama 3.2 1B's shape, random bf16 weights (2.5 GB in a temp dir)
 real_formats = ',int8,int4'   # real: the --quantize of each load ('' = the stored dtype, bf16 where the CPU has it)
 lora_modes = 'bf16,bf16+ckpt,nf4,nf4+ckpt'  # lora: the frozen base (bf16 or nf4) and +ckpt for --grad_checkpoint
+profile_formats = 'fp32,bf16,fp32+int8'  # decode_profile: quantize.in_format names, at batch 1 and 8
 # -----------------------------------------------------------------------------
-CHOICES = {'which': ('decode', 'train', 'harness', 'serve', 'fairness', 'llamacpp', 'quantize', 'real',
-                     'lora'),
+CHOICES = {'which': ('decode', 'decode_profile', 'train', 'harness', 'serve', 'fairness', 'llamacpp',
+                     'quantize', 'real', 'lora'),
            'dtype': DTYPES}
 config = configure(globals(), choices=CHOICES)
 
@@ -414,23 +420,6 @@ def bench_harness():
 # -----------------------------------------------------------------------------
 # int8 against fp32 (serve.py --quantize=int8)
 
-RSS_PROBE = """
-import json, os, sys, torch
-from model import GPT, GPTConfig
-from nanolab import quantize
-from nanolab.checkpoint import load_model
-from nanolab.generation import generate
-rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-base = rss()
-src, quant = sys.argv[1], sys.argv[2] == 'int8'
-m = GPT(GPTConfig(**json.loads(src))).eval() if src.startswith('{') else load_model(src)[0]
-if quant:
-    quantize.quantize_int8(m)
-generate(m, [[0] * 8], 8, temperature=0.0, stop_tokens=())
-print(rss() - base)
-"""
-
-
 def bench_quantize(src):
     torch.manual_seed(seed)
     if src in SHAPES:
@@ -438,35 +427,11 @@ def bench_quantize(src):
     else:
         fp, tok, ckpt = load_model(src)
         dataset = (ckpt.get('config') or {}).get('dataset')
-    q = quantize.quantize_int8(copy.deepcopy(fp))
     print(f"\n{src}: {fp.num_params(non_embedding=False) / 1e6:.2f}M parameters, CPU")
-    row = {'model': src}
-    # 1) bytes: the state dict, and the RSS a fresh process adds by loading the model and
-    #    generating once
-    row['bytes'] = [quantize.state_bytes(m) for m in (fp, q)]
-    arg = json.dumps(SHAPES[src]) if src in SHAPES else src
-    row['rss'] = [int(subprocess.run([sys.executable, '-c', RSS_PROBE, arg, k],
-                                     capture_output=True, text=True,
-                                     check=True).stdout.split()[-1]) for k in ('fp32', 'int8')]
-    # 2) greedy decode tok/s, batch 1 and 8, interleaved
-    V, T = fp.config.vocab_size, fp.config.block_size
-    n = min(new_tokens, T - prompt_len)
-    for B in (1, 8):
-        x = torch.randint(0, V, (B, prompt_len)).tolist()
-        t = best_of([lambda m=m: generate(m, x, n, temperature=0.0, stop_tokens=())
-                     for m in (fp, q)])
-        row[f'tps{B}'] = [B * n / s for s in t]
-    # 3) perplexity on the run's validation set; for random weights, the greedy tokens' agreement
-    #    instead
-    if dataset:
-        row['ppl'] = [run_perplexity(m, tok, dataset)['metrics']['perplexity'] for m in (fp, q)]
-    else:
-        x = torch.randint(0, V, (4, prompt_len)).tolist()
-        a, b = (generate(m, x, 32, temperature=0.0, stop_tokens=()) for m in (fp, q))
-        row['agree'] = sum(i == j for c, d in zip(a, b)
-                           for i, j in zip(c.tokens, d.tokens)) / (4 * 32)
-    print(' | '.join(f"{k} {v}" for k, v in row.items() if k != 'model'))
-    return row
+    row = bench_models.int8_row(fp, json.dumps(SHAPES[src]) if src in SHAPES else src, tok,
+                                dataset, prompt_len, new_tokens, best_of)
+    print(' | '.join(f"{k} {v}" for k, v in row.items()))
+    return {'model': src, **row}
 
 
 def bench_formats(src):
@@ -526,6 +491,10 @@ elif which == 'serve':
 elif which == 'real':
     bench_models.bench_real(real_model, real_formats.split(','), llama_cpp.build_dir(llama_cpp_dir),
                             llama_threads or torch.get_num_threads())
+
+elif which == 'decode_profile':
+    bench_models.bench_decode_profile({n: SHAPES[n] for n in models.split(',')},
+                                      profile_formats.split(','), (1, 8), repeats)
 
 elif which == 'lora':
     bench_models.bench_lora(lora_modes.split(','))

@@ -234,3 +234,145 @@ def bench_lora(modes):
         d = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"| {mode} | {d['before GiB']:.2f} | {d['peak GiB']:.2f} | {d['step s']:.0f} | "
               f"{d['loss']:.3f} |", flush=True)
+
+
+# a fresh process's RSS growth from building (or loading) a model, int8 or not, and generating once
+RSS_PROBE = r'''
+import json, os, sys, torch
+from model import GPT, GPTConfig
+from nanolab import quantize
+from nanolab.checkpoint import load_model
+from nanolab.generation import generate
+rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+base = rss()
+src, quant = sys.argv[1], sys.argv[2] == 'int8'
+m = GPT(GPTConfig(**json.loads(src))).eval() if src.startswith('{') else load_model(src)[0]
+if quant:
+    quantize.quantize_int8(m)
+generate(m, [[0] * 8], 8, temperature=0.0, stop_tokens=())
+print(rss() - base)
+'''
+
+
+def int8_row(fp, arg, tok, dataset, prompt_len, new_tokens, best_of):
+    """bench.py --which=quantize's fp32 -> int8 row for model fp (arg: its source, or its shape as
+    JSON, for the RSS probe): {'bytes', 'rss', 'tps1', 'tps8': [fp32, int8] each, and 'ppl' on
+    the run's val set (dataset) or, for random weights, 'agree' (greedy tokens' agreement)}."""
+    import copy
+    from nanolab import quantize
+    from nanolab.generation import generate
+    q = quantize.quantize_int8(copy.deepcopy(fp))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # 1) bytes: the state dict, and the RSS a fresh process adds by loading the model and
+    #    generating once
+    row = {'bytes': [quantize.state_bytes(m) for m in (fp, q)],
+           'rss': [int(subprocess.run([sys.executable, '-c', RSS_PROBE, arg, k], cwd=root,
+                                      capture_output=True, text=True, check=True)
+                       .stdout.split()[-1]) for k in ('fp32', 'int8')]}
+    # 2) greedy decode tok/s, batch 1 and 8, interleaved
+    V, T = fp.config.vocab_size, fp.config.block_size
+    n = min(new_tokens, T - prompt_len)
+    for B in (1, 8):
+        x = torch.randint(0, V, (B, prompt_len)).tolist()
+        t = best_of([lambda m=m: generate(m, x, n, temperature=0.0, stop_tokens=())
+                     for m in (fp, q)])
+        row[f'tps{B}'] = [B * n / s for s in t]
+    # 3) perplexity on the run's validation set; for random weights, the greedy tokens' agreement
+    if dataset:
+        from nanolab.likelihood import run_perplexity
+        row['ppl'] = [run_perplexity(m, tok, dataset)['metrics']['perplexity'] for m in (fp, q)]
+    else:
+        x = torch.randint(0, V, (4, prompt_len)).tolist()
+        a, b = (generate(m, x, 32, temperature=0.0, stop_tokens=()) for m in (fp, q))
+        row['agree'] = sum(i == j for c, d in zip(a, b)
+                           for i, j in zip(c.tokens, d.tokens)) / (4 * 32)
+    return row
+
+
+# -----------------------------------------------------------------------------
+# a decode step against the memory limit (bench.py --which=decode_profile)
+
+# the ops that multiply by weights (their self time is "matmul kernels"); everything else is "other"
+MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::matmul', 'aten::linear',
+              'quantized::linear_dynamic', 'aten::_weight_int4pack_mm_for_cpu',
+              'aten::_weight_int4pack_mm', 'mkldnn::_linear_pointwise')
+
+
+def read_bandwidth(mb=512, repeats=7):
+    """This machine's DRAM read rate in bytes/s: the best of `repeats` sums over an mb-MB fp32
+    tensor (torch.sum runs on every core; far larger than any cache)."""
+    import time
+    x = torch.ones(mb * 2**20 // 4)
+    best = float('inf')
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def weights_read(model):
+    """The bytes a decode step reads whole: the blocks, the final norm and the output head
+    (quantize.state_bytes; the token embedding gives only its rows, and the fp32 CPU head's
+    transposed copy counts as the head)."""
+    from nanolab.quantize import PackedLinear, TransposedHead, state_bytes
+    head = model.lm_head
+    return state_bytes(model.transformer.h) + state_bytes(model.transformer.ln_f) + \
+        (head.weight_t.nbytes if isinstance(head, TransposedHead) else head.nbytes
+         if isinstance(head, PackedLinear) else state_bytes(head))
+
+
+def decode_profile(model, batch, prompt_len=16, n_new=64, repeats=3):
+    """One decode step of model at `batch` rows: {'step ms' (the wall time of a greedy token after
+    the prompt: generate of n_new+1 tokens less generate of 1, best of repeats, per token), and
+    torch.profiler's split of 32 steps per step: 'matmul ms' (MATMUL_OPS' self time), 'other ms'
+    (every other op's), 'unaccounted ms' (the wall time no op holds: Python, the engine)}."""
+    import time
+    from nanolab.generation import generate
+    x = torch.randint(0, model.config.vocab_size, (batch, prompt_len)).tolist()
+    run = lambda n: generate(model, x, n, temperature=0.0, stop_tokens=())  # noqa: E731
+    run(4)  # warm-up: allocator, kernels' first calls
+    best = float('inf')
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        run(n_new + 1)
+        best = min(best, (time.perf_counter() - t1 - (t1 - t0)) / n_new)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        run(33)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / 33  # ms a step
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e3 / 33
+    return {'step ms': best * 1e3, 'matmul ms': matmul, 'other ms': total - matmul,
+            'unaccounted ms': wall * 1e3 / 33 - total}
+
+
+def bench_decode_profile(shapes, formats, batches, repeats):
+    """bench.py --which=decode_profile: each shape (GPTConfig arguments by name) in each format
+    (quantize.in_format) at each batch: the weights' bytes, their read time at this machine's
+    bandwidth, the step's wall time and their ratio (1.0 = the memory limit), and the profiler's
+    split -> a printed table."""
+    from model import GPT, GPTConfig
+    from nanolab.quantize import in_format
+    bw = read_bandwidth()
+    print(f"decode_profile: read bandwidth {bw / 1e9:.1f} GB/s (best torch.sum over 512 MB, "
+          f"{torch.get_num_threads()} threads)\n\n| model | format | batch | weights MB | read ms "
+          "| step ms | step / read | matmul ms | other ops ms | unaccounted ms |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    for name, shape in shapes.items():
+        torch.manual_seed(0)
+        base = GPT(GPTConfig(**shape)).eval()
+        for fmt in formats:
+            model = in_format(base, fmt)
+            nbytes = weights_read(model)
+            for B in batches:
+                r = decode_profile(model, B, repeats=repeats)
+                read = nbytes / bw * 1e3
+                print(f"| {name} | {fmt} | {B} | {nbytes / 1e6:.0f} | {read:.2f} | "
+                      f"{r['step ms']:.2f} | {r['step ms'] / read:.2f} | {r['matmul ms']:.2f} | "
+                      f"{r['other ms']:.2f} | {r['unaccounted ms']:.2f} |", flush=True)
+            del model

@@ -317,8 +317,9 @@ def state_bytes(model):
     seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
     return sum(seen.values()) + sum(
         m.in_features * m.out_features + 4 * m.out_features if isinstance(m, Int8Linear)
+        else (m.nbytes if m.swapped_weights else 0) if isinstance(m, PackedLinear)
         else m.swapped_weights * m.weight_t.element_size()
-        for m in model.modules() if isinstance(m, (Int8Linear, TransposedHead)))
+        for m in model.modules() if isinstance(m, (Int8Linear, TransposedHead, PackedLinear)))
 
 class TransposedHead(nn.Module):
     """The output head with its weight stored (in, out), for CPU decoding. MKL's matrix-vector
@@ -334,10 +335,42 @@ class TransposedHead(nn.Module):
     def forward(self, x):
         return x @ self.weight_t
 
+# oneDNN's linear on a weight packed once for it (what inductor's CPU code calls): 2x MKL's
+# F.linear at batch 1 and 8 in fp32 and 1.3-1.5x in bf16 on the 2-core EPYC (bench.py
+# --which=decode_profile; MKL's fp32 matrix-vector product runs on one core, ~13 GB/s of ~31)
+ONEDNN = hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
+
+class PackedLinear(nn.Module):
+    """An nn.Linear whose weight lives in oneDNN's packed layout (ONEDNN), for CPU decoding in fp32
+    or bf16: the same function as F.linear (bf16: bitwise; fp32: to rounding, ~1e-6 relative, as a
+    different summation order gives), an explicit inference-only swap like the int8 one. Holds the
+    packed copy only; a tied head's embedding keeps the original."""
+    def __init__(self, linear, tied=False):
+        super().__init__()
+        w = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        self.bias, self.out_features = linear.bias, linear.out_features
+        # GPT.num_params counts them (tied: once, in wte)
+        self.swapped_weights = 0 if tied else w.numel()
+        self.nbytes = w.nbytes
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.size(-1))
+        M = len(x2)
+        # subtle: oneDNN builds and caches a kernel for every row count it meets, and a server meets
+        # every count (measured: RSS +300 MB, still growing in a soak), so rows are padded to a power
+        # of two: a handful of shapes. A row's result is the same in any bucket above 1 (tested)
+        Mp = 1 << (M - 1).bit_length()
+        if Mp != M:
+            x2 = torch.cat([x2, x2.new_zeros(Mp - M, x2.size(1))])
+        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, 'none', [], '')
+        return y[:M].view(*x.shape[:-1], self.out_features)
+
 def for_inference(model, quantize='', group_size=INT4_GROUP):
     """The model's inference-time swaps, in place -> model: dropout becomes Identity, and
     quantize='int8' (quantize_int8) or 'int4' (quantize_int4, groups of group_size), else on a CPU
-    in fp32 the transposed head. Call it on a model that only decodes (serve.py, sample.py,
+    in fp32 or bf16 every linear packed for oneDNN (PackedLinear; where PyTorch lacks oneDNN, the
+    fp32 head transposed). Call it on a model that only decodes (serve.py, sample.py,
     bench.py), never on one in training: the swapped modules hold copies of the weights."""
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize={quantize!r}; use '' (off), int8 or int4")
@@ -351,7 +384,11 @@ def for_inference(model, quantize='', group_size=INT4_GROUP):
         mapped.release_unused(model)  # the pages of the weights just replaced (a mapped file's)
         return model
     p = next(model.parameters())
-    if p.device.type == 'cpu' and p.dtype == torch.float32 and type(model.lm_head) is nn.Linear:
+    if p.device.type == 'cpu' and p.dtype in (torch.float32, torch.bfloat16) and ONEDNN:
+        model.lm_head = PackedLinear(model.lm_head, model.config.tie_embeddings)
+        _swap_linears(model, PackedLinear)
+        mapped.release_unused(model)
+    elif p.device.type == 'cpu' and p.dtype == torch.float32 and type(model.lm_head) is nn.Linear:
         model.lm_head = TransposedHead(model.lm_head, model.config.tie_embeddings)
     return model
 

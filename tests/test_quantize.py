@@ -156,3 +156,32 @@ def test_a_bad_quantize_value_is_a_one_line_error():
                          text=True)
     assert out.returncode == 1 and out.stderr.count('\n') == 1
     assert "'', 'int8', 'int4'" in out.stderr and 'int3' in out.stderr
+
+
+@pytest.mark.skipif(not quantize.ONEDNN, reason="this PyTorch has no oneDNN linear")
+@pytest.mark.parametrize('arch', ['gpt2', 'llama'])
+def test_packed_linears_compute_what_the_model_computes(arch):
+    """for_inference's oneDNN swap on CPU: bf16 bitwise F.linear's, fp32 to rounding; the same greedy tokens, a row's
+    logits the same alone and beside others (to rounding; bitwise above one row), the parameter count unchanged."""
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = tiny(arch, 0.2).to(dtype)
+        packed = quantize.for_inference(copy.deepcopy(plain))
+        swapped = [m for m in packed.modules() if isinstance(m, quantize.PackedLinear)]
+        assert len(swapped) == 2 * 4 + 1 and packed.num_params() == plain.num_params()
+        assert quantize.state_bytes(packed) >= quantize.state_bytes(plain)
+        x = torch.randint(0, 97, (3, 20))
+        with torch.no_grad():
+            a, b = plain(x)[0].float(), packed(x)[0].float()
+            alone = packed(x[1:2])[0].float()
+            # rows padded to a power of two (oneDNN keeps a kernel per row count): a row's result is the same
+            # in every bucket above one row, bitwise
+            h = torch.randn(16, 64).to(dtype)
+            for n in (3, 5, 9, 16):
+                assert torch.equal(swapped[0](h[:n])[:2], swapped[0](h[:2]))
+        if dtype == torch.bfloat16:
+            assert torch.equal(a, b)
+        else:
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max() and (alone[0] - b[1]).abs().max() <= 1e-5 * a.abs().max()
+        want = generate(plain, PROMPTS, 20, temperature=0)
+        got = generate(packed, PROMPTS, 20, temperature=0)
+        assert [c.tokens for c in got] == [c.tokens for c in want]
