@@ -75,6 +75,7 @@ decode_profile: this machine's read bandwidth (the best torch.sum over 512 MB), 
 time at that bandwidth, the step's wall time, their ratio (1.0 = the memory limit), and
 torch.profiler's split of a step into matmul kernels, other ops and time no op accounts for.
 """
+import copy
 import json
 import logging
 import math
@@ -191,10 +192,12 @@ def bench_decode(name):
             model.save_pretrained(d)
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(
                 d, dtype=ptdtype).to(device).eval()
-    # what sample.py and serve.py decode with (the CPU head layout; a no-op elsewhere)
+    # what sample.py and serve.py decode with (linears packed for oneDNN on CPU), and sample.py
+    # --compile (unpacked: inductor packs weights its own way)
+    plain = copy.deepcopy(model) if decode_compile else None
     for_inference(model)
     V = model.config.vocab_size
-    compiled = torch.compile(model) if decode_compile else None
+    compiled = torch.compile(for_inference(plain, pack=False)) if decode_compile else None
     rows = []
     # 1) decode tokens/s at each batch size (greedy, no stop token so every row makes new_tokens)
     for B in [int(b) for b in batch_sizes.split(',')]:

@@ -56,7 +56,7 @@ stop = ''                     # one stop string ('' = none; eot always stops). A
 seed = 1337                   # sample k draws with seed + k (engine.py's seeding rule), as the server's sample k
 device = 'auto'               # auto | cpu | cuda | cuda:N | mps
 dtype = 'auto'                # auto (bf16 on GPU; CPU: a bf16 model's bf16 if the CPU has bf16, else fp32) | float32 | bfloat16 | float16
-compile = False               # torch.compile the decode steps (prefill eager): CPU batch 1 1.06-1.33x, ~40 s to compile
+compile = False               # torch.compile the decode steps (prefill eager), ~40 s to compile; on CPU eager's oneDNN-packed linears are faster (bench.py)
 use_cache = True              # KV cache; False recomputes the whole context every step (slow reference path)
 chat = False                  # multi-turn chat REPL on stdin (a chat-tuned model); /exit or Ctrl-D quits
 show_probs = False            # print each new token with its probability and the top-5 alternatives
@@ -147,7 +147,7 @@ def main():
     dev = resolve_device(device)
     model, tok, _ = load_model(init_from, dev, dtype)  # 'auto': as device.resolve_dtype
     # the CPU head layout, an explicit inference-time swap (quantize.py)
-    model = for_inference(model)
+    model = for_inference(model, pack=not compile)  # compile packs weights its own way
     if tok is None:
         raise ValueError(f"{init_from} comes without a tokenizer, so the prompt cannot be "
                          "encoded; use a source with tokenizer files (a nanolab out_dir, or a "

@@ -366,11 +366,12 @@ class PackedLinear(nn.Module):
         y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, 'none', [], '')
         return y[:M].view(*x.shape[:-1], self.out_features)
 
-def for_inference(model, quantize='', group_size=INT4_GROUP):
+def for_inference(model, quantize='', group_size=INT4_GROUP, pack=True):
     """The model's inference-time swaps, in place -> model: dropout becomes Identity, and
     quantize='int8' (quantize_int8) or 'int4' (quantize_int4, groups of group_size), else on a CPU
-    in fp32 or bf16 every linear packed for oneDNN (PackedLinear; where PyTorch lacks oneDNN, the
-    fp32 head transposed). Call it on a model that only decodes (serve.py, sample.py,
+    in fp32 or bf16 every linear packed for oneDNN (PackedLinear). With pack=False (a model for
+    torch.compile, whose lowering wants packed weights as its own constants), or where PyTorch lacks
+    oneDNN: the fp32 head transposed. Call it on a model that only decodes (serve.py, sample.py,
     bench.py), never on one in training: the swapped modules hold copies of the weights."""
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize={quantize!r}; use '' (off), int8 or int4")
@@ -384,7 +385,7 @@ def for_inference(model, quantize='', group_size=INT4_GROUP):
         mapped.release_unused(model)  # the pages of the weights just replaced (a mapped file's)
         return model
     p = next(model.parameters())
-    if p.device.type == 'cpu' and p.dtype in (torch.float32, torch.bfloat16) and ONEDNN:
+    if p.device.type == 'cpu' and p.dtype in (torch.float32, torch.bfloat16) and ONEDNN and pack:
         model.lm_head = PackedLinear(model.lm_head, model.config.tie_embeddings)
         _swap_linears(model, PackedLinear)
         mapped.release_unused(model)
