@@ -159,11 +159,15 @@ def _int8_head(model):
 def _swap_linears(model, make):
     """Every nn.Linear child below model -> make(child), in place; the replaced weight's pages go
     back as it goes, where it was a mapped file's (mapped.release_pages)."""
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if type(child) is nn.Linear:
-                setattr(mod, name, make(child))
-                mapped.release_pages(child.weight)
+    # subtle: only the parents are listed, so each replaced Linear (and a fused weight's copy) is
+    # freed as the loop moves on, not all of them at the end (a 1B model's peak held every one)
+    slots = [(mod, name) for mod in model.modules() for name, child in mod.named_children()
+             if type(child) is nn.Linear]
+    for mod, name in slots:
+        child = getattr(mod, name)
+        setattr(mod, name, make(child))
+        mapped.release_pages(child.weight)
+        del child
 
 def quantize_int8(model):
     """Make a CPU model int8, in place -> model (see the module docstring). The model may be
