@@ -343,6 +343,9 @@ class TransposedHead(nn.Module):
 # F.linear at batch 1 and 8 in fp32 and 1.3-1.5x in bf16 on the 2-core EPYC (bench.py
 # --which=decode_profile; MKL's fp32 matrix-vector product runs on one core, ~13 GB/s of ~31)
 ONEDNN = hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
+# packing pays where weights stream from memory; cache-resident ones lose to oneDNN's per-call cost
+# (the 3 MB Shakespeare char model decoded at 0.67x packed, batch 1, and 0.71x at 16)
+PACK_MIN_BYTES = 32 << 20
 
 class PackedLinear(nn.Module):
     """An nn.Linear whose weight lives in oneDNN's packed layout (ONEDNN), for CPU decoding in fp32
@@ -370,12 +373,12 @@ class PackedLinear(nn.Module):
         y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, 'none', [], '')
         return y[:M].view(*x.shape[:-1], self.out_features)
 
-def for_inference(model, quantize='', group_size=INT4_GROUP, pack=True):
+def for_inference(model, quantize='', group_size=INT4_GROUP, pack=None):
     """The model's inference-time swaps, in place -> model: dropout becomes Identity, and
     quantize='int8' (quantize_int8) or 'int4' (quantize_int4, groups of group_size), else on a CPU
-    in fp32 or bf16 every linear packed for oneDNN (PackedLinear). With pack=False (a model for
-    torch.compile, whose lowering wants packed weights as its own constants), or where PyTorch lacks
-    oneDNN: the fp32 head transposed. Call it on a model that only decodes (serve.py, sample.py,
+    in fp32 or bf16 every linear packed for oneDNN (PackedLinear) when pack is True, or None and the
+    linears outgrow the caches (PACK_MIN_BYTES). Otherwise (pack=False for a model torch.compile will
+    take, whose lowering wants packed weights as its own constants; no oneDNN): the fp32 head transposed. Call it on a model that only decodes (serve.py, sample.py,
     bench.py), never on one in training: the swapped modules hold copies of the weights."""
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize={quantize!r}; use '' (off), int8 or int4")
@@ -389,6 +392,8 @@ def for_inference(model, quantize='', group_size=INT4_GROUP, pack=True):
         mapped.release_unused(model)  # the pages of the weights just replaced (a mapped file's)
         return model
     p = next(model.parameters())
+    if pack is None:
+        pack = sum(m.weight.nbytes for m in model.modules() if type(m) is nn.Linear) >= PACK_MIN_BYTES
     if p.device.type == 'cpu' and p.dtype in (torch.float32, torch.bfloat16) and ONEDNN and pack:
         model.lm_head = PackedLinear(model.lm_head, model.config.tie_embeddings)
         _swap_linears(model, PackedLinear)
