@@ -120,9 +120,8 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_tables(config):
-    """cos/sin tables for rotary embeddings (Su et al. 2021), (block_size, head_size) each, in
-    the 'rotate half' layout of the Hugging Face Llama code, so its weights load unpermuted."""
+def rope_frequencies(config):
+    """RoPE's angle per position for each pair of a head's dims (hs/2,), rope_scaling applied."""
     hs = config.head_size
     exponents = torch.arange(0, hs, 2, dtype=torch.int64).float() / hs  # (hs/2,)
     inv_freq = 1.0 / (config.rope_theta ** exponents)
@@ -137,9 +136,13 @@ def rope_tables(config):
         wavelen = 2 * math.pi / inv_freq
         keep = ((ctx / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 1 = high frequency: kept
         inv_freq = keep * inv_freq + (1 - keep) * inv_freq / scaling['factor']
-    t = torch.arange(config.block_size, dtype=torch.int64).float()
-    freqs = torch.outer(t, inv_freq)              # (T, hs/2)
-    emb = torch.cat((freqs, freqs), dim=-1)       # (T, hs)
+    return inv_freq
+
+def rope_tables(config):
+    """cos/sin tables for rotary embeddings (Su et al. 2021), (block_size, head_size) each, in
+    the 'rotate half' layout of the Hugging Face Llama code, so its weights load unpermuted."""
+    freqs = torch.outer(torch.arange(config.block_size).float(), rope_frequencies(config))
+    emb = torch.cat((freqs, freqs), dim=-1)       # (T, hs): each pair's angle, both halves
     return emb.cos(), emb.sin()
 
 def sinusoid_table(config):

@@ -18,12 +18,12 @@ converter writes): past the window its answers differ from ours. gguf_import.py 
 outtype f32 | f16 | bf16 | q8_0 | q4_0: norms, biases and rope_freqs stay f32, as llama.cpp keeps
 them; a matrix whose rows are not a multiple of the 32-value q8_0/q4_0 block falls back to f16.
 """
-import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 
+from model import rope_frequencies
 from nanolab import hf
 from nanolab.files import replacing
 
@@ -47,11 +47,7 @@ def gguf_arch(c):
 def llama3_rope_factors(c):
     """llama3 RoPE scaling as llama.cpp holds it: one factor per frequency (the rope_freqs tensor
     its converter writes), by which the frequency is divided."""
-    r, hd = c.rope_scaling, c.head_size
-    inv = 1.0 / c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    ctx, lo, hi = r['original_max_position_embeddings'], r['low_freq_factor'], r['high_freq_factor']
-    keep = ((ctx * inv / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)  # model.py's rope_tables
-    return (1 / ((1 - keep) / r['factor'] + keep)).float()
+    return rope_frequencies(replace(c, rope_scaling=None)) / rope_frequencies(c)
 
 
 def gguf_tensors(model):
