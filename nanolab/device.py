@@ -7,6 +7,7 @@ against.
     with autocast_ctx(device, dtype): ...  # mixed precision for the forward pass; nothing in fp32
 """
 from contextlib import nullcontext
+from functools import cache
 
 import torch
 
@@ -37,6 +38,7 @@ def resolve_device(device='auto'):
     return device
 
 
+@cache  # the CPU does not change under a process: /proc/cpuinfo is read once
 def cpu_has_bf16():
     """Whether this CPU computes bf16 in hardware (AVX512_BF16 or AMX, read from Linux's
     /proc/cpuinfo); elsewhere bf16 matmuls are emulated, ~8x slower than fp32 (measured on an AVX2
