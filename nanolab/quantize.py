@@ -57,14 +57,16 @@ less KL, hence the default. Perplexity on the Shakespeare char run's val tokens:
 4.845 (+0.9%), g128 4.870 (+1.4%).
 """
 import copy
+import itertools
 import math
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanolab import mapped
+from nanolab import kernels, mapped
 
 QUANTIZE = ('', 'int8', 'int4')  # for_inference's choices, as the scripts' --quantize lists them
 INT4_GROUP = 32                  # int4's default group size (the module docstring says why)
@@ -87,6 +89,27 @@ def int8_rows(w, rows=4096):
 LINEAR_DYNAMIC = getattr(torch.ops.quantized.linear_dynamic.default, '_op',
                          torch.ops.quantized.linear_dynamic.default)
 
+# fbgemm's packed weights are a TorchScript object, which torch.compile cannot take as an argument;
+# so a compiled decode step (engine.py) calls them through one opaque op, nanolab::int8_linear,
+# that names a layer's weights by a number in PACKED. The op adds ~1.5 us a call over fbgemm's
+# own ~15 us (measured on a 64x64 matrix).
+PACKED = {}
+_PACKED_IDS = itertools.count()
+_LIB = torch.library.Library('nanolab', 'DEF')
+_LIB.define('int8_linear(Tensor x, int weights, int out_features) -> Tensor')
+_LIB.impl('int8_linear', lambda x, weights, out_features: LINEAR_DYNAMIC(x, PACKED[weights], True),
+          'CPU')
+torch.library.register_fake('nanolab::int8_linear')(
+    lambda x, weights, out_features: x.new_empty(x.size(0), out_features))
+
+# oneDNN's packed linear, opaque to torch.compile in the same way: inductor lowers
+# mkldnn._linear_pointwise only for weights it packed itself
+_LIB.define('packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor')
+_LIB.impl('packed_linear', lambda x, packed, bias, out_features: torch.ops.mkldnn._linear_pointwise(
+    x, packed, bias, 'none', [], ''), 'CompositeExplicitAutograd')
+torch.library.register_fake('nanolab::packed_linear')(
+    lambda x, packed, bias, out_features: x.new_empty(x.size(0), out_features))
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + bias, by fbgemm with per-row int8 activations (see the module
     docstring). The int8 matrix lives only in fbgemm's packed layout (in * out bytes, plus two zero
@@ -105,10 +128,20 @@ class Int8Linear(nn.Module):
         self.swapped_weights = self.in_features * self.out_features  # GPT.num_params counts them
         # the scaled input, grown as batches need (one thread)
         self.buf = torch.zeros(0, self.in_features + 2)
+        self.weights = next(_PACKED_IDS)
+        PACKED[self.weights] = self.packed
+        weakref.finalize(self, PACKED.pop, self.weights)
+        self.register_buffer('ends', torch.tensor([[1.0, -1.0]]), persistent=False)
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features).float()  # (M, in); a no-op in fp32
         M, K = x2.shape
+        if torch.compiler.is_compiling():  # the same numbers, as one fused kernel and the op
+            r = torch.amax(torch.abs(x2), 1, True).clamp(min=1e-12)
+            y = torch.ops.nanolab.int8_linear(torch.cat([x2 / r, self.ends.expand(M, 2)], 1),
+                                              self.weights, self.out_features)
+            y = y * r if self.bias is None else torch.addcmul(self.bias, y, r)
+            return y.to(self.dtype).view(*x.shape[:-1], self.out_features)
         if self.buf.size(0) < M:
             self.buf = torch.zeros(M, K + 2)
             # every row holds +1 and -1: its range is exactly [-1, 1]
@@ -341,21 +374,20 @@ class TransposedHead(nn.Module):
 
 # oneDNN's linear on a weight packed once for it (what inductor's CPU code calls): 2x MKL's
 # F.linear at batch 1 and 8 in fp32 and 1.3-1.5x in bf16 on the 2-core EPYC (bench.py
-# --which=decode_profile; MKL's fp32 matrix-vector product runs on one core, ~13 GB/s of ~31)
-ONEDNN = hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
-# packing pays where weights stream from memory; cache-resident ones lose to oneDNN's per-call cost
-# (the 3 MB Shakespeare char model decoded at 0.67x packed, batch 1, and 0.71x at 16)
-PACK_MIN_BYTES = 32 << 20
+# --which=decode_profile; MKL's fp32 matrix-vector product runs on one core, ~13 GB/s of ~31), but
+# slower where weights sit in cache (oneDNN's per-call cost): kernels.py measures which, per CPU
+ONEDNN = kernels.ONEDNN
 
 class PackedLinear(nn.Module):
     """An nn.Linear whose weight lives in oneDNN's packed layout (ONEDNN), for CPU decoding in fp32
     or bf16: the same function as F.linear (bf16: bitwise; fp32: to rounding, ~1e-6 relative, as a
     different summation order gives), an explicit inference-only swap like the int8 one. Holds the
     packed copy only; a tied head's embedding keeps the original."""
-    def __init__(self, linear, tied=False):
+    def __init__(self, linear, tied=False, rows=8):
         super().__init__()
         w = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        # the layout oneDNN picks for `rows` rows (kernels.py: which reads fastest)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
         self.bias, self.out_features = linear.bias, linear.out_features
         # GPT.num_params counts them (tied: once, in wte)
         self.swapped_weights = 0 if tied else w.numel()
@@ -370,15 +402,19 @@ class PackedLinear(nn.Module):
         Mp = 1 << (M - 1).bit_length()
         if Mp != M:
             x2 = torch.cat([x2, x2.new_zeros(Mp - M, x2.size(1))])
-        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, 'none', [], '')
+        y = torch.ops.nanolab.packed_linear(x2, self.packed, self.bias, self.out_features) \
+            if torch.compiler.is_compiling() else \
+            torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, 'none', [], '')
         return y[:M].view(*x.shape[:-1], self.out_features)
 
-def for_inference(model, quantize='', group_size=INT4_GROUP, pack=None):
+def for_inference(model, quantize='', group_size=INT4_GROUP, pack=None, say=None):
     """The model's inference-time swaps, in place -> model: dropout becomes Identity, and
     quantize='int8' (quantize_int8) or 'int4' (quantize_int4, groups of group_size), else on a CPU
-    in fp32 or bf16 every linear packed for oneDNN (PackedLinear) when pack is True, or None and the
-    linears outgrow the caches (PACK_MIN_BYTES). Otherwise (pack=False for a model torch.compile will
-    take, whose lowering wants packed weights as its own constants; no oneDNN): the fp32 head transposed. Call it on a model that only decodes (serve.py, sample.py,
+    in fp32 or bf16 the linears' kernel: pack=None, the one kernels.linear_kernel measured on this
+    CPU for this model (say(line) reports it); or a kernel by name ('mkl', 'onednn/1', 'onednn/8';
+    True: 'onednn/8'). oneDNN: every linear packed (PackedLinear). MKL, or pack=False (a model
+    torch.compile will take: its lowering packs weights as its own constants): in fp32 the head
+    transposed (TransposedHead). Call it on a model that only decodes (serve.py, sample.py,
     bench.py), never on one in training: the swapped modules hold copies of the weights."""
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize={quantize!r}; use '' (off), int8 or int4")
@@ -392,13 +428,21 @@ def for_inference(model, quantize='', group_size=INT4_GROUP, pack=None):
         mapped.release_unused(model)  # the pages of the weights just replaced (a mapped file's)
         return model
     p = next(model.parameters())
-    if pack is None:
-        pack = sum(m.weight.nbytes for m in model.modules() if type(m) is nn.Linear) >= PACK_MIN_BYTES
-    if p.device.type == 'cpu' and p.dtype in (torch.float32, torch.bfloat16) and ONEDNN and pack:
-        model.lm_head = PackedLinear(model.lm_head, model.config.tie_embeddings)
-        _swap_linears(model, PackedLinear)
+    if p.device.type != 'cpu' or p.dtype not in (torch.float32, torch.bfloat16):
+        return model
+    kernel = {True: 'onednn/8', False: 'mkl'}.get(pack, pack)
+    if kernel is None:
+        kernel, line = kernels.linear_kernel(model)
+        if say is not None:
+            say(line)
+    if kernel not in kernels.CANDIDATES:
+        raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(kernels.CANDIDATES)}")
+    if kernel.startswith('onednn') and ONEDNN:
+        rows = int(kernel.split('/')[1])
+        model.lm_head = PackedLinear(model.lm_head, model.config.tie_embeddings, rows)
+        _swap_linears(model, lambda lin: PackedLinear(lin, rows=rows))
         mapped.release_unused(model)
-    elif p.device.type == 'cpu' and p.dtype == torch.float32 and type(model.lm_head) is nn.Linear:
+    elif p.dtype == torch.float32 and type(model.lm_head) is nn.Linear:
         model.lm_head = TransposedHead(model.lm_head, model.config.tie_embeddings)
     return model
 

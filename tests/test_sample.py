@@ -96,6 +96,49 @@ def test_compiled_decode_is_one_graph_and_equals_eager(arch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize('kernel', ['int8', 'onednn/8'])
+def test_compiled_step_takes_int8_and_packed_linears_whole(kernel):
+    """The swapped linears under torch.compile: fbgemm's int8 (a TorchScript object torch.compile cannot trace) and
+    oneDNN's packed weight reach the graph as one opaque op each (nanolab::int8_linear, nanolab::packed_linear),
+    so the decode step has no graph break (fullgraph=True raises at one); its tokens are the eager model's, and a
+    row's tokens are the same alone and beside others. backend='eager': dynamo's capture alone."""
+    from nanolab import quantize
+    if kernel != 'int8' and not quantize.ONEDNN:
+        pytest.skip("this PyTorch has no oneDNN linear")
+    torch._dynamo.reset()
+    m = quantize.for_inference(tiny('llama'), *(('int8',) if kernel == 'int8' else ('', 32, kernel)))
+    compiled = torch.compile(m, backend='eager', fullgraph=True)
+    a, b = (generate(x, PROMPTS, 30, temperature=0) for x in (m, compiled))
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    for p, c in zip(PROMPTS, b):
+        assert generate(compiled, p, 30, temperature=0)[0].tokens == c.tokens
+    torch._dynamo.reset()
+
+
+def test_warm_up_compiles_every_shape_a_server_meets():
+    """serve.py --compile: Engine.warm_up compiles the decode step for one row and several, with the KV storage at
+    its first size and grown; afterwards requests of any batch size and length compile nothing more (the rows of a
+    compiled step come in powers of two, and the sizes torch.compile made dynamic cover the rest)."""
+    from torch._dynamo.utils import counters
+    from nanolab.engine import Engine
+    torch._dynamo.reset()
+    counters.clear()
+    m = tiny('llama', block_size=256)
+    engine = Engine(torch.compile(m, backend='eager'), max_batch=16)
+    engine.warm_up()
+    warm = counters['stats']['unique_graphs']
+    assert 2 <= warm <= 4, dict(counters['stats'])
+    rng = random.Random(0)
+    for rows, length, n in [(1, 3, 5), (3, 9, 100), (5, 2, 40), (16, 30, 150), (7, 120, 20), (2, 1, 3)]:
+        prompts = [[rng.randrange(97) for _ in range(length)] for _ in range(rows)]
+        got = {}
+        for ev in engine.submit(prompts, decoding.Settings(max_new_tokens=n, temperature=0.0)):
+            got.setdefault(ev.prompt_index, []).append(ev.token)
+        assert [got[i] for i in range(rows)] == [c.tokens for c in generate(m, prompts, n, temperature=0)]
+    assert counters['stats']['unique_graphs'] == warm, dict(counters['stats'])
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize('arch', ARCHS)
 def test_greedy_and_beam_match_huggingface(arch, tmp_path):
     transformers = pytest.importorskip('transformers')
