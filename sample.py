@@ -32,7 +32,7 @@ from nanolab.checkpoint import load_model
 from nanolab.configurator import cli_errors, configure
 from nanolab.device import DTYPES, resolve_device
 from nanolab.generation import Completion, generate, generate_stream  # noqa: F401 (exported)
-from nanolab.quantize import for_inference
+from nanolab.quantize import QUANTIZE, for_inference
 
 # -----------------------------------------------------------------------------
 # the command line (nanoGPT's sample.py names)
@@ -56,13 +56,14 @@ stop = ''                     # one stop string ('' = none; eot always stops). A
 seed = 1337                   # sample k draws with seed + k (engine.py's seeding rule), as the server's sample k
 device = 'auto'               # auto | cpu | cuda | cuda:N | mps
 dtype = 'auto'                # auto (bf16 on GPU; CPU: a bf16 model's bf16 if the CPU has bf16, else fp32) | float32 | bfloat16 | float16
-compile = False               # torch.compile the decode steps (prefill eager), ~40 s to compile; on CPU eager's oneDNN-packed linears are faster (bench.py)
+quantize = ''                 # '' (off) | int8 | int4: weights quantized for CPU decoding, as serve.py's --quantize (quantize.py)
+compile = False               # torch.compile the decode steps (prefill eager; ~15-40 s to compile): int8's batch-1 step 1.3x faster (bench.py --which=decode_profile)
 use_cache = True              # KV cache; False recomputes the whole context every step (slow reference path)
 chat = False                  # multi-turn chat REPL on stdin (a chat-tuned model); /exit or Ctrl-D quits
 show_probs = False            # print each new token with its probability and the top-5 alternatives
 compare = ''                  # comma list of PRESETS run side by side on the same prompt and seed, e.g. greedy,beam,top_p
 # -----------------------------------------------------------------------------
-CHOICES = {'dtype': DTYPES}
+CHOICES = {'dtype': DTYPES, 'quantize': QUANTIZE}
 
 # --compare presets: each replaces the sampling flags; max_new_tokens, stop and seed still come
 # from the flags
@@ -146,8 +147,9 @@ def main():
                          f"choose from {','.join(PRESETS)}")
     dev = resolve_device(device)
     model, tok, _ = load_model(init_from, dev, dtype)  # 'auto': as device.resolve_dtype
-    # the CPU head layout, an explicit inference-time swap (quantize.py)
-    model = for_inference(model, pack=not compile)  # compile packs weights its own way
+    # quantized weights or the CPU linears' kernel, an explicit inference-time swap (quantize.py);
+    # torch.compile packs fp32/bf16 weights its own way
+    model = for_inference(model, quantize, pack=False if compile else None, say=print)
     if tok is None:
         raise ValueError(f"{init_from} comes without a tokenizer, so the prompt cannot be "
                          "encoded; use a source with tokenizer files (a nanolab out_dir, or a "

@@ -39,16 +39,25 @@ def resolve_device(device='auto'):
 
 
 @cache  # the CPU does not change under a process: /proc/cpuinfo is read once
-def cpu_has_bf16():
-    """Whether this CPU computes bf16 in hardware (AVX512_BF16 or AMX, read from Linux's
-    /proc/cpuinfo); elsewhere bf16 matmuls are emulated, ~8x slower than fp32 (measured on an AVX2
-    EPYC: 20 vs 163 GFLOP/s for a 2048^2 matmul)."""
+def cpu_info():
+    """(this CPU's model name, its instruction-set flags) from Linux's /proc/cpuinfo; ('', ()) where
+    there is none to read."""
+    fields = {}
     try:
         with open('/proc/cpuinfo') as f:
-            flags = next((line.split(':', 1)[1].split() for line in f
-                          if line.startswith('flags')), [])
+            for line in f:  # every core repeats them: the first core's
+                key, _, value = line.partition(':')
+                fields.setdefault(key.strip(), value)
     except OSError:
-        return False
+        return '', ()
+    return ' '.join(fields.get('model name', '').split()), tuple(fields.get('flags', '').split())
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 in hardware (AVX512_BF16 or AMX, cpu_info's flags); elsewhere
+    bf16 matmuls are emulated, ~8x slower than fp32 (measured on an AVX2 EPYC: 20 vs 163 GFLOP/s
+    for a 2048^2 matmul)."""
+    flags = cpu_info()[1]
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 

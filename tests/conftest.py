@@ -2,6 +2,7 @@
 shared mirror next to the repo (NANOLAB_DATA_MIRROR: docs/data.md). Values already set win."""
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.abspath(os.path.join(ROOT, '..', 'shared', 'data'))
 os.environ.setdefault('NANOLAB_DATA_MIRROR', SHARED_DATA)
 os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.join(SHARED_DATA, 'tiktoken_cache'))
+# the kernel probe's choices (nanolab/kernels.py) go to a file of this run's own, not the user's cache
+os.environ.setdefault('NANOLAB_KERNELS', os.path.join(tempfile.mkdtemp(prefix='nanolab-kernels-'),
+                                                      'kernels.json'))
 
 
 @pytest.fixture

@@ -163,9 +163,9 @@ def test_a_bad_quantize_value_is_a_one_line_error():
 def test_packed_linears_compute_what_the_model_computes(arch):
     """for_inference's oneDNN swap on CPU: bf16 bitwise F.linear's, fp32 to rounding; the same greedy tokens, a row's
     logits the same alone and beside others (to rounding; bitwise above one row), the parameter count unchanged."""
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, kernel in [(torch.float32, 'onednn/1'), (torch.float32, 'onednn/8'), (torch.bfloat16, 'onednn/8')]:
         plain = tiny(arch, 0.2).to(dtype)
-        packed = quantize.for_inference(copy.deepcopy(plain), pack=True)
+        packed = quantize.for_inference(copy.deepcopy(plain), pack=kernel)
         swapped = [m for m in packed.modules() if isinstance(m, quantize.PackedLinear)]
         assert len(swapped) == 2 * 4 + 1 and packed.num_params() == plain.num_params()
         assert quantize.state_bytes(packed) >= quantize.state_bytes(plain)
@@ -182,8 +182,8 @@ def test_packed_linears_compute_what_the_model_computes(arch):
             assert torch.equal(a, b)
         else:
             assert (a - b).abs().max() <= 1e-5 * a.abs().max() and (alone[0] - b[1]).abs().max() <= 1e-5 * a.abs().max()
-        assert not any(isinstance(m, quantize.PackedLinear)  # a cache-sized model keeps F.linear by default
-                       for m in quantize.for_inference(copy.deepcopy(plain)).modules())
+        assert not any(isinstance(m, quantize.PackedLinear) for m in quantize.for_inference(copy.deepcopy(plain),
+                                                                                              pack='mkl').modules())
         want = generate(plain, PROMPTS, 20, temperature=0)
         got = generate(packed, PROMPTS, 20, temperature=0)
         assert [c.tokens for c in got] == [c.tokens for c in want]
