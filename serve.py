@@ -26,6 +26,7 @@ import os
 
 from nanolab.configurator import cli_errors, configure
 from nanolab.device import DTYPES, resolve_device
+from nanolab.quantize import QUANTIZE
 from nanolab.server import load_engines, make_server
 
 # -----------------------------------------------------------------------------
@@ -46,13 +47,14 @@ threads = 0                 # torch threads for the models; 0 = torch's default 
 device = 'auto'             # auto | cpu | cuda | cuda:N | mps
 dtype = 'auto'              # auto (bf16 on GPU; CPU: a bf16 model's bf16 if the CPU has bf16, else fp32) | float32 | bfloat16 | float16
 quantize = ''               # '' (off) | int8: int8 weights in every linear and the token embedding; CPU | int4: 4-bit block linears, int8 head (quantize.py)
+compile = False             # torch.compile each model's decode steps before serving (10-40 s a model): int8 GPT-2 124M's batch-1 step 1.3x faster (bench.py --which=decode_profile)
 runs_dir = '.'              # GET /runs lists its subdirectories that hold metrics.jsonl (the run dashboard)
 allowed_hosts = ''          # Host names to answer besides loopback names, IP addresses and `host`; comma list, * = any
 cors_origins = ''           # web origins (https://app.example) whose pages may call the API; comma list, * = any
 max_models = 8              # models loaded at once, counting POST /v1/models/load's; beyond: 409
 models_dir = ''             # directories POST /v1/models/load may read besides runs_dir and the HF cache; comma list
 # -----------------------------------------------------------------------------
-CHOICES = {'dtype': DTYPES, 'quantize': ('', 'int8', 'int4')}
+CHOICES = {'dtype': DTYPES, 'quantize': QUANTIZE}
 
 
 def main():
@@ -60,7 +62,7 @@ def main():
     # the environment keeps it out of the process list
     key = api_key or os.environ.get('NANOLAB_API_KEY', '')
     dev = resolve_device(device)
-    engines = load_engines(init_from, dev, dtype, quantize, threads,
+    engines = load_engines(init_from, dev, dtype, quantize, threads, compile,
                            max_batch=max_batch,
                            max_rows=max_rows, max_prompt_tokens=max_prompt_tokens,
                            prefill_chunk=prefill_chunk,

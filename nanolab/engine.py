@@ -193,6 +193,19 @@ class Engine:
             self.thread, self.cache = None, None
         self._run_calls()  # any that came in before the lock
 
+    def warm_up(self):
+        """A compiled decoder (a torch.compile'd model) compiles its decode steps now, not under a
+        client's request: for one row and for several (then any number: torch.compile makes the
+        size dynamic after a second one), with the KV storage at its first size and grown (dynamic
+        the same way); four compilations in all, 10-40 s on a CPU. Nothing for an eager model."""
+        if self.decoder is self.model:
+            return
+        n = min(70, self.block_size - 3)  # past the storage's first 64 tokens
+        for length, rows in ((8, 1), (8, 2), (n, 2), (n, 1)):
+            for _ in self.submit([[0] * min(length, n)] * min(rows, self.max_batch),
+                                 Settings(max_new_tokens=2, temperature=0.0)):
+                pass
+
     def busy(self):
         return bool(self.inbox or self.waiting or any(r is not None for r in self.slots))
 
@@ -371,6 +384,10 @@ class Engine:
                 chunks.append((r, take))
                 budget -= take
         hi = max((r.slot for r in decode), default=-1) + 1
+        if hi and not chunks and self.decoder is not self.model:
+            # a compiled step: the rows come in powers of two (the others throwaway), so clients
+            # coming and going meet a handful of compiled shapes, not one per batch size
+            hi = min(self.max_batch, 1 << (hi - 1).bit_length())
         ids, real = [0] * hi, [False] * hi
         for r in decode:
             ids[r.slot], real[r.slot] = r.tokens[-1], True

@@ -320,20 +320,28 @@ class Handler(GuardedHandler):
         with open(full, 'rb') as f:
             self.send(200, f.read(), mimetypes.guess_type(full)[0] or 'application/octet-stream')
 
-def _engine(source, device, dtype, quantize, limits):
-    """One model source, ready for inference (int8: quantize='int8'), in an Engine that remembers
-    how it was made (source, options), so POST /v1/models/load makes the next one alike."""
+def _engine(source, device, dtype, quantize, limits, compile=False):
+    """One model source, ready for inference (int8: quantize='int8'; compile: its decode steps
+    compiled before it serves), in an Engine that remembers how it was made (source, options), so
+    POST /v1/models/load makes the next one alike."""
     model, tok, ckpt = load_model(source, device, dtype)
     if tok is None:
         raise ValueError(f"{source} comes without a tokenizer, so text cannot be encoded; "
                          "serve a source with tokenizer files (a nanolab out_dir, or a "
                          "Hugging Face dir with tokenizer.json)")
-    engine = Engine(for_inference(model, quantize), tok, **limits)
+    model = for_inference(model, quantize, say=print)
+    engine = Engine(torch.compile(model) if compile else model, tok, **limits)
+    if compile:
+        t0 = time.time()
+        engine.warm_up()
+        print(f"{source}: decode steps compiled in {time.time() - t0:.0f} s")
     engine.source, engine.created, engine.stage = source, int(time.time()), checkpoint_stage(ckpt)
-    engine.options = dict(device=device, dtype=dtype, quantize=quantize, limits=limits)
+    engine.options = dict(device=device, dtype=dtype, quantize=quantize, limits=limits,
+                          compile=compile)
     return engine
 
-def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0, **limits):
+def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0, compile=False,
+                 **limits):
     """Every model of init_from in an Engine (_engine), loaded and stepped on the engine thread
     (engine_thread.start) -> {name: Engine}. threads: torch's, 0 = its default. limits: Engine's."""
     sources = model_sources(spec)
@@ -342,7 +350,7 @@ def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0
         if threads:
             torch.set_num_threads(threads)
         for name, source in sources:
-            yield _engine(source, device, dtype, quantize, limits)
+            yield _engine(source, device, dtype, quantize, limits, compile)
     return dict(zip([name for name, _ in sources], start(build)))
 
 def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(),
