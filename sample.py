@@ -25,12 +25,11 @@ import json
 import math
 import sys
 
-import torch
-
 from nanolab import prompts
 from nanolab.checkpoint import load_model
 from nanolab.configurator import cli_errors, configure
 from nanolab.device import DTYPES, resolve_device
+from nanolab.engine import compiled
 from nanolab.generation import Completion, generate, generate_stream  # noqa: F401 (exported)
 from nanolab.quantize import QUANTIZE, for_inference
 
@@ -147,15 +146,14 @@ def main():
                          f"choose from {','.join(PRESETS)}")
     dev = resolve_device(device)
     model, tok, _ = load_model(init_from, dev, dtype)  # 'auto': as device.resolve_dtype
-    # quantized weights or the CPU linears' kernel, an explicit inference-time swap (quantize.py);
-    # torch.compile packs fp32/bf16 weights its own way
-    model = for_inference(model, quantize, pack=False if compile else None, say=print)
+    # quantized weights or the CPU linears' kernel, an explicit inference-time swap (quantize.py)
+    model = for_inference(model, quantize, say=print)
     if tok is None:
         raise ValueError(f"{init_from} comes without a tokenizer, so the prompt cannot be "
                          "encoded; use a source with tokenizer files (a nanolab out_dir, or a "
                          "Hugging Face dir with tokenizer.json)")
     if compile:
-        model = torch.compile(model)
+        model = compiled(model)
     opts = {k: globals()[k] for k in ('temperature', 'top_k', 'top_p', 'min_p',
                                       'repetition_penalty', 'presence_penalty',
                                       'frequency_penalty', 'num_beams', 'length_penalty',

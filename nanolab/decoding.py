@@ -274,8 +274,11 @@ def choose(logits, rows):
     rare check on the CPU): the caller fetches tokens, logprobs and broken in one transfer."""
     lse = torch.logsumexp(logits, dim=-1)
     broken = ~torch.isfinite(lse)  # NaN anywhere, or +inf, makes the row's logsumexp non-finite
-    logits = torch.where(broken[:, None], 0.0, logits)
-    lse = torch.where(broken, math.log(logits.size(-1)), lse)  # the logsumexp of a row of zeros
+    # on a CPU the check costs nothing and spares a copy of every row's logits each step (0.2 ms
+    # for 8 rows of 50k); on a GPU, no waiting for the device
+    if logits.is_cuda or bool(broken.any()):
+        logits = torch.where(broken[:, None], 0.0, logits)
+        lse = torch.where(broken, math.log(logits.size(-1)), lse)  # the logsumexp of a row of zeros
     nxt = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
     groups, errors = {}, {}
     for b, row in enumerate(rows):

@@ -44,6 +44,17 @@ from nanolab.events import BeamStep, Event, PromptScores, Request
 from nanolab.kv_cache import KVCache
 
 
+def compiled(model):
+    """model torch.compile'd for decoding (sample.py and serve.py --compile, bench.py): the Engine
+    runs its decode steps compiled and prefills eagerly. subtle: torch.compile keeps its compiled
+    steps per code object, GPT.forward's, which every model in the process shares, and past
+    recompile_limit (8) quietly runs eagerly; a model takes up to four (Engine.warm_up), so a
+    server of several models outgrew it (measured: bench.py's fifth compiled model decoded at its
+    eager speed). Raised to 64."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(model)
+
+
 class NumericalError(RuntimeError):
     """A request whose model output cannot be decoded (NaN or inf logits); serve.py answers 500
     naming it."""

@@ -145,12 +145,13 @@ class Step:
             # and mask), so no kernel needs enable_gqa (only CUDA's flash kernel takes it, and
             # flash refuses masks and fp32) and nothing is copied; qd is (decode, nkv, g, hs)
             qd = q[0, :, :decode].transpose(0, 1).reshape(decode, nkv, nh // nkv, -1)
-            if torch.compiler.is_compiling() and dmask is not None:
+            if torch.compiler.is_compiling() and dmask is not None and q.dtype == torch.float32:
                 # one query a row: written out, the products and the softmax fuse with their
-                # neighbours, cheaper than a call to the flash kernel (~70 us a layer)
-                att = (qd @ K[:decode, :, :S].transpose(-2, -1)).float() * qd.size(-1) ** -0.5
-                att = att.masked_fill(~dmask, float('-inf')).softmax(-1).to(qd.dtype)
-                y = att @ V[:decode, :, :S]
+                # neighbours, cheaper than a call to the flash kernel (~70 us a layer). Not in 16
+                # bits: the scores would be rounded to 16 bits before the softmax, where the
+                # kernel keeps them in fp32
+                att = (qd @ K[:decode, :, :S].transpose(-2, -1)) * qd.size(-1) ** -0.5
+                y = att.masked_fill(~dmask, float('-inf')).softmax(-1) @ V[:decode, :, :S]
             else:
                 y = F.scaled_dot_product_attention(qd, K[:decode, :, :S], V[:decode, :, :S],
                                                    attn_mask=dmask)

@@ -35,7 +35,7 @@ import torch
 
 from nanolab import arena, hf, page_api, prompts
 from nanolab.checkpoint import MODEL_NAME, TUNED, checkpoint_stage, load_model, model_sources
-from nanolab.engine import Engine, NumericalError
+from nanolab.engine import Engine, NumericalError, compiled
 from nanolab.engine_thread import adopt, start
 from nanolab.events import BeamStep
 from nanolab.httpd import ApiError, GuardedHandler, Server
@@ -330,7 +330,7 @@ def _engine(source, device, dtype, quantize, limits, compile=False):
                          "serve a source with tokenizer files (a nanolab out_dir, or a "
                          "Hugging Face dir with tokenizer.json)")
     model = for_inference(model, quantize, say=print)
-    engine = Engine(torch.compile(model) if compile else model, tok, **limits)
+    engine = Engine(compiled(model) if compile else model, tok, **limits)
     if compile:
         t0 = time.time()
         engine.warm_up()

@@ -115,6 +115,29 @@ def test_compiled_step_takes_int8_and_packed_linears_whole(kernel):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize('family', [dict(qkv_bias=True), dict(qk_norm=True, head_dim=24), dict(sliding_window=6)],
+                         ids=['qwen2', 'qwen3', 'mistral'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+def test_compiled_step_covers_every_family(family, dtype):
+    """The compiled decode step over the families' options (q/k/v biases, q/k norms on wider heads, a sliding
+    window shorter than the context), in fp32 and bf16 with the CPU's chosen kernels: one graph, the eager tokens,
+    rows independent of their batch-mates."""
+    from nanolab import quantize
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(arch='llama', n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, vocab_size=97,
+                      **family)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+    m = quantize.for_inference(m.to(dtype))
+    compiled = torch.compile(m, backend='eager', fullgraph=True)
+    a, b = (generate(x, PROMPTS, 24, temperature=0) for x in (m, compiled))
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    assert generate(compiled, PROMPTS[2], 24, temperature=0)[0].tokens == b[2].tokens
+    torch._dynamo.reset()
+
+
 def test_warm_up_compiles_every_shape_a_server_meets():
     """serve.py --compile: Engine.warm_up compiles the decode step for one row and several, with the KV storage at
     its first size and grown; afterwards requests of any batch size and length compile nothing more (the rows of a
