@@ -13,7 +13,7 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
     python bench.py --which=decode_profile           # a decode step against reading its weights once
     python bench.py --which=real                     # a 1B-shaped Llama: load s, peak RSS, tok/s, ~5 min
     python bench.py --which=lora                     # its LoRA / QLoRA step's peak memory, ~5 min
-    NANOLAB_LLAMA_CPP=DIR python bench.py --which=llamacpp   # vs llama.cpp, GPT-2's shape, ~15 min
+    NANOLAB_LLAMA_CPP=DIR python bench.py --which=llamacpp   # vs llama.cpp, 3 models x 3 formats, ~20 min
 
 decode: tokens/s of greedy decoding with the KV cache (generate, sample.py's API) for a
 GPT-2-124M-shaped and a Llama-shaped model with random weights, side by side with Hugging Face
@@ -75,7 +75,6 @@ decode_profile: this machine's read bandwidth (the best torch.sum over 512 MB), 
 time at that bandwidth, the step's wall time, their ratio (1.0 = the memory limit), and
 torch.profiler's split of a step into matmul kernels, other ops and time no op accounts for.
 """
-import copy
 import json
 import logging
 import math
@@ -89,7 +88,7 @@ import time
 import torch
 
 from model import GPT, GPTConfig
-from nanolab import bench_models, bench_serving, llama_cpp
+from nanolab import bench_models, bench_serving, engine, llama_cpp
 from nanolab.checkpoint import load_model
 from nanolab.configurator import configure, fail
 from nanolab.device import DTYPES, autocast_ctx, peak_flops, resolve_device, resolve_dtype
@@ -128,10 +127,16 @@ quantize_formats = 'fp32,bf16,fp32+int8,bf16+int8,bf16+int4/128,bf16+int4/32'  #
 llama_cpp_dir = ''            # llamacpp: a llama.cpp build (bin/, convert.sh); '' = $NANOLAB_LLAMA_CPP
 llama_threads = 0             # llamacpp: threads for both sides; 0 = torch's default (one per core)
 llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one round each
+llama_models = 'gpt2_124m,llama_60m,qwen2_60m'  # llamacpp: bench_serving.LLAMA_SHAPES names, each against llama-bench
+llama_formats = 'fp32,bf16,int8'  # llamacpp: ours against llama.cpp's F32, BF16, Q8_0 of the same weights
+llama_compile = True          # llamacpp: also time sample.py --compile's path
+llama_servers = 'int8'        # llamacpp: serve.py against llama-server on GPT-2 124M in these formats ('' = none)
+llama_server_compile = True   # llamacpp: serve.py --compile
 real_model = ''               # real: a Hugging Face dir to measure; '' = Llama 3.2 1B's shape, random bf16 weights (2.5 GB in a temp dir)
 real_formats = ',int8,int4'   # real: the --quantize of each load ('' = the stored dtype, bf16 where the CPU has it)
 lora_modes = 'bf16,bf16+ckpt,nf4,nf4+ckpt'  # lora: the frozen base (bf16 or nf4) and +ckpt for --grad_checkpoint
 profile_formats = 'fp32,bf16,fp32+int8'  # decode_profile: quantize.in_format names, at batch 1 and 8
+profile_compile = True        # decode_profile: each format also torch.compile'd (sample.py/serve.py --compile)
 # -----------------------------------------------------------------------------
 CHOICES = {'which': ('decode', 'decode_profile', 'train', 'harness', 'serve', 'fairness', 'llamacpp',
                      'quantize', 'real', 'lora'),
@@ -192,12 +197,12 @@ def bench_decode(name):
             model.save_pretrained(d)
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(
                 d, dtype=ptdtype).to(device).eval()
-    # what sample.py and serve.py decode with (linears packed for oneDNN on CPU), and sample.py
-    # --compile (unpacked: inductor packs weights its own way)
-    plain = copy.deepcopy(model) if decode_compile else None
-    for_inference(model)
+    # what sample.py and serve.py decode with (on a CPU, the linears' kernel kernels.py chose), and
+    # sample.py --compile's path (the same kernels, the step compiled around them)
+    for_inference(model, say=print)
     V = model.config.vocab_size
-    compiled = torch.compile(for_inference(plain, pack=False)) if decode_compile else None
+    torch._dynamo.reset()  # each model's compiled steps alone in dynamo's cache
+    compiled = engine.compiled(model) if decode_compile else None
     rows = []
     # 1) decode tokens/s at each batch size (greedy, no stop token so every row makes new_tokens)
     for B in [int(b) for b in batch_sizes.split(',')]:
@@ -471,7 +476,10 @@ if which == 'llamacpp':
     else:
         bench_serving.bench_llamacpp(build, llama_threads,
                                      [int(c) for c in llama_clients.split(',')],
-                                     requests_per_client, repeats, seed)
+                                     requests_per_client, repeats, seed,
+                                     llama_models.split(','), llama_formats.split(','),
+                                     llama_compile, [f for f in llama_servers.split(',') if f],
+                                     llama_server_compile)
 
 elif which == 'fairness':
     bench_serving.bench_fairness(serve_model, device, serve_quantize, serve_tokens)
@@ -497,7 +505,8 @@ elif which == 'real':
 
 elif which == 'decode_profile':
     bench_models.bench_decode_profile({n: SHAPES[n] for n in models.split(',')},
-                                      profile_formats.split(','), (1, 8), repeats)
+                                      profile_formats.split(','), (1, 8), repeats,
+                                      profile_compile)
 
 elif which == 'lora':
     bench_models.bench_lora(lora_modes.split(','))

@@ -351,12 +351,13 @@ def decode_profile(model, batch, prompt_len=16, n_new=64, repeats=3):
             'unaccounted ms': wall * 1e3 / 33 - total}
 
 
-def bench_decode_profile(shapes, formats, batches, repeats):
+def bench_decode_profile(shapes, formats, batches, repeats, compiled=True):
     """bench.py --which=decode_profile: each shape (GPTConfig arguments by name) in each format
-    (quantize.in_format) at each batch: the weights' bytes, their read time at this machine's
-    bandwidth, the step's wall time and their ratio (1.0 = the memory limit), and the profiler's
-    split -> a printed table."""
+    (quantize.in_format; with compiled, also torch.compile'd: sample.py --compile) at each batch:
+    the weights' bytes, their read time at this machine's bandwidth, the step's wall time and their
+    ratio (1.0 = the memory limit), and the profiler's split -> a printed table."""
     from model import GPT, GPTConfig
+    from nanolab import engine
     from nanolab.quantize import in_format
     bw = read_bandwidth()
     print(f"decode_profile: read bandwidth {bw / 1e9:.1f} GB/s (best torch.sum over 512 MB, "
@@ -369,10 +370,12 @@ def bench_decode_profile(shapes, formats, batches, repeats):
         for fmt in formats:
             model = in_format(base, fmt)
             nbytes = weights_read(model)
-            for B in batches:
-                r = decode_profile(model, B, repeats=repeats)
-                read = nbytes / bw * 1e3
-                print(f"| {name} | {fmt} | {B} | {nbytes / 1e6:.0f} | {read:.2f} | "
-                      f"{r['step ms']:.2f} | {r['step ms'] / read:.2f} | {r['matmul ms']:.2f} | "
-                      f"{r['other ms']:.2f} | {r['unaccounted ms']:.2f} |", flush=True)
+            torch._dynamo.reset()  # each model's compiled steps alone in dynamo's cache
+            for label, m in [(fmt, model)] + [(f'{fmt} compiled', engine.compiled(model))] * compiled:
+                for B in batches:
+                    r = decode_profile(m, B, repeats=repeats)
+                    read = nbytes / bw * 1e3
+                    print(f"| {name} | {label} | {B} | {nbytes / 1e6:.0f} | {read:.2f} | "
+                          f"{r['step ms']:.2f} | {r['step ms'] / read:.2f} | {r['matmul ms']:.2f} "
+                          f"| {r['other ms']:.2f} | {r['unaccounted ms']:.2f} |", flush=True)
             del model

@@ -13,12 +13,14 @@ fairness: one streaming client on the Shakespeare default model while other clie
   heavy scoring requests at once from a second loopback address (127.0.0.2), or a model of 85M
   parameters loaded and unloaded without pause: the streaming client's time to first token and its
   largest gap between two tokens, against the same client alone.
-llamacpp: GPT-2 124M (random weights, written with save_pretrained and converted by llama.cpp's own
-  convert.sh to GGUF F32 and Q8_0): llama-bench against generate (generation.py) at batch 1 and 8
-  (decode tok/s, 64 new tokens after a 16-token prompt; prefill tok/s of a 256-token prompt), then
-  llama-server -np 16 against serve.py at 1, 4 and 16 streaming clients, fp32 against F32 and int8
-  against Q8_0. Needs a llama.cpp build (llama_cpp.py: NANOLAB_LLAMA_CPP); without one bench.py
-  skips it, saying how to get one.
+llamacpp: each of LLAMA_SHAPES (GPT-2 124M, a ~60M Llama with grouped-query attention, a ~60M Qwen2
+  with q/k/v biases; random weights, written with save_pretrained and converted by llama.cpp's own
+  convert.sh to GGUF F32, BF16 and Q8_0): llama-bench against generate (generation.py), eager and
+  torch.compile'd, at batch 1 and 8 (decode tok/s, 64 new tokens after a 16-token prompt;
+  llama-batched-bench for batch 8) and prefill tok/s of a 256-token prompt; then llama-server -np
+  16 against serve.py (--compile) on GPT-2 124M at 1, 4 and 16 streaming clients, int8 against
+  Q8_0. Needs a llama.cpp build (llama_cpp.py: NANOLAB_LLAMA_CPP); without one bench.py skips it,
+  saying how to get one.
 """
 import http.client
 import json
@@ -280,10 +282,21 @@ def bench_fairness(model, device, quantize, tokens):
 # llama.cpp on the same weights
 
 # GPT-2 124M
-LLAMA_SHAPE = dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024,
-                   vocab_size=50304)
-# subtle: vocab 50304 (nanoGPT's padding), not 50257: our tokenizer files carry the chat tokens
-# 50257-50260, and llama.cpp's converter wants every token id inside the model's vocabulary
+# the models compared with llama.cpp: GPT-2 124M, a Llama with grouped-query attention and a Qwen2
+# (biases on q, k, v) of ~60M. subtle: vocab 50304 (nanoGPT's padding), not 50257: our tokenizer
+# files carry the chat tokens 50257-50260, and llama.cpp's converter wants every token id inside the
+# model's vocabulary
+LLAMA_SHAPES = {
+    'gpt2_124m': dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                      vocab_size=50304),
+    'llama_60m': dict(arch='llama', n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=1024,
+                      vocab_size=50304, tie_embeddings=True),
+    'qwen2_60m': dict(arch='llama', n_layer=8, n_head=8, n_kv_head=2, n_embd=512, block_size=1024,
+                      vocab_size=50304, tie_embeddings=True, qkv_bias=True, rope_theta=1e6,
+                      norm_eps=1e-6),
+}
+# our format -> llama.cpp's GGUF type of the same weights, and the name its tables give it
+GGUF_TYPES = {'fp32': ('f32', 'F32'), 'bf16': ('bf16', 'BF16'), 'int8': ('q8_0', 'Q8_0')}
 
 
 def llama_bench_rows(tools, ggufs, threads):
@@ -329,15 +342,21 @@ def alone(model, tok):
     return round_
 
 
-def ours_decode_rows(hf_dir, quantize, repeats):
-    """generation.generate on the same weights: greedy decode tok/s at batch 1 and 8 (64 tokens
-    after 16), and prefill tok/s of a 256-token prompt (time to the first token), best of
-    `repeats`."""
+def ours_decode_rows(hf_dir, fmt, repeats, compiled=False):
+    """generation.generate on the same weights in format fmt (fp32, bf16, int8), torch.compile'd
+    or not: greedy decode tok/s at batch 1 and 8 (64 tokens after 16), and prefill tok/s of a
+    256-token prompt (time to the first token), best of `repeats` after one untimed run (which
+    compiles)."""
     import torch
     from model import GPT
+    from nanolab import engine
     from nanolab.quantize import for_inference
     from nanolab.generation import generate
-    model = for_inference(GPT.from_pretrained(hf_dir).eval(), quantize)
+    model = GPT.from_pretrained(hf_dir).eval()
+    model = for_inference(model.to(torch.bfloat16) if fmt == 'bf16' else model,
+                          'int8' if fmt == 'int8' else '')
+    torch._dynamo.reset()  # each model's compiled steps alone in dynamo's cache
+    model = engine.compiled(model) if compiled else model
     out, gen = {}, torch.Generator().manual_seed(0)
 
     def best(fn):
@@ -357,12 +376,30 @@ def ours_decode_rows(hf_dir, quantize, repeats):
     return out
 
 
-def bench_llamacpp(build, threads, clients, per_client, repeats, seed):
+def convert(tools, hf_dir, out, gtype):
+    """llama.cpp's own converter: a save_pretrained directory -> a GGUF of type gtype at out."""
+    # convert.sh runs `python`: this one, which has torch and numpy, comes first on PATH
+    env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep
+           + os.environ.get('PATH', '')}
+    p = subprocess.run([tools['convert'], hf_dir, out, gtype], capture_output=True, text=True,
+                       env=env)
+    if p.returncode:
+        raise SystemExit(f"llamacpp: {tools['convert']} failed on our Hugging Face export:\n"
+                         f"{p.stderr[-2000:]}\nrun it by hand on a save_pretrained directory to "
+                         "see why")
+
+
+def bench_llamacpp(build, threads, clients, per_client, repeats, seed, shapes=('gpt2_124m',),
+                   formats=('fp32', 'int8'), compiled=True, server_formats=('int8', 'fp32'),
+                   server_compile=False):
     """Side by side with llama.cpp (the build at `build`) on identical weights (the module
-    docstring), `threads` for both sides (0 = torch's default), rounds of each number of `clients`
-    -> printed tables."""
+    docstring): each of `shapes` (LLAMA_SHAPES) in each of `formats` (GGUF_TYPES), ours eager and
+    (compiled) torch.compile'd; then the servers on GPT-2 124M in `server_formats` (serve.py
+    --compile with server_compile). `threads` for both sides (0 = torch's default), rounds of each
+    number of `clients` -> printed tables."""
     tools = llama_cpp.tools(build)
     import torch
+    from nanolab import engine
     from nanolab.engine_thread import keep_freed_memory
     from model import GPT, GPTConfig
     from nanolab.quantize import for_inference
@@ -373,47 +410,56 @@ def bench_llamacpp(build, threads, clients, per_client, repeats, seed):
     llama_threads, threads = threads, threads or torch.get_num_threads()
     tok = TiktokenTokenizer('gpt2')
     with tempfile.TemporaryDirectory() as d:
+        print(f"llamacpp: random weights, llama.cpp's GGUF of the same weights ({', '.join(GGUF_TYPES[f][1] for f in formats)}) "
+              f"against nanolab ({', '.join(formats)}), {threads} threads, one thing running at a "
+              "time; tok/s")
+        for name in shapes:
+            torch.manual_seed(seed)
+            model = GPT(GPTConfig(**LLAMA_SHAPES[name]))
+            n_params = model.num_params(non_embedding=False)
+            model.save_pretrained(f'{d}/{name}', tok)
+            del model
+            ggufs = {}
+            for fmt in formats:
+                ggufs[fmt] = f'{d}/{name}-{GGUF_TYPES[fmt][0]}.gguf'
+                convert(tools, f'{d}/{name}', ggufs[fmt], GGUF_TYPES[fmt][0])
+            # 1) the library: generate against llama-bench / llama-batched-bench
+            theirs = llama_bench_rows(tools, ggufs, threads)
+            print(f"\n{name} ({n_params / 1e6:.0f}M parameters)\n\n| format | measure | "
+                  "llama.cpp | nanolab | ratio" + " | compiled | ratio" * compiled +
+                  " |\n|---|---|---|---|---|" + "---|---|" * compiled)
+            for fmt in formats:
+                ours = [ours_decode_rows(f'{d}/{name}', fmt, repeats, c)
+                        for c in (False, True)[:1 + compiled]]
+                for m in ('decode batch 1', 'decode batch 8', 'prefill 256'):
+                    t = theirs.get((fmt, m))
+                    cells = [f'{GGUF_TYPES[fmt][1]} / {fmt}', m, f'{t:.1f}' if t else 'n/a']
+                    for o in ours:
+                        cells += [f'{o[m]:.1f}', f'{o[m] / t:.2f}x' if t else '']
+                    print('| ' + ' | '.join(cells) + ' |', flush=True)
+        if not server_formats:
+            return
         torch.manual_seed(seed)
-        GPT(GPTConfig(**LLAMA_SHAPE)).save_pretrained(f'{d}/hf', tok)
+        GPT(GPTConfig(**LLAMA_SHAPES['gpt2_124m'])).save_pretrained(f'{d}/hf', tok)
         ggufs = {}
-        for kind, gtype in (('fp32', 'f32'), ('int8', 'q8_0')):
-            ggufs[kind] = f'{d}/gpt2-{gtype}.gguf'
-            # convert.sh runs `python`: this one, which has torch and numpy, comes first on PATH
-            env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep
-                   + os.environ.get('PATH', '')}
-            p = subprocess.run([tools['convert'], f'{d}/hf', ggufs[kind], gtype],
-                               capture_output=True, text=True, env=env)
-            if p.returncode:
-                raise SystemExit(f"llamacpp: {tools['convert']} failed on our Hugging Face "
-                                 f"export:\n{p.stderr[-2000:]}\nrun it by hand on a "
-                                 "save_pretrained directory to see why")
-        print("llamacpp: GPT-2 124M (12x768, vocab 50304), random weights; "
-              "llama.cpp F32 and Q8_0 GGUF against nanolab fp32 and int8, "
-              f"{threads} threads, one thing running at a time")
-        # 1) the library: generate against llama-bench / llama-batched-bench
-        theirs = llama_bench_rows(tools, ggufs, threads)
-        print("\n| measure | llama.cpp F32 | nanolab fp32 | ratio "
-              "| llama.cpp Q8_0 | nanolab int8 | ratio |\n|---|---|---|---|---|---|---|")
-        ours = {kind: ours_decode_rows(f'{d}/hf', '' if kind == 'fp32' else 'int8', repeats)
-                for kind in ('fp32', 'int8')}
-        for m in ('decode batch 1', 'decode batch 8', 'prefill 256'):
-            cells = []
-            for kind in ('fp32', 'int8'):
-                t, o = theirs.get((kind, m)), ours[kind][m]
-                cells += [f'{t:.1f}' if t else 'n/a', f'{o:.1f}', f'{o / t:.2f}x' if t else '']
-            print(f"| {m} tok/s | " + ' | '.join(cells) + ' |', flush=True)
+        for kind in server_formats:
+            ggufs[kind] = f'{d}/gpt2-{GGUF_TYPES[kind][0]}.gguf'
+            convert(tools, f'{d}/hf', ggufs[kind], GGUF_TYPES[kind][0])
         # 2) the servers: llama-server -np 16 against serve.py, streaming clients
         table = {}
-        for kind in ('int8', 'fp32'):  # both servers up at once, their rounds interleaved
+        for kind in server_formats:  # both servers up at once, their rounds interleaved
             port = free_port()
             cmd = [tools['llama-server'], '-m', ggufs[kind], '-t', str(threads), '-np', '16', '-c',
                    str(16 * 256), '--port', str(port), '--no-webui']
-            name = 'llama-server ' + ('F32' if kind == 'fp32' else 'Q8_0')
-            model = for_inference(GPT.from_pretrained(f'{d}/hf').eval(),
-                                  '' if kind == 'fp32' else 'int8')
+            name = 'llama-server ' + GGUF_TYPES[kind][1]
+            model = GPT.from_pretrained(f'{d}/hf').eval()
+            model = for_inference(model.to(torch.bfloat16) if kind == 'bf16' else model,
+                                  'int8' if kind == 'int8' else '')
+            model = engine.compiled(model) if server_compile else model
             with Process(cmd, port, ready='/health') as lp, \
-                    Process(serve_cmd(f'{d}/hf', 'cpu', '' if kind == 'fp32' else 'int8',
-                                      llama_threads)) as sp:
+                    Process(serve_cmd(f'{d}/hf', 'cpu', 'int8' if kind == 'int8' else '',
+                                      llama_threads, ['--compile=True'] * server_compile
+                                      + ['--dtype=bfloat16'] * (kind == 'bf16'))) as sp:
                 got = rounds({name: lp.port, f'serve.py {kind}': sp.port,
                               f'sample.generate {kind}': alone(model, tok)},
                              clients, per_client, 64, repeats)
@@ -422,15 +468,15 @@ def bench_llamacpp(build, threads, clients, per_client, repeats, seed):
             table['alone', kind] = got[f'sample.generate {kind}']
         print("\n| server | clients | tok/s | x llama-server | TTFT p50 ms "
               "| TTFT p95 ms |\n|---|---|---|---|---|---|")
-        for kind in ('int8', 'fp32'):
+        for kind in server_formats:
             for who in ('llama.cpp', 'nanolab'):
                 for (n, tps, p50, p95), (_, ref, _, _) in zip(table[who, kind],
                                                                table['llama.cpp', kind]):
                     name = (f"{'llama-server' if who == 'llama.cpp' else 'serve.py'} "
-                            f"{kind if who == 'nanolab' else 'F32' if kind == 'fp32' else 'Q8_0'}")
+                            f"{kind if who == 'nanolab' else GGUF_TYPES[kind][1]}")
                     print(f"| {name} | {n} | {tps:.0f} | {tps / ref:.2f}x | {p50:.0f} "
                           f"| {p95:.0f} |")
-        for kind in ('int8', 'fp32'):
+        for kind in server_formats:
             one, lib = table['nanolab', kind][0][1], table['alone', kind][0][1]
             print(f"serve.py {kind} at {clients[0]} client: {one:.0f} tok/s = "
                   f"{one / lib:.2f}x sample.generate_stream alone on the same requests "
