@@ -127,7 +127,7 @@ quantize_formats = 'fp32,bf16,fp32+int8,bf16+int8,bf16+int4/128,bf16+int4/32'  #
 llama_cpp_dir = ''            # llamacpp: a llama.cpp build (bin/, convert.sh); '' = $NANOLAB_LLAMA_CPP
 llama_threads = 0             # llamacpp: threads for both sides; 0 = torch's default (one per core)
 llama_clients = '1,4,16'      # llamacpp: concurrent streaming clients, one round each
-llama_models = 'gpt2_124m,llama_60m,qwen2_60m'  # llamacpp: bench_serving.LLAMA_SHAPES names, each against llama-bench
+llama_models = 'gpt2_124m,llama_60m,qwen3_70m'  # llamacpp: bench_serving.LLAMA_SHAPES names, each against llama-bench
 llama_formats = 'fp32,bf16,int8'  # llamacpp: ours against llama.cpp's F32, BF16, Q8_0 of the same weights
 llama_compile = True          # llamacpp: also time sample.py --compile's path
 llama_servers = 'int8'        # llamacpp: serve.py against llama-server on GPT-2 124M in these formats ('' = none)
@@ -199,7 +199,7 @@ def bench_decode(name):
                 d, dtype=ptdtype).to(device).eval()
     # what sample.py and serve.py decode with (on a CPU, the linears' kernel kernels.py chose), and
     # sample.py --compile's path (the same kernels, the step compiled around them)
-    for_inference(model, say=print)
+    for_inference(model, report=True)
     V = model.config.vocab_size
     torch._dynamo.reset()  # each model's compiled steps alone in dynamo's cache
     compiled = engine.compiled(model) if decode_compile else None

@@ -147,7 +147,7 @@ def main():
     dev = resolve_device(device)
     model, tok, _ = load_model(init_from, dev, dtype)  # 'auto': as device.resolve_dtype
     # quantized weights or the CPU linears' kernel, an explicit inference-time swap (quantize.py)
-    model = for_inference(model, quantize, say=print)
+    model = for_inference(model, quantize, report=True)
     if tok is None:
         raise ValueError(f"{init_from} comes without a tokenizer, so the prompt cannot be "
                          "encoded; use a source with tokenizer files (a nanolab out_dir, or a "

@@ -13,8 +13,8 @@ fairness: one streaming client on the Shakespeare default model while other clie
   heavy scoring requests at once from a second loopback address (127.0.0.2), or a model of 85M
   parameters loaded and unloaded without pause: the streaming client's time to first token and its
   largest gap between two tokens, against the same client alone.
-llamacpp: each of LLAMA_SHAPES (GPT-2 124M, a ~60M Llama with grouped-query attention, a ~60M Qwen2
-  with q/k/v biases; random weights, written with save_pretrained and converted by llama.cpp's own
+llamacpp: each of LLAMA_SHAPES (GPT-2 124M, a ~60M Llama with grouped-query attention, a ~70M Qwen3
+  with q/k norms; random weights, written with save_pretrained and converted by llama.cpp's own
   convert.sh to GGUF F32, BF16 and Q8_0): llama-bench against generate (generation.py), eager and
   torch.compile'd, at batch 1 and 8 (decode tok/s, 64 new tokens after a 16-token prompt;
   llama-batched-bench for batch 8) and prefill tok/s of a 256-token prompt; then llama-server -np
@@ -282,8 +282,10 @@ def bench_fairness(model, device, quantize, tokens):
 # llama.cpp on the same weights
 
 # GPT-2 124M
-# the models compared with llama.cpp: GPT-2 124M, a Llama with grouped-query attention and a Qwen2
-# (biases on q, k, v) of ~60M. subtle: vocab 50304 (nanoGPT's padding), not 50257: our tokenizer
+# the models compared with llama.cpp: GPT-2 124M, a ~60M Llama with grouped-query attention and a
+# ~70M Qwen3 (q/k norms, heads wider than n_embd / n_head). Not Qwen2: transformers 5 loads any
+# qwen2 directory's tokenizer as Qwen2Tokenizer, whose pre-tokenizer is not GPT-2's, and llama.cpp's
+# converter then refuses the vocabulary it cannot identify. subtle: vocab 50304 (nanoGPT's padding), not 50257: our tokenizer
 # files carry the chat tokens 50257-50260, and llama.cpp's converter wants every token id inside the
 # model's vocabulary
 LLAMA_SHAPES = {
@@ -291,9 +293,9 @@ LLAMA_SHAPES = {
                       vocab_size=50304),
     'llama_60m': dict(arch='llama', n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=1024,
                       vocab_size=50304, tie_embeddings=True),
-    'qwen2_60m': dict(arch='llama', n_layer=8, n_head=8, n_kv_head=2, n_embd=512, block_size=1024,
-                      vocab_size=50304, tie_embeddings=True, qkv_bias=True, rope_theta=1e6,
-                      norm_eps=1e-6),
+    'qwen3_70m': dict(arch='llama', n_layer=8, n_head=8, n_kv_head=4, n_embd=512, head_dim=128,
+                      block_size=1024, vocab_size=50304, tie_embeddings=True, qk_norm=True,
+                      rope_theta=1e6, norm_eps=1e-6),
 }
 # our format -> llama.cpp's GGUF type of the same weights, and the name its tables give it
 GGUF_TYPES = {'fp32': ('f32', 'F32'), 'bf16': ('bf16', 'BF16'), 'int8': ('q8_0', 'Q8_0')}

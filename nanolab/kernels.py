@@ -37,7 +37,7 @@ from nanolab import files
 from nanolab.device import cpu_info
 
 CANDIDATES = ('mkl', 'onednn/1', 'onednn/8')
-PROBE_BYTES = 256 << 20  # the probe's copies of the weights at most: far past any cache
+PROBE_BYTES = 128 << 20  # the probe's copies of the weights at most: far past any cache
 MAX_FILE = 1 << 20       # a saved-choices file larger than this is not read (nor kept)
 MAX_ENTRIES = 64         # choices kept, the most recent
 ONEDNN = hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
@@ -86,31 +86,41 @@ def _load(p):
 
 
 def probe(shape_counts, dtype, candidates=CANDIDATES, rows=(1, 8), repeats=3):
-    """Times of one pass over the shapes' linears (each shape `count` times, scaled down to
-    PROBE_BYTES of copies) -> {candidate: [seconds at each of rows]}."""
-    total = sum(i * o * n for i, o, n in shape_counts) * dtype.itemsize
-    scale = min(1.0, PROBE_BYTES / max(total, 1))
+    """Seconds of one pass over a model's linears (shape_counts: [(in, out, count)]) at each of
+    `rows` rows -> {candidate: [seconds, ...]}. Timed on copies: each shape `count` times, all
+    scaled down together to PROBE_BYTES, and a shape one copy of which is over a quarter of that
+    (a large vocabulary's head) cut to fewer output rows; each shape's time is scaled back up to
+    the model's, so the probe adds at most PROBE_BYTES (twice, packed) to a big model's load."""
+    size = dtype.itemsize
+    scale = min(1.0, PROBE_BYTES / max(sum(i * o * n for i, o, n in shape_counts) * size, 1))
     gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(o, i, generator=gen).mul_(0.02).to(dtype)
-               for i, o, n in shape_counts for _ in range(max(1, round(n * scale)))]
+    groups = []  # (in, copies of the shape, the factor from their time to the model's)
+    for i, o, n in shape_counts:
+        rows_kept = min(o, max(16, PROBE_BYTES // 4 // (i * size)))
+        k = max(1, round(n * scale))
+        groups.append((i, [torch.randn(rows_kept, i, generator=gen).mul_(0.02).to(dtype)
+                           for _ in range(k)], n * o / (k * rows_kept)))
     out = {}
     for cand in candidates:
         if cand.startswith('onednn'):
             hint = int(cand.split('/')[1])
-            mats = [torch.ops.mkldnn._reorder_linear_weight(w, hint) for w in weights]
+            mats = [[torch.ops.mkldnn._reorder_linear_weight(w, hint) for w in ws]
+                    for _, ws, _ in groups]
             fn = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, 'none', [], '')  # noqa: E731
         else:
-            mats, fn = weights, F.linear
+            mats, fn = [ws for _, ws, _ in groups], F.linear
         times = []
         for M in rows:
-            xs = {i: torch.randn(M, i, generator=gen).to(dtype) for i, _, _ in shape_counts}
-            ins = [xs[w.size(1)] for w in weights]
+            xs = [torch.randn(M, i, generator=gen).to(dtype) for i, _, _ in groups]
             best = float('inf')
             for _ in range(repeats + 1):  # the first pass warms up
-                t0 = time.perf_counter()
-                for x, w in zip(ins, mats):
-                    fn(x, w)
-                best = min(best, time.perf_counter() - t0)
+                total = 0.0
+                for x, ws, (_, _, factor) in zip(xs, mats, groups):
+                    t0 = time.perf_counter()
+                    for w in ws:
+                        fn(x, w)
+                    total += (time.perf_counter() - t0) * factor
+                best = min(best, total)
             times.append(best)
         out[cand] = times
         del mats
@@ -138,7 +148,7 @@ def linear_kernel(model):
     if key in saved:
         c = saved[key]
         return c['kernel'], f"kernels on {cpu_line()}: {c['kernel']} for {str(dtype)[6:]} " \
-                            f"linears (probed {c['when']}, saved in {p})"
+                            f"linears (probed {c.get('when', 'before')}, saved in {p})"
     t0 = time.perf_counter()
     times = probe(sc, dtype)
     kernel = pick(times)

@@ -59,6 +59,7 @@ less KL, hence the default. Perplexity on the Shakespeare char run's val tokens:
 import copy
 import itertools
 import math
+import sys
 import warnings
 import weakref
 
@@ -407,15 +408,15 @@ class PackedLinear(nn.Module):
             torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, 'none', [], '')
         return y[:M].view(*x.shape[:-1], self.out_features)
 
-def for_inference(model, quantize='', group_size=INT4_GROUP, pack=None, say=None):
+def for_inference(model, quantize='', group_size=INT4_GROUP, pack=None, report=False):
     """The model's inference-time swaps, in place -> model: dropout becomes Identity, and
     quantize='int8' (quantize_int8) or 'int4' (quantize_int4, groups of group_size), else on a CPU
     in fp32 or bf16 the linears' kernel: pack=None, the one kernels.linear_kernel measured on this
-    CPU for this model (say(line) reports it); or a kernel by name ('mkl', 'onednn/1', 'onednn/8';
-    True: 'onednn/8'). oneDNN: every linear packed (PackedLinear). MKL, or pack=False (a model
-    torch.compile will take: its lowering packs weights as its own constants): in fp32 the head
-    transposed (TransposedHead). Call it on a model that only decodes (serve.py, sample.py,
-    bench.py), never on one in training: the swapped modules hold copies of the weights."""
+    CPU for this model (report=True prints the choice to stderr); or a kernel by name ('mkl',
+    'onednn/1', 'onednn/8'; True: 'onednn/8', False: 'mkl'). oneDNN: every linear packed
+    (PackedLinear); MKL: in fp32 the head transposed (TransposedHead). Call it on a model that only
+    decodes (serve.py, sample.py, bench.py), never on one in training: the swapped modules hold
+    copies of the weights."""
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize={quantize!r}; use '' (off), int8 or int4")
     # dropout is the identity at inference; Identity skips F.dropout's call
@@ -433,8 +434,8 @@ def for_inference(model, quantize='', group_size=INT4_GROUP, pack=None, say=None
     kernel = {True: 'onednn/8', False: 'mkl'}.get(pack, pack)
     if kernel is None:
         kernel, line = kernels.linear_kernel(model)
-        if say is not None:
-            say(line)
+        if report:
+            print(line, file=sys.stderr)
     if kernel not in kernels.CANDIDATES:
         raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(kernels.CANDIDATES)}")
     if kernel.startswith('onednn') and ONEDNN:

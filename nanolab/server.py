@@ -329,7 +329,7 @@ def _engine(source, device, dtype, quantize, limits, compile=False):
         raise ValueError(f"{source} comes without a tokenizer, so text cannot be encoded; "
                          "serve a source with tokenizer files (a nanolab out_dir, or a "
                          "Hugging Face dir with tokenizer.json)")
-    model = for_inference(model, quantize, say=print)
+    model = for_inference(model, quantize, report=True)
     engine = Engine(compiled(model) if compile else model, tok, **limits)
     if compile:
         t0 = time.time()

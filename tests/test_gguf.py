@@ -10,6 +10,7 @@ import json
 import os
 import struct
 import subprocess
+import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -390,7 +391,10 @@ def test_llama_cpp_converter_file_loads(tmp_path, family):
     tok = TiktokenTokenizer('gpt2')
     model = sharp(GPT(GPTConfig(**{**OURS[family], 'vocab_size': 50304})))
     hf.write_pretrained(tmp_path / 'hf', asdict(model.config), model.state_dict(), tok)
-    p = subprocess.run([CONVERT, str(tmp_path / 'hf'), str(tmp_path / 'm.gguf'), 'f32'], capture_output=True, text=True)
+    # convert.sh runs `python`: this one (torch, numpy) first on PATH, as bench.py does
+    env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')}
+    p = subprocess.run([CONVERT, str(tmp_path / 'hf'), str(tmp_path / 'm.gguf'), 'f32'], capture_output=True, text=True,
+                       env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     loaded, tok2, _ = load_model(str(tmp_path / 'm.gguf'))
     ids = tok.encode(TEXT[:100])
