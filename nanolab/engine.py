@@ -211,7 +211,7 @@ class Engine:
         the same way); four compilations in all, 10-40 s on a CPU. Nothing for an eager model."""
         if self.decoder is self.model:
             return
-        n = min(70, self.block_size - 3)  # past the storage's first 64 tokens
+        n = max(1, min(70, self.block_size - 3))  # past the storage's first 64 tokens
         for length, rows in ((8, 1), (8, 2), (n, 2), (n, 1)):
             for _ in self.submit([[0] * min(length, n)] * min(rows, self.max_batch),
                                  Settings(max_new_tokens=2, temperature=0.0)):

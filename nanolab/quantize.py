@@ -129,10 +129,18 @@ class Int8Linear(nn.Module):
         self.swapped_weights = self.in_features * self.out_features  # GPT.num_params counts them
         # the scaled input, grown as batches need (one thread)
         self.buf = torch.zeros(0, self.in_features + 2)
+        self._register()
+        self.register_buffer('ends', torch.tensor([[1.0, -1.0]]), persistent=False)
+
+    def _register(self):
+        """This layer's weights in PACKED, under a number of its own, for as long as it lives."""
         self.weights = next(_PACKED_IDS)
         PACKED[self.weights] = self.packed
         weakref.finalize(self, PACKED.pop, self.weights)
-        self.register_buffer('ends', torch.tensor([[1.0, -1.0]]), persistent=False)
+
+    def __setstate__(self, state):  # a copy (copy.deepcopy) is a layer of its own
+        super().__setstate__(state)
+        self._register()
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features).float()  # (M, in); a no-op in fp32

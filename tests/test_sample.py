@@ -3,6 +3,8 @@ sample.py: decoding checked against references: the no-cache path, one prompt at
 generate (greedy and beam), hand-computed logit processors, and the CLI as a subprocess.
 Tiny random models (2 layers x 64), CPU only.
 """
+import copy
+import gc
 import os
 import random
 import subprocess
@@ -112,6 +114,15 @@ def test_compiled_step_takes_int8_and_packed_linears_whole(kernel):
     assert [c.tokens for c in a] == [c.tokens for c in b]
     for p, c in zip(PROMPTS, b):
         assert generate(compiled, p, 30, temperature=0)[0].tokens == c.tokens
+    if kernel != 'int8':
+        return torch._dynamo.reset()
+    # a copy's int8 layers name weights of their own: it decodes on after the original is gone
+    twin = copy.deepcopy(m)
+    del m, compiled
+    torch._dynamo.reset()
+    gc.collect()
+    assert [c.tokens for c in generate(torch.compile(twin, backend='eager', fullgraph=True), PROMPTS, 30,
+                                       temperature=0)] == [c.tokens for c in a]
     torch._dynamo.reset()
 
 
