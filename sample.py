@@ -56,7 +56,7 @@ seed = 1337                   # sample k draws with seed + k (engine.py's seedin
 device = 'auto'               # auto | cpu | cuda | cuda:N | mps
 dtype = 'auto'                # auto (bf16 on GPU; CPU: a bf16 model's bf16 if the CPU has bf16, else fp32) | float32 | bfloat16 | float16
 quantize = ''                 # '' (off) | int8 | int4: weights quantized for CPU decoding, as serve.py's --quantize (quantize.py)
-compile = False               # torch.compile the decode steps (prefill eager; ~15-40 s to compile): int8's batch-1 step 1.3x faster (bench.py --which=decode_profile)
+compile = False               # torch.compile the decode steps (prefill eager; 10-40 s to compile): int8 batch-1 steps 1.15-2x faster (bench.py --which=decode_profile)
 use_cache = True              # KV cache; False recomputes the whole context every step (slow reference path)
 chat = False                  # multi-turn chat REPL on stdin (a chat-tuned model); /exit or Ctrl-D quits
 show_probs = False            # print each new token with its probability and the top-5 alternatives

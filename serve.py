@@ -47,7 +47,7 @@ threads = 0                 # torch threads for the models; 0 = torch's default 
 device = 'auto'             # auto | cpu | cuda | cuda:N | mps
 dtype = 'auto'              # auto (bf16 on GPU; CPU: a bf16 model's bf16 if the CPU has bf16, else fp32) | float32 | bfloat16 | float16
 quantize = ''               # '' (off) | int8: int8 weights in every linear and the token embedding; CPU | int4: 4-bit block linears, int8 head (quantize.py)
-compile = False             # torch.compile each model's decode steps before serving (10-40 s a model): int8 GPT-2 124M's batch-1 step 1.3x faster (bench.py --which=decode_profile)
+compile = False             # torch.compile each model's decode steps before serving (10-40 s a model): int8 batch-1 steps 1.15-2x faster (bench.py --which=decode_profile)
 runs_dir = '.'              # GET /runs lists its subdirectories that hold metrics.jsonl (the run dashboard)
 allowed_hosts = ''          # Host names to answer besides loopback names, IP addresses and `host`; comma list, * = any
 cors_origins = ''           # web origins (https://app.example) whose pages may call the API; comma list, * = any
