@@ -147,6 +147,9 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
                                    "\"text\", \"text\": string}",
                                    'messages', 'invalid_type')
                 m['content'] = ''.join(p['text'] for p in m['content'])
+            # OpenAI's newer name for system instructions: a system message to every template
+            if isinstance(m, dict) and m.get('role') == 'developer':
+                m['role'] = 'system'
         try:
             # the last (assistant) message goes on: no new turn
             cont = flag(body, 'continue_final_message')
@@ -230,14 +233,16 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
 # -----------------------------------------------------------------------------
 # 2) the answer, whole or streamed, in OpenAI's shapes
 
-def _legacy_logprobs(w, tokens, lps, tops):
+def _legacy_logprobs(w, tokens, lps, tops, start=0):
     """OpenAI's completions logprobs: parallel lists; top_logprobs {token text: logprob}; offsets
-    into the text."""
+    into the text, the first at `start` (a stream's chunk: the length of the choice's pieces sent
+    before it)."""
     pieces = [w.tok.decode([t]) for t in tokens]
     return {'tokens': pieces, 'token_logprobs': lps,
             'top_logprobs': [None if top is None else {w.tok.decode([i]): lp for i, lp in top}
                              for top in tops],
-            'text_offset': [0] + list(accumulate(map(len, pieces)))[:-1] if pieces else []}
+            'text_offset': list(accumulate(map(len, pieces[:-1]), initial=start))
+            if pieces else []}
 
 def _chat_logprobs(w, tokens, lps, tops):
     """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob,
@@ -330,11 +335,14 @@ def _stream(h, call, events):
     head, usage = _head(call)
     head['object'] = 'chat.completion.chunk' if call.chat else 'text_completion'
 
+    # OpenAI: with include_usage every chunk carries "usage": null, the last one the count
+    nulls = {'usage': None} if call.include_usage else {}
+
     def chunk(i, **choice):
         h.sse({**head, 'choices': [{'index': i, 'logprobs': None, 'finish_reason': None,
-                                    **choice}]})
+                                    **choice}], **nulls})
     h.start_sse()
-    started, scores, steps, done = set(), {}, {}, {}
+    started, scores, steps, done, offset = set(), {}, {}, {}, {}
     for ev in _tokens(events, scores, steps):
         i = ev.prompt_index * n + ev.sample_index
         tok = [ev.token] if ev.token is not None else []
@@ -358,11 +366,14 @@ def _stream(h, call, events):
         else:
             if call.echo and i not in started:  # the prompt comes first, as its own chunk
                 prompt, s = call.prompts[ev.prompt_index], scores.get(ev.prompt_index)
-                chunk(i, text=w.tok.decode(prompt),
-                      logprobs=_legacy_logprobs(w, prompt, s.token_logprobs, s.top_logprobs)
-                      if s else None)
-            lp = _legacy_logprobs(w, tok, [ev.logprob] * len(tok), [ev.top_logprobs] * len(tok)) \
-                if call.logprobs is not None else None
+                lp = _legacy_logprobs(w, prompt, s.token_logprobs, s.top_logprobs) if s else None
+                chunk(i, text=w.tok.decode(prompt), logprobs=lp)
+                if lp:
+                    offset[i] = lp['text_offset'][-1] + len(lp['tokens'][-1])
+            lp = _legacy_logprobs(w, tok, [ev.logprob] * len(tok), [ev.top_logprobs] * len(tok),
+                                  offset.get(i, 0)) if call.logprobs is not None else None
+            if lp and tok:  # offsets count from the start of the choice's text, as unstreamed
+                offset[i] = lp['text_offset'][-1] + len(lp['tokens'][-1])
             if ev.text_delta or ev.finish_reason or tok and lp:
                 chunk(i, text=ev.text_delta, logprobs=lp, finish_reason=ev.finish_reason, **extra)
         started.add(i)

@@ -199,9 +199,16 @@ def _tokenizer_info(h, body):
     name, w = h.engine(body)
     tok = w.tok
     eos = next((s for s, i in tok.special_tokens.items() if i == tok.eot), None)
+    # a vocabulary without an end-of-text token (a char model) names a bos instead, for clients that
+    # score text from a prefix token (lm-eval's rolling log-likelihood: bos, else eos); eos stays
+    # none, so nothing stops at it. A newline (sample.py's default start), else a space. subtle:
+    # not id 0 (a char vocabulary's sorted newline), which lm-eval's `bos_id or eos_id` reads as none
+    bos = next((c for c in ('\n', ' ', '.') if len(ids := tok.encode(c)) == 1 and ids[0]), None) \
+        if eos is None else None
     h.send_json(200, {'model': name, 'kind': tok.kind, 'vocab_size': w.V,
                       'max_model_len': w.block_size, 'eos_token': eos, 'eos_token_id': tok.eot,
-                      'bos_token': None, 'pad_token': None, 'special_tokens': tok.special_tokens,
+                      'bos_token': bos, 'bos_token_id': tok.encode(bos)[0] if bos else None,
+                      'pad_token': None, 'special_tokens': tok.special_tokens,
                       'chat_stop_tokens': tok.chat_stop_tokens,
                       'chat_stop_strings': tok.stop_strings})
 

@@ -71,11 +71,14 @@ class Trackers:
                 mlflow.set_experiment(project)
                 run = mlflow.start_run(run_id=ids.get('mlflow'),
                                        run_name=None if ids.get('mlflow') else name)
-            except Exception as e:  # ImportError, or a store this install cannot open
-                raise ValueError("--mlflow_log=True could not start an MLflow run "
-                                 f"({type(e).__name__}: {str(e)[:200]}); pip install mlflow "
-                                 "(its sqlite store and `mlflow ui`), or point "
-                                 "MLFLOW_TRACKING_URI at a tracking server") from None
+            except ImportError:
+                raise ValueError("--mlflow_log=True needs MLflow: pip install mlflow (its sqlite "
+                                 "store and `mlflow ui`), or point MLFLOW_TRACKING_URI at a "
+                                 "tracking server") from None
+            except Exception as e:  # a store this install cannot open: MLflow's own remedy, whole
+                raise ValueError("--mlflow_log=True could not start an MLflow run; MLflow says: "
+                                 f"{type(e).__name__}: {str(e)[:4000]} (or point "
+                                 "MLFLOW_TRACKING_URI at a tracking server)") from None
             if 'mlflow' not in ids:  # params are fixed once logged; a resume keeps the first run's
                 mlflow.log_params({k: str(v)[:6000] for k, v in config.items()})
             self.mlflow, ids['mlflow'] = mlflow, run.info.run_id

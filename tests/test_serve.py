@@ -171,6 +171,20 @@ def test_completion_equals_generate_and_stream_equals_reply(server, ref):
     assert ''.join(c['choices'][0]['text'] for c in chunks) == want.text
     assert chunks[-1]['choices'][0]['finish_reason'] == 'length'
     assert usage['choices'] == [] and usage['usage']['completion_tokens'] == 40
+    # OpenAI: with include_usage every chunk before the last says "usage": null; without it, none says it
+    assert all('usage' in c and c['usage'] is None for c in chunks)
+    assert not any('usage' in c for c in events(call(server, 'POST', '/v1/completions', {
+        'model': 'char', 'prompt': 'To be', 'max_tokens': 5, 'stream': True})[1])[:-1])
+    # streamed logprobs' text offsets count from the start of the text, as the unstreamed answer's do (with the
+    # echoed prompt too)
+    for echo in (False, True):
+        req = {'model': 'char', 'prompt': 'To be', 'max_tokens': 12, 'temperature': 0, 'logprobs': 2, 'echo': echo}
+        whole = call(server, 'POST', '/v1/completions', req)[1]['choices'][0]['logprobs']
+        parts = [c['choices'][0]['logprobs'] for c in events(call(server, 'POST', '/v1/completions',
+                                                                  {**req, 'stream': True})[1])[:-1]
+                 if c['choices'][0].get('logprobs')]
+        assert sum((p['text_offset'] for p in parts), []) == whole['text_offset'] and len(whole['text_offset']) >= 12
+        assert sum((p['tokens'] for p in parts), []) == whole['tokens']
 
 
 def test_chat_stream_and_logprobs(server, ref):
@@ -183,6 +197,10 @@ def test_chat_stream_and_logprobs(server, ref):
     status, reply = call(server, 'POST', '/v1/chat/completions', body)
     assert status == 200 and reply['object'] == 'chat.completion'
     assert reply['choices'][0]['message'] == {'role': 'assistant', 'content': want.text}
+    # OpenAI's developer role is the system role
+    status, dev = call(server, 'POST', '/v1/chat/completions',
+                       {**body, 'messages': [{**messages[0], 'role': 'developer'}, messages[1]]})
+    assert status == 200 and dev['choices'] == reply['choices'] and dev['usage'] == reply['usage']
     assert reply['usage']['prompt_tokens'] == len(ids)
     status, payload = call(server, 'POST', '/v1/chat/completions', {**body, 'stream': True})
     evs = events(payload)
@@ -431,6 +449,30 @@ def test_tokenizer_endpoints(server, ref):
     assert body['tokens'] == [tok.eot]
     status, body = call(server, 'POST', '/tokenize', {'model': 'char', 'prompt': 'abc'})
     assert body['tokens'] == ref['char'][1].encode('abc')
+
+
+def test_lm_evals_api_model_scores_a_char_model_through_the_server(runs, ref):
+    """lm-eval's local-completions model with its remote tokenizer (/tokenizer_info, /tokenize) against a char model,
+    which has no end-of-text token: the rolling log-likelihood starts from the token the server names as its bos
+    (it sent [[null, ...]] and failed before), and equals the model's own sum of log-probs after that token."""
+    pytest.importorskip('tenacity')
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    model, tok = ref['char']
+    # the remote tokenizer names no model: the server's first, so the char model is served alone
+    with serving(runs, source=runs / 'char') as server:
+        status, info = call(server, 'GET', '/tokenizer_info')
+        bos = info['bos_token']
+        assert info['eos_token_id'] is None and bos in ('\n', ' ') and info['bos_token_id'] == tok.encode(bos)[0] > 0
+        lm = LocalCompletionsAPI(base_url=f'http://127.0.0.1:{server.server_address[1]}/v1/completions',
+                                 model='char', tokenizer_backend='remote', max_length=256, max_retries=1)
+        text = 'To be, or not to be: that is the question.'
+        (got,) = lm.loglikelihood_rolling([Instance('loglikelihood_rolling', {}, (text,), 0)], disable_tqdm=True)
+    ids = tok.encode(bos + text)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), -1)
+    want = logp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+    assert got == pytest.approx(want, abs=1e-3)
 
 
 def test_attention_maps(server):

@@ -439,6 +439,21 @@ def test_mlflow_gets_the_config_every_metrics_row_and_the_files(data_dir, tmp_pa
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {'config.json', 'loss.svg', 'README.md'}
 
 
+def test_mlflow_refusing_its_store_is_quoted_whole(tmp_path, monkeypatch):
+    """MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE=true, in a message whose remedy comes last: the
+    error keeps MLflow's whole message (it was cut at 200 characters, losing the remedy). The real MLflow."""
+    pytest.importorskip('mlflow')
+    from nanolab.tracking import Trackers
+    monkeypatch.setenv('MLFLOW_TRACKING_URI', (tmp_path / 'mlruns').as_uri())
+    monkeypatch.delenv('MLFLOW_ALLOW_FILE_STORE', raising=False)
+    try:
+        Trackers(str(tmp_path), {'mlflow_log': True}, False).finish()
+    except ValueError as e:
+        assert 'MLflow says' in str(e) and 'MLFLOW_ALLOW_FILE_STORE' in str(e) and str(e).count('\n') <= 20
+    else:
+        pytest.skip('this MLflow opens a file store without MLFLOW_ALLOW_FILE_STORE')
+
+
 def test_wandb_gets_every_row_and_runs_offline(data_dir, tmp_path, monkeypatch):
     """What train.py sends W&B (a stand-in module records it) equals metrics.jsonl; then the real wandb, offline,
     keeps the run on disk with the run's files, under the id that trackers.json holds."""
