@@ -60,7 +60,7 @@ from nanolab.files import write_json
 from nanolab.formats import read_preferences
 from nanolab.lora import QUANTIZE, add_lora, lora_disabled, lora_state
 from nanolab.metrics import answer, win_rate
-from nanolab.preferences import (collate, load_pairs, pair_order, preference_files,
+from nanolab.preferences import (LOSS_TYPES, collate, load_pairs, pair_order, preference_files,
                                  preference_loss, response_logps)
 from nanolab.progress import at  # i/N (p%), ETA
 from nanolab.tracking import write_model_card
@@ -91,7 +91,7 @@ batch_size = 16               # pairs per micro-batch (each forward sees 2*batch
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
 block_size = 0                # max tokens per sequence (prompt + response); 0 = the model's context
 # DPO
-loss_type = 'sigmoid'         # 'sigmoid' (DPO) | 'ipo'
+loss_type = 'sigmoid'         # 'sigmoid' (DPO) | 'ipo' (summed log-ratios) | 'ipo_mean' (per token, as trl's ipo)
 beta = 0.1                    # strength of the pull toward the reference (the KL penalty's inverse temperature)
 label_smoothing = 0.0         # cDPO: assumed share of flipped labels, in [0, 0.5); sigmoid loss only
 # LoRA (peft), as in finetune.py; the reference is then the same model with its adapter disabled
@@ -121,7 +121,7 @@ dtype = 'auto'                # 'auto' (bf16 on GPUs that have it, else fp16; fp
 grad_checkpoint = False       # recompute each block's activations in backward: less memory, ~1/3 more compute
 seed = 1337                   # data order, LoRA init
 # -----------------------------------------------------------------------------
-CHOICES = {'loss_type': ('sigmoid', 'ipo'), 'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES,
+CHOICES = {'loss_type': LOSS_TYPES, 'lr_schedule': LR_SCHEDULES, 'dtype': DTYPES,
            'quantize_base': QUANTIZE}
 config = configure(globals(), choices=CHOICES)
 
@@ -176,7 +176,7 @@ model.to(device).eval()  # eval(): dropout off; the reference needs no grad but 
 ref_model.to(device).eval()
 n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
 print(f'{n_params / 1e6:.2f}M parameters, {f"LoRA r={lora_r}" if lora_r else "full"} '
-      f'{"IPO" if loss_type == "ipo" else "DPO"} (beta={beta}), {n_train / 1e6:.3f}M trainable, '
+      f'{"IPO" if loss_type.startswith("ipo") else "DPO"} (beta={beta}), {n_train / 1e6:.3f}M trainable, '
       f'{device}, {str(ptdtype).replace("torch.", "")}')
 
 # 3) the pairs: a named dataset is prepared by data.py when its folder is missing
@@ -222,9 +222,9 @@ def forward(x, y, ref=None):
         if ref is None:
             with reference(), torch.no_grad():
                 ref = response_logps(ref_model, x, y)
-    B = x.size(0) // 2
+    B, n = x.size(0) // 2, (y != -1).sum(1)  # n: each response's tokens
     return preference_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta, loss_type,
-                           label_smoothing) + (ref,)
+                           label_smoothing, n[:B], n[B:]) + (ref,)
 
 val_batches = [collate(val_pairs[i:i + batch_size], device)
                for i in range(0, len(val_pairs), batch_size)]
@@ -268,7 +268,7 @@ def update_card(last=None):
     stats = {'iterations': iter_num, 'pairs seen': iter_num * pairs_per_iter,
              **{f'held-out {k}': last[k] for k in keys if last and k in last},
              'training time (s)': round(timer.elapsed(), 1)}
-    how = (f"{'IPO' if loss_type == 'ipo' else 'DPO'} "
+    how = (f"{'IPO' if loss_type.startswith('ipo') else 'DPO'} "
            f"(beta={beta}{f', LoRA r={lora_r} merged' if lora_r else ''}) with nanolab's dpo.py, "
            f"starting from and referenced to {init_from}, on preference pairs from {dataset}.")
     info = {'dataset': f'{dataset} ({paths[0]}, {paths[1]})', 'train pairs': len(train_pairs),

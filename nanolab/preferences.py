@@ -84,19 +84,32 @@ def response_logps(model, x, y):
     (2B,)."""
     return token_logps(model(x)[0], y).sum(1)  # ignored positions contribute exactly 0
 
-def preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type='sigmoid', label_smoothing=0.0):
+LOSS_TYPES = ('sigmoid', 'ipo', 'ipo_mean')
+
+def preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type='sigmoid', label_smoothing=0.0,
+                    n_c=None, n_r=None):
     """Per-pair losses (B,) and per-pair statistics (trl's names, plus kl) from summed log-probs
-    (B,) each."""
+    (B,) each; n_c, n_r: the responses' token counts (B,), which 'ipo_mean' needs.
+    Against trl 1.16 on the same log-probs: 'sigmoid' is the same at label_smoothing=0; above it
+    ours is conservative DPO (Mitchell 2023: the label flipped with probability label_smoothing),
+    where trl's 'sigmoid' ignores label_smoothing (its 'robust' loss rescales it by 1/(1-2e)).
+    'ipo' regresses the summed log-ratios, as the IPO paper writes it; 'ipo_mean' averages them
+    per response token first, as trl's 'ipo' does (which the paper's reported results used, by
+    trl's account): beta then means the same whatever the responses' lengths."""
     # how much more the policy prefers y_w over y_l than the reference does
     h = (pi_c - ref_c) - (pi_r - ref_r)
     if loss_type == 'sigmoid':
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - \
             label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == 'ipo':
+    elif loss_type in ('ipo', 'ipo_mean'):
+        if loss_type == 'ipo_mean':
+            if n_c is None or n_r is None:
+                raise ValueError("loss_type='ipo_mean' needs the responses' token counts n_c, n_r")
+            h = (pi_c - ref_c) / n_c.clamp(min=1) - (pi_r - ref_r) / n_r.clamp(min=1)
         # regress h onto the margin 1/(2 beta) rather than push it to infinity
         losses = (h - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"unknown loss_type '{loss_type}'; use 'sigmoid' or 'ipo'")
+        raise ValueError(f"unknown loss_type '{loss_type}'; use one of {', '.join(LOSS_TYPES)}")
     # DPO's implicit rewards
     rc, rr = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
     stats = {'rewards/chosen': rc, 'rewards/rejected': rr,

@@ -81,6 +81,14 @@ def test_losses_match_hand_computation():
     logsig = lambda z: -math.log1p(math.exp(-z))
     ipo, _ = preference_loss(pi_c, pi_r, ref_c, ref_r, beta, 'ipo')
     assert torch.allclose(ipo, torch.tensor([(v - 1 / (2 * beta)) ** 2 for v in h]), atol=1e-6)
+    # trl's IPO: each response's log-ratio averaged over its tokens first
+    n_c, n_r = torch.tensor([2, 5, 1]), torch.tensor([4, 1, 3])
+    ipo_mean, _ = preference_loss(pi_c, pi_r, ref_c, ref_r, beta, 'ipo_mean', n_c=n_c, n_r=n_r)
+    hm = [(a - c) / nc - (b - d) / nr for a, b, c, d, nc, nr in
+          zip(pi_c.tolist(), pi_r.tolist(), ref_c.tolist(), ref_r.tolist(), n_c.tolist(), n_r.tolist())]
+    assert torch.allclose(ipo_mean, torch.tensor([(v - 1 / (2 * beta)) ** 2 for v in hm]), atol=1e-6)
+    with pytest.raises(ValueError, match='token counts'):
+        preference_loss(pi_c, pi_r, ref_c, ref_r, beta, 'ipo_mean')
     dpo_, stats = preference_loss(pi_c, pi_r, ref_c, ref_r, beta, 'sigmoid', label_smoothing=eps)
     want = [-(1 - eps) * logsig(beta * v) - eps * logsig(-beta * v) for v in h]
     assert torch.allclose(dpo_, torch.tensor(want), atol=1e-6)
@@ -117,11 +125,12 @@ def test_step0_loss_is_log2_and_one_step_raises_margin(setup):
     _, tok = setup
     pairs, (x, y) = batch(tok)
     B = len(pairs)
-    for loss_type in ('sigmoid', 'ipo'):
+    for loss_type in ('sigmoid', 'ipo', 'ipo_mean'):
         policy = tiny_model()
         ref = copy.deepcopy(policy).requires_grad_(False)
         pi, rf = response_logps(policy, x, y), response_logps(ref, x, y)
-        losses, stats = preference_loss(pi[:B], pi[B:], rf[:B], rf[B:], 0.1, loss_type)
+        n = (y != -1).sum(1)  # each response's tokens (ipo_mean)
+        losses, stats = preference_loss(pi[:B], pi[B:], rf[:B], rf[B:], 0.1, loss_type, n_c=n[:B], n_r=n[B:])
         if loss_type == 'sigmoid':  # policy = reference: h = 0, loss = -log sigmoid(0) = log 2, every reward 0
             assert torch.allclose(losses, torch.full((B,), math.log(2)), atol=1e-6)
             assert (stats['rewards/chosen'] == 0).all() and (stats['rewards/rejected'] == 0).all()
