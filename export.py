@@ -85,7 +85,7 @@ with cli_errors():
     elif format == 'safetensors':
         write_safetensors(model, tok, path, TORCH_DTYPES[outtype], source=init_from)
     else:  # hf: a directory, written beside path and renamed into place when whole
-        if tok.kind != 'hf':
+        if tok.kind not in ('hf', 'char'):  # a char vocabulary of any chars has an HF form
             # refuses, with the reason, a tokenizer Hugging Face's files cannot hold
             hf.byte_level_vocab(tok)
         tmp = f'{path}.{os.getpid()}.tmp'

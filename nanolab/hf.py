@@ -423,8 +423,7 @@ def write_pretrained(out_dir, config, state_dict, tokenizer=None):
     if tokenizer is not None:
         try:
             save_tokenizer_files(tokenizer, out_dir)
-        except ValueError as e:
-            # a char vocabulary of multi-byte chars has no HF form; the weights are still good
+        except ValueError as e:  # the weights are still good: say so, and why no tokenizer
             if tokenizer.kind != 'char':
                 raise
             print(f'note: {out_dir} gets no tokenizer files: {e}', file=sys.stderr)
@@ -494,23 +493,39 @@ def save_tokenizer_files(tok, out_dir):
         for name, text in tok.files.items():
             write_text(os.path.join(out_dir, name), text)
         return
-    # 1) GPT-2's files: each token's bytes written as bytes_to_unicode chars
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTok
-    text_of, merges, specials = byte_level_vocab(tok)
-    vocab = {s: i for i, s in text_of.items()}
-    if len(vocab) != len(text_of):
-        raise ValueError('two token ids share the same bytes, which vocab.json cannot represent')
-    vocab.update(specials)  # as GPT-2's vocab.json lists <|endoftext|>
-    write_text(os.path.join(out_dir, 'vocab.json'), json.dumps(vocab, ensure_ascii=False))
-    write_text(os.path.join(out_dir, 'merges.txt'),
-               '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
-    # 2) tokenizer.json: BPE model + ByteLevel pre-tokenizer (its regex is GPT2_SPLIT_PATTERN)
-    hf = HFTok(models.BPE(vocab=vocab, merges=merges))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    hf.decoder = decoders.ByteLevel()
-    # ids from vocab
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if tok.kind == 'char' and any(len(c.encode('utf-8')) > 1 for c in tok.chars):
+        # 1') a char vocabulary with chars of several bytes, whose bytes have no ids of their own:
+        #     not byte-level but one token per char, a WordLevel model over a split into chars
+        hf, specials = HFTok(models.WordLevel(vocab={c: i for i, c in enumerate(tok.chars)},
+                                              unk_token='[UNK]')), {}
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')
+        hf.decoder = decoders.Fuse()  # chars join as they are
+    else:
+        # 1) GPT-2's files: each token's bytes written as bytes_to_unicode chars
+        text_of, merges, specials = byte_level_vocab(tok)
+        vocab = {s: i for i, s in text_of.items()}
+        if len(vocab) != len(text_of):
+            raise ValueError('two token ids share the same bytes, which vocab.json cannot '
+                             'represent')
+        vocab.update(specials)  # as GPT-2's vocab.json lists <|endoftext|>
+        write_text(os.path.join(out_dir, 'vocab.json'), json.dumps(vocab, ensure_ascii=False))
+        write_text(os.path.join(out_dir, 'merges.txt'),
+                   '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
+        # 2) tokenizer.json: BPE model + ByteLevel pre-tokenizer (its regex is GPT2_SPLIT_PATTERN)
+        hf = HFTok(models.BPE(vocab=vocab, merges=merges))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        # ids from vocab
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    # refused rather than written if it would lose text: every char of a char vocabulary, or a
+    # sample, must encode to our ids and decode back
+    sample = ''.join(tok.chars) if tok.kind == 'char' else \
+        'Hello, world!\n  The 2 quick brown foxes, naïve café, 日本語 😀\t<end>'
+    if hf.encode(sample).ids != tok.encode(sample) or hf.decode(tok.encode(sample)) != sample:
+        raise ValueError(f"{tok!r} has no Hugging Face tokenizer that keeps its text; the model's "
+                         "weights export, its tokenizer does not")
     write_text(os.path.join(out_dir, 'tokenizer.json'), hf.to_str())
     # 3) configs: GPT-2's convention is one token for bos, eos and unk; no clean-up, so decode
     #    round-trips

@@ -255,8 +255,9 @@ def test_hf_export_matches_transformers(which, gpt2, small_bpe, tmp_path):
 
 
 def test_hf_export_of_a_char_vocabulary(tmp_path):
-    """A char vocabulary of one-byte chars is a byte-level BPE without merges: transformers encodes each char to our
-    id, and its chat template (text markers, turns ended by a blank line) renders as render_chat does."""
+    """A char vocabulary of one-byte chars is a byte-level BPE without merges, one with chars of several bytes a
+    WordLevel model over single chars: transformers encodes each char to our id and decodes back, and the chat
+    template (text markers, turns ended by a blank line) renders as render_chat does."""
     from transformers import AutoTokenizer
     text = 'ROMEO:\nBut soft, what light through yonder window breaks?\n\n' + ''.join(MSGS[i]['content'] for i in range(3))
     tok = CharTokenizer(text=text + 'System: User: Assistant: \n')
@@ -267,8 +268,14 @@ def test_hf_export_of_a_char_vocabulary(tmp_path):
     for msgs, gen in [(MSGS, False), (MSGS[:2], True)]:
         theirs = hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True, return_dict=True)
         assert theirs['input_ids'] == tok.render_chat(msgs, add_generation_prompt=gen)[0]
-    with pytest.raises(ValueError, match='more than one byte.*--format=gguf'):  # 'ï' is two bytes in UTF-8: no id for each
-        save_hf_tokenizer_files(CharTokenizer(text='naïve'), tmp_path)
+    # chars of several bytes ('ï', '€', '日', an emoji): one token each in a WordLevel model, as transformers reads it
+    wide = CharTokenizer(text='naïve café, 3€ 日本 😀\n\nSystem: User: Assistant: ' + text)
+    save_hf_tokenizer_files(wide, tmp_path / 'wide')
+    hf = AutoTokenizer.from_pretrained(tmp_path / 'wide')
+    for t in ['naïve café, 3€', '日本 😀\n\n ok', ''.join(wide.chars)]:
+        assert hf.encode(t, add_special_tokens=False) == wide.encode(t) and hf.decode(wide.encode(t)) == t
+    theirs = hf.apply_chat_template(MSGS[:2], add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert theirs['input_ids'] == wide.render_chat(MSGS[:2], add_generation_prompt=True)[0]
 
 
 def test_continue_final_message_leaves_the_reply_open(gpt2):
