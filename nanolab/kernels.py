@@ -20,7 +20,8 @@ The choice is saved per CPU (model name and instruction sets), thread count, tor
 and the model's linear shapes, in $NANOLAB_KERNELS (default ~/.cache/nanolab/kernels.json), so
 sample.py, serve.py and bench.py decode a model with the same kernels on one machine, and a seeded
 request gives the same text in each. NANOLAB_KERNELS=off skips the probe: oneDNN/8 where oneDNN is
-built in (the EPYC's choice for GPT-2 124M and a 1B Llama, fp32 and bf16).
+built in (the EPYC's choice for GPT-2 124M in fp32 and a 1B Llama in bf16; GPT-2 in bf16 tied it
+within 1% with oneDNN/1).
 
     kernel, line = linear_kernel(model)    # 'mkl' | 'onednn/1' | 'onednn/8', and what to print
 """
