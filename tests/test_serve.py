@@ -475,6 +475,29 @@ def test_lm_evals_api_model_scores_a_char_model_through_the_server(runs, ref):
     assert got == pytest.approx(want, abs=1e-3)
 
 
+def test_compile_serves_compiled_steps_and_loads_alike(runs, ref, monkeypatch):
+    """serve.py --compile: a model's decode steps are compiled before it serves (torch.compile's own capture,
+    backend='eager', stands in for inductor here), its greedy text is the eager model's, and POST /v1/models/load
+    compiles the model it adds the same way (the engine's options)."""
+    real = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda m, **kw: real(m, backend='eager', **kw))
+    torch._dynamo.reset()
+    try:
+        with serving(runs, source=runs / 'char', compile=True) as srv:
+            w = srv.engines['char']
+            assert w.decoder is not w.model and w.options['compile'] is True
+            body = call(srv, 'POST', '/v1/completions', {'model': 'char', 'prompt': 'To be', 'max_tokens': 30,
+                                                         'temperature': 0})[1]
+            assert body['choices'][0]['text'] == greedy(ref, 'char', 'To be', 30).text
+            status, _ = call(srv, 'POST', '/v1/models/load', {'source': str(runs / 'bpe'), 'name': 'bpe2'})
+            assert status == 200 and srv.engines['bpe2'].decoder is not srv.engines['bpe2'].model
+            body = call(srv, 'POST', '/v1/completions', {'model': 'bpe2', 'prompt': 'Hello', 'max_tokens': 12,
+                                                         'temperature': 0})[1]
+            assert body['choices'][0]['text'] == greedy(ref, 'bpe', 'Hello', 12).text
+    finally:
+        torch._dynamo.reset()
+
+
 def test_attention_maps(server):
     status, body = call(server, 'POST', '/v1/attention', {'model': 'char', 'prompt': 'abcd'})
     assert status == 200 and body['tokens'] == list('abcd')
