@@ -38,6 +38,7 @@ from dataclasses import replace
 
 import torch
 
+from nanolab import grammar
 from nanolab.decoding import (Settings, SettingsError, TextStream, choose, extend_beams,
                               prompt_lists, top_logprobs)
 from nanolab.events import BeamStep, Event, PromptScores, Request
@@ -82,6 +83,9 @@ class Row:
         self.parent, self.children, self.scores, self.admitted = None, [], None, 0
         self.text = TextStream(req.engine.tok, s.stop_strings, s.stop_tokens) \
             if group is None else None
+        self.constraint = grammar.Constraint(grammar.vocabulary(req.engine.tok, req.engine.V),
+                                             grammar.schema_grammar(s.json_schema)) \
+            if s.json_schema is not None and group is None else None
         self.score, self.lps, self.tops, self.node = 0.0, [], [], None  # beam search only
 
 class Beams:
@@ -488,7 +492,11 @@ class Engine:
             s = r.req.settings
             try:
                 r.tokens.append(t)
-                delta, reason = r.text.push(t, len(r.tokens) - r.n_prompt == s.max_new_tokens)
+                # a grammar's text ends where the grammar does: a stop, its held-back tail sent
+                done = r.constraint is not None and r.constraint.advance(t)
+                delta, reason = r.text.push(t, len(r.tokens) - r.n_prompt == s.max_new_tokens
+                                            or done)
+                reason = 'stop' if done else reason
                 top = None
                 if s.logprobs:  # row b's ids at 3B + bk, their logprobs B*k further on
                     at = 3 * B + b * k
