@@ -29,7 +29,7 @@ from nanolab.httpd import ApiError
 MAX_STOPS = 4               # stop strings per request, as OpenAI
 MAX_TOP_LOGPROBS = 20       # alternatives per token, as OpenAI's chat API
 PARAMS = {'max_new_tokens': 'max_tokens', 'num_samples': 'n', 'stop_strings': 'stop',
-          'prompt_logprobs': 'echo'}
+          'prompt_logprobs': 'echo', 'json_schema': 'response_format'}
 
 # -----------------------------------------------------------------------------
 # 0) a body's fields
@@ -78,7 +78,7 @@ def encode(w, text, param):
 COMMON_FIELDS = {'model', 'max_tokens', 'temperature', 'top_p', 'n', 'stop', 'seed',
                  'presence_penalty', 'frequency_penalty', 'stream', 'stream_options', 'user',
                  'top_k', 'min_p', 'repetition_penalty', 'num_beams', 'length_penalty',
-                 'beam_tree', 'template', 'variables', 'cot'}
+                 'beam_tree', 'template', 'variables', 'cot', 'response_format'}
 COMPLETION_FIELDS = COMMON_FIELDS | {'prompt', 'logprobs', 'echo'}
 CHAT_FIELDS = COMMON_FIELDS | {'messages', 'logprobs', 'top_logprobs', 'max_completion_tokens',
                                'continue_final_message'}
@@ -98,6 +98,24 @@ class Call:
     include_usage: bool
     beam_tree: bool = False  # each choice also carries its beam search's tree (events.beam_tree)
 
+
+def response_format(body):
+    """OpenAI's response_format -> the JSON schema the answer follows (its text), or None:
+    {"type": "text"} none, {"type": "json_object"} any object, {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}, "strict": ...}} that schema (every schema is
+    followed strictly: the grammar allows nothing else)."""
+    rf = body.get('response_format')
+    if rf is None or isinstance(rf, dict) and rf.get('type') == 'text':
+        return None
+    js = rf.get('json_schema') if isinstance(rf, dict) else None
+    if isinstance(rf, dict) and rf.get('type') == 'json_object':
+        return '{"type": "object"}'
+    if not (isinstance(rf, dict) and rf.get('type') == 'json_schema' and isinstance(js, dict)
+            and isinstance(js.get('schema', {}), dict)):
+        raise ApiError(400, "'response_format' must be {\"type\": \"text\"}, {\"type\": "
+                            "\"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
+                            "{\"name\": ..., \"schema\": {...}}}", 'response_format')
+    return json.dumps(js.get('schema') or {'type': 'object'})
 
 def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
     """A completions or chat body, checked against the model -> Call. Every problem is an
@@ -222,7 +240,8 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
         stop_strings=tuple(stop_strings + stop),
         seed=number(body, 'seed', None, 0, 2**62, integer=True),
         # a tiny vocabulary: all of it
-        logprobs=min(logprobs or 0, w.V), prompt_logprobs=echo and logprobs is not None)
+        logprobs=min(logprobs or 0, w.V), prompt_logprobs=echo and logprobs is not None,
+        json_schema=response_format(body))
     tree = flag(body, 'beam_tree')
     if tree and settings.num_beams < 2:
         raise ApiError(400, "'beam_tree' shows a beam search: set 'num_beams' to 2 or more",

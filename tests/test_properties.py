@@ -122,6 +122,11 @@ PLAUSIBLE = {  # values a real client sends, mixed with any JSON
         {'question': st.text(max_size=5), 'answer': st.text(max_size=5)}), max_size=3),
         'k': st.one_of(st.integers(-2, 5), JSON), 'seed': st.one_of(st.integers(), JSON)}),
     'stop': st.sampled_from(['\n', ['a', 'b'], [''], 'x' * 40]), 'seed': st.integers(-1, 2 ** 63),
+    'response_format': st.sampled_from([{'type': 'json_object'}, {'type': 'text'}, {'type': 'json_schema'}, 'json',
+                                        {'type': 'json_schema', 'json_schema': {'schema': {
+                                            'type': 'object', 'properties': {'a': {'type': 'boolean'}},
+                                            'required': ['a']}}}])
+    | st.fixed_dictionaries({'type': st.just('json_schema'), 'json_schema': st.fixed_dictionaries({'schema': JSON})}),
     'tokens': st.lists(st.integers(-2, 300), max_size=5), 'layer': st.integers(-1, 3), 'top': st.integers(0, 12),
     'arch': st.sampled_from(['gpt2', 'llama']), 'n_head': st.integers(0, 8), 'n_embd': st.integers(0, 64),
     'n_layer': st.integers(0, 4), 'n_kv_head': st.integers(0, 8),
