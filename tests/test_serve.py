@@ -527,6 +527,30 @@ def test_response_format_makes_the_answer_follow_the_schema(server):
         assert status == 400 and body['error']['param'] == 'response_format', (bad, body)
 
 
+def test_the_openai_clients_parse_helper_gets_an_object(server):
+    """The official openai client's structured-output helper against the server: chat.completions.parse with a
+    Pydantic model (its schema: titles, required fields, no extra properties) returns a parsed object from a random
+    model, whole and streamed."""
+    openai = pytest.importorskip('openai')
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):  # bounded, so a random model's answer ends within max_tokens
+        ok: bool
+        level: int = Field(ge=0, le=9)
+
+    client = openai.OpenAI(base_url=f'http://127.0.0.1:{server.server_address[1]}/v1', api_key='unused', max_retries=0)
+    parse = getattr(client.chat.completions, 'parse', None) or client.beta.chat.completions.parse
+    reply = parse(model='bpe', messages=[{'role': 'user', 'content': 'Hi'}], response_format=Answer, max_tokens=40,
+                  temperature=0)
+    got = reply.choices[0].message.parsed
+    assert isinstance(got, Answer) and reply.choices[0].finish_reason == 'stop'
+    stream_ = getattr(client.chat.completions, 'stream', None) or client.beta.chat.completions.stream
+    with stream_(model='bpe', messages=[{'role': 'user', 'content': 'Hi'}], response_format=Answer, max_tokens=40,
+                 temperature=0) as s:
+        final = s.get_final_completion()
+    assert final.choices[0].message.parsed == got
+
+
 def test_attention_maps(server):
     status, body = call(server, 'POST', '/v1/attention', {'model': 'char', 'prompt': 'abcd'})
     assert status == 200 and body['tokens'] == list('abcd')
