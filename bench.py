@@ -10,6 +10,7 @@ Benchmarks that print figures (speed targets live here, never in timed tests).
     python bench.py --which=serve                    # serve.py under 1-16 streaming clients, ~30 s
     python bench.py --which=quantize                 # fp32/bf16/int8/int4: bytes, RSS, tok/s, KL, ~5 min
     python bench.py --which=fairness                 # a stream beside a flood, beams, long prompts
+    python bench.py --which=structured               # response_format's cost at 1-16 clients, ~5 min
     python bench.py --which=decode_profile           # a decode step against reading its weights once
     python bench.py --which=real                     # a 1B-shaped Llama: load s, peak RSS, tok/s, ~5 min
     python bench.py --which=lora                     # its LoRA / QLoRA step's peak memory, ~5 min
@@ -101,7 +102,7 @@ from nanolab.tokenizer import TiktokenTokenizer
 from nanolab.training import configure_optimizer, optimizer_step
 
 # -----------------------------------------------------------------------------
-which = 'decode'              # 'decode' | 'decode_profile' | 'train' | 'harness' | 'serve' | 'fairness' | 'llamacpp' | 'quantize' | 'real' | 'lora'
+which = 'decode'              # 'decode' | 'decode_profile' | 'train' | 'harness' | 'serve' | 'fairness' | 'structured' | 'llamacpp' | 'quantize' | 'real' | 'lora'
 models = 'gpt2_124m,llama_56m'  # comma list of the shapes below
 batch_sizes = '1,8'           # comma list of batch sizes for the decode comparison
 new_tokens = 64               # tokens generated per decode measurement
@@ -138,8 +139,8 @@ lora_modes = 'bf16,bf16+ckpt,nf4,nf4+ckpt'  # lora: the frozen base (bf16 or nf4
 profile_formats = 'fp32,bf16,fp32+int8'  # decode_profile: quantize.in_format names, at batch 1 and 8
 profile_compile = True        # decode_profile: each format also torch.compile'd (sample.py/serve.py --compile)
 # -----------------------------------------------------------------------------
-CHOICES = {'which': ('decode', 'decode_profile', 'train', 'harness', 'serve', 'fairness', 'llamacpp',
-                     'quantize', 'real', 'lora'),
+CHOICES = {'which': ('decode', 'decode_profile', 'train', 'harness', 'serve', 'fairness', 'structured',
+                     'llamacpp', 'quantize', 'real', 'lora'),
            'dtype': DTYPES}
 config = configure(globals(), choices=CHOICES)
 
@@ -483,6 +484,10 @@ if which == 'llamacpp':
 
 elif which == 'fairness':
     bench_serving.bench_fairness(serve_model, device, serve_quantize, serve_tokens)
+
+elif which == 'structured':  # response_format against none, GPT-2 124M
+    bench_serving.bench_structured([int(c) for c in clients.split(',')], requests_per_client,
+                                   serve_tokens, repeats, seed)
 
 elif which == 'serve':
     rows = bench_serving.bench_serve(serve_model, device, serve_quantize,

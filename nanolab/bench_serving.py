@@ -65,17 +65,17 @@ def stream_once(port, body, path='/v1/completions'):
     return ttft, tokens, time.perf_counter() - t0, gap
 
 
-def serve_round(port, n, per_client, max_tokens, seed=1337):
+def serve_round(port, n, per_client, max_tokens, seed=1337, extra=None):
     """n clients at once, each sending per_client requests one after another (more when n is small,
-    so that every round sends at least 16 and lasts long enough to time) -> (tokens/s over the
-    round, sorted times to first token)."""
+    so that every round sends at least 16 and lasts long enough to time), each body with extra's
+    fields -> (tokens/s over the round, sorted times to first token)."""
     results, barrier, per_client = [], threading.Barrier(n + 1), max(per_client, -(-16 // n))
 
     def client(c):
         barrier.wait()
         for r in range(per_client):
             body = {'prompt': PROMPTS[(c + r) % len(PROMPTS)], 'max_tokens': max_tokens,
-                    'temperature': 0.8, 'seed': seed + 1000 * c + r}
+                    'temperature': 0.8, 'seed': seed + 1000 * c + r, **(extra or {})}
             results.append(stream_once(port, body))
     threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
     for t in threads:
@@ -177,6 +177,49 @@ def bench_serve(model, device, quantize, clients, per_client, tokens):
           f"{per_client} requests a client and 16 a round, temperature 0.8, streaming")
     with Process(serve_cmd(model, device, quantize)) as p:
         return rounds({'serve.py': p.port}, clients, per_client, tokens)['serve.py']
+
+
+# a structured answer's schema for bench_structured: bounded, so every answer ends
+SCHEMA = {'type': 'object', 'properties': {
+    'name': {'type': 'string', 'maxLength': 24}, 'age': {'type': 'integer', 'minimum': 0, 'maximum': 120},
+    'tags': {'type': 'array', 'items': {'enum': ['red', 'green', 'blue']}, 'maxItems': 4}},
+    'required': ['name', 'age', 'tags'], 'additionalProperties': False}
+
+
+def bench_structured(clients, per_client, tokens, repeats, seed):
+    """Constrained decoding's cost: serve.py on GPT-2 124M (random weights, written with
+    save_pretrained) under rounds of each number of streaming clients, every request with
+    response_format (SCHEMA) against none, rounds interleaved, best of repeats -> a printed table
+    (tokens/s counts each answer's tokens, however short)."""
+    import torch
+    from model import GPT, GPTConfig
+    from nanolab import grammar
+    from nanolab.tokenizer import TiktokenTokenizer
+    rf = {'response_format': {'type': 'json_schema', 'json_schema': {'name': 'person',
+                                                                     'schema': SCHEMA}}}
+    tok = TiktokenTokenizer('gpt2')
+    t0 = time.perf_counter()
+    grammar.vocabulary(tok, 50304)
+    t1 = time.perf_counter()
+    grammar.schema_grammar(SCHEMA)
+    print(f"structured: GPT-2 124M, random weights, {tokens} tokens a request at most, "
+          f"temperature 0.8; llguidance's table of the vocabulary {t1 - t0:.2f} s (once per "
+          f"tokenizer), the schema's grammar {(time.perf_counter() - t1) * 1e3:.1f} ms\n\n"
+          "| clients | plain tok/s | response_format tok/s | ratio |\n|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(seed)
+        GPT(GPTConfig(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                      vocab_size=50304)).save_pretrained(d, tok)
+        with Process(serve_cmd(d, 'cpu')) as p:
+            serve_round(p.port, 2, 1, 8, extra=rf)  # warm-up: the vocabulary table, first calls
+            for n in clients:
+                best = [0.0, 0.0]
+                for _ in range(repeats):
+                    for i, extra in enumerate((None, rf)):
+                        best[i] = max(best[i], serve_round(p.port, n, per_client, tokens,
+                                                           extra=extra)[0])
+                print(f"| {n} | {best[0]:.0f} | {best[1]:.0f} | {best[1] / best[0]:.2f}x |",
+                      flush=True)
 
 
 # -----------------------------------------------------------------------------
