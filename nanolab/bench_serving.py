@@ -54,13 +54,14 @@ def stream_once(port, body, path='/v1/completions'):
         raise RuntimeError(f'HTTP {r.status}: {r.read()[:300]}')
     ttft, tokens, last, gap = None, 0, None, 0.0
     # subtle: only the usage chunk is parsed, so the clients take little of the CPU from the server
+    # (the chunks before it say "usage": null, as OpenAI's do)
     for line in r:
         if line.startswith(b'data: {'):
             now = time.perf_counter()
             ttft = now - t0 if ttft is None else ttft
             gap, last = max(gap, now - last) if last is not None else gap, now
-            if b'"usage"' in line:
-                tokens = json.loads(line[6:])['usage']['completion_tokens']
+            if b'"usage"' in line and b'"usage": null' not in line:
+                tokens = (json.loads(line[6:])['usage'] or {}).get('completion_tokens', tokens)
     conn.close()
     return ttft, tokens, time.perf_counter() - t0, gap
 
@@ -179,11 +180,12 @@ def bench_serve(model, device, quantize, clients, per_client, tokens):
         return rounds({'serve.py': p.port}, clients, per_client, tokens)['serve.py']
 
 
-# a structured answer's schema for bench_structured: bounded, so every answer ends
+# bench_structured's schema: fields of each kind, the last a free text, so an answer (of a random
+# model) runs to max_tokens as a plain one does and the two rounds decode the same number of tokens
 SCHEMA = {'type': 'object', 'properties': {
-    'name': {'type': 'string', 'maxLength': 24}, 'age': {'type': 'integer', 'minimum': 0, 'maximum': 120},
-    'tags': {'type': 'array', 'items': {'enum': ['red', 'green', 'blue']}, 'maxItems': 4}},
-    'required': ['name', 'age', 'tags'], 'additionalProperties': False}
+    'age': {'type': 'integer', 'minimum': 0, 'maximum': 120},
+    'tags': {'type': 'array', 'items': {'enum': ['red', 'green', 'blue']}, 'maxItems': 4},
+    'notes': {'type': 'string'}}, 'required': ['age', 'tags', 'notes'], 'additionalProperties': False}
 
 
 def bench_structured(clients, per_client, tokens, repeats, seed):

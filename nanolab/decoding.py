@@ -286,12 +286,12 @@ def choose(logits, rows):
     lse = torch.logsumexp(logits, dim=-1)
     broken = ~torch.isfinite(lse)  # NaN anywhere, or +inf, makes the row's logsumexp non-finite
     # a grammar's row (json_schema) chooses among the tokens it allows; its logprobs stay the model's
-    masks = [(b, r.constraint.allowed()) for b, r in enumerate(rows)
-             if getattr(r, 'constraint', None) is not None]
-    if masks:
-        logits = logits.clone()
-        for b, allowed in masks:
-            logits[b].masked_fill_(~allowed.to(logits.device), float('-inf'))
+    held = [b for b, r in enumerate(rows) if getattr(r, 'constraint', None) is not None]
+    if held:
+        from nanolab.grammar import allowed_rows
+        allowed = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+        allowed[held] = allowed_rows([rows[b].constraint for b in held]).to(logits.device)
+        logits = logits.masked_fill(~allowed, float('-inf'))
     # on a CPU the check costs nothing and spares a copy of every row's logits each step (0.2 ms
     # for 8 rows of 50k); on a GPU, no waiting for the device
     if logits.is_cuda or bool(broken.any()):
