@@ -114,8 +114,8 @@ class Settings:
                 raise SettingsError('json_schema', "json_schema needs a tokenizer (pass "
                                     "tokenizer=) and sampling or greedy decoding, not beams")
             try:
-                grammar.schema_grammar(s.json_schema)
-                grammar.vocabulary(tokenizer, vocab_size)
+                grammar.vocabulary(tokenizer, vocab_size).prototype(
+                    grammar.schema_grammar(s.json_schema))
             except grammar.GrammarError as e:
                 raise SettingsError('json_schema', f'json_schema: {e}') from None
         # subtle: logits / 1e-40 overflow to inf, and softmax(inf) is NaN

@@ -26,7 +26,7 @@ MAX_SCHEMA_BYTES = 32 << 10  # a schema's JSON text at most
 MAX_DEPTH = 16               # nesting of a schema's objects and arrays at most
 CACHE = 64                   # grammars kept, the most recently used
 _grammars = OrderedDict()
-_vocabularies = weakref.WeakKeyDictionary()  # tokenizer -> {V: llguidance tokenizer}
+_vocabularies = weakref.WeakKeyDictionary()  # tokenizer -> {V: Vocabulary}
 
 
 class GrammarError(ValueError):
@@ -88,23 +88,41 @@ class _Wrap:
         return self.tok.encode(s.decode('utf-8', 'replace') if isinstance(s, bytes) else s)
 
 
+class Vocabulary:
+    """llguidance's table of a tokenizer's V ids (0.1-0.2 s for 50k ids, so built once), and the
+    start-state matchers of the grammars used with it, which rows copy: building one can take
+    100-1000 ms for a large grammar, so Settings.check builds it on the request's thread and the
+    engine's thread only copies it. Kept as the grammars are (CACHE)."""
+    def __init__(self, tok, V):
+        import llguidance
+        self.V, self.protos = V, OrderedDict()
+        self.lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrap(tok, V)), n_vocab=V)
+
+    def prototype(self, grammar):
+        import llguidance
+        if grammar not in self.protos:
+            self.protos[grammar] = llguidance.LLMatcher(self.lltok, grammar)
+            while len(self.protos) > CACHE:
+                self.protos.popitem(last=False)
+        self.protos.move_to_end(grammar)
+        return self.protos[grammar]
+
+
 def vocabulary(tok, V):
-    """llguidance's table of tok's V ids, built once per tokenizer (0.1-0.2 s for 50k ids)."""
-    import llguidance
+    """tok's Vocabulary of V ids, one per tokenizer and V."""
     if tok.eot is None:
         raise GrammarError("structured output needs a vocabulary with an end-of-text token, where "
                            "a finished text can end; this one (a char vocabulary) has none")
     per = _vocabularies.setdefault(tok, {})
     if V not in per:
-        per[V] = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrap(tok, V)), n_vocab=V)
+        per[V] = Vocabulary(tok, V)
     return per[V]
 
 
 class Constraint:
     """One row's grammar state: which tokens it allows next, advanced by each token chosen."""
     def __init__(self, vocab, grammar):
-        import llguidance
-        self.m, self.V = llguidance.LLMatcher(vocab, grammar), vocab.vocab_size
+        self.m, self.V = vocab.prototype(grammar).deep_copy(), vocab.V
 
     def allowed(self):
         """(V,) bool: the tokens the grammar takes next (the end-of-text id once it is complete)."""
