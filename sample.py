@@ -53,6 +53,7 @@ num_beams = 1                 # > 1 = beam search (deterministic: temperature/to
 length_penalty = 1.0          # beam score = sum logprob / length**length_penalty; > 1 favours longer
 stop = ''                     # one stop string ('' = none; eot always stops). A newline: --stop="'\n'"
 json_schema = ''              # the text follows this JSON schema (constrained decoding, nanolab/grammar.py): its JSON, or FILE:path of one
+grammar = ''                  # ... or this grammar, in llguidance's Lark (start: "yes" | "no"): its text, or FILE:path of one
 seed = 1337                   # sample k draws with seed + k (engine.py's seeding rule), as the server's sample k
 device = 'auto'               # auto | cpu | cuda | cuda:N | mps
 dtype = 'auto'                # auto (bf16 on GPU; CPU: a bf16 model's bf16 if the CPU has bf16, else fp32) | float32 | bfloat16 | float16
@@ -160,7 +161,8 @@ def main():
                                       'frequency_penalty', 'num_beams', 'length_penalty',
                                       'use_cache')}
     opts.update(stop_strings=[stop] if stop else [], tokenizer=tok,
-                json_schema=_file_or_text(json_schema, 'JSON schema', 'json_schema') or None)
+                json_schema=_file_or_text(json_schema, 'JSON schema', 'json_schema') or None,
+                grammar=_file_or_text(grammar, 'grammar', 'grammar') or None)
     if chat:
         return _chat(model, tok, opts)
     ids = _prompt_ids(tok)

@@ -251,8 +251,9 @@ class ChatTemplate:
             f'the chat template of {self.name} failed ({type(e).__name__}: {e}); fix the template (chat_template.jinja '
             """or tokenizer_config.json "chat_template") or delete it to use nanolab's own chat format""")
 
-    def render(self, messages, add_generation_prompt=False, continue_final_message=False):
-        """messages -> the rendered text, control tokens in user text marked, as transformers renders it."""
+    def render(self, messages, add_generation_prompt=False, continue_final_message=False, tools=None):
+        """messages -> the rendered text, control tokens in user text marked, as transformers renders it; tools:
+        OpenAI's tool list, for a template that has a place for it (tool_calls.py)."""
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise ValueError('messages must be a list of {"role", "content"} dicts')
         if continue_final_message and (add_generation_prompt or not messages):
@@ -274,7 +275,7 @@ class ChatTemplate:
         _limits.max_chars = MAX_CHARS + 4 * len(json.dumps(chat, default=str))
         out, size = [], 0
         try:  # streamed, so a template that writes without end stops at the bound
-            for chunk in self.template.generate(messages=chat, tools=None, documents=None,
+            for chunk in self.template.generate(messages=chat, tools=tools, documents=None,
                                                 add_generation_prompt=add_generation_prompt, **self.specials):
                 size += len(chunk)
                 _check(size)
@@ -307,8 +308,8 @@ class ChatTemplate:
             ids += got
         return ids
 
-    def ids(self, messages, add_generation_prompt=False, continue_final_message=False):
-        return self.encode(self.render(messages, add_generation_prompt, continue_final_message))
+    def ids(self, messages, add_generation_prompt=False, continue_final_message=False, tools=None):
+        return self.encode(self.render(messages, add_generation_prompt, continue_final_message, tools))
 
     def end_tokens(self):
         """The special tokens the template writes after an assistant's content (<|eot_id|>, <|im_end|> ...)."""
@@ -323,20 +324,20 @@ class ChatTemplate:
         tail = tail[tail.find('Hello') + len('Hello'):] if 'Hello' in tail else ''
         return [i for i in self.encode_special(tail) if i in {i for i, special in self.added.values() if special}]
 
-    def render_chat(self, messages, add_generation_prompt=False, continue_final_message=False, stops=()):
+    def render_chat(self, messages, add_generation_prompt=False, continue_final_message=False, stops=(), tools=None):
         """(ids, mask): ids as transformers' apply_chat_template(..., sanitize_control_tokens=True); mask 1 on each
         assistant message's tokens through its last stop token (the module docstring has the method, its limits)."""
-        full = self.ids(messages, add_generation_prompt, continue_final_message)
+        full = self.ids(messages, add_generation_prompt, continue_final_message, tools)
         mask, cursor, key = [0] * len(full), 0, ''.join(map(chr, full))  # ids as a str: fast sublist search
         for i, m in enumerate(messages):
             if m.get('role') != 'assistant':
                 continue
             is_open = continue_final_message and i == len(messages) - 1
             try:
-                p = self.ids(messages[:i], True)
+                p = self.ids(messages[:i], True, tools=tools)
             except ValueError:  # e.g. an empty chat, which some templates refuse
                 p = []
-            q = self.ids(messages[:i + 1], False, is_open)
+            q = self.ids(messages[:i + 1], False, is_open, tools)
             start = next((k for k, (a, b) in enumerate(zip(p, q)) if a != b), min(len(p), len(q)))
             turn = q[start:]
             if not is_open:  # cut after the last stop token: what follows is the template's separator

@@ -53,7 +53,9 @@ class Settings:
     seed: int | None = None           # the seeding rule above; None = drawn at submit (torch)
     logprobs: int = 0                 # the k likeliest (token, logprob) at every step; 0 = off
     prompt_logprobs: bool = False     # also score every prompt token (echo): PromptScores events
-    json_schema: str | None = None    # the text must follow this JSON schema (grammar.py); None = off
+    json_schema: str | None = None    # the text follows this JSON schema (grammar.py); None = off
+    grammar: str | None = None        # ... or this grammar, in llguidance's Lark
+    logit_bias: tuple = ()            # OpenAI's: ((token id, bias in [-100, 100]), ...) added
 
     @property
     def sampler(self):
@@ -69,6 +71,13 @@ class Settings:
         prefill), or 1 to score."""
         return self.num_beams if self.num_beams > 1 else 1 if self.max_new_tokens == 0 else \
             self.num_samples
+
+    @property
+    def compiled_grammar(self):
+        """The grammar the text follows (grammar.py, cached), or None."""
+        from nanolab import grammar
+        return grammar.schema_grammar(self.json_schema) if self.json_schema is not None else \
+            None if self.grammar is None else grammar.lark_grammar(self.grammar)
 
     @property
     def penalized(self):
@@ -108,16 +117,20 @@ class Settings:
         if stops and tokenizer is None:
             raise SettingsError('stop_strings', "stop_strings need a tokenizer to "
                                                 "decode the text; pass tokenizer=")
-        if s.json_schema is not None:
+        if s.json_schema is not None or s.grammar is not None:
             from nanolab import grammar
-            if tokenizer is None or s.num_beams > 1:
-                raise SettingsError('json_schema', "json_schema needs a tokenizer (pass "
-                                    "tokenizer=) and sampling or greedy decoding, not beams")
-            try:
-                grammar.vocabulary(tokenizer, vocab_size).prototype(
-                    grammar.schema_grammar(s.json_schema))
+            field = 'json_schema' if s.json_schema is not None else 'grammar'
+            if tokenizer is None or None not in (s.json_schema, s.grammar):
+                raise SettingsError(field, "json_schema or grammar (one of them) needs a "
+                                           "tokenizer: pass tokenizer=")
+            try:  # built here, on the caller's thread (grammar.Vocabulary)
+                grammar.vocabulary(tokenizer, vocab_size).prototype(s.compiled_grammar)
             except grammar.GrammarError as e:
-                raise SettingsError('json_schema', f'json_schema: {e}') from None
+                raise SettingsError(field, f'{field}: {e}') from None
+        if any(not (isinstance(t, int) and 0 <= t < V and -100 <= b <= 100)
+               for t, b in s.logit_bias):
+            raise SettingsError('logit_bias', f'logit_bias must map token ids in [0, {V}) to '
+                                              'biases in [-100, 100]')
         # subtle: logits / 1e-40 overflow to inf, and softmax(inf) is NaN
         if 0 < s.temperature < MIN_TEMPERATURE:
             # what such a temperature stands for is the argmax anyway
@@ -283,15 +296,9 @@ def choose(logits, rows):
     instead, and a group whose processing raises marks its own rows; the caller fails those rows'
     requests (engine.py) and their neighbours go on. Nothing here waits for the device (but draw's
     rare check on the CPU): the caller fetches tokens, logprobs and broken in one transfer."""
-    lse = torch.logsumexp(logits, dim=-1)
+    raw, lse = logits, torch.logsumexp(logits, dim=-1)
     broken = ~torch.isfinite(lse)  # NaN anywhere, or +inf, makes the row's logsumexp non-finite
-    # a grammar's row (json_schema) chooses among the tokens it allows; its logprobs stay the model's
-    held = [b for b, r in enumerate(rows) if getattr(r, 'constraint', None) is not None]
-    if held:
-        from nanolab.grammar import allowed_rows
-        allowed = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
-        allowed[held] = allowed_rows([rows[b].constraint for b in held]).to(logits.device)
-        logits = logits.masked_fill(~allowed, float('-inf'))
+    logits = constrain(logits, rows)  # the logprobs stay the model's (raw)
     # on a CPU the check costs nothing and spares a copy of every row's logits each step (0.2 ms
     # for 8 rows of 50k); on a GPU, no waiting for the device
     if logits.is_cuda or bool(broken.any()):
@@ -327,7 +334,25 @@ def choose(logits, rows):
             nxt, broken = t, broken | dead
         else:
             nxt[idx], broken[idx] = t, broken[idx] | dead
-    return nxt, logits.gather(1, nxt[:, None])[:, 0] - lse, lse, broken, errors
+    return nxt, raw.gather(1, nxt[:, None])[:, 0] - lse, lse, broken, errors
+
+def constrain(logits, rows):
+    """Each row's logit_bias added and its grammar's mask applied (a token it does not allow:
+    -inf), before any other processing: logits (B, V) raw -> new logits, or the same tensor when no
+    row has either. A row's mask is its own (grammar.Constraint), filled for the rows together."""
+    held = [b for b, r in enumerate(rows) if getattr(r, 'constraint', None) is not None]
+    biased = [b for b, r in enumerate(rows) if r.req.settings.logit_bias]
+    if not held and not biased:
+        return logits
+    logits = logits.clone()
+    for b in biased:
+        ids, bias = zip(*rows[b].req.settings.logit_bias)
+        logits[b, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    if held:
+        from nanolab.grammar import allowed_rows
+        allowed = allowed_rows([rows[b].constraint for b in held]).to(logits.device)
+        logits[held] = logits[held].masked_fill(~allowed, float('-inf'))
+    return logits
 
 def extend_beams(logits, rows, k):
     """Beam search's choice, for the live beams of one search: logits (nb, V) raw -> the k best
@@ -340,13 +365,14 @@ def extend_beams(logits, rows, k):
                                  [r.tokens[r.n_prompt:] for r in rows], V, logits.device,
                                  s.repetition_penalty, s.presence_penalty,
                                  s.frequency_penalty) if s.penalized else (None, None)
-    logp = F.log_softmax(process_logits(logits, seen, counts, **{**s.sampler, 'temperature': 0.0}),
-                         dim=-1)
+    logp = F.log_softmax(process_logits(constrain(logits, rows), seen, counts,
+                                        **{**s.sampler, 'temperature': 0.0}), dim=-1)
     total = torch.tensor([r.score for r in rows], device=logp.device)[:, None] + logp  # (nb, V)
     vals, flat = total.view(-1).topk(min(k, total.numel()))
     beam, tok = flat // V, flat % V
     out = zip(beam.tolist(), tok.tolist(), vals.tolist(), raw[beam, tok].tolist())
-    return list(out), top_logprobs(raw, s.logprobs)
+    # (a grammar may allow fewer than k extensions: the others are -inf)
+    return [e for e in out if e[2] > float('-inf')], top_logprobs(raw, s.logprobs)
 
 def top_logprobs(logits, k, lse=None):
     """The k likeliest (token, logprob) of each row, or None per row when k=0. logits: raw logits

@@ -83,9 +83,10 @@ class Row:
         self.parent, self.children, self.scores, self.admitted = None, [], None, 0
         self.text = TextStream(req.engine.tok, s.stop_strings, s.stop_tokens) \
             if group is None else None
+        # a grammar's state (json_schema, grammar): a beam's is its parent's, forked
         self.constraint = grammar.Constraint(grammar.vocabulary(req.engine.tok, req.engine.V),
-                                             grammar.schema_grammar(s.json_schema)) \
-            if s.json_schema is not None and group is None else None
+                                             s.compiled_grammar, s.stop_tokens) \
+            if s.compiled_grammar is not None and (group is None or not group.rows) else None
         self.score, self.lps, self.tops, self.node = 0.0, [], [], None  # beam search only
 
 class Beams:
@@ -533,8 +534,14 @@ class Engine:
             out = p.tokens[p.n_prompt:] + [t]
             node = dict(id=g.next_id, parent=p.node, step=g.step, token=t, logprob=lp,
                         cum_logprob=v, score=g.norm(v, len(out)), finished=False)
-            hyp = (p, t, v, node, p.lps + [node['logprob']], p.tops + [tops[src]])
-            if t in s.stop_tokens or any(x in self.tok.decode(out) for x in s.stop_strings):
+            hyp = (p, t, v, node, p.lps + [node['logprob']], p.tops + [tops[src]], None)
+            if p.constraint is not None:  # the child's grammar state: its parent's, and t
+                hyp = hyp[:-1] + (p.constraint.fork(),)
+                ended = hyp[-1].advance(t)
+            else:
+                ended = False
+            if ended or t in s.stop_tokens or any(x in self.tok.decode(out)
+                                                  for x in s.stop_strings):
                 # HF: a stop token outside the top K would crowd out better running beams
                 if rank < K:
                     node['finished'] = True
@@ -557,9 +564,10 @@ class Engine:
                 g, sorted(g.finished + new, key=score, reverse=True)[:s.num_samples])
         # the reorder: the survivors take the group's slots, each copying its parent's keys/values
         live = []
-        for x, (p, t, v, node, lps, tops_) in zip(g.slots, new):
+        for x, (p, t, v, node, lps, tops_, constraint) in zip(g.slots, new):
             r = Row(g.req, g.prompt_index, 0, p.tokens + [t], x, group=g)
             r.start, r.score, r.node, r.lps, r.tops = p.start, v, node['id'], lps, tops_
+            r.constraint = constraint
             live.append((p.slot, r))
         if self.cache is not None:
             self.cache.copy([src for src, _ in live], [r.slot for _, r in live])
@@ -572,11 +580,13 @@ class Engine:
     def _end_beams(self, g, best):
         """The best num_samples hypotheses, as one event per token (sample_index = rank); the
         group's slots free."""
-        for rank, (p, t, v, node, lps, tops) in enumerate(best):
+        for rank, (p, t, v, node, lps, tops, _) in enumerate(best):
             text = TextStream(self.tok, g.req.settings.stop_strings, g.req.settings.stop_tokens)
             out = p.tokens[p.n_prompt:] + [t]
             for j, tok in enumerate(out):
                 delta, reason = text.push(tok, j == len(out) - 1)
+                # (one its grammar ended is finished too: a stop)
+                reason = 'stop' if reason and node['finished'] else reason
                 g.req.queue.put(Event(g.prompt_index, rank, tok, delta, lps[j], tops[j], reason))
         for x in g.slots:
             self._free(x, 'rows_finished')

@@ -51,21 +51,24 @@ def generate_stream(model, prompts, max_new_tokens=100, *, temperature=1.0, top_
                     min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                     num_beams=1, length_penalty=1.0, num_samples=1, stop_tokens=None,
                     stop_strings=(), tokenizer=None, seed=None, use_cache=True, logprobs=0,
-                    json_schema=None, beam_steps=False) -> Iterator[Event]:
+                    json_schema=None, grammar=None, logit_bias=(),
+                    beam_steps=False) -> Iterator[Event]:
     """Events, one per new token of each row, as soon as it is chosen (beam search: all at the end,
     and with beam_steps=True a BeamStep event per step before them).
     prompts: list[int] or list[list[int]] of different lengths, decoded together in one batch; each
     prompt is repeated num_samples times (prompt_index, sample_index say which row an event belongs
     to).
     seed: engine.py's seeding rule (sample i draws from random.Random(seed + i)), whatever the
-    global RNG. json_schema: a JSON schema's text that every row's text follows (grammar.py;
-    needs tokenizer=). Arguments are checked here, at the call, so a caller can refuse bad input before it
+    global RNG. json_schema: a JSON schema's text that every row's text follows, or grammar: a Lark
+    grammar's (grammar.py; either needs tokenizer=); logit_bias: {token id: bias} or pairs, OpenAI's
+    (added to the logits, +-100 forcing or banning a token). Arguments are checked here, at the call, so a caller can refuse bad input before it
     starts streaming; decoding runs as the result is iterated, on a private Engine. The model
     should be in eval mode (load_model does that)."""
     settings = Settings(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                         presence_penalty, frequency_penalty, num_beams, length_penalty,
                         num_samples, None if stop_tokens is None else tuple(stop_tokens),
-                        stop_strings, seed, logprobs, json_schema=json_schema)
+                        stop_strings, seed, logprobs, json_schema=json_schema, grammar=grammar,
+                        logit_bias=tuple(dict(logit_bias).items()))
     prompts = prompt_lists(prompts)
     engine = Engine(model, tokenizer, max_batch=len(prompts) * max(1, num_samples, num_beams),
                     use_cache=use_cache)
@@ -84,8 +87,8 @@ def generate_stream(model, prompts, max_new_tokens=100, *, temperature=1.0, top_
 def generate(model, prompts, max_new_tokens=100, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
              repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, num_beams=1,
              length_penalty=1.0, num_samples=1, stop_tokens=None, stop_strings=(), tokenizer=None,
-             seed=None, use_cache=True, logprobs=0, json_schema=None,
-             beam_tree=False) -> list[Completion]:
+             seed=None, use_cache=True, logprobs=0, json_schema=None, grammar=None,
+             logit_bias=(), beam_tree=False) -> list[Completion]:
     """One Completion per (prompt, sample), ordered by prompt then sample (see the module
     docstring). It collects generate_stream's events, so there is exactly one decoding loop.
     beam_tree=True (num_beams > 1): each Completion also carries the tree its search grew

@@ -7,10 +7,12 @@ is_ids, encode) serve the other endpoints too.
     POST /v1/completions       prompt: text, token ids or a list of either; echo + max_tokens=0 +
                                logprobs scores a text (its first token null)
     POST /v1/chat/completions  messages (OpenAI's content parts too); logprobs: true,
-                               top_logprobs: k
-Both take OpenAI's sampling fields and ours: top_k, min_p, repetition_penalty, num_beams,
-length_penalty, beam_tree, and a prompt template ('template', 'variables', 'cot'). A seeded request
-gives generate's text, for any n.
+                               top_logprobs: k; tools, tool_choice, parallel_tool_calls
+                               (tool_calls.py)
+Both take OpenAI's sampling fields, response_format (a JSON schema's constrained decoding) and
+logit_bias, and ours: top_k, min_p, repetition_penalty, num_beams, length_penalty, beam_tree,
+grammar (a Lark grammar, llguidance's), and a prompt template ('template', 'variables', 'cot'). A
+seeded request gives generate's text, for any n.
 """
 import difflib
 import json
@@ -21,6 +23,7 @@ from itertools import accumulate
 
 # the template library (`prompts` is a request's token lists)
 from nanolab import prompts as library
+from nanolab import tool_calls
 from nanolab.decoding import Settings, SettingsError
 from nanolab.engine import Engine, LimitError
 from nanolab.events import BeamStep, PromptScores, beam_tree
@@ -28,6 +31,7 @@ from nanolab.httpd import ApiError
 
 MAX_STOPS = 4               # stop strings per request, as OpenAI
 MAX_TOP_LOGPROBS = 20       # alternatives per token, as OpenAI's chat API
+MAX_LOGIT_BIAS = 300        # tokens a logit_bias may name, as OpenAI
 PARAMS = {'max_new_tokens': 'max_tokens', 'num_samples': 'n', 'stop_strings': 'stop',
           'prompt_logprobs': 'echo', 'json_schema': 'response_format'}
 
@@ -78,10 +82,12 @@ def encode(w, text, param):
 COMMON_FIELDS = {'model', 'max_tokens', 'temperature', 'top_p', 'n', 'stop', 'seed',
                  'presence_penalty', 'frequency_penalty', 'stream', 'stream_options', 'user',
                  'top_k', 'min_p', 'repetition_penalty', 'num_beams', 'length_penalty',
-                 'beam_tree', 'template', 'variables', 'cot', 'response_format'}
+                 'beam_tree', 'template', 'variables', 'cot', 'response_format', 'logit_bias',
+                 'grammar'}
 COMPLETION_FIELDS = COMMON_FIELDS | {'prompt', 'logprobs', 'echo'}
 CHAT_FIELDS = COMMON_FIELDS | {'messages', 'logprobs', 'top_logprobs', 'max_completion_tokens',
-                               'continue_final_message'}
+                               'continue_final_message', 'tools', 'tool_choice',
+                               'parallel_tool_calls'}
 
 @dataclass
 class Call:
@@ -97,6 +103,7 @@ class Call:
     stream: bool
     include_usage: bool
     beam_tree: bool = False  # each choice also carries its beam search's tree (events.beam_tree)
+    tools: tool_calls.Tools | None = None  # chat: the request's tools
 
 
 def response_format(body):
@@ -117,6 +124,22 @@ def response_format(body):
                             "{\"name\": ..., \"schema\": {...}}}", 'response_format')
     return json.dumps(js.get('schema') or {'type': 'object'})
 
+def logit_bias(body, V):
+    """OpenAI's logit_bias {"token id": bias in [-100, 100]} -> ((id, bias), ...)."""
+    lb = body.get('logit_bias')
+    if lb is None:
+        return ()
+    try:
+        assert isinstance(lb, dict) and len(lb) <= MAX_LOGIT_BIAS
+        pairs = tuple((int(k), v) for k, v in lb.items())
+        assert all(0 <= t < V and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and -100 <= v <= 100 for t, v in pairs)
+    except (AssertionError, ValueError):
+        raise ApiError(400, "'logit_bias' must map up to {} token ids (strings of ids in [0, {}))"
+                            " to biases in [-100, 100]".format(MAX_LOGIT_BIAS, V),
+                       'logit_bias') from None
+    return pairs
+
 def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
     """A completions or chat body, checked against the model -> Call. Every problem is an
     ApiError(400) that names the field: the JSON types and the API's own caps here
@@ -130,6 +153,7 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
                            (f"; did you mean {' or '.join(close)}?" if close else ''),
                            k, 'unknown_parameter')
     tok, stop_tokens, stop_strings = w.tok, [w.tok.eot] if w.tok.eot is not None else [], []
+    tools = None
     # 1) the prompts: a template of prompts.py ('template', 'variables', 'cot') fills the prompt or
     #    the messages
     if 'template' in body:
@@ -168,11 +192,13 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
             # OpenAI's newer name for system instructions: a system message to every template
             if isinstance(m, dict) and m.get('role') == 'developer':
                 m['role'] = 'system'
+        tools = tool_calls.read(body)
+        messages, listed = tool_calls.messages_for(tok, messages, tools)
         try:
             # the last (assistant) message goes on: no new turn
             cont = flag(body, 'continue_final_message')
             prompts = [tok.render_chat(messages, add_generation_prompt=not cont,
-                                       continue_final_message=cont)[0]]
+                                       continue_final_message=cont, tools=listed)[0]]
         except ValueError as e:
             raise ApiError(400, f"'messages': {e}", 'messages') from None
         stop_tokens, stop_strings = tok.chat_stop_tokens, list(tok.stop_strings)
@@ -225,6 +251,14 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
         raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
                        'stream_options')
     echo, inf = not chat and flag(body, 'echo'), float('inf')
+    lark = body.get('grammar')
+    if tools is not None and tools.grammar is not None and \
+            (response_format(body) is not None or lark is not None):
+        raise ApiError(400, "'tools' with 'response_format' or 'grammar': the reply is a tool call "
+                            "or a text; send one of them (or tool_choice \"none\")", 'tools')
+    if lark is not None and not isinstance(lark, str):
+        raise ApiError(400, "'grammar' must be a Lark grammar's text, like 'start: \"yes\" | "
+                            "\"no\"'", 'grammar', 'invalid_type')
     settings = Settings(
         max_new_tokens=max_tokens, temperature=number(body, 'temperature', 1.0, -inf, 2.0),
         top_k=number(body, 'top_k', 0, 0, w.V, integer=True),
@@ -241,13 +275,14 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
         seed=number(body, 'seed', None, 0, 2**62, integer=True),
         # a tiny vocabulary: all of it
         logprobs=min(logprobs or 0, w.V), prompt_logprobs=echo and logprobs is not None,
-        json_schema=response_format(body))
+        json_schema=response_format(body), logit_bias=logit_bias(body, w.V),
+        grammar=tools.grammar if tools is not None and tools.grammar is not None else lark)
     tree = flag(body, 'beam_tree')
     if tree and settings.num_beams < 2:
         raise ApiError(400, "'beam_tree' shows a beam search: set 'num_beams' to 2 or more",
                        'beam_tree')
     return Call(w, name, chat, prompts, settings, logprobs, echo, flag(body, 'stream'),
-                bool((opts or {}).get('include_usage')), tree)
+                bool((opts or {}).get('include_usage')), tree, tools)
 
 # -----------------------------------------------------------------------------
 # 2) the answer, whole or streamed, in OpenAI's shapes
@@ -279,7 +314,8 @@ def completion(h, body, chat):
     try:
         req = w.submit(call.prompts, call.settings, client=h.client)  # its client's turn
     except SettingsError as e:
-        param = PARAMS.get(e.field, e.field)
+        param = 'tools' if e.field == 'grammar' and call.tools is not None else \
+            PARAMS.get(e.field, e.field)
         raise ApiError(400, f"'{param}': {e}", param, 'invalid_value') from None
     except LimitError as e:  # serve.py gives beam searches half of max_batch
         flag = 'max_batch, of which beam searches get half' if e.limit == 'max_beam_slots' else \
@@ -328,8 +364,13 @@ def _reply(h, call, events):
         if call.chat:
             lp = _chat_logprobs(w, a['tokens'], a['lps'], a['tops']) \
                 if call.logprobs is not None else None
-            choices.append({'index': i, 'message': {'role': 'assistant', 'content': a['text']},
-                            'logprobs': lp, 'finish_reason': a['finish']})
+            message, finish = {'role': 'assistant', 'content': a['text']}, a['finish']
+            if call.tools is not None and call.tools.is_call(a['text']):  # a finished call: 'stop'
+                message = {'role': 'assistant', 'content': None,
+                           'tool_calls': tool_calls.tool_calls(a['text'])}
+                finish = 'tool_calls' if finish == 'stop' else finish
+            choices.append({'index': i, 'message': message, 'logprobs': lp,
+                            'finish_reason': finish})
         else:
             prompt, lp, text = call.prompts[i // n], None, a['text']
             if call.echo:
@@ -361,7 +402,7 @@ def _stream(h, call, events):
         h.sse({**head, 'choices': [{'index': i, 'logprobs': None, 'finish_reason': None,
                                     **choice}], **nulls})
     h.start_sse()
-    started, scores, steps, done, offset = set(), {}, {}, {}, {}
+    started, scores, steps, done, offset, calls = set(), {}, {}, {}, {}, {}
     for ev in _tokens(events, scores, steps):
         i = ev.prompt_index * n + ev.sample_index
         tok = [ev.token] if ev.token is not None else []
@@ -378,10 +419,20 @@ def _stream(h, call, events):
                 if call.logprobs is not None and tok else None
             if i not in started:  # OpenAI opens each choice with its role
                 chunk(i, delta={'role': 'assistant', 'content': ''})
-            if ev.text_delta or lp:
+            # a reply that begins as a tool call streams as tool_calls deltas (tool_calls.py)
+            if ev.text_delta and i not in calls:
+                calls[i] = tool_calls.CallStream() \
+                    if call.tools is not None and call.tools.is_call(ev.text_delta) else None
+            if calls.get(i) is not None:
+                deltas = calls[i].push(ev.text_delta)
+                if deltas or lp:
+                    chunk(i, delta={'tool_calls': deltas} if deltas else {}, logprobs=lp)
+            elif ev.text_delta or lp:
                 chunk(i, delta={'content': ev.text_delta}, logprobs=lp)
             if ev.finish_reason:
-                chunk(i, delta={}, finish_reason=ev.finish_reason, **extra)
+                reason = 'tool_calls' if calls.get(i) is not None and ev.finish_reason == 'stop' \
+                    else ev.finish_reason
+                chunk(i, delta={}, finish_reason=reason, **extra)
         else:
             if call.echo and i not in started:  # the prompt comes first, as its own chunk
                 prompt, s = call.prompts[ev.prompt_index], scores.get(ev.prompt_index)

@@ -126,7 +126,9 @@ class Tokenizer:
                 f"{{{{ markers[m['role']] }}}}{{{{ m['content'] }}}}{{{{ {end} }}}}{{% endfor %}}"
                 f"{{% if add_generation_prompt %}}{{{{ markers['assistant'] }}}}{{% endif %}}")
 
-    def render_chat(self, messages, add_generation_prompt=False, continue_final_message=False):
+    takes_tools = False  # whether render_chat's template has a place for OpenAI's tools (tool_calls.py)
+
+    def render_chat(self, messages, add_generation_prompt=False, continue_final_message=False, tools=None):
         """messages [{'role', 'content'}, ...] -> (ids, mask) with the chat template;
         mask[i] = 1 iff token i is assistant content or an assistant end-of-turn token.
         continue_final_message (Hugging Face's name): the last message, the assistant's, stays open (no end of turn),
@@ -137,6 +139,8 @@ class Tokenizer:
                              "(and needs no generation prompt)")
         if not isinstance(messages, (list, tuple)):
             raise ValueError(f'messages must be a list of {{"role", "content"}} dicts, got {type(messages).__name__}')
+        if tools:
+            raise ValueError("this chat format has no place for tools: put them in a system message (tool_calls.py)")
         headers, end = self._chat_format()
         ids, mask = [], []
         for i, m in enumerate(messages):
@@ -487,11 +491,15 @@ class HFTokenizer(Tokenizer):
         """The directory's own template where it has one (what GGUF and HF exports carry on)."""
         return self.chat_template.source if self.chat_template is not None else super().chat_jinja()
 
-    def render_chat(self, messages, add_generation_prompt=False, continue_final_message=False):
+    @property
+    def takes_tools(self):
+        return self.chat_template is not None and 'tools' in self.chat_template.source
+
+    def render_chat(self, messages, add_generation_prompt=False, continue_final_message=False, tools=None):
         if self.chat_template is None:
-            return super().render_chat(messages, add_generation_prompt, continue_final_message)
+            return super().render_chat(messages, add_generation_prompt, continue_final_message, tools)
         return self.chat_template.render_chat(messages, add_generation_prompt, continue_final_message,
-                                              set(self.chat_stop_tokens))
+                                              set(self.chat_stop_tokens), tools)
 
     @property
     def chat_stop_tokens(self):

@@ -49,12 +49,22 @@ MISTRAL = ("{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['co
 CHATML_GEN = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
               "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Qwen2.5 shape with its place for tools: the list in the system turn, calls in <tool_call>, results as user turns
+TOOLS = ("{% if tools %}<|im_start|>system\n{{ messages[0]['content'] if messages[0]['role'] == 'system' else 'Hi.' }}"
+         "\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n{% endif %}"
+         "{% for m in messages %}{% if m.role == 'system' and tools %}{% elif m.role == 'assistant' and m.tool_calls %}"
+         "<|im_start|>assistant\n{% for tc in m.tool_calls %}<tool_call>\n{{ {'name': tc.function.name, "
+         "'arguments': tc.function.arguments} | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n"
+         "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+         "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 FAMILIES = {'llama3': (LLAMA3, dict(bos_token='<|begin_of_text|>', eos_token='<|end_of_text|>'),
                        ['<|end_of_text|>', '<|eom_id|>', '<|eot_id|>']),
             'chatml': (CHATML, dict(eos_token='<|im_end|>'), ['<|im_end|>', '<|endoftext|>']),
             'qwen3': (QWEN3, dict(eos_token='<|im_end|>'), '<|im_end|>'),
             'mistral': (MISTRAL, dict(bos_token='<s>', eos_token='</s>'), None),
-            'chatml_gen': (CHATML_GEN, dict(eos_token='<|im_end|>'), None)}
+            'chatml_gen': (CHATML_GEN, dict(eos_token='<|im_end|>'), None),
+            'chatml_tools': (TOOLS, dict(eos_token='<|im_end|>'), None)}
 
 SYS = {'role': 'system', 'content': 'You are a helpful assistant.'}
 CHATS = [[{'role': 'user', 'content': 'hello world'}],
@@ -255,3 +265,35 @@ def test_random_chats_match_transformers(dirs, family, messages, gen):
         return
     event('compared')
     assert ids == want and len(mask) == len(ids) and set(mask) <= {0, 1}
+
+
+def test_tools_go_where_the_template_has_a_place_for_them(dirs):
+    """OpenAI's tools and a chat with a call and its result: a template with a place for tools renders them as
+    transformers does (tools=, arguments as objects); nanolab's own format gets the list and the reply format in
+    the system message, the call as the assistant's JSON and the result as a user message."""
+    from nanolab import tool_calls
+    from nanolab.tokenizer import CharTokenizer
+    d, hf = dirs['chatml_tools']
+    tok = HFTokenizer(d)
+    assert tok.takes_tools and not HFTokenizer(dirs['chatml'][0]).takes_tools
+    tools = tool_calls.read({'tools': [{'type': 'function', 'function': {
+        'name': 'weather', 'description': 'today', 'parameters': {'type': 'object', 'properties': {
+            'city': {'type': 'string'}}, 'required': ['city']}}}], 'tool_choice': 'auto'})
+    chat = [SYS, {'role': 'user', 'content': 'hello world'},
+            {'role': 'assistant', 'content': None, 'tool_calls': [{'id': 'c1', 'type': 'function', 'function': {
+                'name': 'weather', 'arguments': '{"city": "Paris"}'}}]},
+            {'role': 'tool', 'tool_call_id': 'c1', 'content': 'sunny'}]
+    msgs, listed = tool_calls.messages_for(tok, chat, tools)
+    ids, _ = tok.render_chat(msgs, add_generation_prompt=True, tools=listed)
+    hf_chat = chat[:2] + [{'role': 'assistant', 'tool_calls': [{'type': 'function', 'function': {
+        'name': 'weather', 'arguments': {'city': 'Paris'}}}]}, {'role': 'tool', 'content': 'sunny'}]
+    assert ids == theirs(hf, hf_chat, tools=listed, add_generation_prompt=True)
+    text = hf.decode(ids)
+    assert '"name": "weather"' in text and '<tool_response>\nsunny' in text and '"Paris"' in text
+    own = CharTokenizer(text=''.join(map(chr, range(32, 127))) + '\n')
+    msgs, listed = tool_calls.messages_for(own, chat, tools)
+    assert listed is None and [m['role'] for m in msgs] == ['system', 'user', 'assistant', 'user']
+    assert msgs[0]['content'].startswith(SYS['content']) and '"weather"' in msgs[0]['content']
+    assert json.loads(msgs[2]['content']) == {'tool_calls': [{'name': 'weather', 'arguments': {'city': 'Paris'}}]}
+    assert msgs[3]['content'] == 'Result of weather: sunny'
+    own.render_chat(msgs, add_generation_prompt=True)  # renders

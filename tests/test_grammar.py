@@ -6,6 +6,7 @@ A tiny random model on GPT-2's vocabulary, CPU.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -97,15 +98,65 @@ def test_bad_schemas_are_refused_by_name(lm):
         with pytest.raises(SettingsError, match=match) as e:
             generate(model, [1, 2], 5, tokenizer=tok, json_schema=schema)
         assert e.value.field == 'json_schema'
-    with pytest.raises(SettingsError, match='not beams'):
-        generate(model, [1, 2], 5, tokenizer=tok, num_beams=2, json_schema='{"type": "object"}')
-    char = CharTokenizer(text='{}":, abc0123456789')
-    with pytest.raises(SettingsError, match='end-of-text token'):
-        generate(model, [1, 2], 5, tokenizer=char, json_schema='{"type": "object"}')
+    # a vocabulary that cannot write the grammar's first character is refused by name
+    with pytest.raises(SettingsError, match='no token of this model') as e:
+        generate(model, [1, 2], 5, tokenizer=CharTokenizer(text='abc \n'), json_schema='{"type": "object"}')
+    for bad, match in [('start: ', 'empty text'), ('start: (', 'cannot be followed'), ('start: x', 'cannot be'), ('  ', 'non-empty'),
+                       ('start: "a"\n' + '#' * grammar.MAX_GRAMMAR_BYTES, 'bytes, over')]:
+        with pytest.raises(SettingsError, match=match) as e:
+            generate(model, [1, 2], 5, tokenizer=tok, grammar=bad)
+        assert e.value.field == 'grammar'
+    with pytest.raises(SettingsError, match='one of them'):
+        generate(model, [1, 2], 5, tokenizer=tok, grammar='start: "a"', json_schema='{}')
     # the cache of grammars stays bounded
     for n in range(grammar.CACHE + 5):
         grammar.schema_grammar({'type': 'integer', 'maximum': n})
     assert len(grammar._grammars) <= grammar.CACHE
+
+
+def test_beams_char_vocabularies_and_lark_grammars(lm):
+    """Beam search keeps every hypothesis inside the grammar (each beam forks its parent's state); a char
+    vocabulary (no end-of-text token) writes JSON that ends at its last brace; a Lark grammar is followed."""
+    model, tok = lm
+    schema = {'type': 'object', 'properties': {'n': {'type': 'integer', 'minimum': 0, 'maximum': 99},
+                                               'w': {'enum': ['yes', 'no']}},
+              'required': ['n', 'w'], 'additionalProperties': False}
+    outs = generate(model, tok.encode('JSON:'), 40, tokenizer=tok, num_beams=4, num_samples=4,
+                    json_schema=json.dumps(schema))
+    assert len(outs) == 4
+    for c in outs:
+        assert c.finish_reason == 'stop', c.text
+        jsonschema.validate(json.loads(c.text), schema)
+    char = CharTokenizer(text='{}":, abcnoyesw0123456789')
+    torch.manual_seed(1)
+    small = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=256, vocab_size=char.vocab_size)).eval()
+    for T in (0.0, 1.5):
+        (c,) = generate(small, char.encode('a'), 120, temperature=T, tokenizer=char, seed=3,
+                        json_schema=json.dumps(schema))
+        assert c.finish_reason == 'stop', c.text
+        jsonschema.validate(json.loads(c.text), schema)
+    lark = 'start: "Answer: " ("yes" | "no") "." NUM\nNUM: /[0-9]{1,3}/'
+    for T in (0.0, 1.0):
+        (c,) = generate(model, tok.encode('Q'), 30, temperature=T, tokenizer=tok, seed=5, grammar=lark)
+        assert re.fullmatch(r'Answer: (yes|no)\.[0-9]{1,3}', c.text), c.text
+
+
+def test_logit_bias(lm):
+    """OpenAI's logit_bias: +100 forces a token at every step (greedy and sampled), -100 bans the greedy choice,
+    and the logprobs reported stay the model's own."""
+    model, tok = lm
+    forced = tok.encode(' hello')[0]
+    for T in (0.0, 1.0):
+        (c,) = generate(model, [1, 2], 6, temperature=T, tokenizer=tok, seed=0, stop_tokens=(),
+                        logit_bias=((forced, 100),), logprobs=1)
+        assert c.tokens == [forced] * 6
+        assert all(lp < -1 for lp in c.token_logprobs)  # a random model's raw logprob of one of 50k ids
+    (free,) = generate(model, [1, 2], 1, temperature=0, tokenizer=tok, stop_tokens=())
+    (banned,) = generate(model, [1, 2], 1, temperature=0, tokenizer=tok, stop_tokens=(),
+                         logit_bias=((free.tokens[0], -100),))
+    assert banned.tokens[0] != free.tokens[0]
+    with pytest.raises(SettingsError, match='logit_bias'):
+        generate(model, [1, 2], 1, tokenizer=tok, logit_bias=((10 ** 6, 1),))
 
 
 def test_sample_py_json_schema_flag(tmp_path, lm):
@@ -120,6 +171,8 @@ def test_sample_py_json_schema_flag(tmp_path, lm):
     assert p.returncode == 0, p.stderr
     text = next(line for line in p.stdout.splitlines() if line.startswith('JSON:'))[5:]  # the sample's line
     assert json.loads(text)['ok'] in (True, False)
+    p = run('--grammar=start: " yes" | " no"')
+    assert p.returncode == 0 and any(line in ('JSON: yes', 'JSON: no') for line in p.stdout.splitlines()), p
     p = run('--json_schema={"type": ')
     last = p.stderr.strip().splitlines()[-1]  # (the line before it: the kernels chosen)
     assert p.returncode == 1 and last.startswith('error: json_schema: the schema is not JSON') and 'Traceback' not in p.stderr

@@ -551,6 +551,90 @@ def test_the_openai_clients_parse_helper_gets_an_object(server):
     assert final.choices[0].message.parsed == got
 
 
+@pytest.fixture(scope='module')
+def gpt2_server(tmp_path_factory):
+    """serve.py over one tiny random model on GPT-2's vocabulary with a 512-token context: room for a tool list."""
+    from model import GPT, GPTConfig
+    from nanolab.tokenizer import TiktokenTokenizer
+    d = tmp_path_factory.mktemp('gpt2runs')
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=512, vocab_size=50304)).save_pretrained(
+        d / 'gpt2', TiktokenTokenizer('gpt2'))
+    with serving(d, source=d / 'gpt2') as srv:
+        yield srv
+
+
+def test_tool_calls_round_trip(gpt2_server, server):
+    """tools by constrained decoding, through the official openai client: a required call parses into the Pydantic
+    model of its tool (parse's parsed_arguments), whole and streamed (the deltas add up to the same call); the call
+    and its result go back in (an assistant message with tool_calls, then a tool message) and the model answers; a
+    named tool_choice calls that tool, parallel_tool_calls false makes one call; the raw-socket side: every bad
+    tools, tool_choice, parallel_tool_calls, logit_bias or grammar is a 400 naming its field."""
+    openai = pytest.importorskip('openai')
+    from pydantic import BaseModel, Field
+
+    class GetWeather(BaseModel):
+        city: str = Field(max_length=8)
+        days: int = Field(ge=1, le=7)
+
+    class Noon(BaseModel):
+        hour: int = Field(ge=0, le=23)
+
+    tools = [openai.pydantic_function_tool(GetWeather), openai.pydantic_function_tool(Noon)]
+    client = openai.OpenAI(base_url=f'http://127.0.0.1:{gpt2_server.server_address[1]}/v1', api_key='unused', max_retries=0)
+    parse = getattr(client.chat.completions, 'parse', None) or client.beta.chat.completions.parse
+    msgs = [{'role': 'developer', 'content': 'Use tools.'}, {'role': 'user', 'content': 'Weather in Oslo?'}]
+    reply = parse(model='gpt2', messages=msgs, tools=tools, tool_choice='required', max_tokens=120, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == 'tool_calls' and choice.message.content is None, choice
+    calls = choice.message.tool_calls
+    assert calls and all(type(c.function.parsed_arguments).__name__ == c.function.name for c in calls)
+    stream_ = getattr(client.chat.completions, 'stream', None) or client.beta.chat.completions.stream
+    with stream_(model='gpt2', messages=msgs, tools=tools, tool_choice='required', max_tokens=120,
+                 temperature=0) as st:
+        final = st.get_final_completion()
+    assert [(c.function.name, c.function.arguments) for c in final.choices[0].message.tool_calls] == \
+        [(c.function.name, c.function.arguments) for c in calls]
+    # the round trip: the call, its result, then an answer in text
+    msgs += [choice.message.model_dump(exclude_none=True, include={'role', 'content', 'tool_calls'}),
+             {'role': 'tool', 'tool_call_id': calls[0].id, 'content': '{"temperature": 21}'}]
+    answer = client.chat.completions.create(model='gpt2', messages=msgs, tools=tools, tool_choice='none', max_tokens=8)
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason in ('stop', 'length')
+    base = {'model': 'gpt2', 'messages': msgs[:2], 'tools': tools, 'max_tokens': 120}
+    for T in (0, 1.5):
+        one = call(gpt2_server, 'POST', '/v1/chat/completions', {
+            **base, 'temperature': T, 'seed': 1, 'parallel_tool_calls': False,
+            'tool_choice': {'type': 'function', 'function': {'name': 'Noon'}}})[1]['choices'][0]
+        if one['finish_reason'] == 'tool_calls':
+            (c,) = one['message']['tool_calls']
+            assert c['function']['name'] == 'Noon' and 0 <= json.loads(c['function']['arguments'])['hour'] <= 23
+    for seed in range(4):  # auto: a call, or a text that does not start like one
+        m = call(gpt2_server, 'POST', '/v1/chat/completions', {**base, 'temperature': 1.5, 'seed': seed,
+                                                               'max_tokens': 40})[1]['choices'][0]['message']
+        assert all(c['function']['name'] in ('GetWeather', 'Noon') for c in m['tool_calls']) if m.get('tool_calls') \
+            else not m['content'].startswith('{'), m
+    bad = [({'tools': 'x'}, 'tools'), ({'tools': [{'type': 'function', 'function': {'name': 'a b'}}]}, 'tools'),
+           ({'tools': tools + tools[:1]}, 'tools'), ({'tool_choice': 'required', 'tools': None}, 'tool_choice'),
+           ({'tool_choice': {'type': 'function', 'function': {'name': 'Nope'}}}, 'tool_choice'),
+           ({'tool_choice': 'always'}, 'tool_choice'), ({'parallel_tool_calls': 'yes'}, 'parallel_tool_calls'),
+           ({'tools': [{'type': 'function', 'function': {'name': 'f', 'parameters': {'type': 'objectx'}}}]}, 'tools'),
+           ({'response_format': {'type': 'json_object'}}, 'tools'), ({'grammar': 'start: "a"'}, 'tools'),
+           ({'tools': None, 'logit_bias': {'x': 1}}, 'logit_bias'), ({'tools': None, 'logit_bias': {'1': 101}},
+                                                                     'logit_bias'),
+           ({'tools': None, 'grammar': 5}, 'grammar'), ({'tools': None, 'grammar': 'start: ('}, 'grammar'),
+           ({'messages': msgs[:2] + [{'role': 'assistant', 'tool_calls': [{'function': {'name': 'f',
+                                                                                       'arguments': '{'}}]}]},
+            'messages')]
+    for extra, param in bad:
+        body = {k: v for k, v in {**base, **extra}.items() if v is not None}
+        status, got = call(gpt2_server, 'POST', '/v1/chat/completions', body)
+        assert status == 400 and got['error']['param'] == param, (extra, got)
+    # the char model's vocabulary has no '{': a call cannot be written, and the 400 says so
+    status, got = call(server, 'POST', '/v1/chat/completions', {**base, 'model': 'char', 'messages': [
+        {'role': 'user', 'content': 'Hi'}], 'tools': [{'type': 'function', 'function': {'name': 'f'}}], 'max_tokens': 5})
+    assert status == 400 and got['error']['param'] == 'tools' and 'vocabulary' in got['error']['message'], got
+
+
 def test_attention_maps(server):
     status, body = call(server, 'POST', '/v1/attention', {'model': 'char', 'prompt': 'abcd'})
     assert status == 200 and body['tokens'] == list('abcd')
