@@ -56,6 +56,8 @@ class Settings:
     json_schema: str | None = None    # the text follows this JSON schema (grammar.py); None = off
     grammar: str | None = None        # ... or this grammar, in llguidance's Lark
     logit_bias: tuple = ()            # OpenAI's: ((token id, bias in [-100, 100]), ...) added
+    grammar_prefix: tuple = ()        # token ids the text already has (a continued reply's): the
+                                      # grammar takes them first
 
     @property
     def sampler(self):
@@ -124,9 +126,15 @@ class Settings:
                 raise SettingsError(field, "json_schema or grammar (one of them) needs a "
                                            "tokenizer: pass tokenizer=")
             try:  # built here, on the caller's thread (grammar.Vocabulary)
-                grammar.vocabulary(tokenizer, vocab_size).prototype(s.compiled_grammar)
+                vocab = grammar.vocabulary(tokenizer, vocab_size)
+                vocab.prototype(s.compiled_grammar)
             except grammar.GrammarError as e:
                 raise SettingsError(field, f'{field}: {e}') from None
+            try:
+                if s.grammar_prefix:
+                    grammar.Constraint(vocab, s.compiled_grammar, prefix=s.grammar_prefix)
+            except grammar.GrammarError as e:
+                raise SettingsError('grammar_prefix', f'{e}') from None
         if any(not (isinstance(t, int) and 0 <= t < V and -100 <= b <= 100)
                for t, b in s.logit_bias):
             raise SettingsError('logit_bias', f'logit_bias must map token ids in [0, {V}) to '

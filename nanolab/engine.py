@@ -85,7 +85,8 @@ class Row:
             if group is None else None
         # a grammar's state (json_schema, grammar): a beam's is its parent's, forked
         self.constraint = grammar.Constraint(grammar.vocabulary(req.engine.tok, req.engine.V),
-                                             s.compiled_grammar, s.stop_tokens) \
+                                             s.compiled_grammar, s.stop_tokens,
+                                             prefix=s.grammar_prefix) \
             if s.compiled_grammar is not None and (group is None or not group.rows) else None
         self.score, self.lps, self.tops, self.node = 0.0, [], [], None  # beam search only
 
@@ -503,11 +504,20 @@ class Engine:
                     at = 3 * B + b * k
                     top = list(zip((int(i) for i in host[at:at + s.logprobs]),
                                    host[at + B * k:at + B * k + s.logprobs]))
+                c, allowed, top_allowed, allowed_top = r.constraint, None, None, None
+                if c is not None:  # the mask it chose from (it has advanced since)
+                    allowed = int(c.mask.sum())
+                if c is not None and top is not None:
+                    top_allowed = [bool(c.mask[i]) for i, _ in top]
+                    v, i = logits[b].masked_fill(~c.mask.to(logits.device), float('-inf')) \
+                        .topk(min(s.logprobs, allowed))
+                    allowed_top = list(zip(i.tolist(), (v - lse[b]).tolist()))
             except Exception as e:  # e.g. a token its tokenizer cannot decode: only this request
                 self._fail_request(r.req, f'reporting its token {t} failed ({type(e).__name__}: '
                                    f'{e})')
                 continue
-            r.req.queue.put(Event(r.prompt_index, r.sample_index, t, delta, lp, top, reason))
+            r.req.queue.put(Event(r.prompt_index, r.sample_index, t, delta, lp, top, reason,
+                                  allowed, top_allowed, allowed_top))
             if reason is not None:
                 self._free(r.slot, 'rows_finished')
 

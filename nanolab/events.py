@@ -24,6 +24,11 @@ class Event:
     logprob: float | None          # raw-distribution logprob of token
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: str | None      # 'stop' | 'length' on the row's last event, else None
+    # a grammar's row (json_schema, grammar): how many tokens it allowed at this step, whether it
+    # allowed each of top_logprobs' tokens, and (with logprobs) the likeliest tokens it allowed
+    allowed: int | None = None
+    top_allowed: list[bool] | None = None
+    allowed_top: list[tuple[int, float]] | None = None
 
 @dataclass
 class PromptScores:

@@ -184,11 +184,13 @@ def vocabulary(tok, V):
 class Constraint:
     """One row's grammar state: which tokens it allows next, advanced by each token chosen.
     stops: the row's stop tokens, allowed (and ending the text) whenever the text is complete."""
-    def __init__(self, vocab, grammar, stops=(), matcher=None):
-        self.vocab, self.grammar = vocab, grammar
+    def __init__(self, vocab, grammar, stops=(), matcher=None, prefix=()):
+        self.vocab, self.grammar, self.mask = vocab, grammar, None
         self.stops = tuple(t for t in stops if 0 <= t < vocab.V)
         self.m = (matcher or vocab.prototype(grammar)).deep_copy()
         self.V = vocab.V
+        if prefix and not self.m.consume_tokens(list(prefix)):  # text the reply already has
+            raise GrammarError(f"the text so far does not follow the grammar ({self.m.get_error()})")
 
     def fork(self):
         """A copy that goes on alone (a beam's child)."""
@@ -223,4 +225,5 @@ def allowed_rows(constraints):
     for i, c in enumerate(constraints):
         if c.stops and c.m.is_accepting():
             out[i, list(c.stops)] = True
+        c.mask = out[i]  # what this step allowed (the page shows it: Event.allowed)
     return out

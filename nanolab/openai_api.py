@@ -33,7 +33,8 @@ MAX_STOPS = 4               # stop strings per request, as OpenAI
 MAX_TOP_LOGPROBS = 20       # alternatives per token, as OpenAI's chat API
 MAX_LOGIT_BIAS = 300        # tokens a logit_bias may name, as OpenAI
 PARAMS = {'max_new_tokens': 'max_tokens', 'num_samples': 'n', 'stop_strings': 'stop',
-          'prompt_logprobs': 'echo', 'json_schema': 'response_format'}
+          'prompt_logprobs': 'echo', 'json_schema': 'response_format',
+          'grammar_prefix': 'messages'}
 
 # -----------------------------------------------------------------------------
 # 0) a body's fields
@@ -276,6 +277,9 @@ def read_request(name, w, body, chat, max_tokens_limit=4096, n_limit=16):
         # a tiny vocabulary: all of it
         logprobs=min(logprobs or 0, w.V), prompt_logprobs=echo and logprobs is not None,
         json_schema=response_format(body), logit_bias=logit_bias(body, w.V),
+        # a continued reply under a grammar: the grammar takes its text first
+        grammar_prefix=tuple(encode(w, body['messages'][-1]['content'], 'messages'))
+        if chat and flag(body, 'continue_final_message') else (),
         grammar=tools.grammar if tools is not None and tools.grammar is not None else lark)
     tree = flag(body, 'beam_tree')
     if tree and settings.num_beams < 2:
@@ -298,13 +302,20 @@ def _legacy_logprobs(w, tokens, lps, tops, start=0):
             'text_offset': list(accumulate(map(len, pieces[:-1]), initial=start))
             if pieces else []}
 
-def _chat_logprobs(w, tokens, lps, tops):
+def _chat_logprobs(w, tokens, lps, tops, grammar):
     """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob,
-    bytes}]}]}."""
-    def entry(t, lp):
-        return {'token': w.tok.decode([t]), 'logprob': lp, 'bytes': list(w.tok.decode_bytes([t]))}
-    return {'content': [{**entry(t, lp), 'top_logprobs': [entry(i, v) for i, v in top or []]}
-                        for t, lp, top in zip(tokens, lps, tops)]}
+    bytes}]}]}; under a grammar (grammar: per token, its Event's allowed, top_allowed and
+    allowed_top) each token also says how many tokens the grammar allowed ("allowed_tokens"), each
+    alternative whether it was one of them ("allowed"), and the likeliest it allowed
+    ("allowed_top_logprobs"): the page's generation path draws them."""
+    def entry(t, lp, ok=None):
+        return {'token': w.tok.decode([t]), 'logprob': lp, 'bytes': list(w.tok.decode_bytes([t])),
+                **({} if ok is None else {'allowed': ok})}
+    return {'content': [{**entry(t, lp), 'top_logprobs': [
+        entry(i, v, None if oks is None else oks[j]) for j, (i, v) in enumerate(top or [])],
+        **({} if n is None else {'allowed_tokens': n}),
+        **({} if best is None else {'allowed_top_logprobs': [entry(i, v) for i, v in best]})}
+        for t, lp, top, (n, oks, best) in zip(tokens, lps, tops, grammar)]}
 
 def completion(h, body, chat):
     """POST /v1/completions (chat False) or /v1/chat/completions: decode on the model's engine and
@@ -347,7 +358,7 @@ def _tokens(events, scores, steps):
 
 def _reply(h, call, events):
     w, n = call.engine, call.settings.num_samples
-    acc = [dict(tokens=[], lps=[], tops=[], text='', finish=None)
+    acc = [dict(tokens=[], lps=[], tops=[], grammar=[], text='', finish=None)
            for _ in range(len(call.prompts) * n)]
     scores, steps, (head, usage) = {}, {}, _head(call)
     for ev in _tokens(events, scores, steps):
@@ -356,13 +367,14 @@ def _reply(h, call, events):
             a['tokens'].append(ev.token)
             a['lps'].append(ev.logprob)
             a['tops'].append(ev.top_logprobs)
+            a['grammar'].append((ev.allowed, ev.top_allowed, ev.allowed_top))
             usage['completion_tokens'] += 1
         a['text'] += ev.text_delta
         a['finish'] = ev.finish_reason or a['finish']
     choices = []
     for i, a in enumerate(acc):
         if call.chat:
-            lp = _chat_logprobs(w, a['tokens'], a['lps'], a['tops']) \
+            lp = _chat_logprobs(w, a['tokens'], a['lps'], a['tops'], a['grammar']) \
                 if call.logprobs is not None else None
             message, finish = {'role': 'assistant', 'content': a['text']}, a['finish']
             if call.tools is not None and call.tools.is_call(a['text']):  # a finished call: 'stop'
@@ -415,7 +427,8 @@ def _stream(h, call, events):
                 extra = {'beam_tree': beam_tree(steps.get(ev.prompt_index, []), w.tok, done[i])}
         usage['completion_tokens'] += len(tok)
         if call.chat:
-            lp = _chat_logprobs(w, tok, [ev.logprob], [ev.top_logprobs]) \
+            lp = _chat_logprobs(w, tok, [ev.logprob], [ev.top_logprobs],
+                                [(ev.allowed, ev.top_allowed, ev.allowed_top)]) \
                 if call.logprobs is not None and tok else None
             if i not in started:  # OpenAI opens each choice with its role
                 chunk(i, delta={'role': 'assistant', 'content': ''})

@@ -127,6 +127,16 @@ PLAUSIBLE = {  # values a real client sends, mixed with any JSON
                                             'type': 'object', 'properties': {'a': {'type': 'boolean'}},
                                             'required': ['a']}}}])
     | st.fixed_dictionaries({'type': st.just('json_schema'), 'json_schema': st.fixed_dictionaries({'schema': JSON})}),
+    'tools': st.lists(st.fixed_dictionaries({'type': st.sampled_from(['function', 'x']), 'function': st.one_of(
+        st.fixed_dictionaries({'name': st.sampled_from(['f', 'g', 'a b', '']), 'parameters': st.sampled_from([
+            {'type': 'object', 'properties': {'n': {'type': 'integer', 'maximum': 3}}, 'required': ['n']},
+            {'type': 'objectx'}, {}]) | JSON}), JSON)}), max_size=3) | JSON,
+    'tool_choice': st.sampled_from(['auto', 'none', 'required', 'x', {'type': 'function', 'function': {'name': 'f'}},
+                                    {'type': 'function', 'function': {'name': 'zz'}}]) | JSON,
+    'parallel_tool_calls': st.booleans() | JSON,
+    'logit_bias': st.dictionaries(st.sampled_from(['1', '5', '-1', 'x', '99999', '1.5']),
+                                  st.sampled_from([1, -100, 100, 101, 1e9, 'x'])) | JSON,
+    'grammar': st.sampled_from(['start: "a" | "b"', 'start: (', 'start: ', 'start: /[a-z]+/', 'x' * 99]) | JSON,
     'tokens': st.lists(st.integers(-2, 300), max_size=5), 'layer': st.integers(-1, 3), 'top': st.integers(0, 12),
     'arch': st.sampled_from(['gpt2', 'llama']), 'n_head': st.integers(0, 8), 'n_embd': st.integers(0, 64),
     'n_layer': st.integers(0, 4), 'n_kv_head': st.integers(0, 8),

@@ -290,6 +290,44 @@ def test_pending_reply_generation_path_and_branches(site, page):
     assert reply_done(page) == first
 
 
+def test_a_json_schema_reply_and_what_its_grammar_allowed(site, page):
+    """With a JSON schema in the settings the reply follows it; its generation path says at each step how many
+    tokens the grammar allowed and strikes out the alternatives it did not allow (they cannot be chosen); branching
+    from an allowed alternative continues under the grammar, so the new version follows the schema too."""
+    jsonschema = pytest.importorskip('jsonschema')
+    schema = {'type': 'object', 'properties': {'name': {'type': 'string', 'maxLength': 6}},
+              'required': ['name'], 'additionalProperties': False}
+    set_value(page, 'model', 'bpe')
+    set_value(page, 'p-temperature', '0')
+    set_value(page, 'p-max_tokens', '30')
+    set_value(page, 'schema', 'nope')
+    assert 'not JSON' in page.find_element('id', 'schema-hint').text
+    set_value(page, 'schema', json.dumps(schema))
+    assert page.find_element('id', 'schema-hint').text == ''
+    page.find_element('id', 'input').send_keys('Hi\n')
+    first = wait(lambda: reply_done(page))
+    jsonschema.validate(json.loads(first), schema)
+    js(page, "arguments[0].click()", page.find_elements('css selector', '.msg.assistant .tk')[0])
+    wait(lambda: page.find_element('id', 'path-box').is_displayed())
+    steps = page.find_elements('css selector', '#path .step')
+    labels = [s.find_element('css selector', '.allowed').text for s in steps]
+    assert all(re.fullmatch(r'\d+ ok', x) for x in labels) and labels[0] == '1 ok', labels  # only '{"' can open it
+    refused = page.find_elements('css selector', '#path button.refused')
+    assert refused and all(not b.is_enabled() for b in refused)
+    at = js(page, "return [...document.querySelectorAll('#path .step')].findIndex("
+                  "s => [...s.querySelectorAll('button')].some(b => !b.disabled))")
+    page.save_screenshot('/tmp/schema_path.png')
+    assert at > 0  # inside the string the grammar allows many tokens
+    js(page, "[...document.querySelectorAll('#path .step')[arguments[0]].querySelectorAll('button')]"
+             ".find(b => !b.disabled).click()", at)
+    versions = "const v = document.querySelector('.msg.assistant .versions'); return v ? v.textContent : ''"
+    wait(lambda: 'version 2/2' in js(page, versions) and reply_done(page))
+    second = reply_done(page)
+    assert second != first
+    jsonschema.validate(json.loads(second), schema)
+    set_value(page, 'schema', '')
+
+
 def test_stop_ends_the_stream_and_frees_the_slot(site, page):
     w = site.engines['char']
     set_value(page, 'model', 'char')

@@ -8,7 +8,9 @@ import {TOP_LOGPROBS, tokenSpan} from './tokens.js';
 
 // -----------------------------------------------------------------------------
 // 1) conversations: [{title, messages: [{role, content, tokens?, meta?, versions?, v?}]}];
-//    a reply's `tokens` are [text shown, token, logprob, [[alternative, logprob], ...]] per token.
+//    a reply's `tokens` are [text shown, token, logprob, [[alternative, logprob, allowed], ...],
+//    allowed tokens] per token (the last two under a JSON schema: whether its grammar allowed each
+//    alternative, and how many tokens it allowed at that step).
 
 let convs = JSON.parse(localStorage.getItem('nanolab.convs') || '[]'), cur = 0;
 if (!convs.length) convs.push({title: 'New chat', messages: []});
@@ -124,8 +126,13 @@ async function streamReply(conv, msg) {
         // subtle: the text of a token may come later than the token (a UTF-8 character split over
         // tokens, or text held back while it could be the start of a stop string), so a span shows
         // the text that arrived with it
-        const t = [delta, lp ? lp.token : '', lp ? lp.logprob : null,
-                   lp ? lp.top_logprobs.map(a => [a.token, a.logprob]) : []];
+        const alts = lp ? lp.top_logprobs.map(a => [a.token, a.logprob, a.allowed]) : [];
+        // under a JSON schema, also the likeliest tokens its grammar allowed: what it chose among
+        for (const a of lp?.allowed_top_logprobs || []) {
+          if (!alts.some(x => x[0] === a.token)) alts.push([a.token, a.logprob, true]);
+        }
+        alts.sort((x, y) => y[1] - x[1]);
+        const t = [delta, lp ? lp.token : '', lp ? lp.logprob : null, alts, lp?.allowed_tokens];
         msg.tokens.push(t);
         msg.content += delta;
         div.classList.remove('pending');
@@ -176,16 +183,24 @@ $('stop').onclick = () => controller?.abort();
 // 4) the generation path of a reply, and branches
 
 // each step's chosen token among the alternatives the model weighed, as columns; an alternative is
-// a button that branches the conversation there ("what if the model had chosen this")
+// a button that branches the conversation there ("what if the model had chosen this"). Under a
+// JSON schema, a step also says how many tokens the grammar allowed, and the alternatives it did
+// not allow are struck through (the model weighed them; the grammar ruled them out).
 function showPath(mi, k) {
   const m = convs[cur].messages[mi];
   $('path').replaceChildren(...m.tokens.map((t, i) => {
     const col = el('div', {className: 'step' + (i === k ? ' at' : '')});
-    const alts = t[3].length ? t[3] : [[t[1], t[2]]];
-    for (const [tok, lp] of alts) {
-      const chosen = tok === t[1];
-      const b = el('button', {className: chosen ? 'chosen' : '', disabled: chosen || !!controller,
-        title: chosen ? 'the token the model chose' : 'continue from here with this token instead'},
+    if (t[4] != null) {
+      col.append(el('small', {className: 'allowed', title: 'tokens the grammar allowed here'},
+                    `${t[4]} ok`));
+    }
+    const alts = t[3].some(a => a[0] === t[1]) ? t[3] : [...t[3], [t[1], t[2]]];
+    for (const [tok, lp, ok] of alts) {
+      const chosen = tok === t[1], refused = ok === false;
+      const b = el('button', {className: chosen ? 'chosen' : refused ? 'refused' : '',
+        disabled: chosen || refused || !!controller,
+        title: chosen ? 'the token the model chose' : refused ? 'the grammar did not allow this token'
+          : 'continue from here with this token instead'},
         visible(tok), el('small', {}, fmt(Math.exp(lp), 2)));
       b.style.background = shade(Math.exp(lp));
       b.onclick = () => branchAt(mi, i, tok, lp, t[3]);

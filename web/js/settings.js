@@ -1,5 +1,5 @@
-// settings: the chat's sampling sliders, system prompt and shading, kept in localStorage; params()
-// is what a chat or completion request sends.
+// settings: the chat's sampling sliders, system prompt, JSON schema and shading, kept in
+// localStorage; params() is what a chat or completion request sends.
 import {$, el} from './dom.js';
 
 // [field sent to the API, label, min, max, step, default]: the sliders' ranges, a comfortable span
@@ -23,17 +23,37 @@ for (const [name, label, min, max, step, dflt] of PARAMS) {
   box.oninput = () => { range.value = box.value; saveSettings(); };
   $('params').append(el('label', {className: 'param'}, label, box, range));
 }
-export const params = () =>
-  Object.fromEntries(PARAMS.map(([name]) => [name, Number($('p-' + name).value)]));
+// structured output: with a JSON schema, every reply follows it (response_format: the server
+// constrains each token to what the schema allows; the generation path shows what it allowed)
+export function params() {
+  const p = Object.fromEntries(PARAMS.map(([name]) => [name, Number($('p-' + name).value)]));
+  const text = $('schema').value.trim();
+  if (!text) return p;
+  let schema = text;  // not JSON: sent as it is, and the server's 400 says what is wrong
+  try { schema = JSON.parse(text); } catch (e) { /* the hint below says so already */ }
+  return {...p, response_format: {type: 'json_schema', json_schema: {name: 'page', schema}}};
+}
+function checkSchema() {
+  const text = $('schema').value.trim();
+  try {
+    if (text) JSON.parse(text);
+    $('schema-hint').textContent = '';
+  } catch (e) {
+    $('schema-hint').textContent = 'the schema is not JSON: ' + e.message;
+  }
+}
 
 export function saveSettings() {
-  const settings = {params: params(), system: $('system').value, shade: $('shade').checked};
+  const settings = {params: params(), system: $('system').value, schema: $('schema').value,
+                    shade: $('shade').checked};
   localStorage.setItem('nanolab.settings', JSON.stringify(settings));
 }
 
 // subtle: the system prompt and shading first, since each slider's oninput saves all the settings
 function loadSettings(s) {
   $('system').value = s.system || '';
+  $('schema').value = s.schema || '';
+  checkSchema();
   $('shade').checked = !!s.shade;
   for (const [name, , , , , dflt] of PARAMS) {
     const range = $('p-' + name);
@@ -43,4 +63,8 @@ function loadSettings(s) {
 }
 loadSettings(JSON.parse(localStorage.getItem('nanolab.settings') || '{}'));
 $('system').oninput = saveSettings;
-$('reset-params').onclick = () => { loadSettings({system: $('system').value}); saveSettings(); };
+$('schema').oninput = () => { checkSchema(); saveSettings(); };
+$('reset-params').onclick = () => {
+  loadSettings({system: $('system').value, schema: $('schema').value});
+  saveSettings();
+};

@@ -5,7 +5,7 @@ import {$, el, fmt} from './dom.js';
 
 export const TOP_LOGPROBS = 5;  // alternatives asked for per generated token, for the tooltip
 
-// t: [text shown, token, logprob, [[alternative, logprob], ...]]
+// t: [text shown, token, logprob, [[alternative, logprob, allowed?], ...], allowed tokens?]
 export function tokenSpan(t) {
   const s = el('span', {className: 'tk', textContent: t[0]});
   s.tok = t;
@@ -19,9 +19,11 @@ function showTip(e) {
   const t = e.target.tok;
   if (!t) return hideTip();
   const lines = [`${JSON.stringify(t[1])}  p=${fmt(Math.exp(t[2]))}  logprob=${fmt(t[2])}`,
+                 ...(t[4] != null ? [`the grammar allowed ${t[4]} tokens here`] : []),
                  'top alternatives:',
-                 ...t[3].map(([tok, lp]) =>
-                   `  ${JSON.stringify(tok).padEnd(14)} ${fmt(Math.exp(lp))}`)];
+                 ...t[3].map(([tok, lp, ok]) =>
+                   `  ${JSON.stringify(tok).padEnd(14)} ${fmt(Math.exp(lp))}` +
+                   (ok === false ? '  (not allowed)' : ''))];
   $('tip').textContent = lines.join('\n');
   $('tip').hidden = false;
   const r = e.target.getBoundingClientRect();  // below the token, kept on screen
