@@ -485,7 +485,7 @@ if which == 'llamacpp':
 elif which == 'fairness':
     bench_serving.bench_fairness(serve_model, device, serve_quantize, serve_tokens)
 
-elif which == 'structured':  # response_format against none, GPT-2 124M
+elif which == 'structured':  # constrained against none: Shakespeare (a grammar), GPT-2 124M (a schema)
     bench_serving.bench_structured([int(c) for c in clients.split(',')], requests_per_client,
                                    serve_tokens, repeats, seed)
 

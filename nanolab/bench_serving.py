@@ -186,42 +186,55 @@ SCHEMA = {'type': 'object', 'properties': {
     'age': {'type': 'integer', 'minimum': 0, 'maximum': 120},
     'tags': {'type': 'array', 'items': {'enum': ['red', 'green', 'blue']}, 'maxItems': 4},
     'notes': {'type': 'string'}}, 'required': ['age', 'tags', 'notes'], 'additionalProperties': False}
+# Shakespeare's 65 characters have no '{' or '"', so no JSON: its row follows a grammar of a play's
+# speech instead (a speaker's name, a colon, then free lines), through the same masks
+SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+SPEECH = 'start: NAME ":\\n" TEXT\nNAME: /[A-Z][A-Z ]{0,15}/\nTEXT: /[^:]*/\n'
 
 
 def bench_structured(clients, per_client, tokens, repeats, seed):
-    """Constrained decoding's cost: serve.py on GPT-2 124M (random weights, written with
-    save_pretrained) under rounds of each number of streaming clients, every request with
-    response_format (SCHEMA) against none, rounds interleaved, best of repeats -> a printed table
+    """Constrained decoding's cost: serve.py on nanoGPT's Shakespeare model (6 x 384 over its 65
+    characters) with SPEECH's grammar, and on GPT-2 124M with response_format (SCHEMA), both random
+    weights written with save_pretrained, under rounds of each number of streaming clients, every
+    request constrained against none, rounds interleaved, best of repeats -> printed tables
     (tokens/s counts each answer's tokens, however short)."""
     import torch
     from model import GPT, GPTConfig
     from nanolab import grammar
-    from nanolab.tokenizer import TiktokenTokenizer
-    rf = {'response_format': {'type': 'json_schema', 'json_schema': {'name': 'person',
-                                                                     'schema': SCHEMA}}}
-    tok = TiktokenTokenizer('gpt2')
-    t0 = time.perf_counter()
-    grammar.vocabulary(tok, 50304)
-    t1 = time.perf_counter()
-    grammar.schema_grammar(SCHEMA)
-    print(f"structured: GPT-2 124M, random weights, {tokens} tokens a request at most, "
-          f"temperature 0.8; llguidance's table of the vocabulary {t1 - t0:.2f} s (once per "
-          f"tokenizer), the schema's grammar {(time.perf_counter() - t1) * 1e3:.1f} ms\n\n"
-          "| clients | plain tok/s | response_format tok/s | ratio |\n|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as d:
-        torch.manual_seed(seed)
-        GPT(GPTConfig(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024,
-                      vocab_size=50304)).save_pretrained(d, tok)
-        with Process(serve_cmd(d, 'cpu')) as p:
-            serve_round(p.port, 2, 1, 8, extra=rf)  # warm-up: the vocabulary table, first calls
-            for n in clients:
-                best = [0.0, 0.0]
-                for _ in range(repeats):
-                    for i, extra in enumerate((None, rf)):
-                        best[i] = max(best[i], serve_round(p.port, n, per_client, tokens,
-                                                           extra=extra)[0])
-                print(f"| {n} | {best[0]:.0f} | {best[1]:.0f} | {best[1] / best[0]:.2f}x |",
-                      flush=True)
+    from nanolab.tokenizer import CharTokenizer, TiktokenTokenizer
+    rows = [('Shakespeare (char, 6 x 384, block 256)', CharTokenizer(chars=SHAKESPEARE_CHARS),
+             dict(n_layer=6, n_head=6, n_embd=384, block_size=256), {'grammar': SPEECH},
+             lambda: grammar.lark_grammar(SPEECH), 'grammar'),
+            ('GPT-2 124M', TiktokenTokenizer('gpt2'),
+             dict(arch='gpt2', n_layer=12, n_head=12, n_embd=768, block_size=1024),
+             {'response_format': {'type': 'json_schema',
+                                  'json_schema': {'name': 'person', 'schema': SCHEMA}}},
+             lambda: grammar.schema_grammar(SCHEMA), 'response_format')]
+    for name, tok, shape, extra, build, field in rows:
+        V = 50304 if tok.kind != 'char' else tok.vocab_size
+        t0 = time.perf_counter()
+        grammar.vocabulary(tok, V)
+        t1 = time.perf_counter()
+        build()
+        print(f"\nstructured: {name}, random weights, {min(tokens, shape['block_size'] - 16)} tokens "
+              f"a request at most, temperature 0.8; llguidance's table of the vocabulary "
+              f"{t1 - t0:.2f} s (once per tokenizer), the grammar of its {field} field "
+              f"{(time.perf_counter() - t1) * 1e3:.1f} ms\n\n"
+              f"| clients | plain tok/s | {field} tok/s | ratio |\n|---|---|---|---|")
+        with tempfile.TemporaryDirectory() as d:
+            torch.manual_seed(seed)
+            GPT(GPTConfig(**shape, vocab_size=V)).save_pretrained(d, tok)
+            n_tokens = min(tokens, shape['block_size'] - 16)
+            with Process(serve_cmd(d, 'cpu')) as p:
+                serve_round(p.port, 2, 1, 8, extra=extra)  # warm-up: the vocabulary table
+                for n in clients:
+                    best = [0.0, 0.0]
+                    for _ in range(repeats):
+                        for i, x in enumerate((None, extra)):
+                            best[i] = max(best[i], serve_round(p.port, n, per_client, n_tokens,
+                                                               extra=x)[0])
+                    print(f"| {n} | {best[0]:.0f} | {best[1]:.0f} | {best[1] / best[0]:.2f}x |",
+                          flush=True)
 
 
 # -----------------------------------------------------------------------------

@@ -506,7 +506,7 @@ class Engine:
                                    host[at + B * k:at + B * k + s.logprobs]))
                 c, allowed, top_allowed, allowed_top = r.constraint, None, None, None
                 if c is not None:  # the mask it chose from (it has advanced since)
-                    allowed = int(c.mask.sum())
+                    allowed = c.count
                 if c is not None and top is not None:
                     top_allowed = [bool(c.mask[i]) for i, _ in top]
                     v, i = logits[b].masked_fill(~c.mask.to(logits.device), float('-inf')) \

@@ -185,7 +185,7 @@ class Constraint:
     """One row's grammar state: which tokens it allows next, advanced by each token chosen.
     stops: the row's stop tokens, allowed (and ending the text) whenever the text is complete."""
     def __init__(self, vocab, grammar, stops=(), matcher=None, prefix=()):
-        self.vocab, self.grammar, self.mask = vocab, grammar, None
+        self.vocab, self.grammar, self.mask, self.count = vocab, grammar, None, None
         self.stops = tuple(t for t in stops if 0 <= t < vocab.V)
         self.m = (matcher or vocab.prototype(grammar)).deep_copy()
         self.V = vocab.V
@@ -225,5 +225,7 @@ def allowed_rows(constraints):
     for i, c in enumerate(constraints):
         if c.stops and c.m.is_accepting():
             out[i, list(c.stops)] = True
-        c.mask = out[i]  # what this step allowed (the page shows it: Event.allowed)
+    # what this step allowed, and how many (the page shows them: Event.allowed)
+    for c, row, n in zip(constraints, out, out.sum(1).tolist()):
+        c.mask, c.count = row, n
     return out

@@ -413,6 +413,11 @@ def write_pretrained(out_dir, config, state_dict, tokenizer=None):
     from safetensors.torch import save_file
     hf_config = config_to_hf(config, eot=getattr(tokenizer, 'eot', None))
     check_fits(tokenizer, config['vocab_size'])
+    if hf_config['model_type'] == 'qwen2' and tokenizer is not None and tokenizer.kind != 'hf':
+        raise ValueError("a model with qkv_bias exports as Hugging Face's qwen2, whose directories "
+                         "transformers 5 always opens with Qwen2Tokenizer (digits split one by "
+                         f"one), which would not encode like this model's {tokenizer.kind} "
+                         "tokenizer; export it with --format=gguf, or train with qkv_bias=False")
     os.makedirs(out_dir, exist_ok=True)
     hf_config['torch_dtype'] = hf_config['dtype'] = \
         str(next(iter(state_dict.values())).dtype).replace('torch.', '')

@@ -173,6 +173,12 @@ def test_export_refuses(runs, tmp_path):
                                          positions='sinusoidal'), CharTokenizer(chars=''.join(sorted(CHARS))))
     p = run_export(f'--init_from={tmp_path / "sin"}', '--format=gguf', f'--out={tmp_path}/z.gguf')
     assert p.returncode == 1 and "positions='sinusoidal'" in p.stderr
+    # 3) q/k/v biases are Hugging Face's qwen2, whose tokenizer transformers 5 always builds as Qwen2Tokenizer:
+    #    GPT-2's BPE would tokenize differently there (' 123': 3 ids, not 1), so the export is refused
+    save_run(tmp_path / 'q2', GPTConfig(arch='llama', n_layer=1, n_head=2, n_embd=32, block_size=16,
+                                        vocab_size=50304, qkv_bias=True), TiktokenTokenizer('gpt2'))
+    p = run_export(f'--init_from={tmp_path / "q2"}', '--format=hf', f'--out={tmp_path}/q2hf')
+    assert p.returncode == 1 and 'Qwen2Tokenizer' in p.stderr and not os.path.exists(tmp_path / 'q2hf'), p.stderr
 
 
 LLAMA_CPP = llama_cpp.build_dir()  # $NANOLAB_LLAMA_CPP
