@@ -504,20 +504,15 @@ class Engine:
                     at = 3 * B + b * k
                     top = list(zip((int(i) for i in host[at:at + s.logprobs]),
                                    host[at + B * k:at + B * k + s.logprobs]))
-                c, allowed, top_allowed, allowed_top = r.constraint, None, None, None
-                if c is not None:  # the mask it chose from (it has advanced since)
-                    allowed = c.count
-                if c is not None and top is not None:
-                    top_allowed = [bool(c.mask[i]) for i, _ in top]
-                    v, i = logits[b].masked_fill(~c.mask.to(logits.device), float('-inf')) \
-                        .topk(min(s.logprobs, allowed))
-                    allowed_top = list(zip(i.tolist(), (v - lse[b]).tolist()))
+                # under a grammar: what it allowed at this step (the page draws it)
+                allowed = r.constraint.report(top, logits[b], lse[b]) \
+                    if r.constraint is not None else (None, None, None)
             except Exception as e:  # e.g. a token its tokenizer cannot decode: only this request
                 self._fail_request(r.req, f'reporting its token {t} failed ({type(e).__name__}: '
                                    f'{e})')
                 continue
             r.req.queue.put(Event(r.prompt_index, r.sample_index, t, delta, lp, top, reason,
-                                  allowed, top_allowed, allowed_top))
+                                  *allowed))
             if reason is not None:
                 self._free(r.slot, 'rows_finished')
 

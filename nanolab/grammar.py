@@ -200,6 +200,17 @@ class Constraint:
         """(V,) bool: the tokens the grammar takes next."""
         return allowed_rows([self])[0]
 
+    def report(self, top, logits, lse):
+        """What the last mask allowed, for the row's Event: (how many tokens, whether it allowed
+        each of top's (id, logprob) or None, the len(top) likeliest it allowed as (id, raw logprob)
+        from the row's raw logits and their logsumexp lse, or None without top)."""
+        if top is None:
+            return self.count, None, None
+        v, i = logits.masked_fill(~self.mask.to(logits.device), float('-inf')) \
+            .topk(min(len(top), self.count))
+        return self.count, [bool(self.mask[t]) for t, _ in top], \
+            list(zip(i.tolist(), (v - lse).tolist()))
+
     def advance(self, token):
         """Take the chosen token -> whether the text has ended (the grammar's end, or a stop token
         once the text is complete)."""
