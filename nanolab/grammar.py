@@ -224,13 +224,13 @@ class Constraint:
 def allowed_rows(constraints):
     """(R, V) bool: each constraint's next tokens, its mask filled by llguidance and the bits of all
     rows unpacked at once (one row at a time took 76 us a row; 16 rows' fills take 50 us)."""
-    import llguidance.torch as llt
     V = constraints[0].V
-    # (not llguidance's allocate_token_bitmask: it tries to pin the memory, a failure and a logged
-    # warning each call on a CPU-only torch)
+    # (not llguidance.torch's helpers: importing that module compiles a kernel with torch.compile,
+    # 4-6 s on the first constrained request; its allocator tries to pin memory, and fails, on a
+    # CPU-only torch. Its fill is this one call.)
     bits = torch.full((len(constraints), (V + 32) // 32), -1, dtype=torch.int32)
     for i, c in enumerate(constraints):
-        llt.fill_next_token_bitmask(c.m, bits, i)
+        c.m.unsafe_compute_mask_ptr(bits[i].data_ptr(), bits.size(1) * 4)
     shifts = torch.arange(32, dtype=torch.int32)
     out = ((bits[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :V]
     for i, c in enumerate(constraints):
