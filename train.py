@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import ARCHS, GPT, POSITIONS, GPTConfig
-from nanolab import datasets
+from nanolab import datasets, hub_corpora
 from nanolab.checkpoint import load_model, model_from_checkpoint, save_checkpoint
 from nanolab.configurator import cli_errors, configure, fail
 from nanolab.device import DTYPES, autocast_ctx, resolve_device, resolve_dtype
@@ -154,9 +154,13 @@ with cli_errors():
     # 3) the dataset: rank 0 prepares a named one that is missing (data.py), then everyone reads
     #    meta.json
     folder = os.path.join(data_dir, dataset)
-    if master_process and dataset in datasets.DATASETS \
-            and not os.path.exists(os.path.join(folder, 'meta.json')):
-        datasets.prepare(dataset, data_dir=data_dir)
+    if dataset in datasets.DATASETS and not os.path.exists(os.path.join(folder, 'meta.json')):
+        # never a Hub corpus (OpenWebText: 18 GB of tokens): every rank stops with data.py's command
+        if hub_corpora.from_hub(dataset, os.path.join(data_dir, '_downloads')):
+            fail(hub_corpora.prepare_first(
+                dataset, max_iters * gradient_accumulation_steps * batch_size * block_size))
+        if master_process:
+            datasets.prepare(dataset, data_dir=data_dir)
     if ddp:
         dist.barrier()  # the other ranks wait for rank 0's data preparation
     meta = datasets.load_meta(folder)

@@ -1,9 +1,10 @@
 # GPT-2 small (124M) reproduction on OpenWebText, nanoGPT's recipe: 12 layers x 768, context 1024,
 # ~0.5M tokens per iteration (12 x 1024 x 40 micro-batches), 600k iterations = ~300B tokens.
 # Hardware: several GPUs with DDP; GPU; not measured here. Expected (nanoGPT's figure, 8x A100 40GB,
-# ~4 days): val loss ~2.85. The data is not bundled and cannot be fetched offline: download OpenWebText
-# (Gokaslan & Cohen 2019, ~54 GB of text) and tokenize it with GPT-2's BPE:
-#   python data.py text --input=openwebtext/ --out_name=openwebtext --tokenizer=gpt2
+# ~4 days): val loss ~2.85. Data: OpenWebText (Gokaslan & Cohen 2019, ~9B GPT-2 tokens: ~18 GB of .bin),
+# streamed from the Hugging Face Hub (Skylion007/openwebtext, or a local copy of its shards in
+# $NANOLAB_DATA_MIRROR/hub/) by data.py, which resumes where it stopped; train.py never starts that itself:
+#   python data.py openwebtext
 #   torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py
 # gradient_accumulation_steps counts over all processes: 8 GPUs do 5 micro-steps each.
 

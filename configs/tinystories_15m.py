@@ -1,14 +1,24 @@
-# The small-language-model recipe: a 15.7M-parameter Llama (8 layers x 384, 6 query / 2 key-value heads,
-# SwiGLU, RoPE) with a 512-token context on TinyStories (Eldan & Li 2023), in our own 4096-token
-# byte-level BPE (python data.py tinystories; train.py prepares it on first use, ~10 s).
+# The small-language-model recipe in llama2.c's stories15M shape (Karpathy's TinyStories models): a Llama of
+# 6 layers x 288 (6 heads, n_kv_head 6: no GQA; SwiGLU 768 wide; RoPE; tied embeddings) over a 32,000-token
+# vocabulary, 15,191,712 parameters (9,216,000 of them the embedding), with a 512-token context, trained on
+# TinyStories (Eldan & Li 2023) in a 32k byte-level BPE learned from the stories (nanolab/tokenizer_training.py,
+# from the first 100 MB of the train file; ~17 s per 100 MB of synthetic English on the 2-core dev CPU):
+#   python data.py tokenizer --input=TinyStoriesV2-GPT4-train.txt --vocab_size=32000 --out_name=tinystories_32k
+#   python data.py tinystories --tokenizer=tokenizers/tinystories_32k
+#   python train.py configs/tinystories_15m.py
+# (the train file: huggingface.co/datasets/roneneldan/TinyStories). Without the two data.py steps, train.py
+# prepares `tinystories` itself in our own 4,096-token BPE and the model keeps its 32,000 rows (vocab_size).
+# Offline that is the way: the mirror's 4 MB of stories hold only 12,031 BPE merges, too few for a 32k
+# tokenizer (`python data.py tokenizer` on them stops, naming vocab_size <= 12292).
 # Hardware: one GPU (bf16); 65,536 tokens per iteration. GPU; not measured here.
 # CPU runs briefly (measured on the 2-core dev CPU, fp32, offline data subset): with
 #   python train.py configs/tinystories_15m.py --device=cpu --compile=False --batch_size=4 \
 #       --gradient_accumulation_steps=1 --max_iters=40 --eval_iters=5 --eval_interval=20 --log_interval=5
-# a step takes ~1.6 s (~85 s in all) and the val loss goes from 8.39 to 7.22 (still warming up).
+# a step took 3.7-8.2 s (4 min in all, with another job on the CPU beside it) and the val loss went from 10.35
+# to 9.40: the warmup is 1,000 iterations, so that is its start only.
 # subtle: offline mirrors hold a ~1M-token subset of the stories; on it this recipe overfits after a few
-# hundred iterations (watch val loss; best.pt keeps the best). Online, data.py fetches the full ~470M tokens.
-#   python train.py configs/tinystories_15m.py
+# hundred iterations (watch val loss; best.pt keeps the best). With no local copy, `python data.py tinystories`
+# streams the full set from the Hugging Face Hub (roneneldan/TinyStories; train.py does not start that itself).
 
 out_dir = 'out-tinystories-15m'
 eval_interval = 500
@@ -21,12 +31,13 @@ batch_size = 32
 block_size = 512
 
 arch = 'llama'
-n_layer = 8
+n_layer = 6
 n_head = 6
-n_kv_head = 2
-tie_embeddings = False  # Llama's own: untied
+n_kv_head = 6
+tie_embeddings = True   # as llama2.c's: the 32,000 x 288 embedding is also the output head
 optim = 'adamw'
-n_embd = 384
+n_embd = 288
+vocab_size = 32000      # the model's rows: the 32k tokenizer's ids (a smaller dataset vocabulary leaves some unused)
 dropout = 0.0
 
 learning_rate = 1e-3

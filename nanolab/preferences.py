@@ -149,7 +149,9 @@ def preference_files(data_dir, dataset, train_file='', val_file=''):
     pick = lambda f, split: f if '/' in f else os.path.join(folder, f or (
         f'pref_{split}.jsonl' if os.path.exists(os.path.join(folder, f'pref_{split}.jsonl'))
         else f'{split}.jsonl'))
-    if not os.path.isdir(folder) and '/' not in train_file + val_file:
+    # (only the JSONL sets: a token corpus holds no pairs, and a Hub one would start streaming)
+    if not os.path.isdir(folder) and '/' not in train_file + val_file \
+            and dataset in datasets.JSONL_SETS:
         datasets.prepare(dataset, data_dir=data_dir)
     paths = [pick(train_file, 'train'), pick(val_file, 'val')]
     missing = [p for p in paths if not os.path.exists(p)]

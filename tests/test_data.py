@@ -288,6 +288,21 @@ def test_missing_dataset_and_cli_errors(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith('error: `text` needs --input') and 'Traceback' not in r.stderr
 
 
+def test_bench_times_the_pipeline_and_each_step(tmp_path):
+    """`python data.py bench` on a tiny text: the whole pipeline's MB/s, then a row per step (cleaning, dedup,
+    tokenizing with GPT-2's BPE and a trained 32k one, each beside Hugging Face `tokenizers`, whose ids agree)."""
+    r = subprocess.run([sys.executable, 'data.py', 'bench', '--mb=0.3', '--num_proc=1', f'--data_dir={tmp_path}'],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r'^bench: 0.3\d* MB in [\d.]+ s = [\d.]+ MB/s', r.stdout, re.M), r.stdout
+    rows = dict(re.findall(r'^  (\S.*?) +[\d.]+ +([\d.]+)$', r.stdout, re.M))
+    steps = ['1) normalize', '2) quality', '3) lang_filter', '4) pii', '1-4) together, as clean_doc',
+             '5-6) minhash + LSH bands', '5-6) dedup: keys, index, checks', 'a worker: clean_doc, minhash, gpt2']
+    steps += [f'{t}: {how}' for t in ('gpt2', '32k BPE') for how in ('tiktoken, as the workers', 'tokenizers (reference)')]
+    assert all(float(rows[s]) > 0 for s in steps), r.stdout
+    assert 'other ids' not in r.stdout
+
+
 def test_bad_files_are_named_skipped_on_request_and_counted(tmp_path):
     """A folder with a Latin-1 file and a binary one: the default stops, naming the file and both ways out, and
     writes nothing; --on_bad_file=skip leaves it out and counts it in meta.json; --encoding=latin-1 reads it (its
@@ -314,12 +329,44 @@ def test_bad_files_are_named_skipped_on_request_and_counted(tmp_path):
 
 
 def test_a_preparation_that_fails_after_writing_leaves_no_temp_files(tmp_path):
-    """One document: all of it lands in train, the val split gets no tokens, and the error comes after both .bin.tmp
+    """Every document dropped by cleaning: the train split gets no tokens, and the error comes after both .bin.tmp
     files were written: they go (they were left behind, a corpus' worth of tokens)."""
     corpus = tmp_path / 'corpus'
     corpus.mkdir()
-    (corpus / 'one.txt').write_text('just one short document about a fox ' * 20)
-    with pytest.raises(ValueError, match='the val split got no tokens'):
+    for i in range(60):
+        (corpus / f'{i}.txt').write_text(f'a short note {i} about a fox')  # under min_words
+    with pytest.raises(ValueError, match='the train split got no tokens'):
         datasets.prepare('text', data_dir=str(tmp_path / 'data'), input=str(corpus), tokenizer='char', num_proc=1,
-                         quality=False, lang_filter=False, near_dedup=False)
+                         lang_filter=False, near_dedup=False)
     assert os.listdir(tmp_path / 'data' / 'text') == []
+
+
+def test_one_text_file_is_a_corpus(tmp_path, capsys):
+    """nanoGPT's first corpus, one input.txt, with default settings: too few documents to hold whole ones out, so val
+    is the last 10% of the token stream by position (nanoGPT's prepare.py), the summary says so, and train + val
+    is the whole file's tokens in order."""
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    text = open(os.path.join(os.environ['NANOLAB_DATA_MIRROR'], 'tinyshakespeare', 'input.txt')).read()[:200_000]
+    (corpus / 'input.txt').write_text(text)
+    folder = datasets.prepare('text', data_dir=str(tmp_path / 'data'), input=str(corpus), num_proc=1)
+    meta = datasets.load_meta(folder)
+    assert meta['source']['val'] == 'by position' and 'by position' in capsys.readouterr().out
+    train, val = (np.fromfile(os.path.join(folder, f'{s}.bin'), np.uint16) for s in ('train', 'val'))
+    assert len(val) == meta['val_tokens'] and abs(len(val) / (len(train) + len(val)) - 0.1) < 0.001
+    assert from_spec(meta['tokenizer']).decode(np.concatenate([train, val]).tolist()) == cleaning.normalize(text)
+
+
+def test_a_lone_surrogate_in_json_is_replaced_not_a_crash(tmp_path):
+    """JSON may escape half a UTF-16 pair ("\\ud800"), which json.loads keeps as a lone surrogate that UTF-8 cannot
+    hold: the document keeps going with U+FFFD in its place (it crashed the pipeline in hashing before)."""
+    rows = [json.dumps({'text': f'document {i} says hello to everyone in the whole wide world today'})
+            for i in range(60)] + ['{"text": "a broken \\ud800 pair in a document of many words, said twice over"}']
+    (tmp_path / 'c.jsonl').write_text('\n'.join(rows))
+    folder = datasets.prepare('text', data_dir=str(tmp_path / 'data'), input=str(tmp_path / 'c.jsonl'),
+                              num_proc=1, quality=False, lang_filter=False, near_dedup=False)
+    meta = datasets.load_meta(folder)
+    tok = from_spec(meta['tokenizer'])
+    text = ''.join(tok.decode(np.fromfile(os.path.join(folder, f'{s}.bin'), np.uint16).tolist())
+                   for s in ('train', 'val'))
+    assert 'a broken \ufffd pair' in text, text[text.find('broken') - 20:][:60]
