@@ -1,7 +1,7 @@
 """
 Serve models over HTTP: an OpenAI-compatible API with streaming, the tokenizer, and the web page in
-web/ (chat, look inside the model, compare, judge, runs). Standard library only (http.server);
-several models at once.
+web/ (chat, look inside the model, compare, judge, runs), and nanolab's scripts run as jobs
+(POST /v1/jobs: nanolab/jobs.py). Standard library only (http.server); several models at once.
 
     python serve.py --init_from=out-shakespeare-char  # CPU: open http://127.0.0.1:8000
     python serve.py --init_from=out-a,out-b --device=cuda  # one GPU, two models
@@ -52,7 +52,9 @@ runs_dir = '.'              # GET /runs lists its subdirectories that hold metri
 allowed_hosts = ''          # Host names to answer besides loopback names, IP addresses and `host`; comma list, * = any
 cors_origins = ''           # web origins (https://app.example) whose pages may call the API; comma list, * = any
 max_models = 8              # models loaded at once, counting POST /v1/models/load's; beyond: 409
-models_dir = ''             # directories POST /v1/models/load may read besides runs_dir and the HF cache; comma list
+models_dir = ''             # directories POST /v1/models/load and jobs may read besides runs_dir and the HF cache; comma list
+max_jobs = 1                # jobs (POST /v1/jobs) run at once, the rest queued; 2 CPU trainings on 2 cores help no one
+data_dir = 'data'           # where jobs read and prepare datasets (their data_dir)
 # -----------------------------------------------------------------------------
 CHOICES = {'dtype': DTYPES, 'quantize': QUANTIZE}
 
@@ -70,7 +72,8 @@ def main():
                            max_beam_slots=max_batch // 2)
     server = make_server(engines, host, port, key, runs_dir, allowed_hosts.split(','),
                          cors_origins.split(','), max_connections, read_timeout, max_models,
-                         max_tokens_limit, n_limit, models_dir.split(','), max_client_requests)
+                         max_tokens_limit, n_limit, models_dir.split(','), max_client_requests,
+                         max_jobs, data_dir)
     # subtle: what exists now (modules, the models) lives as long as the server. gc.freeze() keeps the
     # cyclic collector from walking it again: a full collection over it paused every stream for ~70 ms
     # (measured), a cost that landed on whichever request was in flight
@@ -82,6 +85,8 @@ def main():
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+    finally:  # the jobs end with the server, each as on Ctrl-C: a trainer writes its checkpoint
+        server.jobs.close()
 
 
 if __name__ == '__main__':

@@ -6,10 +6,12 @@ Files that are never left torn, and JSON that browsers can read.
     commit(tmp, path)                                   # or put a finished temp file in place
     write_json(path, obj); write_text(path, text)
     dumps(obj)                                          # json.dumps, NaN and infinities as null
+    inside(os.path.realpath(p), roots)                  # is p under one of roots (realpaths)?
 
 A crash, a Ctrl-C or a second writer at any moment leaves either the old file or the new one, never
 half of one: the bytes reach the disk (fsync) before the name points at them (os.replace is atomic
-on POSIX and Windows).
+on POSIX and Windows). inside and link_out keep the paths a server reads and writes for its clients
+inside the directories it was given.
 """
 import json
 import math
@@ -54,7 +56,7 @@ def remove_stale(folder, quiet_seconds=60):
         m = TEMP_NAME.fullmatch(name)
         full = os.path.join(folder, name)
         try:
-            if not m or _running(int(m.group(1))) \
+            if not m or running(int(m.group(1))) \
                     or time.time() - os.path.getmtime(full) < quiet_seconds:
                 continue
             shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
@@ -64,7 +66,8 @@ def remove_stale(folder, quiet_seconds=60):
     return removed
 
 
-def _running(pid):
+def running(pid):
+    """Whether a process with this id exists (a zombie counts until it is reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -72,6 +75,21 @@ def _running(pid):
     except OSError:  # a process of another user
         return True
     return True
+
+
+def inside(path, roots):
+    """Whether path is one of roots or below one; pass realpaths (every link resolved), so that a
+    link cannot lead out."""
+    return any(path == r or path.startswith(r + os.sep) for r in roots)
+
+
+def link_out(folder, roots, limit=10_000):
+    """The first entry of folder (of its first `limit`, by name) that resolves outside roots, a link
+    that leads out, or None."""
+    for name in sorted(os.listdir(folder))[:limit]:
+        if not inside(os.path.realpath(os.path.join(folder, name)), roots):
+            return os.path.join(folder, name)
+    return None
 
 
 def commit(tmp, path):

@@ -1,14 +1,15 @@
 """
 The endpoints behind the page's views, which server.py routes beside OpenAI's API (ROUTES): prompt
 templates, the tokenizer comparison, attention maps, the logit lens and activation flow, the
-embedding map, the arena, the runs, the leaderboard and the models on disk. Each endpoint is
-fn(handler, body): it reads h.engine(body), h.server (engines, runs_dir) and answers with
-h.send_json; bad input is an httpd.ApiError, a 4xx. What runs a model goes through Engine.call, on
-the engine thread.
+embedding map, the arena, the runs, the leaderboard, the models on disk and the jobs (jobs.py).
+Each endpoint is fn(handler, body): it reads h.engine(body), h.server (engines, runs_dir, jobs)
+and answers with h.send_json; bad input is an httpd.ApiError, a 4xx. What runs a model goes
+through Engine.call, on the engine thread.
 """
 import glob
 import json
 import os
+import time
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 
@@ -20,6 +21,7 @@ from nanolab.checkpoint import model_name
 from nanolab.files import finite
 from nanolab.httpd import ApiError
 from nanolab.interpret import activation_flow, logit_lens
+from nanolab.jobs import SCRIPTS
 from nanolab.openai_api import encode, flag, is_ids, number
 from nanolab.results import LOWER_IS_BETTER, checkpoint_history, leaderboard_rows, read_results
 from nanolab.runs import model_registry, read_runs
@@ -318,10 +320,62 @@ def _shape(h, body):
                       'params_non_embedding': n1 + L * (n2 - n1), 'flops_per_token': f1 + L * (f2 - f1)})
 
 
+# the jobs: nanolab's scripts run by the server (h.server.jobs, a jobs.Jobs)
+
+def _jobs(h, body):
+    """GET /v1/jobs: every record, newest first; POST /v1/jobs {script, config, settings}: a job
+    (Jobs.submit) -> its record."""
+    if h.command == 'GET':
+        return h.send_json(200, {'object': 'list', 'data': h.server.jobs.list(),
+                                 'max_jobs': h.server.jobs.max_jobs, 'scripts': SCRIPTS})
+    unknown = sorted(set(body) - {'script', 'config', 'settings'})
+    if unknown:
+        raise ApiError(400, f"unknown field '{unknown[0][:40]}'; a job is {{script, config, "
+                       "settings}", unknown[0][:40], 'unknown_parameter')
+    h.send_json(200, h.server.jobs.submit(body.get('script'), body.get('config'),
+                                          body.get('settings')))
+
+def _job(h, body):
+    h.send_json(200, h.server.jobs.get(h.path_id))
+
+def _job_stop(h, body):
+    h.send_json(200, h.server.jobs.stop(h.path_id))
+
+def _job_log(h, body):
+    """GET /v1/jobs/{id}/log?offset=N[&stream=true] (Jobs.log); streamed: an event per part read,
+    until the job has ended and its log is read, then [DONE]."""
+    offset, stream = body.get('offset', '0'), body.get('stream', 'false')
+    if not (offset.isascii() and offset.isdigit() and len(offset) <= 15):
+        raise ApiError(400, f"'offset' must be a byte count, got {offset[:40]!r}", 'offset',
+                       'invalid_value')
+    if stream not in ('true', 'false'):
+        raise ApiError(400, f"'stream' must be true or false, got {stream[:40]!r}", 'stream',
+                       'invalid_value')
+    part = h.server.jobs.log(h.path_id, int(offset))
+    if stream == 'false':
+        return h.send_json(200, part)
+    h.start_sse()
+    while True:
+        if part['text'] or part['done']:
+            h.sse(part)
+        if part['done']:
+            break
+        if part['next_offset'] == part['offset']:  # nothing new: wait, and leave if it has gone
+            time.sleep(0.25)
+            h.check_client()
+        part = h.server.jobs.log(h.path_id, part['next_offset'])
+    h.sse('[DONE]')
+    h.end_sse()
+
+
+
 ROUTES = {'/v1/templates': ('GET', _templates), '/v1/templates/render': ('POST', _render_template),
           '/v1/tokenizers': ('POST', _tokenizers), '/v1/attention': ('POST', _attention),
           '/v1/inspect': ('POST', _inspect), '/v1/embedding_map': ('POST', _embedding_map),
           '/v1/arena/judgments': ('POST', _arena_judge), '/v1/arena/items': ('GET', _arena_items),
           '/v1/arena/stats': ('GET', _arena_stats), '/runs': ('GET', _runs),
           '/leaderboard': ('GET', _leaderboard), '/v1/registry': ('GET', _registry),
-          '/v1/shape': ('POST', _shape)}
+          '/v1/shape': ('POST', _shape),
+          # server.py's router puts the {id} of a path in h.path_id
+          '/v1/jobs': ('GET POST', _jobs), '/v1/jobs/{id}': ('GET', _job),
+          '/v1/jobs/{id}/log': ('GET', _job_log), '/v1/jobs/{id}/stop': ('POST', _job_stop)}

@@ -18,6 +18,9 @@ the first one):
     the page's views (page_api.py): /v1/attention, /v1/inspect, /v1/tokenizers, /v1/embedding_map,
         /v1/templates, /v1/arena/*, /runs, /leaderboard, /v1/registry (runs_dir's models,
         checkpoints and exports), /v1/shape (model.py's rules and counts for any shape)
+        and the jobs, nanolab's scripts run as the server's children (jobs.py): POST /v1/jobs
+        {script, config, settings}, GET /v1/jobs, /v1/jobs/{id}, /v1/jobs/{id}/log; POST
+        /v1/jobs/{id}/stop
     GET /: files from web/
 """
 import hmac
@@ -33,11 +36,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 
-from nanolab import arena, hf, page_api, prompts
+from nanolab import arena, hf, jobs, page_api, prompts
 from nanolab.checkpoint import MODEL_NAME, TUNED, checkpoint_stage, load_model, model_sources
 from nanolab.engine import Engine, NumericalError, compiled
 from nanolab.engine_thread import adopt, start
 from nanolab.events import BeamStep
+from nanolab.files import inside, link_out
 from nanolab.httpd import ApiError, GuardedHandler, Server
 from nanolab.openai_api import completion, encode, flag, is_ids
 from nanolab.quantize import for_inference
@@ -112,19 +116,16 @@ def model_path(source, roots):
     outside = ValueError(f"no model source {source[:200]!r} under this server's --runs_dir, "
                          "--models_dir or Hugging Face cache; give a path relative to one of "
                          "them, or start the server with --models_dir=DIR")
-    inside = lambda p: any(p == r or p.startswith(r + os.sep) for r in roots)
     # an absolute path as it is; a relative one under each root, where it is (its own name: it may
     # be a link, which must then lead inside too)
     candidates = [source] if os.path.isabs(source) else \
         [c for c in (os.path.normpath(os.path.join(r, source)) for r in roots)
-         if inside(c) and os.path.lexists(c)]
+         if inside(c, roots) and os.path.lexists(c)]
     for c in candidates:
         full = os.path.realpath(c)
-        if not inside(full) or not os.path.exists(full):
+        if not inside(full, roots) or not os.path.exists(full):
             raise outside
-        files = [full] if os.path.isfile(full) else \
-            [os.path.join(full, f) for f in sorted(os.listdir(full))[:10_000]]
-        if not all(inside(os.path.realpath(f)) for f in files):
+        if os.path.isdir(full) and link_out(full, roots):
             raise ValueError(f"{source[:200]!r} holds a link that leads out of this server's "
                              "--runs_dir, --models_dir and Hugging Face cache; add the directory "
                              "it leads to with --models_dir=DIR")
@@ -219,6 +220,8 @@ ROUTES = {'/v1/models': ('GET', _models),
           '/tokenize': ('POST', _tokenize), '/detokenize': ('POST', _detokenize),
           '/tokenizer_info': ('GET', _tokenizer_info), '/v1/models/load': ('POST', _load),
           '/v1/models/unload': ('POST', _unload), **page_api.ROUTES}
+# a path with an id in it -> its ROUTES key: /v1/jobs/ID/log -> /v1/jobs/{id}/log (h.path_id = ID)
+ID_PATH = re.compile(r'(/v1/jobs/)([^/]+)(/[a-z]+)?')
 
 # -----------------------------------------------------------------------------
 # 3) HTTP: the routes, the handler, and the server
@@ -231,20 +234,22 @@ class Handler(GuardedHandler):
 
     def route(self):
         url, method = urlsplit(self.path), self.command
+        m = ID_PATH.fullmatch(url.path)
+        path, self.path_id = (m[1] + '{id}' + (m[3] or ''), m[2]) if m else (url.path, None)
         try:
             self.check_request(method)
             if method == 'OPTIONS':  # a CORS preflight from an origin in --cors_origins
                 return self.send(204, b'', 'text/plain')
-            if url.path not in ROUTES:
+            if path not in ROUTES:
                 if method != 'GET' or url.path.startswith('/v1/'):
                     raise ApiError(404,
                                    f"unknown path {method} {url.path}; the "
                                    f"API is {', '.join(ROUTES)}",
                                    None, 'unknown_url')
                 return self.static(url.path)
-            want, fn = ROUTES[url.path]
-            if method != want:
-                raise ApiError(405, f"{url.path} takes {want}, not {method}", None,
+            want, fn = ROUTES[path]
+            if method not in want.split():
+                raise ApiError(405, f"{path} takes {' or '.join(want.split())}, not {method}", None,
                                'method_not_allowed')
             key = self.server.api_key
             if key and not hmac.compare_digest(self.headers.get('Authorization', '').encode(),
@@ -362,11 +367,13 @@ def load_engines(spec, device='cpu', dtype=torch.float32, quantize='', threads=0
 
 def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', allowed_hosts=(),
                 cors_origins=(), max_connections=256, read_timeout=10.0, max_models=8,
-                max_tokens_limit=4096, n_limit=16, models_dirs=(), max_client_requests=16):
-    """The HTTP server for the engines ({name: Engine}); call serve_forever() on it. allowed_hosts:
-    Host names answered besides loopback names, addresses and host; cors_origins: origins whose
-    pages may call the API; models_dirs: directories POST /v1/models/load may read besides runs_dir
-    and the Hugging Face cache; the rest are serve.py's settings of the same names."""
+                max_tokens_limit=4096, n_limit=16, models_dirs=(), max_client_requests=16,
+                max_jobs=1, data_dir='data'):
+    """The HTTP server for the engines ({name: Engine}); call serve_forever() on it, and
+    server.jobs.close() after (its jobs end with it). allowed_hosts: Host names answered besides
+    loopback names, addresses and host; cors_origins: origins whose pages may call the API;
+    models_dirs: directories POST /v1/models/load and jobs may read besides runs_dir and the
+    Hugging Face cache; the rest are serve.py's settings of the same names."""
     from huggingface_hub.constants import HF_HUB_CACHE
     if max_client_requests < 1:
         raise ValueError(f"max_client_requests={max_client_requests}: a client must be able to run "
@@ -375,6 +382,8 @@ def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', all
         raise ValueError(f"host={host!r} makes the server reachable from other "
                          "machines; set --api_key=SECRET (clients send 'Authorization: "
                          "Bearer SECRET'), or keep --host=127.0.0.1")
+    model_roots = [os.path.realpath(d) for d in (runs_dir, *models_dirs, HF_HUB_CACHE) if d.strip()]
+    job_runner = jobs.Jobs(runs_dir, data_dir, model_roots, max_jobs)  # before the port is taken
     server = Server((host, port), Handler)
     server.max_connections, server.read_timeout = max_connections, read_timeout
     server.max_client_requests = max_client_requests
@@ -382,8 +391,7 @@ def make_server(engines, host='127.0.0.1', port=0, api_key='', runs_dir='.', all
         int(time.time())
     server.max_models, server.models_lock = max_models, threading.Lock()
     server.arena = arena.Store(os.path.join(runs_dir, 'arena', 'judgments.jsonl'))
-    server.model_roots = [os.path.realpath(d) for d in (runs_dir, *models_dirs, HF_HUB_CACHE)
-                          if d.strip()]
+    server.model_roots, server.jobs = model_roots, job_runner
     server.max_tokens_limit, server.n_limit = max_tokens_limit, n_limit
     server.allowed_hosts = {'localhost', host.lower(), *(h.strip().lower() for h in allowed_hosts
                                                          if h.strip())}

@@ -78,20 +78,21 @@ def slow(worker, seconds):
 
 
 @contextlib.contextmanager
-def serving(runs_dir, max_batch=4, source=None, max_models=8, **limits):
+def serving(runs_dir, max_batch=4, source=None, max_models=8, server=None, **limits):
     """serve.py in this process on a free port, over a directory of runs (serving source, default all of them);
-    tests/test_web.py uses it too."""
+    server: more of make_server's arguments. tests/test_web.py and tests/test_jobs.py use it too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and the machine is shared
     engines = load_engines(str(source or runs_dir), 'cpu', torch.float32, max_batch=max_batch,
                                  **{'max_rows': 64, 'max_prompt_tokens': 4096, 'prefill_chunk': 16, **limits})
-    srv = make_server(engines, port=0, runs_dir=str(runs_dir), max_models=max_models)
+    srv = make_server(engines, port=0, runs_dir=str(runs_dir), max_models=max_models, **(server or {}))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         yield srv
     finally:
         srv.shutdown()
         srv.server_close()
+        srv.jobs.close()
         for w in srv.engines.values():  # what is loaded now: POST /v1/models/load may have changed it
             w.stop()
         torch.set_num_threads(threads)
