@@ -14,13 +14,13 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from nanolab import datasets, hub_corpora
 from nanolab.cleaning import doc_key
 from nanolab.formats import in_val
 from nanolab.tokenizer import from_spec
+from test_data import decode_docs as decode  # tests/ is on sys.path while pytest collects it
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = 'the a of and to in was it he she cat dog ran far home big small tree sun moon café naïve 東京'.split()
@@ -54,18 +54,6 @@ def mirror(tmp_path, monkeypatch):
     monkeypatch.setenv('NANOLAB_DATA_MIRROR', str(tmp_path / 'mirror'))
     monkeypatch.setattr(hub_corpora, 'CHUNK_CHARS', 2000)
     return str(tmp_path / 'mirror')
-
-
-def decode(folder):
-    """meta.json and each split's documents: its token stream cut at <|endoftext|>."""
-    meta = datasets.load_meta(folder)
-    tok = from_spec(meta['tokenizer'])
-    out = {}
-    for s in ('train', 'val'):
-        ids = np.fromfile(os.path.join(folder, f'{s}.bin'), dtype=meta['dtype'])
-        out[s] = [tok.decode(p.tolist()).removesuffix('<|endoftext|>')
-                  for p in np.split(ids, np.flatnonzero(ids == tok.eot) + 1)]
-    return meta, out
 
 
 @contextlib.contextmanager
