@@ -21,6 +21,8 @@ the first one):
         and the jobs, nanolab's scripts run as the server's children (jobs.py): POST /v1/jobs
         {script, config, settings}, GET /v1/jobs, /v1/jobs/{id}, /v1/jobs/{id}/log; POST
         /v1/jobs/{id}/stop
+    the Data tab's (data_api.py): GET /v1/datasets, /v1/datasets/{name} (the datasets under
+        --data_dir); POST /v1/uploads?name=FILE (a file's raw bytes, read by its endpoint)
     GET /: files from web/
 """
 import hmac
@@ -36,7 +38,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import torch
 
-from nanolab import arena, hf, jobs, page_api, prompts
+from nanolab import arena, data_api, hf, jobs, page_api, prompts
 from nanolab.checkpoint import MODEL_NAME, TUNED, checkpoint_stage, load_model, model_sources
 from nanolab.engine import Engine, NumericalError, compiled
 from nanolab.engine_thread import adopt, start
@@ -219,9 +221,9 @@ ROUTES = {'/v1/models': ('GET', _models),
           '/v1/chat/completions': ('POST', lambda h, b: completion(h, b, True)),
           '/tokenize': ('POST', _tokenize), '/detokenize': ('POST', _detokenize),
           '/tokenizer_info': ('GET', _tokenizer_info), '/v1/models/load': ('POST', _load),
-          '/v1/models/unload': ('POST', _unload), **page_api.ROUTES}
+          '/v1/models/unload': ('POST', _unload), **page_api.ROUTES, **data_api.ROUTES}
 # a path with an id in it -> its ROUTES key: /v1/jobs/ID/log -> /v1/jobs/{id}/log (h.path_id = ID)
-ID_PATH = re.compile(r'(/v1/jobs/)([^/]+)(/[a-z]+)?')
+ID_PATH = re.compile(r'(/v1/jobs/|/v1/datasets/)([^/]+)(/[a-z]+)?')
 
 # -----------------------------------------------------------------------------
 # 3) HTTP: the routes, the handler, and the server
@@ -259,7 +261,8 @@ class Handler(GuardedHandler):
                                "'Authorization: Bearer <key>' with the key the server "
                                "was started with (--api_key)",
                                None, 'invalid_api_key')
-            body = self.body() if method == 'POST' else \
+            # an upload's body is a file, which its endpoint reads itself (data_api._upload)
+            body = {} if path == '/v1/uploads' else self.body() if method == 'POST' else \
                 {k: v[-1] for k, v in parse_qs(url.query).items()}
             # one client: its address and the key it sends (everything local is 127.0.0.1)
             self.client = (self.client_address[0], self.headers.get('Authorization', ''))

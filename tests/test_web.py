@@ -2,7 +2,8 @@
 on two tiny random models (tests/test_serve.py's runs): the page loads without console errors; a chat reply streams
 token by token and equals the API's greedy reply; switching models; stop frees the server's slot; the token
 inspector shows /tokenize's ids; the attention heatmap draws; the compare view's greedy and beam columns equal the
-API's; the runs tab draws loss curves, refreshes while a run trains, and shows the leaderboard. About 20 s.
+API's, and so does each column of its models side by side, to that column's own history; the runs tab draws loss
+curves, refreshes while a run trains, and shows the leaderboard. About 20 s.
 The browser tests skip when Chromium or chromedriver is not installed (.ci/run installs Debian's chromium and
 chromium-driver); GET /leaderboard is checked without a browser."""
 import json
@@ -17,6 +18,7 @@ import pytest
 
 from nanolab import results, server
 from test_serve import call, serving, slow, two_runs  # tests/ is on sys.path while pytest collects it
+from test_data_api import tiny_datasets
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 CHROMEDRIVER = shutil.which('chromedriver')
@@ -31,8 +33,9 @@ def site(tmp_path_factory):
     for name, em in (('char', 0.25), ('bpe', 0.75)):  # the leaderboard puts bpe first
         results.save_result(str(d / name), {'model': name, 'checkpoint': str(d / name / 'ckpt.pt'), 'iter': 10,
                                              'task': 'benchmark:demo', 'metrics': {'exact_match': em}, 'n': 4})
-    with serving(d) as srv:
-        srv.url, srv.dir = f'http://127.0.0.1:{srv.server_address[1]}/', d
+    data = tiny_datasets(tmp_path_factory.mktemp('data'))  # the Data tab's
+    with serving(d, server={'data_dir': str(data)}) as srv:
+        srv.url, srv.dir, srv.data = f'http://127.0.0.1:{srv.server_address[1]}/', d, data
         yield srv
 
 
@@ -161,7 +164,7 @@ def test_the_page_is_small_es_modules(site):
 
 
 def test_page_loads_every_tab(page):
-    for tab in ('overview', 'inspect', 'compare', 'arch', 'prompts', 'arena', 'runs', 'chat'):
+    for tab in ('overview', 'inspect', 'compare', 'arch', 'prompts', 'arena', 'runs', 'data', 'chat'):
         page.find_element('css selector', f'#tabs button[data-tab={tab}]').click()
         assert js(page, f"return document.getElementById('{tab}').offsetHeight > 0")
     assert js(page, "return document.getElementById('params').querySelectorAll('input[type=range]').length") == 8
@@ -389,6 +392,71 @@ def test_compare_columns(site, page):
         assert cols[i][1] == call(site, 'POST', '/v1/completions', body)[1]['choices'][0]['text']
 
 
+def set_in(driver, element, value):
+    """set_value for an element without an id (a side-by-side column's model menu and settings)."""
+    js(driver, "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'));"
+               "arguments[0].dispatchEvent(new Event('change'))", element, value)
+
+
+def sbs_replies(driver):
+    """[(text, meta)] of each side-by-side column's last reply once every column has finished, else None."""
+    return js(driver, """if (document.getElementById('sbs-send').disabled) return null;
+        const r = [...document.querySelectorAll('#sbs-cols .col')].map(c => {
+          const m = [...c.querySelectorAll('.msg')].pop();
+          return m && m.classList.contains('assistant') && m.querySelector('.meta').textContent ?
+            [m.querySelector('.text').textContent, m.querySelector('.meta').textContent] : null; });
+        return r.length && r.every(x => x) ? r : null""")
+
+
+def test_models_side_by_side_and_send_to_arena(site, page):
+    """The Compare tab's second mode: one message streams into two columns at once (char and bpe, greedy), and each
+    column's reply equals the API's greedy reply to that column's own history, on the first turn and on the second
+    (each history holds its own model's replies); each token carries its probability, each column its tokens/s;
+    "send to arena" shows the last pair blind in the Arena tab, and the vote stores it with both models' names."""
+    from nanolab import arena
+    page.find_element('css selector', '#tabs button[data-tab=compare]').click()
+    click(page, 'mode-models')
+    assert not page.find_element('id', 'run-compare').is_displayed()
+    cols = page.find_elements('css selector', '#sbs-cols .col')
+    assert len(cols) == 2
+    for col, name in zip(cols, ('char', 'bpe')):
+        set_in(page, col.find_element('css selector', '.sbs-model'), name)
+        set_in(page, col.find_element('css selector', '.sbs-temperature'), '0')
+        set_in(page, col.find_element('css selector', '.sbs-max_tokens'), '30')
+    histories = {'char': [], 'bpe': []}
+    for turn in ('Hi there', 'Hello'):
+        page.find_element('id', 'sbs-input').send_keys(turn + '\n')  # Enter sends, to every column
+        got = wait(lambda: sbs_replies(page))
+        for (text, meta), name in zip(got, ('char', 'bpe')):
+            msgs = histories[name] + [{'role': 'user', 'content': turn}]
+            n = call(site, 'POST', '/tokenize', {'model': name, 'messages': msgs, 'add_generation_prompt': True})[1]['count']
+            room = {'char': 256, 'bpe': 64}[name] - n  # each model's context (test_serve checks /v1/models says so)
+            want = call(site, 'POST', '/v1/chat/completions', {'model': name, 'messages': msgs, 'temperature': 0,
+                                                               'max_tokens': min(30, room)})[1]
+            assert text == want['choices'][0]['message']['content'] and text, (name, turn)
+            assert meta.startswith(name) and 'tok/s' in meta
+            histories[name] = msgs + [{'role': 'assistant', 'content': text}]
+    assert histories['char'][1] != histories['bpe'][1]  # two models, two histories
+    toks = js(page, "return [...document.querySelectorAll('#sbs-cols .col')].map(c => c.querySelector('.msg.assistant .tk').tok)")
+    assert all(t[2] <= 0 and len(t[3]) == 5 for t in toks)
+    # send to arena: the last two replies, blind, then a vote that names them
+    path = site.dir / 'arena' / 'judgments.jsonl'
+    before = len(arena.read_judgments(str(path))) if path.exists() else 0
+    click(page, 'sbs-arena')
+    wait(lambda: js(page, "return document.getElementById('arena').classList.contains('on')"))
+    assert [page.find_element('id', f'arena-h{i}').text for i in (0, 1)] == ['A', 'B']
+    shown = js(page, "return [0, 1].map(i => document.getElementById('arena-text' + i).textContent)")
+    assert sorted(shown) == sorted(h[-1]['content'] for h in histories.values())
+    set_value(page, 'annotator', 'ann-sbs')
+    click(page, 'vote-a')
+    wait(lambda: 'saved' in page.find_element('id', 'arena-status').text)
+    judged = arena.read_judgments(str(path))
+    assert len(judged) == before + 1
+    j = judged[-1]
+    assert j['prompt'] == 'Hello' and j['winner'] == 'a' and j['a']['text'] == shown[0]
+    assert {j['a']['model'], j['b']['model']} == {'char', 'bpe'} and j['a']['settings']['temperature'] == 0
+
+
 def test_logit_lens_flow_and_tokenizers(site, page):
     """The lens's top row is the model's own argmax at each position (the API's, and a plain forward's); the flow
     draws a grid per quantity and head; the tokenizer columns equal each tokenizer's own encoding."""
@@ -492,6 +560,12 @@ def test_every_view_fits_a_phone(site, page):
                 wait(lambda: page.find_element('id', 'lens-box' if tab == 'inspect' else 'beam-box').is_displayed())
             assert js(page, f"return document.getElementById('{tab}').offsetHeight > 0")
             assert js(page, "return document.documentElement.scrollWidth") <= 390, tab
+        set_value(page, 'p-max_tokens', '8')  # the side-by-side columns start from the chat's settings
+        page.find_element('css selector', '#tabs button[data-tab=compare]').click()
+        click(page, 'mode-models')
+        page.find_element('id', 'sbs-input').send_keys('Hi\n')
+        wait(lambda: sbs_replies(page))
+        assert js(page, "return document.documentElement.scrollWidth") <= 390, 'models side by side'
     finally:
         page.set_window_size(1200, 900)
 
@@ -596,6 +670,47 @@ def test_runs_curves_refresh_and_leaderboard(site, page):
         f.write(json.dumps({'iter': 20, 'loss': 2.5, 'time': 2.0}) + '\n' + json.dumps({'iter': 30, 'loss': 2.4, 'time': 3.0}) + '\n')
     wait(lambda: 'iter 30' in card.text, timeout=8)  # and its progress: 10 iterations a second, 70 to go
     assert 'training: 30/100 (30%), ETA 0:07' in card.text
+
+
+def test_data_tab_shows_meta_cleaning_lengths_and_samples_and_prepares_an_upload(site, page, tmp_path):
+    """The Data tab's counts equal meta.json's, its cleaning table cleaning.py's report, its histogram the API's;
+    samples of train and val show; it fits a phone; a file uploaded from it is prepared by a `data.py text` job."""
+    meta = json.loads((site.data / 'tiny' / 'meta.json').read_text())
+    page.find_element('css selector', '#tabs button[data-tab=data]').click()
+    wait(lambda: js(page, "return [...document.querySelectorAll('#data-name option')].map(o => o.value)") == ['pairs', 'tiny'])
+    set_value(page, 'data-name', 'tiny')
+    cells = lambda id_: dict(js(page, f"return [...document.querySelectorAll('#{id_} tr')].map(r => "
+                                      "[r.cells[0].textContent, r.cells[1].textContent])"))
+    wait(lambda: 'train tokens' in cells('data-meta'))
+    got = cells('data-meta')
+    assert (got['train tokens'], got['val tokens'], got['vocabulary']) == \
+        tuple(f'{meta[k]:,}' for k in ('train_tokens', 'val_tokens', 'vocab_size'))
+    clean = cells('data-clean-table')
+    assert clean['documents in'] == str(meta['cleaning']['docs_in']) and clean['documents out'] == str(meta['cleaning']['docs_out'])
+    assert clean['dedup'] == 'removed 1' and clean['near_dedup'] == 'removed 1' and 'email 1' in clean['pii']
+    api = call(site, 'GET', '/v1/datasets/tiny')[1]['histogram']
+    assert f"{api['documents']} documents" in page.find_element('id', 'data-hist-note').text
+    assert js(page, "return document.getElementById('data-hist').offsetHeight") > 100
+    samples = js(page, "return [...document.querySelectorAll('#data-samples > div')].map(d => d.querySelectorAll('pre').length)")
+    assert samples == [3, 3] and all(p.text.strip() for p in page.find_elements('css selector', '#data-samples pre'))
+    page.set_window_size(390, 844)
+    try:
+        assert js(page, "return document.documentElement.scrollWidth") <= 390
+    finally:
+        page.set_window_size(1200, 900)
+    set_value(page, 'data-name', 'pairs')  # a JSONL set: rows, no histogram
+    wait(lambda: cells('data-meta').get('train rows') == '5')
+    # a file of one's own: uploaded, then prepared by data.py text as a job
+    (tmp_path / 'mine.txt').write_text((site.data / 'corpus.txt').read_text())
+    page.find_element('id', 'upload-file').send_keys(str(tmp_path / 'mine.txt'))
+    set_value(page, 'upload-name', 'mine')
+    set_value(page, 'upload-split', 'line')
+    click(page, 'upload-btn')
+    wait(lambda: 'prepared mine' in page.find_element('id', 'upload-status').text
+         or 'err' in page.find_element('id', 'upload-status').get_attribute('class'), timeout=90)
+    assert 'prepared mine' in page.find_element('id', 'upload-status').text, page.find_element('id', 'upload-status').text
+    assert json.loads((site.data / 'mine' / 'meta.json').read_text())['train_tokens'] == meta['train_tokens']
+    wait(lambda: cells('data-meta').get('train tokens') == f"{meta['train_tokens']:,}")
 
 
 def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, browser):

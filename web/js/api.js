@@ -5,7 +5,7 @@ import {el} from './dom.js';
 // fetch with the server's API key (serve.py --api_key): asked for when the server answers 401, then
 // kept for this browser session (sessionStorage: gone when the tab closes) and sent as
 // 'Authorization: Bearer <key>'
-async function keyedFetch(path, init) {
+export async function keyedFetch(path, init) {
   for (;;) {
     const key = sessionStorage.getItem('nanolab_api_key');
     const auth = key ? {Authorization: `Bearer ${key}`} : {};

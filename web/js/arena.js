@@ -4,7 +4,7 @@
 // be measured (evaluate.py --arena). arenaStats() draws the ratings so far, here and (copied) on
 // the Runs tab.
 import {api, sse} from './api.js';
-import {$, el, fmt, guard, onTab} from './dom.js';
+import {$, el, fmt, guard, onTab, showTab} from './dom.js';
 import {models, onModels} from './models.js';
 
 const PROMPTS = ['ROMEO:', 'JULIET:\nO Romeo,', 'First Citizen:', 'KING RICHARD III:',
@@ -69,6 +69,18 @@ async function arenaGo() {
 }
 $('arena-go').onclick = () => guard($('arena-status'), arenaGo);
 
+// a pair written elsewhere (the Compare tab's models side by side): [{model, text, settings}] x 2,
+// shown blind here in random order, to be voted on as one the arena wrote itself
+export function judgePair(prompt, pair) {
+  const sides = pair.map(({model, text, settings}) => ({model, text, settings}));
+  if (Math.random() < 0.5) sides.reverse();
+  const id = crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random();
+  showTab('arena');
+  $('arena-prompt').value = prompt;
+  showDuel({id, prompt, sides, done: true});
+  $('arena-status').textContent = 'a pair from Compare: which is better? (the names show after your vote)';
+}
+
 async function arenaAgain() {
   const annotator = $('annotator').value.trim();
   if (!annotator) throw new Error(NO_NAME);
@@ -84,6 +96,7 @@ async function arenaAgain() {
 $('arena-again').onclick = () => guard($('arena-status'), arenaAgain);
 
 async function vote(winner) {
+  if (!$('annotator').value.trim()) throw new Error(NO_NAME);
   const d = duel, ratings = {};
   if ($('rate-a').value) ratings.a = Number($('rate-a').value);
   if ($('rate-b').value) ratings.b = Number($('rate-b').value);

@@ -5,11 +5,13 @@
 //                token's tooltip); complete.js the Complete mode for base models
 //   inspect.js   tokens, attention, the logit lens and activation flow, three tokenizers
 //   compare.js   one prompt under several decoding strategies, the beam tree
+//                sidebyside.js its other mode: one conversation with 2-4 models, side by side
 //   arch.js      the Model tab: the served model's blocks, a calculator
 //   prompts.js   the template library
 //   arena.js     two replies shown blind, a vote, ratings
 //   runs.js      loss curves and runs compared; registry.js the models on disk; leaderboard.js
 //                the evaluations
+//   data.js      the prepared datasets: counts, cleaning, document lengths, samples; uploads
 // Shared by all: api.js (serve.py's API), dom.js (elements, tabs), canvas.js (HiDPI canvases,
 // charts), models.js (the model menu).
 import {$, guard, showTab, tabNames} from './dom.js';
@@ -19,10 +21,12 @@ import './chat.js';
 import './complete.js';
 import './inspect.js';
 import './compare.js';
+import './sidebyside.js';
 import './arch.js';
 import './prompts.js';
 import './arena.js';
 import './runs.js';
+import './data.js';
 
 guard($('chat-status'), async () => {
   await loadModels();

@@ -32,7 +32,7 @@ function showTip(e) {
 }
 const hideTip = () => { $('tip').hidden = true; };
 
-for (const box of [$('messages'), $('columns'), $('complete-out')]) {
+for (const box of [$('messages'), $('columns'), $('sbs-cols'), $('complete-out')]) {
   box.addEventListener('mouseover', showTip);
   box.addEventListener('mouseout', hideTip);
   box.addEventListener('click', showTip);  // a phone has no hover: tap a token

@@ -1,0 +1,157 @@
+// sidebyside: the Compare tab's second mode, one conversation with two to four models at once (or one
+// model at different settings). Each column has its own model, temperature and max_tokens and its own
+// history (its model's replies, not the others'); a message goes to every column, and every column
+// streams /v1/chat/completions at the same time (the server batches them), each token with its
+// probability (tokens.js) and each column's tokens/s. "Send to arena" hands the first two columns'
+// last replies to the Arena tab, to be judged blind (arena.js judgePair).
+import {api, sse} from './api.js';
+import {$, el, guard} from './dom.js';
+import {judgePair} from './arena.js';
+import {models, onModels} from './models.js';
+import {params} from './settings.js';
+import {TOP_LOGPROBS, tokenSpan} from './tokens.js';
+
+// one per column: {model, temperature, max_tokens, messages: [{role, content, tokens?, meta?}], box}
+const cols = [];
+let busy = 0;  // columns still streaming
+
+$('mode-strategies').onchange = $('mode-models').onchange = () => {
+  const sbs = $('mode-models').checked;
+  $('sbs').hidden = !sbs;
+  $('strategies').hidden = sbs;
+  if (sbs && !cols.length) setColumns();
+};
+
+// a new column starts from the chat's settings (settings.js params()) and the next served model
+function addColumn(i) {
+  const names = Object.keys(models), p = params();
+  cols.push({model: names[i % names.length], temperature: p.temperature, max_tokens: p.max_tokens,
+             messages: []});
+}
+
+function setColumns() {
+  const n = Number($('sbs-n').value);
+  while (cols.length < n) addColumn(cols.length);
+  cols.length = n;
+  $('sbs-cols').replaceChildren(...cols.map(column));
+  canJudge();
+}
+$('sbs-n').onchange = setColumns;
+onModels(() => {  // a model unloaded: its columns take the first one served
+  for (const c of cols) if (!(c.model in models)) c.model = Object.keys(models)[0];
+  if (cols.length) setColumns();
+});
+$('sbs-new').onclick = () => {
+  for (const c of cols) c.messages = [];
+  setColumns();
+};
+
+// a column: its model and settings (fields of c, changed in place), then its conversation
+function column(c, i) {
+  const num = (key, label, min, step) => el('label', {}, label, el('input', {type: 'number', min, step,
+    value: c[key], className: 'sbs-' + key, oninput: e => { c[key] = Number(e.target.value); }}));
+  const pick = el('select', {className: 'sbs-model', onchange: e => { c.model = e.target.value; }},
+                  ...Object.keys(models).map(m => new Option(m, m)));
+  pick.value = c.model;
+  c.box = el('div', {className: 'sbs-msgs'}, ...c.messages.map(message));
+  return el('div', {className: 'col'}, el('h4', {}, `column ${i + 1}`),
+            el('div', {className: 'row'}, pick, num('temperature', 'temp ', 0, 0.05),
+               num('max_tokens', 'max ', 1, 1)), c.box);
+}
+
+function message(m) {
+  const text = el('span', {className: 'text'});
+  if (m.tokens) text.append(...m.tokens.map(tokenSpan));
+  else text.textContent = m.content;
+  const div = el('div', {className: 'msg ' + m.role}, text);
+  if (m.meta != null) div.append(el('span', {className: 'meta', textContent: m.meta}));
+  return div;
+}
+
+// the history as the API takes it: role and content, without the error lines
+const history = c => c.messages.filter(m => m.role !== 'error')
+  .map(({role, content}) => ({role, content}));
+
+// stream column c's reply to its own history, into a new message drawn as it grows
+async function stream(c) {
+  const msg = {role: 'assistant', content: '', tokens: [], meta: ''}, div = message(msg);
+  const text = div.querySelector('.text'), meta = div.querySelector('.meta');
+  c.box.append(div);
+  const name = c.model, messages = history(c), t0 = performance.now();
+  let finish = 'error';
+  try {
+    // 1) the prompt + max_tokens must fit the model's context: max_tokens is cut to the room left
+    const n = (await api('/tokenize', {model: name, messages, add_generation_prompt: true})).count;
+    const room = models[name].max_model_len - n;
+    if (room < 1) throw new Error(`the history is ${n} tokens, the whole context of ${name}`);
+    const body = {model: name, messages, temperature: c.temperature,
+                  max_tokens: Math.max(1, Math.min(c.max_tokens, room)), stream: true,
+                  logprobs: true, top_logprobs: TOP_LOGPROBS};
+    // 2) one event per token: its text, logprob and alternatives (as chat.js draws them)
+    for await (const chunk of sse('/v1/chat/completions', body)) {
+      const ch = chunk.choices[0];
+      if (!ch) continue;
+      const delta = ch.delta.content || '', lp = ch.logprobs?.content[0];
+      if (delta || lp) {
+        const alts = lp ? lp.top_logprobs.map(a => [a.token, a.logprob]) : [];
+        const t = [delta, lp ? lp.token : '', lp ? lp.logprob : null, alts];
+        msg.tokens.push(t);
+        msg.content += delta;
+        text.append(tokenSpan(t));
+      }
+      if (ch.finish_reason) finish = ch.finish_reason;
+    }
+    const s = (performance.now() - t0) / 1000, k = msg.tokens.filter(t => t[2] != null).length;
+    msg.meta = `${name} · temperature ${c.temperature} · ${k} tokens in ${s.toFixed(1)} s ` +
+      `(${(k / s).toFixed(1)} tok/s) · ${finish}`;
+    // what wrote it, for the arena (the column's menu may change before the pair is sent)
+    Object.assign(msg, {model: name, settings: {temperature: c.temperature, max_tokens: body.max_tokens}});
+    c.messages.push(msg);
+  } catch (e) {
+    c.messages.push({role: 'error', content: e.message});
+    div.replaceWith(message(c.messages.at(-1)));
+    return;
+  }
+  meta.textContent = msg.meta;
+}
+
+async function send() {
+  const content = $('sbs-input').value;
+  if (!content.trim() || busy) return;
+  $('sbs-input').value = '';
+  for (const c of cols) {
+    c.messages.push({role: 'user', content});
+    c.box.append(message(c.messages.at(-1)));
+  }
+  busy = cols.length;
+  $('sbs-send').disabled = true;
+  canJudge();
+  // every column at once; each one's end (or error) is its own
+  await Promise.all(cols.map(c => stream(c).finally(() => { busy -= 1; })));
+  $('sbs-send').disabled = false;
+  canJudge();
+}
+$('sbs-form').onsubmit = e => { e.preventDefault(); guard($('sbs-status'), send); };
+$('sbs-input').onkeydown = e => {  // Enter sends, Shift+Enter is a new line
+  if (e.key === 'Enter' && !e.shiftKey) {
+    e.preventDefault();
+    $('sbs-form').requestSubmit();
+  }
+};
+
+// the first two columns' last replies, when both answered the last message
+const lastPair = () => cols.slice(0, 2).map(c => c.messages.at(-1))
+  .every(m => m?.role === 'assistant') ? cols.slice(0, 2) : null;
+function canJudge() { $('sbs-arena').disabled = busy > 0 || !lastPair(); }
+
+// subtle: an arena item has one prompt, so the pair is judged as replies to the last message; in a
+// longer conversation each reply also followed its own column's earlier replies
+$('sbs-arena').onclick = () => {
+  const pair = lastPair();
+  if (!pair) return;
+  const prompt = pair[0].messages.at(-2).content;
+  judgePair(prompt, pair.map(c => {
+    const m = c.messages.at(-1);
+    return {model: m.model, text: m.content, settings: m.settings};
+  }));
+};
