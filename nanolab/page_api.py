@@ -1,14 +1,18 @@
 """
 The endpoints behind the page's views, which server.py routes beside OpenAI's API (ROUTES): prompt
 templates, the tokenizer comparison, attention maps, the logit lens and activation flow, the
-embedding map, the arena, the runs, the leaderboard, the models on disk and the jobs (jobs.py).
+embedding map, the arena, the runs, the leaderboard, the models on disk, the jobs (jobs.py) and
+the recipes and settings they start from.
 Each endpoint is fn(handler, body): it reads h.engine(body), h.server (engines, runs_dir, jobs)
 and answers with h.send_json; bad input is an httpd.ApiError, a 4xx. What runs a model goes
 through Engine.call, on the engine thread.
 """
+import ast
 import glob
+import itertools
 import json
 import os
+import re
 import time
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
@@ -18,10 +22,11 @@ import torch
 from model import ARCHS, GPT, POSITIONS, GPTConfig
 from nanolab import hf, prompts
 from nanolab.checkpoint import model_name
+from nanolab.configurator import describe
 from nanolab.files import finite
 from nanolab.httpd import ApiError
 from nanolab.interpret import activation_flow, logit_lens
-from nanolab.jobs import SCRIPTS
+from nanolab.jobs import REPO, SCRIPTS
 from nanolab.openai_api import encode, flag, is_ids, number
 from nanolab.results import LOWER_IS_BETTER, checkpoint_history, leaderboard_rows, read_results
 from nanolab.runs import model_registry, read_runs
@@ -367,6 +372,47 @@ def _job_log(h, body):
     h.sse('[DONE]')
     h.end_sse()
 
+RECIPES_MAX = 200   # recipe files /v1/recipes reads at most
+RECIPE_ABOUT = 4    # lines of each recipe's header comment it sends
+_RECIPES = {}       # (the files and their mtimes) -> the last answer
+
+def _recipe(path, settings):
+    """One configs/ file, read without running it -> {name, config, script, about, values}: its
+    header comment's first lines, its literal assignments (an expression stays the script's to
+    evaluate), and the script it is for: the one its header runs it with (`python S
+    configs/NAME.py`), else the only one whose settings hold every name it assigns."""
+    with open(path, encoding='utf-8') as f:
+        src = f.read()
+    name, values = os.path.basename(path), {}
+    for n in ast.parse(src).body:
+        if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name):
+            try:
+                values[n.targets[0].id] = ast.literal_eval(n.value)
+            except ValueError:
+                pass
+    header = [line[1:].strip() for line in itertools.takewhile(
+        lambda line: line.startswith('#'), src.splitlines())]
+    said = re.search(rf'python (\w+\.py) configs/{re.escape(name)}', src)
+    fits = [s for s, rows in settings.items() if set(values) <= {r['name'] for r in rows}]
+    script = said.group(1) if said and said.group(1) in SCRIPTS else \
+        fits[0] if len(fits) == 1 else None
+    return {'name': name[:-3], 'config': f'configs/{name}', 'script': script,
+            'about': ' '.join(header[:RECIPE_ABOUT]), 'values': finite(values)}
+
+def _recipes(h, body):
+    """GET /v1/recipes: what the Train tab's form is built from, read without running anything
+    (configurator.describe): each job script's settings [{name, default, type, comment, choices}]
+    in the order of its settings block, and the recipes in configs/ (_recipe). Computed once per
+    change of those files."""
+    paths = [os.path.join(REPO, s) for s in SCRIPTS] + \
+        sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))[:RECIPES_MAX]
+    key = tuple((p, os.path.getmtime(p)) for p in paths if os.path.exists(p))
+    if key not in _RECIPES:
+        settings = {s: finite(describe(os.path.join(REPO, s))) for s in SCRIPTS}
+        recipes = [_recipe(p, settings) for p in paths[len(SCRIPTS):]]
+        _RECIPES.clear()
+        _RECIPES[key] = {'object': 'recipes', 'scripts': settings, 'data': recipes}
+    h.send_json(200, _RECIPES[key])
 
 
 ROUTES = {'/v1/templates': ('GET', _templates), '/v1/templates/render': ('POST', _render_template),
@@ -378,4 +424,5 @@ ROUTES = {'/v1/templates': ('GET', _templates), '/v1/templates/render': ('POST',
           '/v1/shape': ('POST', _shape),
           # server.py's router puts the {id} of a path in h.path_id
           '/v1/jobs': ('GET POST', _jobs), '/v1/jobs/{id}': ('GET', _job),
-          '/v1/jobs/{id}/log': ('GET', _job_log), '/v1/jobs/{id}/stop': ('POST', _job_stop)}
+          '/v1/jobs/{id}/log': ('GET', _job_log), '/v1/jobs/{id}/stop': ('POST', _job_stop),
+          '/v1/recipes': ('GET', _recipes)}

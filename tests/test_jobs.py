@@ -285,3 +285,23 @@ def test_a_killed_server_takes_its_job_with_it_and_a_restart_reads_it_as_lost(di
     assert 'SIGTERM: stopping after this step' in open(job['log']).read()
     assert load_checkpoint(str(tmp_path / 'job' / 'ckpt.pt'))['iter_num'] > 0
     assert jobs.Jobs(tmp_path, data).get(job['id'])['state'] == 'lost'
+
+
+def test_recipes_and_settings_read_without_running_anything(srv):
+    """GET /v1/recipes (the Train tab's form): each job script's settings block as the configurator reads it (name,
+    default, comment, type, allowed values), and each recipe in configs/ with its script, header and values."""
+    status, body = call(srv, 'GET', '/v1/recipes')
+    assert status == 200 and set(body['scripts']) == set(jobs.SCRIPTS)
+    train = {r['name']: r for r in body['scripts']['train.py']}
+    assert list(train) == list(read_settings(os.path.join(ROOT, 'train.py')))
+    assert train['max_iters'] == {'name': 'max_iters', 'default': read_settings(os.path.join(ROOT, 'train.py'))['max_iters'],
+                                  'type': 'int', 'comment': 'total optimizer steps', 'choices': None}
+    assert train['arch']['choices'] == list(read_choices(os.path.join(ROOT, 'train.py'))['arch'])
+    recipes = {r['config']: r for r in body['data']}
+    char = recipes[RECIPE]
+    assert char['script'] == 'train.py' and char['about'].startswith('Char-level Shakespeare on a laptop CPU')
+    # the recipe's values over the defaults are what the configurator resolves from the recipe file
+    resolved = configure(read_settings(os.path.join(ROOT, 'train.py')), [os.path.join(ROOT, RECIPE)], verbose=False)
+    assert {**{k: r['default'] for k, r in train.items()}, **char['values']} == resolved
+    assert recipes['configs/sft_tasks.py']['script'] == 'finetune.py' and recipes['configs/dpo_tasks.py']['script'] == 'dpo.py'
+    assert call(srv, 'GET', '/v1/recipes')[1] == body  # cached: the same answer until a file changes

@@ -164,7 +164,7 @@ def test_the_page_is_small_es_modules(site):
 
 
 def test_page_loads_every_tab(page):
-    for tab in ('overview', 'inspect', 'compare', 'arch', 'prompts', 'arena', 'runs', 'data', 'chat'):
+    for tab in ('overview', 'inspect', 'compare', 'arch', 'prompts', 'arena', 'train', 'runs', 'data', 'chat'):
         page.find_element('css selector', f'#tabs button[data-tab={tab}]').click()
         assert js(page, f"return document.getElementById('{tab}').offsetHeight > 0")
     assert js(page, "return document.getElementById('params').querySelectorAll('input[type=range]').length") == 8
@@ -552,7 +552,8 @@ def test_every_view_fits_a_phone(site, page):
     page.set_window_size(390, 844)
     try:
         set_value(page, 'model', 'char')
-        for tab, button in (('overview', None), ('inspect', 'lens-btn'), ('compare', 'run-compare'), ('arch', None)):
+        for tab, button in (('overview', None), ('inspect', 'lens-btn'), ('compare', 'run-compare'), ('arch', None),
+                            ('train', None)):
             page.find_element('css selector', f'#tabs button[data-tab={tab}]').click()
             if button:
                 set_value(page, 'compare-max', '8')
@@ -711,6 +712,54 @@ def test_data_tab_shows_meta_cleaning_lengths_and_samples_and_prepares_an_upload
     assert 'prepared mine' in page.find_element('id', 'upload-status').text, page.find_element('id', 'upload-status').text
     assert json.loads((site.data / 'mine' / 'meta.json').read_text())['train_tokens'] == meta['train_tokens']
     wait(lambda: cells('data-meta').get('train tokens') == f"{meta['train_tokens']:,}")
+
+
+def test_train_tab_starts_a_job_follows_it_and_serves_the_run(site, page):
+    """The Train tab's form is train.py's settings over the recipe's; a misspelled setting comes back as the
+    configurator's 400 on the page, before anything starts; a tiny run started from the form reaches done with its
+    log and loss curve on the page, and "serve it" puts it in the model menu. It fits a phone."""
+    page.find_element('css selector', '#tabs button[data-tab=train]').click()
+    wait(lambda: js(page, "return document.getElementById('t-max_iters')?.value") == '1000')
+    assert js(page, "return document.getElementById('train-recipe').value") == 'configs/shakespeare_char.py'
+    assert js(page, "return document.getElementById('t-max_iters').parentNode.title") == 'total optimizer steps'
+    assert js(page, "return document.getElementById('t-warmup_iters').closest('details') !== null")
+    wait(lambda: js(page, "return document.getElementById('train-calc').dataset.params"))
+    # a misspelled setting: refused by the configurator, its words on the page
+    set_value(page, 'train-extra', 'max_iter=4')
+    click(page, 'train-start')
+    wait(lambda: 'err' in page.find_element('id', 'train-status').get_attribute('class'))
+    assert "max_iter" in page.find_element('id', 'train-status').text and "max_iters" in page.find_element('id', 'train-status').text
+    assert all('400' in e for e in console_errors(page))  # the refused POST, and nothing else
+    set_value(page, 'train-extra', '')
+    tiny = {'max_iters': 4, 'n_layer': 1, 'n_head': 2, 'n_kv_head': 1, 'n_embd': 32, 'block_size': 32, 'batch_size': 2,
+            'eval_iters': 1, 'eval_interval': 2, 'log_interval': 1, 'warmup_iters': 1, 'device': 'cpu',
+            'dataset': 'tiny', 'out_dir': 'train-tab'}
+    for k, v in tiny.items():
+        set_value(page, 't-' + k, str(v))
+    js(page, "document.getElementById('t-compile').checked = false")
+    click(page, 'train-start')
+    wait(lambda: re.search(r': (done|failed|lost)', page.find_element('id', 'train-state').text), timeout=120)
+    state = page.find_element('id', 'train-state').text
+    assert ': done' in state, (state, page.find_element('id', 'train-log').text)
+    assert 'iter' in page.find_element('id', 'train-log').text
+    points = js(page, "return document.getElementById('train-curve').series.map(s => s.points.length)")
+    assert points[0] >= 2 and points[1] >= 2, points
+    page.save_screenshot('/tmp/train_desktop.png')
+    js(page, "document.getElementById('train-state').scrollIntoView()")
+    page.save_screenshot('/tmp/train_desktop_job.png')
+    page.set_window_size(390, 844)
+    try:
+        assert js(page, "return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        js(page, "document.getElementById('train-state').scrollIntoView()")
+        page.save_screenshot('/tmp/train_phone_job.png')
+        js(page, "window.scrollTo(0, 0)")
+        page.save_screenshot('/tmp/train_phone.png')
+    finally:
+        page.set_window_size(1200, 900)
+    click(page, 'train-serve')
+    wait(lambda: 'train-tab' in js(page, "return [...document.querySelectorAll('#model option')].map(o => o.value)"))
+    assert js(page, "return document.getElementById('model').value") == 'train-tab'
+    assert call(site, 'POST', '/v1/models/unload', {'model': 'train-tab'})[0] == 200  # the other tests see two models
 
 
 def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, browser):

@@ -9,6 +9,7 @@
 //   arch.js      the Model tab: the served model's blocks, a calculator
 //   prompts.js   the template library
 //   arena.js     two replies shown blind, a vote, ratings
+//   train.js     a job started from a recipe and a form of its settings, followed to its end
 //   runs.js      loss curves and runs compared; registry.js the models on disk; leaderboard.js
 //                the evaluations
 //   data.js      the prepared datasets: counts, cleaning, document lengths, samples; uploads
@@ -25,6 +26,7 @@ import './sidebyside.js';
 import './arch.js';
 import './prompts.js';
 import './arena.js';
+import './train.js';
 import './runs.js';
 import './data.js';
 
