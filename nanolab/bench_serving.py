@@ -240,13 +240,32 @@ def bench_structured(clients, per_client, tokens, repeats, seed):
 # -----------------------------------------------------------------------------
 # fairness: one streaming client against hostile load
 
-def post(port, body, path='/v1/completions', source='127.0.0.1'):
+def post(port, body, path='/v1/completions', source='127.0.0.1', answer=False, method='POST'):
+    """-> the status (answer=True: and the parsed JSON answer)."""
     conn = http.client.HTTPConnection('127.0.0.1', port, timeout=600, source_address=(source, 0))
-    conn.request('POST', path, json.dumps(body), {'Content-Type': 'application/json'})
+    conn.request(method, path, None if body is None else json.dumps(body),
+                 {'Content-Type': 'application/json'})
     r = conn.getresponse()
-    r.read()
+    data = r.read()
     conn.close()
-    return r.status
+    return (r.status, json.loads(data)) if answer else r.status
+
+
+def training_job(port):
+    """Start a training job on the server (configs/shakespeare_char.py, running until stopped) and
+    wait until it trains -> its id."""
+    status, job = post(port, {'script': 'train.py', 'config': 'configs/shakespeare_char.py',
+                              'settings': {'max_iters': 10 ** 6, 'eval_interval': 10 ** 6,
+                                           'device': 'cpu', 'compile': False,
+                                           'out_dir': 'fairness-job'}}, '/v1/jobs', answer=True)
+    if status != 200:
+        raise SystemExit(f'error: the training job was refused: {job}')
+    for _ in range(600):  # its first iterations logged: training is under way
+        _, log = post(port, None, f"/v1/jobs/{job['id']}/log", answer=True, method='GET')
+        if 'iter 1' in log.get('text', '') or log.get('done'):
+            break
+        time.sleep(0.5)
+    return job['id']
 
 
 def loads(block):
@@ -327,6 +346,14 @@ def bench_fairness(model, device, quantize, tokens):
                 print(f"  {name}: first token {ttft * 1e3:.0f} ms, largest gap "
                       f"{gap * 1e3:.0f} ms, {tps:.0f} tok/s ({len(sent)} load requests, "
                       f"statuses {sorted(set(sent))})", flush=True)
+            # a training job, the server's own child (jobs.py: nice 10, half the cores' threads)
+            job = training_job(p.port)
+            ttft, gap, tps = stream_client()
+            post(p.port, {}, f'/v1/jobs/{job}/stop')
+            name = 'a training job (train.py, configs/shakespeare_char.py, from POST /v1/jobs)'
+            rows.append((name, ttft, gap, tps, 1))
+            print(f"  {name}: first token {ttft * 1e3:.0f} ms, largest gap {gap * 1e3:.0f} ms, "
+                  f"{tps:.0f} tok/s", flush=True)
     print("\n| load | worst time to first token | worst gap between tokens | stream tok/s "
           "| load requests |\n|---|---|---|---|---|")
     for name, ttft, gap, tps, n in rows:
