@@ -9,8 +9,23 @@ Requests are submitted from any thread (Engine.submit) and their events read fro
 model itself is only ever used on this thread (Engine.call runs a function there, between two steps).
 """
 import ctypes
+import os
 import threading
 import traceback
+
+import torch
+
+# cores the server's jobs hold (jobs.py sets it): the engine thread runs its ops on the others. A
+# job's OpenMP team on one core and ours on both meet at every op and wait on the shared core:
+# beside a training job on 2 cores a stream decoded 32 tok/s with two threads, 614 with one
+# (650 / 661 alone; /tmp-script timings from bench.py --which=fairness's pieces)
+reserved = 0
+
+
+def reserve(cores):
+    """Leave `cores` cores to the jobs from the engine thread's next step on (0: all back)."""
+    global reserved
+    reserved = cores
 
 
 def keep_freed_memory():
@@ -51,7 +66,11 @@ def start(build, idle_release=60.0):
             e.wake, e.thread, e.pool = wake, threading.current_thread(), engines
         out.append(list(engines))
         ready.set()
+        base = torch.get_num_threads()  # (OpenMP's count is this thread's own)
         while engines:  # adopt() adds to it; a stopped engine leaves it once its requests are done
+            want = min(base, max(1, (os.cpu_count() or 1) - reserved)) if reserved else base
+            if want != torch.get_num_threads():
+                torch.set_num_threads(want)
             wake.clear()
             for e in list(engines):
                 e._run_calls()

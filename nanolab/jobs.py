@@ -41,6 +41,7 @@ import threading
 import time
 from collections import deque
 
+from nanolab import engine_thread
 from nanolab.configurator import configure, read_choices, read_settings
 from nanolab.files import inside, link_out, running, write_json
 from nanolab.httpd import ApiError
@@ -370,6 +371,7 @@ class Jobs:
         else:
             job.update(state='running', pid=proc.pid, started=time.time())
             self.procs[job['id']] = proc
+            engine_thread.reserve(THREADS * len(self.procs))  # the jobs' cores, not the chat's
         self._store(job)
 
     def _reap(self):
@@ -384,6 +386,7 @@ class Jobs:
                     self._signal(job, proc, signal.SIGTERM)
                 continue
             del self.procs[job_id]
+            engine_thread.reserve(THREADS * len(self.procs))
             state = 'stopped' if job['stop_requested'] else 'done' if code == 0 else 'failed'
             job.update(state=state, exit_code=code, ended=now)
             self._store(job)
