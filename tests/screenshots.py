@@ -8,6 +8,10 @@ The Runs pictures compare the runs of the README's other recipes (out-shakespear
 out-rl-tasks; the leaderboard's out-tasks-base and out-dpo-tasks, evaluated with configs/eval_tasks_suite.py)
 where they are in this directory; without them those views show what there is, and the leaderboard pictures
 are left out.
+
+The Train pictures follow a 20-iteration job of configs/shakespeare_char.py started from the tab; its run
+(out-screenshot-train) and its folder in _jobs/ are removed at the end. Models side by side is the one model
+served, at two temperatures; the Data tab shows data/shakespeare_char (`python data.py shakespeare_char`).
 """
 import os, shutil, sys, threading, time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,11 +123,57 @@ tab('arch')
 wait(lambda: js("return document.getElementById('calc-out').dataset.params"))  # the counts arrived
 time.sleep(0.3)
 d.save_screenshot(f'{out}/view_model.png')
-# phone: the chat and the lens
+# train: the form on configs/shakespeare_char.py, and a 20-iteration job it starts and follows to its end.
+# subtle: jobs write under runs_dir ('.'), so the run and the job's folder are removed at the end
+tab('train')
+wait(lambda: d.find_elements('id', 't-max_iters') and js("return document.getElementById('train-calc').dataset.params"))
+for k, v in (('max_iters', '20'), ('eval_interval', '10'), ('eval_iters', '2'), ('device', 'cpu'),
+             ('out_dir', 'out-screenshot-train')):
+    setv('t-' + k, v)
+js("document.getElementById('t-compile').checked = false")
+d.find_element('id', 'train-start').click()
+wait(lambda: not d.find_element('id', 'train-serve').get_property('disabled'), 300)  # done, or failed: a timeout
+train_job = js("return localStorage.getItem('nanolab.trainJob')")
+time.sleep(0.5)
+d.save_screenshot(f'{out}/view_train.png')
+# compare, models side by side: the one model served, at temperatures 0.2 and 1.2
+tab('compare'); d.find_element('id', 'mode-models').click()
+wait(lambda: len(d.find_elements('css selector', '#sbs-cols .col')) == 2)
+for i, t in enumerate(('0.2', '1.2')):
+    js("const c = document.querySelectorAll('#sbs-cols .col')[arguments[0]];"
+       "for (const [k, v] of [['temperature', arguments[1]], ['max_tokens', '80']]) {"
+       "  const e = c.querySelector('.sbs-' + k); e.value = v; e.dispatchEvent(new Event('input')); }", i, t)
+setv('sbs-input', 'ROMEO:')
+js("document.getElementById('sbs-form').requestSubmit()")
+wait(lambda: js("const m = document.querySelectorAll('#sbs-cols .msg.assistant .meta');"
+                "return m.length == 2 && [...m].every(x => x.textContent) && !document.getElementById('sbs-send').disabled"), 60)
+time.sleep(0.3)
+d.save_screenshot(f'{out}/view_side_by_side.png')
+# data: shakespeare_char under the server's data_dir ('data'): its counts, the length histogram and samples
+tab('data')
+wait(lambda: d.find_elements('css selector', '#data-name option'))
+setv('data-name', 'shakespeare_char')
+wait(lambda: d.find_elements('css selector', '#data-meta tr') and d.find_element('id', 'data-samples').text)
+time.sleep(0.5)
+d.save_screenshot(f'{out}/view_data.png')
+# phone: the chat and the lens; the train job, the two columns and the data at 390 wide
 d.set_window_size(390, 844)
 tab('inspect'); time.sleep(0.5)
 js("document.getElementById('lens-box').scrollIntoView()")
 d.save_screenshot(f'{out}/view_phone_lens.png')
+tab('train'); time.sleep(0.5)
+js("document.getElementById('train-state').scrollIntoView(); scrollBy(0, -60)")
+d.save_screenshot(f'{out}/view_train_phone.png')
+tab('compare'); time.sleep(0.5)
+js("document.getElementById('sbs').scrollIntoView()")
+d.save_screenshot(f'{out}/view_side_by_side_phone.png')
+tab('data'); time.sleep(0.5)
+js("scrollTo(0, 0)")
+d.save_screenshot(f'{out}/view_data_phone.png')
 errors = [e['message'] for e in d.get_log('browser') if e['level'] == 'SEVERE']
 d.quit()
+shutil.rmtree('out-screenshot-train', ignore_errors=True)
+shutil.rmtree(os.path.join('_jobs', train_job or '-'), ignore_errors=True)
+if os.path.isdir('_jobs') and not os.listdir('_jobs'):
+    os.rmdir('_jobs')
 print('done' if not errors else 'done, with console errors:\n' + '\n'.join(errors))

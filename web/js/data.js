@@ -53,7 +53,7 @@ function histogram(h) {
   const cv = $('data-hist');
   cv.hidden = !h;
   $('data-hist-note').textContent = !h ? 'JSONL sets are rows, not a token stream.'
-    : `${n(h.documents)} documents in the first ${n(h.tokens_read)} train tokens` +
+    : `${n(h.documents)} document${h.documents === 1 ? '' : 's'} in the first ${n(h.tokens_read)} train tokens` +
       (h.tokens_read >= h.limit ? ` (read at most ${n(h.limit)})` : '') + `, mean ${h.mean.toFixed(0)} tokens` +
       (h.eot == null ? '; no end-of-text token (char-level): one stream' : '');
   if (!h) return;
