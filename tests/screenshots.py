@@ -158,18 +158,15 @@ time.sleep(0.5)
 d.save_screenshot(f'{out}/view_data.png')
 # phone: the chat and the lens; the train job, the two columns and the data at 390 wide
 d.set_window_size(390, 844)
-tab('inspect'); time.sleep(0.5)
-js("document.getElementById('lens-box').scrollIntoView()")
-d.save_screenshot(f'{out}/view_phone_lens.png')
-tab('train'); time.sleep(0.5)
-js("document.getElementById('train-state').scrollIntoView(); scrollBy(0, -60)")
-d.save_screenshot(f'{out}/view_train_phone.png')
-tab('compare'); time.sleep(0.5)
-js("document.getElementById('sbs').scrollIntoView()")
-d.save_screenshot(f'{out}/view_side_by_side_phone.png')
-tab('data'); time.sleep(0.5)
-js("scrollTo(0, 0)")
-d.save_screenshot(f'{out}/view_data_phone.png')
+for view, scroll, name in [
+        ('inspect', "document.getElementById('lens-box').scrollIntoView()", 'view_phone_lens'),
+        ('train', "document.getElementById('train-state').scrollIntoView(); scrollBy(0, -60)",
+         'view_train_phone'),
+        ('compare', "document.getElementById('sbs').scrollIntoView()", 'view_side_by_side_phone'),
+        ('data', "scrollTo(0, 0)", 'view_data_phone')]:
+    tab(view); time.sleep(0.5)
+    js(scroll)
+    d.save_screenshot(f'{out}/{name}.png')
 errors = [e['message'] for e in d.get_log('browser') if e['level'] == 'SEVERE']
 d.quit()
 shutil.rmtree('out-screenshot-train', ignore_errors=True)
