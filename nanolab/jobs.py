@@ -18,7 +18,8 @@ even when the server is killed (Linux: a parent-death signal). Its record
 one that was queued or running when its server died reads as 'lost'. Stopping a job is the
 scripts' Ctrl-C: SIGINT to its group (a trainer finishes its step, writes ckpt.pt and prints how
 to resume), then SIGTERM after STOP_GRACE seconds (a trainer's second signal: stop now), then
-SIGKILL.
+SIGKILL. Whatever a job leaves running in its group when it ends is killed. A log past LOG_CAP
+bytes keeps its first half and its newest LOG_TAIL bytes, with a line between them saying so.
 
 The endpoints (page_api.py's, with the same key, Host and Origin checks as the rest of the API):
     POST /v1/jobs {script, config, settings} -> the job's record; GET /v1/jobs: the records
@@ -56,6 +57,7 @@ MAX_FLAGS = 16384                   # characters in all of them: a record stays 
 MAX_QUEUED = 16                     # jobs waiting at once; beyond: 429
 KEEP = 100                          # job records kept; the oldest ended ones go, with their logs
 LOG_READ = 1 << 16                  # log bytes per answer (or per event of a stream)
+LOG_CAP, LOG_TAIL = 16 << 20, 1 << 20  # bytes a log may reach on disk; newest ones a cut keeps
 STOP_GRACE, KILL_GRACE = 60.0, 10.0  # seconds from SIGINT to SIGTERM, then to SIGKILL
 POLL = 0.2                          # seconds between the jobs thread's looks at its children
 NICE = 10                           # the jobs' priority below the server's (Unix nice, 0-19)
@@ -102,6 +104,21 @@ def _in_child(parent):
         _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the server died before the line above: no signal will come
             os._exit(1)
+
+
+def _sweep(pid):
+    """SIGKILL what is left of a job's process group (its pgid is its pid): data.py's workers, a
+    child it started in the background."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # none left
+        pass
+
+
+def _marker(cut, head):
+    """The line a cut log holds where its middle was, cut: the bytes dropped so far."""
+    return (f"\n[nanolab: {cut:,} bytes of this job's output were cut here; the log keeps its "
+            f"first {head / 2**20:g} MiB and its newest output]\n").encode()
 
 
 def _arg(key, value):
@@ -378,6 +395,11 @@ class Jobs:
         now = time.time()
         for job_id, proc in list(self.procs.items()):
             job, code = self.records[job_id], proc.poll()
+            if code is not None:
+                # subtle: at once: a pid is not handed out again while a group has it as its
+                # id, but once the group is empty it may be, and killpg would find another's
+                _sweep(proc.pid)
+            self._cap(job)
             if code is None:
                 asked = job['stop_requested']
                 if asked and now - asked > STOP_GRACE + KILL_GRACE:
@@ -390,6 +412,42 @@ class Jobs:
             state = 'stopped' if job['stop_requested'] else 'done' if code == 0 else 'failed'
             job.update(state=state, exit_code=code, ended=now)
             self._store(job)
+
+    def _cap(self, job):
+        """Bound a job's log on disk: past LOG_CAP bytes, keep its first LOG_CAP // 2 (what the
+        job was asked to do, its config) and its newest LOG_TAIL (where it is now), with a marker
+        between. The child goes on writing to the same file: its O_APPEND writes land at the new
+        end. A reader whose offset the cut left past the end reads on from the marker (log)."""
+        path, head, cut = job['log'], LOG_CAP // 2, job.get('log_cut', 0)
+        try:
+            if os.stat(path).st_size <= LOG_CAP:
+                return
+            with open(path, 'r+b') as f:
+                f.seek(-LOG_TAIL, os.SEEK_END)
+                tail = f.read()
+                size = f.tell()
+                tail = tail[tail.find(b'\n') + 1:]  # from its first whole line (all, if none)
+                # what the child writes between the read above and this truncate is lost (the
+                # log is being cut anyway); between it and the append below, it lands before
+                # the marker
+                f.truncate(head)
+            # the dropped bytes are the child's output between the head and the tail, less the
+            # marker of the cut before
+            dropped = size - head - len(tail) - (len(_marker(cut, head)) if cut else 0)
+            marker = _marker(cut + dropped, head)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                written = os.write(fd, marker + tail)
+                at = os.lseek(fd, 0, os.SEEK_CUR) - written  # where this append landed
+            finally:
+                os.close(fd)
+        except FileNotFoundError:  # removed by hand: nothing to bound
+            return
+        except OSError as e:  # a full disk must not end the jobs thread
+            print(f"jobs: could not cut {job['id']}'s log: {e}", file=sys.stderr)
+            return
+        job.update(log_cut=cut + dropped, log_cut_at=at)
+        self._store(job)
 
     def _signal(self, job, proc, sig):
         """Send sig to the job's process group, once."""
@@ -439,6 +497,9 @@ class Jobs:
             self.lock.notify_all()  # the jobs thread ends now if none runs
         if self.thread is not None:
             self.thread.join(STOP_GRACE + KILL_GRACE + 5 * POLL)
+        with self.lock:  # a job that did not end even so: its group, with it
+            for proc in self.procs.values():
+                _sweep(proc.pid)
 
     # -------------------------------------------------------------------------
     # 4) the log
@@ -446,13 +507,16 @@ class Jobs:
     def log(self, job_id, offset):
         """A job's log from byte offset, at most LOG_READ bytes -> {text (UTF-8 up to the last
         whole character), offset, next_offset (where to read on), done (the job has ended and
-        nothing is left), state}."""
+        nothing is left), state}. An offset past the end of a log that was cut (_cap) reads
+        from the marker: the reader was ahead of the cut, and goes on with the newest lines."""
         with self.lock:
             job = dict(self._job(job_id))
         # the state first: a job that had ended then has its whole log on disk
         try:
             with open(self._file(job_id, 'log.txt'), 'rb') as f:
                 size = os.fstat(f.fileno()).st_size
+                if offset > size and 'log_cut_at' in job:
+                    offset = job['log_cut_at']
                 f.seek(offset)
                 data = f.read(LOG_READ)
         except FileNotFoundError:  # not started yet

@@ -305,3 +305,74 @@ def test_recipes_and_settings_read_without_running_anything(srv):
     assert {**{k: r['default'] for k, r in train.items()}, **char['values']} == resolved
     assert recipes['configs/sft_tasks.py']['script'] == 'finetune.py' and recipes['configs/dpo_tasks.py']['script'] == 'dpo.py'
     assert call(srv, 'GET', '/v1/recipes')[1] == body  # cached: the same answer until a file changes
+
+
+@pytest.fixture
+def bare(tmp_path, monkeypatch):
+    """Jobs whose job is `python -c settings['code']` instead of a nanolab script: for what any process does."""
+    monkeypatch.setattr(jobs.Jobs, '_command', lambda self, script, config, settings:
+                        ([sys.executable, '-c', settings['code']], None))
+    bare = jobs.Jobs(tmp_path, tmp_path)
+    yield bare
+    bare.close()
+
+
+def test_a_log_past_its_cap_keeps_its_head_and_newest_lines_and_a_reader_follows_the_cut(bare, monkeypatch):
+    monkeypatch.setattr(jobs, 'LOG_CAP', 64 << 10)
+    monkeypatch.setattr(jobs, 'LOG_TAIL', 8 << 10)
+    monkeypatch.setattr(jobs, 'POLL', 0.01)  # many cuts, as a long job gets
+    head = jobs.LOG_CAP // 2
+    # 8000 numbered 97-byte lines in bursts of 100, one write each: 776 kB, about 12 times the cap
+    code = ("import os, time\n"
+            "for b in range(80):\n"
+            "    os.write(1, b''.join(b'%05d %s\\n' % (i, b'x' * 90) for i in range(b * 100, b * 100 + 100)))\n"
+            "    time.sleep(0.01)\n")
+    whole = b''.join(b'%05d %s\n' % (i, b'x' * 90) for i in range(8000))
+    job = bare.submit('train.py', None, {'code': code})
+    # a reader as the page's: from next_offset on, while the log grows and is cut under it
+    text, offset, biggest, end = '', 0, 0, time.time() + 60
+    while True:
+        part = bare.log(job['id'], offset)
+        text, offset = text + part['text'], part['next_offset']
+        biggest = max(biggest, os.path.getsize(job['log']) if os.path.exists(job['log']) else 0)
+        if part['done'] or time.time() > end:
+            break
+        time.sleep(0.005)
+    job = bare.get(job['id'])
+    log = open(job['log'], 'rb').read()
+    assert job['state'] == 'done' and len(log) <= jobs.LOG_CAP and biggest < 4 * jobs.LOG_CAP, (job, biggest)
+    assert log[:head] == whole[:head] and log.endswith(b'07999 ' + b'x' * 90 + b'\n')
+    # the marker, where the record says, with the bytes the record counts; those are the lines missing
+    # from the log (but a burst written between a cut's read and its truncate is lost uncounted)
+    at = job['log_cut_at']
+    marker = f"\n[nanolab: {job['log_cut']:,} bytes of this job's output were cut here;".encode()
+    assert log[at:].startswith(marker), log[at:][:200]
+    newest = log[log.index(b']\n', at) + 2:]
+    missing = len(whole) - at - len(newest)  # the output's bytes not in the log
+    assert missing - 2 * 9700 <= job['log_cut'] <= missing, (missing, job['log_cut'])
+    # after the marker: whole lines, in order
+    numbers = [int(n) for n in re.findall(rb'^(\d{5}) x{90}$', newest, re.M)]
+    assert len(numbers) * 97 == len(newest) and numbers == sorted(set(numbers))
+    assert text.endswith('07999 ' + 'x' * 90 + '\n') and "of this job's output were cut here" in text
+    # a reader whose offset the cut left past the end reads on from the marker
+    part = bare.log(job['id'], jobs.LOG_CAP + 1)
+    assert part['offset'] == job['log_cut_at'] and part['text'].startswith(marker.decode())
+    assert part['next_offset'] == len(log) and part['done']
+
+
+def test_what_a_job_leaves_running_in_its_process_group_ends_with_it(bare):
+    code = ("import subprocess, sys\n"
+            "print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']).pid)\n")
+    job = bare.submit('train.py', None, {'code': code})
+    end = time.time() + 30
+    while not ended(job) and time.time() < end:
+        time.sleep(0.02)
+        job = bare.get(job['id'])
+    assert job['state'] == 'done', job
+    pid = int(open(job['log']).read())
+    end = time.time() + 2
+    while alive(pid) and time.time() < end:
+        time.sleep(0.02)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the job's child outlived it")
