@@ -6,7 +6,8 @@ the server's data directory (server.jobs.data_dir), and uploads of a text or JSO
     GET  /v1/datasets                 every folder with a meta.json: name, kind, tokenizer, counts
     GET  /v1/datasets/{name}?k=3&seed=0  its meta fields, a histogram of document lengths (tokens,
          over the first HIST_TOKENS of train.bin) and k random decoded samples of train and val
-    POST /v1/uploads?name=FILE        the raw body (at most UPLOAD_BYTES) -> <data_dir>/_uploads/FILE
+    POST /v1/uploads?name=FILE        the raw body (at most UPLOAD_BYTES, arriving at UPLOAD_RATE or
+         faster) -> <data_dir>/_uploads/FILE
 """
 import json
 import os
@@ -26,6 +27,7 @@ SAMPLE_TOKENS = 160          # tokens per decoded sample
 SAMPLE_CHARS = 1200          # characters per JSONL sample row
 JSONL_BYTES = 8 << 20        # a JSONL set's samples come from its first 8 MB
 UPLOAD_BYTES = 64 << 20      # the largest upload
+UPLOAD_RATE = 256 << 10      # bytes/s: the slowest upload body waited for (64 MiB: 256 s)
 UPLOAD_NAME = re.compile(r'[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}\.(txt|md|jsonl|json)')
 META_FIELDS = ('name', 'format', 'vocab_size', 'dtype', 'train_tokens', 'val_tokens',
                'train_rows', 'val_rows', 'skipped', 'source', 'cleaning', 'created')
@@ -178,6 +180,10 @@ def _upload(h, body):
     if ctype != 'application/octet-stream':
         raise ApiError(415, "send the file with 'Content-Type: application/octet-stream'", None,
                        'unsupported_media_type')
+    # subtle: the request's deadline (read_timeout, 10 s) would cut 64 MiB over Wi-Fi or from
+    # another machine; the body gets time for its size at UPLOAD_RATE, so a client trickling
+    # bytes is still cut (slowloris), only later
+    h.server.deadline(h.connection, h.server.read_timeout + n / UPLOAD_RATE)
     path = os.path.join(h.server.jobs.data_dir, '_uploads', name)
     with replacing(path) as tmp, open(tmp, 'wb') as f:
         left = n

@@ -1,7 +1,7 @@
 """The Data tab's endpoints (nanolab/data_api.py) over real HTTP: GET /v1/datasets and /v1/datasets/{name} against
 the datasets' own meta.json and .bin files (a tiny `text` corpus with every cleaning step at work, a JSONL set, a
-damaged one), names that lead out of the data directory, and POST /v1/uploads's size cap, names and atomic write.
-CPU, about 5 s."""
+damaged one), names that lead out of the data directory, and POST /v1/uploads's size cap, names, atomic write and
+deadline (time for the body's size: slow uploads arrive, stalled ones are cut). CPU, about 7 s."""
 import http.client
 import json
 import random
@@ -125,3 +125,44 @@ def test_uploads_are_capped_named_safely_and_written_whole(server):
         'Content-Type': 'application/octet-stream', 'Origin': 'https://evil.example'})
     assert conn.getresponse().status == 403 and not (server.data / '_uploads' / 'x.txt').exists()
     assert sorted(p.name for p in (server.data / '_uploads').iterdir()) == ['my-notes_1.txt']  # no temp files left
+
+
+def test_a_slow_upload_gets_time_for_its_size_and_a_stalled_one_is_cut(server, monkeypatch):
+    """read_timeout 0.5 s and UPLOAD_RATE 8 KiB/s: 16 KiB sent steadily over 1.6 s (10 KiB/s) arrives whole; the same
+    headers and then silence are cut at read_timeout + n / UPLOAD_RATE (2.5 s), no 5xx, no partial file left."""
+    import socket
+    import time
+    monkeypatch.setattr(server, 'read_timeout', 0.5)
+    monkeypatch.setattr(data_api, 'UPLOAD_RATE', 8 << 10)
+    data = b''.join(b'line %04d of a slow upload, %s\n' % (i, b'x' * 30) for i in range(256))[:16 << 10]
+    conn = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=30)
+    conn.putrequest('POST', '/v1/uploads?name=slow.txt')
+    conn.putheader('Content-Type', 'application/octet-stream')
+    conn.putheader('Content-Length', str(len(data)))
+    conn.endheaders()
+    t0 = time.monotonic()
+    for i in range(0, len(data), 1 << 10):
+        time.sleep(0.1)
+        conn.send(data[i:i + (1 << 10)])
+    assert time.monotonic() - t0 > 3 * server.read_timeout  # without the body's own deadline it would be cut
+    r = conn.getresponse()
+    assert (r.status, json.loads(r.read())['bytes']) == (200, len(data))
+    conn.close()
+    assert (server.data / '_uploads' / 'slow.txt').read_bytes() == data
+    # the headers, a little of the body, then nothing: cut at its deadline, not left open and not a 5xx
+    with socket.create_connection(('127.0.0.1', server.server_address[1]), timeout=10) as s:
+        s.sendall(b'POST /v1/uploads?name=stall.txt HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: '
+                  b'application/octet-stream\r\nContent-Length: %d\r\n\r\n' % len(data) + data[:100])
+        t0, answer = time.monotonic(), b''
+        while chunk := s.recv(4096):
+            answer += chunk
+        waited = time.monotonic() - t0
+    deadline = server.read_timeout + len(data) / data_api.UPLOAD_RATE
+    assert deadline - 0.3 < waited < deadline + 1.0, waited
+    assert not answer.startswith(b'HTTP/1.1 5'), answer[:200]
+    t0 = time.monotonic()  # the handler removes its temp file as its read fails, a moment after the cut
+    while (left := [p.name for p in (server.data / '_uploads').iterdir() if p.name.startswith('stall')]) \
+            and time.monotonic() - t0 < 2:
+        time.sleep(0.05)
+    assert left == []
+    assert call(server, 'GET', '/v1/datasets')[0] == 200

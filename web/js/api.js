@@ -1,20 +1,43 @@
-// api: how the page talks to serve.py. Every request goes through keyedFetch (the API key flow);
-// api() for JSON answers, sse() for streamed ones; download() saves text the page made as a file.
+// api: how the page talks to serve.py. Every request goes through withKey (the API key flow):
+// api() for JSON answers, sse() for streamed ones, upload() for a file with its progress;
+// download() saves text the page made as a file.
 import {el} from './dom.js';
 
-// fetch with the server's API key (serve.py --api_key): asked for when the server answers 401, then
-// kept for this browser session (sessionStorage: gone when the tab closes) and sent as
+// send(headers) with the server's API key (serve.py --api_key): asked for when the server answers
+// 401, then kept for this browser session (sessionStorage: gone when the tab closes) and sent as
 // 'Authorization: Bearer <key>'
-export async function keyedFetch(path, init) {
+async function withKey(send) {
   for (;;) {
     const key = sessionStorage.getItem('nanolab_api_key');
-    const auth = key ? {Authorization: `Bearer ${key}`} : {};
-    const r = await fetch(path, {...init, headers: {...init.headers, ...auth}});
+    const r = await send(key ? {Authorization: `Bearer ${key}`} : {});
     if (r.status !== 401) return r;
     const typed = prompt('This server needs its API key (the --api_key it was started with):');
     if (!typed) return r;
     sessionStorage.setItem('nanolab_api_key', typed);
   }
+}
+
+// fetch, with the key
+export const keyedFetch = (path, init) =>
+  withKey(auth => fetch(path, {...init, headers: {...init.headers, ...auth}}));
+
+// POST a file as the raw body -> {ok, status, json}, calling onProgress(bytes sent, total bytes) as
+// it goes: XMLHttpRequest, since fetch cannot report an upload's progress
+export function upload(path, file, onProgress) {
+  return withKey(auth => new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open('POST', path);
+    xhr.responseType = 'json';  // null when the answer is not JSON
+    for (const [k, v] of Object.entries({'Content-Type': 'application/octet-stream', ...auth})) {
+      xhr.setRequestHeader(k, v);
+    }
+    xhr.upload.onprogress = e => onProgress(e.loaded, e.total);
+    xhr.onload = () => resolve({ok: xhr.status >= 200 && xhr.status < 300, status: xhr.status,
+                                json: xhr.response});
+    xhr.onerror = () =>
+      reject(new Error('the upload was cut off (connection lost, or too slow); try again'));
+    xhr.send(file);
+  }));
 }
 
 // POST body (or GET when body is undefined) -> the parsed JSON; an API error becomes a thrown Error

@@ -3,15 +3,18 @@
 // removed or changed (data.py text corpora), a histogram of document lengths in tokens and decoded
 // samples of train and val; then a file of one's own, uploaded (POST /v1/uploads) and prepared by
 // `data.py text` as a job (POST /v1/jobs), whose log line shows here until it ends.
-import {api, keyedFetch} from './api.js';
+import {api, upload as send} from './api.js';
 import {$, el, guard, onTab} from './dom.js';
 import {hidpi} from './canvas.js';
 
 const n = x => x == null ? '' : Number(x).toLocaleString('en');
 const row = (k, v) => el('tr', {}, el('th', {}, k), el('td', {}, v));
 
+let limit = Infinity;  // the server's largest upload (GET /v1/datasets says)
+
 async function list(keep) {
   const j = await api('/v1/datasets');
+  limit = j.upload_bytes;
   const sel = $('data-name'), want = keep || sel.value;
   sel.replaceChildren(...j.data.map(d => el('option', {value: d.name}, d.name)));
   if (j.data.some(d => d.name === want)) sel.value = want;
@@ -99,12 +102,15 @@ async function upload() {
   const file = $('upload-file').files[0], name = $('upload-name').value.trim(), st = $('upload-status');
   if (!file) throw new Error('choose a .txt, .md, .jsonl or .json file first');
   if (!/^[A-Za-z0-9_-]+$/.test(name)) throw new Error('the dataset name: letters, digits, - and _');
-  st.textContent = `uploading ${n(file.size)} bytes…`;
+  if (file.size > limit) throw new Error(`the file has ${n(file.size)} bytes, over this server's ` +
+    `${n(limit)} byte upload limit: prepare it with python data.py text --input=FILE`);
   const safe = file.name.replace(/[^A-Za-z0-9_.-]/g, '_').replace(/^[._]+/, '');
-  const r = await keyedFetch(`/v1/uploads?name=${encodeURIComponent(safe)}`,
-    {method: 'POST', headers: {'Content-Type': 'application/octet-stream'}, body: file});
-  const up = await r.json();
-  if (!r.ok) throw new Error(up.error.message);
+  const mb = x => (x / 1e6).toFixed(1), progress = sent =>
+    st.textContent = `uploading ${mb(sent)} of ${mb(file.size)} MB (${Math.floor(100 * sent / (file.size || 1))}%)…`;
+  progress(0);
+  const r = await send(`/v1/uploads?name=${encodeURIComponent(safe)}`, file, progress);
+  if (!r.ok) throw new Error(r.json ? r.json.error.message : `the upload failed (HTTP ${r.status})`);
+  const up = r.json;
   let job = await api('/v1/jobs', {script: 'data.py', settings: {dataset: 'text', input: up.path, out_name: name,
     doc_split: $('upload-split').value}});
   while (!['done', 'failed', 'stopped', 'lost'].includes(job.state)) {
