@@ -431,12 +431,22 @@ def test_models_side_by_side_and_send_to_arena(site, page):
             msgs = histories[name] + [{'role': 'user', 'content': turn}]
             n = call(site, 'POST', '/tokenize', {'model': name, 'messages': msgs, 'add_generation_prompt': True})[1]['count']
             room = {'char': 256, 'bpe': 64}[name] - n  # each model's context (test_serve checks /v1/models says so)
-            want = call(site, 'POST', '/v1/chat/completions', {'model': name, 'messages': msgs, 'temperature': 0,
+            kept = js(page, "return JSON.parse(localStorage.getItem('nanolab.sideBySide'))")  # what each column sends
+            settings = next(c['settings'] for c in kept if c['model'] == name)
+            assert settings['temperature'] == 0 and settings['max_tokens'] == 30 and 'top_p' in settings
+            want = call(site, 'POST', '/v1/chat/completions', {**settings, 'model': name, 'messages': msgs,
                                                                'max_tokens': min(30, room)})[1]
             assert text == want['choices'][0]['message']['content'] and text, (name, turn)
             assert meta.startswith(name) and 'tok/s' in meta
             histories[name] = msgs + [{'role': 'assistant', 'content': text}]
     assert histories['char'][1] != histories['bpe'][1]  # two models, two histories
+    # the columns outlive a reload: models, settings and conversations
+    page.refresh()
+    page.find_element('css selector', '#tabs button[data-tab=compare]').click()
+    click(page, 'mode-models')
+    assert wait(lambda: sbs_replies(page)) == got
+    assert [c.find_element('css selector', '.sbs-model').get_attribute('value')
+            for c in page.find_elements('css selector', '#sbs-cols .col')] == ['char', 'bpe']
     toks = js(page, "return [...document.querySelectorAll('#sbs-cols .col')].map(c => c.querySelector('.msg.assistant .tk').tok)")
     assert all(t[2] <= 0 and len(t[3]) == 5 for t in toks)
     # send to arena: the last two replies, blind, then a vote that names them
@@ -760,6 +770,50 @@ def test_train_tab_starts_a_job_follows_it_and_serves_the_run(site, page):
     wait(lambda: 'train-tab' in js(page, "return [...document.querySelectorAll('#model option')].map(o => o.value)"))
     assert js(page, "return document.getElementById('model').value") == 'train-tab'
     assert call(site, 'POST', '/v1/models/unload', {'model': 'train-tab'})[0] == 200  # the other tests see two models
+    # "evaluate it": an evaluate.py job on the run, whose perplexity then is in the leaderboard
+    click(page, 'train-eval')
+    wait(lambda: re.search(r'evaluate\.py \S+: (done|failed|lost)', page.find_element('id', 'train-state').text),
+         timeout=120)
+    assert ': done' in page.find_element('id', 'train-state').text, page.find_element('id', 'train-log').text
+    rows = [r for r in call(site, 'GET', '/leaderboard')[1]['rows'] if 'train-tab' in r['checkpoint']]
+    assert rows and 'perplexity' in rows[0]['metrics'], rows
+
+
+def test_train_tab_stops_a_run_and_resumes_it_from_its_checkpoint(site, page):
+    """Stop is the trainer's Ctrl-C: the job ends 'stopped' with a checkpoint, Resume starts train.py again with
+    init_from=resume and the same settings, and it goes on from that checkpoint's iteration. The estimate beside the
+    form grows with max_iters."""
+    from nanolab.checkpoint import load_checkpoint
+    page.find_element('css selector', '#tabs button[data-tab=train]').click()
+    wait(lambda: js(page, "return document.getElementById('t-max_iters')?.value"))
+    long = {'max_iters': 100000, 'lr_decay_iters': 100000, 'n_layer': 1, 'n_head': 2, 'n_kv_head': 1, 'n_embd': 32,
+            'block_size': 32, 'batch_size': 2, 'eval_iters': 1, 'eval_interval': 5, 'log_interval': 1,
+            'warmup_iters': 1, 'device': 'cpu', 'dataset': 'tiny', 'out_dir': 'train-tab-long'}
+    for k, v in long.items():
+        set_value(page, 't-' + k, str(v))
+    estimate = lambda: float(js(page, "return document.getElementById('train-calc').dataset.seconds") or 0)
+    wait(lambda: estimate() > 0)
+    whole = estimate()
+    set_value(page, 't-max_iters', '1000')
+    wait(lambda: 0 < estimate() < whole / 50)  # a hundredth of the iterations (and evals): a hundredth of the time
+    set_value(page, 't-max_iters', '100000')
+    click(page, 'train-start')
+    ckpt = site.dir / 'train-tab-long' / 'ckpt.pt'
+    wait(lambda: ckpt.exists() and re.search(r'^iter \d+', page.find_element('id', 'train-log').text, re.M),
+         timeout=120)
+    click(page, 'train-stop')
+    wait(lambda: ': stopped' in page.find_element('id', 'train-state').text, timeout=120)
+    assert 'go on with --init_from=resume' in page.find_element('id', 'train-log').text
+    at = load_checkpoint(str(ckpt))['iter_num']
+    assert 0 < at < 100000 and page.find_element('id', 'train-resume').is_enabled()
+    click(page, 'train-resume')
+    wait(lambda: ': running' in page.find_element('id', 'train-state').text, timeout=60)
+    job = call(site, 'GET', '/v1/jobs')[1]['data'][0]
+    assert job['settings']['init_from'] == 'resume' and job['settings']['out_dir'] == 'train-tab-long'
+    wait(lambda: load_checkpoint(str(ckpt))['iter_num'] > at, timeout=120)  # written at each eval, atomically
+    click(page, 'train-stop')
+    wait(lambda: ': stopped' in page.find_element('id', 'train-state').text, timeout=120)
+    assert load_checkpoint(str(ckpt))['iter_num'] > at
 
 
 def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, browser):

@@ -6,8 +6,8 @@ import {$, el, fmt, onTab} from './dom.js';
 import {model, models} from './models.js';
 
 // what a shape implies beyond model.py's counts (POST /v1/shape sends those, and the shape with
-// every field resolved): memory and time for training, and the KV cache
-function estimates(r, c) {
+// every field resolved): memory and time for training, and the KV cache (the Train tab's too)
+export function estimates(r, c) {
   const m = r.config, L = m.n_layer, H = m.n_head, hs = m.n_embd / H, T = m.block_size;
   const bytes = {float32: 4, bfloat16: 2}[c.dtype || 'float32'], B = c.batch_size || 1;
   // activations kept for the backward pass (Korthikanti et al. 2022, no recomputation): 34C + 5HT
@@ -21,7 +21,7 @@ function estimates(r, c) {
             ((c.peak_gflops || 163) * 1e9 * (c.mfu || 50) / 100)};
 }
 
-const human = (n, unit = '') => n >= 1e12 ? `${(n / 1e12).toFixed(2)} T${unit}` :
+export const human = (n, unit = '') => n >= 1e12 ? `${(n / 1e12).toFixed(2)} T${unit}` :
   n >= 1e9 ? `${(n / 1e9).toFixed(2)} G${unit}` : n >= 1e6 ? `${(n / 1e6).toFixed(2)} M${unit}` :
   n >= 1e3 ? `${(n / 1e3).toFixed(1)} k${unit}` : `${Math.round(n)} ${unit}`;
 
@@ -61,7 +61,8 @@ function drawArch(c) {
 // -----------------------------------------------------------------------------
 // 2) the calculator
 
-// its fields: [key, label, default]; the served model's config fills them in
+// its fields: [key, label, default]; the served model's config fills them in. The Train tab's estimate
+// reads its peak and MFU (peak()).
 const CALC = [['arch', 'arch', 'gpt2'], ['positions', 'positions', 'learned'],
               ['n_layer', 'layers', 4], ['n_head', 'heads', 4], ['n_kv_head', 'kv heads', 4],
               ['n_embd', 'width', 128], ['ffn_hidden', 'MLP width (0 = default)', 0],
@@ -83,6 +84,9 @@ $('calc-form').append(
      ' tie embedding and head'),
   el('label', {}, el('input', {type: 'checkbox', id: 'c-bias', onchange: showCalc}),
      ' biases (gpt2)'));
+
+export const peak = () => ({peak_gflops: Number($('c-peak_gflops').value) || 163,
+                            mfu: Number($('c-mfu').value) || 50});
 
 function calcConfig() {
   const c = Object.fromEntries(CALC.map(([k, , d]) =>

@@ -19,16 +19,18 @@ export function hidpi(cv, W = cv.clientWidth, H = cv.clientHeight) {
   return {ctx, W, H};
 }
 
-// the charts sized by CSS draw again at a new size (a phone turned sideways), each by its redraw
-addEventListener('resize', () => {
-  for (const cv of document.querySelectorAll('canvas')) {
-    if (cv.redraw && cv.offsetWidth) cv.redraw();
-  }
+// the charts sized by CSS draw again whenever their box changes size (a phone turned sideways, a tab
+// shown, a window narrowed), each by its redraw; a bitmap drawn for another width would be stretched,
+// its labels too small or blurred. Only canvases whose CSS sets their height: resizing the bitmap then
+// leaves the box as it is
+const resized = new ResizeObserver(entries => {
+  for (const {target} of entries) if (target.redraw && target.offsetWidth) target.redraw();
 });
 
 // a line chart: series [{name, color, dash, points: [[x, y], ...]}], with axes, ticks and a legend
 export function plot(cv, series) {
   cv.series = series;  // what the tests read
+  if (!cv.redraw) resized.observe(cv);  // once: observing again would report its size anew (a loop)
   cv.redraw = () => plot(cv, series);
   const {ctx, W, H} = hidpi(cv);
   const pts = series.flatMap(s => s.points);
@@ -84,6 +86,7 @@ export function grid(cv, m, onCell) {
 // axis]}] with each v in [0, 1], 0 at the centre and 1 at the rim
 export function radar(cv, labels, series) {
   cv.series = series;  // what the tests read
+  if (!cv.redraw) resized.observe(cv);  // once: observing again would report its size anew (a loop)
   cv.redraw = () => radar(cv, labels, series);
   const {ctx, W, H} = hidpi(cv);
   const cx = W / 2, cy = H / 2 + 10, R = Math.min(W, H) / 2 - 70, n = labels.length;

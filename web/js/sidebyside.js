@@ -1,9 +1,10 @@
 // sidebyside: the Compare tab's second mode, one conversation with two to four models at once (or one
-// model at different settings). Each column has its own model, temperature and max_tokens and its own
-// history (its model's replies, not the others'); a message goes to every column, and every column
-// streams /v1/chat/completions at the same time (the server batches them), each token with its
-// probability (tokens.js) and each column's tokens/s. "Send to arena" hands the first two columns'
-// last replies to the Arena tab, to be judged blind (arena.js judgePair).
+// model at different settings). Each column has its own model and sampling settings (the chat's at
+// its making, temperature, top-p and max_tokens edited in the column) and its own history (its
+// model's replies, not the others'), kept in localStorage across reloads; a message goes to every
+// column, and every column streams /v1/chat/completions at the same time (the server batches them),
+// each token with its probability (tokens.js) and each column's tokens/s. "Send to arena" hands the
+// first two columns' last replies to the Arena tab, to be judged blind (arena.js judgePair).
 import {api, sse} from './api.js';
 import {$, el, guard} from './dom.js';
 import {judgePair} from './arena.js';
@@ -11,22 +12,35 @@ import {models, onModels} from './models.js';
 import {params} from './settings.js';
 import {TOP_LOGPROBS, tokenSpan} from './tokens.js';
 
-// one per column: {model, temperature, max_tokens, messages: [{role, content, tokens?, meta?}], box}
-const cols = [];
+// one per column: {model, settings: the request's sampling fields, messages: [{role, content, tokens?,
+// meta?}], box}; the columns as they were left, without their boxes
+const KEY = 'nanolab.sideBySide', KEEP = 40;  // messages kept per column
+const cols = JSON.parse(localStorage.getItem(KEY) || '[]').filter(c => c.settings && c.messages);
+if (cols.length) $('sbs-n').value = String(cols.length);
 let busy = 0;  // columns still streaming
+
+function save() {
+  const kept = cols.map(({box, ...c}) => ({...c, messages: c.messages.slice(-KEEP)}));
+  try {
+    localStorage.setItem(KEY, JSON.stringify(kept));
+  } catch (e) {  // over the browser's quota (~5 MB): keep going, unsaved
+    $('sbs-status').textContent = 'these conversations are too large to save; start a new one';
+  }
+}
 
 $('mode-strategies').onchange = $('mode-models').onchange = () => {
   const sbs = $('mode-models').checked;
   $('sbs').hidden = !sbs;
   $('strategies').hidden = sbs;
-  if (sbs && !cols.length) setColumns();
+  if (sbs && !$('sbs-cols').children.length) setColumns();
 };
 
-// a new column starts from the chat's settings (settings.js params()) and the next served model
+// a new column starts from the chat's sampling settings (settings.js params(), without a JSON schema)
+// and the next served model
 function addColumn(i) {
-  const names = Object.keys(models), p = params();
-  cols.push({model: names[i % names.length], temperature: p.temperature, max_tokens: p.max_tokens,
-             messages: []});
+  const names = Object.keys(models), settings = params();
+  delete settings.response_format;
+  cols.push({model: names[i % names.length], settings, messages: []});
 }
 
 function setColumns() {
@@ -35,28 +49,32 @@ function setColumns() {
   cols.length = n;
   $('sbs-cols').replaceChildren(...cols.map(column));
   canJudge();
+  save();
 }
 $('sbs-n').onchange = setColumns;
 onModels(() => {  // a model unloaded: its columns take the first one served
   for (const c of cols) if (!(c.model in models)) c.model = Object.keys(models)[0];
-  if (cols.length) setColumns();
+  if ($('sbs-cols').children.length) setColumns();
 });
 $('sbs-new').onclick = () => {
   for (const c of cols) c.messages = [];
   setColumns();
 };
 
-// a column: its model and settings (fields of c, changed in place), then its conversation
+// a column: its model and settings (fields of c, changed in place), then its conversation; the
+// settings it does not show are in its heading's tooltip
 function column(c, i) {
   const num = (key, label, min, step) => el('label', {}, label, el('input', {type: 'number', min, step,
-    value: c[key], className: 'sbs-' + key, oninput: e => { c[key] = Number(e.target.value); }}));
-  const pick = el('select', {className: 'sbs-model', onchange: e => { c.model = e.target.value; }},
+    value: c.settings[key], className: 'sbs-' + key,
+    oninput: e => { c.settings[key] = Number(e.target.value); save(); }}));
+  const pick = el('select', {className: 'sbs-model', onchange: e => { c.model = e.target.value; save(); }},
                   ...Object.keys(models).map(m => new Option(m, m)));
   pick.value = c.model;
   c.box = el('div', {className: 'sbs-msgs'}, ...c.messages.map(message));
-  return el('div', {className: 'col'}, el('h4', {}, `column ${i + 1}`),
+  const rest = Object.entries(c.settings).map(([k, v]) => `${k} ${v}`).join(', ');
+  return el('div', {className: 'col'}, el('h4', {title: rest}, `column ${i + 1}`),
             el('div', {className: 'row'}, pick, num('temperature', 'temp ', 0, 0.05),
-               num('max_tokens', 'max ', 1, 1)), c.box);
+               num('top_p', 'top-p ', 0.01, 0.01), num('max_tokens', 'max ', 1, 1)), c.box);
 }
 
 function message(m) {
@@ -84,9 +102,9 @@ async function stream(c) {
     const n = (await api('/tokenize', {model: name, messages, add_generation_prompt: true})).count;
     const room = models[name].max_model_len - n;
     if (room < 1) throw new Error(`the history is ${n} tokens, the whole context of ${name}`);
-    const body = {model: name, messages, temperature: c.temperature,
-                  max_tokens: Math.max(1, Math.min(c.max_tokens, room)), stream: true,
-                  logprobs: true, top_logprobs: TOP_LOGPROBS};
+    const settings = {...c.settings, max_tokens: Math.max(1, Math.min(c.settings.max_tokens, room))};
+    const body = {model: name, messages, ...settings, stream: true, logprobs: true,
+                  top_logprobs: TOP_LOGPROBS};
     // 2) one event per token: its text, logprob and alternatives (as chat.js draws them)
     for await (const chunk of sse('/v1/chat/completions', body)) {
       const ch = chunk.choices[0];
@@ -102,15 +120,17 @@ async function stream(c) {
       if (ch.finish_reason) finish = ch.finish_reason;
     }
     const s = (performance.now() - t0) / 1000, k = msg.tokens.filter(t => t[2] != null).length;
-    msg.meta = `${name} · temperature ${c.temperature} · ${k} tokens in ${s.toFixed(1)} s ` +
+    msg.meta = `${name} · temperature ${settings.temperature} · ${k} tokens in ${s.toFixed(1)} s ` +
       `(${(k / s).toFixed(1)} tok/s) · ${finish}`;
     // what wrote it, for the arena (the column's menu may change before the pair is sent)
-    Object.assign(msg, {model: name, settings: {temperature: c.temperature, max_tokens: body.max_tokens}});
+    Object.assign(msg, {model: name, settings});
     c.messages.push(msg);
   } catch (e) {
     c.messages.push({role: 'error', content: e.message});
     div.replaceWith(message(c.messages.at(-1)));
     return;
+  } finally {
+    save();
   }
   meta.textContent = msg.meta;
 }

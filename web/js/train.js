@@ -1,13 +1,15 @@
 // train: the Train tab. Pick a stage (one of the job scripts) and a recipe in configs/, edit the
 // settings in a form built from the script's own settings block (GET /v1/recipes: defaults,
-// comments, types, allowed values), with model.py's parameter count beside them (POST /v1/shape);
-// Start posts a job (POST /v1/jobs). While it runs: its state, the log's tail, the loss curve from
-// the run's metrics.jsonl (GET /runs, the Runs tab's curve), the ETA its log prints; Stop, then
-// Resume, "Serve it" (POST /v1/models/load) and "Evaluate it" (an evaluate.py job).
+// comments, types, allowed values), with model.py's parameter count beside them (POST /v1/shape)
+// and the Model tab calculator's memory and time estimates; Start posts a job (POST /v1/jobs).
+// While it runs: its state, the log's tail, the loss curve from the run's metrics.jsonl (GET /runs,
+// the Runs tab's curve), the ETA its log prints; Stop, then Resume, "Serve it" (POST
+// /v1/models/load) and "Evaluate it" (an evaluate.py job, its scores then in the leaderboard).
 import {api} from './api.js';
 import {$, el, finite, guard, onTab} from './dom.js';
 import {plot} from './canvas.js';
 import {loadModels} from './models.js';
+import {estimates, human, peak} from './arch.js';
 
 // the settings shown first; the rest fold into "all settings"
 const FIRST = ['max_iters', 'batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'learning_rate',
@@ -22,6 +24,9 @@ let log = '', offset = 0, asked = 0;
 
 const rows = () => book.scripts[$('train-script').value];
 const recipe = () => book.data.find(r => r.config === $('train-recipe').value);
+// seconds as m:ss, or h:mm:ss
+const clock = s => s >= 3600 ? `${Math.floor(s / 3600)}:${clock(s % 3600).padStart(5, '0')}` :
+  `${Math.floor(s / 60)}:${String(Math.floor(s % 60)).padStart(2, '0')}`;
 const show = v => v === null ? '' : Array.isArray(v) ? JSON.stringify(v) : String(v);
 
 // -----------------------------------------------------------------------------
@@ -79,30 +84,47 @@ function settings() {
   return out;
 }
 
-// model.py's parameter count of the form's shape, and what it implies for one iteration
+// model.py's parameter count of the form's shape, and what it implies (arch.js estimates, at the Model
+// tab calculator's peak and MFU): memory for one micro-batch, time per iteration and for the run
 async function showShape() {
   const names = rows().map(r => r.name), n = ++asked;
   if (!names.includes('n_layer')) return $('train-calc').replaceChildren();
-  const shape = Object.fromEntries(SHAPE.filter(k => names.includes(k)).map(k =>
-    [k, value(rows().find(r => r.name === k))]));
+  const get = k => names.includes(k) ? value(rows().find(r => r.name === k)) : null;
+  const shape = Object.fromEntries(SHAPE.filter(k => names.includes(k)).map(k => [k, get(k)]));
   const guessed = !shape.vocab_size;  // 0: the dataset's, unknown here; shakespeare_char's 65 for the estimate
   if (guessed) shape.vocab_size = 65;
-  let lines;
+  let lines, note = '';
   try {
     const r = await api('/v1/shape', shape);
     if (r.invalid) throw new Error(r.invalid);
-    const B = value(rows().find(x => x.name === 'batch_size')) || 1, T = r.config.block_size;
-    lines = [['parameters' + (guessed ? ' (vocabulary 65 assumed)' : ''), (r.params / 1e6).toFixed(3) + ' M'],
-             ['without the embeddings', (r.params_non_embedding / 1e6).toFixed(3) + ' M'],
-             ['tokens per iteration', (B * T).toLocaleString('en')],
-             ['weights + AdamW, fp32', (r.params * 16 / 1e6).toFixed(1) + ' MB'],
-             ['training FLOPs per iteration', (r.flops_per_token * B * T / 1e9).toFixed(2) + ' G']];
+    const B = get('batch_size') || 1, T = r.config.block_size, accum = get('gradient_accumulation_steps') || 1;
+    // dtype 'auto' is fp32 on a CPU (the server's device is not known here); peak_flops 0 = the calculator's
+    const {peak_gflops, mfu} = peak(), flops = get('peak_flops');
+    const c = {batch_size: B, dtype: ['bfloat16', 'float16'].includes(get('dtype')) ? 'bfloat16' : 'float32',
+               peak_gflops: flops ? flops / 1e9 : peak_gflops, mfu};
+    const e = estimates(r, c), iter = e.ms_per_iter * accum;
+    // each eval: eval_iters batches of train and of val, forward only (~1/3 of a training step's FLOPs)
+    const iters = get('max_iters') || 0, every = get('eval_interval');
+    const evals = every ? Math.floor(iters / every) + 1 : 0;
+    const total = (iters * iter + evals * 2 * (get('eval_iters') || 0) * e.ms_per_iter / 3) / 1000;
+    const ms = iter < 10 ? iter.toFixed(1) : Math.round(iter);
+    lines = [['parameters' + (guessed ? ' (vocabulary 65 assumed)' : ''), human(r.params)],
+             ['without the embeddings', human(r.params_non_embedding)],
+             ['tokens per iteration', (B * T * accum).toLocaleString('en')],
+             ['FLOPs per iteration', human(r.flops_per_token * B * T * accum, 'FLOP')],
+             [`memory (${c.dtype})`, human(e.train_bytes, 'B')],
+             ['time per iteration', `${ms} ms`],
+             [`time: ${iters} iterations, ${evals} evals`, clock(total)]];
+    note = `memory: weights, gradients, AdamW's moments and one micro-batch's activations; time: at ` +
+      `${c.peak_gflops} GFLOP/s x ${mfu}% MFU (the Model tab's calculator), which small models fall ` +
+      `short of: the log prints the measured MFU and ETA`;
     $('train-calc').dataset.params = r.params;
+    $('train-calc').dataset.seconds = total;
   } catch (e) {
     lines = [['this shape is not valid', e.message]];
   }
   if (n === asked) $('train-calc').replaceChildren(...lines.map(([k, v]) =>
-    el('tr', {}, el('td', {}, k), el('td', {}, v))));
+    el('tr', {}, el('td', {}, k), el('td', {}, v))), el('caption', {className: 'dim'}, note));
 }
 
 function pickScript() {
@@ -127,8 +149,6 @@ async function start(script, config, extra) {
   await follow();
 }
 
-const clock = s => `${Math.floor(s / 60)}:${String(Math.round(s % 60)).padStart(2, '0')}`;
-
 async function follow() {
   while (job) {
     const id = job.id;
@@ -148,11 +168,11 @@ async function follow() {
       (job.exit_code != null ? ` (exit code ${job.exit_code})` : '') +
       (job.started ? ` · ${clock(since)} elapsed` : '') + (eta && job.state === 'running' ? ` · ETA ${eta}` : '');
     $('train-state').classList.toggle('err', ['failed', 'lost'].includes(job.state));
-    await curve();
     const ended = ENDED.includes(job.state), done = ['done', 'stopped'].includes(job.state);
     $('train-stop').disabled = ended;
     $('train-resume').disabled = !(job.state === 'stopped' && job.script === 'train.py');
     $('train-serve').disabled = $('train-eval').disabled = !(done && job.run_dir && job.script !== 'data.py');
+    await curve();
     if (ended || id !== job.id) return;
     await new Promise(ok => setTimeout(ok, 1000));
     if (id !== job?.id) return;  // another job was started meanwhile: that one is followed
