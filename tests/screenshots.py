@@ -134,8 +134,10 @@ js("document.getElementById('t-compile').checked = false")
 d.find_element('id', 'train-start').click()
 wait(lambda: not d.find_element('id', 'train-serve').get_property('disabled'), 300)  # done, or failed: a timeout
 train_job = js("return localStorage.getItem('nanolab.trainJob')")
+d.set_window_size(1280, 1500)  # the form, its estimates and the job's curve in one picture
 time.sleep(0.5)
 d.save_screenshot(f'{out}/view_train.png')
+d.set_window_size(1280, 1000)
 # compare, models side by side: the one model served, at temperatures 0.2 and 1.2
 tab('compare'); d.find_element('id', 'mode-models').click()
 wait(lambda: len(d.find_elements('css selector', '#sbs-cols .col')) == 2)
