@@ -769,12 +769,15 @@ def test_train_tab_starts_a_job_follows_it_and_serves_the_run(site, page):
     click(page, 'train-serve')
     wait(lambda: 'train-tab' in js(page, "return [...document.querySelectorAll('#model option')].map(o => o.value)"))
     assert js(page, "return document.getElementById('model').value") == 'train-tab'
+    entry = next(e for e in call(site, 'GET', '/v1/registry')[1]['data'] if e['name'] == 'train-tab')
+    assert entry['served'] == 'train-tab' and entry['kind'] == 'run'  # the Runs tab's models on disk
     assert call(site, 'POST', '/v1/models/unload', {'model': 'train-tab'})[0] == 200  # the other tests see two models
     # "evaluate it": an evaluate.py job on the run, whose perplexity then is in the leaderboard
     click(page, 'train-eval')
     wait(lambda: re.search(r'evaluate\.py \S+: (done|failed|lost)', page.find_element('id', 'train-state').text),
          timeout=120)
     assert ': done' in page.find_element('id', 'train-state').text, page.find_element('id', 'train-log').text
+    assert 'leaderboard' in page.find_element('id', 'train-status').text
     rows = [r for r in call(site, 'GET', '/leaderboard')[1]['rows'] if 'train-tab' in r['checkpoint']]
     assert rows and 'perplexity' in rows[0]['metrics'], rows
 
@@ -801,6 +804,9 @@ def test_train_tab_stops_a_run_and_resumes_it_from_its_checkpoint(site, page):
     ckpt = site.dir / 'train-tab-long' / 'ckpt.pt'
     wait(lambda: ckpt.exists() and re.search(r'^iter \d+', page.find_element('id', 'train-log').text, re.M),
          timeout=120)
+    # the curve while it runs: the val loss of the evals so far
+    wait(lambda: js(page, "return document.getElementById('train-curve').series?.[1]?.points.length >= 2"), timeout=60)
+    assert ': running' in page.find_element('id', 'train-state').text
     click(page, 'train-stop')
     wait(lambda: ': stopped' in page.find_element('id', 'train-state').text, timeout=120)
     assert 'go on with --init_from=resume' in page.find_element('id', 'train-log').text

@@ -172,6 +172,9 @@ async function follow() {
     $('train-stop').disabled = ended;
     $('train-resume').disabled = !(job.state === 'stopped' && job.script === 'train.py');
     $('train-serve').disabled = $('train-eval').disabled = !(done && job.run_dir && job.script !== 'data.py');
+    if (ended && job.script === 'evaluate.py' && job.state === 'done') {
+      st().textContent = 'evaluated: its scores are in the Runs tab\'s leaderboard';
+    }
     await curve();
     if (ended || id !== job.id) return;
     await new Promise(ok => setTimeout(ok, 1000));
