@@ -379,10 +379,13 @@ def start_loop(out_dir, iter_num, elapsed0, config):
 
 def save_on_stop(stopped, saved_at, iter_num, save, out_dir):
     """The end of a loop that Ctrl-C (or SIGTERM) stopped: write ckpt.pt, unless the last eval just
-    did (saved_at)."""
-    if stopped and saved_at != iter_num:
+    did (saved_at), and say how to go on either way."""
+    if not stopped:
+        return
+    if saved_at != iter_num:
         save()
-        print(f'wrote {out_dir}/ckpt.pt at iteration {iter_num}; go on with --init_from=resume')
+    print(f"{'wrote' if saved_at != iter_num else 'the last eval wrote'} {out_dir}/ckpt.pt at "
+          f"iteration {iter_num}; go on with --init_from=resume")
 
 def end_eval(metrics, row, iter_num, lr, timer, saved_at, out_dir, save, title, eval_only=False):
     """After an eval of a trainer's loop: log the row (with the iteration, lr and time), write
