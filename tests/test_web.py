@@ -820,6 +820,19 @@ def test_train_tab_stops_a_run_and_resumes_it_from_its_checkpoint(site, page):
     click(page, 'train-stop')
     wait(lambda: ': stopped' in page.find_element('id', 'train-state').text, timeout=120)
     assert load_checkpoint(str(ckpt))['iter_num'] > at
+    # a post-training stage: the estimate is of the model init_from names, from the models on disk
+    set_value(page, 'train-script', 'finetune.py')
+    set_value(page, 't-init_from', 'train-tab-long')
+    cells = lambda: [r.text for r in page.find_elements('css selector', '#train-calc td')]
+    wait(lambda: 'starts from' in page.find_element('id', 'train-calc-title').text and 'parameters' in ''.join(cells()))
+    n_params = next(e for e in call(site, 'GET', '/v1/registry')[1]['data'] if e['name'] == 'train-tab-long')['n_params']
+    assert cells()[1] == (f'{n_params / 1e6:.2f} M' if n_params >= 1e6 else f'{n_params / 1e3:.1f} k') + ' parameters'
+    full = cells()[cells().index(next(c for c in cells() if c.startswith('memory'))) + 1]
+    set_value(page, 't-lora_r', '8')  # adapters only: no gradients or AdamW state for the base
+    wait(lambda: any('LoRA' in c for c in cells()))
+    lora = cells()[cells().index(next(c for c in cells() if c.startswith('memory'))) + 1]
+    assert float(lora.split()[0]) * 3.5 < float(full.split()[0]), (full, lora)
+    set_value(page, 'train-script', 'train.py')
 
 
 def test_runs_compared_and_a_checkpoint_served_from_the_registry(tmp_path, browser):

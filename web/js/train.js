@@ -84,51 +84,103 @@ function settings() {
   return out;
 }
 
-// model.py's parameter count of the form's shape, and what it implies (arch.js estimates, at the Model
-// tab calculator's peak and MFU): memory for one micro-batch, time per iteration and for the run
+// beside the form: what the run will take (arch.js estimates, at the Model tab calculator's peak and
+// MFU). train.py: model.py's count of the form's shape; a post-training stage: the model its init_from
+// names, from the models on disk (GET /v1/registry)
+const POST = {'finetune.py': 1, 'dpo.py': 2, 'reward.py': 2, 'rl.py': 1};  // sequences per batch item
+let disk = null;  // GET /v1/registry's entries, fetched once a stage is picked
+
 async function showShape() {
-  const names = rows().map(r => r.name), n = ++asked;
-  if (!names.includes('n_layer')) return $('train-calc').replaceChildren();
+  const names = rows().map(r => r.name), n = ++asked, script = $('train-script').value;
   const get = k => names.includes(k) ? value(rows().find(r => r.name === k)) : null;
-  const shape = Object.fromEntries(SHAPE.filter(k => names.includes(k)).map(k => [k, get(k)]));
+  let title = '', lines = [], note = '';
+  if ($('train-calc').dataset.script !== script) {  // another stage's estimate is not this one's
+    $('train-calc-title').textContent = '';
+    $('train-calc').replaceChildren();
+  }
+  try {
+    if (names.includes('n_layer')) {
+      title = "This shape (model.py's count)";
+      [lines, note] = await shapeLines(get);
+    } else if (script in POST) {
+      title = 'The model it starts from (init_from)';
+      [lines, note] = await sourceLines(get, script);
+    }
+  } catch (e) {
+    lines = [['no estimate', e.message]];
+  }
+  if (n !== asked) return;
+  $('train-calc').dataset.script = script;
+  $('train-calc-title').textContent = title;
+  $('train-calc').replaceChildren(...lines.map(([k, v]) => el('tr', {}, el('td', {}, k), el('td', {}, v))),
+                                  el('caption', {className: 'dim'}, note));
+}
+
+// the calculator's peak (or the form's peak_flops) and MFU; dtype 'auto' is fp32 on a CPU (the server's
+// device is not known here)
+function speed(get) {
+  const {peak_gflops, mfu} = peak(), flops = get('peak_flops');
+  return {peak_gflops: flops ? flops / 1e9 : peak_gflops, mfu,
+          dtype: ['bfloat16', 'float16'].includes(get('dtype')) ? 'bfloat16' : 'float32'};
+}
+const ms = t => t < 10 ? `${t.toFixed(1)} ms` : `${Math.round(t)} ms`;
+const at = c => `at ${c.peak_gflops} GFLOP/s x ${c.mfu}% MFU (the Model tab's calculator), which small models ` +
+  'fall short of: the log prints the measured MFU and ETA';
+
+async function shapeLines(get) {
+  const shape = Object.fromEntries(SHAPE.filter(k => get(k) !== null).map(k => [k, get(k)]));
   const guessed = !shape.vocab_size;  // 0: the dataset's, unknown here; shakespeare_char's 65 for the estimate
   if (guessed) shape.vocab_size = 65;
-  let lines, note = '';
-  try {
-    const r = await api('/v1/shape', shape);
-    if (r.invalid) throw new Error(r.invalid);
-    const B = get('batch_size') || 1, T = r.config.block_size, accum = get('gradient_accumulation_steps') || 1;
-    // dtype 'auto' is fp32 on a CPU (the server's device is not known here); peak_flops 0 = the calculator's
-    const {peak_gflops, mfu} = peak(), flops = get('peak_flops');
-    const c = {batch_size: B, dtype: ['bfloat16', 'float16'].includes(get('dtype')) ? 'bfloat16' : 'float32',
-               peak_gflops: flops ? flops / 1e9 : peak_gflops, mfu};
-    const e = estimates(r, c), iter = e.ms_per_iter * accum;
-    // each eval: eval_iters batches of train and of val, forward only (~1/3 of a training step's FLOPs)
-    const iters = get('max_iters') || 0, every = get('eval_interval');
-    const evals = every ? Math.floor(iters / every) + 1 : 0;
-    const total = (iters * iter + evals * 2 * (get('eval_iters') || 0) * e.ms_per_iter / 3) / 1000;
-    const ms = iter < 10 ? iter.toFixed(1) : Math.round(iter);
-    lines = [['parameters' + (guessed ? ' (vocabulary 65 assumed)' : ''), human(r.params)],
-             ['without the embeddings', human(r.params_non_embedding)],
-             ['tokens per iteration', (B * T * accum).toLocaleString('en')],
-             ['FLOPs per iteration', human(r.flops_per_token * B * T * accum, 'FLOP')],
-             [`memory (${c.dtype})`, human(e.train_bytes, 'B')],
-             ['time per iteration', `${ms} ms`],
-             [`time: ${iters} iterations, ${evals} evals`, clock(total)]];
-    note = `memory: weights, gradients, AdamW's moments and one micro-batch's activations; time: at ` +
-      `${c.peak_gflops} GFLOP/s x ${mfu}% MFU (the Model tab's calculator), which small models fall ` +
-      `short of: the log prints the measured MFU and ETA`;
-    $('train-calc').dataset.params = r.params;
-    $('train-calc').dataset.seconds = total;
-  } catch (e) {
-    lines = [['this shape is not valid', e.message]];
+  const r = await api('/v1/shape', shape);
+  if (r.invalid) throw new Error(r.invalid);
+  const B = get('batch_size') || 1, T = r.config.block_size, accum = get('gradient_accumulation_steps') || 1;
+  const c = {...speed(get), batch_size: B}, e = estimates(r, c), iter = e.ms_per_iter * accum;
+  // each eval: eval_iters batches of train and of val, forward only (~1/3 of a training step's FLOPs)
+  const iters = get('max_iters') || 0, every = get('eval_interval');
+  const evals = every ? Math.floor(iters / every) + 1 : 0;
+  const total = (iters * iter + evals * 2 * (get('eval_iters') || 0) * e.ms_per_iter / 3) / 1000;
+  $('train-calc').dataset.params = r.params;
+  $('train-calc').dataset.seconds = total;
+  return [[['parameters' + (guessed ? ' (vocabulary 65 assumed)' : ''), human(r.params)],
+           ['without the embeddings', human(r.params_non_embedding)],
+           ['tokens per iteration', (B * T * accum).toLocaleString('en')],
+           ['FLOPs per iteration', human(r.flops_per_token * B * T * accum, 'FLOP')],
+           [`memory (${c.dtype})`, human(e.train_bytes, 'B')],
+           ['time per iteration', ms(iter)],
+           [`time: ${iters} iterations, ${evals} evals`, clock(total)]],
+          `memory: weights, gradients, AdamW's moments and one micro-batch's activations; time: ${at(c)}`];
+}
+
+// a post-training stage: at most batch_size x block_size tokens an iteration (shorter rows are shorter),
+// 6 FLOPs per parameter and token (forward and backward), DPO's frozen reference one forward more; LoRA
+// trains adapters only, so no gradients or AdamW state for the base (nor a reference copy in DPO)
+async function sourceLines(get, script) {
+  disk = disk || (await api('/v1/registry')).data;
+  const from = String(get('init_from') || ''), name = from.replace(/[\\/]+$/, '').split(/[\\/]/).pop();
+  const m = disk.find(x => x.name === name || x.path === from);
+  if (!m?.n_params) return [[['init_from', `${from}: not a run on disk here, so no count`]], ''];
+  const T = Math.min(get('block_size') || m.block_size, m.block_size);
+  const tokens = (get('batch_size') || 1) * T * (get('gradient_accumulation_steps') || 1) * POST[script];
+  const c = speed(get), lora = get('lora_r') > 0, bytes = {float32: 4, bfloat16: 2}[c.dtype];
+  const reference = script === 'dpo.py' && !lora;  // with LoRA the reference is the base, adapters off
+  const flops = 6 * m.n_params * tokens * (script === 'dpo.py' ? 4 / 3 : 1);
+  const iter = 1000 * flops / (c.peak_gflops * 1e9 * c.mfu / 100), iters = get('max_iters') || 0;
+  const lines = [[`${m.name} (${m.arch}, context ${m.block_size})`, human(m.n_params) + ' parameters'],
+                 ['tokens per iteration, at most', tokens.toLocaleString('en')],
+                 [`memory (${c.dtype}${lora ? ', LoRA' : ''})`,
+                  human(m.n_params * ((lora ? bytes : bytes + 12) + (reference ? bytes : 0)), 'B')]];
+  if (script !== 'rl.py') {
+    lines.push(['time per iteration', ms(iter)],
+               [`time: ${iters} iterations, evals aside`, clock(iters * iter / 1000)]);
   }
-  if (n === asked) $('train-calc').replaceChildren(...lines.map(([k, v]) =>
-    el('tr', {}, el('td', {}, k), el('td', {}, v))), el('caption', {className: 'dim'}, note));
+  return [lines, `memory: the weights${lora ? '' : ", fp32 gradients and AdamW's moments"}` +
+    `${reference ? ", and the frozen reference's copy" : ''}, without activations; ` +
+    (script === 'rl.py' ? "rl.py's time is mostly its sampling, not estimated here" : `time: ${at(c)}`)];
 }
 
 function pickScript() {
   const s = $('train-script').value;
+  disk = null;  // runs may have ended since
   const mine = book.data.filter(r => r.script === s);
   $('train-recipe').replaceChildren(new Option('(none: the defaults)', ''),
     ...mine.map(r => new Option(r.name, r.config)));
