@@ -15,8 +15,9 @@ import {TOP_LOGPROBS, tokenSpan} from './tokens.js';
 // one per column: {model, settings: the request's sampling fields, messages: [{role, content, tokens?,
 // meta?}], box}; the columns as they were left, without their boxes
 const KEY = 'nanolab.sideBySide', KEEP = 40;  // messages kept per column
-const cols = JSON.parse(localStorage.getItem(KEY) || '[]').filter(c => c.settings && c.messages);
-if (cols.length) $('sbs-n').value = String(cols.length);
+const stored = () => { try { return JSON.parse(localStorage.getItem(KEY) || '[]'); } catch { return []; } };
+const cols = [].concat(stored()).filter(c => c?.settings && Array.isArray(c.messages)).slice(0, 4);
+if (cols.length >= 2) $('sbs-n').value = String(cols.length);
 let busy = 0;  // columns still streaming
 
 function save() {
