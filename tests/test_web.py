@@ -722,6 +722,18 @@ def test_data_tab_shows_meta_cleaning_lengths_and_samples_and_prepares_an_upload
     assert 'prepared mine' in page.find_element('id', 'upload-status').text, page.find_element('id', 'upload-status').text
     assert json.loads((site.data / 'mine' / 'meta.json').read_text())['train_tokens'] == meta['train_tokens']
     wait(lambda: cells('data-meta').get('train tokens') == f"{meta['train_tokens']:,}")
+    # JSON lines whose text is in another field: the same documents, the same tokens
+    lines = (site.data / 'corpus.txt').read_text().splitlines()
+    (tmp_path / 'rows.jsonl').write_text(''.join(json.dumps({'id': i, 'body': t}) + '\n' for i, t in enumerate(lines)))
+    page.find_element('id', 'upload-file').send_keys(str(tmp_path / 'rows.jsonl'))
+    set_value(page, 'upload-name', 'rows')
+    set_value(page, 'upload-split', 'file')  # each row is a document
+    set_value(page, 'upload-field', 'body')
+    click(page, 'upload-btn')
+    wait(lambda: 'prepared rows' in page.find_element('id', 'upload-status').text
+         or 'err' in page.find_element('id', 'upload-status').get_attribute('class'), timeout=90)
+    assert 'prepared rows' in page.find_element('id', 'upload-status').text, page.find_element('id', 'upload-status').text
+    assert json.loads((site.data / 'rows' / 'meta.json').read_text())['train_tokens'] == meta['train_tokens']
 
 
 def test_train_tab_starts_a_job_follows_it_and_serves_the_run(site, page):

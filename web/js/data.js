@@ -112,7 +112,7 @@ async function upload() {
   if (!r.ok) throw new Error(r.json ? r.json.error.message : `the upload failed (HTTP ${r.status})`);
   const up = r.json;
   let job = await api('/v1/jobs', {script: 'data.py', settings: {dataset: 'text', input: up.path, out_name: name,
-    doc_split: $('upload-split').value}});
+    doc_split: $('upload-split').value, text_field: $('upload-field').value.trim() || 'text'}});
   while (!['done', 'failed', 'stopped', 'lost'].includes(job.state)) {
     st.textContent = `job ${job.id}: ${job.state}…`;
     await new Promise(ok => setTimeout(ok, 1000));
