@@ -1,8 +1,9 @@
 # SFT, all weights, on Alpaca (data.py alpaca; offline: the 999-row alpaca_en_demo.json stand-in) from the
 # TinyStories model of configs/tinystories_15m.py, whose BPE has the chat template's special tokens. A 15M model
 # learns Alpaca's format, not its knowledge: read val loss, not exact match (off here). Hardware: one GPU, or the
-# 2-core CPU at ~6.3 s/iter (~32 min for the 300 iters; measured with --max_iters=20 from a 40-iteration CPU run of
-# tinystories_15m: val loss 7.93 -> 6.62 in 20 iters, 186 s in all).
+# 2-core CPU at ~7.8-8.4 s/iter (~40 min for the 300 iters; measured with --device=cpu --max_iters=20
+# --lr_decay_iters=20 --eval_interval=20 from a 40-iteration CPU run of tinystories_15m (its header's command): val
+# loss 9.94 -> 8.49 in 20 iters, 222 s in all, peak RSS 3.8 GB).
 #   python train.py configs/tinystories_15m.py && python finetune.py configs/sft_alpaca.py
 #   python sample.py --init_from=out-sft-alpaca --chat=True
 out_dir = 'out-sft-alpaca'

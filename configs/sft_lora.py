@@ -1,8 +1,9 @@
 # SFT with LoRA (peft, r=16 on every attention and MLP matrix) on Alpaca, from the same TinyStories model as
 # configs/sft_alpaca.py; writes a merged checkpoint plus out-sft-lora/adapter/ for peft on the base's Hugging Face
 # export. Loss: like sft_alpaca.py, val loss is the measure. Hardware: one GPU, or the 2-core CPU at
-# ~6.5 s/iter (~33 min for 300 iters; LoRA saves optimizer memory, not forward/backward time). Measured with
-# --max_iters=10 from a 40-iteration CPU run of tinystories_15m: 4.38% of the weights train, val loss 7.93 -> 7.73.
+# ~8.4 s/iter (~42 min for 300 iters; LoRA saves optimizer memory, not forward/backward time). Measured with
+# --device=cpu --max_iters=10 --lr_decay_iters=10 --eval_interval=10 from a 40-iteration CPU run of
+# tinystories_15m: 442,368 weights train (2.83%), val loss 9.94 -> 9.78, 150 s in all.
 #   python train.py configs/tinystories_15m.py && python finetune.py configs/sft_lora.py
 out_dir = 'out-sft-lora'
 init_from = 'out-tinystories-15m'
