@@ -256,6 +256,14 @@ def alive(pid):
         return False
 
 
+def gone(pid, seconds):
+    """Whether pid has ended within seconds."""
+    end = time.time() + seconds
+    while alive(pid) and time.time() < end:
+        time.sleep(0.02)
+    return not alive(pid)
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='the parent-death signal is Linux-only')
 def test_a_killed_server_takes_its_job_with_it_and_a_restart_reads_it_as_lost(dirs, tmp_path):
     runs, data = dirs
@@ -275,10 +283,7 @@ def test_a_killed_server_takes_its_job_with_it_and_a_restart_reads_it_as_lost(di
     finally:
         server.send_signal(signal.SIGKILL)
         server.wait()
-    end = time.time() + 20
-    while alive(pid) and time.time() < end:
-        time.sleep(0.1)
-    if alive(pid):
+    if not gone(pid, 20):
         os.killpg(pid, signal.SIGKILL)
         pytest.fail('the job outlived its server')
     # the parent-death signal is SIGTERM, which the trainer takes as Ctrl-C: it wrote its checkpoint
@@ -370,9 +375,6 @@ def test_what_a_job_leaves_running_in_its_process_group_ends_with_it(bare):
         job = bare.get(job['id'])
     assert job['state'] == 'done', job
     pid = int(open(job['log']).read())
-    end = time.time() + 2
-    while alive(pid) and time.time() < end:
-        time.sleep(0.02)
-    if alive(pid):
+    if not gone(pid, 2):
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the job's child outlived it")

@@ -711,29 +711,23 @@ def test_data_tab_shows_meta_cleaning_lengths_and_samples_and_prepares_an_upload
         page.set_window_size(1200, 900)
     set_value(page, 'data-name', 'pairs')  # a JSONL set: rows, no histogram
     wait(lambda: cells('data-meta').get('train rows') == '5')
-    # a file of one's own: uploaded, then prepared by data.py text as a job
+    # a file of one's own: uploaded, then prepared by data.py text as a job, its meta.json like the original's
+    def prepare(path, name, split, field='text'):
+        page.find_element('id', 'upload-file').send_keys(str(path))
+        for box, v in (('upload-name', name), ('upload-split', split), ('upload-field', field)):
+            set_value(page, box, v)
+        click(page, 'upload-btn')
+        status = lambda: page.find_element('id', 'upload-status')
+        wait(lambda: f'prepared {name}' in status().text or 'err' in status().get_attribute('class'), timeout=90)
+        assert f'prepared {name}' in status().text, status().text
+        assert json.loads((site.data / name / 'meta.json').read_text())['train_tokens'] == meta['train_tokens']
     (tmp_path / 'mine.txt').write_text((site.data / 'corpus.txt').read_text())
-    page.find_element('id', 'upload-file').send_keys(str(tmp_path / 'mine.txt'))
-    set_value(page, 'upload-name', 'mine')
-    set_value(page, 'upload-split', 'line')
-    click(page, 'upload-btn')
-    wait(lambda: 'prepared mine' in page.find_element('id', 'upload-status').text
-         or 'err' in page.find_element('id', 'upload-status').get_attribute('class'), timeout=90)
-    assert 'prepared mine' in page.find_element('id', 'upload-status').text, page.find_element('id', 'upload-status').text
-    assert json.loads((site.data / 'mine' / 'meta.json').read_text())['train_tokens'] == meta['train_tokens']
+    prepare(tmp_path / 'mine.txt', 'mine', 'line')
     wait(lambda: cells('data-meta').get('train tokens') == f"{meta['train_tokens']:,}")
-    # JSON lines whose text is in another field: the same documents, the same tokens
+    # JSON lines whose text is in another field, each row a document: the same documents, the same tokens
     lines = (site.data / 'corpus.txt').read_text().splitlines()
     (tmp_path / 'rows.jsonl').write_text(''.join(json.dumps({'id': i, 'body': t}) + '\n' for i, t in enumerate(lines)))
-    page.find_element('id', 'upload-file').send_keys(str(tmp_path / 'rows.jsonl'))
-    set_value(page, 'upload-name', 'rows')
-    set_value(page, 'upload-split', 'file')  # each row is a document
-    set_value(page, 'upload-field', 'body')
-    click(page, 'upload-btn')
-    wait(lambda: 'prepared rows' in page.find_element('id', 'upload-status').text
-         or 'err' in page.find_element('id', 'upload-status').get_attribute('class'), timeout=90)
-    assert 'prepared rows' in page.find_element('id', 'upload-status').text, page.find_element('id', 'upload-status').text
-    assert json.loads((site.data / 'rows' / 'meta.json').read_text())['train_tokens'] == meta['train_tokens']
+    prepare(tmp_path / 'rows.jsonl', 'rows', 'file', 'body')
 
 
 def test_train_tab_starts_a_job_follows_it_and_serves_the_run(site, page):
