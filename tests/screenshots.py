@@ -156,8 +156,10 @@ tab('data')
 wait(lambda: d.find_elements('css selector', '#data-name option'))
 setv('data-name', 'shakespeare_char')
 wait(lambda: d.find_elements('css selector', '#data-meta tr') and d.find_element('id', 'data-samples').text)
+d.set_window_size(1280, 1500)  # down to the upload row
 time.sleep(0.5)
 d.save_screenshot(f'{out}/view_data.png')
+d.set_window_size(1280, 1000)
 # phone: the chat and the lens; the train job, the two columns and the data at 390 wide
 d.set_window_size(390, 844)
 for view, scroll, name in [
