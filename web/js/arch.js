@@ -9,7 +9,7 @@ import {model, models} from './models.js';
 // every field resolved): memory and time for training, and the KV cache (the Train tab's too)
 export function estimates(r, c) {
   const m = r.config, L = m.n_layer, H = m.n_head, hs = m.n_embd / H, T = m.block_size;
-  const bytes = {float32: 4, bfloat16: 2}[c.dtype || 'float32'], B = c.batch_size || 1;
+  const bytes = BYTES[c.dtype || 'float32'], B = c.batch_size || 1;
   // activations kept for the backward pass (Korthikanti et al. 2022, no recomputation): 34C + 5HT
   // values of 2 bytes per token and layer in 16-bit, twice that in fp32; plus the logits and their
   // gradient
@@ -17,9 +17,11 @@ export function estimates(r, c) {
   const kv = 2 * L * m.n_kv_head * hs * bytes;  // keys and values, per token
   return {kv_bytes_per_token: kv, kv_bytes_context: kv * T,
           train_bytes: r.params * (bytes + 4 + 8) + act,  // weights, fp32 grads, AdamW's m and v; act
-          ms_per_iter: 1000 * r.flops_per_token * B * T /
-            ((c.peak_gflops || 163) * 1e9 * (c.mfu || 50) / 100)};
+          ms_per_iter: msFor(r.flops_per_token * B * T, c)};
 }
+export const BYTES = {float32: 4, bfloat16: 2, float16: 2};  // per value
+// milliseconds for `flops` at c.peak_gflops x c.mfu percent
+export const msFor = (flops, c) => 1000 * flops / ((c.peak_gflops || 163) * 1e9 * (c.mfu || 50) / 100);
 
 export const human = (n, unit = '') => n >= 1e12 ? `${(n / 1e12).toFixed(2)} T${unit}` :
   n >= 1e9 ? `${(n / 1e9).toFixed(2)} G${unit}` : n >= 1e6 ? `${(n / 1e6).toFixed(2)} M${unit}` :

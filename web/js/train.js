@@ -9,7 +9,7 @@ import {api} from './api.js';
 import {$, el, finite, guard, onTab} from './dom.js';
 import {plot} from './canvas.js';
 import {loadModels} from './models.js';
-import {estimates, human, peak} from './arch.js';
+import {BYTES, estimates, human, msFor, peak} from './arch.js';
 
 // the settings shown first; the rest fold into "all settings"
 const FIRST = ['max_iters', 'batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'learning_rate',
@@ -121,7 +121,7 @@ async function showShape() {
 function speed(get) {
   const {peak_gflops, mfu} = peak(), flops = get('peak_flops');
   return {peak_gflops: flops ? flops / 1e9 : peak_gflops, mfu,
-          dtype: ['bfloat16', 'float16'].includes(get('dtype')) ? 'bfloat16' : 'float32'};
+          dtype: get('dtype') in BYTES ? get('dtype') : 'float32'};
 }
 const ms = t => t < 10 ? `${t.toFixed(1)} ms` : `${Math.round(t)} ms`;
 const at = c => `at ${c.peak_gflops} GFLOP/s x ${c.mfu}% MFU (the Model tab's calculator), which small models ` +
@@ -161,10 +161,10 @@ async function sourceLines(get, script) {
   if (!m?.n_params) return [[['init_from', `${from}: not a run on disk here, so no count`]], ''];
   const T = Math.min(get('block_size') || m.block_size, m.block_size);
   const tokens = (get('batch_size') || 1) * T * (get('gradient_accumulation_steps') || 1) * POST[script];
-  const c = speed(get), lora = get('lora_r') > 0, bytes = {float32: 4, bfloat16: 2}[c.dtype];
+  const c = speed(get), lora = get('lora_r') > 0, bytes = BYTES[c.dtype];
   const reference = script === 'dpo.py' && !lora;  // with LoRA the reference is the base, adapters off
   const flops = 6 * m.n_params * tokens * (script === 'dpo.py' ? 4 / 3 : 1);
-  const iter = 1000 * flops / (c.peak_gflops * 1e9 * c.mfu / 100), iters = get('max_iters') || 0;
+  const iter = msFor(flops, c), iters = get('max_iters') || 0;
   const lines = [[`${m.name} (${m.arch}, context ${m.block_size})`, human(m.n_params) + ' parameters'],
                  ['tokens per iteration, at most', tokens.toLocaleString('en')],
                  [`memory (${c.dtype}${lora ? ', LoRA' : ''})`,
