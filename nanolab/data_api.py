@@ -38,7 +38,8 @@ _TOKENIZERS = {}  # json of a tokenizer spec -> the tokenizer (a BPE's merges ta
 def _tokenizer(spec):
     key = json.dumps(spec, sort_keys=True)
     if key not in _TOKENIZERS:
-        _TOKENIZERS.clear() if len(_TOKENIZERS) > 8 else None
+        if len(_TOKENIZERS) > 8:
+            _TOKENIZERS.clear()
         _TOKENIZERS[key] = from_spec(spec)
     return _TOKENIZERS[key]
 
